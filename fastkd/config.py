@@ -1,0 +1,90 @@
+"""The resolved settings of a distillation run: written beside its outputs, checked on resume."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from .errors import UserError
+
+# Settings that do not change what is computed: they may differ between a run and its resume.
+NON_DETERMINING = frozenset({"output", "resume", "log_every", "keep_checkpoints", "cache_dir", "progress",
+                             "stop_at_step"})
+
+
+@dataclass
+class DistillConfig:
+    output: str
+    corpus: str
+    teacher: str = "default"
+    student: str | None = None  # an existing student directory instead of building one
+    student_layers: int = 3
+    student_hidden: int | None = None
+    student_heads: int | None = None
+    student_ffn: int | None = None
+    init: str = "teacher"
+    mapping: str = "uniform"
+    corpus_sample: str | None = None  # fraction or count of sequences; None = all
+    max_seq_len: int = 128
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 5e-4
+    warmup: float = 0.06  # fraction of max_steps
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    w_embedding: float = 1.0
+    w_hidden: float = 1.0
+    w_attention: float = 1.0
+    w_attention_kl: float = 0.0
+    seed: int = 0
+    bf16: bool = False
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    max_bad_steps: int = 20
+    cache_dir: str | None = None
+    resume: bool = False
+    stop_at_step: int | None = None  # checkpoint and exit early (job time limits); --resume continues
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DistillConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def validate(self) -> None:
+        checks = [
+            (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
+            (self.grad_accum >= 1, f"--grad-accum must be at least 1 (got {self.grad_accum})"),
+            (self.max_steps >= 1, f"--max-steps must be at least 1 (got {self.max_steps})"),
+            (self.lr > 0, f"--lr must be positive (got {self.lr})"),
+            (0 <= self.warmup < 1, f"--warmup is a fraction of the steps in [0, 1) (got {self.warmup})"),
+            (self.checkpoint_every >= 1, f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})"),
+            (self.max_bad_steps >= 1, f"--max-bad-steps must be at least 1 (got {self.max_bad_steps})"),
+            (min(self.w_embedding, self.w_hidden, self.w_attention, self.w_attention_kl) >= 0,
+             "loss weights must be non-negative"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+def differing_settings(saved: dict, current: dict) -> list[str]:
+    """Settings that change the computation and differ between a saved run and this one."""
+    keys = sorted((set(saved) | set(current)) - NON_DETERMINING)
+    return [f"{k} (saved {saved.get(k)!r}, now {current.get(k)!r})" for k in keys if saved.get(k) != current.get(k)]
+
+
+def read_run_config(output: Path) -> dict | None:
+    path = output / "config.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is not valid JSON: the output directory holds a damaged run; choose another --output") from None

