@@ -162,8 +162,14 @@ def load_corpus(source: str, tokenizer, max_seq_len: int, cache_dir: str | os.Pa
     try:
         if text_ds is None:
             with _quiet_datasets():
-                text_ds = datasets.Dataset.from_generator(
-                    _paragraph_rows, gen_kwargs={"files": [str(f) for f in files]}, cache_dir=str(build_dir / "raw"))
+                try:
+                    text_ds = datasets.Dataset.from_generator(
+                        _paragraph_rows, gen_kwargs={"files": [str(f) for f in files]}, cache_dir=str(build_dir / "raw"))
+                except datasets.exceptions.DatasetGenerationError as exc:
+                    # datasets wraps errors raised by the generator; a bad corpus stays a user error.
+                    if isinstance(exc.__cause__, UserError):
+                        raise exc.__cause__ from None
+                    raise
         packed = text_ds.map(
             _pack_batch, batched=True, batch_size=PACK_BATCH, remove_columns=text_ds.column_names,
             fn_kwargs={"tokenizer": tokenizer, "max_seq_len": max_seq_len}, num_proc=num_proc if num_proc > 1 else None,

@@ -248,8 +248,25 @@ def resolve(cfg: DistillConfig):
     return teacher_config, shape, mapping
 
 
-def run_distill(cfg: DistillConfig) -> Path | None:
-    """Distill, checkpoint, export. Returns OUTPUT/student (None when stopped early by stop_at_step)."""
+@dataclass
+class Run:
+    """A distillation ready to train: the distiller plus what export and logs need."""
+
+    cfg: DistillConfig
+    distiller: Distiller
+    tokenizer: object
+    mapping: LayerMapping
+    shape: object
+    corpus_sequences: int
+    output: Path
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.distiller.student.parameters())
+
+
+def build_run(cfg: DistillConfig) -> Run:
+    """Validate, load teacher/student/corpus, and restore the latest checkpoint under --resume."""
     teacher_config, shape, mapping = resolve(cfg)
     output = prepare_output(cfg)
     seed_everything(cfg.seed)
@@ -266,8 +283,8 @@ def run_distill(cfg: DistillConfig) -> Path | None:
 
     corpus = load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir)
     corpus = sample_corpus(corpus, cfg.corpus_sample, cfg.seed)
-    stream = BatchStream(corpus, cfg.batch_size, cfg.seed)
-    distiller = Distiller(cfg, teacher, student, criterion, stream)
+    distiller = Distiller(cfg, teacher, student, criterion, BatchStream(corpus, cfg.batch_size, cfg.seed))
+    run = Run(cfg, distiller, tokenizer, mapping, shape, len(corpus), output)
 
     metrics_path = output / "metrics.jsonl"
     resumed_from = latest_checkpoint(output) if cfg.resume else None
@@ -275,37 +292,47 @@ def run_distill(cfg: DistillConfig) -> Path | None:
         distiller.load_state_dict(torch.load(resumed_from / "state.pt", weights_only=False))
         _truncate_metrics(metrics_path, distiller.step)
         log.info("resumed from %s (step %d)", resumed_from, distiller.step)
-    elif cfg.resume:
-        log.info("--resume: no checkpoint in %s yet, starting from step 0", output)
+    else:
+        if cfg.resume:
+            log.info("--resume: no checkpoint in %s yet, starting from step 0", output)
         metrics_path.unlink(missing_ok=True)
 
-    n_params = sum(p.numel() for p in student.parameters())
     atomic_write_json(output / "config.json", {
         "fastkd_version": __version__, "config": cfg.to_dict(),
         "resolved": {"mapping": mapping.text, "teacher_layers": mapping.teacher_layers,
-                     "student": {**shape.__dict__, "parameters": n_params},
-                     "corpus_sequences": len(corpus), "global_batch": cfg.batch_size * cfg.grad_accum},
+                     "student": {**shape.__dict__, "parameters": run.parameters},
+                     "corpus_sequences": run.corpus_sequences, "global_batch": cfg.batch_size * cfg.grad_accum},
     })
     log.info("student: %s (%.1fM parameters), mapping %s, %d sequences of %d tokens",
-             shape.describe(), n_params / 1e6, mapping.text, len(corpus), cfg.max_seq_len)
+             shape.describe(), run.parameters / 1e6, mapping.text, run.corpus_sequences, cfg.max_seq_len)
+    return run
 
-    train(distiller, output, metrics_path)
+
+def run_distill(cfg: DistillConfig) -> Path | None:
+    """Distill, checkpoint, export. Returns OUTPUT/student (None when stopped early by stop_at_step)."""
+    run = build_run(cfg)
+    distiller = run.distiller
+    train(distiller, run.output, run.output / "metrics.jsonl")
     if distiller.step < cfg.max_steps:
         log.info("stopped at step %d of %d; continue with --resume", distiller.step, cfg.max_steps)
         return None
+    return export_run(run)
 
+
+def export_run(run: Run) -> Path:
+    cfg, distiller, mapping = run.cfg, run.distiller, run.mapping
     info = {
         "teacher": cfg.teacher, "teacher_layers": mapping.teacher_layers, "mapping": mapping.text,
         "mapping_spec": cfg.mapping, "init": cfg.init if cfg.student is None else f"from {cfg.student}",
-        "student": {**shape.__dict__, "parameters": n_params},
+        "student": {**run.shape.__dict__, "parameters": run.parameters},
         "loss_weights": loss_weights(cfg).as_dict(),
-        "corpus": {"source": cfg.corpus, "sequences": len(corpus), "max_seq_len": cfg.max_seq_len,
+        "corpus": {"source": cfg.corpus, "sequences": run.corpus_sequences, "max_seq_len": cfg.max_seq_len,
                    "sample": cfg.corpus_sample},
         "steps": distiller.step, "global_batch": cfg.batch_size * cfg.grad_accum, "lr": cfg.lr, "seed": cfg.seed,
         "bf16": cfg.bf16, "skipped_steps": distiller.bad_steps, "seconds": round(distiller.elapsed, 1),
         "final_losses": distiller.final_losses(),
     }
-    return export_student(student, tokenizer, output / "student", info)
+    return export_student(distiller.student, run.tokenizer, run.output / "student", info)
 
 
 def train(distiller: Distiller, output: Path, metrics_path: Path) -> None:

@@ -81,10 +81,9 @@ def load_teacher(name: str | None = DEFAULT_TEACHER, dtype: torch.dtype = torch.
     """Load a frozen encoder in eval mode with fastkd's attention capture enabled."""
     config = load_config(name, "teacher")
     path = resolve_model_path(name)
-    try:
-        model = AutoModel.from_pretrained(path, config=config, dtype=dtype, add_pooling_layer=False)
-    except TypeError:  # families without a pooler argument
-        model = AutoModel.from_pretrained(path, config=config, dtype=dtype)
+    # Loaded with its pooler (when it has one) so a teacher-initialised student inherits it for
+    # classification fine-tuning; the pooler costs one small matmul per forward.
+    model = AutoModel.from_pretrained(path, config=config, dtype=dtype)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -148,6 +147,14 @@ def build_student(teacher: PreTrainedModel, shape: StudentShape, init: str = "te
         layers = list(mapping.layers) if mapping is not None else list(fallback.layers)
         chosen = [g if g is not None else u for g, u in zip(layers, fallback.layers)]
         copy_truncated(teacher, student, chosen)
+    return _prepare_student(student)
+
+
+def _prepare_student(student: PreTrainedModel) -> PreTrainedModel:
+    """Train mode, capture on, and the pooler frozen: no distillation loss reaches it."""
+    for name, p in student.named_parameters():
+        if name.startswith("pooler."):
+            p.requires_grad_(False)
     student.train()
     enable_capture(student)
     return student
@@ -200,7 +207,4 @@ def load_student_dir(path: str, teacher: PreTrainedModel, teacher_tokenizer) -> 
         s_tok = None
     if s_tok is not None and s_tok.get_vocab() != teacher_tokenizer.get_vocab():
         raise UserError(f"student {path} has a different vocabulary from the teacher's: the student must share the teacher's tokenizer")
-    model = AutoModel.from_pretrained(path, config=config)
-    model.train()
-    enable_capture(model)
-    return model
+    return _prepare_student(AutoModel.from_pretrained(path, config=config))

@@ -1,0 +1,130 @@
+"""Bad input: one line on stderr, exit code 2, nothing half-written."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fastkd.cli import build_parser, main
+
+
+def _run(capfd, *argv):
+    code = main(list(argv))
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip() and " INFO " not in line
+           and "it/s]" not in line and "examples/s]" not in line]
+    return code, err
+
+
+@pytest.fixture
+def corpus(small_corpus):
+    return str(small_corpus)
+
+
+def _bad(capfd, tmp_path, *argv, teacher=None, fresh=True):
+    out = tmp_path / "out"
+    base = ["distill", "--output", str(out), "--max-steps", "2", "--batch-size", "2", "--max-seq-len", "32", "--no-progress"]
+    if teacher:
+        base += ["--teacher", str(teacher)]
+    code, err = _run(capfd, *base, *argv)
+    assert code == 2, err
+    assert len(err) == 1, err
+    if fresh:
+        assert not out.exists() or not any(out.iterdir()) or (out / "notes.txt").exists()  # nothing written
+    return err[0]
+
+
+@pytest.mark.parametrize("mapping, message", [
+    ("1,2", "has 2 entries but the student has 3"),
+    ("1,2,5", "maps to teacher layer 5, but the teacher has layers 1..4"),
+    ("1,two,3", "cannot parse mapping"),
+])
+def test_bad_mappings(capfd, tmp_path, tiny_teacher_dir, corpus, mapping, message):
+    line = _bad(capfd, tmp_path, "--corpus", corpus, "--mapping", mapping, "--student-layers", "3", teacher=tiny_teacher_dir)
+    assert message in line and line.startswith("fastkd distill: error:")
+
+
+def test_missing_teacher_directory(capfd, tmp_path, corpus):
+    assert "does not exist" in _bad(capfd, tmp_path, "--corpus", corpus, teacher=tmp_path / "no-such-teacher")
+
+
+def test_student_with_another_vocabulary(capfd, tmp_path, tiny_teacher_dir, corpus):
+    from transformers import BertConfig, BertModel
+
+    other = tmp_path / "other-vocab"
+    BertModel(BertConfig(vocab_size=999, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(other)
+    line = _bad(capfd, tmp_path, "--corpus", corpus, "--student", str(other), "--mapping", "4", teacher=tiny_teacher_dir)
+    assert "vocabulary of 999 tokens" in line
+
+
+def test_empty_corpus(capfd, tmp_path, tiny_teacher_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n = Only A Heading = \n")
+    assert "holds no text" in _bad(capfd, tmp_path, "--corpus", str(empty), teacher=tiny_teacher_dir)
+
+
+def test_corpus_not_utf8_and_bom_is_fine(capfd, tmp_path, tiny_teacher_dir):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("first line\nna\xefve\n".encode("latin-1"))
+    assert "latin1.txt:2: not UTF-8" in _bad(capfd, tmp_path, "--corpus", str(bad), teacher=tiny_teacher_dir)
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf" + b"A real sentence with a byte order mark in front of it.\n" * 20)
+    code, err = _run(capfd, "distill", "--teacher", str(tiny_teacher_dir), "--corpus", str(bom), "--output",
+                     str(tmp_path / "bom-run"), "--max-steps", "2", "--batch-size", "2", "--max-seq-len", "32",
+                     "--student-layers", "2", "--no-progress")
+    assert code == 0, err
+    assert (tmp_path / "bom-run" / "student" / "config.json").exists()
+
+
+def test_max_seq_len_above_position_embeddings(capfd, tmp_path, tiny_teacher_dir, corpus):
+    line = _bad(capfd, tmp_path, "--corpus", corpus, "--max-seq-len", "129", teacher=tiny_teacher_dir)
+    assert "exceeds the teacher's 128 position embeddings" in line
+
+
+def test_output_holding_another_run(capfd, tmp_path, tiny_teacher_dir, corpus):
+    args = ["distill", "--teacher", str(tiny_teacher_dir), "--corpus", corpus, "--output", str(tmp_path / "out"),
+            "--max-steps", "2", "--batch-size", "2", "--max-seq-len", "32", "--student-layers", "2", "--no-progress"]
+    assert _run(capfd, *args)[0] == 0
+    line = _bad(capfd, tmp_path, "--corpus", corpus, "--student-layers", "2", "--lr", "1e-3", teacher=tiny_teacher_dir,
+                fresh=False)
+    assert "holds a different run" in line and "lr" in line and "--resume" in line
+    # The same settings with --resume differing only in --lr are refused, naming the setting.
+    code, err = _run(capfd, *args, "--resume", "--lr", "1e-3")
+    assert code == 2 and len(err) == 1 and "settings differ" in err[0] and "lr" in err[0]
+    # Unchanged settings resume (here: nothing left to do but re-export).
+    assert _run(capfd, *args, "--resume")[0] == 0
+
+
+def test_non_empty_foreign_output(capfd, tmp_path, tiny_teacher_dir, corpus):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert "not empty" in _bad(capfd, tmp_path, "--corpus", corpus, teacher=tiny_teacher_dir)
+
+
+def test_every_flag_is_explained():
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0]
+    for name, subparser in sub.choices.items():
+        for action in subparser._actions:
+            if action.dest != "help":
+                assert action.help and len(action.help) > 10, (name, action.dest)
+
+
+def test_console_script_end_to_end(tmp_path, tiny_teacher_dir, small_corpus):
+    """The installed entry point: a real run that AutoModel loads, and a bad flag as one line."""
+    exe = [sys.executable, "-m", "fastkd"]
+    out = tmp_path / "run"
+    ok = subprocess.run(exe + ["distill", "--teacher", str(tiny_teacher_dir), "--corpus", str(small_corpus),
+                               "--output", str(out), "--student-layers", "2", "--mapping", "last", "--max-steps", "3",
+                               "--batch-size", "2", "--max-seq-len", "32", "--no-progress"],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    from transformers import AutoModel
+
+    assert AutoModel.from_pretrained(out / "student").config.num_hidden_layers == 2
+    bad = subprocess.run(exe + ["distill", "--corpus", str(small_corpus), "--output", str(tmp_path / "x"),
+                                "--mapping", "9,9,9"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "teacher has layers 1..6" in bad.stderr
+    help_text = subprocess.run(exe + ["distill", "--help"], capture_output=True, text=True, timeout=300).stdout
+    assert "--mapping" in help_text and "random:SEED" in help_text

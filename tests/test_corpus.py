@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+
+from fastkd import corpus as corpus_mod
+from fastkd.corpus import BatchStream, clean_paragraph, load_corpus, parse_sample, read_paragraphs, sample_corpus
+from fastkd.errors import UserError
+
+
+def test_clean_paragraph_drops_headings_and_blanks_and_unescapes():
+    assert clean_paragraph(" = Valkyria Chronicles III = \n") is None
+    assert clean_paragraph(" = = Gameplay = = \n") is None
+    assert clean_paragraph("   \n") is None
+    assert clean_paragraph(" The 2 @,@ 000 @-@ strong army , 1 @.@ 5 m tall \n") == "The 2,000-strong army , 1.5 m tall"
+    assert clean_paragraph("a = b = c") == "a = b = c"  # not a heading
+
+
+def test_read_paragraphs_bom_and_non_utf8(tmp_path):
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfFirst paragraph.\n\n = Heading = \nSecond.\n")
+    assert list(read_paragraphs([bom])) == ["First paragraph.", "Second."]
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("ok line\n".encode() + "caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1.txt:2: not UTF-8 \(byte 0xe9 at column 4\)"):
+        list(read_paragraphs([bad]))
+
+
+def test_packing_preserves_the_text_and_shapes(small_corpus, default_tokenizer):
+    S = 32
+    ds = load_corpus(str(small_corpus), default_tokenizer, S)
+    rows = ds[:]
+    tok = default_tokenizer
+    body = []
+    for ids, mask in zip(rows["input_ids"], rows["attention_mask"]):
+        assert len(ids) == len(mask) == S
+        n = sum(mask)
+        assert mask == [1] * n + [0] * (S - n)
+        assert ids[0] == tok.cls_token_id and ids[n - 1] == tok.sep_token_id
+        assert all(t == tok.pad_token_id for t in ids[n:])
+        body.extend(ids[1:n - 1])
+    expected = [t for p in read_paragraphs([small_corpus]) for t in tok(p, add_special_tokens=False)["input_ids"]]
+    assert body == expected  # nothing lost, nothing reordered
+    assert sum(1 for m in rows["attention_mask"] if sum(m) < S) >= 1  # the tail is kept, padded
+
+
+def test_second_load_uses_the_arrow_cache(small_corpus, default_tokenizer, monkeypatch):
+    first = load_corpus(str(small_corpus), default_tokenizer, 48)
+
+    def boom(*a, **k):
+        raise AssertionError("re-tokenized although cached")
+
+    monkeypatch.setattr(corpus_mod, "_pack_batch", boom)
+    second = load_corpus(str(small_corpus), default_tokenizer, 48)
+    assert second[:]["input_ids"] == first[:]["input_ids"]
+    # A different length is a different cache entry, so it must pack (and here, fail loudly).
+    with pytest.raises(Exception):
+        load_corpus(str(small_corpus), default_tokenizer, 40)
+
+
+def test_empty_and_missing_corpus(tmp_path, default_tokenizer):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n = Title = \n\n")
+    with pytest.raises(UserError, match="holds no text"):
+        load_corpus(str(empty), default_tokenizer, 32)
+    with pytest.raises(UserError, match="not found"):
+        load_corpus(str(tmp_path / "nope.txt"), default_tokenizer, 32)
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(UserError, match="no .txt files"):
+        load_corpus(str(tmp_path / "dir"), default_tokenizer, 32)
+
+
+def test_sample_is_deterministic(small_corpus, default_tokenizer):
+    ds = load_corpus(str(small_corpus), default_tokenizer, 32)
+    n = len(ds)
+    a = sample_corpus(ds, "0.5", seed=1)
+    b = sample_corpus(ds, 0.5, seed=1)
+    c = sample_corpus(ds, "0.5", seed=2)
+    assert len(a) == round(n * 0.5) and a[:]["input_ids"] == b[:]["input_ids"] != c[:]["input_ids"]
+    assert len(sample_corpus(ds, "10", seed=0)) == 10
+    assert len(sample_corpus(ds, str(n + 100), seed=0)) == n  # clamped, with a warning
+    assert parse_sample("1") == 1 and parse_sample("1.0") == 1.0 and parse_sample(None) is None
+    for bad in ("0", "-3", "abc", "2.5"):
+        with pytest.raises(UserError):
+            parse_sample(bad)
+
+
+def test_batch_stream_epochs_ranks_and_resume(small_corpus, default_tokenizer):
+    ds = load_corpus(str(small_corpus), default_tokenizer, 32)
+    n = len(ds)
+    stream = BatchStream(ds, batch_size=7, seed=3)
+    seen = [i for k in range(-(-n // 7)) for i in stream.indices(k)][:n]
+    assert sorted(seen) == list(range(n))  # one epoch visits every sequence once
+    for _ in range(5):
+        stream.next()
+    state = stream.state_dict()
+    after = stream.next()
+    other = BatchStream(ds, batch_size=7, seed=3)
+    other.load_state_dict(state)
+    assert np.array_equal(other.next()["input_ids"].numpy(), after["input_ids"].numpy())
+    r0, r1 = (BatchStream(ds, 4, seed=3, rank=r, world_size=2) for r in (0, 1))
+    assert r0.indices(0) + r1.indices(0) == BatchStream(ds, 8, seed=3).indices(0)  # disjoint slices of one global batch
+    with pytest.raises(UserError, match="batch_size"):
+        BatchStream(ds, 8, seed=3).load_state_dict(state)

@@ -1,0 +1,102 @@
+import json
+import math
+
+import pytest
+import torch
+
+from fastkd.config import DistillConfig
+from fastkd.distill import NonFiniteAbort, build_run, latest_checkpoint, run_distill
+from fastkd.losses import LossOutput
+from safetensors.torch import load_file
+
+
+def _cfg(tmp_path, name, teacher, corpus, **kw):
+    base = dict(output=str(tmp_path / name), corpus=str(corpus), teacher=str(teacher), student_layers=2,
+                max_seq_len=32, batch_size=4, max_steps=20, lr=1e-3, checkpoint_every=10, log_every=1,
+                progress=False)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _metrics(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_real_teacher_short_distillation_loss_falls(tmp_path, wikitext):
+    cfg = _cfg(tmp_path, "real", "default", wikitext, student_layers=3, max_seq_len=64, batch_size=8,
+               max_steps=24, lr=5e-4, checkpoint_every=100)
+    student_dir = run_distill(cfg)
+    rows = _metrics(tmp_path / "real")
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    first = sum(r["loss"] for r in rows[:4]) / 4
+    last = sum(r["loss"] for r in rows[-4:]) / 4
+    assert last < 0.8 * first, (first, last)
+    for term in ("embedding", "hidden", "attention"):
+        assert all(math.isfinite(r[term]) for r in rows)
+    info = json.loads((student_dir / "fastkd.json").read_text())
+    assert info["mapping"] == "2,4,6" and info["steps"] == 24 and info["teacher_layers"] == 6
+
+
+def test_resume_continues_exactly(tmp_path, tiny_teacher_dropout_dir, small_corpus):
+    common = dict(teacher=tiny_teacher_dropout_dir, corpus=small_corpus, max_steps=20, checkpoint_every=5)
+    straight = run_distill(_cfg(tmp_path, "straight", **common))
+    assert run_distill(_cfg(tmp_path, "split", stop_at_step=10, **common)) is None
+    assert latest_checkpoint(tmp_path / "split").name == "step-00000010"
+    resumed = run_distill(_cfg(tmp_path, "split", resume=True, **common))
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    losses = lambda p: [(r["step"], r["loss"]) for r in _metrics(p)]  # noqa: E731
+    assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+    # A resume changes nothing but the data position: it must not be mistaken for a different run.
+    assert len(list((tmp_path / "split" / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
+
+
+def test_grad_accumulation_matches_one_large_batch(tmp_path, tiny_teacher_dir, small_corpus):
+    grads = []
+    for name, batch, accum in (("big", 8, 1), ("accum", 4, 2)):
+        run = build_run(_cfg(tmp_path, name, tiny_teacher_dir, small_corpus, batch_size=batch, grad_accum=accum,
+                             clip_grad=0.0, max_steps=1))
+        run.distiller.train_step()
+        grads.append([p.grad.clone() for p in run.distiller.params])
+    for g_big, g_acc in zip(*grads):
+        torch.testing.assert_close(g_acc, g_big, rtol=1e-4, atol=1e-7)
+
+
+def test_non_finite_steps_are_skipped_then_abort(tmp_path, tiny_teacher_dir, small_corpus):
+    run = build_run(_cfg(tmp_path, "nan", tiny_teacher_dir, small_corpus, max_bad_steps=2))
+    d = run.distiller
+    real = d.compute_loss
+    poisoned = {2, 3}
+
+    def compute_loss(batch, teacher_out):
+        out = real(batch, teacher_out)
+        if d.step + 1 in poisoned:
+            return LossOutput(out.total * float("nan"), out.terms)
+        return out
+
+    d.compute_loss = compute_loss
+    assert not d.train_step().skipped
+    before = [p.detach().clone() for p in d.params]
+    result = d.train_step()
+    assert result.skipped and d.bad_steps == 1 and d.step == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, d.params))  # no update from a bad step
+    assert d.stream.state.batches_done == 2
+    with pytest.raises(NonFiniteAbort, match="2 steps had a non-finite loss"):
+        d.train_step()
+
+
+def test_bf16_autocast_runs(tmp_path, tiny_teacher_dir, small_corpus):
+    run_distill(_cfg(tmp_path, "bf16", tiny_teacher_dir, small_corpus, bf16=True, max_steps=3))
+    assert all(math.isfinite(r["loss"]) for r in _metrics(tmp_path / "bf16"))
+
+
+def test_narrow_student_with_projections_and_kl(tmp_path, tiny_teacher_dir, small_corpus):
+    cfg = _cfg(tmp_path, "narrow", tiny_teacher_dir, small_corpus, student_hidden=16, student_heads=2, student_ffn=32,
+               mapping="-,4", w_attention_kl=1.0, max_steps=4)
+    run = build_run(cfg)
+    assert sorted(run.distiller.criterion.projections) == ["0", "2"]
+    for _ in range(4):
+        result = run.distiller.train_step()
+    assert set(result.terms) == {"embedding", "hidden", "attention", "attention_kl"}

@@ -1,0 +1,51 @@
+import json
+
+import torch
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+from fastkd.capture import recording
+from fastkd.export import export_student
+from fastkd.mapping import LayerMapping
+from fastkd.models import build_student, load_teacher, student_shape
+
+
+def _student(teacher_dir):
+    teacher = load_teacher(str(teacher_dir))
+    student = build_student(teacher, student_shape(teacher.config, 2), "teacher", LayerMapping((2, 4), 4))
+    with torch.no_grad():  # move away from the teacher copy so a wrong reload would show
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return student
+
+
+def test_export_reloads_with_identical_outputs(tmp_path, tiny_teacher_dir, default_tokenizer):
+    student = _student(tiny_teacher_dir)
+    target = export_student(student, default_tokenizer, tmp_path / "student",
+                            {"mapping": "2,4", "teacher": str(tiny_teacher_dir), "student": {"layers": 2}})
+    batch = default_tokenizer(["a short sentence", "a longer sentence with several more words in it"],
+                              padding=True, return_tensors="pt")
+    student.eval()
+    with torch.no_grad(), recording():
+        expected = student(**batch).last_hidden_state
+    reloaded = AutoModel.from_pretrained(target).eval()
+    with torch.no_grad():
+        got = reloaded(**batch).last_hidden_state
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-6)
+    assert "fastkd" not in (target / "config.json").read_text()  # loads without fastkd's attention registry
+
+    clf = AutoModelForSequenceClassification.from_pretrained(target, num_labels=2)
+    torch.testing.assert_close(clf.bert.pooler.dense.weight, student.pooler.dense.weight)  # pooler kept for fine-tuning
+    assert clf(**batch).logits.shape == (2, 2)
+    assert AutoTokenizer.from_pretrained(target).get_vocab() == default_tokenizer.get_vocab()
+    assert json.loads((target / "fastkd.json").read_text())["mapping"] == "2,4"
+    assert "2,4" in (target / "README.md").read_text()
+
+
+def test_export_replaces_atomically(tmp_path, tiny_teacher_dir, default_tokenizer):
+    student = _student(tiny_teacher_dir)
+    target = tmp_path / "student"
+    export_student(student, default_tokenizer, target, {"mapping": "2,4"})
+    export_student(student, default_tokenizer, target, {"mapping": "2,4", "steps": 7})
+    assert json.loads((target / "fastkd.json").read_text())["steps"] == 7
+    assert [p.name for p in tmp_path.iterdir()] == ["student"]  # no staging or old copies left behind
