@@ -24,8 +24,8 @@ test: install
 
 demo: install
 	$(VENV)/bin/fastkd distill --teacher default --student-layers 3 --mapping uniform \
-		--corpus $(DATA)/corpus --max-seq-len 128 --batch-size 16 --max-steps 150 \
-		--checkpoint-every 50 --output $(DEMO_OUT) --resume
+		--corpus $(DATA)/corpus --max-seq-len 128 --batch-size 32 --max-steps 120 \
+		--checkpoint-every 40 --output $(DEMO_OUT) --resume
 
 bench: install
 	$(PY) benchmarks/distill_step.py

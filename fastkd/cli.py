@@ -93,7 +93,13 @@ def _cmd_distill(args) -> int:
     if student_dir is None:
         print(f"stopped at step {cfg.stop_at_step}; continue with: fastkd distill ... --output {cfg.output} --resume")
     else:
-        print(f"student exported to {student_dir}")
+        import json
+
+        info = json.loads((student_dir / "fastkd.json").read_text())
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in info["final_losses"].items())
+        print(f"distilled {info['steps']} steps in {info['seconds']:.0f} s with mapping {info['mapping']}; "
+              f"final losses (last window): {losses}")
+        print(f"student exported to {student_dir} (load with transformers.AutoModel.from_pretrained)")
     return 0
 
 
