@@ -29,6 +29,11 @@ from fastkd.distill import build_run  # noqa: E402
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "corpus"
 
 
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def measure(cfg: DistillConfig, steps: int, warmup: int) -> dict:
     run = build_run(cfg)
     d = run.distiller
@@ -38,14 +43,18 @@ def measure(cfg: DistillConfig, steps: int, warmup: int) -> dict:
         d.train_step()
     step_times = []
     for _ in range(steps):
+        _sync(d.device)
         t0 = time.perf_counter()
         d.train_step()
+        _sync(d.device)
         step_times.append(time.perf_counter() - t0)
     teacher_times = []
     for _ in range(steps):
-        batch = d.stream.next()
+        batch = {k: v.to(d.device) for k, v in d.stream.next().items()}
+        _sync(d.device)
         t0 = time.perf_counter()
         d.teacher(batch["input_ids"], batch["attention_mask"])
+        _sync(d.device)
         teacher_times.append(time.perf_counter() - t0)
     step = statistics.median(step_times)
     teacher = statistics.median(teacher_times)

@@ -34,7 +34,7 @@ def _add_distill(sub) -> None:
     m.add_argument("--student", default=None, metavar="DIR",
                    help="start from an existing student model directory (same vocabulary as the teacher) "
                         "instead of building one from the teacher's config")
-    m.add_argument("--student-layers", type=int, default=3, help="number of student layers M")
+    m.add_argument("--student-layers", type=int, default=None, help="number of student layers M (default 3)")
     m.add_argument("--student-hidden", type=int, default=None, help="student hidden size (default: the teacher's)")
     m.add_argument("--student-heads", type=int, default=None,
                    help="student attention heads (default: keep the teacher's head width)")
@@ -63,6 +63,7 @@ def _add_distill(sub) -> None:
     t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases or LayerNorm)")
     t.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping (0 = off)")
     t.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and sampling")
+    t.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast for teacher and student forward")
     t.add_argument("--max-bad-steps", type=int, default=20,
                    help="abort after this many steps with a non-finite loss or gradient (each is skipped)")

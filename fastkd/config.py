@@ -10,7 +10,7 @@ from .errors import UserError
 
 # Settings that do not change what is computed: they may differ between a run and its resume.
 NON_DETERMINING = frozenset({"output", "resume", "log_every", "keep_checkpoints", "cache_dir", "progress",
-                             "stop_at_step"})
+                             "stop_at_step", "checkpoint_every", "max_bad_steps", "device"})
 
 
 @dataclass
@@ -19,7 +19,7 @@ class DistillConfig:
     corpus: str
     teacher: str = "default"
     student: str | None = None  # an existing student directory instead of building one
-    student_layers: int = 3
+    student_layers: int | None = None  # None: 3, or the --student directory's depth
     student_hidden: int | None = None
     student_heads: int | None = None
     student_ffn: int | None = None
@@ -48,6 +48,7 @@ class DistillConfig:
     resume: bool = False
     stop_at_step: int | None = None  # checkpoint and exit early (job time limits); --resume continues
     progress: bool = True
+    device: str = "auto"  # auto = cuda when available, else cpu
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +67,13 @@ class DistillConfig:
             (0 <= self.warmup < 1, f"--warmup is a fraction of the steps in [0, 1) (got {self.warmup})"),
             (self.checkpoint_every >= 1, f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})"),
             (self.max_bad_steps >= 1, f"--max-bad-steps must be at least 1 (got {self.max_bad_steps})"),
+            (self.log_every >= 1, f"--log-every must be at least 1 (got {self.log_every})"),
+            (self.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1 (got {self.keep_checkpoints})"),
+            (self.stop_at_step is None or self.stop_at_step >= 1,
+             f"--stop-at-step must be at least 1 (got {self.stop_at_step})"),
+            (self.student is None or not any(v is not None for v in (self.student_layers, self.student_hidden,
+                                                                      self.student_heads, self.student_ffn)),
+             "--student DIR fixes the student's shape: drop --student-layers/-hidden/-heads/-ffn"),
             (min(self.w_embedding, self.w_hidden, self.w_attention, self.w_attention_kl) >= 0,
              "loss weights must be non-negative"),
         ]

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -30,7 +31,7 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the packing changes
+CACHE_FORMAT = 2  # bump when the packing changes
 PACK_BATCH = 1000  # paragraphs per datasets.map batch
 _HEADING = re.compile(r"^\s*=(\s*=)*\s.*\s=(\s*=)*\s*$")
 _WIKITEXT_ESCAPES = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
@@ -95,14 +96,14 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
-def _source_fingerprint(source: str) -> dict:
-    if _is_local(source):
-        return {"files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in corpus_files(source)]}
-    return {"hub": source}
+def _source_fingerprint(source: str, hub_dataset=None) -> dict:
+    if hub_dataset is not None:  # the dataset's own fingerprint changes with its revision
+        return {"hub": source, "fingerprint": hub_dataset._fingerprint}
+    return {"files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in corpus_files(source)]}
 
 
-def cache_key(source: str, tokenizer, max_seq_len: int) -> str:
-    ident = {"source": _source_fingerprint(source), "tokenizer": _tokenizer_fingerprint(tokenizer),
+def cache_key(source: str, tokenizer, max_seq_len: int, hub_dataset=None) -> str:
+    ident = {"source": _source_fingerprint(source, hub_dataset), "tokenizer": _tokenizer_fingerprint(tokenizer),
              "max_seq_len": max_seq_len, "format": CACHE_FORMAT}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -111,7 +112,9 @@ def _pack_batch(batch, tokenizer, max_seq_len: int):
     """datasets.map function: a batch of paragraphs -> packed, padded sequences."""
     body = max_seq_len - 2
     cls, sep, pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
-    ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
+    # Cleaning here covers hub corpora too (local files arrive clean; cleaning is idempotent).
+    texts = [t for t in (clean_paragraph(x) for x in batch["text"] if x) if t]
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
     stream = [t for paragraph in ids for t in paragraph]
     input_ids, attention_mask = [], []
     for start in range(0, len(stream), body):
@@ -144,18 +147,16 @@ def load_corpus(source: str, tokenizer, max_seq_len: int, cache_dir: str | os.Pa
     if max_seq_len < 8:
         raise UserError(f"--max-seq-len {max_seq_len} is too short: use at least 8 tokens")
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = cache_root / "corpus" / cache_key(source, tokenizer, max_seq_len)
+    text_ds = None if _is_local(source) else _hub_texts(source)
+    target = cache_root / "corpus" / cache_key(source, tokenizer, max_seq_len, text_ds)
     if (target / "dataset_info.json").exists():
         log.info("corpus: cached packed sequences at %s", target)
         return datasets.load_from_disk(str(target))
 
-    if _is_local(source):
+    if text_ds is None:
         files = corpus_files(source)
         if next(read_paragraphs(files), None) is None:
             raise UserError(f"corpus {source} holds no text (only blank lines or headings): give a non-empty corpus")
-        text_ds = None
-    else:
-        text_ds = _hub_texts(source)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     build_dir = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
@@ -219,20 +220,21 @@ def _paragraph_rows(files: list[str]):
 
 
 def parse_sample(spec: str | float | int | None) -> float | int | None:
-    """'0.1' -> fraction 0.1; '5000' -> 5000 sequences; None/'all' -> everything."""
+    """'5000' -> 5000 sequences (an integer is a count); '0.1', '1e-1', '1.0' -> a fraction in (0, 1]."""
     if spec is None or spec == "all":
         return None
+    if isinstance(spec, int) or (isinstance(spec, str) and spec.strip().isdigit()):
+        count = int(spec)
+        if count < 1:
+            raise UserError(f"corpus sample {spec!r} must be at least 1 sequence")
+        return count
     try:
         value = float(spec)
     except (TypeError, ValueError):
-        raise UserError(f"corpus sample {spec!r}: give a fraction in (0, 1] or a whole number of sequences") from None
-    if value <= 0:
-        raise UserError(f"corpus sample {spec!r} must be positive")
-    if value <= 1 and ("." in str(spec) or isinstance(spec, float)):
-        return float(value)
-    if value != int(value):
-        raise UserError(f"corpus sample {spec!r}: a count must be whole, a fraction at most 1")
-    return int(value)
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise UserError(f"corpus sample {spec!r}: give a fraction in (0, 1] like 0.1, or a whole number of sequences like 5000")
+    return value
 
 
 def sample_indices(total: int, spec: float | int | None, seed: int) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -36,6 +37,8 @@ from .teacher import Teacher, TeacherOutputs
 
 log = logging.getLogger(__name__)
 
+DEFAULT_STUDENT_LAYERS = 3
+
 
 def student_loss(student, criterion: DistillLoss, batch: dict, teacher_out: TeacherOutputs) -> LossOutput:
     """One student forward with attention capture, scored against the shared teacher outputs."""
@@ -47,6 +50,17 @@ def student_loss(student, criterion: DistillLoss, batch: dict, teacher_out: Teac
 
 def loss_weights(cfg: DistillConfig) -> LossWeights:
     return LossWeights(cfg.w_embedding, cfg.w_hidden, cfg.w_attention, cfg.w_attention_kl)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is visible to this torch build; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -97,6 +111,7 @@ class Distiller:
         self.elapsed = 0.0
         self.window: deque[dict] = deque(maxlen=max(1, cfg.log_every))
         self.autocast_dtype = torch.bfloat16 if cfg.bf16 else None
+        self.device = next(student.parameters()).device
 
     # --- one optimizer step -------------------------------------------------------------
     def train_step(self) -> StepResult:
@@ -107,9 +122,9 @@ class Distiller:
         loss_sum = 0.0
         finite = True
         for micro in range(cfg.grad_accum):
-            batch = self.stream.next()
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in self.stream.next().items()}
             teacher_out = self.teacher(batch["input_ids"], batch["attention_mask"])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast_dtype is not None):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_dtype is not None):
                 out = self.compute_loss(batch, teacher_out)
             loss = out.total / cfg.grad_accum
             if not torch.isfinite(loss):
@@ -150,7 +165,8 @@ class Distiller:
             "student": self.student.state_dict(), "criterion": self.criterion.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "stream": self.stream.state_dict(), "window": list(self.window),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -164,6 +180,8 @@ class Distiller:
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
+        if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     def final_losses(self) -> dict[str, float]:
         """Mean of each logged quantity over the last window of steps (less noisy than the last step)."""
@@ -185,7 +203,10 @@ def latest_checkpoint(output: Path) -> Path | None:
 def save_checkpoint(distiller: Distiller, output: Path, keep: int) -> Path:
     target = checkpoint_dir(output) / f"step-{distiller.step:08d}"
     staged = staging_dir(target)
-    torch.save(distiller.state_dict(), staged / "state.pt")
+    with open(staged / "state.pt", "wb") as f:
+        torch.save(distiller.state_dict(), f)
+        f.flush()
+        os.fsync(f.fileno())  # durable before it becomes visible under its final name
     if target.exists():
         shutil.rmtree(target)
     staged.rename(target)  # a checkpoint directory is complete or absent
@@ -199,7 +220,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop metric rows written after the checkpoint (they will be written again)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash mid-write
+        if row.get("step", step + 1) <= step:
+            keep.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
@@ -212,7 +240,7 @@ def prepare_output(cfg: DistillConfig) -> Path:
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file: give a directory")
     if saved is None:
-        if output.exists() and any(p.name != ".gitkeep" for p in output.iterdir()) and not cfg.resume:
+        if output.exists() and any(p.name != ".gitkeep" for p in output.iterdir()):
             raise UserError(f"--output {output} is not empty and holds no fastkd run: choose an empty or new directory")
         return output
     if not cfg.resume:
@@ -239,7 +267,8 @@ def resolve(cfg: DistillConfig):
         if cfg.max_seq_len > s_config.max_position_embeddings:
             raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the student's {s_config.max_position_embeddings} position embeddings")
     else:
-        shape = student_shape(teacher_config, cfg.student_layers, cfg.student_hidden, cfg.student_heads, cfg.student_ffn)
+        shape = student_shape(teacher_config, DEFAULT_STUDENT_LAYERS if cfg.student_layers is None else cfg.student_layers, cfg.student_hidden,
+                              cfg.student_heads, cfg.student_ffn)
     mapping = parse_mapping(cfg.mapping, shape.layers, n_teacher)
     parse_sample(cfg.corpus_sample)
     weights = loss_weights(cfg)
@@ -269,6 +298,7 @@ def build_run(cfg: DistillConfig) -> Run:
     """Validate, load teacher/student/corpus, and restore the latest checkpoint under --resume."""
     teacher_config, shape, mapping = resolve(cfg)
     output = prepare_output(cfg)
+    device = pick_device(cfg.device)
     seed_everything(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.teacher)
@@ -278,6 +308,9 @@ def build_run(cfg: DistillConfig) -> Run:
     else:
         student = build_student(teacher_model, shape, cfg.init, mapping, seed=cfg.seed)
     criterion = DistillLoss(mapping, student.config.hidden_size, teacher_model.config.hidden_size, loss_weights(cfg))
+    teacher_model.to(device)
+    student.to(device)
+    criterion.to(device)
     teacher = Teacher(teacher_model, criterion.teacher_hidden_layers(), criterion.teacher_attention_layers(),
                       autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
 
@@ -289,7 +322,7 @@ def build_run(cfg: DistillConfig) -> Run:
     metrics_path = output / "metrics.jsonl"
     resumed_from = latest_checkpoint(output) if cfg.resume else None
     if resumed_from is not None:
-        distiller.load_state_dict(torch.load(resumed_from / "state.pt", weights_only=False))
+        distiller.load_state_dict(torch.load(resumed_from / "state.pt", weights_only=False, map_location=device))
         _truncate_metrics(metrics_path, distiller.step)
         log.info("resumed from %s (step %d)", resumed_from, distiller.step)
     else:
@@ -358,8 +391,10 @@ def train(distiller: Distiller, output: Path, metrics_path: Path) -> None:
                 row = {"step": step, "loss": result.loss, **result.terms,
                        "lr": distiller.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
                        "seq_per_s": round(rate, 2), "tokens_per_s": round(rate * cfg.max_seq_len, 1),
-                       "skipped_steps": distiller.bad_steps}
-                metrics.write(json.dumps(row) + "\n")
+                       "skipped": result.skipped, "skipped_steps": distiller.bad_steps}
+                # Strict JSON (jq, pandas): a non-finite value of a skipped step is written as null.
+                row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+                metrics.write(json.dumps(row, allow_nan=False) + "\n")
                 metrics.flush()
                 bar.set_postfix(loss=f"{result.loss:.4f}", seq_s=f"{rate:.1f}")
             if step % cfg.checkpoint_every == 0 or step == last:

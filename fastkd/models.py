@@ -42,7 +42,9 @@ def resolve_model_path(name: str | os.PathLike | None) -> str:
     """`default`/None -> the packaged MiniLM; an existing directory -> itself; else a hub name."""
     if name is None or str(name) == DEFAULT_TEACHER:
         return str(default_teacher_path())
-    return str(name)
+    name = str(name)
+    expanded = os.path.expanduser(name)
+    return expanded if expanded != name else name
 
 
 def _looks_like_path(name: str) -> bool:
@@ -69,12 +71,36 @@ def load_config(name: str | None, what: str = "teacher"):
         raise UserError(f"cannot load {what} {path!r}: not a local model directory and the hub did not serve it ({first})") from None
 
 
-def load_tokenizer(name: str | None):
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "spiece.model", "vocab.json")
+
+
+def has_tokenizer_files(path: str) -> bool:
+    return not Path(path).is_dir() or any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(name: str | None, what: str = "teacher"):
+    """The model's tokenizer; a directory saved without one is an error, not an empty vocabulary.
+
+    (transformers 5 returns a 5-token BertTokenizer for a directory with no tokenizer files, which
+    would turn the whole corpus into [UNK].)
+    """
     path = resolve_model_path(name)
+    if not has_tokenizer_files(path):
+        raise UserError(f"{what} directory {path} has no tokenizer files (tokenizer.json or vocab.txt): "
+                        "save the tokenizer beside the model (tokenizer.save_pretrained)")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the tokenizer of {path!r}: {str(exc).strip().splitlines()[0]}") from None
+    return tokenizer
+
+
+def _from_pretrained(path: str, what: str, **kwargs) -> PreTrainedModel:
+    try:
+        return AutoModel.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load {what} weights from {path}: {first}") from None
 
 
 def load_teacher(name: str | None = DEFAULT_TEACHER, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -83,7 +109,7 @@ def load_teacher(name: str | None = DEFAULT_TEACHER, dtype: torch.dtype = torch.
     path = resolve_model_path(name)
     # Loaded with its pooler (when it has one) so a teacher-initialised student inherits it for
     # classification fine-tuning; the pooler costs one small matmul per forward.
-    model = AutoModel.from_pretrained(path, config=config, dtype=dtype)
+    model = _from_pretrained(path, "teacher", config=config, dtype=dtype)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -170,7 +196,11 @@ def _layer_list(model: PreTrainedModel):
 
 @torch.no_grad()
 def copy_truncated(teacher: PreTrainedModel, student: PreTrainedModel, teacher_layers: list[int]) -> None:
-    """Copy teacher weights into the student, slicing each tensor to the student's shape."""
+    """Copy teacher weights into the student, slicing each tensor to the student's shape.
+
+    Where the student is wider than the teacher (more FFN units, say), only the overlapping block
+    is copied and the rest keeps its random initialisation.
+    """
     t_state = teacher.state_dict()
     s_layers_prefix = _layer_prefix(student)
     for name, s_param in student.state_dict().items():
@@ -181,8 +211,8 @@ def copy_truncated(teacher: PreTrainedModel, student: PreTrainedModel, teacher_l
         t_param = t_state.get(source)
         if t_param is None:
             continue  # e.g. a pooler the teacher was loaded without
-        slices = tuple(slice(0, d) for d in s_param.shape)
-        s_param.copy_(t_param[slices])
+        overlap = tuple(slice(0, min(s, t)) for s, t in zip(s_param.shape, t_param.shape))
+        s_param[overlap] = t_param[overlap]
 
 
 def _layer_prefix(model: PreTrainedModel) -> str:
@@ -201,10 +231,12 @@ def load_student_dir(path: str, teacher: PreTrainedModel, teacher_tokenizer) -> 
             f"student {path} has a vocabulary of {config.vocab_size} tokens but the teacher has "
             f"{teacher.config.vocab_size}: the student must share the teacher's tokenizer"
         )
-    try:
-        s_tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        s_tok = None
+    s_tok = None
+    if has_tokenizer_files(resolve_model_path(path)):
+        try:
+            s_tok = AutoTokenizer.from_pretrained(resolve_model_path(path))
+        except (OSError, ValueError):
+            s_tok = None
     if s_tok is not None and s_tok.get_vocab() != teacher_tokenizer.get_vocab():
         raise UserError(f"student {path} has a different vocabulary from the teacher's: the student must share the teacher's tokenizer")
-    return _prepare_student(AutoModel.from_pretrained(path, config=config))
+    return _prepare_student(_from_pretrained(resolve_model_path(path), "student", config=config))

@@ -128,3 +128,24 @@ def test_console_script_end_to_end(tmp_path, tiny_teacher_dir, small_corpus):
     assert bad.stderr.strip().count("\n") == 0 and "teacher has layers 1..6" in bad.stderr
     help_text = subprocess.run(exe + ["distill", "--help"], capture_output=True, text=True, timeout=300).stdout
     assert "--mapping" in help_text and "random:SEED" in help_text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--log-every", "0"], "--log-every must be at least 1"),
+    (["--stop-at-step", "0"], "--stop-at-step must be at least 1"),
+    (["--corpus-sample", "nan"], "give a fraction in (0, 1]"),
+])
+def test_bad_bookkeeping_values(capfd, tmp_path, tiny_teacher_dir, corpus, flags, message):
+    assert message in _bad(capfd, tmp_path, "--corpus", corpus, *flags, teacher=tiny_teacher_dir)
+
+
+def test_student_dir_fixes_the_shape(capfd, tmp_path, tiny_teacher_dir, corpus):
+    line = _bad(capfd, tmp_path, "--corpus", corpus, "--student", str(tiny_teacher_dir), "--student-hidden", "16",
+                teacher=tiny_teacher_dir)
+    assert "fixes the student's shape" in line
+
+
+def test_resume_into_a_foreign_directory(capfd, tmp_path, tiny_teacher_dir, corpus):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert "not empty" in _bad(capfd, tmp_path, "--corpus", corpus, "--resume", teacher=tiny_teacher_dir)

@@ -100,3 +100,19 @@ def test_batch_stream_epochs_ranks_and_resume(small_corpus, default_tokenizer):
     assert r0.indices(0) + r1.indices(0) == BatchStream(ds, 8, seed=3).indices(0)  # disjoint slices of one global batch
     with pytest.raises(UserError, match="batch_size"):
         BatchStream(ds, 8, seed=3).load_state_dict(state)
+
+
+def test_hub_style_rows_are_cleaned_when_packed(default_tokenizer):
+    rows = {"text": ["", " = Title = ", None, " 2 @,@ 000 people \n", "   "]}
+    packed = corpus_mod._pack_batch(rows, default_tokenizer, 16)
+    ids = packed["input_ids"][0][: sum(packed["attention_mask"][0])]
+    assert default_tokenizer.decode(ids[1:-1]) == "2, 000 people"
+    assert len(packed["input_ids"]) == 1
+
+
+def test_parse_sample_edge_cases():
+    assert parse_sample("1e-1") == pytest.approx(0.1)
+    assert parse_sample("5000") == 5000
+    for bad in ("nan", "inf", "1.5", "0.0"):
+        with pytest.raises(UserError):
+            parse_sample(bad)

@@ -100,3 +100,27 @@ def test_narrow_student_with_projections_and_kl(tmp_path, tiny_teacher_dir, smal
     for _ in range(4):
         result = run.distiller.train_step()
     assert set(result.terms) == {"embedding", "hidden", "attention", "attention_kl"}
+
+
+def test_skipped_step_rows_are_strict_json_and_torn_lines_survive_resume(tmp_path, tiny_teacher_dir, small_corpus):
+    from fastkd.distill import train
+
+    cfg = _cfg(tmp_path, "strict", tiny_teacher_dir, small_corpus, max_steps=4, checkpoint_every=2)
+    run = build_run(cfg)
+    d = run.distiller
+    real = d.compute_loss
+    d.compute_loss = lambda b, t: (LossOutput(real(b, t).total * float("nan"), {}) if d.step == 1 else real(b, t))
+    train(d, run.output, run.output / "metrics.jsonl")
+    text = (run.output / "metrics.jsonl").read_text()
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}")) for line in text.splitlines()]
+    assert rows[1]["skipped"] is True and rows[1]["grad_norm"] is None and rows[0]["skipped"] is False
+    # A crash mid-write leaves a torn last line; --resume must not trip over it.
+    with open(run.output / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')
+    import shutil
+
+    shutil.rmtree(run.output / "checkpoints" / "step-00000004")
+    resumed = build_run(_cfg(tmp_path, "strict", tiny_teacher_dir, small_corpus, max_steps=4, resume=True,
+                             checkpoint_every=3))  # bookkeeping settings may change on resume
+    assert resumed.distiller.step == 2
+    assert [json.loads(line)["step"] for line in (run.output / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -76,3 +76,45 @@ def test_missing_teacher_directory_is_a_user_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json"):
         load_config(str(tmp_path / "empty"))
+
+
+def test_teacher_without_tokenizer_files_is_refused(tmp_path, tiny_teacher_dir):
+    """transformers would hand back a 5-token tokenizer and the corpus would become all [UNK]."""
+    from transformers import AutoModel
+
+    from fastkd.models import load_tokenizer
+
+    bare = tmp_path / "bare"
+    AutoModel.from_pretrained(tiny_teacher_dir).save_pretrained(bare)
+    with pytest.raises(UserError, match="no tokenizer files"):
+        load_tokenizer(str(bare))
+
+
+def test_student_dir_without_tokenizer_is_accepted(tmp_path, tiny_teacher_dir, default_tokenizer):
+    from transformers import BertConfig, BertModel
+
+    teacher = load_teacher(str(tiny_teacher_dir))
+    bare = tmp_path / "student"
+    BertModel(BertConfig(vocab_size=default_tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=32)).save_pretrained(bare)
+    student = load_student_dir(str(bare), teacher, default_tokenizer)
+    assert student.config.hidden_size == 16 and not student.pooler.dense.weight.requires_grad
+
+
+def test_config_without_weights_is_a_user_error(tmp_path, tiny_teacher_dir):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_teacher_dir, broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="cannot load teacher weights"):
+        load_teacher(str(broken))
+
+
+def test_student_wider_than_teacher_copies_the_overlap(tiny_teacher_dir):
+    teacher = load_teacher(str(tiny_teacher_dir))  # FFN 64
+    student = build_student(teacher, student_shape(teacher.config, 2, ffn=96), "teacher", LayerMapping((1, 2), 4))
+    s_w = student.encoder.layer[0].intermediate.dense.weight
+    t_w = teacher.encoder.layer[0].intermediate.dense.weight
+    torch.testing.assert_close(s_w[:64], t_w)
+    assert s_w[64:].abs().sum() > 0  # the extra units keep their random init
