@@ -104,6 +104,56 @@ def _cmd_distill(args) -> int:
     return 0
 
 
+def _add_glue(sub) -> None:
+    p = sub.add_parser(
+        "glue", help="fine-tune and evaluate models on GLUE tasks (official metrics, one table)",
+        description="Fine-tunes each --model on each task's train set (or a deterministic subsample) and scores it "
+                    "on dev with the official metrics. Writes OUTPUT/glue.json (every metric, task score, "
+                    "majority-class baseline, predicted-label distribution, examples, seconds) and OUTPUT/glue.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", action="append", required=True, metavar="DIR|default",
+                   help="an exported student, any Hugging Face model directory or hub name, or 'default' (the "
+                        "teacher); repeat for several models in one table")
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated tasks (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli; any case, "
+                        "dashes optional) or 'all'")
+    p.add_argument("--data-dir", required=True,
+                   help="glue_data-style directory (TASK/train.tsv, TASK/dev.tsv), or 'hub' for nyu-mll/glue")
+    p.add_argument("--epochs", type=float, default=3.0, help="training epochs (ignored with --max-steps)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps per task (overrides --epochs)")
+    p.add_argument("--max-train-examples", type=int, default=None,
+                   help="fine-tune on a deterministic subsample of this many training examples")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    p.add_argument("--eval-batch-size", type=int, default=128, help="evaluation batch size")
+    p.add_argument("--lr", type=float, default=5e-5, help="peak AdamW learning rate")
+    p.add_argument("--warmup", type=float, default=0.1, help="linear warmup, as a fraction of the steps")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not biases/LayerNorm)")
+    p.add_argument("--max-seq-len", type=int, default=128, help="truncate each example to this many tokens")
+    p.add_argument("--seed", type=int, default=0, help="seeds the head, data order and subsample")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip (and count) malformed TSV rows instead of stopping at the first")
+    p.add_argument("--output", required=True, help="directory for glue.json and glue.md")
+    p.add_argument("--resume", action="store_true", help="reuse finished (model, task) results in --output")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    p.set_defaults(func=_cmd_glue)
+
+
+def _cmd_glue(args) -> int:
+    from .glue.finetune import FinetuneConfig
+    from .glue.report import markdown
+    from .glue.run import run_glue
+
+    cfg = FinetuneConfig(epochs=args.epochs, max_steps=args.max_steps, max_train_examples=args.max_train_examples,
+                         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+                         max_seq_len=args.max_seq_len, seed=args.seed, bf16=args.bf16,
+                         eval_batch_size=args.eval_batch_size, progress=args.progress)
+    report = run_glue(args.model, args.tasks, args.data_dir, args.output, cfg, args.resume, args.skip_bad_rows)
+    print(markdown(report))
+    print(f"wrote {args.output}/glue.json and {args.output}/glue.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="fastkd",
@@ -111,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser, metavar="COMMAND")
     _add_distill(sub)
+    _add_glue(sub)
     return parser
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import UserError
+from .io import read_json
 
 # Settings that do not change what is computed: they may differ between a run and its resume.
 NON_DETERMINING = frozenset({"output", "resume", "log_every", "keep_checkpoints", "cache_dir", "progress",
@@ -89,10 +89,4 @@ def differing_settings(saved: dict, current: dict) -> list[str]:
 
 
 def read_run_config(output: Path) -> dict | None:
-    path = output / "config.json"
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{path} is not valid JSON: the output directory holds a damaged run; choose another --output") from None
+    return read_json(output / "config.json", "run")

@@ -114,7 +114,14 @@ class Distiller:
         self.device = next(student.parameters()).device
 
     # --- one optimizer step -------------------------------------------------------------
-    def train_step(self) -> StepResult:
+    def next_inputs(self) -> tuple[dict, TeacherOutputs]:
+        """The next micro-batch and the teacher's outputs for it (one teacher forward)."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in self.stream.next().items()}
+        return batch, self.teacher(batch["input_ids"], batch["attention_mask"])
+
+    def train_step(self, shared: list[tuple[dict, TeacherOutputs]] | None = None) -> StepResult:
+        """One optimizer step. `shared`: micro-batches with teacher outputs computed once for several
+        students (the search's generation); None: this distiller reads its own stream and teacher."""
         cfg = self.cfg
         self.student.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -122,14 +129,14 @@ class Distiller:
         loss_sum = 0.0
         finite = True
         for micro in range(cfg.grad_accum):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in self.stream.next().items()}
-            teacher_out = self.teacher(batch["input_ids"], batch["attention_mask"])
+            batch, teacher_out = shared[micro] if shared is not None else self.next_inputs()
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_dtype is not None):
                 out = self.compute_loss(batch, teacher_out)
             loss = out.total / cfg.grad_accum
             if not torch.isfinite(loss):
                 finite = False
-                self.stream.state.batches_done += cfg.grad_accum - micro - 1  # same data position either way
+                if shared is None:
+                    self.stream.state.batches_done += cfg.grad_accum - micro - 1  # same data position either way
                 break
             loss.backward()
             loss_sum += float(loss.detach())

@@ -24,6 +24,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def read_json(path: str | os.PathLike, what: str) -> dict | None:
+    """A run's JSON record, None when absent; a damaged one is a user error, never silently replaced."""
+    from .errors import UserError
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is not valid JSON: the output directory holds a damaged {what}; "
+                        "choose another --output") from None
+
+
 def atomic_write_json(path: str | os.PathLike, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 

@@ -1,0 +1,223 @@
+"""Fine-tune an encoder on a GLUE task and score it on dev.
+
+The model is any exported student directory, any Hugging Face model directory, `default` (the
+teacher), or an in-memory encoder (the search's proxy students: no disk round trip). Tokenized
+splits are cached in a TaskCache so a search tokenizes each task once for all its candidates.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, get_linear_schedule_with_warmup
+
+from ..errors import UserError
+from ..models import load_config, resolve_model_path
+from .metrics import compute_metrics, majority_baseline, prediction_summary, task_score
+from .tasks import Split, TaskData, TaskSpec, load_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: float = 3.0
+    max_steps: int | None = None  # overrides epochs
+    max_train_examples: int | None = None  # deterministic subsample of train
+    batch_size: int = 32
+    lr: float = 5e-5
+    warmup: float = 0.1
+    weight_decay: float = 0.01
+    max_seq_len: int = 128
+    seed: int = 0
+    bf16: bool = False
+    eval_batch_size: int = 128
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise UserError("--batch-size must be at least 1")
+        if self.max_steps is None and self.epochs <= 0:
+            raise UserError(f"--epochs must be positive (got {self.epochs})")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"--max-steps must be at least 1 (got {self.max_steps})")
+        if self.max_train_examples is not None and self.max_train_examples < 1:
+            raise UserError(f"--max-train-examples must be at least 1 (got {self.max_train_examples})")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive (got {self.lr})")
+
+
+@dataclass
+class Encoded:
+    """A tokenized split: variable-length id lists (padded per batch) and labels."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]]
+    labels: torch.Tensor
+
+
+@dataclass
+class TaskResult:
+    task: str
+    metrics: dict[str, float]
+    score: float
+    baseline_metrics: dict[str, float]
+    baseline_score: float
+    predictions: dict  # label distribution or variance, per dev split
+    train_examples: int
+    dev_examples: int
+    steps: int
+    seconds: float
+    skipped_rows: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TaskCache:
+    """Loaded task data and tokenized splits, shared by every model evaluated in one process."""
+
+    data_dir: str
+    skip_bad_rows: bool = False
+    _data: dict = field(default_factory=dict)
+    _encoded: dict = field(default_factory=dict)
+
+    def data(self, spec: TaskSpec) -> TaskData:
+        if spec.key not in self._data:
+            self._data[spec.key] = load_task(self.data_dir, spec, self.skip_bad_rows)
+        return self._data[spec.key]
+
+    def encoded(self, split: Split, tokenizer, max_seq_len: int) -> Encoded:
+        key = (split.task.key, split.name, split.source, id(tokenizer), tokenizer.name_or_path, max_seq_len)
+        if key not in self._encoded:
+            enc = tokenizer(split.text_a, split.text_b, truncation=True, max_length=max_seq_len,
+                            return_token_type_ids=True)
+            dtype = torch.float32 if split.task.is_regression else torch.long
+            self._encoded[key] = Encoded(enc["input_ids"], enc["token_type_ids"], torch.tensor(split.labels, dtype=dtype))
+        return self._encoded[key]
+
+
+def subsample(n: int, k: int | None, seed: int) -> np.ndarray:
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:k])
+
+
+def _batch(enc: Encoded, rows, pad_id: int) -> dict[str, torch.Tensor]:
+    length = max(len(enc.input_ids[i]) for i in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    types = torch.zeros((len(rows), length), dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for r, i in enumerate(rows):
+        n = len(enc.input_ids[i])
+        ids[r, :n] = torch.tensor(enc.input_ids[i])
+        types[r, :n] = torch.tensor(enc.token_type_ids[i])
+        mask[r, :n] = 1
+    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
+
+
+def make_classifier(model: str | PreTrainedModel, spec: TaskSpec, seed: int) -> PreTrainedModel:
+    """A fresh sequence classifier for the task (head seeded) from a path or an in-memory encoder."""
+    torch.manual_seed(seed)
+    extra = {"num_labels": spec.num_labels,
+             "problem_type": "regression" if spec.is_regression else "single_label_classification"}
+    if spec.labels is not None:
+        extra["id2label"] = dict(enumerate(spec.labels))
+        extra["label2id"] = {label: i for i, label in enumerate(spec.labels)}
+    if isinstance(model, PreTrainedModel):
+        config = copy.deepcopy(model.config)
+        for k, v in extra.items():
+            setattr(config, k, v)
+        config._attn_implementation = "sdpa"
+        classifier = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+        missing, unexpected = classifier.base_model.load_state_dict(model.state_dict(), strict=False)
+        if unexpected or [k for k in missing if not k.startswith("pooler.")]:
+            raise ValueError(f"encoder weights do not fit the classifier: missing {missing}, unexpected {unexpected}")
+        return classifier
+    load_config(model, "model")  # one-line error for a directory without config.json
+    return AutoModelForSequenceClassification.from_pretrained(resolve_model_path(model), **extra)
+
+
+@torch.no_grad()
+def predict(classifier, enc: Encoded, pad_id: int, batch_size: int, bf16: bool = False) -> np.ndarray:
+    classifier.eval()
+    order = np.argsort([len(x) for x in enc.input_ids])  # length-sorted: less padding
+    out = np.empty(len(order), dtype=np.float64)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = classifier(**_batch(enc, rows, pad_id)).logits.float()
+        out[rows] = logits[:, 0].numpy() if logits.shape[-1] == 1 else logits.argmax(-1).numpy()
+    return out
+
+
+def finetune_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: FinetuneConfig,
+                  desc: str = "") -> TaskResult:
+    """Fine-tune a fresh classifier on train (or its subsample), evaluate on every dev split."""
+    started = time.perf_counter()
+    data = cache.data(spec)
+    pad_id = tokenizer.pad_token_id or 0
+    train_enc = cache.encoded(data.train, tokenizer, cfg.max_seq_len)
+    rows = subsample(len(data.train), cfg.max_train_examples, cfg.seed)
+    steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    classifier = make_classifier(model, spec, cfg.seed)
+    classifier.train()
+    no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n  # noqa: E731
+    groups = [{"params": [p for n, p in classifier.named_parameters() if not no_decay(n)], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in classifier.named_parameters() if no_decay(n)], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, eps=1e-6)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup * total_steps), total_steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order: list[int] = []
+    bar = tqdm(total=total_steps, desc=desc or f"fine-tune {spec.name}", unit="step", disable=not cfg.progress,
+               leave=False, dynamic_ncols=True)
+    for step in range(total_steps):
+        if len(order) < cfg.batch_size:  # next epoch (the tail of an epoch joins the next one)
+            order += rows[torch.randperm(len(rows), generator=gen).numpy()].tolist()
+        batch_rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        batch = _batch(train_enc, batch_rows, pad_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            out = classifier(**batch, labels=train_enc.labels[batch_rows])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(classifier.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{out.loss.item():.3f}")
+    bar.close()
+
+    metrics, baseline, predictions, dev_examples = {}, {}, {}, 0
+    suffixes = {"dev": "", "dev_matched": "_m", "dev_mismatched": "_mm"}
+    for dev in data.dev:
+        enc = cache.encoded(dev, tokenizer, cfg.max_seq_len)
+        preds = predict(classifier, enc, pad_id, cfg.eval_batch_size, cfg.bf16)
+        if not spec.is_regression:
+            preds = preds.astype(np.int64)
+        suffix = suffixes.get(dev.name, "_" + dev.name)
+        metrics.update({k + suffix: v for k, v in compute_metrics(spec, preds, dev.labels).items()})
+        baseline.update({k + suffix: v for k, v in majority_baseline(spec, data.train.labels, dev.labels).items()})
+        predictions[dev.name] = prediction_summary(spec, preds)
+        dev_examples += len(dev)
+    return TaskResult(spec.name, metrics, task_score(metrics), baseline, task_score(baseline), predictions,
+                      len(rows), dev_examples, total_steps, round(time.perf_counter() - started, 2),
+                      data.train.skipped_rows + sum(d.skipped_rows for d in data.dev))
+
+
+def evaluate(model, tokenizer, tasks: list[TaskSpec], cache: TaskCache, cfg: FinetuneConfig,
+             name: str = "") -> dict[str, TaskResult]:
+    """The search's entry point: per-task results for one model (a path or an in-memory encoder)."""
+    cfg.validate()
+    return {spec.key: finetune_task(model, tokenizer, spec, cache, cfg, desc=f"{name} {spec.name}".strip())
+            for spec in tasks}

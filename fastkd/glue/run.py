@@ -1,0 +1,76 @@
+"""`fastkd glue`: fine-tune and evaluate several models on several tasks, one table."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from ..config import differing_settings
+from ..errors import UserError
+from ..models import load_config, load_tokenizer, resolve_model_path
+from .finetune import FinetuneConfig, TaskCache, finetune_task
+from .report import build_report, read_report, write_reports
+from .tasks import parse_tasks
+
+log = logging.getLogger(__name__)
+
+
+def display_name(model: str) -> str:
+    """'default' -> the teacher's name; an exported student -> its path with shape and mapping."""
+    if model == "default":
+        return "teacher all-MiniLM-L6-v2 (default)"
+    info_path = Path(resolve_model_path(model)) / "fastkd.json"
+    if info_path.is_file():
+        try:
+            info = json.loads(info_path.read_text())
+            return f"{model} ({info['student']['layers']}L, mapping {info['mapping']})"
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    return model
+
+
+def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg: FinetuneConfig,
+             resume: bool = False, skip_bad_rows: bool = False) -> dict:
+    cfg.validate()
+    tasks = parse_tasks(tasks_text)
+    for model in models:
+        load_config(model, "model")  # a directory without config.json fails now, not after an hour
+    cache = TaskCache(data_dir, skip_bad_rows)
+    for spec in tasks:
+        cache.data(spec)  # every task's files are checked before any training
+
+    out = Path(output)
+    settings = {**asdict(cfg), "data_dir": str(data_dir), "skip_bad_rows": skip_bad_rows}
+    settings.pop("progress", None)
+    previous = read_report(out)
+    if previous is not None and not resume:
+        raise UserError(f"--output {out} already holds GLUE results: pass --resume to reuse finished tasks, "
+                        "or choose another --output")
+    done: dict[tuple[str, str], dict] = {}
+    if previous is not None:
+        changed = differing_settings(previous.get("settings", {}), settings)
+        if changed:
+            raise UserError(f"cannot --resume {out}: fine-tuning settings differ: {'; '.join(changed)}; "
+                            "choose another --output")
+        done = {(m["path"], k): r for m in previous["models"] for k, r in m["tasks"].items()}
+
+    entries = [{"model": display_name(m), "path": m, "tasks": {}} for m in models]
+    for entry in entries:
+        tokenizer = load_tokenizer(entry["path"], "model")
+        for spec in tasks:
+            key = (entry["path"], spec.key)
+            if key in done:
+                log.info("%s %s: reusing the finished result", entry["model"], spec.name)
+                entry["tasks"][spec.key] = done[key]
+            else:
+                result = finetune_task(entry["path"], tokenizer, spec, cache, cfg, desc=f"{spec.name}")
+                entry["tasks"][spec.key] = result.to_dict()
+                log.info("%s %s: score %.1f (majority baseline %.1f) in %.0f s", entry["model"], spec.name,
+                         100 * result.score, 100 * result.baseline_score, result.seconds)
+            # Written after every task: an interrupted run loses at most the task in progress.
+            write_reports(out, build_report(settings, [e for e in entries if e["tasks"]]))
+    report = build_report(settings, entries)
+    write_reports(out, report)
+    return report

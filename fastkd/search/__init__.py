@@ -1,0 +1,1 @@
+"""Layer-mapping search: a genetic algorithm over mappings, scored in a cheap proxy setting."""

@@ -1,0 +1,126 @@
+"""The search's memory: one SQLite file (WAL mode) of finished evaluations.
+
+A row is keyed by a hash of every setting that determines fitness (teacher, student shape, proxy
+budget, tasks, ...), the mapping text and the evaluation seed, so a resumed or concurrent search
+never evaluates the same thing twice and a row is never half-written (one transaction each).
+The store also remembers the settings of the search that created it, so `--resume` with different
+settings is refused naming the setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+
+SCHEMA_VERSION = 1
+MARKER = "fastkd-search-store"
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Evaluation:
+    mapping: str
+    seed: int
+    generation: int
+    fitness: float
+    tasks: dict  # task key -> TaskResult dict
+    losses: dict  # final distillation losses
+    seconds: float
+
+    def row(self, key: str) -> tuple:
+        return (key, self.mapping, self.seed, self.generation, self.fitness, json.dumps(self.tasks),
+                json.dumps(self.losses), self.seconds, time.time())
+
+
+class Store:
+    def __init__(self, path: str | Path, settings: dict, resume: bool):
+        self.path = Path(path)
+        self.settings = settings
+        self.key = settings_hash(settings)
+        existed = self.path.exists() and self.path.stat().st_size > 0
+        try:
+            self.db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)  # autocommit; explicit txns
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA busy_timeout=60000")
+            if existed:
+                self._check_existing(resume)
+            else:
+                self._create()
+        except sqlite3.DatabaseError as exc:
+            raise UserError(f"{self.path} is not a usable fastkd search store ({exc}): remove it or choose another --output") from None
+
+    def _create(self) -> None:
+        with self._transaction():
+            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS evaluations (settings TEXT NOT NULL, mapping TEXT NOT NULL, "
+                "seed INTEGER NOT NULL, generation INTEGER NOT NULL, fitness REAL NOT NULL, tasks TEXT NOT NULL, "
+                "losses TEXT NOT NULL, seconds REAL NOT NULL, created REAL NOT NULL, "
+                "PRIMARY KEY (settings, mapping, seed))")
+            self.db.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", [
+                ("marker", MARKER), ("schema", str(SCHEMA_VERSION)), ("settings", json.dumps(self.settings, sort_keys=True))])
+
+    def _check_existing(self, resume: bool) -> None:
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
+        if meta.get("marker") != MARKER or "evaluations" not in tables:
+            raise UserError(f"{self.path} is an SQLite file but not a fastkd search store: remove it or choose another --output")
+        if int(meta.get("schema", -1)) != SCHEMA_VERSION:
+            raise UserError(f"{self.path} was written by another fastkd version (store schema {meta.get('schema')})")
+        saved = json.loads(meta["settings"])
+        if saved != self.settings:
+            changed = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
+            detail = "; ".join(f"{k} (store {saved.get(k)!r}, now {self.settings.get(k)!r})" for k in changed[:4])
+            raise UserError(f"{self.path} was made by a search with other settings: {detail}; "
+                            "use the same settings or another --output")
+        if not resume:
+            raise UserError(f"{self.path} already holds this search: pass --resume to continue it, or choose another --output")
+
+    class _Txn:
+        def __init__(self, db):
+            self.db = db
+
+        def __enter__(self):
+            self.db.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlocks
+
+        def __exit__(self, exc_type, *_):
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    def _transaction(self):
+        return Store._Txn(self.db)
+
+    def get(self, mapping: str, seed: int) -> Evaluation | None:
+        row = self.db.execute(
+            "SELECT mapping, seed, generation, fitness, tasks, losses, seconds FROM evaluations "
+            "WHERE settings=? AND mapping=? AND seed=?", (self.key, mapping, seed)).fetchone()
+        if row is None:
+            return None
+        return Evaluation(row[0], row[1], row[2], row[3], json.loads(row[4]), json.loads(row[5]), row[6])
+
+    def put(self, evaluation: Evaluation) -> bool:
+        """Insert once; False when the row was already there (another process got there first)."""
+        with self._transaction():
+            cur = self.db.execute("INSERT OR IGNORE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                  evaluation.row(self.key))
+        return cur.rowcount == 1
+
+    def all(self) -> list[Evaluation]:
+        rows = self.db.execute(
+            "SELECT mapping, seed, generation, fitness, tasks, losses, seconds FROM evaluations WHERE settings=? "
+            "ORDER BY created", (self.key,)).fetchall()
+        return [Evaluation(r[0], r[1], r[2], r[3], json.loads(r[4]), json.loads(r[5]), r[6]) for r in rows]
+
+    def count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM evaluations WHERE settings=?", (self.key,)).fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()

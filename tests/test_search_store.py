@@ -1,0 +1,71 @@
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fastkd.errors import UserError
+from fastkd.search.store import Evaluation, Store
+
+SETTINGS = {"teacher": "default", "student_layers": 3, "proxy_steps": 100, "tasks": ["sst2", "mrpc", "rte"]}
+
+
+def _eval(mapping, seed=0, fitness=0.5):
+    return Evaluation(mapping, seed, 0, fitness, {"rte": {"score": fitness}}, {"loss": 1.0}, 2.5)
+
+
+def test_put_get_once_and_survive_reopen(tmp_path):
+    path = tmp_path / "search.sqlite"
+    store = Store(path, SETTINGS, resume=False)
+    assert store.put(_eval("2,4,6")) and not store.put(_eval("2,4,6", fitness=0.9))  # first write wins
+    assert store.put(_eval("2,4,6", seed=1, fitness=0.6))
+    store.close()
+    again = Store(path, SETTINGS, resume=True)
+    got = again.get("2,4,6", 0)
+    assert got.fitness == 0.5 and got.tasks == {"rte": {"score": 0.5}} and again.count() == 2
+    assert again.get("1,2,3", 0) is None
+    assert again.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_refuses_other_settings_foreign_and_corrupt_files(tmp_path):
+    path = tmp_path / "search.sqlite"
+    Store(path, SETTINGS, resume=False).close()
+    with pytest.raises(UserError, match="already holds this search: pass --resume"):
+        Store(path, SETTINGS, resume=False)
+    with pytest.raises(UserError, match=r"other settings: proxy_steps \(store 100, now 200\)"):
+        Store(path, {**SETTINGS, "proxy_steps": 200}, resume=True)
+    foreign = tmp_path / "foreign.sqlite"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE people (name TEXT)")
+    with pytest.raises(UserError, match="not a fastkd search store"):
+        Store(foreign, SETTINGS, resume=True)
+    corrupt = tmp_path / "corrupt.sqlite"
+    corrupt.write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(UserError, match="not a usable fastkd search store"):
+        Store(corrupt, SETTINGS, resume=True)
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from fastkd.search.store import Evaluation, Store
+    settings = {settings!r}
+    store = Store(sys.argv[1], settings, resume=True)
+    for i in range(60):
+        mapping = f"{{i % 6 + 1}},{{(i // 6) % 6 + 1}},{{sys.argv[2]}}"
+        store.put(Evaluation(mapping, 0, 0, float(i), {{}}, {{}}, 0.0))
+    store.close()
+""")
+
+
+def test_two_processes_writing_one_store(tmp_path):
+    path = tmp_path / "search.sqlite"
+    Store(path, SETTINGS, resume=False).close()
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER.format(settings=SETTINGS))
+    procs = [subprocess.Popen([sys.executable, str(script), str(path), tag]) for tag in ("1", "2")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    store = Store(path, SETTINGS, resume=True)
+    rows = store.all()
+    assert len(rows) == 72 and len({(r.mapping, r.seed) for r in rows}) == 72  # 36 distinct mappings per writer
+    assert store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
