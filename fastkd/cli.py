@@ -154,6 +154,86 @@ def _cmd_glue(args) -> int:
     return 0
 
 
+def _add_search(sub) -> None:
+    p = sub.add_parser(
+        "search", help="search the best layer mapping with a genetic algorithm in a cheap proxy setting",
+        description="Each candidate mapping is distilled briefly on a sample of the corpus (a whole generation shares "
+                    "one teacher forward per batch), fine-tuned on the proxy GLUE tasks, and scored by its mean task "
+                    "score. uniform, last and the finalists are re-evaluated with fresh seeds, and the report says "
+                    "whether the winner beats uniform and last by more than 2 SD of that noise. Writes "
+                    "best_mapping.json, report.md, fitness.png, layers.png and the store search.sqlite.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("models")
+    m.add_argument("--teacher", default="default", help="teacher directory, hub name, or 'default' (all-MiniLM-L6-v2)")
+    m.add_argument("--student-layers", type=int, default=3, help="number of student layers M")
+    m.add_argument("--student-hidden", type=int, default=None, help="student hidden size (default: the teacher's)")
+    m.add_argument("--student-heads", type=int, default=None, help="student heads (default: keep the head width)")
+    m.add_argument("--student-ffn", type=int, default=None, help="student FFN size")
+    d = p.add_argument_group("data")
+    d.add_argument("--corpus", required=True, help="text file/directory or hub dataset, as for distill")
+    d.add_argument("--data-dir", required=True, help="glue_data-style directory with the proxy tasks, or 'hub'")
+    d.add_argument("--cache-dir", default=None, help="tokenized corpus cache (default $FASTKD_CACHE or ~/.cache/fastkd)")
+    x = p.add_argument_group("proxy setting (what a fitness value means)")
+    x.add_argument("--proxy-tasks", default="sst2,mrpc,rte", help="GLUE tasks whose mean dev score is the fitness")
+    x.add_argument("--proxy-sequences", type=int, default=1024, help="corpus sequences sampled for proxy distillation")
+    x.add_argument("--proxy-seq-len", type=int, default=64, help="tokens per proxy sequence")
+    x.add_argument("--proxy-steps", type=int, default=100, help="distillation steps per candidate")
+    x.add_argument("--proxy-batch-size", type=int, default=16, help="distillation batch size")
+    x.add_argument("--proxy-lr", type=float, default=5e-4, help="distillation learning rate")
+    x.add_argument("--proxy-init", choices=["teacher", "random"], default="teacher",
+                   help="proxy students start from their mapped teacher layers, or random")
+    x.add_argument("--proxy-finetune-steps", type=int, default=100, help="fine-tuning steps per proxy task")
+    x.add_argument("--proxy-finetune-examples", type=int, default=1000, help="training examples per proxy task")
+    x.add_argument("--proxy-finetune-lr", type=float, default=1e-4, help="fine-tuning learning rate (small students like it high)")
+    x.add_argument("--proxy-finetune-batch-size", type=int, default=32, help="fine-tuning batch size")
+    x.add_argument("--proxy-finetune-seq-len", type=int, default=128, help="fine-tuning max length")
+    x.add_argument("--drop-weak-tasks", action="store_true",
+                   help="drop a proxy task on which the teacher itself does not beat the majority class by 5 points")
+    g = p.add_argument_group("genetic algorithm and noise")
+    g.add_argument("--population", type=int, default=8, help="mappings per generation (P)")
+    g.add_argument("--generations", type=int, default=4, help="generations (G)")
+    g.add_argument("--monotone", action="store_true", help="only non-decreasing mappings")
+    g.add_argument("--repeats", type=int, default=3, help="seeds for uniform, last and each finalist (noise)")
+    g.add_argument("--finalists", type=int, default=3, help="top mappings re-evaluated with fresh seeds")
+    g.add_argument("--proxy-chunk", type=int, default=8, help="candidates distilled together (lower it to save memory)")
+    g.add_argument("--seed", type=int, default=0, help="seeds the GA, the corpus sample and the evaluations")
+    o = p.add_argument_group("output")
+    o.add_argument("--output", required=True, help="search directory")
+    o.add_argument("--resume", action="store_true", help="continue an interrupted search; finished evaluations are reused")
+    o.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    p.set_defaults(func=_cmd_search)
+
+
+def search_config_from_args(args):
+    from .search.proxy import ProxyConfig
+    from .search.run import SearchConfig
+
+    proxy = ProxyConfig(sequences=args.proxy_sequences, steps=args.proxy_steps, batch_size=args.proxy_batch_size,
+                        max_seq_len=args.proxy_seq_len, lr=args.proxy_lr, init=args.proxy_init,
+                        tasks=tuple(t.key for t in __import__("fastkd.glue", fromlist=["parse_tasks"]).parse_tasks(args.proxy_tasks)),
+                        finetune_steps=args.proxy_finetune_steps, finetune_examples=args.proxy_finetune_examples,
+                        finetune_batch=args.proxy_finetune_batch_size, finetune_lr=args.proxy_finetune_lr,
+                        finetune_seq_len=args.proxy_finetune_seq_len)
+    return SearchConfig(output=args.output, corpus=args.corpus, data_dir=args.data_dir, teacher=args.teacher,
+                        student_layers=args.student_layers, student_hidden=args.student_hidden,
+                        student_heads=args.student_heads, student_ffn=args.student_ffn, proxy=proxy,
+                        population=args.population, generations=args.generations, monotone=args.monotone,
+                        repeats=args.repeats, finalists=args.finalists, drop_weak_tasks=args.drop_weak_tasks,
+                        chunk=args.proxy_chunk, seed=args.seed, resume=args.resume, progress=args.progress,
+                        cache_dir=args.cache_dir)
+
+
+def _cmd_search(args) -> int:
+    from .search.report import verdict_lines
+    from .search.run import Search
+
+    search = Search(search_config_from_args(args))
+    result = search.run()
+    print("\n".join(verdict_lines(result)))
+    print(f"wrote {args.output}/best_mapping.json, report.md, fitness.png, layers.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="fastkd",
@@ -162,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser, metavar="COMMAND")
     _add_distill(sub)
     _add_glue(sub)
+    _add_search(sub)
     return parser
 
 

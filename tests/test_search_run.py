@@ -1,0 +1,109 @@
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fastkd.cli import build_parser, main, search_config_from_args
+from fastkd.search.run import Search
+
+FIXTURES = Path(__file__).parent / "fixtures" / "glue"
+
+
+def _argv(teacher, corpus, output, *extra):
+    return ["search", "--teacher", str(teacher), "--student-layers", "2", "--corpus", str(corpus),
+            "--data-dir", str(FIXTURES), "--proxy-tasks", "wnli,qnli", "--proxy-sequences", "32", "--proxy-seq-len", "32",
+            "--proxy-steps", "3", "--proxy-batch-size", "4", "--proxy-finetune-steps", "2",
+            "--proxy-finetune-examples", "8", "--proxy-finetune-batch-size", "4", "--proxy-finetune-seq-len", "32",
+            "--population", "4", "--generations", "3", "--output", str(output), "--no-progress", *extra]
+
+
+def _search(argv) -> Search:
+    return Search(search_config_from_args(build_parser().parse_args(argv)))
+
+
+def _rows(db_path):
+    with sqlite3.connect(db_path) as db:
+        return {(m, s) for m, s in db.execute("SELECT mapping, seed FROM evaluations WHERE mapping != 'teacher'")}
+
+
+def test_search_writes_every_output(tmp_path, tiny_teacher_dropout_dir, small_corpus):
+    out = tmp_path / "s"
+    search = _search(_argv(tiny_teacher_dropout_dir, small_corpus, out))
+    result = search.run()
+    best = json.loads((out / "best_mapping.json").read_text())
+    assert best["text"] == result["winner"].mapping.text and len(best["mapping"]) == 2
+    assert set(best["tasks"]) == {"wnli", "qnli"} and best["seeds"] == 3
+    assert set(best["comparisons"]) == {"uniform", "last"}
+    report = (out / "report.md").read_text()
+    assert "search space: 16 mappings" in report and "| uniform |" in report and "Signal check" in report
+    for png in ("fitness.png", "layers.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # One teacher forward per batch for each generation, whatever the population.
+    assert all(g["teacher_forwards"] == 3 for g in search.generations)
+    assert search.generations[0]["evaluated"] == 4
+    # uniform and last were each measured with 3 seeds.
+    assert {m for m, s in _rows(out / "search.sqlite") if s != 0} >= {"2,4", "3,4"}
+
+
+def test_kill_9_then_resume_repeats_nothing(tmp_path, tiny_teacher_dropout_dir, small_corpus):
+    reference = tmp_path / "reference"
+    _search(_argv(tiny_teacher_dropout_dir, small_corpus, reference)).run()
+    expected = _rows(reference / "search.sqlite")
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "fastkd", *_argv(tiny_teacher_dropout_dir, small_corpus, out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = out / "search.sqlite"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if db.exists():
+            try:
+                if len(_rows(db)) >= 5:
+                    break
+            except sqlite3.OperationalError:
+                pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    before = _rows(db)
+    assert 5 <= len(before) < len(expected), "the search must be killed in the middle"
+
+    resumed = _search(_argv(tiny_teacher_dropout_dir, small_corpus, out, "--resume"))
+    resumed.run()
+    after = _rows(db)
+    assert after == expected  # the same evaluations as an uninterrupted run
+    assert resumed.reused == len(before)  # every finished one read back, none computed again
+    counters = resumed._ev.counters
+    assert counters.student_steps == 3 * (len(expected) - len(before))
+
+
+def _one_line(capfd, argv):
+    code = main(argv)
+    err = [l for l in capfd.readouterr().err.splitlines() if l.strip() and " INFO " not in l and "WARNING" not in l
+           and "it/s]" not in l and "examples/s]" not in l]
+    assert code == 2 and len(err) == 1, err
+    return err[0]
+
+
+def test_bad_inputs(tmp_path, tiny_teacher_dir, small_corpus, capfd):
+    argv = lambda out, *extra: _argv(tiny_teacher_dir, small_corpus, tmp_path / out, *extra)  # noqa: E731
+    assert "--population must be at least 2" in _one_line(capfd, argv("a", "--population", "1"))
+    assert "--generations must be at least 1" in _one_line(capfd, argv("b", "--generations", "0"))
+    assert "has no SST-2 folder" in _one_line(capfd, argv("c", "--proxy-tasks", "sst2"))
+    assert "unknown GLUE task" in _one_line(capfd, argv("c", "--proxy-tasks", "sst3"))
+    assert main(argv("d", "--generations", "1", "--repeats", "1")) == 0
+    line = _one_line(capfd, argv("d", "--generations", "1", "--repeats", "1", "--proxy-steps", "4", "--resume"))
+    assert "other settings" in line and "proxy" in line
+    assert "pass --resume" in _one_line(capfd, argv("d", "--generations", "1", "--repeats", "1"))
+    (tmp_path / "e").mkdir()
+    with sqlite3.connect(tmp_path / "e" / "search.sqlite") as db:
+        db.execute("CREATE TABLE notes (t TEXT)")
+    assert "not a fastkd search store" in _one_line(capfd, argv("e", "--resume"))
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "search.sqlite").write_bytes(b"garbage" * 200)
+    assert "not a usable fastkd search store" in _one_line(capfd, argv("f", "--resume"))
