@@ -201,6 +201,8 @@ def _add_search(sub) -> None:
     o.add_argument("--output", required=True, help="search directory")
     o.add_argument("--resume", action="store_true", help="continue an interrupted search; finished evaluations are reused")
     o.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    o.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="set by the deepspeed launcher (torchrun sets LOCAL_RANK instead); ranks split each generation")
     p.set_defaults(func=_cmd_search)
 
 
@@ -227,10 +229,15 @@ def _cmd_search(args) -> int:
     from .search.report import verdict_lines
     from .search.run import Search
 
+    import os
+
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     search = Search(search_config_from_args(args))
     result = search.run()
-    print("\n".join(verdict_lines(result)))
-    print(f"wrote {args.output}/best_mapping.json, report.md, fitness.png, layers.png")
+    if search.comm.is_main:
+        print("\n".join(verdict_lines(result)))
+        print(f"wrote {args.output}/best_mapping.json, report.md, fitness.png, layers.png")
     return 0
 
 

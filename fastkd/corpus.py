@@ -86,7 +86,8 @@ def _is_local(source: str) -> bool:
     return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.endswith(".txt")
 
 
-def _tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Identity of a tokenizer's behaviour: class, vocabulary, casing, backend pipeline."""
     h = hashlib.sha256()
     h.update(type(tokenizer).__name__.encode())
     h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
@@ -103,7 +104,7 @@ def _source_fingerprint(source: str, hub_dataset=None) -> dict:
 
 
 def cache_key(source: str, tokenizer, max_seq_len: int, hub_dataset=None) -> str:
-    ident = {"source": _source_fingerprint(source, hub_dataset), "tokenizer": _tokenizer_fingerprint(tokenizer),
+    ident = {"source": _source_fingerprint(source, hub_dataset), "tokenizer": tokenizer_fingerprint(tokenizer),
              "max_seq_len": max_seq_len, "format": CACHE_FORMAT}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 

@@ -26,6 +26,7 @@ from transformers import get_linear_schedule_with_warmup
 from . import __version__
 from .capture import recording
 from .config import DistillConfig, differing_settings, read_run_config
+from .device import pick_device
 from .corpus import BatchStream, load_corpus, parse_sample, sample_corpus
 from .errors import UserError
 from .export import export_student
@@ -50,17 +51,6 @@ def student_loss(student, criterion: DistillLoss, batch: dict, teacher_out: Teac
 
 def loss_weights(cfg: DistillConfig) -> LossWeights:
     return LossWeights(cfg.w_embedding, cfg.w_hidden, cfg.w_attention, cfg.w_attention_kl)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is visible to this torch build; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
 
 
 def seed_everything(seed: int) -> None:

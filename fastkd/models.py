@@ -96,11 +96,20 @@ def load_tokenizer(name: str | None, what: str = "teacher"):
 
 
 def _from_pretrained(path: str, what: str, **kwargs) -> PreTrainedModel:
-    try:
-        return AutoModel.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load {what} weights from {path}: {first}") from None
+    # Seeded: weights a checkpoint lacks (a pooler, say) are initialised the same way every time.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            return AutoModel.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot load {what} weights from {path}: {first}") from None
+
+
+def load_encoder(name: str, what: str = "model") -> PreTrainedModel:
+    """Any encoder (or a checkpoint with a task head: the head is dropped) in float32."""
+    config = load_config(name, what)
+    return _from_pretrained(resolve_model_path(name), what, config=config, dtype=torch.float32)
 
 
 def load_teacher(name: str | None = DEFAULT_TEACHER, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

@@ -111,3 +111,59 @@ def test_config_validation():
         FinetuneConfig(max_steps=0).validate()
     with pytest.raises(UserError, match="--epochs"):
         FinetuneConfig(epochs=0).validate()
+
+
+def test_half_precision_checkpoints_and_task_heads_train_in_fp32(tmp_path, tiny_teacher_dir, default_tokenizer):
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from fastkd.glue.finetune import make_classifier
+    from fastkd.glue.tasks import task_spec
+
+    bf16 = tmp_path / "bf16"
+    AutoModel.from_pretrained(tiny_teacher_dir, dtype=torch.bfloat16).save_pretrained(bf16)
+    default_tokenizer.save_pretrained(bf16)
+    clf = make_classifier(str(bf16), task_spec("rte"), seed=0)
+    assert {p.dtype for p in clf.parameters()} == {torch.float32}
+    headed = tmp_path / "headed"  # a 2-label classifier checkpoint used for regression and 3 labels
+    AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir, num_labels=2).save_pretrained(headed)
+    assert make_classifier(str(headed), task_spec("stsb"), seed=0).config.num_labels == 1
+    assert make_classifier(str(headed), task_spec("mnli"), seed=0).classifier.out_features == 3
+
+
+def test_resume_keeps_results_of_other_models(tmp_path, tiny_teacher_dir, default_tokenizer):
+    from conftest import make_tiny_bert
+
+    other = make_tiny_bert(tmp_path / "other", default_tokenizer, layers=2)
+    out = tmp_path / "o"
+    common = ["--tasks", "wnli", "--data-dir", str(FIXTURES), "--output", str(out), *QUICK]
+    assert main(["glue", "--model", str(tiny_teacher_dir), *common]) == 0
+    assert main(["glue", "--model", str(other), *common, "--resume"]) == 0
+    report = json.loads((out / "glue.json").read_text())
+    assert sorted(m["path"] for m in report["models"]) == sorted([str(tiny_teacher_dir), str(other)])
+
+
+def test_more_bad_inputs(tmp_path, tiny_teacher_dir, capfd):
+    base = ["glue", "--model", str(tiny_teacher_dir), "--tasks", "wnli", "--data-dir", str(FIXTURES)]
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in _one_line_error(capfd, base + ["--output", str(tmp_path / "file"), *QUICK])
+    out = ["--output", str(tmp_path / "o")]
+    assert "exceeds the 128 position" in _one_line_error(capfd, base + out + ["--max-seq-len", "300", "--no-progress"])
+    assert "--epochs must be a positive number" in _one_line_error(capfd, base + out + ["--epochs", "nan"])
+    stsb = tmp_path / "glue" / "STS-B"
+    stsb.mkdir(parents=True)
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    (stsb / "train.tsv").write_text(header + "0\tg\tf\t2012\t1\tn\tn\ta b\tc d\tnan\n")
+    (stsb / "dev.tsv").write_text(header + "0\tg\tf\t2012\t1\tn\tn\ta b\tc d\t1.0\n")
+    line = _one_line_error(capfd, ["glue", "--model", str(tiny_teacher_dir), "--tasks", "stsb", "--data-dir",
+                                   str(tmp_path / "glue"), *out, *QUICK])
+    assert "train.tsv:2: row score 'nan' is not a finite number" in line
+
+
+def test_token_cache_is_shared_by_equal_tokenizers(tiny_teacher_dir):
+    from fastkd.models import load_tokenizer
+
+    cache = TaskCache(str(FIXTURES))
+    split = cache.data(parse_tasks("wnli")[0]).train
+    a = cache.encoded(split, load_tokenizer(str(tiny_teacher_dir)), 32)
+    b = cache.encoded(split, load_tokenizer(str(tiny_teacher_dir)), 32)  # another object, same tokenizer
+    assert a is b

@@ -51,12 +51,13 @@ def test_search_writes_every_output(tmp_path, tiny_teacher_dropout_dir, small_co
 
 
 def test_kill_9_then_resume_repeats_nothing(tmp_path, tiny_teacher_dropout_dir, small_corpus):
+    fewer = ("--generations", "2", "--repeats", "2")
     reference = tmp_path / "reference"
-    _search(_argv(tiny_teacher_dropout_dir, small_corpus, reference)).run()
+    _search(_argv(tiny_teacher_dropout_dir, small_corpus, reference, *fewer)).run()
     expected = _rows(reference / "search.sqlite")
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "fastkd", *_argv(tiny_teacher_dropout_dir, small_corpus, out)],
+    proc = subprocess.Popen([sys.executable, "-m", "fastkd", *_argv(tiny_teacher_dropout_dir, small_corpus, out, *fewer)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = out / "search.sqlite"
     deadline = time.time() + 240
@@ -73,7 +74,7 @@ def test_kill_9_then_resume_repeats_nothing(tmp_path, tiny_teacher_dropout_dir, 
     before = _rows(db)
     assert 5 <= len(before) < len(expected), "the search must be killed in the middle"
 
-    resumed = _search(_argv(tiny_teacher_dropout_dir, small_corpus, out, "--resume"))
+    resumed = _search(_argv(tiny_teacher_dropout_dir, small_corpus, out, *fewer, "--resume"))
     resumed.run()
     after = _rows(db)
     assert after == expected  # the same evaluations as an uninterrupted run
@@ -107,3 +108,32 @@ def test_bad_inputs(tmp_path, tiny_teacher_dir, small_corpus, capfd):
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "search.sqlite").write_bytes(b"garbage" * 200)
     assert "not a usable fastkd search store" in _one_line(capfd, argv("f", "--resume"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_rank_search_matches_one_rank(tmp_path, tiny_teacher_dropout_dir, small_corpus):
+    """torchrun, gloo, 2 CPU ranks: each evaluates its slice; rank 0 writes; same result as 1 rank."""
+    import os
+
+    single = tmp_path / "single"
+    _search(_argv(tiny_teacher_dropout_dir, small_corpus, single, "--generations", "2", "--repeats", "2")).run()
+    double = tmp_path / "double"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(_free_port()), "-m", "fastkd",
+                           *_argv(tiny_teacher_dropout_dir, small_corpus, double, "--generations", "2", "--repeats", "2")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with sqlite3.connect(single / "search.sqlite") as a, sqlite3.connect(double / "search.sqlite") as b:
+        query = "SELECT mapping, seed, fitness FROM evaluations ORDER BY mapping, seed"
+        assert a.execute(query).fetchall() == b.execute(query).fetchall()
+    assert json.loads((double / "best_mapping.json").read_text())["text"] == \
+        json.loads((single / "best_mapping.json").read_text())["text"]
+    assert proc.stdout.count("Winner") == 1  # only rank 0 reports

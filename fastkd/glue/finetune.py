@@ -18,8 +18,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, get_linear_schedule_with_warmup
 
+from ..device import pick_device
 from ..errors import UserError
-from ..models import load_config, resolve_model_path
+from ..corpus import tokenizer_fingerprint
+from ..models import load_encoder
 from .metrics import compute_metrics, majority_baseline, prediction_summary, task_score
 from .tasks import Split, TaskData, TaskSpec, load_task
 
@@ -40,17 +42,26 @@ class FinetuneConfig:
     bf16: bool = False
     eval_batch_size: int = 128
     progress: bool = True
+    device: str = "auto"
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise UserError("--batch-size must be at least 1")
-        if self.max_steps is None and self.epochs <= 0:
-            raise UserError(f"--epochs must be positive (got {self.epochs})")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.eval_batch_size < 1:
+            raise UserError(f"--eval-batch-size must be at least 1 (got {self.eval_batch_size})")
+        if self.max_steps is None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise UserError(f"--epochs must be a positive number (got {self.epochs})")
+        if self.max_seq_len < 8:
+            raise UserError(f"--max-seq-len must be at least 8 (got {self.max_seq_len})")
+        if not 0 <= self.warmup < 1:
+            raise UserError(f"--warmup is a fraction of the steps in [0, 1) (got {self.warmup})")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(f"--weight-decay must be non-negative (got {self.weight_decay})")
         if self.max_steps is not None and self.max_steps < 1:
             raise UserError(f"--max-steps must be at least 1 (got {self.max_steps})")
         if self.max_train_examples is not None and self.max_train_examples < 1:
             raise UserError(f"--max-train-examples must be at least 1 (got {self.max_train_examples})")
-        if self.lr <= 0:
+        if not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"--lr must be positive (got {self.lr})")
 
 
@@ -89,6 +100,7 @@ class TaskCache:
     skip_bad_rows: bool = False
     _data: dict = field(default_factory=dict)
     _encoded: dict = field(default_factory=dict)
+    _fingerprints: dict = field(default_factory=dict)  # id -> (tokenizer, fingerprint): the reference pins the id
 
     def data(self, spec: TaskSpec) -> TaskData:
         if spec.key not in self._data:
@@ -96,7 +108,9 @@ class TaskCache:
         return self._data[spec.key]
 
     def encoded(self, split: Split, tokenizer, max_seq_len: int) -> Encoded:
-        key = (split.task.key, split.name, split.source, id(tokenizer), tokenizer.name_or_path, max_seq_len)
+        if id(tokenizer) not in self._fingerprints:
+            self._fingerprints[id(tokenizer)] = (tokenizer, tokenizer_fingerprint(tokenizer))
+        key = (split.task.key, split.name, split.source, self._fingerprints[id(tokenizer)][1], max_seq_len)
         if key not in self._encoded:
             enc = tokenizer(split.text_a, split.text_b, truncation=True, max_length=max_seq_len,
                             return_token_type_ids=True)
@@ -125,36 +139,38 @@ def _batch(enc: Encoded, rows, pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def make_classifier(model: str | PreTrainedModel, spec: TaskSpec, seed: int) -> PreTrainedModel:
-    """A fresh sequence classifier for the task (head seeded) from a path or an in-memory encoder."""
-    torch.manual_seed(seed)
-    extra = {"num_labels": spec.num_labels,
-             "problem_type": "regression" if spec.is_regression else "single_label_classification"}
+    """A fresh float32 classifier for the task: the encoder's weights and a new head seeded by `seed`.
+
+    One path for a directory, `default` and an in-memory encoder: a checkpoint that already has a
+    task head (even one with another label count) contributes only its encoder.
+    """
+    encoder = model if isinstance(model, PreTrainedModel) else load_encoder(model)
+    config = copy.deepcopy(encoder.config)
+    config.num_labels = spec.num_labels
+    config.problem_type = "regression" if spec.is_regression else "single_label_classification"
     if spec.labels is not None:
-        extra["id2label"] = dict(enumerate(spec.labels))
-        extra["label2id"] = {label: i for i, label in enumerate(spec.labels)}
-    if isinstance(model, PreTrainedModel):
-        config = copy.deepcopy(model.config)
-        for k, v in extra.items():
-            setattr(config, k, v)
-        config._attn_implementation = "sdpa"
-        classifier = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
-        missing, unexpected = classifier.base_model.load_state_dict(model.state_dict(), strict=False)
-        if unexpected or [k for k in missing if not k.startswith("pooler.")]:
-            raise ValueError(f"encoder weights do not fit the classifier: missing {missing}, unexpected {unexpected}")
-        return classifier
-    load_config(model, "model")  # one-line error for a directory without config.json
-    return AutoModelForSequenceClassification.from_pretrained(resolve_model_path(model), **extra)
+        config.id2label = dict(enumerate(spec.labels))
+        config.label2id = {label: i for i, label in enumerate(spec.labels)}
+    torch.manual_seed(seed)
+    classifier = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    state = {k: v.float() for k, v in encoder.state_dict().items()}
+    missing, unexpected = classifier.base_model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("pooler.")]:
+        raise ValueError(f"encoder weights do not fit the classifier: missing {missing}, unexpected {unexpected}")
+    return classifier
 
 
 @torch.no_grad()
 def predict(classifier, enc: Encoded, pad_id: int, batch_size: int, bf16: bool = False) -> np.ndarray:
     classifier.eval()
+    device = next(classifier.parameters()).device
     order = np.argsort([len(x) for x in enc.input_ids])  # length-sorted: less padding
     out = np.empty(len(order), dtype=np.float64)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = classifier(**_batch(enc, rows, pad_id)).logits.float()
+        batch = {k: v.to(device) for k, v in _batch(enc, rows, pad_id).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = classifier(**batch).logits.float().cpu()
         out[rows] = logits[:, 0].numpy() if logits.shape[-1] == 1 else logits.argmax(-1).numpy()
     return out
 
@@ -167,10 +183,13 @@ def finetune_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: Finet
     pad_id = tokenizer.pad_token_id or 0
     train_enc = cache.encoded(data.train, tokenizer, cfg.max_seq_len)
     rows = subsample(len(data.train), cfg.max_train_examples, cfg.seed)
-    steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(rows) / cfg.batch_size))
 
-    classifier = make_classifier(model, spec, cfg.seed)
+    device = pick_device(cfg.device)
+    classifier = make_classifier(model, spec, cfg.seed).to(device)
+    limit = classifier.config.max_position_embeddings
+    if cfg.max_seq_len > limit:
+        raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's {limit} position embeddings")
     classifier.train()
     no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n  # noqa: E731
     groups = [{"params": [p for n, p in classifier.named_parameters() if not no_decay(n)], "weight_decay": cfg.weight_decay},
@@ -185,9 +204,9 @@ def finetune_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: Finet
         if len(order) < cfg.batch_size:  # next epoch (the tail of an epoch joins the next one)
             order += rows[torch.randperm(len(rows), generator=gen).numpy()].tolist()
         batch_rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
-        batch = _batch(train_enc, batch_rows, pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            out = classifier(**batch, labels=train_enc.labels[batch_rows])
+        batch = {k: v.to(device) for k, v in _batch(train_enc, batch_rows, pad_id).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            out = classifier(**batch, labels=train_enc.labels[batch_rows].to(device))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(classifier.parameters(), 1.0)
         optimizer.step()

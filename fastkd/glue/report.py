@@ -53,7 +53,8 @@ def markdown(report: dict) -> str:
         for k in keys:
             r = entry["tasks"].get(k)
             cells.append("-" if r is None else _cell(k, r["metrics"], " †" if collapsed(r) else ""))
-        lines.append(f"| {entry['model']} | " + " | ".join(cells) + f" | {100 * entry['glue_average']:.1f} |")
+        partial = "" if all(k in entry["tasks"] for k in keys) else f" ({len(entry['tasks'])} tasks)"
+        lines.append(f"| {entry['model']} | " + " | ".join(cells) + f" | {100 * entry['glue_average']:.1f}{partial} |")
     base = report["majority_baseline"]
     lines.append("| majority class | " + " | ".join(_cell(k, base[k]["metrics"]) if k in base else "-" for k in keys)
                  + f" | {100 * report['majority_baseline_average']:.1f} |")
@@ -63,7 +64,8 @@ def markdown(report: dict) -> str:
     lines += ["", f"Dev-set scores x100. Fine-tuning: {budget}, batch {s['batch_size']}, lr {s['lr']:g}, "
                   f"max length {s['max_seq_len']}, seed {s['seed']}{subsample}. GLUE avg = mean of task scores "
                   "(a task's score is the mean of its metrics).",
-              f"† collapsed: one class predicted for at least {COLLAPSE_FRACTION:.0%} of dev examples."]
+              f"† collapsed: one class predicted for at least {COLLAPSE_FRACTION:.0%} of dev examples. "
+              "An average marked (n tasks) covers only the tasks that model ran."]
     return "\n".join(lines) + "\n"
 
 

@@ -35,13 +35,21 @@ def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg
              resume: bool = False, skip_bad_rows: bool = False) -> dict:
     cfg.validate()
     tasks = parse_tasks(tasks_text)
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file: give a directory")
+    # Everything that can fail is checked before the first hour of training, not after it.
+    tokenizers = {}
     for model in models:
-        load_config(model, "model")  # a directory without config.json fails now, not after an hour
+        config = load_config(model, "model")
+        if cfg.max_seq_len > config.max_position_embeddings:
+            raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the {config.max_position_embeddings} position "
+                            f"embeddings of {model}")
+        tokenizers[model] = load_tokenizer(model, "model")
     cache = TaskCache(data_dir, skip_bad_rows)
     for spec in tasks:
-        cache.data(spec)  # every task's files are checked before any training
+        cache.data(spec)
 
-    out = Path(output)
     settings = {**asdict(cfg), "data_dir": str(data_dir), "skip_bad_rows": skip_bad_rows}
     settings.pop("progress", None)
     previous = read_report(out)
@@ -56,9 +64,19 @@ def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg
                             "choose another --output")
         done = {(m["path"], k): r for m in previous["models"] for k, r in m["tasks"].items()}
 
+    # Results of models or tasks this call does not run are kept, never dropped by a resume.
     entries = [{"model": display_name(m), "path": m, "tasks": {}} for m in models]
+    kept = {}
+    if previous is not None:
+        for old in previous["models"]:
+            kept[old["path"]] = {k: r for k, r in old["tasks"].items()}
+        entries += [{"model": old["model"], "path": old["path"], "tasks": dict(old["tasks"])}
+                    for old in previous["models"] if old["path"] not in models]
     for entry in entries:
-        tokenizer = load_tokenizer(entry["path"], "model")
+        if entry["path"] not in models:
+            continue
+        entry["tasks"] = {k: r for k, r in kept.get(entry["path"], {}).items() if k not in {t.key for t in tasks}}
+        tokenizer = tokenizers[entry["path"]]
         for spec in tasks:
             key = (entry["path"], spec.key)
             if key in done:

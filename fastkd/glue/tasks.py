@@ -10,6 +10,7 @@ The hub source (`datasets`, nyu-mll/glue) is mapped to the same schema: text_a, 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,7 +160,9 @@ def read_tsv(path: Path, spec: TaskSpec, split: str, skip_bad_rows: bool = False
                 try:
                     y = float(raw_label)
                 except ValueError:
-                    problem = f"score {raw_label!r} is not a number"
+                    y = math.nan
+                if not math.isfinite(y):
+                    problem = f"score {raw_label!r} is not a finite number"
         if problem:
             if skip_bad_rows:
                 skipped += 1

@@ -21,6 +21,7 @@ from ..glue import TaskCache, evaluate, parse_tasks
 from ..io import atomic_write_json
 from ..mapping import LayerMapping, heuristic, parse_mapping, search_space_size
 from ..models import load_config, load_teacher, load_tokenizer, student_shape
+from .dist import Comm
 from .ga import GAConfig, GeneticSearch
 from .proxy import CandidateResult, ProxyConfig, ProxyEvaluator, task_collapsed
 from .store import Evaluation, Store
@@ -113,11 +114,14 @@ class Search:
         self.cache = TaskCache(cfg.data_dir)
         for spec in self.tasks:
             self.cache.data(spec)  # a missing proxy task fails now, in one line
+        self.comm = Comm()
         self.output = Path(cfg.output)
-        self.output.mkdir(parents=True, exist_ok=True)
-        self.store = Store(self.output / "search.sqlite", cfg.fitness_settings(), cfg.resume)
+        self.store = None
+        if self.comm.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            self.store = Store(self.output / "search.sqlite", cfg.fitness_settings(), cfg.resume)
         self.tokenizer = load_tokenizer(cfg.teacher)
-        self.teacher = load_teacher(cfg.teacher)
+        self.teacher = load_teacher(cfg.teacher).to(self.comm.device())
         corpus = load_corpus(cfg.corpus, self.tokenizer, cfg.proxy.max_seq_len, cfg.cache_dir)
         self.corpus = sample_corpus(corpus, cfg.proxy.sequences, cfg.seed)
         self.ga = GeneticSearch(self.shape.layers, self.N, cfg.ga_config())
@@ -134,26 +138,40 @@ class Search:
         return self._ev
 
     def evaluate(self, genomes: list[tuple], seed: int, generation: int, label: str) -> dict[tuple, Evaluation]:
-        """Stored results where present; the rest evaluated together and stored one by one."""
+        """Stored results where present; the rest evaluated (spread over ranks) and stored one by one."""
         found, missing = {}, []
         for g in genomes:
             known = next((r for r in self.scored[g].runs if r.seed == seed), None) if g in self.scored else None
             if known is not None:  # evaluated earlier in this search (an elite carried over)
                 found[g] = known
-                continue
-            row = self.store.get(LayerMapping(g, self.N).text, seed)
-            if row is not None:  # finished before an interruption, or by a concurrent search
-                found[g] = row
-                self.reused += 1
-            else:
-                missing.append(g)
+        if self.comm.is_main:
+            for g in genomes:
+                if g in found:
+                    continue
+                row = self.store.get(LayerMapping(g, self.N).text, seed)
+                if row is not None:  # finished before an interruption, or by a concurrent search
+                    found[g] = row
+                    self.reused += 1
+                else:
+                    missing.append(g)
+        found, missing, self.reused = self.comm.broadcast((found, missing, self.reused))
         if missing:
-            mappings = [LayerMapping(g, self.N) for g in missing]
-            log.info("%s: evaluating %d mappings (%d from the store)", label, len(missing), len(found))
-            ev = self._evaluator(self.tasks)
-            for result in ev.evaluate(mappings, seed, self.cfg.chunk, desc=label,
-                                      on_result=lambda r: self.store.put(_evaluation(r, generation))):
-                found[result.mapping.layers] = self.store.get(result.mapping.text, seed)
+            if self.comm.is_main:
+                log.info("%s: evaluating %d mappings (%d known)%s", label, len(missing), len(found),
+                         f" on {self.comm.world} ranks" if self.comm.world > 1 else "")
+            mine = [LayerMapping(g, self.N) for g in missing[self.comm.rank::self.comm.world]]
+            store_now = self.comm.world == 1 and self.store is not None
+
+            def keep(result: CandidateResult) -> None:
+                if store_now:  # one process: stored the moment it finishes
+                    self.store.put(_evaluation(result, generation))
+
+            results = self._evaluator(self.tasks).evaluate(mine, seed, self.cfg.chunk, desc=label, on_result=keep) if mine else []
+            gathered = [e for part in self.comm.all_gather([_evaluation(r, generation) for r in results]) for e in part]
+            for e in gathered:
+                if self.comm.is_main and not store_now:
+                    self.store.put(e)
+                found[next(g for g in missing if LayerMapping(g, self.N).text == e.mapping)] = e
         for g, row in found.items():
             entry = self.scored.setdefault(g, Scored(LayerMapping(g, self.N)))
             if all(r.seed != row.seed for r in entry.runs):
@@ -163,8 +181,9 @@ class Search:
     # --- phases -----------------------------------------------------------------------------
     def check_signal(self) -> None:
         """The teacher fine-tuned with the proxy budget: a task it cannot learn carries no signal."""
-        row = self.store.get(TEACHER_ROW, self.cfg.seed)
-        if row is None:
+        row = self.store.get(TEACHER_ROW, self.cfg.seed) if self.comm.is_main else None
+        row = self.comm.broadcast(row)
+        if row is None and self.comm.is_main:
             log.info("signal check: fine-tuning the teacher on %s with the proxy budget",
                      ", ".join(t.name for t in self.tasks))
             started = time.perf_counter()
@@ -174,6 +193,7 @@ class Search:
             fitness = statistics.fmean(t["score"] for t in tasks.values())
             self.store.put(Evaluation(TEACHER_ROW, self.cfg.seed, -1, fitness, tasks, {}, time.perf_counter() - started))
             row = self.store.get(TEACHER_ROW, self.cfg.seed)
+        row = self.comm.broadcast(row)
         weak = [k for k, t in row.tasks.items() if t["score"] - t["baseline_score"] < WEAK_TASK_MARGIN]
         self.signal = {"teacher": row.tasks, "teacher_fitness": row.fitness, "weak_tasks": weak}
         for key in weak:
@@ -249,11 +269,15 @@ class Search:
                 "heuristic_names": names}
 
     def run(self) -> dict:
-        self.check_signal()
-        self.run_generations()
-        self.measure_noise()
-        result = self.summary()
-        from .report import write_outputs  # matplotlib only when there is something to draw
+        try:
+            self.check_signal()
+            self.run_generations()
+            self.measure_noise()
+            result = self.summary()
+            if self.comm.is_main:
+                from .report import write_outputs  # matplotlib only when there is something to draw
 
-        write_outputs(self, result)
-        return result
+                write_outputs(self, result)
+            return result
+        finally:
+            self.comm.close()
