@@ -241,6 +241,42 @@ def _cmd_search(args) -> int:
     return 0
 
 
+def _add_demo(sub) -> None:
+    import os
+
+    shared = os.path.join("..", "shared", "data")
+    p = sub.add_parser(
+        "demo", help="the whole pipeline: search, distill the winner and the heuristics, GLUE table",
+        description="Searches the layer mapping for a 3-layer student of the default teacher, distills with the "
+                    "winner and with uniform and last on the corpus, then fine-tunes the three students and the "
+                    "teacher on SST-2, MRPC and RTE and prints one table with the search's noise band. "
+                    "Interrupted? Run it again: every stage resumes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-dir", default=shared if os.path.isdir(shared) else None,
+                   help="folder with corpus/ (text) and glue/ (glue_data layout)")
+    p.add_argument("--output", default="runs/demo", help="demo directory")
+    p.add_argument("--quick", action="store_true", help="a much smaller budget (a smoke run, noisier verdict)")
+    p.add_argument("--teacher", default="default", help="teacher (the default is the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--student-layers", type=int, default=3, help="student layers")
+    p.add_argument("--seed", type=int, default=0, help="seed of the whole pipeline")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    if args.data_dir is None:
+        raise UserError("no data found at ../shared/data: pass --data-dir DIR with corpus/ and glue/ inside")
+    summary = run_demo(args.data_dir, args.output, args.quick, args.teacher, args.student_layers, args.seed,
+                       args.progress)
+    print("\n".join(summary["verdict"]))
+    print()
+    print(summary["glue_table"])
+    print(f"demo outputs in {args.output}: search/report.md, distill-*/student, glue/glue.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="fastkd",
@@ -250,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distill(sub)
     _add_glue(sub)
     _add_search(sub)
+    _add_demo(sub)
     return parser
 
 

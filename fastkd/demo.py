@@ -1,0 +1,104 @@
+"""`fastkd demo`: the whole pipeline on the default teacher.
+
+search (3-layer student) -> full distillation with the winner and with uniform and last -> one GLUE
+table of the three students beside the teacher, with the search's noise band. Every stage writes
+into its own folder under --output and resumes, so an interrupted demo continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import DistillConfig
+from .distill import run_distill
+from .errors import UserError
+from .glue.finetune import FinetuneConfig
+from .glue.report import markdown as glue_markdown
+from .glue.run import run_glue
+from .mapping import heuristic
+from .models import load_config
+from .search.proxy import ProxyConfig
+from .search.report import verdict_lines
+from .search.run import Search, SearchConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Budget:
+    proxy: ProxyConfig
+    population: int
+    generations: int
+    repeats: int
+    finalists: int
+    distill_steps: int
+    distill_batch: int
+    distill_seq_len: int
+    glue_steps: int
+    glue_examples: int
+    glue_seq_len: int
+
+
+BUDGETS = {
+    "full": Budget(ProxyConfig(sequences=512, steps=40, batch_size=16, max_seq_len=64, finetune_steps=40,
+                               finetune_examples=640, finetune_seq_len=64),
+                   population=6, generations=2, repeats=2, finalists=2,
+                   distill_steps=120, distill_batch=32, distill_seq_len=128,
+                   glue_steps=60, glue_examples=1920, glue_seq_len=128),
+    "quick": Budget(ProxyConfig(sequences=128, steps=10, batch_size=8, max_seq_len=64, tasks=("sst2", "mrpc"),
+                                finetune_steps=10, finetune_examples=160, finetune_seq_len=64),
+                    population=3, generations=1, repeats=2, finalists=1,
+                    distill_steps=20, distill_batch=16, distill_seq_len=64,
+                    glue_steps=15, glue_examples=480, glue_seq_len=64),
+}
+
+
+def run_demo(data_dir: str, output: str, quick: bool = False, teacher: str = "default", student_layers: int = 3,
+             seed: int = 0, progress: bool = True, budget: Budget | None = None) -> dict:
+    data = Path(data_dir)
+    corpus, glue = data / "corpus", data / "glue"
+    if not corpus.is_dir() or not glue.is_dir():
+        raise UserError(f"--data-dir {data} needs corpus/ and glue/ folders (as ../shared/data has): pass --data-dir")
+    b = budget or BUDGETS["quick" if quick else "full"]
+    out = Path(output)
+    n_teacher = load_config(teacher).num_hidden_layers
+
+    log.info("demo 1/3: layer-mapping search")
+    search = Search(SearchConfig(output=str(out / "search"), corpus=str(corpus), data_dir=str(glue), teacher=teacher,
+                                 student_layers=student_layers, proxy=b.proxy, population=b.population,
+                                 generations=b.generations, repeats=b.repeats, finalists=b.finalists, seed=seed,
+                                 resume=(out / "search" / "search.sqlite").exists(), progress=progress))
+    result = search.run()
+    best = result["winner"].mapping
+
+    students = {"search": best.text}
+    for name in ("uniform", "last"):
+        students[name] = heuristic(name, student_layers, n_teacher).text
+    log.info("demo 2/3: full distillation with %s", ", ".join(f"{k} {v}" for k, v in students.items()))
+    exported = {}
+    for name, mapping in students.items():
+        if mapping in exported.values():  # the winner may be a heuristic: distil it once
+            exported[name] = next(p for p in exported.values() if p == mapping)
+            continue
+        run_dir = out / f"distill-{mapping.replace(',', '-')}"
+        cfg = DistillConfig(output=str(run_dir), corpus=str(corpus), teacher=teacher, student_layers=student_layers,
+                            mapping=mapping, max_steps=b.distill_steps, batch_size=b.distill_batch,
+                            max_seq_len=b.distill_seq_len, seed=seed, checkpoint_every=max(1, b.distill_steps // 3),
+                            resume=(run_dir / "config.json").exists(), progress=progress)
+        run_distill(cfg)
+        exported[name] = mapping
+    dirs = {m: str(out / f"distill-{m.replace(',', '-')}" / "student") for m in dict.fromkeys(students.values())}
+
+    log.info("demo 3/3: GLUE")
+    glue_cfg = FinetuneConfig(max_steps=b.glue_steps, max_train_examples=b.glue_examples, lr=1e-4,
+                              max_seq_len=b.glue_seq_len, seed=seed, progress=progress)
+    glue_dir = out / "glue"
+    report = run_glue(list(dirs.values()) + [teacher], "sst2,mrpc,rte", str(glue), str(glue_dir), glue_cfg,
+                      resume=(glue_dir / "glue.json").exists())
+    summary = {"winner": best.text, "students": students, "verdict": verdict_lines(result),
+               "noise_sd": result["noise_sd"], "glue_table": glue_markdown(report)}
+    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
