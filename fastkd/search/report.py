@@ -33,6 +33,11 @@ def verdict_lines(result: dict) -> list[str]:
     lines = [f"**Winner: `{w.mapping.text}`**, mean fitness {_pm(w.mean, w.sd)} over {len(w.runs)} seeds; "
              f"noise (pooled SD of one evaluation) {sd:.4f}, so 2 SD = {2 * sd:.4f}." if not math.isnan(sd) else
              f"**Winner: `{w.mapping.text}`**, fitness {w.mean:.4f} (one seed; noise not measured: --repeats 1)."]
+    runs = [r for s in result["ranking"] for r in s.runs]
+    collapsed = sum(any(t.get("collapsed") for t in r.tasks.values()) for r in runs)
+    if runs and collapsed / len(runs) >= 0.5:
+        lines.append(f"- **Caution**: {collapsed} of {len(runs)} evaluations collapsed to one class on at least one task, "
+                     "so fitness mostly measures collapse; raise the proxy fine-tuning budget or drop weak tasks.")
     for name, c in result["comparisons"].items():
         if c["mapping"] == w.mapping.text:
             lines.append(f"- The winner *is* `{name}`.")
