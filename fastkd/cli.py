@@ -273,7 +273,8 @@ def _cmd_demo(args) -> int:
     print("\n".join(summary["verdict"]))
     print()
     print(summary["glue_table"])
-    print(f"demo outputs in {args.output}: search/report.md, distill-*/student, glue/glue.md")
+    sub = "quick" if args.quick else "full"
+    print(f"demo outputs in {args.output}/{sub}: search/report.md, distill-*/student, glue/glue.md")
     return 0
 
 

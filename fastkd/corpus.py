@@ -103,6 +103,11 @@ def _source_fingerprint(source: str, hub_dataset=None) -> dict:
     return {"files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in corpus_files(source)]}
 
 
+def corpus_identity(source: str) -> dict:
+    """The corpus files' identity (resolved path, size, mtime), or the hub name."""
+    return _source_fingerprint(source) if _is_local(source) else {"hub": source}
+
+
 def cache_key(source: str, tokenizer, max_seq_len: int, hub_dataset=None) -> str:
     ident = {"source": _source_fingerprint(source, hub_dataset), "tokenizer": tokenizer_fingerprint(tokenizer),
              "max_seq_len": max_seq_len, "format": CACHE_FORMAT}

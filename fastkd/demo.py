@@ -63,7 +63,9 @@ def run_demo(data_dir: str, output: str, quick: bool = False, teacher: str = "de
     if not corpus.is_dir() or not glue.is_dir():
         raise UserError(f"--data-dir {data} needs corpus/ and glue/ folders (as ../shared/data has): pass --data-dir")
     b = budget or BUDGETS["quick" if quick else "full"]
-    out = Path(output)
+    # Each budget has its own folder: a --quick run and a full run never refuse each other's stages.
+    out = Path(output) / ("custom" if budget is not None else "quick" if quick else "full")
+    corpus, glue = corpus.resolve(), glue.resolve()
     n_teacher = load_config(teacher).num_hidden_layers
 
     log.info("demo 1/3: layer-mapping search")
@@ -73,6 +75,7 @@ def run_demo(data_dir: str, output: str, quick: bool = False, teacher: str = "de
                                  resume=(out / "search" / "search.sqlite").exists(), progress=progress))
     result = search.run()
     best = result["winner"].mapping
+    del search  # frees the teacher copy, evaluator and task cache before the next stages
 
     students = {"search": best.text}
     for name in ("uniform", "last"):

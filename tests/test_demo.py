@@ -16,12 +16,12 @@ def test_demo_pipeline_end_to_end_and_resumes(tmp_path, tiny_teacher_dir):
     summary = run_demo(str(SHARED_DATA), str(out), teacher=str(tiny_teacher_dir), student_layers=2, progress=False,
                        budget=TINY)
     assert summary["students"]["uniform"] == "2,4" and summary["students"]["last"] == "3,4"
-    report = json.loads((out / "glue" / "glue.json").read_text())
+    report = json.loads((out / "custom" / "glue" / "glue.json").read_text())
     paths = [m["path"] for m in report["models"]]
     assert paths[-1] == str(tiny_teacher_dir) and len(paths) == len(set(summary["students"].values())) + 1
     assert all(set(m["tasks"]) == {"sst2", "mrpc", "rte"} for m in report["models"])
     assert "majority class" in summary["glue_table"] and summary["verdict"][0].startswith("**Winner")
-    assert (out / "search" / "report.md").exists()
+    assert (out / "custom" / "search" / "report.md").exists()
     # Run again: every stage resumes from what is on disk instead of failing or redoing it.
     again = run_demo(str(SHARED_DATA), str(out), teacher=str(tiny_teacher_dir), student_layers=2, progress=False,
                      budget=TINY)

@@ -137,3 +137,26 @@ def test_two_rank_search_matches_one_rank(tmp_path, tiny_teacher_dropout_dir, sm
     assert json.loads((double / "best_mapping.json").read_text())["text"] == \
         json.loads((single / "best_mapping.json").read_text())["text"]
     assert proc.stdout.count("Winner") == 1  # only rank 0 reports
+
+
+def test_diverging_candidate_is_scored_not_fatal_and_unmeasured_noise_claims_nothing(
+        tmp_path, tiny_teacher_dir, small_corpus, monkeypatch):
+    from fastkd.distill import Distiller, NonFiniteAbort
+
+    real = Distiller.train_step
+
+    def train_step(self, shared=None):
+        if self.criterion.mapping.text == "2,4":  # uniform diverges
+            raise NonFiniteAbort("aborted: 20 steps had a non-finite loss")
+        return real(self, shared)
+
+    monkeypatch.setattr(Distiller, "train_step", train_step)
+    out = tmp_path / "s"
+    result = _search(_argv(tiny_teacher_dir, small_corpus, out, "--generations", "1", "--repeats", "1")).run()
+    rows = {m: f for m, s, f in sqlite3.connect(out / "search.sqlite").execute(
+        "SELECT mapping, seed, fitness FROM evaluations WHERE mapping != 'teacher'")}
+    assert rows["2,4"] == 0.0 and len(rows) == 4  # stored (never retried), the others evaluated
+    assert result["winner"].mapping.text != "2,4"
+    best = json.loads((out / "best_mapping.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert all(c["beats_by_2sd"] is None for c in best["comparisons"].values())  # --repeats 1: no claim
+    assert "no claim either way" in (out / "report.md").read_text() and "diverged" in (out / "report.md").read_text()

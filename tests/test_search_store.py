@@ -69,3 +69,11 @@ def test_two_processes_writing_one_store(tmp_path):
     rows = store.all()
     assert len(rows) == 72 and len({(r.mapping, r.seed) for r in rows}) == 72  # 36 distinct mappings per writer
     assert store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_empty_file_left_by_a_kill_is_new_and_refusal_names_the_nested_setting(tmp_path):
+    path = tmp_path / "search.sqlite"
+    sqlite3.connect(path).execute("PRAGMA journal_mode=WAL").fetchone()  # a file with no tables yet
+    Store(path, {"proxy": {"steps": 3, "lr": 1e-3}}, resume=False).close()
+    with pytest.raises(UserError, match=r"proxy\.steps \(store 3, now 4\)"):
+        Store(path, {"proxy": {"steps": 4, "lr": 1e-3}}, resume=True)

@@ -21,6 +21,9 @@ class Comm:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.started_group = False
+        if torch.cuda.is_available():
+            # Before the process group: object collectives and "cuda" both mean this rank's own GPU.
+            torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
         if self.world > 1 and not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             # Evaluating a slice can take long: the default 10-minute collective timeout is too short.
@@ -51,7 +54,10 @@ class Comm:
         dist.all_gather_object(out, obj)
         return out
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
+        """After a failure no barrier: the other ranks are inside some other collective, and waiting
+        would hang until the timeout. Exiting lets the launcher tear the job down at once."""
         if self.started_group and dist.is_initialized():
-            dist.barrier()
+            if ok:
+                dist.barrier()
             dist.destroy_process_group()

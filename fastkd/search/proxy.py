@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import DistillConfig
 from ..corpus import BatchStream
-from ..distill import Distiller, loss_weights
+from ..distill import Distiller, NonFiniteAbort, loss_weights
 from ..glue import FinetuneConfig, TaskCache, evaluate
 from ..glue.report import COLLAPSE_FRACTION
 from ..losses import DistillLoss
@@ -78,13 +78,14 @@ class Counters:
 
 
 def _rng_state():
-    return (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    # Only this process's own GPU: touching every device would open a context on each.
+    return (torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
 
 
 def _set_rng_state(state) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
+        torch.cuda.set_rng_state(state[1])
 
 
 def task_collapsed(result: dict) -> bool:
@@ -131,6 +132,7 @@ class ProxyEvaluator:
         stream = BatchStream(self.corpus, cfg.batch_size, seed)
         distillers = [Distiller(cfg, teacher, s, c, stream) for s, c in zip(students, criteria)]
         student_seconds = [0.0] * len(distillers)
+        failed: list[str | None] = [None] * len(distillers)
         teacher_seconds = 0.0
         outer_rng = _rng_state()
         bar = tqdm(total=cfg.max_steps, desc=desc, unit="step", disable=not self.progress, leave=False, dynamic_ncols=True)
@@ -140,13 +142,22 @@ class ProxyEvaluator:
             shared = [(batch, teacher(batch["input_ids"], batch["attention_mask"]))]  # the one teacher forward
             teacher_seconds += time.perf_counter() - t0
             for i, d in enumerate(distillers):
+                if failed[i]:
+                    continue
                 t0 = time.perf_counter()
                 _set_rng_state(rng_states[i])
-                result = d.train_step(shared)
-                rng_states[i] = _rng_state()
+                try:
+                    result = d.train_step(shared)
+                except NonFiniteAbort:
+                    # One diverging candidate is a (bad) result, not the end of the search.
+                    failed[i] = f"diverged at step {d.step}: {d.bad_steps} non-finite steps"
+                    d.optimizer.zero_grad(set_to_none=True)
+                    continue
+                finally:
+                    rng_states[i] = _rng_state()
+                    student_seconds[i] += time.perf_counter() - t0
                 if not result.skipped:
                     d.window.append({"loss": result.loss, **result.terms})
-                student_seconds[i] += time.perf_counter() - t0
             bar.update(1)
         bar.close()
         _set_rng_state(outer_rng)
@@ -155,7 +166,11 @@ class ProxyEvaluator:
         self.counters.teacher_seconds += teacher_seconds
         self.counters.student_seconds += sum(student_seconds)
         share = teacher_seconds / max(len(distillers), 1)
-        return [(d.student, d.final_losses(), s + share) for d, s in zip(distillers, student_seconds)]
+        out = []
+        for d, s, why in zip(distillers, student_seconds, failed):
+            d.optimizer.zero_grad(set_to_none=True)  # the students wait for fine-tuning without gradients
+            out.append((d.student, {"failed": why} if why else d.final_losses(), s + share))
+        return out
 
     def finetune(self, student, seed: int) -> dict:
         started = time.perf_counter()
@@ -174,11 +189,17 @@ class ProxyEvaluator:
         results = []
         for start in range(0, len(mappings), chunk):
             part = mappings[start:start + chunk]
-            for mapping, (student, losses, seconds) in zip(part, self.distill(part, seed, desc)):
+            distilled = self.distill(part, seed, desc)
+            for i, mapping in enumerate(part):
+                student, losses, seconds = distilled[i]
+                distilled[i] = None  # released once fine-tuned
                 started = time.perf_counter()
-                student.eval()
-                tasks = self.finetune(student, seed)
-                fitness = float(np.mean([t["score"] for t in tasks.values()]))
+                if "failed" in losses:
+                    tasks, fitness = {}, 0.0  # the floor: ranked last, kept in the store so it is not retried
+                else:
+                    student.eval()
+                    tasks = self.finetune(student, seed)
+                    fitness = float(np.mean([t["score"] for t in tasks.values()]))
                 result = CandidateResult(mapping, seed, fitness, tasks, losses,
                                          round(seconds + time.perf_counter() - started, 2))
                 results.append(result)

@@ -13,10 +13,11 @@ TOP_FRACTION = 0.25  # layers.png: the top quarter of evaluated mappings (at lea
 
 
 def _task_means(scored) -> dict[str, dict]:
-    keys = scored.runs[0].tasks.keys()
+    """Per-task means over the runs the fitness uses (fresh seeds when there are any)."""
+    keys = dict.fromkeys(k for r in scored.fresh for k in r.tasks)
     out = {}
     for k in keys:
-        runs = [r.tasks[k] for r in scored.runs if k in r.tasks]
+        runs = [r.tasks[k] for r in scored.fresh if k in r.tasks]
         out[k] = {"score": statistics.fmean(t["score"] for t in runs),
                   "baseline_score": runs[0]["baseline_score"],
                   "collapsed_runs": sum(bool(t.get("collapsed")) for t in runs), "runs": len(runs),
@@ -24,16 +25,20 @@ def _task_means(scored) -> dict[str, dict]:
     return out
 
 
-def _pm(mean: float, sd: float) -> str:
-    return f"{mean:.4f}" if math.isnan(sd) else f"{mean:.4f} ± {sd:.4f}"
+def _pm(mean: float, sd: float | None) -> str:
+    return f"{mean:.4f}" if sd is None or math.isnan(sd) else f"{mean:.4f} ± {sd:.4f}"
 
 
 def verdict_lines(result: dict) -> list[str]:
     w, sd = result["winner"], result["noise_sd"]
-    lines = [f"**Winner: `{w.mapping.text}`**, mean fitness {_pm(w.mean, w.sd)} over {len(w.runs)} seeds; "
+    lines = [f"**Winner: `{w.mapping.text}`**, mean fitness {_pm(w.mean, w.sd)} over {len(w.fresh)} fresh seeds; "
              f"noise (pooled SD of one evaluation) {sd:.4f}, so 2 SD = {2 * sd:.4f}." if not math.isnan(sd) else
              f"**Winner: `{w.mapping.text}`**, fitness {w.mean:.4f} (one seed; noise not measured: --repeats 1)."]
     runs = [r for s in result["ranking"] for r in s.runs]
+    failed = sum("failed" in r.losses for r in runs)
+    if failed:
+        lines.append(f"- {failed} evaluation(s) diverged during proxy distillation (non-finite losses) and were "
+                     "scored 0; lower --proxy-lr if that is frequent.")
     collapsed = sum(any(t.get("collapsed") for t in r.tasks.values()) for r in runs)
     if runs and collapsed / len(runs) >= 0.5:
         lines.append(f"- **Caution**: {collapsed} of {len(runs)} evaluations collapsed to one class on at least one task, "
@@ -41,6 +46,9 @@ def verdict_lines(result: dict) -> list[str]:
     for name, c in result["comparisons"].items():
         if c["mapping"] == w.mapping.text:
             lines.append(f"- The winner *is* `{name}`.")
+        elif c["beats_by_2sd"] is None:
+            lines.append(f"- Against `{name}` ({c['mapping']}, {_pm(c['mean'], c['sd'])}): gap {c['gap']:+.4f}, but the "
+                         "noise was not measured (or measured as zero), so no claim either way.")
         elif c["beats_by_2sd"]:
             lines.append(f"- Beats `{name}` ({c['mapping']}, {_pm(c['mean'], c['sd'])}) by {c['gap']:+.4f}, "
                          "more than 2 SD: a real improvement at this budget.")
@@ -88,8 +96,10 @@ def markdown(search, result: dict, seconds: float) -> str:
     task_keys = [t.key for t in search.tasks]
     header = "| rank | mapping | heuristic | fitness | seeds | " + " | ".join(
         f"{search.cache.data(t).task.name} (vs majority)" for t in search.tasks) + " |"
-    lines += ["## Every evaluated mapping", "", "Task scores x100, mean over seeds; the change against the majority class in "
-              "brackets; † = collapsed (one class for >= 95% of dev) in at least one seed.", "", header,
+    lines += ["## Every evaluated mapping", "", "Fitness and task scores (x100) are means over fresh seeds where a mapping "
+              "has them (the GA's selection seed is left out: it is biased for the finalists), else the one selection "
+              "run; the change against the majority class in brackets; † = collapsed (one class for >= 95% of dev) "
+              "in at least one seed.", "", header,
               "|" + " --- |" * (5 + len(task_keys))]
     for rank, s in enumerate(result["ranking"], start=1):
         tasks = _task_means(s)
@@ -100,7 +110,7 @@ def markdown(search, result: dict, seconds: float) -> str:
                          + (" †" if t["collapsed_runs"] else ""))
         mark = names.get(s.mapping.layers, "")
         text = f"**{s.mapping.text}**" if s is result["winner"] else s.mapping.text
-        lines.append(f"| {rank} | {text} | {mark} | {_pm(s.mean, s.sd)} | {len(s.runs)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {rank} | {text} | {mark} | {_pm(s.mean, s.sd)} | {len(s.fresh)} | " + " | ".join(cells) + " |")
     lines += ["", "## Generations", "", "| generation | best | mean | best so far | teacher forwards |", "| --- | --- | --- | --- | --- |"]
     for g in search.generations:
         lines.append(f"| {g['generation']} | {g['best']:.4f} | {g['mean']:.4f} | {g['best_so_far']:.4f} | {g['teacher_forwards']} |")
@@ -175,7 +185,7 @@ def write_outputs(search, result: dict) -> None:
     w = result["winner"]
     atomic_write_json(out / "best_mapping.json", {
         "mapping": list(w.mapping.layers), "text": w.mapping.text, "teacher_layers": search.N,
-        "fitness": w.mean, "fitness_sd": None if math.isnan(w.sd) else w.sd, "seeds": len(w.runs),
+        "fitness": w.mean, "fitness_sd": None if math.isnan(w.sd) else w.sd, "seeds": len(w.fresh),
         "tasks": _task_means(w), "noise_sd": None if math.isnan(result["noise_sd"]) else result["noise_sd"],
         "comparisons": result["comparisons"], "weak_tasks": search.signal.get("weak_tasks", []),
     })

@@ -15,12 +15,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..corpus import load_corpus, sample_corpus
+from ..corpus import corpus_identity, load_corpus, sample_corpus
 from ..errors import UserError
 from ..glue import TaskCache, evaluate, parse_tasks
 from ..io import atomic_write_json
 from ..mapping import LayerMapping, heuristic, parse_mapping, search_space_size
-from ..models import load_config, load_teacher, load_tokenizer, student_shape
+from ..models import load_config, load_teacher, load_tokenizer, resolve_model_path, student_shape
 from .dist import Comm
 from .ga import GAConfig, GeneticSearch
 from .proxy import CandidateResult, ProxyConfig, ProxyEvaluator, task_collapsed
@@ -28,9 +28,26 @@ from .store import Evaluation, Store
 
 log = logging.getLogger(__name__)
 
+RECIPE_VERSION = 1  # bump when proxy training changes what a fitness value means
 WEAK_TASK_MARGIN = 0.05  # the teacher must beat the majority class by this much on a proxy task
 TEACHER_ROW = "teacher"  # the store row holding the teacher's proxy fine-tuning (signal check)
 SEED_STRIDE = 1000  # repeat seeds: seed + k * SEED_STRIDE
+
+
+def _resolved(path: str) -> str:
+    return path if path == "hub" or not Path(path).exists() else str(Path(path).resolve())
+
+
+def _identity(path: Path) -> list:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _model_identity(name: str) -> list:
+    path = Path(resolve_model_path(name))
+    if not path.is_dir():
+        return [name]  # a hub name: its revision is the hub's business
+    return [_identity(p) for p in sorted(path.iterdir()) if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".txt")]
 
 
 @dataclass
@@ -61,11 +78,17 @@ class SearchConfig:
                         seed=self.seed)
 
     def fitness_settings(self) -> dict:
-        """What determines a fitness value (the store key), apart from the mapping and the seed."""
-        return {"teacher": self.teacher, "student": [self.student_layers, self.student_hidden, self.student_heads,
-                                                      self.student_ffn],
-                "corpus": str(self.corpus), "data_dir": str(self.data_dir), "proxy": self.proxy.as_dict(),
-                "drop_weak_tasks": self.drop_weak_tasks, "sample_seed": self.seed}
+        """What determines a fitness value (the store key), apart from the mapping and the seed:
+        the settings, and the identity (path, size, mtime) of the teacher, corpus and task files,
+        so a re-exported teacher or edited data is not mistaken for the old one."""
+        tasks = parse_tasks(",".join(self.proxy.tasks))
+        data = Path(self.data_dir)
+        task_files = [] if str(self.data_dir) == "hub" else [
+            _identity(p) for t in tasks for p in sorted((data / t.name).glob("*.tsv"))]
+        return {"recipe": RECIPE_VERSION, "teacher": self.teacher, "teacher_files": _model_identity(self.teacher),
+                "student": [self.student_layers, self.student_hidden, self.student_heads, self.student_ffn],
+                "corpus": corpus_identity(self.corpus), "data_dir": _resolved(self.data_dir), "task_files": task_files,
+                "proxy": self.proxy.as_dict(), "drop_weak_tasks": self.drop_weak_tasks, "sample_seed": self.seed}
 
     def validate(self) -> None:
         self.ga_config().validate()
@@ -83,14 +106,22 @@ class Scored:
 
     mapping: LayerMapping
     runs: list[Evaluation] = field(default_factory=list)
+    selection_seed: int = 0
+
+    @property
+    def fresh(self) -> list[Evaluation]:
+        """Runs on fresh seeds (not the seed the GA selected on): unbiased for the verdict."""
+        fresh = [r for r in self.runs if r.seed != self.selection_seed]
+        return fresh or self.runs
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(r.fitness for r in self.runs)
+        return statistics.fmean(r.fitness for r in self.fresh)
 
     @property
     def sd(self) -> float:
-        return statistics.stdev([r.fitness for r in self.runs]) if len(self.runs) > 1 else float("nan")
+        runs = self.fresh
+        return statistics.stdev([r.fitness for r in runs]) if len(runs) > 1 else float("nan")
 
 
 def _evaluation(result: CandidateResult, generation: int) -> Evaluation:
@@ -138,7 +169,11 @@ class Search:
         return self._ev
 
     def evaluate(self, genomes: list[tuple], seed: int, generation: int, label: str) -> dict[tuple, Evaluation]:
-        """Stored results where present; the rest evaluated (spread over ranks) and stored one by one."""
+        """Stored results where present; the rest evaluated (spread over ranks) and stored one by one.
+
+        The store's row is the truth: when another process stored the same (mapping, seed) first, its
+        value is used, so every process and every resume sees the same fitness.
+        """
         found, missing = {}, []
         for g in genomes:
             known = next((r for r in self.scored[g].runs if r.seed == seed), None) if g in self.scored else None
@@ -159,21 +194,29 @@ class Search:
             if self.comm.is_main:
                 log.info("%s: evaluating %d mappings (%d known)%s", label, len(missing), len(found),
                          f" on {self.comm.world} ranks" if self.comm.world > 1 else "")
+            by_text = {LayerMapping(g, self.N).text: g for g in missing}
             mine = [LayerMapping(g, self.N) for g in missing[self.comm.rank::self.comm.world]]
-            store_now = self.comm.world == 1 and self.store is not None
+            rounds = -(-len(missing) // self.comm.world)
 
-            def keep(result: CandidateResult) -> None:
-                if store_now:  # one process: stored the moment it finishes
-                    self.store.put(_evaluation(result, generation))
+            def keep(result: CandidateResult | None) -> None:
+                # One round per finished candidate on every rank (None pads the shorter slices), so
+                # rank 0 stores each result as it finishes: a kill loses only the work in flight.
+                gathered = [e for e in self.comm.all_gather(None if result is None else _evaluation(result, generation))
+                            if e is not None]
+                stored = []
+                if self.comm.is_main:
+                    for e in gathered:
+                        self.store.put(e)
+                        stored.append(self.store.get(e.mapping, e.seed))
+                for e in self.comm.broadcast(stored):
+                    found[by_text[e.mapping]] = e
 
-            results = self._evaluator(self.tasks).evaluate(mine, seed, self.cfg.chunk, desc=label, on_result=keep) if mine else []
-            gathered = [e for part in self.comm.all_gather([_evaluation(r, generation) for r in results]) for e in part]
-            for e in gathered:
-                if self.comm.is_main and not store_now:
-                    self.store.put(e)
-                found[next(g for g in missing if LayerMapping(g, self.N).text == e.mapping)] = e
+            if mine:
+                self._evaluator(self.tasks).evaluate(mine, seed, self.cfg.chunk, desc=label, on_result=keep)
+            for _ in range(rounds - len(mine)):
+                keep(None)
         for g, row in found.items():
-            entry = self.scored.setdefault(g, Scored(LayerMapping(g, self.N)))
+            entry = self.scored.setdefault(g, Scored(LayerMapping(g, self.N), selection_seed=self.cfg.seed))
             if all(r.seed != row.seed for r in entry.runs):
                 entry.runs.append(row)
         return found
@@ -194,7 +237,7 @@ class Search:
             self.store.put(Evaluation(TEACHER_ROW, self.cfg.seed, -1, fitness, tasks, {}, time.perf_counter() - started))
             row = self.store.get(TEACHER_ROW, self.cfg.seed)
         row = self.comm.broadcast(row)
-        weak = [k for k, t in row.tasks.items() if t["score"] - t["baseline_score"] < WEAK_TASK_MARGIN]
+        weak = [k for k, t in row.tasks.items() if t["score"] - t["baseline_score"] < WEAK_TASK_MARGIN - 1e-9]
         self.signal = {"teacher": row.tasks, "teacher_fitness": row.fitness, "weak_tasks": weak}
         for key in weak:
             t = row.tasks[key]
@@ -238,37 +281,45 @@ class Search:
         finalists = [g for g in ranked if g not in heuristics][: self.cfg.finalists]
         self.finalist_genomes = finalists
         group = list(dict.fromkeys(heuristics + finalists))
-        for k in range(1, self.cfg.repeats):
-            self.evaluate(group, self.cfg.seed + k * SEED_STRIDE, -2, f"noise: seed {k + 1}/{self.cfg.repeats}")
+        if self.cfg.repeats < 2:
+            return  # noise not measured; the verdict says so
+        # Fresh seeds only count for the verdict: a finalist's selection seed is biased upwards.
+        for k in range(1, self.cfg.repeats + 1):
+            self.evaluate(group, self.cfg.seed + k * SEED_STRIDE, -2, f"noise: seed {k}/{self.cfg.repeats}")
 
     # --- verdict ------------------------------------------------------------------------------
     def summary(self) -> dict:
         M, N = self.shape.layers, self.N
-        repeated = [s for s in self.scored.values() if len(s.runs) >= 2]
-        # Pooled within-mapping SD: the noise of one fitness value, from every repeated mapping.
-        pooled = math.sqrt(sum((len(s.runs) - 1) * s.sd ** 2 for s in repeated) /
-                           max(sum(len(s.runs) - 1 for s in repeated), 1)) if repeated else float("nan")
+        repeated = [s for s in self.scored.values() if len(s.fresh) >= 2]
+        # Pooled within-mapping SD over fresh seeds: the noise of one fitness value.
+        pooled = math.sqrt(sum((len(s.fresh) - 1) * s.sd ** 2 for s in repeated) /
+                           max(sum(len(s.fresh) - 1 for s in repeated), 1)) if repeated else float("nan")
         names = {heuristic(n, M, N).layers: n for n in ("uniform", "last", "first")}
         priority = {"uniform": 3, "last": 2, "first": 1}
 
         def rank_key(s: Scored):
             # Best mean first; on a tie, the better-measured mapping, then a heuristic (the simpler claim).
-            return (-s.mean, -len(s.runs), -priority.get(names.get(s.mapping.layers, ""), 0), s.mapping.text)
+            return (-s.mean, -len(s.fresh), -priority.get(names.get(s.mapping.layers, ""), 0), s.mapping.text)
 
         ranking = sorted(self.scored.values(), key=rank_key)
-        winner = next((s for s in ranking if len(s.runs) >= 2), ranking[0])
+        winner = next((s for s in ranking if len(s.fresh) >= 2), ranking[0])
         comparisons = {}
         for name in ("uniform", "last"):
             ref = self.scored.get(heuristic(name, M, N).layers)
             if ref is None:
                 continue
             gap = winner.mean - ref.mean
-            comparisons[name] = {"mapping": ref.mapping.text, "mean": ref.mean, "sd": ref.sd, "runs": len(ref.runs),
-                                 "gap": gap, "beats_by_2sd": bool(gap > 2 * pooled) if not math.isnan(pooled) else False}
+            # No claim without a measured, non-zero noise: a zero SD (say, every run collapsed alike)
+            # would make any gap look "significant".
+            measured = not math.isnan(pooled) and pooled > 0
+            comparisons[name] = {"mapping": ref.mapping.text, "mean": ref.mean,
+                                 "sd": None if math.isnan(ref.sd) else ref.sd, "runs": len(ref.fresh), "gap": gap,
+                                 "beats_by_2sd": bool(gap > 2 * pooled) if measured else None}
         return {"winner": winner, "noise_sd": pooled, "comparisons": comparisons, "ranking": ranking,
                 "heuristic_names": names}
 
     def run(self) -> dict:
+        ok = False
         try:
             self.check_signal()
             self.run_generations()
@@ -278,6 +329,7 @@ class Search:
                 from .report import write_outputs  # matplotlib only when there is something to draw
 
                 write_outputs(self, result)
+            ok = True
             return result
         finally:
-            self.comm.close()
+            self.comm.close(ok)

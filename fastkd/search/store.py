@@ -22,6 +22,17 @@ SCHEMA_VERSION = 1
 MARKER = "fastkd-search-store"
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{"proxy": {"steps": 3}} -> {"proxy.steps": 3}: a refusal names the exact setting."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -44,42 +55,43 @@ class Evaluation:
 class Store:
     def __init__(self, path: str | Path, settings: dict, resume: bool):
         self.path = Path(path)
-        self.settings = settings
-        self.key = settings_hash(settings)
-        existed = self.path.exists() and self.path.stat().st_size > 0
+        self.settings = json.loads(json.dumps(settings, sort_keys=True))  # as stored: tuples become lists
+        self.key = settings_hash(self.settings)
         try:
             self.db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)  # autocommit; explicit txns
-            self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA busy_timeout=60000")
-            if existed:
-                self._check_existing(resume)
-            else:
-                self._create()
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # Check-or-create under the write lock: two searches starting together serialise here, and
+            # a file left empty by a kill during creation is simply created again.
+            with self._transaction():
+                tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if tables:
+                    self._check_existing(tables, resume)
+                else:
+                    self._create()
         except sqlite3.DatabaseError as exc:
             raise UserError(f"{self.path} is not a usable fastkd search store ({exc}): remove it or choose another --output") from None
 
     def _create(self) -> None:
-        with self._transaction():
-            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            self.db.execute(
-                "CREATE TABLE IF NOT EXISTS evaluations (settings TEXT NOT NULL, mapping TEXT NOT NULL, "
-                "seed INTEGER NOT NULL, generation INTEGER NOT NULL, fitness REAL NOT NULL, tasks TEXT NOT NULL, "
-                "losses TEXT NOT NULL, seconds REAL NOT NULL, created REAL NOT NULL, "
-                "PRIMARY KEY (settings, mapping, seed))")
-            self.db.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", [
-                ("marker", MARKER), ("schema", str(SCHEMA_VERSION)), ("settings", json.dumps(self.settings, sort_keys=True))])
+        self.db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self.db.execute(
+            "CREATE TABLE evaluations (settings TEXT NOT NULL, mapping TEXT NOT NULL, "
+            "seed INTEGER NOT NULL, generation INTEGER NOT NULL, fitness REAL NOT NULL, tasks TEXT NOT NULL, "
+            "losses TEXT NOT NULL, seconds REAL NOT NULL, created REAL NOT NULL, "
+            "PRIMARY KEY (settings, mapping, seed))")
+        self.db.executemany("INSERT INTO meta VALUES (?, ?)", [
+            ("marker", MARKER), ("schema", str(SCHEMA_VERSION)), ("settings", json.dumps(self.settings, sort_keys=True))])
 
-    def _check_existing(self, resume: bool) -> None:
-        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    def _check_existing(self, tables: set, resume: bool) -> None:
         meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
         if meta.get("marker") != MARKER or "evaluations" not in tables:
             raise UserError(f"{self.path} is an SQLite file but not a fastkd search store: remove it or choose another --output")
         if int(meta.get("schema", -1)) != SCHEMA_VERSION:
             raise UserError(f"{self.path} was written by another fastkd version (store schema {meta.get('schema')})")
-        saved = json.loads(meta["settings"])
-        if saved != self.settings:
-            changed = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
-            detail = "; ".join(f"{k} (store {saved.get(k)!r}, now {self.settings.get(k)!r})" for k in changed[:4])
+        saved, now = _flatten(json.loads(meta["settings"])), _flatten(self.settings)
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if changed:
+            detail = "; ".join(f"{k} (store {saved.get(k)!r}, now {now.get(k)!r})" for k in changed[:4])
             raise UserError(f"{self.path} was made by a search with other settings: {detail}; "
                             "use the same settings or another --output")
         if not resume:
