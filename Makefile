@@ -22,13 +22,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 test: install
 	$(PY) -m pytest -q
 
+# The whole pipeline: search -> distill the winner, uniform and last -> GLUE table (<= 15 min on 2 cores).
 demo: install
-	$(VENV)/bin/fastkd distill --teacher default --student-layers 3 --mapping uniform \
-		--corpus $(DATA)/corpus --max-seq-len 128 --batch-size 32 --max-steps 120 \
-		--checkpoint-every 40 --output $(DEMO_OUT) --resume
+	$(VENV)/bin/fastkd demo --data-dir $(DATA) --output $(DEMO_OUT)
 
 bench: install
-	$(PY) benchmarks/distill_step.py
+	$(VENV)/bin/fastkd bench
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -20,6 +20,12 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"fastkd {self.prog.split()[-1]}: error: {message} (see --help)\n")
 
 
+def _add_loss_backend(group) -> None:
+    group.add_argument("--loss-backend", default=None, choices=["auto", "torch", "cpp", "triton", "cuda"],
+                       help="loss kernels: torch (reference), cpp (CPU), triton or cuda (GPU); auto = the fastest "
+                            "present; a missing one falls back with one log line (default: $FASTKD_LOSS_BACKEND or auto)")
+
+
 def _add_distill(sub) -> None:
     p = sub.add_parser(
         "distill", help="distill a teacher into a smaller student with a given layer mapping",
@@ -72,6 +78,7 @@ def _add_distill(sub) -> None:
     l.add_argument("--w-hidden", type=float, default=1.0, help="hidden-state MSE weight (learned projection when widths differ)")
     l.add_argument("--w-attention", type=float, default=1.0, help="pre-softmax attention-score MSE weight")
     l.add_argument("--w-attention-kl", type=float, default=0.0, help="MiniLM-style attention-distribution KL weight")
+    _add_loss_backend(l)
     o = p.add_argument_group("output")
     o.add_argument("--output", required=True, help="run directory")
     o.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
@@ -187,6 +194,8 @@ def _add_search(sub) -> None:
     x.add_argument("--proxy-finetune-lr", type=float, default=1e-4, help="fine-tuning learning rate (small students like it high)")
     x.add_argument("--proxy-finetune-batch-size", type=int, default=32, help="fine-tuning batch size")
     x.add_argument("--proxy-finetune-seq-len", type=int, default=128, help="fine-tuning max length")
+    x.add_argument("--proxy-bf16", action="store_true",
+                   help="bf16 autocast for proxy distillation and fine-tuning (faster on CPUs with AVX512-BF16/AMX and on GPUs)")
     x.add_argument("--drop-weak-tasks", action="store_true",
                    help="drop a proxy task on which the teacher itself does not beat the majority class by 5 points")
     g = p.add_argument_group("genetic algorithm and noise")
@@ -196,6 +205,7 @@ def _add_search(sub) -> None:
     g.add_argument("--repeats", type=int, default=3, help="seeds for uniform, last and each finalist (noise)")
     g.add_argument("--finalists", type=int, default=3, help="top mappings re-evaluated with fresh seeds")
     g.add_argument("--proxy-chunk", type=int, default=8, help="candidates distilled together (lower it to save memory)")
+    _add_loss_backend(g)
     g.add_argument("--seed", type=int, default=0, help="seeds the GA, the corpus sample and the evaluations")
     o = p.add_argument_group("output")
     o.add_argument("--output", required=True, help="search directory")
@@ -215,14 +225,14 @@ def search_config_from_args(args):
                         tasks=tuple(t.key for t in __import__("fastkd.glue", fromlist=["parse_tasks"]).parse_tasks(args.proxy_tasks)),
                         finetune_steps=args.proxy_finetune_steps, finetune_examples=args.proxy_finetune_examples,
                         finetune_batch=args.proxy_finetune_batch_size, finetune_lr=args.proxy_finetune_lr,
-                        finetune_seq_len=args.proxy_finetune_seq_len)
+                        finetune_seq_len=args.proxy_finetune_seq_len, bf16=args.proxy_bf16)
     return SearchConfig(output=args.output, corpus=args.corpus, data_dir=args.data_dir, teacher=args.teacher,
                         student_layers=args.student_layers, student_hidden=args.student_hidden,
                         student_heads=args.student_heads, student_ffn=args.student_ffn, proxy=proxy,
                         population=args.population, generations=args.generations, monotone=args.monotone,
                         repeats=args.repeats, finalists=args.finalists, drop_weak_tasks=args.drop_weak_tasks,
                         chunk=args.proxy_chunk, seed=args.seed, resume=args.resume, progress=args.progress,
-                        cache_dir=args.cache_dir)
+                        cache_dir=args.cache_dir, loss_backend=args.loss_backend)
 
 
 def _cmd_search(args) -> int:
@@ -278,6 +288,54 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="distillation-step throughput and memory of each loss backend on this machine",
+        description="Times whole distillation steps (teacher forward, student forward, losses, backward, AdamW) "
+                    "after a warm-up, for each loss backend present (torch reference, cpp, triton, cuda), with fresh "
+                    "identical students, and prints sequences/s, tokens/s, peak extra memory and the ratios to the "
+                    "torch reference. Writes the table and the device, library versions and settings as JSON.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--teacher", default="default", help="teacher directory, hub name, or 'default'")
+    p.add_argument("--student-layers", type=int, default=3, help="student layers")
+    p.add_argument("--student-hidden", type=int, default=None, help="student hidden size")
+    p.add_argument("--student-heads", type=int, default=None, help="student heads")
+    p.add_argument("--student-ffn", type=int, default=None, help="student FFN size")
+    p.add_argument("--mapping", default="uniform", help="layer mapping, as for distill")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (all real: the losses' worst case)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--w-attention-kl", type=float, default=0.0, help="also run the attention KL term")
+    p.add_argument("--backends", default="all", help="comma-separated: all, torch, cpp, triton, cuda")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--output", default="runs/bench/bench.json", help="JSON file to write")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args) -> int:
+    from .bench import BenchConfig, markdown, run_bench
+    from .io import atomic_write_json
+
+    cfg = BenchConfig(teacher=args.teacher, student_layers=args.student_layers, student_hidden=args.student_hidden,
+                      student_heads=args.student_heads, student_ffn=args.student_ffn, mapping=args.mapping,
+                      batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
+                      bf16=args.bf16, backends=[b.strip().lower() for b in args.backends.split(",") if b.strip()],
+                      device=args.device, w_attention_kl=args.w_attention_kl)
+    result = run_bench(cfg)
+    env = result["environment"]
+    print(f"{env.get('gpu') or env['cpu']}, torch {env['torch']}, {env['threads']} threads; "
+          f"batch {cfg.batch_size} x {cfg.seq_len} tokens, {'bf16' if cfg.bf16 else 'fp32'}, "
+          f"median of {cfg.steps} steps")
+    print(markdown(result))
+    for name, why in result["missing"].items():
+        print(f"not measured: {name}: {why}")
+    atomic_write_json(args.output, result)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="fastkd",
@@ -288,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_glue(sub)
     _add_search(sub)
     _add_demo(sub)
+    _add_bench(sub)
     return parser
 
 

@@ -10,7 +10,7 @@ from .io import read_json
 
 # Settings that do not change what is computed: they may differ between a run and its resume.
 NON_DETERMINING = frozenset({"output", "resume", "log_every", "keep_checkpoints", "cache_dir", "progress",
-                             "stop_at_step", "checkpoint_every", "max_bad_steps", "device"})
+                             "stop_at_step", "checkpoint_every", "max_bad_steps", "device", "loss_backend"})
 
 
 @dataclass
@@ -49,6 +49,7 @@ class DistillConfig:
     stop_at_step: int | None = None  # checkpoint and exit early (job time limits); --resume continues
     progress: bool = True
     device: str = "auto"  # auto = cuda when available, else cpu
+    loss_backend: str | None = None  # None: $FASTKD_LOSS_BACKEND or auto (fastkd.fused)
 
     def to_dict(self) -> dict:
         return asdict(self)

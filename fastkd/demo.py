@@ -7,8 +7,8 @@ into its own folder under --output and resumes, so an interrupted demo continues
 
 from __future__ import annotations
 
-import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from .errors import UserError
 from .glue.finetune import FinetuneConfig
 from .glue.report import markdown as glue_markdown
 from .glue.run import run_glue
+from .io import atomic_write_json
 from .mapping import heuristic
 from .models import load_config
 from .search.proxy import ProxyConfig
@@ -34,25 +35,37 @@ class Budget:
     generations: int
     repeats: int
     finalists: int
+    drop_weak_tasks: bool
     distill_steps: int
     distill_batch: int
     distill_seq_len: int
+    glue_tasks: str
     glue_steps: int
     glue_examples: int
     glue_seq_len: int
+    glue_lr: float
+    bf16: bool  # final distillation and GLUE (the proxy's own flag covers the search)
 
 
+# Sized for 2 CPU cores with bf16 (AVX512-BF16): full <= 15 minutes, quick <= 5 (measured: README).
+# Small students learn a GLUE task in a few dozen steps only at a high learning rate (3e-4 measured
+# best of 1e-4..5e-4 for 40 steps); inputs are cut at 64 tokens, which covers SST-2 and most MRPC
+# pairs. The signal check drops a proxy task the teacher itself cannot learn at this budget
+# (RTE, usually), so candidates are not fine-tuned on noise.
 BUDGETS = {
-    "full": Budget(ProxyConfig(sequences=512, steps=40, batch_size=16, max_seq_len=64, finetune_steps=40,
-                               finetune_examples=640, finetune_seq_len=64),
-                   population=6, generations=2, repeats=2, finalists=2,
-                   distill_steps=120, distill_batch=32, distill_seq_len=128,
-                   glue_steps=60, glue_examples=1920, glue_seq_len=128),
-    "quick": Budget(ProxyConfig(sequences=128, steps=10, batch_size=8, max_seq_len=64, tasks=("sst2", "mrpc"),
-                                finetune_steps=10, finetune_examples=160, finetune_seq_len=64),
-                    population=3, generations=1, repeats=2, finalists=1,
-                    distill_steps=20, distill_batch=16, distill_seq_len=64,
-                    glue_steps=15, glue_examples=480, glue_seq_len=64),
+    "full": Budget(ProxyConfig(sequences=1024, steps=30, batch_size=16, max_seq_len=64, finetune_steps=40,
+                               finetune_examples=1280, finetune_lr=3e-4, finetune_seq_len=64, bf16=True),
+                   population=5, generations=2, repeats=2, finalists=1, drop_weak_tasks=True,
+                   distill_steps=100, distill_batch=32, distill_seq_len=64,
+                   glue_tasks="sst2,mrpc,rte", glue_steps=60, glue_examples=1920, glue_seq_len=64, glue_lr=3e-4,
+                   bf16=True),
+    "quick": Budget(ProxyConfig(sequences=256, steps=10, batch_size=8, max_seq_len=64, tasks=("sst2",),
+                                finetune_steps=20, finetune_examples=640, finetune_lr=3e-4, finetune_seq_len=64,
+                                bf16=True),
+                    population=3, generations=1, repeats=2, finalists=1, drop_weak_tasks=False,
+                    distill_steps=30, distill_batch=16, distill_seq_len=64,
+                    glue_tasks="sst2,mrpc", glue_steps=30, glue_examples=960, glue_seq_len=64, glue_lr=3e-4,
+                    bf16=True),
 }
 
 
@@ -68,15 +81,19 @@ def run_demo(data_dir: str, output: str, quick: bool = False, teacher: str = "de
     corpus, glue = corpus.resolve(), glue.resolve()
     n_teacher = load_config(teacher).num_hidden_layers
 
+    started = time.perf_counter()
+    minutes = {}
     log.info("demo 1/3: layer-mapping search")
     search = Search(SearchConfig(output=str(out / "search"), corpus=str(corpus), data_dir=str(glue), teacher=teacher,
                                  student_layers=student_layers, proxy=b.proxy, population=b.population,
-                                 generations=b.generations, repeats=b.repeats, finalists=b.finalists, seed=seed,
+                                 generations=b.generations, repeats=b.repeats, finalists=b.finalists,
+                                 drop_weak_tasks=b.drop_weak_tasks, seed=seed,
                                  resume=(out / "search" / "search.sqlite").exists(), progress=progress))
     result = search.run()
     best = result["winner"].mapping
     del search  # frees the teacher copy, evaluator and task cache before the next stages
 
+    minutes["search"] = round((time.perf_counter() - started) / 60, 2)
     students = {"search": best.text}
     for name in ("uniform", "last"):
         students[name] = heuristic(name, student_layers, n_teacher).text
@@ -89,19 +106,23 @@ def run_demo(data_dir: str, output: str, quick: bool = False, teacher: str = "de
         run_dir = out / f"distill-{mapping.replace(',', '-')}"
         cfg = DistillConfig(output=str(run_dir), corpus=str(corpus), teacher=teacher, student_layers=student_layers,
                             mapping=mapping, max_steps=b.distill_steps, batch_size=b.distill_batch,
-                            max_seq_len=b.distill_seq_len, seed=seed, checkpoint_every=max(1, b.distill_steps // 3),
-                            resume=(run_dir / "config.json").exists(), progress=progress)
+                            max_seq_len=b.distill_seq_len, seed=seed, bf16=b.bf16,
+                            checkpoint_every=max(1, b.distill_steps // 3), resume=(run_dir / "config.json").exists(), progress=progress)
         run_distill(cfg)
         exported[name] = mapping
     dirs = {m: str(out / f"distill-{m.replace(',', '-')}" / "student") for m in dict.fromkeys(students.values())}
 
+    minutes["distill"] = round((time.perf_counter() - started) / 60 - sum(minutes.values()), 2)
     log.info("demo 3/3: GLUE")
-    glue_cfg = FinetuneConfig(max_steps=b.glue_steps, max_train_examples=b.glue_examples, lr=1e-4,
-                              max_seq_len=b.glue_seq_len, seed=seed, progress=progress)
+    glue_cfg = FinetuneConfig(max_steps=b.glue_steps, max_train_examples=b.glue_examples, lr=b.glue_lr,
+                              max_seq_len=b.glue_seq_len, seed=seed, bf16=b.bf16, progress=progress)
     glue_dir = out / "glue"
-    report = run_glue(list(dirs.values()) + [teacher], "sst2,mrpc,rte", str(glue), str(glue_dir), glue_cfg,
+    report = run_glue(list(dirs.values()) + [teacher], b.glue_tasks, str(glue), str(glue_dir), glue_cfg,
                       resume=(glue_dir / "glue.json").exists())
-    summary = {"winner": best.text, "students": students, "verdict": verdict_lines(result),
+    minutes["glue"] = round((time.perf_counter() - started) / 60 - sum(minutes.values()), 2)
+    minutes["total"] = round((time.perf_counter() - started) / 60, 2)  # this invocation (a resume skips done stages)
+    log.info("demo minutes: %s", ", ".join(f"{k} {v}" for k, v in minutes.items()))
+    summary = {"winner": best.text, "minutes": minutes, "students": students, "verdict": verdict_lines(result),
                "noise_sd": result["noise_sd"], "glue_table": glue_markdown(report)}
-    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out / "demo.json", summary)
     return summary

@@ -304,7 +304,8 @@ def build_run(cfg: DistillConfig) -> Run:
         student = load_student_dir(cfg.student, teacher_model, tokenizer)
     else:
         student = build_student(teacher_model, shape, cfg.init, mapping, seed=cfg.seed)
-    criterion = DistillLoss(mapping, student.config.hidden_size, teacher_model.config.hidden_size, loss_weights(cfg))
+    criterion = DistillLoss(mapping, student.config.hidden_size, teacher_model.config.hidden_size, loss_weights(cfg),
+                            backend=cfg.loss_backend)
     teacher_model.to(device)
     student.to(device)
     criterion.to(device)
@@ -331,10 +332,12 @@ def build_run(cfg: DistillConfig) -> Run:
         "fastkd_version": __version__, "config": cfg.to_dict(),
         "resolved": {"mapping": mapping.text, "teacher_layers": mapping.teacher_layers,
                      "student": {**shape.__dict__, "parameters": run.parameters},
-                     "corpus_sequences": run.corpus_sequences, "global_batch": cfg.batch_size * cfg.grad_accum},
+                     "corpus_sequences": run.corpus_sequences, "global_batch": cfg.batch_size * cfg.grad_accum,
+                     "loss_backend": criterion.backend(device)},
     })
-    log.info("student: %s (%.1fM parameters), mapping %s, %d sequences of %d tokens",
-             shape.describe(), run.parameters / 1e6, mapping.text, run.corpus_sequences, cfg.max_seq_len)
+    log.info("student: %s (%.1fM parameters), mapping %s, %d sequences of %d tokens, %s loss backend",
+             shape.describe(), run.parameters / 1e6, mapping.text, run.corpus_sequences, cfg.max_seq_len,
+             criterion.backend(device))
     return run
 
 
@@ -359,7 +362,8 @@ def export_run(run: Run) -> Path:
         "corpus": {"source": cfg.corpus, "sequences": run.corpus_sequences, "max_seq_len": cfg.max_seq_len,
                    "sample": cfg.corpus_sample},
         "steps": distiller.step, "global_batch": cfg.batch_size * cfg.grad_accum, "lr": cfg.lr, "seed": cfg.seed,
-        "bf16": cfg.bf16, "skipped_steps": distiller.bad_steps, "seconds": round(distiller.elapsed, 1),
+        "bf16": cfg.bf16, "loss_backend": distiller.criterion.backend(distiller.device),
+        "skipped_steps": distiller.bad_steps, "seconds": round(distiller.elapsed, 1),
         "final_losses": distiller.final_losses(),
     }
     return export_student(distiller.student, run.tokenizer, run.output / "student", info)

@@ -9,8 +9,8 @@ Conventions (TinyBERT for MSE terms, MiniLM for the KL term):
   (and head-averaged attention distributions for the KL term);
 - each term is the mean over the mapped layer pairs, logged unweighted; total = sum of w * term.
 
-Fused backends (issue 5) sit behind the same DistillLoss interface and are checked against the
-functions here.
+DistillLoss runs its terms through fastkd.fused, which picks a backend (the functions here are the
+`torch` one; cpp/triton/cuda are fused kernels checked against them).
 """
 
 from __future__ import annotations
@@ -113,10 +113,11 @@ class DistillLoss(nn.Module):
     """Holds the mapping, the term weights and the learned width projections (trained with the student)."""
 
     def __init__(self, mapping: LayerMapping, student_hidden: int, teacher_hidden: int,
-                 weights: LossWeights = LossWeights()):
+                 weights: LossWeights = LossWeights(), backend: str | None = None):
         super().__init__()
         self.mapping = mapping
         self.weights = weights
+        self.backend_request = backend  # None: $FASTKD_LOSS_BACKEND or auto, resolved on the inputs' device
         needs_projection = student_hidden != teacher_hidden
         projected = ([0] if weights.embedding else []) + ([m for m, _ in mapping.pairs()] if weights.hidden else [])
         self.projections = nn.ModuleDict(
@@ -142,26 +143,40 @@ class DistillLoss(nn.Module):
     def _projection(self, layer: int):
         return self.projections[str(layer)] if str(layer) in self.projections else None
 
+    def backend(self, device: torch.device) -> str:
+        from . import fused
+
+        return fused.resolve_backend(self.backend_request, device)
+
     def forward(self, student_hidden, student_attention: dict[int, AttentionRecord], teacher) -> LossOutput:
         """student_hidden: indexable by layer (0 = embeddings); teacher: TeacherOutputs."""
+        from . import fused
+
         mask = teacher.attention_mask
+        backend = self.backend(mask.device)
         w = self.weights
         pairs = self.mapping.pairs()
         terms: dict[str, torch.Tensor] = {}
         if w.embedding:
-            terms["embedding"] = hidden_mse(student_hidden[0], teacher.hidden[0], mask, self._projection(0))
+            terms["embedding"] = fused.hidden_mse(student_hidden[0], teacher.hidden[0], mask, self._projection(0),
+                                                  backend)
         if w.hidden and pairs:
             terms["hidden"] = torch.stack([
-                hidden_mse(student_hidden[m], teacher.hidden[g], mask, self._projection(m)) for m, g in pairs
+                fused.hidden_mse(student_hidden[m], teacher.hidden[g], mask, self._projection(m), backend)
+                for m, g in pairs
             ]).mean()
         if self._uses_attention() and pairs:
             mse, kl = [], []
             for m, g in pairs:
-                s, t = record_scores(student_attention[m]), record_scores(teacher.attention[g])
+                rs, rt = student_attention[m], teacher.attention[g]
                 if w.attention:
-                    mse.append(attention_mse(s, t, mask))
+                    if rs.scores is not None and rt.scores is not None:
+                        mse.append(fused.attention_mse_scores(rs.scores, rt.scores, mask, backend))
+                    else:  # from Q and K: the fused backends never form an S x S tensor
+                        mse.append(fused.attention_mse_qk(rs.query, rs.key, rt.query, rt.key, mask, rs.scaling,
+                                                          rt.scaling, backend))
                 if w.attention_kl:
-                    kl.append(attention_kl(s, t, mask))
+                    kl.append(attention_kl(record_scores(rs), record_scores(rt), mask))
             if mse:
                 terms["attention"] = torch.stack(mse).mean()
             if kl:

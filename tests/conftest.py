@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Before anything imports triton: @triton.jit picks the interpreter at decoration time, so the
+    # Triton kernels run (slowly, for correctness) on a CPU.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FASTKD_SHARED_DATA", REPO.parent / "shared" / "data"))
 WIKITEXT = SHARED_DATA / "corpus" / "wikitext-2-raw-test.txt"

@@ -7,8 +7,9 @@ from conftest import SHARED_DATA
 
 TINY = Budget(ProxyConfig(sequences=32, steps=2, batch_size=4, max_seq_len=32, tasks=("rte",), finetune_steps=2,
                           finetune_examples=16, finetune_batch=8, finetune_seq_len=32),
-              population=2, generations=1, repeats=2, finalists=1, distill_steps=2, distill_batch=4, distill_seq_len=32,
-              glue_steps=2, glue_examples=16, glue_seq_len=32)
+              population=2, generations=1, repeats=2, finalists=1, drop_weak_tasks=False, distill_steps=2,
+              distill_batch=4, distill_seq_len=32, glue_tasks="sst2,mrpc,rte", glue_steps=2, glue_examples=16,
+              glue_seq_len=32, glue_lr=1e-4, bf16=False)
 
 
 def test_demo_pipeline_end_to_end_and_resumes(tmp_path, tiny_teacher_dir):

@@ -45,6 +45,7 @@ class ProxyConfig:
     finetune_batch: int = 32
     finetune_lr: float = 1e-4
     finetune_seq_len: int = 128
+    bf16: bool = False  # autocast for proxy distillation (teacher and students) and fine-tuning
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -54,7 +55,7 @@ class ProxyConfig:
     def finetune_config(self, seed: int, progress: bool = False) -> FinetuneConfig:
         return FinetuneConfig(max_steps=self.finetune_steps, max_train_examples=self.finetune_examples,
                               batch_size=self.finetune_batch, lr=self.finetune_lr, max_seq_len=self.finetune_seq_len,
-                              seed=seed, progress=progress)
+                              seed=seed, bf16=self.bf16, progress=progress)
 
 
 @dataclass
@@ -94,7 +95,7 @@ def task_collapsed(result: dict) -> bool:
 
 class ProxyEvaluator:
     def __init__(self, teacher_model, tokenizer, corpus, shape: StudentShape, cfg: ProxyConfig, task_cache: TaskCache,
-                 task_specs, weights=None, progress: bool = True):
+                 task_specs, weights=None, progress: bool = True, loss_backend: str | None = None):
         self.teacher_model = teacher_model
         self.tokenizer = tokenizer
         self.corpus = corpus
@@ -104,13 +105,14 @@ class ProxyEvaluator:
         self.task_specs = task_specs
         self.weights = weights or loss_weights(DistillConfig(output="", corpus=""))
         self.progress = progress
+        self.loss_backend = loss_backend  # changes rounding only, so not part of what a fitness means
         self.counters = Counters()
         self.device = next(teacher_model.parameters()).device
 
     def _distill_config(self, seed: int) -> DistillConfig:
         return DistillConfig(output="", corpus="", max_steps=self.cfg.steps, batch_size=self.cfg.batch_size,
                              max_seq_len=self.cfg.max_seq_len, lr=self.cfg.lr, init=self.cfg.init, seed=seed,
-                             log_every=max(1, min(10, self.cfg.steps)), progress=False)
+                             bf16=self.cfg.bf16, log_every=max(1, min(10, self.cfg.steps)), progress=False)
 
     def distill(self, mappings: list[LayerMapping], seed: int, desc: str = "proxy distill") -> list[tuple]:
         """Distill every mapping in lockstep; returns [(student, final_losses, seconds)].
@@ -124,11 +126,12 @@ class ProxyEvaluator:
         for mapping in mappings:
             torch.manual_seed(seed)
             criteria.append(DistillLoss(mapping, self.shape.hidden, self.teacher_model.config.hidden_size,
-                                        self.weights).to(self.device))
+                                        self.weights, backend=self.loss_backend).to(self.device))
             students.append(build_student(self.teacher_model, self.shape, cfg.init, mapping, seed=seed).to(self.device))
             rng_states.append(_rng_state())
         teacher = Teacher(self.teacher_model, sorted({l for c in criteria for l in c.teacher_hidden_layers()}),
-                          sorted({l for c in criteria for l in c.teacher_attention_layers()}))
+                          sorted({l for c in criteria for l in c.teacher_attention_layers()}),
+                          autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
         stream = BatchStream(self.corpus, cfg.batch_size, seed)
         distillers = [Distiller(cfg, teacher, s, c, stream) for s, c in zip(students, criteria)]
         student_seconds = [0.0] * len(distillers)

@@ -72,6 +72,7 @@ class SearchConfig:
     resume: bool = False
     progress: bool = True
     cache_dir: str | None = None
+    loss_backend: str | None = None  # rounding only: not in fitness_settings
 
     def ga_config(self) -> GAConfig:
         return GAConfig(population=self.population, generations=self.generations, monotone=self.monotone,
@@ -165,7 +166,7 @@ class Search:
     def _evaluator(self, task_specs) -> ProxyEvaluator:
         if not hasattr(self, "_ev") or self._ev.task_specs != task_specs:
             self._ev = ProxyEvaluator(self.teacher, self.tokenizer, self.corpus, self.shape, self.cfg.proxy, self.cache,
-                                      task_specs, progress=self.cfg.progress)
+                                      task_specs, progress=self.cfg.progress, loss_backend=self.cfg.loss_backend)
         return self._ev
 
     def evaluate(self, genomes: list[tuple], seed: int, generation: int, label: str) -> dict[tuple, Evaluation]:

@@ -1,0 +1,135 @@
+"""Each fused loss op against eager torch: forward+backward time and peak extra memory, per backend.
+
+Ops (fastkd.fused): the attention-score MSE from Q/K (student and teacher Q/K of one layer pair), the
+attention-score MSE from held scores, and the projected hidden-state MSE. Shapes: B=16, H=12,
+S in {128, 512}, head dim in {32, 64} (hidden op: student 384 -> teacher 768 wide, once per S).
+
+Every (op, shape, backend) runs in its own process: inputs are made, one untimed forward+backward
+warms up, freed heap memory is returned to the OS, then `--reps` timed forward+backward passes run
+while the resident-set high-water mark is tracked. "extra" = peak minus the level with the inputs
+alive; it includes the gradients, which every backend must produce. On a GPU the allocator's peak is
+used instead. Ratios are to the eager `torch` reference measured in the same run.
+
+    python benchmarks/loss_kernels.py [--backends torch,cpp --seq-lens 128,512 --head-dims 32,64 --reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import table, write_result  # noqa: E402
+
+OPS = ("attention_qk", "attention_scores", "hidden")
+
+
+def _inputs(op: str, B: int, H: int, S: int, dh: int, device):
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=gen).to(device)  # noqa: E731
+    mask = torch.ones(B, S, dtype=torch.long, device=device)
+    if op == "attention_qk":
+        qs, ks = r(B, H, S, dh).requires_grad_(), r(B, H, S, dh).requires_grad_()
+        return (qs, ks, r(B, H, S, dh), r(B, H, S, dh), mask, dh ** -0.5, dh ** -0.5), [qs, ks]
+    if op == "attention_scores":
+        s = r(B, H, S, S).requires_grad_()
+        return (s, r(B, H, S, S), mask), [s]
+    hs = r(B, S, 384).requires_grad_()
+    proj = torch.nn.Linear(384, 768).to(device)
+    return (hs, r(B, S, 768), mask, proj), [hs, *proj.parameters()]
+
+
+def child(op: str, B: int, H: int, S: int, dh: int, backend: str, reps: int) -> dict:
+    """One measurement in this process; prints one JSON line."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from fastkd import fused
+    from fastkd.bench import PeakMemory
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fn = {"attention_qk": fused.attention_mse_qk, "attention_scores": fused.attention_mse_scores,
+          "hidden": fused.hidden_mse}[op]
+    if fused.unavailable(backend, device) is not None:
+        return {"skipped": fused.unavailable(backend, device)}
+    args, params = _inputs(op, B, H, S, dh, device)
+
+    def once() -> float:
+        for p in params:
+            p.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn(*args, backend).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    once()  # warm-up: builds, caches, first-touch of the gradient buffers
+    for p in params:
+        p.grad = None
+    with PeakMemory(device) as memory:
+        times = [once() for _ in range(reps)]
+    return {"time_s": statistics.median(times), "extra_mib": memory.extra_mib}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backends", default="torch,cpp,triton,cuda")
+    p.add_argument("--ops", default=",".join(OPS))
+    p.add_argument("--seq-lens", default="128,512")
+    p.add_argument("--head-dims", default="32,64")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--child", nargs=6, metavar=("OP", "B", "H", "S", "DH", "BACKEND"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        op, B, H, S, dh, backend = args.child
+        print(json.dumps(child(op, int(B), int(H), int(S), int(dh), backend, args.reps)))
+        return
+
+    backends = [b for b in args.backends.split(",") if b]
+    if "torch" in backends:
+        backends = ["torch"] + [b for b in backends if b != "torch"]
+    rows, skipped = [], {}
+    for op in args.ops.split(","):
+        for S in map(int, args.seq_lens.split(",")):
+            for dh in (map(int, args.head_dims.split(",")) if op != "hidden" else [0]):
+                ref = None
+                for backend in backends:
+                    cmd = [sys.executable, __file__, "--reps", str(args.reps), "--child", op, str(args.batch),
+                           str(args.heads), str(S), str(dh), backend]
+                    out = subprocess.run(cmd, capture_output=True, text=True)
+                    if out.returncode != 0:
+                        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+                    res = json.loads(out.stdout.strip().splitlines()[-1])
+                    if "skipped" in res:
+                        skipped[backend] = res["skipped"]
+                        continue
+                    row = {"op": op, "S": S, "head_dim": dh or "-", "backend": backend,
+                           "time_ms": round(1000 * res["time_s"], 1), "extra_mib": round(res["extra_mib"], 1)}
+                    if backend == "torch":
+                        ref = res
+                    if ref is not None:
+                        row["time_vs_eager"] = round(res["time_s"] / ref["time_s"], 3)
+                        row["memory_vs_eager"] = round(res["extra_mib"] / ref["extra_mib"], 3) if ref["extra_mib"] else None
+                    rows.append(row)
+                    print(row, flush=True)
+    print(table(rows, ["op", "S", "head_dim", "backend", "time_ms", "extra_mib", "time_vs_eager", "memory_vs_eager"]))
+    for b, why in skipped.items():
+        print(f"not measured: {b}: {why}")
+    path = write_result("loss_kernels", {"batch": args.batch, "heads": args.heads, "reps": args.reps, "rows": rows,
+                                         "not_measured": skipped})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

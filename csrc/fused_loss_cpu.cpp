@@ -1,0 +1,295 @@
+// Fused distillation losses on the CPU (OpenMP through at::parallel_for), bound with pybind11.
+//
+// The same three functions, with the same arguments, are exported by the CUDA module
+// (fused_loss_cuda.cpp), so one Python autograd wrapper (fastkd/fused/extension.py) drives both.
+// Inputs arrive contiguous float32 (the wrapper casts; float64 is kept, for gradcheck); masks arrive
+// as torch.bool. Every gradient
+// returned is of the *unnormalised* loss_sum; Python divides by the count of valid elements.
+//
+//   attention_mse_qk      sum over valid (b,h,i,j) of (ss*qs_i.ks_j - st*qt_i.kt_j)^2, no S x S tensor
+//   attention_mse_scores  sum over valid (b,h,i,j) of (s - t)^2 and its gradient in one pass
+//   projected_mse         sum over real rows of |hs W^T + b - ht|^2, chunked over rows
+//
+// (Loops inside AT_DISPATCH lambdas use _Pragma: a #pragma line cannot appear inside a macro argument.)
+//
+// Masking trick used throughout: a pair (i, j) is valid when both tokens are real, so dropping the
+// padded rows of both operands (or zeroing them) masks the pairs exactly, with no test in any inner
+// loop.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+using at::Tensor;
+
+namespace {
+
+// float32 in normal use; float64 too, so torch.autograd.gradcheck can check the gradients exactly.
+void check_input(const Tensor& x, const char* name, int64_t dims, const Tensor& like) {
+  TORCH_CHECK(x.device().is_cpu(), "fastkd cpp loss: ", name, " must be a CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "fastkd cpp loss: ", name, " must be float32 or float64 (got ", x.scalar_type(), ")");
+  TORCH_CHECK(x.scalar_type() == like.scalar_type(), "fastkd cpp loss: ", name, " must have the dtype of the others");
+  TORCH_CHECK(x.is_contiguous(), "fastkd cpp loss: ", name, " must be contiguous");
+  TORCH_CHECK(x.dim() == dims, "fastkd cpp loss: ", name, " must have ", dims, " dims (got ", x.dim(), ")");
+}
+
+void check_mask(const Tensor& mask, int64_t rows, int64_t cols) {
+  TORCH_CHECK(mask.device().is_cpu() && mask.scalar_type() == at::kBool && mask.is_contiguous(),
+              "fastkd cpp loss: mask must be a contiguous CPU bool tensor");
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == rows && mask.size(1) == cols,
+              "fastkd cpp loss: mask must be (B, S) = (", rows, ", ", cols, ")");
+}
+
+// Gram form vs tiled form of one problem with n valid rows, concatenated width d = ds + dt (per head).
+//   tiled: D = A B^T tile by tile: 2 n^2 d flops, plus 4 n^2 ds for the two gradient products.
+//   gram:  sum D^2 = <A^T A, B^T B>_F: 4 n d^2 flops for the two Gram matrices plus 4 n d ds for
+//          the gradients; done in float64 (the loss is a difference of large sums), which costs
+//          about twice as much per flop.
+bool prefer_gram(int64_t n, int64_t d, int64_t ds, bool need_grad) {
+  const double tiled = 2.0 * n * n * d + (need_grad ? 4.0 * n * n * ds : 0.0);
+  const double gram = 2.0 * (4.0 * n * d * d + (need_grad ? 4.0 * n * d * ds : 0.0));
+  return gram < tiled;
+}
+
+constexpr int64_t kTileRows = 64;  // query rows per tile in the tiled form: a 64 x S float tile stays in L2
+constexpr double kTaskBytes = 1.0 * (1 << 20);  // per-thread working set a task may hold (float64 copies)
+
+// Heads per task: several heads share one batched GEMM call (an ATen call costs microseconds, which
+// at S=128 was half the op's time), bounded so there are tasks for every thread and the per-thread
+// float64 copies stay small.
+int64_t heads_per_task(int64_t B, int64_t H, int64_t S, int64_t d) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t by_tasks = std::max<int64_t>(1, (B * H) / (4 * threads));
+  const int64_t by_memory = std::max<int64_t>(1, static_cast<int64_t>(kTaskBytes / (2.0 * 8.0 * S * d)));
+  return std::min({H, by_tasks, by_memory});
+}
+
+}  // namespace
+
+std::vector<Tensor> attention_mse_qk(const Tensor& qs, const Tensor& ks, const Tensor& qt, const Tensor& kt,
+                                     const Tensor& mask, double scale_s, double scale_t, bool need_grad) {
+  check_input(qs, "qs", 4, qs);
+  check_input(ks, "ks", 4, qs);
+  check_input(qt, "qt", 4, qs);
+  check_input(kt, "kt", 4, qs);
+  const int64_t B = qs.size(0), H = qs.size(1), S = qs.size(2), ds = qs.size(3), dt = qt.size(3);
+  TORCH_CHECK(ks.sizes() == qs.sizes(), "fastkd cpp loss: ks must have the shape of qs");
+  TORCH_CHECK(qt.size(0) == B && qt.size(1) == H && qt.size(2) == S && kt.sizes() == qt.sizes(),
+              "fastkd cpp loss: qt and kt must be (B, H, S, dt) with the student's B, H, S");
+  check_mask(mask, B, S);
+  at::NoGradGuard no_grad;
+
+  // The real positions of each batch row: every problem works on these rows only.
+  std::vector<Tensor> rows(B);
+  for (int64_t b = 0; b < B; ++b) rows[b] = mask[b].nonzero().squeeze(1);
+
+  const int64_t d = ds + dt;
+  const int64_t hc = heads_per_task(B, H, S, d);
+  const int64_t chunks = (H + hc - 1) / hc;
+  Tensor partial = at::zeros({B * chunks}, qs.options().dtype(at::kDouble));  // one sum per task: deterministic
+  Tensor dqs = need_grad ? at::zeros_like(qs) : Tensor();
+  Tensor dks = need_grad ? at::zeros_like(ks) : Tensor();
+  double* partial_ptr = partial.data_ptr<double>();
+
+  // One task = one batch row and a chunk of heads; its gradients are its own (b, h) slices, so no two
+  // threads write the same memory.
+  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / chunks, h0 = (task % chunks) * hc, nh = std::min(hc, H - h0);
+      const Tensor& idx = rows[b];
+      const int64_t n = idx.size(0);
+      if (n == 0) continue;  // an all-padded row: no valid pair
+      const bool full = n == S;
+      auto take = [&](const Tensor& x) {  // (nh, n, width): this task's heads, real rows only
+        const Tensor heads = x[b].narrow(0, h0, nh);
+        return full ? heads : heads.index_select(1, idx);
+      };
+      const Tensor q_s = take(qs), k_s = take(ks);  // (nh, n, ds)
+      // D = A B^T with A = [ss qs | -st qt], B = [ks | kt]: one product over ds + dt per pair.
+      const Tensor A = at::cat({q_s * scale_s, take(qt) * (-scale_t)}, 2);  // (nh, n, d)
+      const Tensor Bm = at::cat({k_s, take(kt)}, 2);                         // (nh, n, d)
+      Tensor gq, gk;  // (nh, n, ds) gradients of this task's loss_sum
+      if (prefer_gram(n, d, ds, need_grad)) {
+        const Tensor Ad = A.to(at::kDouble), Bd = Bm.to(at::kDouble);
+        const Tensor GA = at::bmm(Ad.transpose(1, 2), Ad), GB = at::bmm(Bd.transpose(1, 2), Bd);  // (nh, d, d)
+        partial_ptr[task] = (GA * GB).sum().item<double>();
+        if (need_grad) {
+          // d/dA sum (A B^T)^2 = 2 A (B^T B); the student's columns of A carry the factor ss.
+          gq = at::bmm(Ad, GB.narrow(2, 0, ds)).mul_(2.0 * scale_s).to(qs.scalar_type());
+          gk = at::bmm(Bd, GA.narrow(2, 0, ds)).mul_(2.0).to(qs.scalar_type());
+        }
+      } else {
+        double acc = 0.0;
+        if (need_grad) {
+          gq = at::empty({nh, n, ds}, qs.options());
+          gk = at::zeros({nh, n, ds}, qs.options());
+        }
+        const Tensor Bt = Bm.transpose(1, 2);
+        for (int64_t i0 = 0; i0 < n; i0 += kTileRows) {
+          const int64_t m = std::min(kTileRows, n - i0);
+          const Tensor D = at::bmm(A.narrow(1, i0, m), Bt);  // (nh, m, n): one tile of score differences
+          acc += D.square().sum(at::kDouble).item<double>();
+          if (need_grad) {
+            gq.narrow(1, i0, m).copy_(at::bmm(D, k_s).mul_(2.0 * scale_s));
+            gk.baddbmm_(D.transpose(1, 2), q_s.narrow(1, i0, m), 1.0, 2.0 * scale_s);
+          }
+        }
+        partial_ptr[task] = acc;
+      }
+      if (need_grad) {
+        if (full) {
+          dqs[b].narrow(0, h0, nh).copy_(gq);
+          dks[b].narrow(0, h0, nh).copy_(gk);
+        } else {
+          dqs[b].narrow(0, h0, nh).index_copy_(1, idx, gq);
+          dks[b].narrow(0, h0, nh).index_copy_(1, idx, gk);
+        }
+      }
+    }
+  });
+  Tensor loss = partial.sum().to(qs.scalar_type());
+  return {loss, dqs, dks};
+}
+
+std::vector<Tensor> attention_mse_scores(const Tensor& s, const Tensor& t, const Tensor& mask, bool need_grad) {
+  check_input(s, "s", 4, s);
+  check_input(t, "t", 4, s);
+  TORCH_CHECK(t.sizes() == s.sizes(), "fastkd cpp loss: teacher scores must have the student's shape");
+  const int64_t B = s.size(0), H = s.size(1), S = s.size(2);
+  TORCH_CHECK(s.size(3) == S, "fastkd cpp loss: scores must be (B, H, S, S)");
+  check_mask(mask, B, S);
+
+  const int64_t rows = B * H * S;
+  Tensor partial = at::empty({rows}, s.options().dtype(at::kDouble));
+  Tensor grad = need_grad ? at::empty_like(s) : Tensor();
+  const bool* mp = mask.data_ptr<bool>();
+  double* pp = partial.data_ptr<double>();
+
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "attention_mse_scores", [&] {
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    const scalar_t* tp = t.data_ptr<scalar_t>();
+    scalar_t* gp = need_grad ? grad.data_ptr<scalar_t>() : nullptr;
+    // One pass per score row: the difference, its square summed, and the gradient written in place.
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / (H * S), i = r % S;
+        const bool* key = mp + b * S;
+        const scalar_t* sr = sp + r * S;
+        const scalar_t* tr = tp + r * S;
+        scalar_t* gr = gp ? gp + r * S : nullptr;
+        if (!key[i]) {  // a padded query row: no valid pair
+          pp[r] = 0.0;
+          if (gr) std::fill(gr, gr + S, scalar_t(0));
+          continue;
+        }
+        scalar_t acc = 0;
+        if (gr) {
+_Pragma("omp simd reduction(+ : acc)")
+          for (int64_t j = 0; j < S; ++j) {
+            const scalar_t v = key[j] ? sr[j] - tr[j] : scalar_t(0);
+            acc += v * v;
+            gr[j] = scalar_t(2) * v;
+          }
+        } else {
+_Pragma("omp simd reduction(+ : acc)")
+          for (int64_t j = 0; j < S; ++j) {
+            const scalar_t v = key[j] ? sr[j] - tr[j] : scalar_t(0);
+            acc += v * v;
+          }
+        }
+        pp[r] = acc;
+      }
+    });
+  });
+  return {partial.sum().to(s.scalar_type()), grad};
+}
+
+std::vector<Tensor> projected_mse(const Tensor& hs, const Tensor& ht, const Tensor& row_mask, const Tensor& weight,
+                                  const Tensor& bias, bool need_grad, int64_t chunk_rows) {
+  check_input(hs, "hs", 2, hs);
+  check_input(ht, "ht", 2, hs);
+  const int64_t N = hs.size(0), Ds = hs.size(1), Dt = ht.size(1);
+  TORCH_CHECK(ht.size(0) == N, "fastkd cpp loss: ht must have the rows of hs");
+  TORCH_CHECK(row_mask.device().is_cpu() && row_mask.scalar_type() == at::kBool && row_mask.is_contiguous() &&
+                  row_mask.dim() == 1 && row_mask.size(0) == N,
+              "fastkd cpp loss: row_mask must be a contiguous CPU bool tensor of N rows");
+  const bool projected = weight.defined() && weight.numel() > 0;
+  const bool has_bias = bias.defined() && bias.numel() > 0;
+  if (projected) {
+    check_input(weight, "weight", 2, hs);
+    TORCH_CHECK(weight.size(0) == Dt && weight.size(1) == Ds, "fastkd cpp loss: weight must be (Dt, Ds)");
+  } else {
+    TORCH_CHECK(Ds == Dt && !has_bias, "fastkd cpp loss: without a projection the widths must match and there is no bias");
+  }
+  if (has_bias) {
+    check_input(bias, "bias", 1, hs);
+    TORCH_CHECK(bias.size(0) == Dt, "fastkd cpp loss: bias must be (Dt,)");
+  }
+  TORCH_CHECK(chunk_rows >= 1, "fastkd cpp loss: chunk_rows must be positive");
+  at::NoGradGuard no_grad;
+
+  Tensor partial = at::empty({N}, hs.options().dtype(at::kDouble));
+  Tensor dhs = need_grad ? at::empty_like(hs) : Tensor();
+  Tensor dweight = need_grad && projected ? at::zeros_like(weight) : Tensor();
+  Tensor dbias = need_grad && has_bias ? at::zeros_like(bias) : Tensor();
+  const bool* mp = row_mask.data_ptr<bool>();
+  double* pp = partial.data_ptr<double>();
+  const Tensor wt = projected ? weight.t() : Tensor();
+
+  for (int64_t c0 = 0; c0 < N; c0 += chunk_rows) {
+    const int64_t n = std::min(chunk_rows, N - c0);
+    const Tensor h_c = hs.narrow(0, c0, n);
+    // P: the projected chunk (n, Dt); overwritten below by G = 2 (P - ht) on real rows, 0 on padding.
+    Tensor P = projected ? (has_bias ? at::addmm(bias, h_c, wt) : at::mm(h_c, wt)) : h_c.clone();
+    AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "projected_mse", [&] {
+      scalar_t* P_ptr = P.data_ptr<scalar_t>();
+      const scalar_t* t_ptr = ht.data_ptr<scalar_t>() + c0 * Dt;
+      at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          scalar_t* pr = P_ptr + r * Dt;
+          if (!mp[c0 + r]) {
+            pp[c0 + r] = 0.0;
+            std::fill(pr, pr + Dt, scalar_t(0));
+            continue;
+          }
+          const scalar_t* tr = t_ptr + r * Dt;
+          scalar_t acc = 0;
+_Pragma("omp simd reduction(+ : acc)")
+          for (int64_t j = 0; j < Dt; ++j) {
+            const scalar_t v = pr[j] - tr[j];
+            acc += v * v;
+            pr[j] = scalar_t(2) * v;
+          }
+          pp[c0 + r] = acc;
+        }
+      });
+    });
+    if (need_grad) {
+      if (projected) {
+        Tensor dh_c = dhs.narrow(0, c0, n);
+        at::mm_out(dh_c, P, weight);   // (n, Dt) x (Dt, Ds)
+        dweight.addmm_(P.t(), h_c);    // (Dt, n) x (n, Ds)
+        if (has_bias) dbias.add_(P.sum(0));
+      } else {
+        dhs.narrow(0, c0, n).copy_(P);
+      }
+    }
+  }
+  return {partial.sum().to(hs.scalar_type()), dhs, dweight, dbias};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastkd fused distillation losses (CPU)";
+  m.def("attention_mse_qk", &attention_mse_qk, "attention-score MSE from Q/K (loss_sum, dqs, dks)", py::arg("qs"),
+        py::arg("ks"), py::arg("qt"), py::arg("kt"), py::arg("mask"), py::arg("scale_s"), py::arg("scale_t"),
+        py::arg("need_grad"));
+  m.def("attention_mse_scores", &attention_mse_scores, "attention-score MSE from scores (loss_sum, grad)",
+        py::arg("s"), py::arg("t"), py::arg("mask"), py::arg("need_grad"));
+  m.def("projected_mse", &projected_mse, "projected hidden-state MSE (loss_sum, dhs, dweight, dbias)",
+        py::arg("hs"), py::arg("ht"), py::arg("row_mask"), py::arg("weight"), py::arg("bias"),
+        py::arg("need_grad"), py::arg("chunk_rows"));
+}

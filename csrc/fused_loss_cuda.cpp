@@ -1,0 +1,189 @@
+// CUDA backend of the fused distillation losses: input checks, the row-chunk loop of the projected
+// hidden MSE (its GEMMs go to cuBLAS through ATen) and the Python bindings. The kernels are in
+// fused_loss_cuda_kernels.cu. The module exports the same three functions, with the same argument
+// names, as the CPU backend (fused_loss_cpu.cpp); one autograd wrapper (fastkd/fused/extension.py)
+// drives both. Every function returns the *unnormalised* loss sum (a 0-dim float32 tensor) and its
+// gradients, or undefined tensors (None in Python) in place of the gradients when need_grad is false.
+
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "fused_loss_cuda.h"
+
+namespace {
+
+using fastkd::cuda::kMaxHeadDim;
+
+// The Python wrapper passes an empty tensor for "no weight" / "no bias"; an undefined one is accepted too.
+bool absent(const at::Tensor& t) { return !t.defined() || t.numel() == 0; }
+
+void check_float(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is required");
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32 (the Python wrapper casts), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
+}
+
+void check_mask(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is required");
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kBool, op, ": ", name, " must be torch.bool (the Python wrapper casts), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
+}
+
+void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but the first input is on ",
+              ref.device());
+}
+
+void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* op, const char* name) {
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ", t.sizes());
+}
+
+}  // namespace
+
+// qs, ks (B,H,S,ds); qt, kt (B,H,S,dt); mask (B,S) bool -> {loss_sum, dqs, dks}.
+std::vector<at::Tensor> attention_mse_qk(const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& qt,
+                                         const at::Tensor& kt, const at::Tensor& mask, double scale_s,
+                                         double scale_t, bool need_grad) {
+  constexpr const char* op = "attention_mse_qk";
+  check_float(qs, op, "qs", 4);
+  check_float(ks, op, "ks", 4);
+  check_float(qt, op, "qt", 4);
+  check_float(kt, op, "kt", 4);
+  check_mask(mask, op, "mask", 2);
+  check_same_device(ks, qs, op, "ks");
+  check_same_device(qt, qs, op, "qt");
+  check_same_device(kt, qs, op, "kt");
+  check_same_device(mask, qs, op, "mask");
+  const int64_t B = qs.size(0), H = qs.size(1), S = qs.size(2), ds = qs.size(3), dt = qt.size(3);
+  check_shape(ks, qs.sizes(), op, "ks");
+  check_shape(qt, {B, H, S, dt}, op, "qt (teacher queries: same B, H, S as qs)");
+  check_shape(kt, qt.sizes(), op, "kt");
+  check_shape(mask, {B, S}, op, "mask");
+  TORCH_CHECK(ds <= kMaxHeadDim && dt <= kMaxHeadDim, op, ": head dims up to ", kMaxHeadDim,
+              " are supported, got ds=", ds, ", dt=", dt);
+
+  const c10::cuda::CUDAGuard guard(qs.device());
+  at::Tensor dqs, dks;
+  if (need_grad) {
+    dqs = at::empty_like(qs);  // fully written by the kernels
+    dks = at::empty_like(ks);
+  }
+  at::Tensor loss_sum = fastkd::cuda::attention_mse_qk_launch(qs, ks, qt, kt, mask, scale_s, scale_t, dqs, dks);
+  return {loss_sum, dqs, dks};
+}
+
+// s, t (B,H,S,S); mask (B,S) bool -> {loss_sum, grad = 2 (s - t) valid}.
+std::vector<at::Tensor> attention_mse_scores(const at::Tensor& s, const at::Tensor& t, const at::Tensor& mask,
+                                             bool need_grad) {
+  constexpr const char* op = "attention_mse_scores";
+  check_float(s, op, "s", 4);
+  check_float(t, op, "t", 4);
+  check_mask(mask, op, "mask", 2);
+  check_same_device(t, s, op, "t");
+  check_same_device(mask, s, op, "mask");
+  const int64_t B = s.size(0), S = s.size(2);
+  TORCH_CHECK(s.size(3) == S, op, ": s must be (B, H, S, S) scores, got shape ", s.sizes());
+  check_shape(t, s.sizes(), op, "t");
+  check_shape(mask, {B, S}, op, "mask");
+
+  const c10::cuda::CUDAGuard guard(s.device());
+  at::Tensor grad;
+  if (need_grad) grad = at::empty_like(s);  // fully written by the kernel
+  at::Tensor loss_sum = fastkd::cuda::attention_mse_scores_launch(s, t, mask, grad);
+  return {loss_sum, grad};
+}
+
+// hs (N,Ds), ht (N,Dt), row_mask (N,) bool, weight (Dt,Ds) or empty (identity), bias (Dt,) or empty
+// -> {loss_sum, dhs, dweight or undefined, dbias or undefined}, loss_sum = sum over masked rows of
+// |hs W^T + b - ht|^2. Rows go by chunks of chunk_rows so the projection P is never held whole.
+std::vector<at::Tensor> projected_mse(const at::Tensor& hs, const at::Tensor& ht, const at::Tensor& row_mask,
+                                      const at::Tensor& weight, const at::Tensor& bias, bool need_grad,
+                                      int64_t chunk_rows) {
+  constexpr const char* op = "projected_mse";
+  check_float(hs, op, "hs", 2);
+  check_float(ht, op, "ht", 2);
+  check_mask(row_mask, op, "row_mask", 1);
+  check_same_device(ht, hs, op, "ht");
+  check_same_device(row_mask, hs, op, "row_mask");
+  const int64_t N = hs.size(0), Ds = hs.size(1), Dt = ht.size(1);
+  TORCH_CHECK(ht.size(0) == N, op, ": ht must have as many rows as hs (", N, "), got shape ", ht.sizes());
+  check_shape(row_mask, {N}, op, "row_mask");
+  const bool has_weight = !absent(weight), has_bias = !absent(bias);
+  if (has_weight) {
+    check_float(weight, op, "weight", 2);
+    check_same_device(weight, hs, op, "weight");
+    check_shape(weight, {Dt, Ds}, op, "weight (Dt, Ds)");
+  } else {
+    TORCH_CHECK(Ds == Dt, op, ": without a weight (identity) the widths must match, got Ds=", Ds, ", Dt=", Dt);
+  }
+  if (has_bias) {
+    check_float(bias, op, "bias", 1);
+    check_same_device(bias, hs, op, "bias");
+    check_shape(bias, {Dt}, op, "bias (Dt,)");
+  }
+  TORCH_CHECK(chunk_rows > 0, op, ": chunk_rows must be positive, got ", chunk_rows);
+
+  const c10::cuda::CUDAGuard guard(hs.device());
+  at::Tensor dhs, dweight, dbias;
+  if (need_grad) {
+    dhs = at::empty_like(hs);  // every chunk writes its rows
+    if (has_weight) dweight = at::zeros_like(weight);
+    if (has_bias) dbias = at::zeros_like(bias);
+  }
+  // P = hs_chunk W^T + b, reused by every chunk. With a weight the residual kernel overwrites P by
+  // G = 2 (P - ht) mask in place; with the identity G is dhs_chunk itself and is written there.
+  // Identity without bias needs no buffer: P is hs_chunk, read only.
+  const int64_t buffer_rows = std::min(chunk_rows, N);
+  at::Tensor buffer;
+  if (has_weight || has_bias) buffer = at::empty({buffer_rows, Dt}, hs.options());
+
+  std::vector<at::Tensor> partials;
+  for (int64_t r0 = 0; r0 < N; r0 += chunk_rows) {
+    const int64_t rows = std::min(chunk_rows, N - r0);
+    const at::Tensor hs_c = hs.narrow(0, r0, rows);  // row slices of contiguous tensors: contiguous
+    const at::Tensor ht_c = ht.narrow(0, r0, rows);
+    const at::Tensor mask_c = row_mask.narrow(0, r0, rows);
+    at::Tensor p = hs_c;
+    if (has_weight || has_bias) {
+      p = buffer.narrow(0, 0, rows);
+      if (has_weight && has_bias) at::addmm_out(p, bias, hs_c, weight.t());
+      else if (has_weight) at::mm_out(p, hs_c, weight.t());
+      else at::add_out(p, hs_c, bias);
+    }
+    at::Tensor g;  // undefined: loss only
+    if (need_grad) g = has_weight ? p : dhs.narrow(0, r0, rows);
+    partials.push_back(fastkd::cuda::projected_mse_residual_launch(p, ht_c, mask_c, g));
+    if (!need_grad) continue;
+    if (has_weight) {
+      at::Tensor dhs_c = dhs.narrow(0, r0, rows);
+      at::mm_out(dhs_c, g, weight);      // (rows, Dt) @ (Dt, Ds)
+      dweight.addmm_(g.t(), hs_c);       // += (Dt, rows) @ (rows, Ds)
+    }
+    if (has_bias) dbias.add_(g.sum(0));  // += (Dt,)
+  }
+  at::Tensor loss_sum = partials.empty() ? at::zeros({}, hs.options()) : at::cat(partials).sum();
+  return {loss_sum, dhs, dweight, dbias};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastkd fused distillation losses, CUDA backend (unnormalised loss sums and their gradients)";
+  m.def("attention_mse_qk", &attention_mse_qk,
+        "Attention-score MSE from Q/K without an S x S tensor: {loss_sum, dqs, dks}", py::arg("qs"), py::arg("ks"),
+        py::arg("qt"), py::arg("kt"), py::arg("mask"), py::arg("scale_s"), py::arg("scale_t"), py::arg("need_grad"));
+  m.def("attention_mse_scores", &attention_mse_scores, "Attention-score MSE from scores: {loss_sum, grad}",
+        py::arg("s"), py::arg("t"), py::arg("mask"), py::arg("need_grad"));
+  m.def("projected_mse", &projected_mse,
+        "Hidden-state MSE through a projection, by row chunks: {loss_sum, dhs, dweight, dbias}", py::arg("hs"),
+        py::arg("ht"), py::arg("row_mask"), py::arg("weight"), py::arg("bias"), py::arg("need_grad"),
+        py::arg("chunk_rows"));
+}

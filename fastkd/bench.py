@@ -1,0 +1,232 @@
+"""`fastkd bench`: distillation-step throughput of each loss backend, measured side by side.
+
+What a user runs on their own hardware before a long distillation: for one teacher, student shape,
+mapping, batch and sequence length, whole optimizer steps (teacher forward, student forward, losses,
+backward, AdamW) are timed after a warm-up, for every loss backend present, with fresh and identical
+students. Ratios are taken against the `torch` reference measured in the same process. Peak memory is
+the allocator's peak on a GPU; on a CPU, the resident-set high-water mark above the level at the
+start of the measurement (freed heap memory is returned to the OS first, so each backend starts even).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import fused
+from .config import DistillConfig
+from .device import pick_device
+from .distill import Distiller, loss_weights
+from .errors import UserError
+from .losses import DistillLoss
+from .mapping import parse_mapping
+from .models import build_student, load_teacher, load_tokenizer, student_shape
+from .teacher import Teacher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchConfig:
+    teacher: str = "default"
+    student_layers: int = 3
+    student_hidden: int | None = None
+    student_heads: int | None = None
+    student_ffn: int | None = None
+    mapping: str = "uniform"
+    batch_size: int = 32
+    seq_len: int = 128
+    steps: int = 10
+    warmup: int = 2
+    bf16: bool = False
+    backends: list[str] = field(default_factory=lambda: ["all"])
+    device: str = "auto"
+    w_attention_kl: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name, value, low in (("--batch-size", self.batch_size, 1), ("--seq-len", self.seq_len, 8),
+                                 ("--steps", self.steps, 1), ("--warmup", self.warmup, 0)):
+            if value < low:
+                raise UserError(f"{name} must be at least {low} (got {value})")
+        unknown = [b for b in self.backends if b not in ("all",) + fused.BACKENDS]
+        if unknown:
+            raise UserError(f"--backends: unknown {', '.join(unknown)}; choose from all, {', '.join(fused.BACKENDS)}")
+
+
+# --- memory ---------------------------------------------------------------------------------
+
+def _trim_heap() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _status_kib(field_name: str) -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return float("nan")
+
+
+class PeakMemory:
+    """Extra bytes at the peak of a block, in MiB, over the level at its start."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            _trim_heap()
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # restart the high-water mark (Linux)
+            except OSError:
+                pass
+            self.start = _status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = _status_kib("VmHWM") * 1024
+        self.extra_mib = max(0.0, (peak - self.start) / 2 ** 20)
+        return False
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- the measurement ------------------------------------------------------------------------
+
+def present_backends(requested: list[str], device: torch.device) -> tuple[list[str], dict[str, str]]:
+    """The backends to measure (torch first: the reference) and why the others are missing."""
+    wanted = list(fused.BACKENDS) if "all" in requested else list(dict.fromkeys(["torch"] + requested))
+    present, missing = [], {}
+    for name in wanted:
+        if name == "triton" and device.type != "cuda":
+            missing[name] = "Triton kernels need a GPU (TRITON_INTERPRET=1 runs them on a CPU, for tests only)"
+            continue
+        why = fused.unavailable(name, device)
+        if why is None:
+            present.append(name)
+        else:
+            missing[name] = why
+    return present, missing
+
+
+def _batch(tokenizer, cfg: BenchConfig, device: torch.device) -> dict:
+    # Token values do not change the cost; every position is a real token (the worst case for the losses).
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(1000, tokenizer.vocab_size, (cfg.batch_size, cfg.seq_len), generator=gen)
+    ids[:, 0], ids[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+
+
+def measure_backend(backend: str, teacher_model, tokenizer, cfg: BenchConfig, device: torch.device) -> dict:
+    shape = student_shape(teacher_model.config, cfg.student_layers, cfg.student_hidden, cfg.student_heads,
+                          cfg.student_ffn)
+    mapping = parse_mapping(cfg.mapping, shape.layers, teacher_model.config.num_hidden_layers)
+    dcfg = DistillConfig(output="", corpus="", max_steps=cfg.steps + cfg.warmup, batch_size=cfg.batch_size,
+                         max_seq_len=cfg.seq_len, bf16=cfg.bf16, w_attention_kl=cfg.w_attention_kl, seed=cfg.seed,
+                         progress=False, loss_backend=backend)
+    torch.manual_seed(cfg.seed)
+    criterion = DistillLoss(mapping, shape.hidden, teacher_model.config.hidden_size, loss_weights(dcfg),
+                            backend=backend).to(device)
+    student = build_student(teacher_model, shape, "teacher", mapping, seed=cfg.seed).to(device)
+    teacher = Teacher(teacher_model, criterion.teacher_hidden_layers(), criterion.teacher_attention_layers(),
+                      autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
+    distiller = Distiller(dcfg, teacher, student, criterion, stream=None)
+    batch = _batch(tokenizer, cfg, device)
+
+    def step() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        distiller.train_step([(batch, teacher(batch["input_ids"], batch["attention_mask"]))])
+        _sync(device)
+        return time.perf_counter() - t0
+
+    for _ in range(cfg.warmup):
+        step()
+    with PeakMemory(device) as memory:
+        times = [step() for _ in range(cfg.steps)]
+    median = statistics.median(times)
+    seqs = cfg.batch_size
+    return {"backend": backend, "seq_per_s": round(seqs / median, 2), "tokens_per_s": round(seqs * cfg.seq_len / median, 1),
+            "step_s": round(median, 4), "step_s_stdev": round(statistics.pstdev(times), 4),
+            "peak_extra_mib": round(memory.extra_mib, 1), "student": shape.describe(), "mapping": mapping.text}
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    info = {"device": device.type, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    cfg.validate()
+    device = pick_device(cfg.device)
+    present, missing = present_backends(cfg.backends, device)
+    for name, why in missing.items():
+        log.info("backend %s not measured: %s", name, why)
+    tokenizer = load_tokenizer(cfg.teacher)
+    teacher_model = load_teacher(cfg.teacher).to(device)
+    if cfg.seq_len > teacher_model.config.max_position_embeddings:
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds the teacher's {teacher_model.config.max_position_embeddings} "
+                        "position embeddings")
+    rows = [measure_backend(b, teacher_model, tokenizer, cfg, device) for b in present]
+    reference = next((r for r in rows if r["backend"] == "torch"), None)
+    for r in rows:
+        if reference is not None:
+            r["speedup_vs_torch"] = round(reference["step_s"] / r["step_s"], 3)
+            r["memory_vs_torch"] = round(r["peak_extra_mib"] / reference["peak_extra_mib"], 3) \
+                if reference["peak_extra_mib"] > 0 else None
+    return {"settings": asdict(cfg), "environment": environment(device), "rows": rows, "missing": missing}
+
+
+COLUMNS = ["backend", "seq_per_s", "tokens_per_s", "step_s", "peak_extra_mib", "speedup_vs_torch", "memory_vs_torch"]
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in COLUMNS) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""Build the C++/CUDA loss extensions on first use (torch.utils.cpp_extension + ninja) and cache them.
+
+Modelled on DeepSpeed's op builders: the sources ship with the package, compile once per machine
+kind into $FASTKD_CACHE/extensions/<name>-<hash>, and a missing toolchain or device is one clear
+log line and a fallback, never a traceback in the middle of a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = {
+    "cpu": ["fused_loss_cpu.cpp"],
+    "cuda": ["fused_loss_cuda.cpp", "fused_loss_cuda_kernels.cu"],
+}
+_loaded: dict[str, object] = {}
+_failed: dict[str, str] = {}
+
+
+def source_dir() -> Path:
+    """csrc/ as installed (the package fastkd.csrc) or in a source checkout."""
+    return Path(str(resources.files("fastkd.csrc")))
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FASTKD_CACHE", Path.home() / ".cache" / "fastkd")) / "extensions"
+
+
+def _cpu_signature() -> str:
+    # -march=native code must not be reused on another CPU kind (a shared cache on a cluster).
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line
+                break
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+def _flags(kind: str) -> tuple[list[str], list[str], list[str]]:
+    cflags = ["-O3", "-std=c++17"]
+    ldflags: list[str] = []
+    if kind == "cpu":
+        if platform.machine() in ("x86_64", "AMD64"):
+            cflags.append("-march=native")
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    cuda = ["-O3", "-std=c++17", "--use_fast_math"] if kind == "cuda" else []
+    return cflags, ldflags, cuda
+
+
+def _build_key(kind: str) -> str:
+    h = hashlib.sha256()
+    for name in SOURCES[kind]:
+        h.update((source_dir() / name).read_bytes())
+    for header in sorted(source_dir().glob("*.h")):
+        h.update(header.read_bytes())
+    h.update(repr(_flags(kind)).encode())
+    h.update(f"{torch.__version__}|{sys.version}|{_cpu_signature() if kind == 'cpu' else ''}".encode())
+    return h.hexdigest()[:16]
+
+
+def _why_not(kind: str) -> str | None:
+    """A reason the extension cannot be built here, or None."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible"
+        if torch.version.cuda is None:
+            return "this torch build has no CUDA"
+    # pip's ninja lives beside the interpreter, which is not on PATH unless the venv is activated.
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    if not is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) on PATH"
+    return None
+
+
+def load(kind: str):
+    """The compiled module for `kind` ('cpu' or 'cuda'), or None (with one log line) when it cannot be had."""
+    if kind in _loaded:
+        return _loaded[kind]
+    if kind in _failed:
+        return None
+    reason = _why_not(kind)
+    module = None
+    if reason is None:
+        from torch.utils.cpp_extension import load as cpp_load
+
+        key = _build_key(kind)
+        build_dir = cache_root() / f"fastkd_fused_{kind}-{key}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cflags, ldflags, cuda = _flags(kind)
+        if not any(build_dir.glob("*.so")):
+            log.info("building the %s loss extension (first use, about a minute) in %s", kind, build_dir)
+        try:
+            # The module name carries the key: two versions never collide in one process or one cache.
+            module = cpp_load(name=f"fastkd_fused_{kind}_{key}", sources=[str(source_dir() / s) for s in SOURCES[kind]],
+                              extra_cflags=cflags, extra_ldflags=ldflags, extra_cuda_cflags=cuda or None,
+                              build_directory=str(build_dir), verbose=False)
+        except Exception as exc:  # a compiler error, a missing header: fall back, say why in one line
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            first = next((line for line in lines if "error:" in line), lines[0] if lines else type(exc).__name__)
+            reason = f"the build failed ({first[-200:]}); details: rebuild with FASTKD_VERBOSE_BUILD=1"
+            if os.environ.get("FASTKD_VERBOSE_BUILD"):
+                raise
+    if module is None:
+        _failed[kind] = reason
+        log.warning("fastkd: %s loss backend unavailable: %s", "cpp" if kind == "cpu" else "cuda", reason)
+        return None
+    _loaded[kind] = module
+    return module
+
+
+def unavailable_reason(kind: str) -> str | None:
+    return _failed.get(kind)

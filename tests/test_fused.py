@@ -1,0 +1,275 @@
+"""The C++ (CPU) loss backend against the torch reference: values and gradients on fresh random inputs.
+
+The extension is compiled on first use (about half a minute); a build failure fails these tests
+rather than falling back, because CI has the toolchain.
+"""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from fastkd import fused, losses
+from fastkd.errors import UserError
+from fastkd.fused import builder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpp_module():
+    module = builder.load("cpu")
+    assert module is not None, f"the C++ loss extension did not build: {builder.unavailable_reason('cpu')}"
+    return module
+
+
+def _mask(B, S, gen, padded_rows=(), full_padding=False):
+    lengths = torch.randint(1, S + 1, (B,), generator=gen)
+    mask = (torch.arange(S)[None, :] < lengths[:, None]).long()
+    for r in padded_rows:
+        mask[r] = 0  # an all-padded row is legal: it contributes nothing
+    if full_padding:
+        mask[:] = 0
+    return mask
+
+
+def _qk(B, H, S, d, gen, dtype=torch.float32, grad=True):
+    q = torch.randn(B, H, S, d, generator=gen).to(dtype)
+    k = torch.randn(B, H, S, d, generator=gen).to(dtype)
+    return q.requires_grad_(grad), k.requires_grad_(grad)
+
+
+def _reference_qk(qs, ks, qt, kt, mask, ss, st):
+    return losses.attention_mse(losses.attention_scores(qs, ks, ss), losses.attention_scores(qt, kt, st), mask)
+
+
+def _grads(loss, inputs):
+    return torch.autograd.grad(loss, inputs)
+
+
+# Shapes chosen to take each algorithm of the C++ kernel (see prefer_gram in csrc/fused_loss_cpu.cpp):
+# a narrow head against a long sequence takes the Gram form, a wide one against a short sequence the
+# tiled form; 1 and 37 are odd lengths, 70 is not a multiple of the 64-row tile.
+QK_SHAPES = [
+    (2, 3, 37, 8, 12),    # tiled
+    (2, 2, 70, 4, 4),     # gram (d=8 << S)
+    (3, 12, 33, 32, 32),  # tiled, MiniLM-like heads
+    (1, 4, 1, 16, 8),     # a single token
+    (2, 2, 130, 40, 24),  # gram, ds != dt, two 64-row tiles and a remainder for the tiled estimate
+]
+
+
+@pytest.mark.parametrize("B,H,S,ds,dt", QK_SHAPES)
+@pytest.mark.parametrize("padding", ["random", "padded_row", "none"])
+def test_attention_qk_matches_reference(B, H, S, ds, dt, padding):
+    gen = torch.Generator().manual_seed(B * 1000 + S + ds)
+    qs, ks = _qk(B, H, S, ds, gen)
+    qt, kt = _qk(B, H, S, dt, gen, grad=False)
+    mask = torch.ones(B, S, dtype=torch.long) if padding == "none" else _mask(
+        B, S, gen, padded_rows=(B - 1,) if padding == "padded_row" and B > 1 else ())
+    ss, st = ds ** -0.5, dt ** -0.5
+    ref = _reference_qk(qs, ks, qt, kt, mask, ss, st)
+    got = fused.attention_mse_qk(qs, ks, qt, kt, mask, ss, st, "cpp")
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+    for g, r in zip(_grads(got, [qs, ks]), _grads(ref, [qs, ks])):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_qk_every_row_padded_is_zero_with_zero_gradients():
+    gen = torch.Generator().manual_seed(3)
+    qs, ks = _qk(2, 2, 9, 8, gen)
+    qt, kt = _qk(2, 2, 9, 8, gen, grad=False)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    got = fused.attention_mse_qk(qs, ks, qt, kt, mask, 0.3, 0.3, "cpp")
+    assert got.item() == 0.0
+    assert all(torch.count_nonzero(g) == 0 for g in _grads(got, [qs, ks]))
+
+
+def test_attention_qk_teacher_gets_no_gradient_and_student_dtype_is_kept():
+    gen = torch.Generator().manual_seed(4)
+    qs, ks = _qk(2, 2, 11, 8, gen, dtype=torch.bfloat16)
+    qt, kt = _qk(2, 2, 11, 8, gen, grad=False)
+    got = fused.attention_mse_qk(qs, ks, qt, kt, torch.ones(2, 11), 0.35, 0.35, "cpp")
+    got.backward()
+    assert qs.grad.dtype == torch.bfloat16 and ks.grad.dtype == torch.bfloat16
+    assert qt.grad is None and kt.grad is None
+
+
+def test_attention_qk_bf16_inputs_match_reference_on_the_same_values():
+    gen = torch.Generator().manual_seed(5)
+    qs, ks = _qk(2, 4, 29, 16, gen, dtype=torch.bfloat16)
+    qt, kt = _qk(2, 4, 29, 16, gen, dtype=torch.bfloat16, grad=False)
+    mask = _mask(2, 29, gen)
+    got = fused.attention_mse_qk(qs, ks, qt, kt, mask, 0.25, 0.25, "cpp")
+    # The reference on the same bf16-rounded values, computed in float32.
+    q32, k32 = qs.detach().float().requires_grad_(), ks.detach().float().requires_grad_()
+    ref = _reference_qk(q32, k32, qt.float(), kt.float(), mask, 0.25, 0.25)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+    for g, r in zip(_grads(got, [qs, ks]), _grads(ref, [q32, k32])):
+        torch.testing.assert_close(g.float(), r, rtol=1e-2, atol=1e-3)  # bf16 gradient storage
+
+
+def test_attention_qk_different_head_counts_compare_head_averaged_scores():
+    gen = torch.Generator().manual_seed(6)
+    qs, ks = _qk(2, 4, 21, 8, gen)
+    qt, kt = _qk(2, 6, 21, 16, gen, grad=False)
+    mask = _mask(2, 21, gen)
+    ref = _reference_qk(qs, ks, qt, kt, mask, 8 ** -0.5, 16 ** -0.5)  # the reference averages the scores
+    got = fused.attention_mse_qk(qs, ks, qt, kt, mask, 8 ** -0.5, 16 ** -0.5, "cpp")
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+    for g, r in zip(_grads(got, [qs, ks]), _grads(ref, [qs, ks])):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_qk_close_student_and_teacher_keep_precision():
+    # The Gram form is a difference of large sums; float64 Gram matrices keep a near-zero loss exact.
+    gen = torch.Generator().manual_seed(7)
+    qt, kt = _qk(2, 3, 96, 8, gen, grad=False)
+    qs = (qt + 1e-3 * torch.randn(qt.shape, generator=gen)).requires_grad_()
+    ks = (kt + 1e-3 * torch.randn(kt.shape, generator=gen)).requires_grad_()
+    mask = torch.ones(2, 96)
+    d = lambda x: x.detach().double()  # noqa: E731
+    ref = (0.35 * (d(qs) @ d(ks).transpose(-1, -2) - d(qt) @ d(kt).transpose(-1, -2))).pow(2).mean()
+    got = fused.attention_mse_qk(qs, ks, qt, kt, mask, 0.35, 0.35, "cpp")
+    assert ref.item() < 1e-4  # about 1e-6 of the scores' own mean square: the cancellation is real
+    assert got.item() == pytest.approx(ref.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("B,H,S", [(2, 3, 17), (1, 12, 64), (3, 1, 1)])
+def test_attention_scores_matches_reference(B, H, S):
+    gen = torch.Generator().manual_seed(S)
+    s = torch.randn(B, H, S, S, generator=gen, requires_grad=True)
+    t = torch.randn(B, H, S, S, generator=gen)
+    mask = _mask(B, S, gen, padded_rows=(0,) if B > 1 else ())
+    ref = losses.attention_mse(s, t, mask)
+    got = fused.attention_mse_scores(s, t, mask, "cpp")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(_grads(got, [s])[0], _grads(ref, [s])[0], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("Ds,Dt,bias", [(8, 12, True), (12, 12, False), (16, 16, None), (24, 7, True)])
+def test_hidden_matches_reference(Ds, Dt, bias):
+    gen = torch.Generator().manual_seed(Ds * 31 + Dt)
+    B, S = 3, 19
+    hs = torch.randn(B, S, Ds, generator=gen, requires_grad=True)
+    ht = torch.randn(B, S, Dt, generator=gen)
+    mask = _mask(B, S, gen, padded_rows=(1,))
+    torch.manual_seed(Ds)
+    proj = None if bias is None else nn.Linear(Ds, Dt, bias=bias)
+    params = [hs] + ([] if proj is None else list(proj.parameters()))
+    ref = losses.hidden_mse(hs, ht, mask, proj)
+    ref_grads = _grads(ref, params)
+    old_chunk = fused.HIDDEN_CHUNK_ROWS
+    fused.HIDDEN_CHUNK_ROWS = 16  # several chunks and a remainder (57 rows)
+    try:
+        got = fused.hidden_mse(hs, ht, mask, proj, "cpp")
+    finally:
+        fused.HIDDEN_CHUNK_ROWS = old_chunk
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+    for g, r in zip(_grads(got, params), ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_float64_gradcheck_of_every_cpp_op():
+    from fastkd.fused.extension import AttentionMseQK, AttentionMseScores, ProjectedMse
+
+    gen = torch.Generator().manual_seed(8)
+    d64 = dict(dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+    count = fused._pair_count(mask, 2).double()
+    qs, ks = (torch.randn(2, 2, 5, 3, generator=gen, **d64).requires_grad_() for _ in range(2))
+    qt, kt = (torch.randn(2, 2, 5, 4, generator=gen, **d64) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda a, b: AttentionMseQK.apply(a, b, qt, kt, mask, 0.5, 0.4, count), (qs, ks))
+    s = torch.randn(2, 2, 5, 5, generator=gen, **d64).requires_grad_()
+    t = torch.randn(2, 2, 5, 5, generator=gen, **d64)
+    assert torch.autograd.gradcheck(lambda a: AttentionMseScores.apply(a, t, mask, count), (s,))
+    hs = torch.randn(10, 3, generator=gen, **d64).requires_grad_()
+    ht = torch.randn(10, 4, generator=gen, **d64)
+    w = torch.randn(4, 3, generator=gen, **d64).requires_grad_()
+    b = torch.randn(4, generator=gen, **d64).requires_grad_()
+    rows = mask.reshape(-1).bool()
+    n = rows.sum().double() * 4
+    assert torch.autograd.gradcheck(lambda x, y, z: ProjectedMse.apply(x, ht, rows, y, z, n, 3), (hs, w, b))
+
+
+def test_distill_loss_uses_the_backend_and_matches_the_reference():
+    from fastkd.capture import AttentionRecord
+    from fastkd.losses import DistillLoss, LossWeights
+    from fastkd.mapping import LayerMapping
+    from fastkd.teacher import TeacherOutputs
+
+    gen = torch.Generator().manual_seed(9)
+    B, S, H = 2, 13, 2
+    mask = _mask(B, S, gen)
+    weights = LossWeights(embedding=1.0, hidden=1.0, attention=1.0, attention_kl=0.5)
+    student_hidden = [torch.randn(B, S, 8, generator=gen, requires_grad=True) for _ in range(3)]
+    teacher_hidden = {i: torch.randn(B, S, 12, generator=gen) for i in range(5)}
+    rec = lambda d, g=True: AttentionRecord(*_qk(B, H, S, d, gen, grad=g), d ** -0.5)  # noqa: E731
+    student_att = {1: rec(4), 2: rec(4)}
+    teacher_att = {2: rec(6, False), 4: rec(6, False)}
+    out = {}
+    for backend in ("torch", "cpp"):
+        torch.manual_seed(0)
+        criterion = DistillLoss(LayerMapping((2, 4), 4), 8, 12, weights, backend=backend)
+        result = criterion(student_hidden, student_att, TeacherOutputs(teacher_hidden, teacher_att, mask))
+        grads = torch.autograd.grad(result.total, student_hidden + [student_att[1].query, student_att[2].key])
+        out[backend] = (result.scalars(), grads)
+    assert set(out["cpp"][0]) == {"embedding", "hidden", "attention", "attention_kl"}
+    for k, v in out["torch"][0].items():
+        assert out["cpp"][0][k] == pytest.approx(v, rel=1e-5)
+    for g, r in zip(out["cpp"][1], out["torch"][1]):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
+
+
+def test_backend_resolution(monkeypatch, caplog):
+    fused._resolved.clear()
+    assert fused.resolve_backend("auto", "cpu") == "cpp"
+    assert fused.resolve_backend("torch", "cpu") == "torch"
+    with caplog.at_level(logging.WARNING):
+        assert fused.resolve_backend("cuda", "cpu") == "cpp"  # missing: one line, then the next backend
+    assert sum("cuda unavailable" in r.getMessage() for r in caplog.records) == 1
+    monkeypatch.setenv(fused.ENV, "torch")
+    assert fused.resolve_backend(None, "cpu") == "torch"
+    with pytest.raises(UserError, match="not one of"):
+        fused.resolve_backend("fast", "cpu")
+    fused._resolved.clear()
+
+
+def test_a_failed_build_falls_back_to_torch_with_one_line(monkeypatch, caplog):
+    monkeypatch.setattr(builder, "_loaded", {})
+    monkeypatch.setattr(builder, "_failed", {})
+    monkeypatch.setattr(builder, "_why_not", lambda kind: "no C++ compiler (c++) on PATH")
+    monkeypatch.setattr(fused, "_resolved", {})
+    with caplog.at_level(logging.WARNING):
+        assert fused.resolve_backend("auto", "cpu") == "torch"
+        assert fused.resolve_backend("auto", "cpu") == "torch"
+    lines = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert lines == ["fastkd: cpp loss backend unavailable: no C++ compiler (c++) on PATH"]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_every_fused_backend_drives_distill_loss_like_the_reference(backend):
+    # Different head counts (student 2, teacher 3), a width projection and padding, through DistillLoss.
+    from fastkd.capture import AttentionRecord
+    from fastkd.losses import DistillLoss, LossWeights
+    from fastkd.mapping import LayerMapping
+    from fastkd.teacher import TeacherOutputs
+
+    gen = torch.Generator().manual_seed(10)
+    B, S = 2, 11
+    mask = _mask(B, S, gen, padded_rows=(1,))
+    student_hidden = [torch.randn(B, S, 16, generator=gen, requires_grad=True) for _ in range(2)]
+    teacher_hidden = {i: torch.randn(B, S, 24, generator=gen) for i in range(3)}
+    student_att = {1: AttentionRecord(*_qk(B, 2, S, 8, gen), 8 ** -0.5)}
+    teacher_att = {2: AttentionRecord(*_qk(B, 3, S, 8, gen, grad=False), 8 ** -0.5)}
+    results = {}
+    for name in ("torch", backend):
+        torch.manual_seed(0)
+        criterion = DistillLoss(LayerMapping((2,), 2), 16, 24, LossWeights(), backend=name)
+        assert criterion.backend(torch.device("cpu")) == name
+        out = criterion(student_hidden, student_att, TeacherOutputs(teacher_hidden, teacher_att, mask))
+        inputs = student_hidden + [student_att[1].query, student_att[1].key] + list(criterion.parameters())
+        results[name] = (out.scalars(), torch.autograd.grad(out.total, inputs))
+    for k, v in results["torch"][0].items():
+        assert results[backend][0][k] == pytest.approx(v, rel=1e-5)
+    for g, r in zip(results[backend][1], results["torch"][1]):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
