@@ -5,7 +5,10 @@ mapping, on the shared WikiText-2 corpus. Times whole optimizer steps (teacher f
 forward, losses, backward, AdamW) after warm-up, and separately the teacher forward, so the share of
 the step the teacher costs is known.
 
-    python benchmarks/distill_step.py [--steps 10 --batch-size 32 --seq-len 128 --student-layers 3]
+    python benchmarks/distill_step.py [--bf16 --backends torch,cpp --steps 10 --batch-size 32 --seq-len 128]
+
+Each loss backend is measured in the same process, the torch reference first; the speedup column
+is the reference's step time over the backend's.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import peak_rss_mib, reset_peak_rss, rss_mib, table, write_result  # noqa: E402
 
+from fastkd.bench import trim_heap  # noqa: E402
 from fastkd.config import DistillConfig  # noqa: E402
 from fastkd.distill import build_run  # noqa: E402
 
@@ -37,6 +41,7 @@ def _sync(device) -> None:
 def measure(cfg: DistillConfig, steps: int, warmup: int) -> dict:
     run = build_run(cfg)
     d = run.distiller
+    trim_heap()  # memory freed by an earlier measurement goes back to the OS: each starts even
     reset_peak_rss()
     before = rss_mib()  # weights, corpus map, libraries
     for _ in range(warmup):
@@ -60,7 +65,7 @@ def measure(cfg: DistillConfig, steps: int, warmup: int) -> dict:
     teacher = statistics.median(teacher_times)
     seqs = cfg.batch_size * cfg.grad_accum
     return {
-        "mode": "bf16" if cfg.bf16 else "fp32", "batch": seqs, "seq_len": cfg.max_seq_len,
+        "mode": "bf16" if cfg.bf16 else "fp32", "loss_backend": d.criterion.backend(d.device), "batch": seqs, "seq_len": cfg.max_seq_len,
         "student": run.shape.describe(), "mapping": run.mapping.text,
         "step_s": round(step, 4), "step_s_stdev": round(statistics.pstdev(step_times), 4),
         "teacher_forward_s": round(teacher, 4), "teacher_share": round(teacher / step, 3),
@@ -79,18 +84,25 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--bf16", action="store_true", help="also measure bf16 autocast")
+    p.add_argument("--backends", default="torch,cpp", help="loss backends to compare (torch = the reference)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     rows = []
     for bf16 in ([False, True] if args.bf16 else [False]):
-        with tempfile.TemporaryDirectory() as out:
-            cfg = DistillConfig(output=out, corpus=args.corpus, teacher=args.teacher, student_layers=args.student_layers,
-                                max_seq_len=args.seq_len, batch_size=args.batch_size,
-                                max_steps=args.steps + args.warmup + 1, bf16=bf16, progress=False)
-            rows.append(measure(cfg, args.steps, args.warmup))
-    print(table(rows, ["mode", "batch", "seq_len", "student", "seq_per_s", "tokens_per_s", "step_s",
-                       "teacher_share", "rss_before_mib", "peak_rss_mib"]))
+        reference = None
+        for backend in args.backends.split(","):
+            with tempfile.TemporaryDirectory() as out:
+                cfg = DistillConfig(output=out, corpus=args.corpus, teacher=args.teacher,
+                                    student_layers=args.student_layers, max_seq_len=args.seq_len,
+                                    batch_size=args.batch_size, max_steps=args.steps + args.warmup + 1, bf16=bf16,
+                                    progress=False, loss_backend=backend)
+                row = measure(cfg, args.steps, args.warmup)
+            reference = reference or row
+            row["speedup_vs_torch"] = round(reference["step_s"] / row["step_s"], 3)
+            rows.append(row)
+    print(table(rows, ["mode", "loss_backend", "batch", "seq_len", "seq_per_s", "tokens_per_s", "step_s",
+                       "speedup_vs_torch", "teacher_share", "rss_before_mib", "peak_rss_mib"]))
     path = write_result("distill_step", {"teacher": args.teacher, "threads": torch.get_num_threads(), "rows": rows})
     print(f"wrote {path}")
 

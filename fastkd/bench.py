@@ -63,7 +63,7 @@ class BenchConfig:
 
 # --- memory ---------------------------------------------------------------------------------
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -92,7 +92,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
         else:
-            _trim_heap()
+            trim_heap()
             try:
                 Path("/proc/self/clear_refs").write_text("5")  # restart the high-water mark (Linux)
             except OSError:

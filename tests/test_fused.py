@@ -273,3 +273,23 @@ def test_every_fused_backend_drives_distill_loss_like_the_reference(backend):
         assert results[backend][0][k] == pytest.approx(v, rel=1e-5)
     for g, r in zip(results[backend][1], results["torch"][1]):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_gpu_backends_take_the_merged_reference_for_heads_wider_than_their_tiles(monkeypatch):
+    # Different head counts merge into one wide head; past the GPU tile limit the merged (B, 1, S, S)
+    # scores go through the reference, and the value and gradients still equal the reference's.
+    import fastkd.kernels as fk
+
+    called = []
+    monkeypatch.setattr(fk, "attention_mse_qk", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(fused, "GPU_MAX_HEAD_DIM", 16)
+    gen = torch.Generator().manual_seed(11)
+    qs, ks = _qk(2, 2, 9, 12, gen)   # merged width 24 > 16
+    qt, kt = _qk(2, 3, 9, 4, gen, grad=False)
+    mask = _mask(2, 9, gen)
+    got = fused.attention_mse_qk(qs, ks, qt, kt, mask, 0.3, 0.5, "triton")
+    ref = _reference_qk(qs, ks, qt, kt, mask, 0.3, 0.5)
+    assert not called
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+    for g, r in zip(_grads(got, [qs, ks]), _grads(ref, [qs, ks])):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)

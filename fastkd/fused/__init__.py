@@ -12,7 +12,8 @@ the default.
 
 Head counts: equal counts compare head by head; different counts compare head-averaged scores. The
 head average of q_h k_h^T equals [q_1 .. q_H][k_1 .. k_H]^T / H, so the fused ops see one "head" of
-width H*d with the scale divided by H, and never average an S x S tensor.
+width H*d with the scale divided by H, and never average an S x S tensor. (The GPU kernels tile heads
+up to 128 wide; wider merged heads use the reference on the single (B, 1, S, S) merged score tensor.)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 CHOICES = ("auto",) + BACKENDS
 ENV = "FASTKD_LOSS_BACKEND"
+GPU_MAX_HEAD_DIM = 128  # widest head the Triton/CUDA attention kernels tile (registers / shared memory)
 HIDDEN_CHUNK_ROWS = 4096  # rows of the projected hidden state alive at once in the fused hidden loss (12 MiB at 768 wide)
 
 _resolved: dict[tuple[str, str], str] = {}
@@ -110,6 +112,11 @@ def attention_mse_qk(qs, ks, qt, kt, mask, scale_s: float, scale_t: float, backe
     if qs.shape[1] != qt.shape[1]:
         qs, ks, scale_s = _merge_heads(qs, ks, scale_s)
         qt, kt, scale_t = _merge_heads(qt, kt, scale_t)
+        if backend in ("triton", "cuda") and max(qs.shape[-1], qt.shape[-1]) > GPU_MAX_HEAD_DIM:
+            # Merged heads are too wide for the GPU tiles; their scores are one (B, 1, S, S) tensor,
+            # H times smaller than per-head scores, so the reference on them is affordable.
+            return reference.attention_mse(reference.attention_scores(qs, ks, scale_s),
+                                           reference.attention_scores(qt, kt, scale_t), mask)
     if backend == "triton":
         from .. import kernels
 
