@@ -88,6 +88,11 @@ def _add_distill(sub) -> None:
     o.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     o.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl rows")
     o.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    z = p.add_argument_group("DeepSpeed ZeRO (start with the deepspeed launcher or torchrun; see launch/)")
+    z.add_argument("--deepspeed", "--deepspeed_config", dest="deepspeed", default=None, metavar="CONFIG.json",
+                   help="distill under DeepSpeed with this ds_config (ZeRO-1/2/3, offload, bf16); its batch sizes must "
+                        "agree with --batch-size x --grad-accum x ranks (\"auto\" takes the flags)")
+    z.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_distill)
 
 
@@ -95,9 +100,20 @@ def _cmd_distill(args) -> int:
     from .config import DistillConfig
     from .distill import run_distill
 
-    values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "verbose")}
+    values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "verbose", "local_rank")}
     cfg = DistillConfig(**values)
-    student_dir = run_distill(cfg)
+    if cfg.deepspeed is not None:
+        import os
+
+        from .zero import run_distill_deepspeed
+
+        if args.local_rank is not None:  # the deepspeed launcher passes it; torchrun sets LOCAL_RANK
+            os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+        student_dir = run_distill_deepspeed(cfg)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
+    else:
+        student_dir = run_distill(cfg)
     if student_dir is None:
         print(f"stopped at step {cfg.stop_at_step}; continue with: fastkd distill ... --output {cfg.output} --resume")
     else:

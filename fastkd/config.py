@@ -50,6 +50,7 @@ class DistillConfig:
     progress: bool = True
     device: str = "auto"  # auto = cuda when available, else cpu
     loss_backend: str | None = None  # None: $FASTKD_LOSS_BACKEND or auto (fastkd.fused)
+    deepspeed: str | None = None  # a ds_config JSON: distill under DeepSpeed ZeRO (fastkd.zero)
 
     def to_dict(self) -> dict:
         return asdict(self)

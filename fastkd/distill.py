@@ -352,7 +352,7 @@ def run_distill(cfg: DistillConfig) -> Path | None:
     return export_run(run)
 
 
-def export_run(run: Run) -> Path:
+def export_run(run: Run, extra: dict | None = None) -> Path:
     cfg, distiller, mapping = run.cfg, run.distiller, run.mapping
     info = {
         "teacher": cfg.teacher, "teacher_layers": mapping.teacher_layers, "mapping": mapping.text,
@@ -364,19 +364,25 @@ def export_run(run: Run) -> Path:
         "steps": distiller.step, "global_batch": cfg.batch_size * cfg.grad_accum, "lr": cfg.lr, "seed": cfg.seed,
         "bf16": cfg.bf16, "loss_backend": distiller.criterion.backend(distiller.device),
         "skipped_steps": distiller.bad_steps, "seconds": round(distiller.elapsed, 1),
-        "final_losses": distiller.final_losses(),
+        "final_losses": distiller.final_losses(), **(extra or {}),
     }
     return export_student(distiller.student, run.tokenizer, run.output / "student", info)
 
 
-def train(distiller: Distiller, output: Path, metrics_path: Path) -> None:
+def train(distiller, output: Path, metrics_path: Path, save=None, is_main: bool = True) -> None:
+    """The step loop: metrics rows, progress bar and checkpoints every N steps.
+
+    `distiller` is a Distiller or a ZeroDistiller (same interface); `save(distiller, output, keep)`
+    writes a checkpoint (a collective under DeepSpeed, so every rank calls it); only the main rank
+    writes metrics and shows the bar."""
     cfg = distiller.cfg
-    seqs_per_step = cfg.batch_size * cfg.grad_accum
+    save = save or save_checkpoint
+    seqs_per_step = getattr(distiller, "seqs_per_step", cfg.batch_size * cfg.grad_accum)
     bar = tqdm(total=cfg.max_steps, initial=distiller.step, desc="distill", unit="step",
-               disable=not cfg.progress, dynamic_ncols=True)
+               disable=not (cfg.progress and is_main), dynamic_ncols=True)
     last_time, last_step = time.perf_counter(), distiller.step
     last = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
-    with open(metrics_path, "a", encoding="utf-8") as metrics:
+    with open(metrics_path if is_main else os.devnull, "a", encoding="utf-8") as metrics:
         while distiller.step < last:
             t0 = time.perf_counter()
             result = distiller.train_step()
@@ -399,5 +405,5 @@ def train(distiller: Distiller, output: Path, metrics_path: Path) -> None:
                 metrics.flush()
                 bar.set_postfix(loss=f"{result.loss:.4f}", seq_s=f"{rate:.1f}")
             if step % cfg.checkpoint_every == 0 or step == last:
-                save_checkpoint(distiller, output, cfg.keep_checkpoints)
+                save(distiller, output, cfg.keep_checkpoints)
     bar.close()

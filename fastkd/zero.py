@@ -1,0 +1,435 @@
+"""Distillation under DeepSpeed ZeRO: `fastkd distill ... --deepspeed CONFIG.json`.
+
+Started by the deepspeed launcher (one node or many), by torchrun, or as one plain process. Against
+the single-process Distiller, four things change:
+
+- the student and its projection layers are one module wrapped by `deepspeed.initialize`, so ZeRO
+  shards optimizer states (stage 1), gradients (2) and parameters (3); the teacher stays outside the
+  engine, frozen, one inference copy per rank (bf16/fp16 on GPUs);
+- every rank reads its own slice of each global batch from the same deterministic stream (global
+  batch = micro-batch x accumulation x world size, checked against the ds_config);
+- checkpoints are `engine.save_checkpoint` plus the stream position and every rank's RNG states,
+  and a checkpoint counts only once all of it is written (a `complete` marker), so `--resume` after
+  a rank was killed continues exactly;
+- the export gathers ZeRO-3 partitions and writes the same Hugging Face directory as single-process
+  distillation (float32 weights).
+
+The loss, its terms and the gradients mean the same as with one process: DeepSpeed averages the
+ranks' gradients, and the logged terms are averaged over ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import socket
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import get_linear_schedule_with_warmup
+
+from .config import DistillConfig
+from .corpus import BatchStream, load_corpus, sample_corpus
+from .distill import (NonFiniteAbort, Run, StepResult, _param_groups, _truncate_metrics, export_run, loss_weights,
+                      prepare_output, resolve, seed_everything, student_loss, train)
+from .errors import UserError
+from .io import atomic_write_json
+from .losses import DistillLoss
+from .models import build_student, load_student_dir, load_teacher, load_tokenizer
+from .teacher import Teacher
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "fastkd-complete"  # written last into a checkpoint tag: the tag is whole
+
+
+# --- the ds_config against the flags ------------------------------------------------------------
+
+def _check(config: dict, key: str, wanted, flag: str, path: str) -> None:
+    value = config.get(key, "auto")
+    if value == "auto":
+        config[key] = wanted
+    elif value != wanted:
+        raise UserError(f"--deepspeed {path}: {key} is {value!r} but the flags give {wanted!r} ({flag}): "
+                        f"make them agree, or set it to \"auto\"")
+
+
+def load_ds_config(path: str, cfg: DistillConfig, world: int) -> dict:
+    """The ds_config with every "auto" filled from the flags; a disagreement is one line (exit 2)."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"--deepspeed {path}: no such file (see launch/ for ready configs)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"--deepspeed {path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"--deepspeed {path}: the file must hold a JSON object")
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    _check(config, "train_micro_batch_size_per_gpu", cfg.batch_size, "--batch-size", path)
+    _check(config, "gradient_accumulation_steps", cfg.grad_accum, "--grad-accum", path)
+    _check(config, "train_batch_size", global_batch,
+           f"--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum} x {world} ranks", path)
+    _check(config, "gradient_clipping", cfg.clip_grad, "--clip-grad", path)
+    for half in ("bf16", "fp16"):
+        section = config.setdefault(half, {})
+        if section.get("enabled") == "auto":
+            section["enabled"] = cfg.bf16 if half == "bf16" else False
+    if config["bf16"].get("enabled") and not cfg.bf16:
+        raise UserError(f"--deepspeed {path}: bf16 is enabled in the config: pass --bf16 (or disable it there)")
+    if cfg.bf16 and not config["bf16"].get("enabled"):
+        if config["fp16"].get("enabled"):
+            raise UserError(f"--deepspeed {path}: fp16 is enabled in the config but --bf16 was passed: choose one")
+        config["bf16"]["enabled"] = True
+    if config["fp16"].get("enabled") and not torch.cuda.is_available():
+        raise UserError(f"--deepspeed {path}: fp16 training needs a GPU; use bf16 or fp32 on a CPU")
+    optimizer = config.get("optimizer")
+    if optimizer is not None:
+        params = optimizer.setdefault("params", {})
+        for key, value in (("lr", cfg.lr), ("weight_decay", cfg.weight_decay)):
+            if params.get(key, "auto") == "auto":
+                params[key] = value
+    scheduler = config.get("scheduler")
+    if scheduler is not None:
+        params = scheduler.setdefault("params", {})
+        for key, value in (("total_num_steps", cfg.max_steps), ("warmup_num_steps", int(cfg.warmup * cfg.max_steps)),
+                           ("warmup_max_lr", cfg.lr), ("warmup_min_lr", 0.0)):
+            if params.get(key) == "auto":
+                params[key] = value
+    config.setdefault("steps_per_print", 10 ** 9)  # fastkd logs its own metrics
+    config.setdefault("zero_allow_untested_optimizer", True)  # torch's AdamW as the client optimizer
+    config.setdefault("wall_clock_breakdown", False)
+    return config
+
+
+def zero_stage(config: dict) -> int:
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+# --- processes ------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world, local_rank), starting the process group; one plain process becomes a world of 1."""
+    if "RANK" not in os.environ:  # no launcher: a single-rank world on this machine
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+    import deepspeed
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    else:
+        # Ranks on one CPU share its cores: one thread pool each would oversubscribe it.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world, local_rank
+
+
+# --- the engine's module ------------------------------------------------------------------------
+
+class DistillModule(nn.Module):
+    """The student and its projection layers: everything the optimizer updates, in one module."""
+
+    def __init__(self, student: nn.Module, criterion: DistillLoss):
+        super().__init__()
+        self.student = student
+        self.criterion = criterion
+
+    def forward(self, input_ids, attention_mask, teacher_out):
+        out = student_loss(self.student, self.criterion, {"input_ids": input_ids, "attention_mask": attention_mask},
+                           teacher_out)
+        return out.total, out.terms
+
+
+class ZeroDistiller:
+    """The Distiller's training-loop interface (train_step, step, window, ...) over a DeepSpeed engine."""
+
+    def __init__(self, cfg: DistillConfig, engine, teacher: Teacher, stream: BatchStream, world: int, rank: int):
+        self.cfg = cfg
+        self.engine = engine
+        self.module = engine.module
+        self.student = self.module.student
+        self.criterion = self.module.criterion
+        self.teacher = teacher
+        self.stream = stream
+        self.world = world
+        self.rank = rank
+        self.device = engine.device
+        self.step = 0
+        self.bad_steps = 0
+        self.elapsed = 0.0
+        self.window: deque[dict] = deque(maxlen=max(1, cfg.log_every))
+        self.seqs_per_step = cfg.batch_size * cfg.grad_accum * world
+
+    @property
+    def scheduler(self):
+        return self.engine.lr_scheduler
+
+    def _mean_over_ranks(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+            t /= self.world
+        return t.tolist()
+
+    def train_step(self) -> StepResult:
+        cfg = self.cfg
+        self.engine.train()
+        totals: dict[str, float] = {}
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in self.stream.next().items()}
+            teacher_out = self.teacher(batch["input_ids"], batch["attention_mask"])
+            loss, terms = self.engine(batch["input_ids"], batch["attention_mask"], teacher_out)
+            # Every rank must agree to skip: a rank that stepped alone would desynchronise ZeRO.
+            finite = self._mean_over_ranks([float(torch.isfinite(loss.detach()))])[0] == 1.0
+            if not finite:
+                if cfg.grad_accum > 1:
+                    raise NonFiniteAbort(
+                        f"step {self.step + 1}: a non-finite loss in micro-batch {micro + 1} of {cfg.grad_accum}; under "
+                        "--deepspeed a partly accumulated step cannot be skipped: lower --lr, drop --bf16, or use "
+                        "--grad-accum 1; --resume continues from the last checkpoint")
+                self.stream.state.batches_done += cfg.grad_accum - micro - 1
+                self.bad_steps += 1
+                log.warning("step %d: non-finite loss, update skipped (%d so far)", self.step + 1, self.bad_steps)
+                if self.bad_steps >= cfg.max_bad_steps:
+                    raise NonFiniteAbort(
+                        f"aborted at step {self.step + 1}: {self.bad_steps} steps had a non-finite loss "
+                        f"(limit --max-bad-steps {cfg.max_bad_steps}); lower --lr, drop --bf16, or check the corpus")
+                self.step += 1
+                return StepResult(float("nan"), {}, float("nan"), True)
+            self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself
+            self.engine.step()  # updates (and steps the schedule) only at the accumulation boundary
+            names = sorted(terms)
+            means = self._mean_over_ranks([float(loss.detach())] + [float(terms[k].detach()) for k in names])
+            loss_sum += means[0] / cfg.grad_accum
+            for k, v in zip(names, means[1:]):
+                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
+        norm = self.engine.get_global_grad_norm()
+        self.step += 1
+        return StepResult(loss_sum, totals, float(norm) if norm is not None else float("nan"), False)
+
+    def final_losses(self) -> dict[str, float]:
+        keys = list(self.window[-1]) if self.window else []
+        return {k: float(np.mean([row[k] for row in self.window if k in row])) for k in keys}
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def checkpoint_root(output: Path) -> Path:
+    return output / "checkpoints"
+
+
+def complete_tags(output: Path) -> list[Path]:
+    """Checkpoint tags whose every part was written, oldest first."""
+    root = checkpoint_root(output)
+    return sorted(p for p in root.glob("step-*") if (p / COMPLETE).is_file()) if root.is_dir() else []
+
+
+def save_zero_checkpoint(d: ZeroDistiller, output: Path, keep: int) -> Path:
+    """Collective: every rank calls it. Per-rank RNG first, then DeepSpeed's shards, then the marker."""
+    root = checkpoint_root(output)
+    tag = f"step-{d.step:08d}"
+    target = root / tag
+    if d.rank == 0:
+        (target / COMPLETE).unlink(missing_ok=True)  # a tag being rewritten is not whole until the end
+    torch.distributed.barrier()
+    target.mkdir(parents=True, exist_ok=True)
+    rng_file = target / f"rng-rank{d.rank}.pt"
+    tmp = rng_file.with_suffix(".tmp")
+    torch.save(_rng_state(), tmp)
+    os.replace(tmp, rng_file)
+    client_state = {"fastkd": {"step": d.step, "bad_steps": d.bad_steps, "elapsed": d.elapsed,
+                               "stream": d.stream.state_dict(), "window": list(d.window), "world": d.world}}
+    d.engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+    torch.distributed.barrier()  # every rank's shards are on disk
+    if d.rank == 0:
+        (target / COMPLETE).write_text(json.dumps({"step": d.step, "world": d.world}) + "\n")
+        for old in complete_tags(output)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    torch.distributed.barrier()
+    return target
+
+
+def load_zero_checkpoint(d: ZeroDistiller, output: Path) -> Path | None:
+    tags = complete_tags(output)
+    if not tags:
+        return None
+    tag = tags[-1]
+    _, client_state = d.engine.load_checkpoint(str(checkpoint_root(output)), tag=tag.name)
+    state = (client_state or {}).get("fastkd")
+    if state is None:
+        raise UserError(f"cannot --resume: checkpoint {tag} holds no fastkd state")
+    if state["world"] != d.world:
+        raise UserError(f"cannot --resume {tag} on {d.world} ranks: it was written by {state['world']} "
+                        "(each rank's data slice and RNG state belong to its world size)")
+    d.stream.load_state_dict(state["stream"])
+    d.step, d.bad_steps, d.elapsed = state["step"], state["bad_steps"], state["elapsed"]
+    d.window = deque(state["window"], maxlen=d.window.maxlen)
+    _set_rng_state(torch.load(tag / f"rng-rank{d.rank}.pt", weights_only=False))
+    return tag
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+def _teacher_dtype(config: dict) -> torch.dtype | None:
+    if not torch.cuda.is_available():
+        return None  # CPU: the teacher runs in float32 (or under bf16 autocast with --bf16)
+    if config["fp16"].get("enabled"):
+        return torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@dataclass
+class ZeroRun:
+    distiller: ZeroDistiller
+    tokenizer: object
+    mapping: object
+    shape: object
+    corpus_sequences: int
+    output: Path
+    ds_config: dict
+
+
+def build_zero_run(cfg: DistillConfig) -> ZeroRun:
+    """Every rank: check the config, join the process group, build the engine, the teacher and the stream."""
+    teacher_config, shape, mapping = resolve(cfg)
+    # Checked before any process group exists: a bad config is one line on every rank, not a hang.
+    ds_config = load_ds_config(cfg.deepspeed, cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    rank, world, _ = init_distributed()
+    import deepspeed
+
+    output = prepare_output(cfg) if rank == 0 else Path(cfg.output)
+    torch.distributed.barrier()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    seed_everything(cfg.seed)
+
+    tokenizer = load_tokenizer(cfg.teacher)
+    teacher_model = load_teacher(cfg.teacher)
+    if cfg.student is not None:
+        student = load_student_dir(cfg.student, teacher_model, tokenizer)
+    else:
+        student = build_student(teacher_model, shape, cfg.init, mapping, seed=cfg.seed)
+    criterion = DistillLoss(mapping, student.config.hidden_size, teacher_model.config.hidden_size, loss_weights(cfg),
+                            backend=cfg.loss_backend)
+    half = _teacher_dtype(ds_config)
+    teacher_model = teacher_model.to(device=device, dtype=half) if half is not None else teacher_model.to(device)
+    teacher = Teacher(teacher_model, criterion.teacher_hidden_layers(), criterion.teacher_attention_layers(),
+                      autocast_dtype=torch.bfloat16 if cfg.bf16 and half is None else None)
+
+    module = DistillModule(student, criterion)
+    client_optimizer, client_scheduler = None, None
+    if "optimizer" not in ds_config:  # the same AdamW as single-process distillation
+        client_optimizer = torch.optim.AdamW(_param_groups([student, criterion], cfg.weight_decay), lr=cfg.lr,
+                                             betas=(0.9, 0.999), eps=1e-6)
+    if "scheduler" not in ds_config:  # linear warmup then linear decay, as single-process
+        def client_scheduler(optimizer):
+            return get_linear_schedule_with_warmup(optimizer, int(cfg.warmup * cfg.max_steps), cfg.max_steps)
+    params = None if client_optimizer is not None else _param_groups([student, criterion], cfg.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=client_optimizer, model_parameters=params,
+                                           lr_scheduler=client_scheduler, config=ds_config)
+
+    if rank != 0:
+        torch.distributed.barrier()  # rank 0 tokenizes and caches the corpus first; the others read the cache
+    corpus = load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir)
+    if rank == 0:
+        torch.distributed.barrier()
+    corpus = sample_corpus(corpus, cfg.corpus_sample, cfg.seed)
+    stream = BatchStream(corpus, cfg.batch_size, cfg.seed, rank=rank, world_size=world)
+    distiller = ZeroDistiller(cfg, engine, teacher, stream, world, rank)
+    return ZeroRun(distiller, tokenizer, mapping, shape, len(corpus), output, ds_config)
+
+
+def run_distill_deepspeed(cfg: DistillConfig) -> Path | None:
+    """Distill on every rank of the job; rank 0 writes metrics, config and the export."""
+    run = build_zero_run(cfg)
+    d, output = run.distiller, run.output
+    metrics_path = output / "metrics.jsonl"
+    resumed = load_zero_checkpoint(d, output) if cfg.resume else None
+    if d.rank == 0:
+        if resumed is not None:
+            _truncate_metrics(metrics_path, d.step)
+            log.info("resumed from %s (step %d) on %d ranks", resumed, d.step, d.world)
+        else:
+            if cfg.resume:
+                log.info("--resume: no complete checkpoint in %s yet, starting from step 0", output)
+            metrics_path.unlink(missing_ok=True)
+        parameters = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in d.student.parameters())
+        atomic_write_json(output / "config.json", {
+            "config": cfg.to_dict(),
+            "resolved": {"mapping": run.mapping.text, "teacher_layers": run.mapping.teacher_layers,
+                         "student": {**run.shape.__dict__, "parameters": parameters},
+                         "corpus_sequences": run.corpus_sequences, "global_batch": d.seqs_per_step,
+                         "loss_backend": d.criterion.backend(d.device),
+                         "deepspeed": {"world_size": d.world, "zero_stage": zero_stage(run.ds_config),
+                                       "config": run.ds_config}},
+        })
+        log.info("student: %s, mapping %s, %d sequences of %d tokens; ZeRO-%d on %d ranks, global batch %d",
+                 run.shape.describe(), run.mapping.text, run.corpus_sequences, cfg.max_seq_len,
+                 zero_stage(run.ds_config), d.world, d.seqs_per_step)
+
+    train(d, output, metrics_path, save=save_zero_checkpoint, is_main=d.rank == 0)
+    if d.step < cfg.max_steps:
+        return None
+    target = export_zero(d, run.tokenizer, run.mapping, run.shape, run.corpus_sequences, output, run.ds_config)
+    torch.distributed.barrier()
+    return target
+
+
+def export_zero(d: ZeroDistiller, tokenizer, mapping, shape, corpus_sequences: int, output: Path,
+                ds_config: dict) -> Path | None:
+    """Gather the student (ZeRO-3 partitions included) and export it in float32 from rank 0."""
+    import deepspeed
+
+    params = list(d.student.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero_stage(ds_config) == 3):
+        state = {k: v.detach().float().cpu().clone() for k, v in d.student.state_dict().items()} if d.rank == 0 else None
+    if d.rank != 0:
+        return None
+    student = type(d.student)(d.student.config)
+    student.load_state_dict(state)
+    student.to(torch.float32)
+    run = Run(d.cfg, _ExportView(d, student), tokenizer, mapping, shape, corpus_sequences, output)
+    target = export_run(run, extra={"deepspeed": {"world_size": d.world, "zero_stage": zero_stage(ds_config)}})
+    return target
+
+
+class _ExportView:
+    """What export_run reads from a distiller, with the gathered float32 student."""
+
+    def __init__(self, d: ZeroDistiller, student):
+        self.student = student
+        self.criterion = d.criterion
+        self.device = d.device  # export_run records the loss backend this device used
+        self.step, self.bad_steps, self.elapsed = d.step, d.bad_steps, d.elapsed
+        self.final_losses = d.final_losses
+

@@ -1,0 +1,156 @@
+"""DeepSpeed ZeRO distillation on 2 CPU ranks (DS_ACCELERATOR=cpu, gloo), started by the deepspeed launcher.
+
+Each run is a real multi-process job: `deepspeed --num_gpus 2 launch/fastkd_entry.py distill ...`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+ENTRY = REPO / "launch" / "fastkd_entry.py"
+DS = REPO / "launch" / "ds"
+
+
+def _env(tmp_path) -> dict:
+    env = dict(os.environ)
+    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                "PATH": f"{DEEPSPEED.parent}{os.pathsep}{env.get('PATH', '')}",
+                # the launcher's rendezvous port: distinct per test so runs never meet
+                "MASTER_PORT": str(29500 + (abs(hash(str(tmp_path))) % 2000))})
+    return env
+
+
+def _flags(teacher, corpus, output, **kw) -> list[str]:
+    flags = {"teacher": teacher, "corpus": corpus, "student-layers": 2, "max-seq-len": 32, "batch-size": 2,
+             "max-steps": 6, "lr": 1e-3, "log-every": 1, "checkpoint-every": 100, "seed": 0, "output": output}
+    flags.update({k.replace("_", "-"): v for k, v in kw.items()})
+    out = []
+    for k, v in flags.items():
+        if v is True:
+            out.append(f"--{k}")
+        elif v is not None and v is not False:
+            out += [f"--{k}", str(v)]
+    return out + ["--no-progress"]
+
+
+def _launch(tmp_path, config, flags, ranks=2, wait=True, port_offset=0):
+    env = _env(tmp_path)
+    env["MASTER_PORT"] = str(int(env["MASTER_PORT"]) + port_offset)
+    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", env["MASTER_PORT"], str(ENTRY), "distill",
+           "--deepspeed", str(config)] + flags
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_run_exports_a_loadable_student(tmp_path, tiny_teacher_dir, small_corpus, stage):
+    from transformers import AutoModel
+
+    out = tmp_path / f"zero{stage}"
+    _launch(tmp_path, DS / f"zero{stage}.json", _flags(tiny_teacher_dir, small_corpus, out, max_steps=4))
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    info = json.loads((out / "student" / "fastkd.json").read_text())
+    assert info["deepspeed"] == {"world_size": 2, "zero_stage": stage} and info["steps"] == 4
+    config = json.loads((out / "config.json").read_text())
+    assert config["resolved"]["global_batch"] == 4
+    model = AutoModel.from_pretrained(out / "student")
+    assert model.config.num_hidden_layers == 2 and all(p.dtype == torch.float32 for p in model.parameters())
+    ids = torch.tensor([[101, 7592, 2088, 102]])
+    assert torch.isfinite(model(input_ids=ids).last_hidden_state).all()
+
+
+def test_two_rank_zero2_matches_one_process_with_the_same_global_batch(tmp_path, tiny_teacher_dir, small_corpus):
+    from fastkd.config import DistillConfig
+    from fastkd.distill import run_distill
+
+    _launch(tmp_path, DS / "zero2.json", _flags(tiny_teacher_dir, small_corpus, tmp_path / "zero2", max_steps=6))
+    run_distill(DistillConfig(output=str(tmp_path / "single"), corpus=str(small_corpus), teacher=str(tiny_teacher_dir),
+                              student_layers=2, max_seq_len=32, batch_size=4, max_steps=6, lr=1e-3, log_every=1,
+                              checkpoint_every=100, seed=0, progress=False))
+    zero, single = _metrics(tmp_path / "zero2"), _metrics(tmp_path / "single")
+    assert len(zero) == len(single) == 6
+    for z, s in zip(zero, single):
+        for term in ("loss", "embedding", "hidden", "attention"):
+            assert z[term] == pytest.approx(s[term], rel=2e-4), (z["step"], term, z[term], s[term])
+    a = load_file(tmp_path / "zero2" / "student" / "model.safetensors")
+    b = load_file(tmp_path / "single" / "student" / "model.safetensors")
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def _rank_pids(launcher: subprocess.Popen) -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.Process(launcher.pid).children(recursive=True)
+            if any("fastkd_entry.py" in part for part in p.cmdline()) and "--local_rank=1" in " ".join(p.cmdline())]
+
+
+def test_kill_9_of_a_rank_then_resume_reaches_the_uninterrupted_parameters(tmp_path, tiny_teacher_dir, small_corpus):
+    common = dict(max_steps=10, checkpoint_every=2, keep_checkpoints=2)
+    _launch(tmp_path, DS / "zero2.json", _flags(tiny_teacher_dir, small_corpus, tmp_path / "straight", **common))
+
+    out = tmp_path / "killed"
+    job = _launch(tmp_path, DS / "zero2.json", _flags(tiny_teacher_dir, small_corpus, out, **common), wait=False,
+                  port_offset=1)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:  # wait for a whole checkpoint past the first, then kill rank 1
+            done = sorted((out / "checkpoints").glob("step-*/fastkd-complete"))
+            if len(done) >= 2 or job.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert job.poll() is None, "the run finished before it could be killed: " + job.stdout.read()[-2000:]
+        victims = _rank_pids(job)
+        assert victims, "rank 1 not found among the launcher's children"
+        os.kill(victims[0], signal.SIGKILL)
+        job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode != 0
+    rows_before = _metrics(out)
+    assert not (out / "student").exists() and rows_before[-1]["step"] < 10
+
+    _launch(tmp_path, DS / "zero2.json", _flags(tiny_teacher_dir, small_corpus, out, resume=True, **common),
+            port_offset=2)
+    assert [r["step"] for r in _metrics(out)] == list(range(1, 11))
+    a = load_file(tmp_path / "straight" / "student" / "model.safetensors")
+    b = load_file(out / "student" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_config_whose_batch_disagrees_with_the_flags_is_one_line(tmp_path, tiny_teacher_dir, small_corpus):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
+    cmd = [sys.executable, "-m", "fastkd", "distill", "--deepspeed", str(bad)] + _flags(
+        tiny_teacher_dir, small_corpus, tmp_path / "out", batch_size=4)
+    out = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("fastkd distill: error: --deepspeed") and "train_micro_batch_size_per_gpu" in lines[-1]
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "out").exists()
