@@ -4,11 +4,13 @@ Ops (fastkd.fused): the attention-score MSE from Q/K (student and teacher Q/K of
 attention-score MSE from held scores, and the projected hidden-state MSE. Shapes: B=16, H=12,
 S in {128, 512}, head dim in {32, 64} (hidden op: student 384 -> teacher 768 wide, once per S).
 
-Every (op, shape, backend) runs in its own process: inputs are made, one untimed forward+backward
-warms up, freed heap memory is returned to the OS, then `--reps` timed forward+backward passes run
-while the resident-set high-water mark is tracked. "extra" = peak minus the level with the inputs
-alive; it includes the gradients, which every backend must produce. On a GPU the allocator's peak is
-used instead. Ratios are to the eager `torch` reference measured in the same run.
+Every (op, shape, backend) runs in two processes of its own: inputs are made and one untimed
+forward+backward warms up; then one process times `--reps` forward+backward passes (median), the
+other runs one pass while tracking the resident-set high-water mark, with glibc's mmap threshold
+pinned at 128 KiB so every large tensor is its own mapping, returned to the OS when freed (the RSS
+then follows the live tensors instead of the allocator's caching). "extra" = peak minus the level
+with the inputs alive; it includes the gradients, which every backend must produce. On a GPU the
+allocator's peak is used instead. Ratios are to the eager `torch` reference measured in the same run.
 
     python benchmarks/loss_kernels.py [--backends torch,cpp --seq-lens 128,512 --head-dims 32,64 --reps 3]
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -46,7 +49,7 @@ def _inputs(op: str, B: int, H: int, S: int, dh: int, device):
     return (hs, r(B, S, 768), mask, proj), [hs, *proj.parameters()]
 
 
-def child(op: str, B: int, H: int, S: int, dh: int, backend: str, reps: int) -> dict:
+def child(op: str, B: int, H: int, S: int, dh: int, backend: str, reps: int, what: str) -> dict:
     """One measurement in this process; prints one JSON line."""
     import torch
 
@@ -75,9 +78,11 @@ def child(op: str, B: int, H: int, S: int, dh: int, backend: str, reps: int) -> 
     once()  # warm-up: builds, caches, first-touch of the gradient buffers
     for p in params:
         p.grad = None
+    if what == "time":
+        return {"time_s": statistics.median(once() for _ in range(reps))}
     with PeakMemory(device) as memory:
-        times = [once() for _ in range(reps)]
-    return {"time_s": statistics.median(times), "extra_mib": memory.extra_mib}
+        once()
+    return {"extra_mib": memory.extra_mib}
 
 
 def main() -> None:
@@ -89,11 +94,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--child", nargs=6, metavar=("OP", "B", "H", "S", "DH", "BACKEND"), help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=7, metavar=("OP", "B", "H", "S", "DH", "BACKEND", "WHAT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        op, B, H, S, dh, backend = args.child
-        print(json.dumps(child(op, int(B), int(H), int(S), int(dh), backend, args.reps)))
+        op, B, H, S, dh, backend, what = args.child
+        print(json.dumps(child(op, int(B), int(H), int(S), int(dh), backend, args.reps, what)))
         return
 
     backends = [b for b in args.backends.split(",") if b]
@@ -105,12 +110,15 @@ def main() -> None:
             for dh in (map(int, args.head_dims.split(",")) if op != "hidden" else [0]):
                 ref = None
                 for backend in backends:
-                    cmd = [sys.executable, __file__, "--reps", str(args.reps), "--child", op, str(args.batch),
-                           str(args.heads), str(S), str(dh), backend]
-                    out = subprocess.run(cmd, capture_output=True, text=True)
-                    if out.returncode != 0:
-                        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
-                    res = json.loads(out.stdout.strip().splitlines()[-1])
+                    res = {}
+                    for what in ("time", "memory"):
+                        cmd = [sys.executable, __file__, "--reps", str(args.reps), "--child", op, str(args.batch),
+                               str(args.heads), str(S), str(dh), backend, what]
+                        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072") if what == "memory" else None
+                        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                        if out.returncode != 0:
+                            raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+                        res.update(json.loads(out.stdout.strip().splitlines()[-1]))
                     if "skipped" in res:
                         skipped[backend] = res["skipped"]
                         continue

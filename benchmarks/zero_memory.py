@@ -3,9 +3,11 @@
 For each stage, a 2-rank job (`deepspeed --num_gpus 2`, DS_ACCELERATOR=cpu on a CPU) builds the real
 distillation engine (fastkd.zero), runs a few steps, and after the backward of the last one counts
 every live tensor of the rank once (by storage): the student's parameters (their ZeRO-3 partitions),
-the optimizer states (Adam's moments), and the rest that training keeps: gradients, ZeRO's flat
-fp32 partitions and buckets. The teacher's copy is reported apart. Then it times whole steps. The
-same steps in one plain process (no DeepSpeed) give the single-process throughput.
+ZeRO's fp32 master slice of them, the optimizer states (Adam's moments), and the rest that training
+keeps: gradients and communication buckets. The teacher's copy is reported apart. Then the peak of one whole step
+(activations and transient buffers included) over the level before it, and the median time of a few
+steps. The same steps in one plain process (no DeepSpeed, all cores) give the single-process
+throughput; on a CPU the ranks split the cores, so per-rank throughput is about 1/ranks of it.
 
     python benchmarks/zero_memory.py [--teacher default --student-layers 3 --batch-size 8 --seq-len 128 --steps 4]
 """
@@ -53,14 +55,18 @@ def _census(run) -> dict:
     opt = d.engine.optimizer
     inner = getattr(opt, "optimizer", opt)
     states = storages([v for state in inner.state.values() for v in state.values()])
+    # ZeRO keeps each rank's slice of the weights in fp32 for the optimizer (stage 1/2 and 3 names).
+    master = storages(list(getattr(opt, "single_partition_of_fp32_groups", []) or [])
+                      + list(getattr(opt, "fp32_partitioned_groups_flat", []) or []))
     rest = storages([o for o in gc.get_objects() if isinstance(o, torch.Tensor)])
     mib = lambda b: round(b / 2 ** 20, 2)  # noqa: E731
-    return {"params_mib": mib(params), "optimizer_states_mib": mib(states), "grads_and_buffers_mib": mib(rest),
-            "teacher_mib": mib(teacher), "total_mib": mib(params + states + rest)}
+    return {"params_mib": mib(params), "fp32_master_mib": mib(master), "optimizer_states_mib": mib(states),
+            "grads_and_buffers_mib": mib(rest), "teacher_mib": mib(teacher),
+            "total_mib": mib(params + master + states + rest)}
 
 
 def worker(args) -> None:
-    """Inside the launcher: one rank's census and step times, one JSON line per rank."""
+    """Inside the launcher: one rank's census and step times, one JSON file per rank."""
     import torch
 
     from fastkd.config import DistillConfig
@@ -79,6 +85,11 @@ def worker(args) -> None:
     engine.backward(loss)
     census = _census(run)
     engine.step()
+    from fastkd.bench import PeakMemory
+
+    with PeakMemory(d.device) as memory:  # one whole step: the state above plus activations and transients
+        d.train_step()
+    census["step_peak_extra_mib"] = round(memory.extra_mib, 1)
     times = []
     for _ in range(args.steps):
         torch.distributed.barrier()
@@ -86,7 +97,9 @@ def worker(args) -> None:
         d.train_step()
         times.append(time.perf_counter() - t0)
     times.sort()
-    print("RESULT " + json.dumps({"rank": d.rank, **census, "step_s": times[len(times) // 2]}), flush=True)
+    # One file per rank: the ranks' stdout interleaves.
+    result = Path(args.output).parent / f"result-rank{d.rank}.json"
+    result.write_text(json.dumps({"rank": d.rank, **census, "step_s": times[len(times) // 2]}))
 
 
 def single_process(args) -> float:
@@ -116,7 +129,7 @@ def main() -> None:
     p.add_argument("--student-layers", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=6)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--stages", default="0,1,2,3")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -132,19 +145,25 @@ def main() -> None:
 
     env = dict(os.environ)
     if not torch.cuda.is_available():
-        env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.ranks))})
+        env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.ranks)),
+                    "MALLOC_MMAP_THRESHOLD_": "131072"})  # the RSS follows live tensors (see loss_kernels.py)
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     rows = []
     for stage in map(int, args.stages.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
+            # The shipped configs (launch/ds/), so the numbers are what a user runs; stage 0 = plain
+            # data parallelism with the same settings.
+            shipped = json.loads((REPO / "launch" / "ds" / f"zero{max(stage, 1)}.json").read_text())
+            if stage == 0:
+                shipped["zero_optimization"] = {"stage": 0}
             config = Path(tmp) / f"zero{stage}.json"
-            config.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+            config.write_text(json.dumps(shipped))
             cmd = [deepspeed, "--num_gpus", str(args.ranks), __file__, "--worker", "--config", str(config),
                    "--output", str(Path(tmp) / "run"), "--teacher", args.teacher, "--corpus", args.corpus,
                    "--student-layers", str(args.student_layers), "--batch-size", str(args.batch_size),
                    "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            results = [json.loads(line.split("RESULT ", 1)[1]) for line in out.stdout.splitlines() if "RESULT " in line]
+            results = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("result-rank*.json"))]
             if out.returncode != 0 or len(results) != args.ranks:
                 raise SystemExit(f"stage {stage} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
         r0 = sorted(results, key=lambda r: r["rank"])[0]
@@ -157,10 +176,12 @@ def main() -> None:
     single = single_process(args)
     for r in rows:
         r["seq_per_s_per_rank"] = round(args.batch_size / r["step_s"], 2)
-        r["vs_single_process"] = round(single / r["step_s"], 3)
-    columns = ["stage", "params_mib", "optimizer_states_mib", "grads_and_buffers_mib", "total_mib", "params_vs_stage0",
+        r["per_rank_vs_single_process"] = round(single / r["step_s"], 3)
+        r["all_ranks_vs_single_process"] = round(args.ranks * single / r["step_s"], 3)
+    columns = ["stage", "params_mib", "fp32_master_mib", "optimizer_states_mib", "grads_and_buffers_mib", "total_mib", "params_vs_stage0",
                "optimizer_states_vs_stage0", "grads_and_buffers_vs_stage0", "total_vs_stage0", "teacher_mib",
-               "step_s", "seq_per_s_per_rank", "vs_single_process"]
+               "step_peak_extra_mib", "step_s", "seq_per_s_per_rank", "per_rank_vs_single_process",
+               "all_ranks_vs_single_process"]
     print(table(rows, columns))
     print(f"single process: {single:.3f} s per step ({args.batch_size / single:.2f} sequences/s)")
     path = write_result("zero_memory", {"ranks": args.ranks, "batch_size": args.batch_size, "seq_len": args.seq_len,

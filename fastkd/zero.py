@@ -61,8 +61,12 @@ def _check(config: dict, key: str, wanted, flag: str, path: str) -> None:
                         f"make them agree, or set it to \"auto\"")
 
 
-def load_ds_config(path: str, cfg: DistillConfig, world: int) -> dict:
-    """The ds_config with every "auto" filled from the flags; a disagreement is one line (exit 2)."""
+def load_ds_config(path: str, cfg: DistillConfig, world: int, hidden: int) -> dict:
+    """The ds_config with every "auto" filled from the flags; a disagreement is one line (exit 2).
+
+    `hidden` is the student's width: "auto" bucket sizes follow it (the Hugging Face convention:
+    reduce bucket hidden^2, ZeRO-3 prefetch 0.9 hidden^2, parameters under 10 hidden elements kept
+    whole), so a small student is not handed buckets sized for billions of parameters."""
     try:
         config = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -89,6 +93,11 @@ def load_ds_config(path: str, cfg: DistillConfig, world: int) -> dict:
         config["bf16"]["enabled"] = True
     if config["fp16"].get("enabled") and not torch.cuda.is_available():
         raise UserError(f"--deepspeed {path}: fp16 training needs a GPU; use bf16 or fp32 on a CPU")
+    zero = config.get("zero_optimization", {})
+    for key, value in (("reduce_bucket_size", hidden * hidden), ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                       ("stage3_param_persistence_threshold", 10 * hidden)):
+        if zero.get(key) == "auto":
+            zero[key] = value
     optimizer = config.get("optimizer")
     if optimizer is not None:
         params = optimizer.setdefault("params", {})
@@ -324,7 +333,7 @@ def build_zero_run(cfg: DistillConfig) -> ZeroRun:
     """Every rank: check the config, join the process group, build the engine, the teacher and the stream."""
     teacher_config, shape, mapping = resolve(cfg)
     # Checked before any process group exists: a bad config is one line on every rank, not a hang.
-    ds_config = load_ds_config(cfg.deepspeed, cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    ds_config = load_ds_config(cfg.deepspeed, cfg, int(os.environ.get("WORLD_SIZE", "1")), shape.hidden)
     rank, world, _ = init_distributed()
     import deepspeed
 

@@ -133,8 +133,9 @@ def test_kill_9_of_a_rank_then_resume_reaches_the_uninterrupted_parameters(tmp_p
     rows_before = _metrics(out)
     assert not (out / "student").exists() and rows_before[-1]["step"] < 10
 
-    _launch(tmp_path, DS / "zero2.json", _flags(tiny_teacher_dir, small_corpus, out, resume=True, **common),
-            port_offset=2)
+    resumed = _launch(tmp_path, DS / "zero2.json", _flags(tiny_teacher_dir, small_corpus, out, resume=True, **common),
+                      port_offset=2)
+    assert "resumed from" in resumed.stdout + resumed.stderr  # continued from a checkpoint, not from step 0
     assert [r["step"] for r in _metrics(out)] == list(range(1, 11))
     a = load_file(tmp_path / "straight" / "student" / "model.safetensors")
     b = load_file(out / "student" / "model.safetensors")
