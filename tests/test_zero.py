@@ -63,18 +63,19 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_run_exports_a_loadable_student(tmp_path, tiny_teacher_dir, small_corpus, stage):
+@pytest.mark.parametrize("stage,bf16", [(2, False), (3, False), (2, True)])
+def test_zero_run_exports_a_loadable_student(tmp_path, tiny_teacher_dir, small_corpus, stage, bf16):
     from transformers import AutoModel
 
     out = tmp_path / f"zero{stage}"
-    _launch(tmp_path, DS / f"zero{stage}.json", _flags(tiny_teacher_dir, small_corpus, out, max_steps=4))
+    _launch(tmp_path, DS / f"zero{stage}.json", _flags(tiny_teacher_dir, small_corpus, out, max_steps=4, bf16=bf16))
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     info = json.loads((out / "student" / "fastkd.json").read_text())
     assert info["deepspeed"] == {"world_size": 2, "zero_stage": stage} and info["steps"] == 4
     config = json.loads((out / "config.json").read_text())
     assert config["resolved"]["global_batch"] == 4
+    assert config["resolved"]["deepspeed"]["config"]["bf16"]["enabled"] is bf16  # "auto" took --bf16
     model = AutoModel.from_pretrained(out / "student")
     assert model.config.num_hidden_layers == 2 and all(p.dtype == torch.float32 for p in model.parameters())
     ids = torch.tensor([[101, 7592, 2088, 102]])
