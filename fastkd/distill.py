@@ -291,13 +291,9 @@ class Run:
         return sum(p.numel() for p in self.distiller.student.parameters())
 
 
-def build_run(cfg: DistillConfig) -> Run:
-    """Validate, load teacher/student/corpus, and restore the latest checkpoint under --resume."""
-    teacher_config, shape, mapping = resolve(cfg)
-    output = prepare_output(cfg)
-    device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
-
+def build_models(cfg: DistillConfig, shape, mapping):
+    """Tokenizer, teacher, student (built or loaded) and the loss with its projections, on the CPU.
+    Call after seeding: the student's and the projections' initialisation draw from the global RNG."""
     tokenizer = load_tokenizer(cfg.teacher)
     teacher_model = load_teacher(cfg.teacher)
     if cfg.student is not None:
@@ -306,6 +302,17 @@ def build_run(cfg: DistillConfig) -> Run:
         student = build_student(teacher_model, shape, cfg.init, mapping, seed=cfg.seed)
     criterion = DistillLoss(mapping, student.config.hidden_size, teacher_model.config.hidden_size, loss_weights(cfg),
                             backend=cfg.loss_backend)
+    return tokenizer, teacher_model, student, criterion
+
+
+def build_run(cfg: DistillConfig) -> Run:
+    """Validate, load teacher/student/corpus, and restore the latest checkpoint under --resume."""
+    teacher_config, shape, mapping = resolve(cfg)
+    output = prepare_output(cfg)
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+
+    tokenizer, teacher_model, student, criterion = build_models(cfg, shape, mapping)
     teacher_model.to(device)
     student.to(device)
     criterion.to(device)

@@ -37,12 +37,11 @@ from transformers import get_linear_schedule_with_warmup
 
 from .config import DistillConfig
 from .corpus import BatchStream, load_corpus, sample_corpus
-from .distill import (NonFiniteAbort, Run, StepResult, _param_groups, _truncate_metrics, export_run, loss_weights,
+from .distill import (NonFiniteAbort, Run, StepResult, _param_groups, _truncate_metrics, build_models, export_run,
                       prepare_output, resolve, seed_everything, student_loss, train)
 from .errors import UserError
 from .io import atomic_write_json
 from .losses import DistillLoss
-from .models import build_student, load_student_dir, load_teacher, load_tokenizer
 from .teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -342,14 +341,7 @@ def build_zero_run(cfg: DistillConfig) -> ZeroRun:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     seed_everything(cfg.seed)
 
-    tokenizer = load_tokenizer(cfg.teacher)
-    teacher_model = load_teacher(cfg.teacher)
-    if cfg.student is not None:
-        student = load_student_dir(cfg.student, teacher_model, tokenizer)
-    else:
-        student = build_student(teacher_model, shape, cfg.init, mapping, seed=cfg.seed)
-    criterion = DistillLoss(mapping, student.config.hidden_size, teacher_model.config.hidden_size, loss_weights(cfg),
-                            backend=cfg.loss_backend)
+    tokenizer, teacher_model, student, criterion = build_models(cfg, shape, mapping)
     half = _teacher_dtype(ds_config)
     teacher_model = teacher_model.to(device=device, dtype=half) if half is not None else teacher_model.to(device)
     teacher = Teacher(teacher_model, criterion.teacher_hidden_layers(), criterion.teacher_attention_layers(),
