@@ -27,7 +27,7 @@ from .distill import Distiller, loss_weights
 from .errors import UserError
 from .losses import DistillLoss
 from .mapping import parse_mapping
-from .models import build_student, load_teacher, load_tokenizer, student_shape
+from .models import build_student, load_config, load_teacher, load_tokenizer, student_shape
 from .teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,8 @@ def present_backends(requested: list[str], device: torch.device) -> tuple[list[s
 def _batch(tokenizer, cfg: BenchConfig, device: torch.device) -> dict:
     # Token values do not change the cost; every position is a real token (the worst case for the losses).
     gen = torch.Generator().manual_seed(cfg.seed)
-    ids = torch.randint(1000, tokenizer.vocab_size, (cfg.batch_size, cfg.seq_len), generator=gen)
+    low = min(1000, tokenizer.vocab_size // 2)  # past the special and unused tokens of BERT vocabularies
+    ids = torch.randint(low, tokenizer.vocab_size, (cfg.batch_size, cfg.seq_len), generator=gen)
     ids[:, 0], ids[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
 
@@ -203,14 +204,14 @@ def environment(device: torch.device) -> dict:
 def run_bench(cfg: BenchConfig) -> dict:
     cfg.validate()
     device = pick_device(cfg.device)
+    limit = load_config(cfg.teacher, "teacher").max_position_embeddings
+    if cfg.seq_len > limit:
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds the teacher's {limit} position embeddings")
     present, missing = present_backends(cfg.backends, device)
     for name, why in missing.items():
         log.info("backend %s not measured: %s", name, why)
     tokenizer = load_tokenizer(cfg.teacher)
     teacher_model = load_teacher(cfg.teacher).to(device)
-    if cfg.seq_len > teacher_model.config.max_position_embeddings:
-        raise UserError(f"--seq-len {cfg.seq_len} exceeds the teacher's {teacher_model.config.max_position_embeddings} "
-                        "position embeddings")
     rows = [measure_backend(b, teacher_model, tokenizer, cfg, device) for b in present]
     reference = next((r for r in rows if r["backend"] == "torch"), None)
     for r in rows:

@@ -92,7 +92,11 @@ def hidden_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, atten
                projection: nn.Module | None = None) -> torch.Tensor:
     """Mean over real tokens and teacher dims of (proj(h_s) - h_t)^2. Hidden: (B, S, D)."""
     hs = student_hidden.float()
-    if projection is not None:
+    if isinstance(projection, nn.Linear):
+        # In float32 whatever the weights' dtype (DeepSpeed bf16 keeps 16-bit weights, with no autocast).
+        bias = None if projection.bias is None else projection.bias.float()
+        hs = torch.nn.functional.linear(hs, projection.weight.float(), bias)
+    elif projection is not None:  # any other map (tests, custom heads)
         hs = projection(hs)
     mask = attention_mask.bool()[..., None]
     diff = torch.where(mask, hs - teacher_hidden.float(), torch.zeros((), device=hs.device))
@@ -109,6 +113,17 @@ class LossOutput:
         return {k: float(v.detach()) for k, v in self.terms.items()}
 
 
+class HiddenProjection(nn.Linear):
+    """A learned width projection (student -> teacher hidden size) whose forward *is* the hidden-state
+    loss through it. Being called as a module is what lets DeepSpeed ZeRO-3 gather its partitioned
+    weight around the fused kernels, which read the weight without ever forming the projection."""
+
+    def forward(self, student_hidden, teacher_hidden, attention_mask, backend: str) -> torch.Tensor:
+        from . import fused
+
+        return fused.hidden_mse(student_hidden, teacher_hidden, attention_mask, self, backend)
+
+
 class DistillLoss(nn.Module):
     """Holds the mapping, the term weights and the learned width projections (trained with the student)."""
 
@@ -121,7 +136,7 @@ class DistillLoss(nn.Module):
         needs_projection = student_hidden != teacher_hidden
         projected = ([0] if weights.embedding else []) + ([m for m, _ in mapping.pairs()] if weights.hidden else [])
         self.projections = nn.ModuleDict(
-            {str(m): nn.Linear(student_hidden, teacher_hidden) for m in projected} if needs_projection else {}
+            {str(m): HiddenProjection(student_hidden, teacher_hidden) for m in projected} if needs_projection else {}
         )
 
     # Which layers each side must expose, so nothing else is kept in memory.
@@ -143,6 +158,14 @@ class DistillLoss(nn.Module):
     def _projection(self, layer: int):
         return self.projections[str(layer)] if str(layer) in self.projections else None
 
+    def _hidden_term(self, student_hidden, teacher_hidden, mask, layer: int, backend: str) -> torch.Tensor:
+        from . import fused
+
+        projection = self._projection(layer)
+        if projection is None:
+            return fused.hidden_mse(student_hidden, teacher_hidden, mask, None, backend)
+        return projection(student_hidden, teacher_hidden, mask, backend)
+
     def backend(self, device: torch.device) -> str:
         from . import fused
 
@@ -158,11 +181,10 @@ class DistillLoss(nn.Module):
         pairs = self.mapping.pairs()
         terms: dict[str, torch.Tensor] = {}
         if w.embedding:
-            terms["embedding"] = fused.hidden_mse(student_hidden[0], teacher.hidden[0], mask, self._projection(0),
-                                                  backend)
+            terms["embedding"] = self._hidden_term(student_hidden[0], teacher.hidden[0], mask, 0, backend)
         if w.hidden and pairs:
             terms["hidden"] = torch.stack([
-                fused.hidden_mse(student_hidden[m], teacher.hidden[g], mask, self._projection(m), backend)
+                self._hidden_term(student_hidden[m], teacher.hidden[g], mask, m, backend)
                 for m, g in pairs
             ]).mean()
         if self._uses_attention() and pairs:

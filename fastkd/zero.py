@@ -143,7 +143,8 @@ def init_distributed() -> tuple[int, int, int]:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     else:
         # Ranks on one CPU share its cores: one thread pool each would oversubscribe it.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE: ranks on this node.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return rank, world, local_rank
@@ -184,6 +185,7 @@ class ZeroDistiller:
         self.elapsed = 0.0
         self.window: deque[dict] = deque(maxlen=max(1, cfg.log_every))
         self.seqs_per_step = cfg.batch_size * cfg.grad_accum * world
+        self.stage = int(engine.zero_optimization_stage())
 
     @property
     def scheduler(self):
@@ -213,7 +215,6 @@ class ZeroDistiller:
                         f"step {self.step + 1}: a non-finite loss in micro-batch {micro + 1} of {cfg.grad_accum}; under "
                         "--deepspeed a partly accumulated step cannot be skipped: lower --lr, drop --bf16, or use "
                         "--grad-accum 1; --resume continues from the last checkpoint")
-                self.stream.state.batches_done += cfg.grad_accum - micro - 1
                 self.bad_steps += 1
                 log.warning("step %d: non-finite loss, update skipped (%d so far)", self.step + 1, self.bad_steps)
                 if self.bad_steps >= cfg.max_bad_steps:
@@ -281,9 +282,12 @@ def save_zero_checkpoint(d: ZeroDistiller, output: Path, keep: int) -> Path:
     d.engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
     torch.distributed.barrier()  # every rank's shards are on disk
     if d.rank == 0:
-        (target / COMPLETE).write_text(json.dumps({"step": d.step, "world": d.world}) + "\n")
+        (target / COMPLETE).write_text(json.dumps({"step": d.step, "world": d.world, "stage": d.stage}) + "\n")
         for old in complete_tags(output)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+        for torn in checkpoint_root(output).glob("step-*"):  # a save killed half-way, older than this one
+            if torn.name < tag and not (torn / COMPLETE).is_file():
+                shutil.rmtree(torn, ignore_errors=True)
     torch.distributed.barrier()
     return target
 
@@ -293,13 +297,17 @@ def load_zero_checkpoint(d: ZeroDistiller, output: Path) -> Path | None:
     if not tags:
         return None
     tag = tags[-1]
+    # Checked before DeepSpeed reads its shards, which would fail with a traceback on another layout.
+    written = json.loads((tag / COMPLETE).read_text())
+    if written.get("world") != d.world:
+        raise UserError(f"cannot --resume {tag} on {d.world} ranks: it was written by {written.get('world')} "
+                        "(each rank's shards, data slice and RNG state belong to its world size)")
+    if written.get("stage", d.stage) != d.stage:
+        raise UserError(f"cannot --resume {tag} with ZeRO-{d.stage}: it was written with ZeRO-{written.get('stage')}")
     _, client_state = d.engine.load_checkpoint(str(checkpoint_root(output)), tag=tag.name)
     state = (client_state or {}).get("fastkd")
     if state is None:
         raise UserError(f"cannot --resume: checkpoint {tag} holds no fastkd state")
-    if state["world"] != d.world:
-        raise UserError(f"cannot --resume {tag} on {d.world} ranks: it was written by {state['world']} "
-                        "(each rank's data slice and RNG state belong to its world size)")
     d.stream.load_state_dict(state["stream"])
     d.step, d.bad_steps, d.elapsed = state["step"], state["bad_steps"], state["elapsed"]
     d.window = deque(state["window"], maxlen=d.window.maxlen)
@@ -332,12 +340,13 @@ def build_zero_run(cfg: DistillConfig) -> ZeroRun:
     """Every rank: check the config, join the process group, build the engine, the teacher and the stream."""
     teacher_config, shape, mapping = resolve(cfg)
     # Checked before any process group exists: a bad config is one line on every rank, not a hang.
+    if cfg.device != "auto":
+        raise UserError("--device does not apply with --deepspeed: each rank takes its own GPU (LOCAL_RANK), or the CPU")
     ds_config = load_ds_config(cfg.deepspeed, cfg, int(os.environ.get("WORLD_SIZE", "1")), shape.hidden)
+    output = prepare_output(cfg)  # read-only, so every rank checks and refuses alike (no rank left waiting)
     rank, world, _ = init_distributed()
     import deepspeed
 
-    output = prepare_output(cfg) if rank == 0 else Path(cfg.output)
-    torch.distributed.barrier()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     seed_everything(cfg.seed)
 
@@ -359,11 +368,20 @@ def build_zero_run(cfg: DistillConfig) -> ZeroRun:
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=client_optimizer, model_parameters=params,
                                            lr_scheduler=client_scheduler, config=ds_config)
 
-    if rank != 0:
-        torch.distributed.barrier()  # rank 0 tokenizes and caches the corpus first; the others read the cache
-    corpus = load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir)
+    # Rank 0 tokenizes and caches the corpus first; the others read the cache. A bad corpus is rank 0's
+    # finding, passed to every rank so all of them stop with the same line instead of waiting.
+    corpus, error = None, None
     if rank == 0:
-        torch.distributed.barrier()
+        try:
+            corpus = load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir)
+        except UserError as exc:
+            error = str(exc)
+    box = [error]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise UserError(box[0])
+    if rank != 0:
+        corpus = load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir)
     corpus = sample_corpus(corpus, cfg.corpus_sample, cfg.seed)
     stream = BatchStream(corpus, cfg.batch_size, cfg.seed, rank=rank, world_size=world)
     distiller = ZeroDistiller(cfg, engine, teacher, stream, world, rank)
@@ -408,12 +426,22 @@ def run_distill_deepspeed(cfg: DistillConfig) -> Path | None:
 
 def export_zero(d: ZeroDistiller, tokenizer, mapping, shape, corpus_sequences: int, output: Path,
                 ds_config: dict) -> Path | None:
-    """Gather the student (ZeRO-3 partitions included) and export it in float32 from rank 0."""
+    """Gather the student (ZeRO-3 partitions included) and export its float32 weights from rank 0."""
     import deepspeed
 
     params = list(d.student.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero_stage(ds_config) == 3):
         state = {k: v.detach().float().cpu().clone() for k, v in d.student.state_dict().items()} if d.rank == 0 else None
+    if ds_config["bf16"].get("enabled") or ds_config["fp16"].get("enabled"):
+        # The module holds 16-bit copies; the float32 weights are the optimizer's masters (a collective
+        # under ZeRO-3, so every rank asks for every parameter in the same order).
+        for name, p in d.student.named_parameters():
+            full = deepspeed.utils.safe_get_full_fp32_param(p)
+            if d.rank == 0:
+                if full is None:
+                    log.warning("no float32 master for %s: exported from its 16-bit copy", name)
+                else:
+                    state[name] = full.detach().float().cpu().clone()
     if d.rank != 0:
         return None
     student = type(d.student)(d.student.config)
@@ -432,5 +460,6 @@ class _ExportView:
         self.criterion = d.criterion
         self.device = d.device  # export_run records the loss backend this device used
         self.step, self.bad_steps, self.elapsed = d.step, d.bad_steps, d.elapsed
+        self.seqs_per_step = d.seqs_per_step
         self.final_losses = d.final_losses
 

@@ -63,12 +63,16 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("stage,bf16", [(2, False), (3, False), (2, True)])
-def test_zero_run_exports_a_loadable_student(tmp_path, tiny_teacher_dir, small_corpus, stage, bf16):
+@pytest.mark.parametrize("stage,bf16,narrow", [(2, False, False), (3, False, True), (2, True, True)])
+def test_zero_run_exports_a_loadable_student(tmp_path, tiny_teacher_dir, small_corpus, stage, bf16, narrow):
+    # narrow: a student narrower than the teacher, so the losses go through learned projections
+    # (which ZeRO-3 must gather for the fused hidden loss, and which bf16 keeps in 16 bits).
     from transformers import AutoModel
 
     out = tmp_path / f"zero{stage}"
-    _launch(tmp_path, DS / f"zero{stage}.json", _flags(tiny_teacher_dir, small_corpus, out, max_steps=4, bf16=bf16))
+    shape = dict(student_hidden=24, student_heads=2) if narrow else {}
+    _launch(tmp_path, DS / f"zero{stage}.json",
+            _flags(tiny_teacher_dir, small_corpus, out, max_steps=4, bf16=bf16, **shape))
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     info = json.loads((out / "student" / "fastkd.json").read_text())
@@ -78,6 +82,10 @@ def test_zero_run_exports_a_loadable_student(tmp_path, tiny_teacher_dir, small_c
     assert config["resolved"]["deepspeed"]["config"]["bf16"]["enabled"] is bf16  # "auto" took --bf16
     model = AutoModel.from_pretrained(out / "student")
     assert model.config.num_hidden_layers == 2 and all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.config.hidden_size == (24 if narrow else 32)
+    if bf16:  # the optimizer's float32 masters were exported, not the module's bf16 copies
+        weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+        assert (weights != weights.to(torch.bfloat16).float()).any()
     ids = torch.tensor([[101, 7592, 2088, 102]])
     assert torch.isfinite(model(input_ids=ids).last_hidden_state).all()
 
@@ -143,6 +151,20 @@ def test_kill_9_of_a_rank_then_resume_reaches_the_uninterrupted_parameters(tmp_p
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_bad_corpus_stops_every_rank_with_one_line(tmp_path, tiny_teacher_dir):
+    # Rank 0 finds the problem; the other rank must not be left waiting for it.
+    corpus = tmp_path / "latin1.txt"
+    corpus.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
+    env = _env(tmp_path)
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", env["MASTER_PORT"], str(ENTRY), "distill",
+           "--deepspeed", str(DS / "zero2.json")] + _flags(tiny_teacher_dir, corpus, tmp_path / "out")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert text.count("fastkd distill: error:") == 2 and "UTF-8" in text, text[-3000:]
+    assert "Traceback" not in text
 
 
 def test_a_config_whose_batch_disagrees_with_the_flags_is_one_line(tmp_path, tiny_teacher_dir, small_corpus):

@@ -76,16 +76,16 @@ def resolve_backend(name: str | None, device: torch.device | str) -> str:
     # A named backend that is missing falls back along the auto order.
     auto_order = _auto_order(device)
     candidates = auto_order if name == "auto" else [name] + [b for b in auto_order if b != name]
-    chosen = "torch"
+    chosen, missing = "torch", []
     for candidate in candidates:
         why = unavailable(candidate, device)
         if why is None:
             chosen = candidate
             break
-        if name != "auto" and candidate == name:
-            log.warning("loss backend %s unavailable on %s: %s; trying the next one", name, device.type, why)
-    if name not in ("auto", chosen):
-        log.warning("loss backend: using %s instead of %s", chosen, name)
+        missing.append(f"{candidate}: {why}")
+    if missing:
+        # One line: what was asked for, why it (and any next one) is missing, what runs instead.
+        log.warning("loss backend %s on %s: %s; using %s", name, device.type, "; ".join(missing), chosen)
     _resolved[key] = chosen
     return chosen
 
@@ -112,18 +112,19 @@ def attention_mse_qk(qs, ks, qt, kt, mask, scale_s: float, scale_t: float, backe
     if qs.shape[1] != qt.shape[1]:
         qs, ks, scale_s = _merge_heads(qs, ks, scale_s)
         qt, kt, scale_t = _merge_heads(qt, kt, scale_t)
-        if backend in ("triton", "cuda") and max(qs.shape[-1], qt.shape[-1]) > GPU_MAX_HEAD_DIM:
-            # Merged heads are too wide for the GPU tiles; their scores are one (B, 1, S, S) tensor,
-            # H times smaller than per-head scores, so the reference on them is affordable.
-            return reference.attention_mse(reference.attention_scores(qs, ks, scale_s),
-                                           reference.attention_scores(qt, kt, scale_t), mask)
+    if backend in ("triton", "cuda") and max(qs.shape[-1], qt.shape[-1]) > GPU_MAX_HEAD_DIM:
+        # Heads too wide for the GPU tiles (merged heads, mostly: their scores are one (B, 1, S, S)
+        # tensor, H times smaller than per-head scores, so the reference on them is affordable).
+        return reference.attention_mse(reference.attention_scores(qs, ks, scale_s),
+                                       reference.attention_scores(qt, kt, scale_t), mask)
     if backend == "triton":
         from .. import kernels
 
         return kernels.attention_mse_qk(qs, ks, qt, kt, mask, scale_s, scale_t)  # any strides: no copy
     from .extension import AttentionMseQK
 
-    return AttentionMseQK.apply(qs, ks, qt, kt, mask, scale_s, scale_t, _pair_count(mask, qs.shape[1]))
+    return AttentionMseQK.apply(qs, ks, qt, kt, mask, scale_s, scale_t, _pair_count(mask, qs.shape[1]),
+                                torch.is_grad_enabled())
 
 
 def attention_mse_scores(s, t, mask, backend: str) -> torch.Tensor:
@@ -138,7 +139,7 @@ def attention_mse_scores(s, t, mask, backend: str) -> torch.Tensor:
         return kernels.attention_mse_scores(s.contiguous(), t.contiguous(), mask)
     from .extension import AttentionMseScores
 
-    return AttentionMseScores.apply(s, t, mask, _pair_count(mask, s.shape[1]))
+    return AttentionMseScores.apply(s, t, mask, _pair_count(mask, s.shape[1]), torch.is_grad_enabled())
 
 
 def hidden_mse(hs, ht, mask, projection, backend: str) -> torch.Tensor:
@@ -156,4 +157,5 @@ def hidden_mse(hs, ht, mask, projection, backend: str) -> torch.Tensor:
     Ds, Dt = hs.shape[-1], ht.shape[-1]
     rows = mask.reshape(-1)
     count = (rows.to(torch.float32).sum() * Dt).clamp(min=1.0)
-    return ProjectedMse.apply(hs.reshape(-1, Ds), ht.reshape(-1, Dt), rows, weight, bias, count, HIDDEN_CHUNK_ROWS)
+    return ProjectedMse.apply(hs.reshape(-1, Ds), ht.reshape(-1, Dt), rows, weight, bias, count, HIDDEN_CHUNK_ROWS,
+                              torch.is_grad_enabled())

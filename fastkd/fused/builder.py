@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -24,6 +25,7 @@ SOURCES = {
     "cpu": ["fused_loss_cpu.cpp"],
     "cuda": ["fused_loss_cuda.cpp", "fused_loss_cuda_kernels.cu"],
 }
+STALE_LOCK_SECONDS = 15 * 60  # a build takes about a minute; a lock this old belongs to a dead one
 _loaded: dict[str, object] = {}
 _failed: dict[str, str] = {}
 
@@ -110,6 +112,11 @@ def load(kind: str):
         build_dir.mkdir(parents=True, exist_ok=True)
         cflags, ldflags, cuda = _flags(kind)
         if not any(build_dir.glob("*.so")):
+            lock = build_dir / "lock"
+            # torch waits on this file without a timeout; a build killed half-way leaves it behind.
+            if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+                log.warning("removing a stale build lock left by an interrupted build: %s", lock)
+                lock.unlink(missing_ok=True)
             log.info("building the %s loss extension (first use, about a minute) in %s", kind, build_dir)
         try:
             # The module name carries the key: two versions never collide in one process or one cache.
@@ -123,8 +130,8 @@ def load(kind: str):
             if os.environ.get("FASTKD_VERBOSE_BUILD"):
                 raise
     if module is None:
-        _failed[kind] = reason
-        log.warning("fastkd: %s loss backend unavailable: %s", "cpp" if kind == "cpu" else "cuda", reason)
+        _failed[kind] = reason  # said once, by fastkd.fused.resolve_backend, with what runs instead
+        log.debug("%s loss extension unavailable: %s", kind, reason)
         return None
     _loaded[kind] = module
     return module

@@ -4,12 +4,15 @@ Both modules export the same three functions, which return the *unnormalised* lo
 gradient is wanted, its gradients computed in the same pass (Liger-Kernel style: no second pass,
 nothing of size S x S saved). The loss is the sum divided by the number of valid elements (`count`, a
 0-dim tensor on the device, so no host sync); backward only scales the stored gradients by
-grad_output / count.
+grad_output / count. Whether to compute them is the caller's `grad` flag (torch.is_grad_enabled()
+outside the Function): inside forward, grad mode is always off and needs_input_grad stays True even
+under torch.no_grad(), which would compute gradients nobody asked for.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import builder
 
@@ -54,19 +57,20 @@ class AttentionMseQK(torch.autograd.Function):
                 need_grad)
 
     @staticmethod
-    def forward(ctx, qs, ks, qt, kt, mask, scale_s: float, scale_t: float, count: torch.Tensor):
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, qs, ks, qt, kt, mask, scale_s: float, scale_t: float, count: torch.Tensor, grad: bool):
+        need_grad = grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         loss_sum, dqs, dks = AttentionMseQK.run(qs, ks, qt, kt, mask, scale_s, scale_t, need_grad)
         ctx.count, ctx.scales, ctx.grads = count, (scale_s, scale_t), (dqs, dks) if need_grad else None
         ctx.save_for_backward(qs, ks, qt, kt, mask)
         return loss_sum / count
 
     @staticmethod
+    @once_differentiable  # the gradients are not themselves differentiable: no double backward
     def backward(ctx, grad_out):
         qs, ks, qt, kt, mask = ctx.saved_tensors
         dqs, dks = _hand_over(ctx, lambda: AttentionMseQK.run(qs, ks, qt, kt, mask, *ctx.scales, True)[1:])
         scale = grad_out / ctx.count
-        return _scaled(dqs, scale, qs.dtype), _scaled(dks, scale, ks.dtype), None, None, None, None, None, None
+        return _scaled(dqs, scale, qs.dtype), _scaled(dks, scale, ks.dtype), None, None, None, None, None, None, None
 
 
 class AttentionMseScores(torch.autograd.Function):
@@ -76,18 +80,19 @@ class AttentionMseScores(torch.autograd.Function):
             return module_for(s.device).attention_mse_scores(_f32(s), _f32(t), mask.bool().contiguous(), need_grad)
 
     @staticmethod
-    def forward(ctx, s, t, mask, count: torch.Tensor):
-        need_grad = ctx.needs_input_grad[0]
+    def forward(ctx, s, t, mask, count: torch.Tensor, grad: bool):
+        need_grad = grad and ctx.needs_input_grad[0]
         loss_sum, grad = AttentionMseScores.run(s, t, mask, need_grad)
         ctx.count, ctx.grads = count, (grad,) if need_grad else None
         ctx.save_for_backward(s, t, mask)
         return loss_sum / count
 
     @staticmethod
+    @once_differentiable  # the gradients are not themselves differentiable: no double backward
     def backward(ctx, grad_out):
         s, t, mask = ctx.saved_tensors
         (grad,) = _hand_over(ctx, lambda: AttentionMseScores.run(s, t, mask, True)[1:])
-        return _scaled(grad, grad_out / ctx.count, s.dtype), None, None, None
+        return _scaled(grad, grad_out / ctx.count, s.dtype), None, None, None, None
 
 
 class ProjectedMse(torch.autograd.Function):
@@ -101,17 +106,18 @@ class ProjectedMse(torch.autograd.Function):
         return loss_sum, dhs, dw if weight is not None else None, db if bias is not None else None
 
     @staticmethod
-    def forward(ctx, hs, ht, row_mask, weight, bias, count: torch.Tensor, chunk_rows: int):
-        need_grad = any(ctx.needs_input_grad[i] for i in (0, 3, 4))
+    def forward(ctx, hs, ht, row_mask, weight, bias, count: torch.Tensor, chunk_rows: int, grad: bool):
+        need_grad = grad and any(ctx.needs_input_grad[i] for i in (0, 3, 4))
         loss_sum, *grads = ProjectedMse.run(hs, ht, row_mask, weight, bias, chunk_rows, need_grad)
         ctx.count, ctx.chunk_rows, ctx.grads = count, chunk_rows, grads if need_grad else None
         ctx.save_for_backward(hs, ht, row_mask, weight, bias)
         return loss_sum / count
 
     @staticmethod
+    @once_differentiable  # the gradients are not themselves differentiable: no double backward
     def backward(ctx, grad_out):
         hs, ht, row_mask, weight, bias = ctx.saved_tensors
         dhs, dw, db = _hand_over(ctx, lambda: ProjectedMse.run(hs, ht, row_mask, weight, bias, ctx.chunk_rows, True)[1:])
         scale = grad_out / ctx.count
         return (_scaled(dhs, scale, hs.dtype), None, None, _scaled(dw, scale, None if weight is None else weight.dtype),
-                _scaled(db, scale, None if bias is None else bias.dtype), None, None)
+                _scaled(db, scale, None if bias is None else bias.dtype), None, None, None)
