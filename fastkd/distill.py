@@ -73,6 +73,17 @@ class NonFiniteAbort(UserError):
     pass
 
 
+def count_bad_step(distiller, what: str) -> None:
+    """A skipped step (non-finite `what`): counted, logged, and the run stopped after --max-bad-steps."""
+    cfg = distiller.cfg
+    distiller.bad_steps += 1
+    log.warning("step %d: non-finite %s, update skipped (%d so far)", distiller.step + 1, what, distiller.bad_steps)
+    if distiller.bad_steps >= cfg.max_bad_steps:
+        raise NonFiniteAbort(
+            f"aborted at step {distiller.step + 1}: {distiller.bad_steps} steps had a non-finite {what} "
+            f"(limit --max-bad-steps {cfg.max_bad_steps}); lower --lr, drop --bf16, or check the corpus")
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -143,12 +154,7 @@ class Distiller:
         else:
             # Skip: no update, no schedule advance; count it and give up after too many.
             self.optimizer.zero_grad(set_to_none=True)
-            self.bad_steps += 1
-            log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", self.step + 1, self.bad_steps)
-            if self.bad_steps >= cfg.max_bad_steps:
-                raise NonFiniteAbort(
-                    f"aborted at step {self.step + 1}: {self.bad_steps} steps had a non-finite loss or gradient "
-                    f"(limit --max-bad-steps {cfg.max_bad_steps}); lower --lr, drop --bf16, or check the corpus")
+            count_bad_step(self, "loss or gradient")
         self.step += 1
         return StepResult(loss_sum, totals, grad_norm, not finite)
 

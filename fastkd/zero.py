@@ -37,8 +37,8 @@ from transformers import get_linear_schedule_with_warmup
 
 from .config import DistillConfig
 from .corpus import BatchStream, load_corpus, sample_corpus
-from .distill import (NonFiniteAbort, Run, StepResult, _param_groups, _truncate_metrics, build_models, export_run,
-                      prepare_output, resolve, seed_everything, student_loss, train)
+from .distill import (NonFiniteAbort, Run, StepResult, _param_groups, _truncate_metrics, build_models,
+                      count_bad_step, export_run, prepare_output, resolve, seed_everything, student_loss, train)
 from .errors import UserError
 from .io import atomic_write_json
 from .losses import DistillLoss
@@ -215,12 +215,7 @@ class ZeroDistiller:
                         f"step {self.step + 1}: a non-finite loss in micro-batch {micro + 1} of {cfg.grad_accum}; under "
                         "--deepspeed a partly accumulated step cannot be skipped: lower --lr, drop --bf16, or use "
                         "--grad-accum 1; --resume continues from the last checkpoint")
-                self.bad_steps += 1
-                log.warning("step %d: non-finite loss, update skipped (%d so far)", self.step + 1, self.bad_steps)
-                if self.bad_steps >= cfg.max_bad_steps:
-                    raise NonFiniteAbort(
-                        f"aborted at step {self.step + 1}: {self.bad_steps} steps had a non-finite loss "
-                        f"(limit --max-bad-steps {cfg.max_bad_steps}); lower --lr, drop --bf16, or check the corpus")
+                count_bad_step(self, "loss")
                 self.step += 1
                 return StepResult(float("nan"), {}, float("nan"), True)
             self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself

@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from ._common import check_device
+
 
 @triton.jit
 def _qk_mse_rows_kernel(
@@ -206,12 +208,7 @@ def _block_sizes(S: int, bds: int, bdt: int, elt_bytes: int, block_m: int | None
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
-    dev = tensors[0].device
-    if any(t.device != dev for t in tensors):
-        raise ValueError("fastkd.kernels: all inputs must be on the same device")
-    if dev.type != "cuda" and not _INTERPRETED:
-        raise RuntimeError("fastkd.kernels needs CUDA tensors (or TRITON_INTERPRET=1 set before triton "
-                           f"is imported, for the CPU interpreter); got {dev}")
+    check_device(_INTERPRETED, *tensors)
 
 
 def _qk_mse_launch(qs, ks, qt, kt, mask, scale_s: float, scale_t: float, *, grad_q: bool, grad_k: bool,

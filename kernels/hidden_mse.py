@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from ._common import check_device
+
 
 @triton.jit
 def _hidden_mse_kernel(
@@ -79,12 +81,7 @@ def _block_sizes(n_rows: int, D: int, block_r: int | None, block_c: int | None) 
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
-    dev = tensors[0].device
-    if any(x.device != dev for x in tensors):
-        raise ValueError("fastkd.kernels: all inputs must be on the same device")
-    if dev.type != "cuda" and not _INTERPRETED:
-        raise RuntimeError("fastkd.kernels needs CUDA tensors (or TRITON_INTERPRET=1 set before triton "
-                           f"is imported, for the CPU interpreter); got {dev}")
+    check_device(_INTERPRETED, *tensors)
 
 
 def _run_kernel(p, ht, bias, mask8, g, *, block_r, block_c) -> torch.Tensor:

@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from ._common import check_device
+
 
 @triton.jit
 def _scores_mse_kernel(
@@ -71,12 +73,7 @@ def _block_sizes(S: int, block_r: int | None, block_c: int | None) -> tuple[int,
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
-    dev = tensors[0].device
-    if any(x.device != dev for x in tensors):
-        raise ValueError("fastkd.kernels: all inputs must be on the same device")
-    if dev.type != "cuda" and not _INTERPRETED:
-        raise RuntimeError("fastkd.kernels needs CUDA tensors (or TRITON_INTERPRET=1 set before triton "
-                           f"is imported, for the CPU interpreter); got {dev}")
+    check_device(_INTERPRETED, *tensors)
 
 
 def _scores_mse_launch(s, t, mask, *, write_grad: bool, block_r: int | None = None,
