@@ -181,10 +181,13 @@ def _add_search(sub) -> None:
     p = sub.add_parser(
         "search", help="search the best layer mapping with a genetic algorithm in a cheap proxy setting",
         description="Each candidate mapping is distilled briefly on a sample of the corpus (a whole generation shares "
-                    "one teacher forward per batch), fine-tuned on the proxy GLUE tasks, and scored by its mean task "
-                    "score. uniform, last and the finalists are re-evaluated with fresh seeds, and the report says "
-                    "whether the winner beats uniform and last by more than 2 SD of that noise. Writes "
-                    "best_mapping.json, report.md, fitness.png, layers.png and the store search.sqlite.",
+                    "one teacher forward per batch) and scored on the cheapest rung of a fidelity ladder (zeroshot: "
+                    "STS-B similarity with no training; probe: frozen features; short and full: proxy GLUE "
+                    "fine-tuning). The best fraction of each rung climbs "
+                    "to the next; the best on the top rung is the winner. The winner, uniform and last are then "
+                    "evaluated on held-out verdict seeds, and the report gives the paired difference with a 95% "
+                    "interval and a plain verdict. Writes best_mapping.json, report.md, fitness.png, layers.png, "
+                    "ladder.png, verdict.png and the store search.sqlite.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("models")
     m.add_argument("--teacher", default="default", help="teacher directory, hub name, or 'default' (all-MiniLM-L6-v2)")
@@ -210,16 +213,26 @@ def _add_search(sub) -> None:
     x.add_argument("--proxy-finetune-lr", type=float, default=1e-4, help="fine-tuning learning rate (small students like it high)")
     x.add_argument("--proxy-finetune-batch-size", type=int, default=32, help="fine-tuning batch size")
     x.add_argument("--proxy-finetune-seq-len", type=int, default=128, help="fine-tuning max length")
+    x.add_argument("--proxy-heldout", type=int, default=2000,
+                   help="score each proxy task on this many held-out training rows (disjoint from the fine-tuning "
+                        "examples) where its train set can spare them, else on dev; 0 = always dev")
     x.add_argument("--proxy-bf16", action="store_true",
                    help="bf16 autocast for proxy distillation and fine-tuning (faster on CPUs with AVX512-BF16/AMX and on GPUs)")
     x.add_argument("--drop-weak-tasks", action="store_true",
                    help="drop a proxy task on which the teacher itself does not beat the majority class by 5 points")
-    g = p.add_argument_group("genetic algorithm and noise")
+    g = p.add_argument_group("genetic algorithm, fidelity ladder and verdict")
     g.add_argument("--population", type=int, default=8, help="mappings per generation (P)")
     g.add_argument("--generations", type=int, default=4, help="generations (G)")
     g.add_argument("--monotone", action="store_true", help="only non-decreasing mappings")
-    g.add_argument("--repeats", type=int, default=3, help="seeds for uniform, last and each finalist (noise)")
-    g.add_argument("--finalists", type=int, default=3, help="top mappings re-evaluated with fresh seeds")
+    g.add_argument("--ladder", default="zeroshot,full",
+                   help="rungs from cheap to faithful, ending in full: zeroshot (STS-B similarity of mean-pooled "
+                        "embeddings, no training), probe (frozen features + a linear model per proxy task), short (a "
+                        "quarter of the fine-tuning steps), full (the proxy fine-tuning); the GA runs on the first")
+    g.add_argument("--promote", type=float, default=0.5, help="fraction of a rung's mappings scored on the next rung")
+    g.add_argument("--verdict-seeds", type=_verdict_seeds, default=4,
+                   help="held-out seeds judging the winner against uniform and last: a count N (seeds SEED+1000, "
+                        "..., SEED+N*1000) or a list like 11,12,13 (one explicit seed: '11,'); fewer than 2 means "
+                        "no claim")
     g.add_argument("--proxy-chunk", type=int, default=8, help="candidates distilled together (lower it to save memory)")
     _add_loss_backend(g)
     g.add_argument("--seed", type=int, default=0, help="seeds the GA, the corpus sample and the evaluations")
@@ -232,6 +245,18 @@ def _add_search(sub) -> None:
     p.set_defaults(func=_cmd_search)
 
 
+def _verdict_seeds(text: str):
+    """'4' -> 4 (a count); '11,12' -> (11, 12); anything else is refused by argparse in one line."""
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        values = [int(t) for t in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a count nor a comma-separated list of seeds") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count >= 0 or non-negative seeds")
+    return values[0] if len(values) == 1 and "," not in text else tuple(values)
+
+
 def search_config_from_args(args):
     from .search.proxy import ProxyConfig
     from .search.run import SearchConfig
@@ -241,12 +266,14 @@ def search_config_from_args(args):
                         tasks=tuple(t.key for t in __import__("fastkd.glue", fromlist=["parse_tasks"]).parse_tasks(args.proxy_tasks)),
                         finetune_steps=args.proxy_finetune_steps, finetune_examples=args.proxy_finetune_examples,
                         finetune_batch=args.proxy_finetune_batch_size, finetune_lr=args.proxy_finetune_lr,
-                        finetune_seq_len=args.proxy_finetune_seq_len, bf16=args.proxy_bf16)
+                        finetune_seq_len=args.proxy_finetune_seq_len, bf16=args.proxy_bf16,
+                        heldout=args.proxy_heldout)
     return SearchConfig(output=args.output, corpus=args.corpus, data_dir=args.data_dir, teacher=args.teacher,
                         student_layers=args.student_layers, student_hidden=args.student_hidden,
                         student_heads=args.student_heads, student_ffn=args.student_ffn, proxy=proxy,
                         population=args.population, generations=args.generations, monotone=args.monotone,
-                        repeats=args.repeats, finalists=args.finalists, drop_weak_tasks=args.drop_weak_tasks,
+                        ladder=args.ladder, promote=args.promote, verdict_seeds=args.verdict_seeds,
+                        drop_weak_tasks=args.drop_weak_tasks,
                         chunk=args.proxy_chunk, seed=args.seed, resume=args.resume, progress=args.progress,
                         cache_dir=args.cache_dir, loss_backend=args.loss_backend)
 
@@ -263,7 +290,7 @@ def _cmd_search(args) -> int:
     result = search.run()
     if search.comm.is_main:
         print("\n".join(verdict_lines(result)))
-        print(f"wrote {args.output}/best_mapping.json, report.md, fitness.png, layers.png")
+        print(f"wrote {args.output}/best_mapping.json, report.md, fitness.png, layers.png, ladder.png, verdict.png")
     return 0
 
 
@@ -274,8 +301,9 @@ def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="the whole pipeline: search, distill the winner and the heuristics, GLUE table",
         description="Searches the layer mapping for a 3-layer student of the default teacher, distills with the "
-                    "winner and with uniform and last on the corpus, then fine-tunes the three students and the "
-                    "teacher on SST-2, MRPC and RTE and prints one table with the search's noise band. "
+                    "winner and with uniform and last on the corpus, then fine-tunes the students and the teacher "
+                    "with several seeds and prints the search's paired verdict (95% interval) and one table "
+                    "(mean ± SD over seeds, official dev sets). "
                     "Interrupted? Run it again: every stage resumes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", default=shared if os.path.isdir(shared) else None,

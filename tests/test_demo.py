@@ -7,9 +7,9 @@ from conftest import SHARED_DATA
 
 TINY = Budget(ProxyConfig(sequences=32, steps=2, batch_size=4, max_seq_len=32, tasks=("rte",), finetune_steps=2,
                           finetune_examples=16, finetune_batch=8, finetune_seq_len=32),
-              population=2, generations=1, repeats=2, finalists=1, drop_weak_tasks=False, distill_steps=2,
-              distill_batch=4, distill_seq_len=32, glue_tasks="sst2,mrpc,rte", glue_steps=2, glue_examples=16,
-              glue_seq_len=32, glue_lr=1e-4, bf16=False)
+              population=2, generations=1, ladder="probe,full", promote=0.5, verdict_seeds=2, drop_weak_tasks=False,
+              distill_steps=2, distill_batch=4, distill_seq_len=32, glue_tasks="sst2,mrpc,rte", glue_steps=2,
+              glue_examples=16, glue_seq_len=32, glue_lr=1e-4, bf16=False, glue_seeds=2)
 
 
 def test_demo_pipeline_end_to_end_and_resumes(tmp_path, tiny_teacher_dir):
@@ -17,11 +17,17 @@ def test_demo_pipeline_end_to_end_and_resumes(tmp_path, tiny_teacher_dir):
     summary = run_demo(str(SHARED_DATA), str(out), teacher=str(tiny_teacher_dir), student_layers=2, progress=False,
                        budget=TINY)
     assert summary["students"]["uniform"] == "2,4" and summary["students"]["last"] == "3,4"
-    report = json.loads((out / "custom" / "glue" / "glue.json").read_text())
-    paths = [m["path"] for m in report["models"]]
-    assert paths[-1] == str(tiny_teacher_dir) and len(paths) == len(set(summary["students"].values())) + 1
-    assert all(set(m["tasks"]) == {"sst2", "mrpc", "rte"} for m in report["models"])
-    assert "majority class" in summary["glue_table"] and summary["verdict"][0].startswith("**Winner")
+    for seed in (0, 1):  # the final table's fine-tuning seeds, each its own resumable GLUE run
+        report = json.loads((out / "custom" / "glue" / f"seed-{seed}" / "glue.json").read_text())
+        assert report["settings"]["seed"] == seed
+        paths = [m["path"] for m in report["models"]]
+        assert paths[-1] == str(tiny_teacher_dir) and len(paths) == len(set(summary["students"].values())) + 1
+        assert all(set(m["tasks"]) == {"sst2", "mrpc", "rte"} for m in report["models"])
+    table = summary["glue_table"]
+    assert "majority class" in table and "mean ± SD over 2 fine-tuning seeds (0, 1)" in table and " ± " in table
+    # A random tiny teacher learns nothing in 2 steps: the table must say its columns cannot show the cost.
+    assert not any(summary["teacher_apart"].values()) and "Caution: the teacher does not beat" in table
+    assert summary["verdict"][0].startswith("**Winner") and set(summary["verdicts"]) == {"uniform", "last"}
     assert (out / "custom" / "search" / "report.md").exists()
     # Run again: every stage resumes from what is on disk instead of failing or redoing it.
     again = run_demo(str(SHARED_DATA), str(out), teacher=str(tiny_teacher_dir), student_layers=2, progress=False,

@@ -59,3 +59,20 @@ def test_result_fields_and_seed_matters(evaluator_factory):
     assert all(isinstance(t["collapsed"], bool) for t in result.tasks.values())
     other = ev.evaluate(MAPPINGS[:1], seed=1, chunk=8)[0]
     assert other.losses != result.losses
+
+
+def test_a_kept_student_scores_exactly_like_a_fresh_distillation(evaluator_factory):
+    """Promotion reuses the distilled student: the same numbers as distilling it again, less work."""
+    from fastkd.search.rungs import Rung
+
+    ev = evaluator_factory()
+    ev.evaluate(MAPPINGS[:2], seed=5, chunk=2, rung=Rung("probe"))
+    steps = ev.counters.student_steps
+    promoted = ev.evaluate(MAPPINGS[:2], seed=5, chunk=2, rung=Rung("full"))
+    assert ev.counters.student_steps == steps and ev.counters.reused_students == 2  # nothing distilled again
+    fresh = evaluator_factory().evaluate(MAPPINGS[:2], seed=5, chunk=2, rung=Rung("full"))
+    assert _summary(promoted) == _summary(fresh)
+    assert all(r.rung == "full" for r in promoted)
+    # A kept student is one of that seed only.
+    ev.evaluate(MAPPINGS[:1], seed=6, chunk=1, rung=Rung("full"))
+    assert ev.counters.student_steps == steps + PROXY.steps

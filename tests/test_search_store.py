@@ -77,3 +77,13 @@ def test_empty_file_left_by_a_kill_is_new_and_refusal_names_the_nested_setting(t
     Store(path, {"proxy": {"steps": 3, "lr": 1e-3}}, resume=False).close()
     with pytest.raises(UserError, match=r"proxy\.steps \(store 3, now 4\)"):
         Store(path, {"proxy": {"steps": 4, "lr": 1e-3}}, resume=True)
+
+
+def test_rungs_are_keyed_apart(tmp_path):
+    store = Store(tmp_path / "search.sqlite", SETTINGS, resume=False)
+    probe = Evaluation("2,4,6", 0, 0, 0.61, {}, {}, 1.0, rung="probe")
+    full = Evaluation("2,4,6", 0, -3, 0.78, {}, {}, 9.0, rung="full")
+    assert store.put(probe) and store.put(full)  # same mapping and seed, two rungs: two rows
+    assert store.get("2,4,6", 0, "probe").fitness == 0.61 and store.get("2,4,6", 0, "full").fitness == 0.78
+    assert store.get("2,4,6", 0, "short") is None
+    assert {(e.rung, e.fitness) for e in store.all()} == {("probe", 0.61), ("full", 0.78)}

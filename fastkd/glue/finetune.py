@@ -43,6 +43,13 @@ class FinetuneConfig:
     eval_batch_size: int = 128
     progress: bool = True
     device: str = "auto"
+    # > 0: score on this many held-out *training* rows (disjoint from the fine-tuning examples, the
+    # same rows for every seed and model) instead of dev, where the training set is large enough.
+    heldout: int = 0
+    # Which of the two disjoint held-out slices scores: "selection" (a search choosing its winner)
+    # or "verdict" (the held-out seeds judging it), so the winner is never judged on the rows that
+    # chose it. Both slices are always kept out of the fine-tuning rows.
+    heldout_part: str = "selection"
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -63,6 +70,10 @@ class FinetuneConfig:
             raise UserError(f"--max-train-examples must be at least 1 (got {self.max_train_examples})")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"--lr must be positive (got {self.lr})")
+        if self.heldout < 0:
+            raise UserError(f"the held-out slice must be 0 (score on dev) or a number of rows (got {self.heldout})")
+        if self.heldout_part not in HELDOUT_PARTS:
+            raise ValueError(f"heldout_part must be one of {HELDOUT_PARTS} (got {self.heldout_part!r})")
 
 
 @dataclass
@@ -83,10 +94,12 @@ class TaskResult:
     baseline_score: float
     predictions: dict  # label distribution or variance, per dev split
     train_examples: int
-    dev_examples: int
+    dev_examples: int  # rows scored (dev, or the held-out slice: see eval_split)
     steps: int
     seconds: float
     skipped_rows: int = 0
+    eval_split: str = "dev"  # where the score comes from: "dev" or "train-heldout[N]"
+    method: str = "finetune"  # "finetune", or "probe" (frozen features, a linear model on top)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,10 +120,13 @@ class TaskCache:
             self._data[spec.key] = load_task(self.data_dir, spec, self.skip_bad_rows)
         return self._data[spec.key]
 
-    def encoded(self, split: Split, tokenizer, max_seq_len: int) -> Encoded:
+    def fingerprint(self, tokenizer) -> str:
         if id(tokenizer) not in self._fingerprints:
             self._fingerprints[id(tokenizer)] = (tokenizer, tokenizer_fingerprint(tokenizer))
-        key = (split.task.key, split.name, split.source, self._fingerprints[id(tokenizer)][1], max_seq_len)
+        return self._fingerprints[id(tokenizer)][1]
+
+    def encoded(self, split: Split, tokenizer, max_seq_len: int) -> Encoded:
+        key = (split.task.key, split.name, split.source, self.fingerprint(tokenizer), max_seq_len)
         if key not in self._encoded:
             enc = tokenizer(split.text_a, split.text_b, truncation=True, max_length=max_seq_len,
                             return_token_type_ids=True)
@@ -123,6 +139,90 @@ def subsample(n: int, k: int | None, seed: int) -> np.ndarray:
     if k is None or k >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).permutation(n)[:k])
+
+
+HELDOUT_SEED = 7919  # fixed, not the run's seed: every seed and model is scored on the same rows
+HELDOUT_PARTS = ("selection", "verdict")  # two disjoint slices of one fixed permutation
+MIN_TRAIN_LEFT = 1000  # held-out slices are cut only when at least this many training rows remain
+_TOLD: set = set()
+
+
+@dataclass
+class Scoring:
+    """Which training rows a run learns from and which rows score it (dev splits, or a held-out slice)."""
+
+    train_rows: np.ndarray
+    eval_splits: list  # [(name, Encoded, labels list)]
+    eval_split: str  # "dev" or "train-heldout[N]"
+    held: np.ndarray | None = None  # the held-out train rows, when scored on them
+
+
+def heldout_rows(n_train: int, heldout: int, max_train_examples: int | None,
+                 part: str = "selection") -> np.ndarray | None:
+    """One of the two held-out slices of train (`heldout` rows each), or None when train cannot spare both.
+
+    Large enough = after both slices the rest still holds the fine-tuning subsample and at least
+    MIN_TRAIN_LEFT rows. (Without a subsample, fine-tuning learns from the rest: 2 x heldout fewer rows.)
+    """
+    if heldout <= 0 or n_train - 2 * heldout < max(max_train_examples or 0, MIN_TRAIN_LEFT):
+        return None
+    order = np.random.default_rng(HELDOUT_SEED).permutation(n_train)
+    start = HELDOUT_PARTS.index(part) * heldout
+    return np.sort(order[start:start + heldout])
+
+
+def _texts(split: Split, rows) -> set:
+    b = split.text_b
+    return {(split.text_a[i], None if b is None else b[i]) for i in rows}
+
+
+def _subset(enc: Encoded, rows) -> Encoded:
+    return Encoded([enc.input_ids[i] for i in rows], [enc.token_type_ids[i] for i in rows], enc.labels[rows])
+
+
+def scoring_rows(data: TaskData, tokenizer, cache: "TaskCache", cfg: FinetuneConfig) -> Scoring:
+    train_enc = cache.encoded(data.train, tokenizer, cfg.max_seq_len)
+    held = heldout_rows(len(data.train), cfg.heldout, cfg.max_train_examples, cfg.heldout_part)
+    if held is None:
+        if cfg.heldout > 0 and (data.task.key, len(data.train), cfg.heldout) not in _TOLD:
+            _TOLD.add((data.task.key, len(data.train), cfg.heldout))  # once per task, not once per evaluation
+            log.warning("%s: %d training rows are too few to hold out 2 x %d; scoring on dev (selection and "
+                        "verdict then share its rows)", data.task.name, len(data.train), cfg.heldout)
+        rows = subsample(len(data.train), cfg.max_train_examples, cfg.seed)
+        evals = [(dev.name, cache.encoded(dev, tokenizer, cfg.max_seq_len), dev.labels) for dev in data.dev]
+        return Scoring(rows, evals, "dev")
+    both = np.concatenate([heldout_rows(len(data.train), cfg.heldout, cfg.max_train_examples, part)
+                           for part in HELDOUT_PARTS])
+    # Disjoint by text, not only by index: SST-2 train repeats phrases, and a copy of a scored
+    # row among the fine-tuning examples would leak it.
+    seen = _texts(data.train, both)
+    rest = np.array([i for i in np.setdiff1d(np.arange(len(data.train)), both, assume_unique=True)
+                     if (data.train.text_a[i], None if data.train.text_b is None else data.train.text_b[i]) not in seen],
+                    dtype=np.int64)
+    rows = rest[subsample(len(rest), cfg.max_train_examples, cfg.seed)]
+    labels = [data.train.labels[i] for i in held]
+    return Scoring(rows, [("heldout", _subset(train_enc, held), labels)],
+                   f"train-heldout-{cfg.heldout_part}[{len(held)}]", held)
+
+
+def _score(spec: TaskSpec, data: TaskData, scoring: Scoring, predict_fn, by_name: bool = False) -> tuple:
+    """Metrics of predict_fn on every scoring split (suffixed like GLUE), the majority baseline, spreads.
+
+    predict_fn takes the split's Encoded rows, or its name with by_name (the probe encodes its own way).
+    """
+    metrics, baseline, predictions, examples = {}, {}, {}, 0
+    suffixes = {"dev": "", "heldout": "", "dev_matched": "_m", "dev_mismatched": "_mm"}
+    train_labels = [data.train.labels[i] for i in scoring.train_rows] if scoring.eval_split != "dev" else data.train.labels
+    for name, enc, labels in scoring.eval_splits:
+        preds = predict_fn(name if by_name else enc)
+        if not spec.is_regression:
+            preds = preds.astype(np.int64)
+        suffix = suffixes.get(name, "_" + name)
+        metrics.update({k + suffix: v for k, v in compute_metrics(spec, preds, labels).items()})
+        baseline.update({k + suffix: v for k, v in majority_baseline(spec, train_labels, labels).items()})
+        predictions[name] = prediction_summary(spec, preds)
+        examples += len(labels)
+    return metrics, baseline, predictions, examples
 
 
 def _batch(enc: Encoded, rows, pad_id: int) -> dict[str, torch.Tensor]:
@@ -182,7 +282,8 @@ def finetune_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: Finet
     data = cache.data(spec)
     pad_id = tokenizer.pad_token_id or 0
     train_enc = cache.encoded(data.train, tokenizer, cfg.max_seq_len)
-    rows = subsample(len(data.train), cfg.max_train_examples, cfg.seed)
+    scoring = scoring_rows(data, tokenizer, cache, cfg)
+    rows = scoring.train_rows
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(rows) / cfg.batch_size))
 
     device = pick_device(cfg.device)
@@ -217,21 +318,11 @@ def finetune_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: Finet
             bar.set_postfix(loss=f"{out.loss.item():.3f}")
     bar.close()
 
-    metrics, baseline, predictions, dev_examples = {}, {}, {}, 0
-    suffixes = {"dev": "", "dev_matched": "_m", "dev_mismatched": "_mm"}
-    for dev in data.dev:
-        enc = cache.encoded(dev, tokenizer, cfg.max_seq_len)
-        preds = predict(classifier, enc, pad_id, cfg.eval_batch_size, cfg.bf16)
-        if not spec.is_regression:
-            preds = preds.astype(np.int64)
-        suffix = suffixes.get(dev.name, "_" + dev.name)
-        metrics.update({k + suffix: v for k, v in compute_metrics(spec, preds, dev.labels).items()})
-        baseline.update({k + suffix: v for k, v in majority_baseline(spec, data.train.labels, dev.labels).items()})
-        predictions[dev.name] = prediction_summary(spec, preds)
-        dev_examples += len(dev)
+    metrics, baseline, predictions, examples = _score(
+        spec, data, scoring, lambda enc: predict(classifier, enc, pad_id, cfg.eval_batch_size, cfg.bf16))
     return TaskResult(spec.name, metrics, task_score(metrics), baseline, task_score(baseline), predictions,
-                      len(rows), dev_examples, total_steps, round(time.perf_counter() - started, 2),
-                      data.train.skipped_rows + sum(d.skipped_rows for d in data.dev))
+                      len(rows), examples, total_steps, round(time.perf_counter() - started, 2),
+                      data.train.skipped_rows + sum(d.skipped_rows for d in data.dev), scoring.eval_split)
 
 
 def evaluate(model, tokenizer, tasks: list[TaskSpec], cache: TaskCache, cfg: FinetuneConfig,

@@ -1,15 +1,19 @@
-"""The proxy setting: short distillation of a whole generation on one teacher stream, then proxy GLUE.
+"""The proxy setting: short distillation of a whole generation on one teacher stream, then one rung
+of the fidelity ladder (a frozen-feature probe or proxy GLUE fine-tuning: fastkd.search.rungs).
 
 All candidates of a chunk are distilled in lockstep on the same batches. The teacher runs once per
 batch (its outputs hold every layer any candidate needs) and serves every student of the step, so
 the cost of a generation is steps x (T + P x S) instead of P x steps x (T + S). Both counts are kept:
-`teacher_forwards` and `student_steps`.
+`teacher_forwards` and `student_steps`. A distilled student is kept (a bounded LRU) so that a
+mapping promoted to a higher rung at the same seed is scored again without distilling it again:
+distillation is deterministic in (mapping, seed), so this changes cost, never a result.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -19,14 +23,17 @@ from tqdm.auto import tqdm
 from ..config import DistillConfig
 from ..corpus import BatchStream
 from ..distill import Distiller, NonFiniteAbort, loss_weights
-from ..glue import FinetuneConfig, TaskCache, evaluate
+from ..glue import FinetuneConfig, TaskCache
 from ..glue.report import COLLAPSE_FRACTION
 from ..losses import DistillLoss
 from ..mapping import LayerMapping
 from ..models import StudentShape, build_student
 from ..teacher import Teacher
+from .rungs import Rung
 
 log = logging.getLogger(__name__)
+
+FAILED_FITNESS = -1.0  # a candidate whose distillation diverged
 
 
 @dataclass(frozen=True)
@@ -46,16 +53,20 @@ class ProxyConfig:
     finetune_lr: float = 1e-4
     finetune_seq_len: int = 128
     bf16: bool = False  # autocast for proxy distillation (teacher and students) and fine-tuning
+    # Score on this many held-out training rows (disjoint from the fine-tuning examples, the same for
+    # every mapping and seed) where a task's train set can spare them; dev otherwise. 0 = dev always.
+    heldout: int = 2000
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["tasks"] = list(self.tasks)
         return d
 
-    def finetune_config(self, seed: int, progress: bool = False) -> FinetuneConfig:
+    def finetune_config(self, seed: int, progress: bool = False, part: str = "selection") -> FinetuneConfig:
+        """part: which held-out slice scores ("selection" for the GA and the ladder, "verdict" for the verdict)."""
         return FinetuneConfig(max_steps=self.finetune_steps, max_train_examples=self.finetune_examples,
                               batch_size=self.finetune_batch, lr=self.finetune_lr, max_seq_len=self.finetune_seq_len,
-                              seed=seed, bf16=self.bf16, progress=progress)
+                              seed=seed, bf16=self.bf16, progress=progress, heldout=self.heldout, heldout_part=part)
 
 
 @dataclass
@@ -66,6 +77,7 @@ class CandidateResult:
     tasks: dict  # task key -> TaskResult dict (+ "collapsed")
     losses: dict  # mean of the last distillation steps
     seconds: float
+    rung: str = "full"
 
 
 @dataclass
@@ -74,8 +86,11 @@ class Counters:
     student_steps: int = 0
     teacher_seconds: float = 0.0
     student_seconds: float = 0.0
-    finetune_seconds: float = 0.0
-    per_generation: list = field(default_factory=list)
+    build_seconds: float = 0.0  # student and loss construction (model construction)
+    scoring_seconds: dict = field(default_factory=dict)  # rung -> seconds spent scoring students
+    distilled: int = 0  # students distilled
+    reused_students: int = 0  # promoted students scored again without distilling again
+
 
 
 def _rng_state():
@@ -95,7 +110,8 @@ def task_collapsed(result: dict) -> bool:
 
 class ProxyEvaluator:
     def __init__(self, teacher_model, tokenizer, corpus, shape: StudentShape, cfg: ProxyConfig, task_cache: TaskCache,
-                 task_specs, weights=None, progress: bool = True, loss_backend: str | None = None):
+                 task_specs, weights=None, progress: bool = True, loss_backend: str | None = None,
+                 keep_students: int = 16):
         self.teacher_model = teacher_model
         self.tokenizer = tokenizer
         self.corpus = corpus
@@ -108,6 +124,8 @@ class ProxyEvaluator:
         self.loss_backend = loss_backend  # changes rounding only, so not part of what a fitness means
         self.counters = Counters()
         self.device = next(teacher_model.parameters()).device
+        self.keep_students = keep_students
+        self._students: OrderedDict = OrderedDict()  # (mapping text, seed) -> (student, losses, seconds)
 
     def _distill_config(self, seed: int) -> DistillConfig:
         return DistillConfig(output="", corpus="", max_steps=self.cfg.steps, batch_size=self.cfg.batch_size,
@@ -123,12 +141,14 @@ class ProxyEvaluator:
         """
         cfg = self._distill_config(seed)
         criteria, students, rng_states = [], [], []
+        built = time.perf_counter()
         for mapping in mappings:
             torch.manual_seed(seed)
             criteria.append(DistillLoss(mapping, self.shape.hidden, self.teacher_model.config.hidden_size,
                                         self.weights, backend=self.loss_backend).to(self.device))
             students.append(build_student(self.teacher_model, self.shape, cfg.init, mapping, seed=seed).to(self.device))
             rng_states.append(_rng_state())
+        self.counters.build_seconds += time.perf_counter() - built
         teacher = Teacher(self.teacher_model, sorted({l for c in criteria for l in c.teacher_hidden_layers()}),
                           sorted({l for c in criteria for l in c.teacher_attention_layers()}),
                           autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
@@ -175,36 +195,59 @@ class ProxyEvaluator:
             out.append((d.student, {"failed": why} if why else d.final_losses(), s + share))
         return out
 
-    def finetune(self, student, seed: int) -> dict:
+    def score(self, student, seed: int, rung: Rung, part: str = "selection") -> dict:
         started = time.perf_counter()
-        results = evaluate(student, self.tokenizer, self.task_specs, self.cache, self.cfg.finetune_config(seed))
-        self.counters.finetune_seconds += time.perf_counter() - started
-        out = {}
-        for key, r in results.items():
-            d = r.to_dict()
+        out = rung.score(student, self.tokenizer, self.task_specs, self.cache, self.cfg.finetune_config(seed, part=part))
+        self.counters.scoring_seconds[rung.name] = self.counters.scoring_seconds.get(rung.name, 0.0) + (
+            time.perf_counter() - started)
+        for d in out.values():
             d["collapsed"] = task_collapsed(d)
-            out[key] = d
+        return out
+
+    def _distilled(self, mappings: list[LayerMapping], seed: int, desc: str) -> dict:
+        """(mapping text) -> (student, losses, seconds): kept students first, the rest distilled together."""
+        out = {}
+        missing = []
+        for m in mappings:
+            key = (m.text, seed)
+            if key in self._students:
+                self._students.move_to_end(key)
+                student, losses, _ = self._students[key]
+                out[m.text] = (student, losses, 0.0)  # no distillation this time
+                self.counters.reused_students += 1
+            else:
+                missing.append(m)
+        if missing:
+            for m, item in zip(missing, self.distill(missing, seed, desc)):
+                out[m.text] = item
+                self.counters.distilled += 1
+                if self.keep_students > 0 and "failed" not in item[1]:
+                    self._students[(m.text, seed)] = item
+                    while len(self._students) > self.keep_students:
+                        self._students.popitem(last=False)
         return out
 
     def evaluate(self, mappings: list[LayerMapping], seed: int, chunk: int, on_result=None,
-                 desc: str = "proxy distill") -> list[CandidateResult]:
-        """Distill in chunks of `chunk` candidates, fine-tune each, report each as it finishes."""
+                 desc: str = "proxy distill", rung: Rung = Rung("full"), part: str = "selection") -> list[CandidateResult]:
+        """Distill in chunks of `chunk` candidates, score each on `rung` (held-out slice `part`), report each
+        as it finishes."""
         results = []
         for start in range(0, len(mappings), chunk):
             part = mappings[start:start + chunk]
-            distilled = self.distill(part, seed, desc)
-            for i, mapping in enumerate(part):
-                student, losses, seconds = distilled[i]
-                distilled[i] = None  # released once fine-tuned
+            distilled = self._distilled(part, seed, desc)
+            for mapping in part:
+                student, losses, seconds = distilled.pop(mapping.text)
                 started = time.perf_counter()
                 if "failed" in losses:
-                    tasks, fitness = {}, 0.0  # the floor: ranked last, kept in the store so it is not retried
+                    # The floor of every metric (correlations and MCC reach -1): ranked last, and kept in
+                    # the store so it is not retried.
+                    tasks, fitness = {}, FAILED_FITNESS
                 else:
                     student.eval()
-                    tasks = self.finetune(student, seed)
+                    tasks = self.score(student, seed, rung, part)
                     fitness = float(np.mean([t["score"] for t in tasks.values()]))
                 result = CandidateResult(mapping, seed, fitness, tasks, losses,
-                                         round(seconds + time.perf_counter() - started, 2))
+                                         round(seconds + time.perf_counter() - started, 2), rung.name)
                 results.append(result)
                 if on_result is not None:
                     on_result(result)  # stored at once: a kill loses at most the work in progress

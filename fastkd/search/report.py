@@ -1,4 +1,4 @@
-"""Search outputs: best_mapping.json, report.md, fitness.png, layers.png."""
+"""Search outputs: best_mapping.json, report.md, fitness.png, layers.png, ladder.png, verdict.png."""
 
 from __future__ import annotations
 
@@ -8,54 +8,45 @@ import time
 
 from ..io import atomic_write_json, atomic_write_text
 from ..mapping import search_space_size
+from .ga import genome_key
+from .verdict import CONFIDENCE, overall, sentence
 
 TOP_FRACTION = 0.25  # layers.png: the top quarter of evaluated mappings (at least 3)
-
-
-def _task_means(scored) -> dict[str, dict]:
-    """Per-task means over the runs the fitness uses (fresh seeds when there are any)."""
-    keys = dict.fromkeys(k for r in scored.fresh for k in r.tasks)
-    out = {}
-    for k in keys:
-        runs = [r.tasks[k] for r in scored.fresh if k in r.tasks]
-        out[k] = {"score": statistics.fmean(t["score"] for t in runs),
-                  "baseline_score": runs[0]["baseline_score"],
-                  "collapsed_runs": sum(bool(t.get("collapsed")) for t in runs), "runs": len(runs),
-                  "task": runs[0]["task"]}
-    return out
 
 
 def _pm(mean: float, sd: float | None) -> str:
     return f"{mean:.4f}" if sd is None or math.isnan(sd) else f"{mean:.4f} ± {sd:.4f}"
 
 
+def _runs(search, genome, rung, seeds) -> list:
+    return [search.results[(genome, rung.name)][s] for s in seeds if s in search.results.get((genome, rung.name), {})]
+
+
+def _task_means(runs) -> dict[str, dict]:
+    keys = dict.fromkeys(k for r in runs for k in r.tasks)
+    out = {}
+    for k in keys:
+        rs = [r.tasks[k] for r in runs if k in r.tasks]
+        out[k] = {"score": statistics.fmean(t["score"] for t in rs), "baseline_score": rs[0]["baseline_score"],
+                  "collapsed_runs": sum(bool(t.get("collapsed")) for t in rs), "runs": len(rs), "task": rs[0]["task"],
+                  "split": rs[0].get("eval_split", "dev")}
+    return out
+
+
 def verdict_lines(result: dict) -> list[str]:
-    w, sd = result["winner"], result["noise_sd"]
-    lines = [f"**Winner: `{w.mapping.text}`**, mean fitness {_pm(w.mean, w.sd)} over {len(w.fresh)} fresh seeds; "
-             f"noise (pooled SD of one evaluation) {sd:.4f}, so 2 SD = {2 * sd:.4f}." if not math.isnan(sd) else
-             f"**Winner: `{w.mapping.text}`**, fitness {w.mean:.4f} (one seed; noise not measured: --repeats 1)."]
-    runs = [r for s in result["ranking"] for r in s.runs]
-    failed = sum("failed" in r.losses for r in runs)
-    if failed:
-        lines.append(f"- {failed} evaluation(s) diverged during proxy distillation (non-finite losses) and were "
-                     "scored 0; lower --proxy-lr if that is frequent.")
-    collapsed = sum(any(t.get("collapsed") for t in r.tasks.values()) for r in runs)
-    if runs and collapsed / len(runs) >= 0.5:
-        lines.append(f"- **Caution**: {collapsed} of {len(runs)} evaluations collapsed to one class on at least one task, "
-                     "so fitness mostly measures collapse; raise the proxy fine-tuning budget or drop weak tasks.")
-    for name, c in result["comparisons"].items():
-        if c["mapping"] == w.mapping.text:
-            lines.append(f"- The winner *is* `{name}`.")
-        elif c["beats_by_2sd"] is None:
-            lines.append(f"- Against `{name}` ({c['mapping']}, {_pm(c['mean'], c['sd'])}): gap {c['gap']:+.4f}, but the "
-                         "noise was not measured (or measured as zero), so no claim either way.")
-        elif c["beats_by_2sd"]:
-            lines.append(f"- Beats `{name}` ({c['mapping']}, {_pm(c['mean'], c['sd'])}) by {c['gap']:+.4f}, "
-                         "more than 2 SD: a real improvement at this budget.")
-        else:
-            lines.append(f"- Not distinguishable from `{name}` ({c['mapping']}, {_pm(c['mean'], c['sd'])}): "
-                         f"the gap {c['gap']:+.4f} is within 2 SD.")
+    w = result["winner"]
+    seeds = result["verdict_seeds"]
+    lines = [f"**Winner: `{w}`** (best on the top rung with the selection seed {result['selection_seed']}); "
+             f"judged on {len(seeds)} held-out verdict seed(s) {', '.join(map(str, seeds)) or '-'}:"]
+    for name, v in result["verdicts"].items():
+        lines.append("- " + sentence(w, name, v.mapping, v.interval))
+    lines.append("- " + overall(w, [(name, v.mapping, v.interval) for name, v in result["verdicts"].items()]))
     return lines
+
+
+def _splits(search) -> str:
+    teacher = search.signal.get("teacher", {})
+    return ", ".join(f"{t['task']} on {t.get('eval_split', 'dev')}" for t in teacher.values())
 
 
 def markdown(search, result: dict, seconds: float) -> str:
@@ -63,66 +54,150 @@ def markdown(search, result: dict, seconds: float) -> str:
     M, N = search.shape.layers, search.N
     counters = search._ev.counters if hasattr(search, "_ev") else None
     names = result["heuristic_names"]
+    seed = cfg.seed
     lines = [f"# Layer-mapping search: {cfg.teacher} ({N} layers) -> {search.shape.describe()}", ""]
     lines += verdict_lines(result) + [""]
+    runs = [r for rows in search.results.values() for r in rows.values()]
+    failed = sum("failed" in r.losses for r in runs)
+    if failed:
+        lines.append(f"- {failed} evaluation(s) diverged during proxy distillation (non-finite losses) and were "
+                     "scored 0; lower --proxy-lr if that is frequent.")
+    heldout = any(t.get("eval_split", "dev") != "dev" for t in search.signal.get("teacher", {}).values())
+    lines += [f"Scores come from: {_splits(search)}" + (
+        " (train-heldout = a slice of the training set, disjoint from the fine-tuning examples and the same for "
+        "every mapping and seed; the official dev sets stay for final tables)" if heldout else "")
+        + ". Fitness = mean task score, in [0, 1].", ""]
+
+    lines += ["## Verdict: paired differences on held-out seeds", "",
+              f"Every mapping below was distilled and scored on the same verdict seeds (same batches, fine-tuning "
+              f"examples, order and head initialisation per seed). Interval: Student's t on the per-seed "
+              f"differences winner - reference, {100 * CONFIDENCE:.0f}%.", "",
+              "| reference | mapping | winner - reference | ±95% | seeds | per-seed differences |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for name, v in result["verdicts"].items():
+        iv = v.interval
+        diffs = ", ".join(f"{a - b:+.4f}" for a, b in zip(v.winner_runs, v.reference_runs))
+        hw = "-" if math.isnan(iv.half_width) else f"{iv.half_width:.4f}"
+        mean = "-" if math.isnan(iv.mean) else f"{iv.mean:+.4f}"
+        lines.append(f"| {name} | {v.mapping} | {mean} | {hw} | {iv.n} | {diffs or '-'} |")
+    group = list(dict.fromkeys([result["winner_genome"], search.heuristics["uniform"], search.heuristics["last"]]))
+    lines += ["", "| mapping | role | top-rung fitness, verdict seeds (mean ± SD) | " +
+              " | ".join(t.name for t in search.tasks) + " |", "|" + " --- |" * (3 + len(search.tasks))]
+    for g in group:
+        vr = _runs(search, g, search.top, search.verdict_seeds)
+        fits = [r.fitness for r in vr]
+        sd = statistics.stdev(fits) if len(fits) > 1 else None
+        role = "winner" if g == result["winner_genome"] else names.get(g, "")
+        if g == result["winner_genome"] and g in names:
+            role = f"winner = {names[g]}"
+        tasks = _task_means(vr)
+        cells = [("-" if t.key not in tasks else f"{100 * tasks[t.key]['score']:.1f}") for t in search.tasks]
+        lines.append(f"| {search.mapping_text(g)} | {role} | {_pm(statistics.fmean(fits), sd) if fits else '-'} | "
+                     + " | ".join(cells) + " |")
+    lines.append("")
+
+    lines += ["## Fidelity ladder", "",
+              f"The GA scores every candidate on the first rung; the best {cfg.promote:g} of each rung (ceil, at "
+              "least one) and uniform and last are scored on the next, all with the selection seed. Rank correlation "
+              "with the top rung is over the mappings this search scored on both (a promoted, range-restricted set: "
+              "benchmarks/search_fidelity.py measures it on fixed mappings).", "",
+              "| rung | what | evaluations | seconds scoring | Spearman vs top | Kendall vs top | n |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    corr = result["rank_correlations"]
+    for rung in search.rungs:
+        count = sum(1 for (g, r), rows in search.results.items() if r == rung.name for _ in rows)
+        secs = counters.scoring_seconds.get(rung.name, 0.0) if counters else 0.0
+        c = corr.get(rung.name)
+        sp = "1 (itself)" if rung is search.top else ("-" if c is None or c["spearman"] is None else f"{c['spearman']:.2f}")
+        kd = "1 (itself)" if rung is search.top else ("-" if c is None or c["kendall"] is None else f"{c['kendall']:.2f}")
+        n = "-" if rung is search.top or c is None else str(c["n"])
+        lines.append(f"| {rung.name} | {rung.describe(cfg.proxy)} | {count} | {secs:.0f} | {sp} | {kd} | {n} |")
+    lines.append("")
+
+    lines += ["## Where the time went", "", "Phases, then what they spent it on (this invocation; a resumed "
+              "search reads finished evaluations back and spends nothing on them).", "",
+              "| part | seconds |", "| --- | --- |"]
+    parts = dict(search.timings)
+    if counters is not None:
+        parts.update({"of which: teacher forwards (proxy distillation)": counters.teacher_seconds,
+                      "of which: student steps (proxy distillation)": counters.student_seconds,
+                      "of which: student and loss construction": counters.build_seconds})
+        parts.update({f"of which: scoring on rung {k}": v for k, v in counters.scoring_seconds.items()})
+    for k, v in parts.items():
+        lines.append(f"| {k} | {v:.0f} |")
+    lines += [f"| wall time, this invocation | {seconds:.0f} |", ""]
+
     space = search_space_size(M, N, monotone=cfg.monotone)
-    evaluations = sum(len(s.runs) for s in search.scored.values())
+    evaluations = len(runs)
     lines += ["## Search", "",
               f"- search space: {space:,} mappings ({'non-decreasing' if cfg.monotone else 'any order'}); "
-              f"{len(search.scored)} distinct mappings evaluated ({evaluations} evaluations, {search.reused} read back from the store)",
-              f"- GA: population {cfg.population}, generations {len(search.generations)}/{cfg.generations}, seed {cfg.seed}; "
-              f"noise: {cfg.repeats} seeds for uniform, last and the top {cfg.finalists}",
+              f"{len({g for g, _ in search.results})} distinct mappings evaluated ({evaluations} evaluations, "
+              f"{search.reused} read back from the store)",
+              f"- GA: population {cfg.population}, generations {len(search.generations)}/{cfg.generations}, selection "
+              f"seed {seed}; ladder {' -> '.join(r.name for r in search.rungs)}, promote {cfg.promote:g}; verdict seeds "
+              f"{', '.join(map(str, search.verdict_seeds)) or 'none'}",
               f"- proxy: {cfg.proxy.sequences} sequences of {cfg.proxy.max_seq_len} tokens, {cfg.proxy.steps} distillation steps "
               f"at batch {cfg.proxy.batch_size}, lr {cfg.proxy.lr:g}, init {cfg.proxy.init}; fine-tuning "
-              f"{cfg.proxy.finetune_steps} steps on {cfg.proxy.finetune_examples} examples per task, lr {cfg.proxy.finetune_lr:g}",
-              f"- proxy tasks: {', '.join(t.name for t in search.tasks)}",
-              ]
+              f"{cfg.proxy.finetune_steps} steps on {cfg.proxy.finetune_examples} examples per task, lr {cfg.proxy.finetune_lr:g}; "
+              f"held-out slice {cfg.proxy.heldout} rows",
+              f"- proxy tasks: {', '.join(t.name for t in search.tasks)}"]
     if counters is not None:
         lines.append(f"- this invocation: {counters.teacher_forwards} teacher forwards for {counters.student_steps} student "
-                     f"steps (teacher {counters.teacher_seconds:.0f} s, students {counters.student_seconds:.0f} s, "
-                     f"fine-tuning {counters.finetune_seconds:.0f} s)")
-    lines += [f"- wall time: {seconds / 60:.1f} min", ""]
+                     f"steps; {counters.distilled} students distilled, {counters.reused_students} promoted students "
+                     "scored again without distilling again")
+    lines.append("")
 
     sig = search.signal
-    lines += ["## Signal check (teacher fine-tuned with the proxy budget)", "",
-              "| task | teacher | majority class | margin | verdict |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"## Signal check (teacher, rung {search.top.name}, selection seed)", "",
+              "| task | split | teacher | majority class | margin | verdict |", "| --- | --- | --- | --- | --- | --- |"]
     for key, t in sig.get("teacher", {}).items():
         margin = t["score"] - t["baseline_score"]
         weak = key in sig.get("weak_tasks", [])
         verdict = ("too weak, dropped" if cfg.drop_weak_tasks else "too weak (--drop-weak-tasks drops it)") if weak else "ok"
-        lines.append(f"| {t['task']} | {100 * t['score']:.1f} | {100 * t['baseline_score']:.1f} | {100 * margin:+.1f} | {verdict} |")
+        lines.append(f"| {t['task']} | {t.get('eval_split', 'dev')} | {100 * t['score']:.1f} | {100 * t['baseline_score']:.1f} | "
+                     f"{100 * margin:+.1f} | {verdict} |")
     lines.append("")
 
-    task_keys = [t.key for t in search.tasks]
-    header = "| rank | mapping | heuristic | fitness | seeds | " + " | ".join(
-        f"{search.cache.data(t).task.name} (vs majority)" for t in search.tasks) + " |"
-    lines += ["## Every evaluated mapping", "", "Fitness and task scores (x100) are means over fresh seeds where a mapping "
-              "has them (the GA's selection seed is left out: it is biased for the finalists), else the one selection "
-              "run; the change against the majority class in brackets; † = collapsed (one class for >= 95% of dev) "
-              "in at least one seed.", "", header,
-              "|" + " --- |" * (5 + len(task_keys))]
-    for rank, s in enumerate(result["ranking"], start=1):
-        tasks = _task_means(s)
+    lines += ["## Every evaluated mapping (selection seed)", "",
+              "Fitness per rung with the selection seed (biased upwards for the best: the verdict above uses held-out "
+              "seeds only); † = collapsed (one class for >= 95% of the scored rows) on some task.", "",
+              "| rank | mapping | heuristic | " + " | ".join(r.name for r in search.rungs) + " |",
+              "|" + " --- |" * (3 + len(search.rungs))]
+    genomes = {g for g, _ in search.results if (g, search.rungs[0].name) in search.results}
+
+    def best_rung_key(g):
+        for depth in range(len(search.rungs) - 1, -1, -1):
+            f = search.fitness(g, search.rungs[depth], seed)
+            if f is not None:
+                return (-depth, -f, genome_key(g))
+        return (1, 0.0, genome_key(g))
+
+    for rank, g in enumerate(sorted(genomes, key=best_rung_key), start=1):
         cells = []
-        for k in task_keys:
-            t = tasks.get(k)
-            cells.append("-" if t is None else f"{100 * t['score']:.1f} ({100 * (t['score'] - t['baseline_score']):+.1f})"
-                         + (" †" if t["collapsed_runs"] else ""))
-        mark = names.get(s.mapping.layers, "")
-        text = f"**{s.mapping.text}**" if s is result["winner"] else s.mapping.text
-        lines.append(f"| {rank} | {text} | {mark} | {_pm(s.mean, s.sd)} | {len(s.fresh)} | " + " | ".join(cells) + " |")
-    lines += ["", "## Generations", "", "| generation | best | mean | best so far | teacher forwards |", "| --- | --- | --- | --- | --- |"]
+        for rung in search.rungs:
+            row = search.results.get((g, rung.name), {}).get(seed)
+            cells.append("-" if row is None else f"{row.fitness:.4f}" + (" †" if any(t.get("collapsed") for t in row.tasks.values()) else ""))
+        text = f"**{search.mapping_text(g)}**" if g == result["winner_genome"] else search.mapping_text(g)
+        lines.append(f"| {rank} | {text} | {names.get(g, '')} | " + " | ".join(cells) + " |")
+    lines += ["", f"## Generations (rung {search.rungs[0].name})", "",
+              "| generation | best | mean | best so far | teacher forwards |", "| --- | --- | --- | --- | --- |"]
     for g in search.generations:
         lines.append(f"| {g['generation']} | {g['best']:.4f} | {g['mean']:.4f} | {g['best_so_far']:.4f} | {g['teacher_forwards']} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_fitness(search, result: dict, path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_fitness(search, result: dict, path) -> None:
+    plt = _pyplot()
+    rung0 = search.rungs[0]
     gens = [g["generation"] for g in search.generations]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     ax.plot(gens, [g["best"] for g in search.generations], "o-", label="best of generation")
@@ -130,38 +205,83 @@ def plot_fitness(search, result: dict, path) -> None:
     ax.plot(gens, [g["best_so_far"] for g in search.generations], ":", color="black", label="best so far")
     colors = {"uniform": "tab:green", "last": "tab:red", "first": "tab:purple"}
     for genome, name in result["heuristic_names"].items():
-        s = search.scored.get(genome)
-        if s is not None:
-            ax.axhline(s.mean, color=colors[name], alpha=0.7, linewidth=1, label=f"{name} ({s.mapping.text})")
-    sd = result["noise_sd"]
-    if not math.isnan(sd):
-        w = result["winner"]
-        ax.axhspan(w.mean - 2 * sd, w.mean + 2 * sd, color="gray", alpha=0.15, label="winner ± 2 SD")
+        f = search.fitness(genome, rung0, search.cfg.seed)
+        if f is not None:
+            ax.axhline(f, color=colors[name], alpha=0.7, linewidth=1, label=f"{name} ({search.mapping_text(genome)})")
     ax.set_xlabel("generation")
-    ax.set_ylabel("proxy fitness (mean task score)")
+    ax.set_ylabel(f"fitness on rung {rung0.name} (selection seed)")
     ax.set_xticks(gens)
     ax.legend(fontsize=7, loc="lower right")
-    ax.set_title("Layer-mapping search")
+    ax.set_title("Layer-mapping search: the GA")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_ladder(search, result: dict, path) -> None:
+    """Each lower rung's fitness against the top rung's, per mapping scored on both (selection seed)."""
+    plt = _pyplot()
+    lower = search.rungs[:-1]
+    fig, axes = plt.subplots(1, max(1, len(lower)), figsize=(4.2 * max(1, len(lower)), 3.8), dpi=120, squeeze=False)
+    seed = search.cfg.seed
+    for ax, rung in zip(axes[0], lower or [search.top]):
+        pts = [(search.fitness(g, rung, seed), search.fitness(g, search.top, seed), g)
+               for (g, r) in search.results if r == rung.name]
+        pts = [p for p in pts if p[0] is not None and p[1] is not None]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18)
+        for x, y, g in pts:
+            label = result["heuristic_names"].get(g)
+            if label or g == result["winner_genome"]:
+                ax.annotate(label or "winner", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        c = result["rank_correlations"].get(rung.name, {})
+        title = f"rung {rung.name} vs {search.top.name}"
+        if c.get("spearman") is not None:
+            title += f" (Spearman {c['spearman']:.2f}, n={c['n']})"
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel(f"{rung.name} fitness")
+        ax.set_ylabel(f"{search.top.name} fitness")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_verdict(search, result: dict, path) -> None:
+    """The winner minus uniform and minus last on the verdict seeds: mean, 95% interval, each seed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 2.8), dpi=120)
+    labels = []
+    for i, (name, v) in enumerate(result["verdicts"].items()):
+        iv = v.interval
+        diffs = [a - b for a, b in zip(v.winner_runs, v.reference_runs)]
+        ax.scatter(diffs, [i] * len(diffs), color="gray", s=12, zorder=2)
+        if iv.n >= 1:
+            err = 0 if math.isnan(iv.half_width) else iv.half_width
+            ax.errorbar([iv.mean], [i], xerr=[[err], [err]], fmt="o", color="tab:blue", capsize=4, zorder=3)
+        labels.append(f"vs {name} ({v.mapping})")
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_ylim(-0.7, len(labels) - 0.3)
+    ax.set_xlabel(f"winner {result['winner']} - reference, top-rung fitness (95% paired t)")
+    ax.set_title(f"verdict over {len(result['verdict_seeds'])} held-out seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
 def plot_layers(search, result: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     import numpy as np
 
-    ranking = result["ranking"]
+    rung0, seed = search.rungs[0], search.cfg.seed
+    genomes = [g for (g, r) in search.results if r == rung0.name and search.fitness(g, rung0, seed) is not None]
+    ranking = sorted(genomes, key=lambda g: (-search.fitness(g, rung0, seed), genome_key(g)))
     top = ranking[: max(3, math.ceil(TOP_FRACTION * len(ranking)))]
     M, N = search.shape.layers, search.N
     counts = np.zeros((M, N))
-    for s in top:
-        for m, g in enumerate(s.mapping.layers):
-            if g is not None:
-                counts[m, g - 1] += 1
+    for g in top:
+        for m, layer in enumerate(g):
+            if layer is not None:
+                counts[m, layer - 1] += 1
     fig, ax = plt.subplots(figsize=(1.0 + 0.5 * N, 1.2 + 0.5 * M), dpi=120)
     im = ax.imshow(counts, cmap="Blues", aspect="auto")
     for m in range(M):
@@ -172,25 +292,38 @@ def plot_layers(search, result: dict, path) -> None:
     ax.set_yticks(range(M), [str(m + 1) for m in range(M)])
     ax.set_xlabel("teacher layer")
     ax.set_ylabel("student layer")
-    ax.set_title(f"teacher layer chosen, top {len(top)} mappings", fontsize=9)
+    ax.set_title(f"teacher layer chosen, top {len(top)} on rung {rung0.name}", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
+PLOTS = {"fitness.png": plot_fitness, "layers.png": plot_layers, "ladder.png": plot_ladder, "verdict.png": plot_verdict}
+
+
 def write_outputs(search, result: dict) -> None:
     out = search.output
     seconds = time.perf_counter() - search.started
-    w = result["winner"]
+    w = result["winner_genome"]
+    top_runs = _runs(search, w, search.top, search.verdict_seeds)
+    fits = [r.fitness for r in top_runs]
+    # No verdict seeds: the per-task numbers fall back to the selection run, and say so.
+    tasks_from = "verdict seeds" if top_runs else "selection seed"
+    if not top_runs:
+        top_runs = _runs(search, w, search.top, [search.cfg.seed])
     atomic_write_json(out / "best_mapping.json", {
-        "mapping": list(w.mapping.layers), "text": w.mapping.text, "teacher_layers": search.N,
-        "fitness": w.mean, "fitness_sd": None if math.isnan(w.sd) else w.sd, "seeds": len(w.fresh),
-        "tasks": _task_means(w), "noise_sd": None if math.isnan(result["noise_sd"]) else result["noise_sd"],
-        "comparisons": result["comparisons"], "weak_tasks": search.signal.get("weak_tasks", []),
+        "mapping": list(w), "text": result["winner"], "teacher_layers": search.N,
+        "selection_seed": search.cfg.seed, "selection_fitness": search.fitness(w, search.top, search.cfg.seed),
+        "ladder": [r.name for r in search.rungs], "verdict_seeds": search.verdict_seeds,
+        "verdict_fitness": statistics.fmean(fits) if fits else None,
+        "verdict_fitness_sd": statistics.stdev(fits) if len(fits) > 1 else None,
+        "tasks": _task_means(top_runs), "tasks_from": tasks_from, "verdicts": {k: v.as_dict() for k, v in result["verdicts"].items()},
+        "verdict": verdict_lines(result), "rank_correlations": result["rank_correlations"],
+        "weak_tasks": search.signal.get("weak_tasks", []), "timings_seconds": {k: round(v, 1) for k, v in search.timings.items()},
     })
     atomic_write_text(out / "report.md", markdown(search, result, seconds))
-    for name, plot in (("fitness.png", plot_fitness), ("layers.png", plot_layers)):
+    for name, plot in PLOTS.items():
         tmp = out / f".{name}.tmp.png"
         plot(search, result, tmp)
         tmp.replace(out / name)

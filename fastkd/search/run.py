@@ -1,9 +1,12 @@
-"""`fastkd search`: GA over layer mappings in the proxy setting, with its noise measured.
+"""`fastkd search`: GA over layer mappings on a fidelity ladder, judged on held-out seeds.
 
 Flow: check each proxy task's signal (the teacher fine-tuned with the proxy budget must beat the
-majority class by 5 points) -> G generations of P candidates, each generation distilled on one
-teacher stream, every finished evaluation stored -> the heuristics and the finalists re-evaluated
-with fresh seeds -> winner by mean fitness, compared with uniform and last against 2 SD of the noise.
+majority class by 5 points) -> G generations of P candidates scored on the ladder's cheapest rung
+with the selection seed, each generation distilled on one teacher stream -> successive halving:
+the best `promote` fraction of each rung (and uniform and last) is scored on the next rung -> the
+winner is the best on the top rung, still with the selection seed -> the winner, uniform and last
+are evaluated on the top rung with held-out verdict seeds, and the verdict is a paired t interval
+of the differences (fastkd.search.verdict). Every finished evaluation is stored under its rung.
 """
 
 from __future__ import annotations
@@ -17,21 +20,28 @@ from pathlib import Path
 
 from ..corpus import corpus_identity, load_corpus, sample_corpus
 from ..errors import UserError
-from ..glue import TaskCache, evaluate, parse_tasks
+from ..glue import TaskCache, parse_tasks, task_spec
+from ..glue.probe import ZERO_SHOT_TASK
 from ..io import atomic_write_json
 from ..mapping import LayerMapping, heuristic, parse_mapping, search_space_size
 from ..models import load_config, load_teacher, load_tokenizer, resolve_model_path, student_shape
 from .dist import Comm
-from .ga import GAConfig, GeneticSearch
+from .ga import GAConfig, GeneticSearch, genome_key
 from .proxy import CandidateResult, ProxyConfig, ProxyEvaluator, task_collapsed
+from .rungs import Rung, parse_ladder, successive_halving
 from .store import Evaluation, Store
+from .verdict import PairedInterval, paired_interval
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1  # bump when proxy training changes what a fitness value means
+RECIPE_VERSION = 2  # bump when proxy training changes what a fitness value means (2: held-out slices)
 WEAK_TASK_MARGIN = 0.05  # the teacher must beat the majority class by this much on a proxy task
 TEACHER_ROW = "teacher"  # the store row holding the teacher's proxy fine-tuning (signal check)
-SEED_STRIDE = 1000  # repeat seeds: seed + k * SEED_STRIDE
+SEED_STRIDE = 1000  # verdict seeds: seed + k * SEED_STRIDE, k = 1..n
+SIGNAL_GENERATION, PROMOTION_GENERATION, VERDICT_GENERATION = -1, -3, -2  # the `generation` of non-GA rows
+_FINETUNE_FLAGS = {"--batch-size": "--proxy-finetune-batch-size", "--max-seq-len": "--proxy-finetune-seq-len",
+                   "--max-steps": "--proxy-finetune-steps", "--max-train-examples": "--proxy-finetune-examples",
+                   "--lr ": "--proxy-finetune-lr "}
 
 
 def _resolved(path: str) -> str:
@@ -64,8 +74,9 @@ class SearchConfig:
     population: int = 8
     generations: int = 4
     monotone: bool = False
-    repeats: int = 3  # seeds for uniform, last and each finalist
-    finalists: int = 3
+    ladder: str = "zeroshot,full"  # rungs, cheap to faithful (fastkd.search.rungs)
+    promote: float = 0.5  # fraction of a rung's mappings scored on the next rung
+    verdict_seeds: int | tuple[int, ...] = 4  # a count (seed + k * 1000) or explicit held-out seeds
     drop_weak_tasks: bool = False
     chunk: int = 8  # candidates distilled together (memory)
     seed: int = 0
@@ -78,56 +89,81 @@ class SearchConfig:
         return GAConfig(population=self.population, generations=self.generations, monotone=self.monotone,
                         seed=self.seed)
 
+    def rungs(self) -> tuple[Rung, ...]:
+        return parse_ladder(self.ladder)
+
+    def verdict_seed_list(self) -> list[int]:
+        """Held-out seeds for the verdict; never the selection seed (the GA chose the winner on it)."""
+        if isinstance(self.verdict_seeds, int):
+            return [self.seed + k * SEED_STRIDE for k in range(1, self.verdict_seeds + 1)]
+        return list(dict.fromkeys(int(s) for s in self.verdict_seeds))
+
     def fitness_settings(self) -> dict:
         """What determines a fitness value (the store key), apart from the mapping and the seed:
         the settings, and the identity (path, size, mtime) of the teacher, corpus and task files,
         so a re-exported teacher or edited data is not mistaken for the old one."""
         tasks = parse_tasks(",".join(self.proxy.tasks))
+        if any(r.name == "zeroshot" for r in self.rungs()):
+            tasks = list(dict.fromkeys(tasks + [task_spec(ZERO_SHOT_TASK)]))  # its files matter too
         data = Path(self.data_dir)
         task_files = [] if str(self.data_dir) == "hub" else [
             _identity(p) for t in tasks for p in sorted((data / t.name).glob("*.tsv"))]
         return {"recipe": RECIPE_VERSION, "teacher": self.teacher, "teacher_files": _model_identity(self.teacher),
                 "student": [self.student_layers, self.student_hidden, self.student_heads, self.student_ffn],
                 "corpus": corpus_identity(self.corpus), "data_dir": _resolved(self.data_dir), "task_files": task_files,
-                "proxy": self.proxy.as_dict(), "drop_weak_tasks": self.drop_weak_tasks, "sample_seed": self.seed}
+                "proxy": self.proxy.as_dict(), "drop_weak_tasks": self.drop_weak_tasks, "sample_seed": self.seed,
+                "ladder": [r.name for r in self.rungs()]}
 
     def validate(self) -> None:
         self.ga_config().validate()
-        for name, value, low in (("--repeats", self.repeats, 1), ("--finalists", self.finalists, 1),
-                                 ("--proxy-chunk", self.chunk, 1), ("--proxy-steps", self.proxy.steps, 1),
+        self.rungs()
+        if not (isinstance(self.promote, (int, float)) and 0 < self.promote <= 1):
+            raise UserError(f"--promote is the fraction of a rung's mappings promoted to the next rung: give a "
+                            f"number in (0, 1] (got {self.promote})")
+        if isinstance(self.verdict_seeds, int) and self.verdict_seeds < 0:
+            raise UserError(f"--verdict-seeds must be a count >= 0 or a list of seeds (got {self.verdict_seeds})")
+        if self.seed in self.verdict_seed_list():
+            raise UserError(f"--verdict-seeds {','.join(map(str, self.verdict_seed_list()))} include the selection seed "
+                            f"{self.seed}: verdict seeds must be held out from selection; choose other seeds")
+        if any(s < 0 for s in self.verdict_seed_list()):
+            raise UserError("--verdict-seeds must be non-negative")
+        if self.proxy.heldout < 0:
+            raise UserError(f"--proxy-heldout must be 0 (score on dev) or a number of rows (got {self.proxy.heldout})")
+        if self.proxy.heldout == 0 and any(r.name == "zeroshot" for r in self.rungs()):
+            raise UserError("--ladder zeroshot needs held-out STS-B training rows (--proxy-heldout > 0): with 0 it would "
+                            "select on the STS-B dev set that final tables report")
+        try:
+            self.proxy.finetune_config(self.seed).validate()
+        except UserError as exc:  # name the search's own flag, not the GLUE one
+            message = str(exc)
+            for glue_flag, search_flag in _FINETUNE_FLAGS.items():
+                message = message.replace(glue_flag, search_flag)
+            raise UserError(message) from None
+        for name, value, low in (("--proxy-chunk", self.chunk, 1), ("--proxy-steps", self.proxy.steps, 1),
                                  ("--proxy-sequences", self.proxy.sequences, 1),
                                  ("--proxy-finetune-steps", self.proxy.finetune_steps, 1)):
             if value < low:
                 raise UserError(f"{name} must be at least {low} (got {value})")
 
 
-@dataclass
-class Scored:
-    """All evaluations of one mapping (one per seed)."""
-
-    mapping: LayerMapping
-    runs: list[Evaluation] = field(default_factory=list)
-    selection_seed: int = 0
-
-    @property
-    def fresh(self) -> list[Evaluation]:
-        """Runs on fresh seeds (not the seed the GA selected on): unbiased for the verdict."""
-        fresh = [r for r in self.runs if r.seed != self.selection_seed]
-        return fresh or self.runs
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(r.fitness for r in self.fresh)
-
-    @property
-    def sd(self) -> float:
-        runs = self.fresh
-        return statistics.stdev([r.fitness for r in runs]) if len(runs) > 1 else float("nan")
-
-
 def _evaluation(result: CandidateResult, generation: int) -> Evaluation:
     return Evaluation(result.mapping.text, result.seed, generation, result.fitness, result.tasks, result.losses,
-                      result.seconds)
+                      result.seconds, result.rung)
+
+
+@dataclass
+class Verdict:
+    """The winner against one heuristic on the verdict seeds."""
+
+    name: str  # "uniform" or "last"
+    mapping: str
+    interval: PairedInterval
+    winner_runs: list[float]
+    reference_runs: list[float]
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "mapping": self.mapping, **self.interval.as_dict(),
+                "winner_runs": self.winner_runs, "reference_runs": self.reference_runs}
 
 
 class Search:
@@ -135,6 +171,9 @@ class Search:
         cfg.validate()
         self.cfg = cfg
         self.started = time.perf_counter()
+        self.rungs = cfg.rungs()
+        self.top = self.rungs[-1]
+        self.verdict_seeds = cfg.verdict_seed_list()
         teacher_config = load_config(cfg.teacher, "teacher")
         self.N = teacher_config.num_hidden_layers
         self.shape = student_shape(teacher_config, cfg.student_layers, cfg.student_hidden, cfg.student_heads,
@@ -146,21 +185,28 @@ class Search:
         self.cache = TaskCache(cfg.data_dir)
         for spec in self.tasks:
             self.cache.data(spec)  # a missing proxy task fails now, in one line
+        if any(r.name == "zeroshot" for r in self.rungs):
+            self.cache.data(task_spec(ZERO_SHOT_TASK))  # the zeroshot rung reads STS-B
         self.comm = Comm()
         self.output = Path(cfg.output)
         self.store = None
         if self.comm.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             self.store = Store(self.output / "search.sqlite", cfg.fitness_settings(), cfg.resume)
+        t0 = time.perf_counter()
         self.tokenizer = load_tokenizer(cfg.teacher)
         self.teacher = load_teacher(cfg.teacher).to(self.comm.device())
         corpus = load_corpus(cfg.corpus, self.tokenizer, cfg.proxy.max_seq_len, cfg.cache_dir)
         self.corpus = sample_corpus(corpus, cfg.proxy.sequences, cfg.seed)
+        self.timings = {"load teacher and corpus (tokenization)": time.perf_counter() - t0}
         self.ga = GeneticSearch(self.shape.layers, self.N, cfg.ga_config())
-        self.scored: dict[tuple, Scored] = {}
+        # (genome, rung name) -> {seed: Evaluation}
+        self.results: dict[tuple, dict[int, Evaluation]] = {}
         self.generations: list[dict] = []
+        self.promotions: list[dict] = []
         self.reused = 0
         self.signal: dict = {}
+        self.heuristics = {name: heuristic(name, self.shape.layers, self.N).layers for name in ("uniform", "last", "first")}
 
     # --- evaluation through the store ------------------------------------------------------
     def _evaluator(self, task_specs) -> ProxyEvaluator:
@@ -169,22 +215,27 @@ class Search:
                                       task_specs, progress=self.cfg.progress, loss_backend=self.cfg.loss_backend)
         return self._ev
 
-    def evaluate(self, genomes: list[tuple], seed: int, generation: int, label: str) -> dict[tuple, Evaluation]:
+    def fitness(self, genome: tuple, rung: Rung, seed: int) -> float | None:
+        row = self.results.get((genome, rung.name), {}).get(seed)
+        return None if row is None else row.fitness
+
+    def evaluate(self, genomes: list[tuple], seed: int, generation: int, label: str,
+                 rung: Rung, part: str = "selection") -> dict[tuple, Evaluation]:
         """Stored results where present; the rest evaluated (spread over ranks) and stored one by one.
 
-        The store's row is the truth: when another process stored the same (mapping, seed) first, its
-        value is used, so every process and every resume sees the same fitness.
+        The store's row is the truth: when another process stored the same (mapping, seed, rung)
+        first, its value is used, so every process and every resume sees the same fitness.
         """
         found, missing = {}, []
         for g in genomes:
-            known = next((r for r in self.scored[g].runs if r.seed == seed), None) if g in self.scored else None
+            known = self.results.get((g, rung.name), {}).get(seed)
             if known is not None:  # evaluated earlier in this search (an elite carried over)
                 found[g] = known
         if self.comm.is_main:
             for g in genomes:
                 if g in found:
                     continue
-                row = self.store.get(LayerMapping(g, self.N).text, seed)
+                row = self.store.get(LayerMapping(g, self.N).text, seed, rung.name)
                 if row is not None:  # finished before an interruption, or by a concurrent search
                     found[g] = row
                     self.reused += 1
@@ -193,8 +244,8 @@ class Search:
         found, missing, self.reused = self.comm.broadcast((found, missing, self.reused))
         if missing:
             if self.comm.is_main:
-                log.info("%s: evaluating %d mappings (%d known)%s", label, len(missing), len(found),
-                         f" on {self.comm.world} ranks" if self.comm.world > 1 else "")
+                log.info("%s: evaluating %d mappings on rung %s (%d known)%s", label, len(missing), rung.name,
+                         len(found), f" on {self.comm.world} ranks" if self.comm.world > 1 else "")
             by_text = {LayerMapping(g, self.N).text: g for g in missing}
             mine = [LayerMapping(g, self.N) for g in missing[self.comm.rank::self.comm.world]]
             rounds = -(-len(missing) // self.comm.world)
@@ -208,36 +259,39 @@ class Search:
                 if self.comm.is_main:
                     for e in gathered:
                         self.store.put(e)
-                        stored.append(self.store.get(e.mapping, e.seed))
+                        stored.append(self.store.get(e.mapping, e.seed, e.rung))
                 for e in self.comm.broadcast(stored):
                     found[by_text[e.mapping]] = e
 
             if mine:
-                self._evaluator(self.tasks).evaluate(mine, seed, self.cfg.chunk, desc=label, on_result=keep)
+                self._evaluator(self.tasks).evaluate(mine, seed, self.cfg.chunk, desc=label, on_result=keep, rung=rung,
+                                                     part=part)
             for _ in range(rounds - len(mine)):
                 keep(None)
         for g, row in found.items():
-            entry = self.scored.setdefault(g, Scored(LayerMapping(g, self.N), selection_seed=self.cfg.seed))
-            if all(r.seed != row.seed for r in entry.runs):
-                entry.runs.append(row)
+            self.results.setdefault((g, rung.name), {})[row.seed] = row
         return found
 
     # --- phases -----------------------------------------------------------------------------
     def check_signal(self) -> None:
         """The teacher fine-tuned with the proxy budget: a task it cannot learn carries no signal."""
-        row = self.store.get(TEACHER_ROW, self.cfg.seed) if self.comm.is_main else None
+        top = self.top
+        row = self.store.get(TEACHER_ROW, self.cfg.seed, top.name) if self.comm.is_main else None
         row = self.comm.broadcast(row)
         if row is None and self.comm.is_main:
-            log.info("signal check: fine-tuning the teacher on %s with the proxy budget",
-                     ", ".join(t.name for t in self.tasks))
+            log.info("signal check: the teacher on %s with the proxy budget (rung %s)",
+                     ", ".join(t.name for t in self.tasks), top.name)
             started = time.perf_counter()
-            results = evaluate(self.teacher, self.tokenizer, self.tasks, self.cache,
-                               self.cfg.proxy.finetune_config(self.cfg.seed))
-            tasks = {k: {**r.to_dict(), "collapsed": task_collapsed(r.to_dict())} for k, r in results.items()}
+            tasks = top.score(self.teacher, self.tokenizer, self.tasks, self.cache,
+                              self.cfg.proxy.finetune_config(self.cfg.seed))
+            for t in tasks.values():
+                t["collapsed"] = task_collapsed(t)
             fitness = statistics.fmean(t["score"] for t in tasks.values())
-            self.store.put(Evaluation(TEACHER_ROW, self.cfg.seed, -1, fitness, tasks, {}, time.perf_counter() - started))
-            row = self.store.get(TEACHER_ROW, self.cfg.seed)
+            self.store.put(Evaluation(TEACHER_ROW, self.cfg.seed, SIGNAL_GENERATION, fitness, tasks, {},
+                                      time.perf_counter() - started, top.name))
+            row = self.store.get(TEACHER_ROW, self.cfg.seed, top.name)
         row = self.comm.broadcast(row)
+        self.timings["signal check (teacher fine-tuned)"] = row.seconds
         weak = [k for k, t in row.tasks.items() if t["score"] - t["baseline_score"] < WEAK_TASK_MARGIN - 1e-9]
         self.signal = {"teacher": row.tasks, "teacher_fitness": row.fitness, "weak_tasks": weak}
         for key in weak:
@@ -253,12 +307,12 @@ class Search:
             self.tasks = kept
 
     def run_generations(self) -> None:
-        cfg = self.cfg
+        cfg, rung = self.cfg, self.rungs[0]
         population = self.ga.initial_population()
         main_fitness: dict[tuple, float] = {}
         for gen in range(cfg.generations):
             before = self._ev.counters.teacher_forwards if hasattr(self, "_ev") else 0
-            results = self.evaluate(population, cfg.seed, gen, f"generation {gen + 1}/{cfg.generations}")
+            results = self.evaluate(population, cfg.seed, gen, f"generation {gen + 1}/{cfg.generations}", rung)
             for g in population:
                 main_fitness[g] = results[g].fitness
             values = [main_fitness[g] for g in population]
@@ -266,7 +320,7 @@ class Search:
                 "generation": gen + 1, "best": max(values), "mean": statistics.fmean(values),
                 "best_so_far": max(main_fitness.values()), "evaluated": len(population),
                 "teacher_forwards": (self._ev.counters.teacher_forwards if hasattr(self, "_ev") else 0) - before})
-            log.info("generation %d: best %.4f, mean %.4f, best so far %.4f", gen + 1, max(values),
+            log.info("generation %d (rung %s): best %.4f, mean %.4f, best so far %.4f", gen + 1, rung.name, max(values),
                      statistics.fmean(values), max(main_fitness.values()))
             if gen + 1 < cfg.generations:
                 population = self.ga.next_generation({g: main_fitness[g] for g in population}, set(main_fitness))
@@ -274,58 +328,86 @@ class Search:
                     break
         self.main_fitness = main_fitness
 
-    def measure_noise(self) -> None:
-        """uniform, last and the finalists get `repeats` seeds in all; the winner is chosen by mean."""
-        M, N = self.shape.layers, self.N
-        heuristics = [heuristic(name, M, N).layers for name in ("uniform", "last")]
-        ranked = sorted(self.main_fitness, key=lambda g: -self.main_fitness[g])
-        finalists = [g for g in ranked if g not in heuristics][: self.cfg.finalists]
-        self.finalist_genomes = finalists
-        group = list(dict.fromkeys(heuristics + finalists))
-        if self.cfg.repeats < 2:
-            return  # noise not measured; the verdict says so
-        # Fresh seeds only count for the verdict: a finalist's selection seed is biased upwards.
-        for k in range(1, self.cfg.repeats + 1):
-            self.evaluate(group, self.cfg.seed + k * SEED_STRIDE, -2, f"noise: seed {k}/{self.cfg.repeats}")
+    def climb(self) -> None:
+        """Successive halving up the ladder, on the selection seed; uniform and last climb every rung."""
+        seed = self.cfg.seed
+        fitness = dict(self.main_fitness)
+        for lower, rung in zip(self.rungs, self.rungs[1:]):
+            promoted = successive_halving(fitness, self.cfg.promote)
+            group = list(dict.fromkeys(promoted + [self.heuristics["uniform"], self.heuristics["last"]]))
+            results = self.evaluate(group, seed, PROMOTION_GENERATION, f"rung {rung.name}", rung)
+            self.promotions.append({"from": lower.name, "to": rung.name, "candidates": len(fitness),
+                                    "promoted": len(promoted), "evaluated": len(group)})
+            fitness = {g: results[g].fitness for g in group}
+        self.top_fitness = fitness
 
-    # --- verdict ------------------------------------------------------------------------------
-    def summary(self) -> dict:
-        M, N = self.shape.layers, self.N
-        repeated = [s for s in self.scored.values() if len(s.fresh) >= 2]
-        # Pooled within-mapping SD over fresh seeds: the noise of one fitness value.
-        pooled = math.sqrt(sum((len(s.fresh) - 1) * s.sd ** 2 for s in repeated) /
-                           max(sum(len(s.fresh) - 1 for s in repeated), 1)) if repeated else float("nan")
-        names = {heuristic(n, M, N).layers: n for n in ("uniform", "last", "first")}
-        priority = {"uniform": 3, "last": 2, "first": 1}
+    def choose_winner(self) -> tuple:
+        """Best on the top rung with the selection seed; ties go to a heuristic (the simpler claim)."""
+        priority = {self.heuristics["uniform"]: 0, self.heuristics["last"]: 1}
+        return min(self.top_fitness, key=lambda g: (-self.top_fitness[g], priority.get(g, 2), genome_key(g)))
 
-        def rank_key(s: Scored):
-            # Best mean first; on a tie, the better-measured mapping, then a heuristic (the simpler claim).
-            return (-s.mean, -len(s.fresh), -priority.get(names.get(s.mapping.layers, ""), 0), s.mapping.text)
-
-        ranking = sorted(self.scored.values(), key=rank_key)
-        winner = next((s for s in ranking if len(s.fresh) >= 2), ranking[0])
-        comparisons = {}
+    def judge(self, winner: tuple) -> dict[str, Verdict]:
+        """Winner, uniform and last on the top rung with every verdict seed: paired differences."""
+        group = list(dict.fromkeys([winner, self.heuristics["uniform"], self.heuristics["last"]]))
+        for k, seed in enumerate(self.verdict_seeds, start=1):
+            # Scored on the verdict slice: rows the winner was never chosen on.
+            self.evaluate(group, seed, VERDICT_GENERATION, f"verdict seed {k}/{len(self.verdict_seeds)}", self.top,
+                          part="verdict")
+        verdicts = {}
         for name in ("uniform", "last"):
-            ref = self.scored.get(heuristic(name, M, N).layers)
-            if ref is None:
-                continue
-            gap = winner.mean - ref.mean
-            # No claim without a measured, non-zero noise: a zero SD (say, every run collapsed alike)
-            # would make any gap look "significant".
-            measured = not math.isnan(pooled) and pooled > 0
-            comparisons[name] = {"mapping": ref.mapping.text, "mean": ref.mean,
-                                 "sd": None if math.isnan(ref.sd) else ref.sd, "runs": len(ref.fresh), "gap": gap,
-                                 "beats_by_2sd": bool(gap > 2 * pooled) if measured else None}
-        return {"winner": winner, "noise_sd": pooled, "comparisons": comparisons, "ranking": ranking,
-                "heuristic_names": names}
+            ref = self.heuristics[name]
+            seeds = [s for s in self.verdict_seeds
+                     if self.fitness(winner, self.top, s) is not None and self.fitness(ref, self.top, s) is not None]
+            a = [self.fitness(winner, self.top, s) for s in seeds]
+            b = [self.fitness(ref, self.top, s) for s in seeds]
+            verdicts[name] = Verdict(name, LayerMapping(ref, self.N).text, paired_interval(a, b), a, b)
+        return verdicts
+
+    # --- summary --------------------------------------------------------------------------------
+    def mapping_text(self, genome: tuple) -> str:
+        return LayerMapping(genome, self.N).text
+
+    def rank_correlations(self) -> dict[str, dict]:
+        """Each lower rung against the top rung, over the mappings scored on both (selection seed).
+
+        Only promoted mappings reach the top rung, so this is measured on a range-restricted set:
+        benchmarks/search_fidelity.py measures it on fixed mappings over seeds.
+        """
+        from scipy import stats
+
+        out = {}
+        seed = self.cfg.seed
+        for rung in self.rungs[:-1]:
+            both = [g for (g, r) in self.results if r == rung.name and self.fitness(g, self.top, seed) is not None
+                    and self.fitness(g, rung, seed) is not None]
+            x = [self.fitness(g, rung, seed) for g in both]
+            y = [self.fitness(g, self.top, seed) for g in both]
+            if len(both) >= 3 and len(set(x)) > 1 and len(set(y)) > 1:
+                out[rung.name] = {"n": len(both), "spearman": float(stats.spearmanr(x, y)[0]),
+                                  "kendall": float(stats.kendalltau(x, y)[0])}
+            else:
+                out[rung.name] = {"n": len(both), "spearman": None, "kendall": None}
+        return out
+
+    def summary(self, winner: tuple, verdicts: dict[str, Verdict]) -> dict:
+        names = {g: n for n, g in self.heuristics.items()}
+        return {"winner": self.mapping_text(winner), "winner_genome": winner, "verdicts": verdicts,
+                "heuristic_names": names, "rank_correlations": self.rank_correlations(),
+                "verdict_seeds": self.verdict_seeds, "selection_seed": self.cfg.seed}
 
     def run(self) -> dict:
         ok = False
         try:
             self.check_signal()
+            phase = time.perf_counter()
             self.run_generations()
-            self.measure_noise()
-            result = self.summary()
+            self.climb()
+            winner = self.choose_winner()
+            self.timings["GA and ladder (selection seed)"] = time.perf_counter() - phase
+            phase = time.perf_counter()
+            verdicts = self.judge(winner)
+            self.timings["verdict (held-out seeds)"] = time.perf_counter() - phase
+            result = self.summary(winner, verdicts)
             if self.comm.is_main:
                 from .report import write_outputs  # matplotlib only when there is something to draw
 

@@ -1,7 +1,8 @@
 """The search's memory: one SQLite file (WAL mode) of finished evaluations.
 
 A row is keyed by a hash of every setting that determines fitness (teacher, student shape, proxy
-budget, tasks, ...), the mapping text and the evaluation seed, so a resumed or concurrent search
+budget, tasks, ladder, ...), the mapping text, the evaluation seed and the rung of the fidelity
+ladder that scored it (a probe score and a fine-tuning score of one mapping are different rows), so a resumed or concurrent search
 never evaluates the same thing twice and a row is never half-written (one transaction each).
 The store also remembers the settings of the search that created it, so `--resume` with different
 settings is refused naming the setting.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the rung is part of a row's key
 MARKER = "fastkd-search-store"
 
 
@@ -46,9 +47,10 @@ class Evaluation:
     tasks: dict  # task key -> TaskResult dict
     losses: dict  # final distillation losses
     seconds: float
+    rung: str = "full"  # the ladder rung that scored it (fastkd.search.rungs)
 
     def row(self, key: str) -> tuple:
-        return (key, self.mapping, self.seed, self.generation, self.fitness, json.dumps(self.tasks),
+        return (key, self.mapping, self.seed, self.rung, self.generation, self.fitness, json.dumps(self.tasks),
                 json.dumps(self.losses), self.seconds, time.time())
 
 
@@ -76,9 +78,9 @@ class Store:
         self.db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         self.db.execute(
             "CREATE TABLE evaluations (settings TEXT NOT NULL, mapping TEXT NOT NULL, "
-            "seed INTEGER NOT NULL, generation INTEGER NOT NULL, fitness REAL NOT NULL, tasks TEXT NOT NULL, "
-            "losses TEXT NOT NULL, seconds REAL NOT NULL, created REAL NOT NULL, "
-            "PRIMARY KEY (settings, mapping, seed))")
+            "seed INTEGER NOT NULL, rung TEXT NOT NULL, generation INTEGER NOT NULL, fitness REAL NOT NULL, "
+            "tasks TEXT NOT NULL, losses TEXT NOT NULL, seconds REAL NOT NULL, created REAL NOT NULL, "
+            "PRIMARY KEY (settings, mapping, seed, rung))")
         self.db.executemany("INSERT INTO meta VALUES (?, ?)", [
             ("marker", MARKER), ("schema", str(SCHEMA_VERSION)), ("settings", json.dumps(self.settings, sort_keys=True))])
 
@@ -110,26 +112,29 @@ class Store:
     def _transaction(self):
         return Store._Txn(self.db)
 
-    def get(self, mapping: str, seed: int) -> Evaluation | None:
+    _COLUMNS = "mapping, seed, generation, fitness, tasks, losses, seconds, rung"
+
+    @staticmethod
+    def _evaluation(r) -> Evaluation:
+        return Evaluation(r[0], r[1], r[2], r[3], json.loads(r[4]), json.loads(r[5]), r[6], r[7])
+
+    def get(self, mapping: str, seed: int, rung: str = "full") -> Evaluation | None:
         row = self.db.execute(
-            "SELECT mapping, seed, generation, fitness, tasks, losses, seconds FROM evaluations "
-            "WHERE settings=? AND mapping=? AND seed=?", (self.key, mapping, seed)).fetchone()
-        if row is None:
-            return None
-        return Evaluation(row[0], row[1], row[2], row[3], json.loads(row[4]), json.loads(row[5]), row[6])
+            f"SELECT {self._COLUMNS} FROM evaluations WHERE settings=? AND mapping=? AND seed=? AND rung=?",
+            (self.key, mapping, seed, rung)).fetchone()
+        return None if row is None else self._evaluation(row)
 
     def put(self, evaluation: Evaluation) -> bool:
         """Insert once; False when the row was already there (another process got there first)."""
         with self._transaction():
-            cur = self.db.execute("INSERT OR IGNORE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            cur = self.db.execute("INSERT OR IGNORE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                   evaluation.row(self.key))
         return cur.rowcount == 1
 
     def all(self) -> list[Evaluation]:
-        rows = self.db.execute(
-            "SELECT mapping, seed, generation, fitness, tasks, losses, seconds FROM evaluations WHERE settings=? "
-            "ORDER BY created", (self.key,)).fetchall()
-        return [Evaluation(r[0], r[1], r[2], r[3], json.loads(r[4]), json.loads(r[5]), r[6]) for r in rows]
+        rows = self.db.execute(f"SELECT {self._COLUMNS} FROM evaluations WHERE settings=? ORDER BY created",
+                               (self.key,)).fetchall()
+        return [self._evaluation(r) for r in rows]
 
     def count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM evaluations WHERE settings=?", (self.key,)).fetchone()[0]
