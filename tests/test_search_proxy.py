@@ -76,3 +76,21 @@ def test_a_kept_student_scores_exactly_like_a_fresh_distillation(evaluator_facto
     # A kept student is one of that seed only.
     ev.evaluate(MAPPINGS[:1], seed=6, chunk=1, rung=Rung("full"))
     assert ev.counters.student_steps == steps + PROXY.steps
+
+
+def test_the_held_out_part_reaches_the_scoring(evaluator_factory, monkeypatch):
+    """Selection and verdict evaluations are scored on their own held-out slices."""
+    from fastkd.search.rungs import Rung
+
+    seen = []
+    real = Rung.score
+
+    def score(self, model, tokenizer, task_specs, cache, cfg):
+        seen.append(cfg.heldout_part)
+        return real(self, model, tokenizer, task_specs, cache, cfg)
+
+    monkeypatch.setattr(Rung, "score", score)
+    ev = evaluator_factory()
+    ev.evaluate(MAPPINGS[:2], seed=0, chunk=1, rung=Rung("full"))
+    ev.evaluate(MAPPINGS[:2], seed=1000, chunk=2, rung=Rung("full"), part="verdict")
+    assert seen == ["selection", "selection", "verdict", "verdict"]

@@ -233,9 +233,9 @@ class ProxyEvaluator:
         as it finishes."""
         results = []
         for start in range(0, len(mappings), chunk):
-            part = mappings[start:start + chunk]
-            distilled = self._distilled(part, seed, desc)
-            for mapping in part:
+            group = mappings[start:start + chunk]
+            distilled = self._distilled(group, seed, desc)
+            for mapping in group:
                 student, losses, seconds = distilled.pop(mapping.text)
                 started = time.perf_counter()
                 if "failed" in losses:

@@ -70,7 +70,8 @@ def markdown(search, result: dict, seconds: float) -> str:
 
     lines += ["## Verdict: paired differences on held-out seeds", "",
               f"Every mapping below was distilled and scored on the same verdict seeds (same batches, fine-tuning "
-              f"examples, order and head initialisation per seed). Interval: Student's t on the per-seed "
+              f"examples, order and head initialisation per seed), on the verdict slice of held-out rows where a task "
+              f"has one (disjoint from the rows the winner was selected on). Interval: Student's t on the per-seed "
               f"differences winner - reference, {100 * CONFIDENCE:.0f}%.", "",
               "| reference | mapping | winner - reference | ±95% | seeds | per-seed differences |",
               "| --- | --- | --- | --- | --- | --- |"]

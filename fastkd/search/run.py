@@ -356,6 +356,8 @@ class Search:
         verdicts = {}
         for name in ("uniform", "last"):
             ref = self.heuristics[name]
+            if name == "last" and ref == self.heuristics["uniform"]:
+                continue  # the same mapping: one comparison, named uniform
             seeds = [s for s in self.verdict_seeds
                      if self.fitness(winner, self.top, s) is not None and self.fitness(ref, self.top, s) is not None]
             a = [self.fitness(winner, self.top, s) for s in seeds]
@@ -390,7 +392,9 @@ class Search:
         return out
 
     def summary(self, winner: tuple, verdicts: dict[str, Verdict]) -> dict:
-        names = {g: n for n, g in self.heuristics.items()}
+        names: dict = {}
+        for n, g in self.heuristics.items():  # uniform first: with M = N (or M = 1) uniform and last coincide
+            names.setdefault(g, n)
         return {"winner": self.mapping_text(winner), "winner_genome": winner, "verdicts": verdicts,
                 "heuristic_names": names, "rank_correlations": self.rank_correlations(),
                 "verdict_seeds": self.verdict_seeds, "selection_seed": self.cfg.seed}
