@@ -161,14 +161,17 @@ def zero_shot_column(models: list[str], glue_dir: str, path: Path, b: Budget) ->
     from .io import read_json
     from .models import load_encoder, load_tokenizer
 
-    done = read_json(path, "zero-shot results") or {}
+    settings = {"max_seq_len": b.glue_seq_len, "bf16": b.bf16}
+    saved = read_json(path, "zero-shot results") or {}
+    # Results of other settings are recomputed, never shown under these.
+    done = saved.get("models", {}) if saved.get("settings") == settings else {}
     cache = TaskCache(glue_dir)
     for model in models:
         if model not in done:
             result = zero_shot_similarity(load_encoder(model), load_tokenizer(model, "model"), cache,
                                           FinetuneConfig(heldout=0, max_seq_len=b.glue_seq_len, bf16=b.bf16))
             done[model] = {"metrics": result.metrics, "score": result.score, "split": result.eval_split}
-            atomic_write_json(path, done)
+            atomic_write_json(path, {"settings": settings, "models": done})
     return done
 
 

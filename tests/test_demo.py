@@ -28,8 +28,14 @@ def test_demo_pipeline_end_to_end_and_resumes(tmp_path, tiny_teacher_dir):
     # A random tiny teacher learns nothing in 2 steps: the table must say its columns cannot show the cost.
     assert not any(summary["teacher_apart"].values()) and "Caution: the teacher does not beat" in table
     assert summary["verdict"][0].startswith("**Winner") and set(summary["verdicts"]) == {"uniform", "last"}
+    assert "STS-B zero-shot (P/S)" in table
+    zero_shot = out / "custom" / "glue" / "zeroshot.json"
+    assert len(json.loads(zero_shot.read_text())["models"]) == len(set(summary["students"].values())) + 1
+    stamps = {zero_shot: zero_shot.stat().st_mtime_ns}
     assert (out / "custom" / "search" / "report.md").exists()
     # Run again: every stage resumes from what is on disk instead of failing or redoing it.
     again = run_demo(str(SHARED_DATA), str(out), teacher=str(tiny_teacher_dir), student_layers=2, progress=False,
                      budget=TINY)
     assert again["glue_table"] == summary["glue_table"]
+    # The zero-shot column is reused, not recomputed.
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

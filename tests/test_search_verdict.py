@@ -93,3 +93,7 @@ def test_overall_recommends_the_searched_mapping_only_when_it_beats_every_heuris
     assert overall("2,2,6", [("uniform", "2,4,6", beats), ("last", "4,5,6", beats)]).startswith("Overall: use `2,2,6`")
     assert overall("2,2,6", [("uniform", "2,4,6", beats), ("last", "4,5,6", tie)]).startswith("Overall: keep `uniform`")
     assert "keep `uniform`" in overall("2,4,6", [("uniform", "2,4,6", tie), ("last", "4,5,6", beats)])
+    # The winner is `last` but not shown better than uniform: keep uniform, the simpler choice.
+    assert overall("4,5,6", [("uniform", "2,4,6", tie), ("last", "4,5,6", tie)]).startswith("Overall: keep `uniform`")
+    assert overall("4,5,6", [("uniform", "2,4,6", beats), ("last", "4,5,6", tie)]).startswith(
+        "Overall: use `4,5,6` (= `last`): it beats `uniform`")

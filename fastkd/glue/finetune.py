@@ -98,7 +98,7 @@ class TaskResult:
     steps: int
     seconds: float
     skipped_rows: int = 0
-    eval_split: str = "dev"  # where the score comes from: "dev" or "train-heldout[N]"
+    eval_split: str = "dev"  # where the score comes from: "dev" or "train-heldout-<part>[N]"
     method: str = "finetune"  # "finetune", or "probe" (frozen features, a linear model on top)
 
     def to_dict(self) -> dict:
@@ -153,22 +153,27 @@ class Scoring:
 
     train_rows: np.ndarray
     eval_splits: list  # [(name, Encoded, labels list)]
-    eval_split: str  # "dev" or "train-heldout[N]"
+    eval_split: str  # "dev" or "train-heldout-<part>[N]"
     held: np.ndarray | None = None  # the held-out train rows, when scored on them
+    baseline_rows: np.ndarray | None = None  # training rows the majority class is read from (None: all)
 
 
 def heldout_rows(n_train: int, heldout: int, max_train_examples: int | None,
-                 part: str = "selection") -> np.ndarray | None:
+                 part: str = "selection", min_left: int = MIN_TRAIN_LEFT) -> np.ndarray | None:
     """One of the two held-out slices of train (`heldout` rows each), or None when train cannot spare both.
 
     Large enough = after both slices the rest still holds the fine-tuning subsample and at least
     MIN_TRAIN_LEFT rows. (Without a subsample, fine-tuning learns from the rest: 2 x heldout fewer rows.)
     """
-    if heldout <= 0 or n_train - 2 * heldout < max(max_train_examples or 0, MIN_TRAIN_LEFT):
+    if heldout <= 0 or n_train - 2 * heldout < max(max_train_examples or 0, min_left):
         return None
     order = np.random.default_rng(HELDOUT_SEED).permutation(n_train)
     start = HELDOUT_PARTS.index(part) * heldout
     return np.sort(order[start:start + heldout])
+
+
+def _text(split: Split, i: int) -> tuple:
+    return (split.text_a[i], None if split.text_b is None else split.text_b[i])
 
 
 def _texts(split: Split, rows) -> set:
@@ -180,9 +185,11 @@ def _subset(enc: Encoded, rows) -> Encoded:
     return Encoded([enc.input_ids[i] for i in rows], [enc.token_type_ids[i] for i in rows], enc.labels[rows])
 
 
-def scoring_rows(data: TaskData, tokenizer, cache: "TaskCache", cfg: FinetuneConfig) -> Scoring:
+def scoring_rows(data: TaskData, tokenizer, cache: "TaskCache", cfg: FinetuneConfig,
+                 min_left: int = MIN_TRAIN_LEFT) -> Scoring:
+    """min_left: training rows that must remain beside the slices (0 where nothing is trained)."""
     train_enc = cache.encoded(data.train, tokenizer, cfg.max_seq_len)
-    held = heldout_rows(len(data.train), cfg.heldout, cfg.max_train_examples, cfg.heldout_part)
+    held = heldout_rows(len(data.train), cfg.heldout, cfg.max_train_examples, cfg.heldout_part, min_left)
     if held is None:
         if cfg.heldout > 0 and (data.task.key, len(data.train), cfg.heldout) not in _TOLD:
             _TOLD.add((data.task.key, len(data.train), cfg.heldout))  # once per task, not once per evaluation
@@ -191,18 +198,21 @@ def scoring_rows(data: TaskData, tokenizer, cache: "TaskCache", cfg: FinetuneCon
         rows = subsample(len(data.train), cfg.max_train_examples, cfg.seed)
         evals = [(dev.name, cache.encoded(dev, tokenizer, cfg.max_seq_len), dev.labels) for dev in data.dev]
         return Scoring(rows, evals, "dev")
-    both = np.concatenate([heldout_rows(len(data.train), cfg.heldout, cfg.max_train_examples, part)
+    both = np.concatenate([heldout_rows(len(data.train), cfg.heldout, cfg.max_train_examples, part, min_left)
                            for part in HELDOUT_PARTS])
     # Disjoint by text, not only by index: SST-2 train repeats phrases, and a copy of a scored
     # row among the fine-tuning examples would leak it.
     seen = _texts(data.train, both)
     rest = np.array([i for i in np.setdiff1d(np.arange(len(data.train)), both, assume_unique=True)
-                     if (data.train.text_a[i], None if data.train.text_b is None else data.train.text_b[i]) not in seen],
-                    dtype=np.int64)
+                     if _text(data.train, i) not in seen], dtype=np.int64)
     rows = rest[subsample(len(rest), cfg.max_train_examples, cfg.seed)]
+    if cfg.heldout_part == "verdict":  # nor does the verdict score a text the selection slice holds
+        chosen = _texts(data.train, heldout_rows(len(data.train), cfg.heldout, cfg.max_train_examples, "selection",
+                                                 min_left))
+        held = np.array([i for i in held if _text(data.train, i) not in chosen], dtype=np.int64)
     labels = [data.train.labels[i] for i in held]
     return Scoring(rows, [("heldout", _subset(train_enc, held), labels)],
-                   f"train-heldout-{cfg.heldout_part}[{len(held)}]", held)
+                   f"train-heldout-{cfg.heldout_part}[{len(held)}]", held, rest)
 
 
 def _score(spec: TaskSpec, data: TaskData, scoring: Scoring, predict_fn, by_name: bool = False) -> tuple:
@@ -212,7 +222,10 @@ def _score(spec: TaskSpec, data: TaskData, scoring: Scoring, predict_fn, by_name
     """
     metrics, baseline, predictions, examples = {}, {}, {}, 0
     suffixes = {"dev": "", "heldout": "", "dev_matched": "_m", "dev_mismatched": "_mm"}
-    train_labels = [data.train.labels[i] for i in scoring.train_rows] if scoring.eval_split != "dev" else data.train.labels
+    # The majority class of every training row the run may learn from: not the seed's subsample, so it
+    # is the same for every seed.
+    train_labels = (data.train.labels if scoring.baseline_rows is None
+                    else [data.train.labels[i] for i in scoring.baseline_rows])
     for name, enc, labels in scoring.eval_splits:
         preds = predict_fn(name if by_name else enc)
         if not spec.is_regression:

@@ -14,6 +14,7 @@ encoder's own (for the search: the distillation seed). This is the search's chea
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -125,7 +126,8 @@ def zero_shot_similarity(model, tokenizer, cache: TaskCache, cfg: FinetuneConfig
     encoder.to(pick_device(cfg.device))
     data = cache.data(spec)
     pad_id = tokenizer.pad_token_id or 0
-    scoring = scoring_rows(data, tokenizer, cache, cfg)
+    cfg = replace(cfg, max_train_examples=None)  # nothing is trained: only the slices need the rows
+    scoring = scoring_rows(data, tokenizer, cache, cfg, min_left=0)
     dev_by_name = {d.name: d for d in data.dev}
 
     def cosine(name: str) -> np.ndarray:

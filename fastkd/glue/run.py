@@ -52,6 +52,9 @@ def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg
 
     settings = {**asdict(cfg), "data_dir": str(data_dir), "skip_bad_rows": skip_bad_rows}
     settings.pop("progress", None)
+    if not cfg.heldout:  # dev scoring, as before held-out slices existed: older outputs still resume
+        settings.pop("heldout", None)
+        settings.pop("heldout_part", None)
     previous = read_report(out)
     if previous is not None and not resume:
         raise UserError(f"--output {out} already holds GLUE results: pass --resume to reuse finished tasks, "

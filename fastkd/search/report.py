@@ -61,7 +61,7 @@ def markdown(search, result: dict, seconds: float) -> str:
     failed = sum("failed" in r.losses for r in runs)
     if failed:
         lines.append(f"- {failed} evaluation(s) diverged during proxy distillation (non-finite losses) and were "
-                     "scored 0; lower --proxy-lr if that is frequent.")
+                     "scored -1 (the floor); lower --proxy-lr if that is frequent.")
     heldout = any(t.get("eval_split", "dev") != "dev" for t in search.signal.get("teacher", {}).values())
     lines += [f"Scores come from: {_splits(search)}" + (
         " (train-heldout = a slice of the training set, disjoint from the fine-tuning examples and the same for "

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..corpus import corpus_identity, load_corpus, sample_corpus
 from ..errors import UserError
 from ..glue import TaskCache, parse_tasks, task_spec
+from ..glue.finetune import heldout_rows
 from ..glue.probe import ZERO_SHOT_TASK
 from ..io import atomic_write_json
 from ..mapping import LayerMapping, heuristic, parse_mapping, search_space_size
@@ -120,6 +121,8 @@ class SearchConfig:
         if not (isinstance(self.promote, (int, float)) and 0 < self.promote <= 1):
             raise UserError(f"--promote is the fraction of a rung's mappings promoted to the next rung: give a "
                             f"number in (0, 1] (got {self.promote})")
+        if self.seed < 0:
+            raise UserError(f"--seed must be non-negative (got {self.seed})")
         if isinstance(self.verdict_seeds, int) and self.verdict_seeds < 0:
             raise UserError(f"--verdict-seeds must be a count >= 0 or a list of seeds (got {self.verdict_seeds})")
         if self.seed in self.verdict_seed_list():
@@ -186,7 +189,11 @@ class Search:
         for spec in self.tasks:
             self.cache.data(spec)  # a missing proxy task fails now, in one line
         if any(r.name == "zeroshot" for r in self.rungs):
-            self.cache.data(task_spec(ZERO_SHOT_TASK))  # the zeroshot rung reads STS-B
+            stsb = self.cache.data(task_spec(ZERO_SHOT_TASK))  # the zeroshot rung reads STS-B
+            if heldout_rows(len(stsb.train), cfg.proxy.heldout, None, min_left=0) is None:
+                raise UserError(f"--ladder zeroshot needs 2 x --proxy-heldout ({cfg.proxy.heldout}) STS-B training rows "
+                                f"and {stsb.train.source or 'STS-B train'} has {len(stsb.train)}: lower --proxy-heldout "
+                                "(else the search would select on the STS-B dev set final tables report)")
         self.comm = Comm()
         self.output = Path(cfg.output)
         self.store = None

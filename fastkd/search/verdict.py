@@ -88,15 +88,19 @@ def sentence(winner: str, reference_name: str, reference: str, iv: PairedInterva
 def overall(winner: str, comparisons: list[tuple[str, str, PairedInterval]]) -> str:
     """One recommendation from the comparisons [(name, mapping, interval)], `uniform` first.
 
-    Each interval is 95%; two hold together with at least 90% (Bonferroni), which the line says.
+    The searched mapping is recommended only when it beats every *other* heuristic; otherwise the
+    first one (`uniform`, the simpler choice) is kept. Each interval is 95%; k of them hold together
+    with at least 1 - k x 5% (Bonferroni), which the line says.
     """
     if not comparisons:
         return "Overall: nothing to compare with."
-    same = [name for name, mapping, _ in comparisons if mapping == winner]
-    if same:
-        return f"Overall: the search found `{same[0]}` itself; keep `{same[0]}`."
-    if all(iv.measured and iv.low > 0 for _, _, iv in comparisons):
-        return (f"Overall: use `{winner}`: it beats every heuristic (each interval 95%; all of them together at least "
-                f"{100 * (1 - len(comparisons) * (1 - CONFIDENCE)):.0f}%).")
     first = comparisons[0][0]
-    return f"Overall: keep `{first}`: the searched mapping is not shown to beat every heuristic."
+    same = next((name for name, mapping, _ in comparisons if mapping == winner), None)
+    others = [(name, iv) for name, mapping, iv in comparisons if mapping != winner]
+    if same == first or not others:
+        return f"Overall: the search found `{same or first}` itself; keep `{same or first}`."
+    label = f"`{winner}`" + (f" (= `{same}`)" if same else "")
+    if all(iv.measured and iv.low > 0 for _, iv in others):
+        together = f"; together at least {100 * (1 - len(others) * (1 - CONFIDENCE)):.0f}%" if len(others) > 1 else ""
+        return f"Overall: use {label}: it beats {', '.join(f'`{n}`' for n, _ in others)} (each interval 95%{together})."
+    return f"Overall: keep `{first}`: {label} is not shown to beat every other heuristic."
