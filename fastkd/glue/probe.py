@@ -24,7 +24,7 @@ from sklearn.preprocessing import StandardScaler
 
 from ..device import pick_device
 from ..models import load_encoder
-from .finetune import Encoded, FinetuneConfig, TaskCache, TaskResult, _batch, _score, scoring_rows
+from .finetune import Encoded, FinetuneConfig, TaskCache, TaskResult, _batch, _score, _subset, scoring_rows
 from .metrics import task_score
 from .tasks import TaskSpec, task_spec
 
@@ -60,10 +60,6 @@ def _sentences(cache: TaskCache, split, side: str, tokenizer, max_seq_len: int) 
     return cache._encoded[key]
 
 
-def _rows(enc: Encoded, rows) -> Encoded:
-    return Encoded([enc.input_ids[i] for i in rows], [enc.token_type_ids[i] for i in rows], enc.labels[rows])
-
-
 def probe_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: FinetuneConfig) -> TaskResult:
     """Score frozen features of `model` (a path or an in-memory encoder) on one task."""
     started = time.perf_counter()
@@ -81,9 +77,9 @@ def probe_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: Finetune
     def features(split, which) -> np.ndarray:
         """Features of rows `which` of `split` (a Split of the task)."""
         if not pair:
-            return pool(_rows(cache.encoded(split, tokenizer, cfg.max_seq_len), which))
-        u = pool(_rows(_sentences(cache, split, "text_a", tokenizer, cfg.max_seq_len), which))
-        v = pool(_rows(_sentences(cache, split, "text_b", tokenizer, cfg.max_seq_len), which))
+            return pool(_subset(cache.encoded(split, tokenizer, cfg.max_seq_len), which))
+        u = pool(_subset(_sentences(cache, split, "text_a", tokenizer, cfg.max_seq_len), which))
+        v = pool(_subset(_sentences(cache, split, "text_b", tokenizer, cfg.max_seq_len), which))
         return np.concatenate([np.abs(u - v), u * v], axis=1)
 
     x = features(data.train, rows)
@@ -133,7 +129,7 @@ def zero_shot_similarity(model, tokenizer, cache: TaskCache, cfg: FinetuneConfig
     def cosine(name: str) -> np.ndarray:
         split, which = ((data.train, scoring.held) if name == "heldout"
                         else (dev_by_name[name], np.arange(len(dev_by_name[name]))))
-        u, v = (mean_pooled(encoder, _rows(_sentences(cache, split, side, tokenizer, cfg.max_seq_len), which), pad_id,
+        u, v = (mean_pooled(encoder, _subset(_sentences(cache, split, side, tokenizer, cfg.max_seq_len), which), pad_id,
                             cfg.eval_batch_size, cfg.bf16) for side in ("text_a", "text_b"))
         return (u * v).sum(1) / np.maximum(np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1), 1e-12)
 

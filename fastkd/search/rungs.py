@@ -34,10 +34,6 @@ SHORT_FRACTION = 0.25  # the short rung's share of the proxy fine-tuning steps
 class Rung:
     name: str
 
-    @property
-    def method(self) -> str:
-        return self.name if self.name in ("zeroshot", "probe") else "finetune"
-
     def finetune_steps(self, full_steps: int) -> int:
         if self.name in ("zeroshot", "probe"):
             return 0
