@@ -1,5 +1,7 @@
 # make test: create .venv if missing, install everything, run the tests.
 # make demo: the main job (see README).
+# make gpu-check: on a machine with an NVIDIA GPU, every fused kernel checked and timed there
+#   (benchmarks/gpu_check.py, about 8 minutes); anywhere else one line, exit 0.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +10,7 @@ DEMO_OUT ?= runs/demo
 # Pinned CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +30,11 @@ demo: install
 
 bench: install
 	$(VENV)/bin/fastkd bench
+
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@if $(PYTHON) benchmarks/gpu_check.py --probe; then \
+		$(MAKE) --no-print-directory install && $(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS); fi
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -1,18 +1,21 @@
 """Each fused loss op against eager torch: forward+backward time and peak extra memory, per backend.
 
-Ops (fastkd.fused): the attention-score MSE from Q/K (student and teacher Q/K of one layer pair), the
-attention-score MSE from held scores, and the projected hidden-state MSE. Shapes: B=16, H=12,
-S in {128, 512}, head dim in {32, 64} (hidden op: student 384 -> teacher 768 wide, once per S).
+Ops (fastkd.ops): the attention-score MSE from Q/K (student and teacher Q/K of one layer pair) and
+the projected hidden-state MSE. Shapes: B=16, H=12, S in {128, 512}, head dim in {32, 64} (hidden
+op: student 384 -> teacher 768 wide, once per S); inputs in each of --dtypes (float32, and bfloat16
+as under --bf16 autocast; the torch reference then computes in float32 from the 16-bit values).
 
-Every (op, shape, backend) runs in two processes of its own: inputs are made and one untimed
+On a CPU every (op, shape, backend) runs in two processes of its own: inputs are made and one untimed
 forward+backward warms up; then one process times `--reps` forward+backward passes (median), the
 other runs one pass while tracking the resident-set high-water mark, with glibc's mmap threshold
 pinned at 128 KiB so every large tensor is its own mapping, returned to the OS when freed (the RSS
 then follows the live tensors instead of the allocator's caching). "extra" = peak minus the level
 with the inputs alive; it includes the gradients, which every backend must produce. On a GPU the
-allocator's peak is used instead. Ratios are to the eager `torch` reference measured in the same run.
+allocator's peak is used instead, all in one process (it is reset per measurement). Ratios are to
+the eager `torch` reference measured in the same run.
 
     python benchmarks/loss_kernels.py [--backends torch,cpp --seq-lens 128,512 --head-dims 32,64 --reps 3]
+                                      [--dtypes float32,bfloat16 --name loss_kernels_gpu]
 """
 
 from __future__ import annotations
@@ -29,40 +32,36 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_result  # noqa: E402
 
-OPS = ("attention_qk", "attention_scores", "hidden")
+OPS = ("attention_qk", "hidden")
 
 
-def _inputs(op: str, B: int, H: int, S: int, dh: int, device):
+def _inputs(op: str, B: int, H: int, S: int, dh: int, dtype: str, device):
     import torch
 
     gen = torch.Generator(device="cpu").manual_seed(0)
-    r = lambda *shape: torch.randn(*shape, generator=gen).to(device)  # noqa: E731
+    r = lambda *shape: torch.randn(*shape, generator=gen).to(device, getattr(torch, dtype))  # noqa: E731
     mask = torch.ones(B, S, dtype=torch.long, device=device)
     if op == "attention_qk":
         qs, ks = r(B, H, S, dh).requires_grad_(), r(B, H, S, dh).requires_grad_()
         return (qs, ks, r(B, H, S, dh), r(B, H, S, dh), mask, dh ** -0.5, dh ** -0.5), [qs, ks]
-    if op == "attention_scores":
-        s = r(B, H, S, S).requires_grad_()
-        return (s, r(B, H, S, S), mask), [s]
     hs = r(B, S, 384).requires_grad_()
     proj = torch.nn.Linear(384, 768).to(device)
     return (hs, r(B, S, 768), mask, proj), [hs, *proj.parameters()]
 
 
-def child(op: str, B: int, H: int, S: int, dh: int, backend: str, reps: int, what: str) -> dict:
+def child(op: str, B: int, H: int, S: int, dh: int, dtype: str, backend: str, reps: int, what: str) -> dict:
     """One measurement in this process; prints one JSON line."""
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from fastkd import fused
+    from fastkd import ops
     from fastkd.bench import PeakMemory
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fn = {"attention_qk": fused.attention_mse_qk, "attention_scores": fused.attention_mse_scores,
-          "hidden": fused.hidden_mse}[op]
-    if fused.unavailable(backend, device) is not None:
-        return {"skipped": fused.unavailable(backend, device)}
-    args, params = _inputs(op, B, H, S, dh, device)
+    fn = {"attention_qk": ops.attention_mse.attention_mse_qk, "hidden": ops.hidden_mse.hidden_mse}[op]
+    if ops.unavailable(backend, device) is not None:
+        return {"skipped": ops.unavailable(backend, device)}
+    args, params = _inputs(op, B, H, S, dh, dtype, device)
 
     def once() -> float:
         for p in params:
@@ -93,48 +92,60 @@ def main() -> None:
     p.add_argument("--head-dims", default="32,64")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--dtypes", default="float32")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--child", nargs=7, metavar=("OP", "B", "H", "S", "DH", "BACKEND", "WHAT"), help=argparse.SUPPRESS)
+    p.add_argument("--name", default="loss_kernels", help="results/NAME.json")
+    p.add_argument("--child", nargs=8, metavar=("OP", "B", "H", "S", "DH", "DTYPE", "BACKEND", "WHAT"),
+                   help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        op, B, H, S, dh, backend, what = args.child
-        print(json.dumps(child(op, int(B), int(H), int(S), int(dh), backend, args.reps, what)))
+        op, B, H, S, dh, dtype, backend, what = args.child
+        print(json.dumps(child(op, int(B), int(H), int(S), int(dh), dtype, backend, args.reps, what)))
         return
 
+    import torch
+
+    # On a GPU the allocator's own peak (reset per measurement) is exact in one process; on a CPU
+    # the resident-set peak needs a fresh process per measurement.
+    in_process = torch.cuda.is_available()
     backends = [b for b in args.backends.split(",") if b]
     if "torch" in backends:
         backends = ["torch"] + [b for b in backends if b != "torch"]
     rows, skipped = [], {}
-    for op in args.ops.split(","):
-        for S in map(int, args.seq_lens.split(",")):
-            for dh in (map(int, args.head_dims.split(",")) if op != "hidden" else [0]):
-                ref = None
-                for backend in backends:
-                    res = {}
-                    for what in ("time", "memory"):
-                        cmd = [sys.executable, __file__, "--reps", str(args.reps), "--child", op, str(args.batch),
-                               str(args.heads), str(S), str(dh), backend, what]
-                        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072") if what == "memory" else None
-                        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                        if out.returncode != 0:
-                            raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
-                        res.update(json.loads(out.stdout.strip().splitlines()[-1]))
-                    if "skipped" in res:
-                        skipped[backend] = res["skipped"]
-                        continue
-                    row = {"op": op, "S": S, "head_dim": dh or "-", "backend": backend,
-                           "time_ms": round(1000 * res["time_s"], 1), "extra_mib": round(res["extra_mib"], 1)}
-                    if backend == "torch":
-                        ref = res
-                    if ref is not None:
-                        row["time_vs_eager"] = round(res["time_s"] / ref["time_s"], 3)
-                        row["memory_vs_eager"] = round(res["extra_mib"] / ref["extra_mib"], 3) if ref["extra_mib"] else None
-                    rows.append(row)
-                    print(row, flush=True)
-    print(table(rows, ["op", "S", "head_dim", "backend", "time_ms", "extra_mib", "time_vs_eager", "memory_vs_eager"]))
+    cases = [(op, S, dh, dtype) for op in args.ops.split(",") for dtype in args.dtypes.split(",")
+             for S in map(int, args.seq_lens.split(","))
+             for dh in (map(int, args.head_dims.split(",")) if op != "hidden" else [0])]
+    for op, S, dh, dtype in cases:
+        ref = None
+        for backend in backends:
+            res = {}
+            for what in ("time", "memory"):
+                if in_process:
+                    res.update(child(op, args.batch, args.heads, S, dh, dtype, backend, args.reps, what))
+                    continue
+                cmd = [sys.executable, __file__, "--reps", str(args.reps), "--child", op, str(args.batch),
+                       str(args.heads), str(S), str(dh), dtype, backend, what]
+                env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072") if what == "memory" else None
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if out.returncode != 0:
+                    raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+                res.update(json.loads(out.stdout.strip().splitlines()[-1]))
+            if "skipped" in res:
+                skipped[backend] = res["skipped"]
+                continue
+            row = {"op": op, "dtype": dtype, "S": S, "head_dim": dh or "-", "backend": backend,
+                   "time_ms": round(1000 * res["time_s"], 1), "extra_mib": round(res["extra_mib"], 1)}
+            if backend == "torch":
+                ref = res
+            if ref is not None:
+                row["time_vs_eager"] = round(res["time_s"] / ref["time_s"], 3)
+                row["memory_vs_eager"] = round(res["extra_mib"] / ref["extra_mib"], 3) if ref["extra_mib"] else None
+            rows.append(row)
+            print(row, flush=True)
+    print(table(rows, ["op", "dtype", "S", "head_dim", "backend", "time_ms", "extra_mib", "time_vs_eager", "memory_vs_eager"]))
     for b, why in skipped.items():
         print(f"not measured: {b}: {why}")
-    path = write_result("loss_kernels", {"batch": args.batch, "heads": args.heads, "reps": args.reps, "rows": rows,
+    path = write_result(args.name, {"batch": args.batch, "heads": args.heads, "reps": args.reps, "rows": rows,
                                          "not_measured": skipped})
     print(f"wrote {path}")
 

@@ -1,13 +1,12 @@
 // Fused distillation losses on the CPU (OpenMP through at::parallel_for), bound with pybind11.
 //
-// The same three functions, with the same arguments, are exported by the CUDA module
-// (fused_loss_cuda.cpp), so one Python autograd wrapper (fastkd/fused/extension.py) drives both.
+// The same functions, with the same arguments, are exported by the CUDA module (fused_loss_cuda.cpp),
+// so one autograd Function per op (fastkd/ops/<op>.py) drives both.
 // Inputs arrive contiguous float32 (the wrapper casts; float64 is kept, for gradcheck); masks arrive
 // as torch.bool. Every gradient
 // returned is of the *unnormalised* loss_sum; Python divides by the count of valid elements.
 //
 //   attention_mse_qk      sum over valid (b,h,i,j) of (ss*qs_i.ks_j - st*qt_i.kt_j)^2, no S x S tensor
-//   attention_mse_scores  sum over valid (b,h,i,j) of (s - t)^2 and its gradient in one pass
 //   projected_mse         sum over real rows of |hs W^T + b - ht|^2, chunked over rows
 //
 // (Loops inside AT_DISPATCH lambdas use _Pragma: a #pragma line cannot appear inside a macro argument.)
@@ -155,59 +154,6 @@ std::vector<Tensor> attention_mse_qk(const Tensor& qs, const Tensor& ks, const T
   return {loss, dqs, dks};
 }
 
-std::vector<Tensor> attention_mse_scores(const Tensor& s, const Tensor& t, const Tensor& mask, bool need_grad) {
-  check_input(s, "s", 4, s);
-  check_input(t, "t", 4, s);
-  TORCH_CHECK(t.sizes() == s.sizes(), "fastkd cpp loss: teacher scores must have the student's shape");
-  const int64_t B = s.size(0), H = s.size(1), S = s.size(2);
-  TORCH_CHECK(s.size(3) == S, "fastkd cpp loss: scores must be (B, H, S, S)");
-  check_mask(mask, B, S);
-
-  const int64_t rows = B * H * S;
-  Tensor partial = at::empty({rows}, s.options().dtype(at::kDouble));
-  Tensor grad = need_grad ? at::empty_like(s) : Tensor();
-  const bool* mp = mask.data_ptr<bool>();
-  double* pp = partial.data_ptr<double>();
-
-  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "attention_mse_scores", [&] {
-    const scalar_t* sp = s.data_ptr<scalar_t>();
-    const scalar_t* tp = t.data_ptr<scalar_t>();
-    scalar_t* gp = need_grad ? grad.data_ptr<scalar_t>() : nullptr;
-    // One pass per score row: the difference, its square summed, and the gradient written in place.
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / (H * S), i = r % S;
-        const bool* key = mp + b * S;
-        const scalar_t* sr = sp + r * S;
-        const scalar_t* tr = tp + r * S;
-        scalar_t* gr = gp ? gp + r * S : nullptr;
-        if (!key[i]) {  // a padded query row: no valid pair
-          pp[r] = 0.0;
-          if (gr) std::fill(gr, gr + S, scalar_t(0));
-          continue;
-        }
-        scalar_t acc = 0;
-        if (gr) {
-_Pragma("omp simd reduction(+ : acc)")
-          for (int64_t j = 0; j < S; ++j) {
-            const scalar_t v = key[j] ? sr[j] - tr[j] : scalar_t(0);
-            acc += v * v;
-            gr[j] = scalar_t(2) * v;
-          }
-        } else {
-_Pragma("omp simd reduction(+ : acc)")
-          for (int64_t j = 0; j < S; ++j) {
-            const scalar_t v = key[j] ? sr[j] - tr[j] : scalar_t(0);
-            acc += v * v;
-          }
-        }
-        pp[r] = acc;
-      }
-    });
-  });
-  return {partial.sum().to(s.scalar_type()), grad};
-}
-
 std::vector<Tensor> projected_mse(const Tensor& hs, const Tensor& ht, const Tensor& row_mask, const Tensor& weight,
                                   const Tensor& bias, bool need_grad, int64_t chunk_rows) {
   check_input(hs, "hs", 2, hs);
@@ -287,8 +233,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_mse_qk", &attention_mse_qk, "attention-score MSE from Q/K (loss_sum, dqs, dks)", py::arg("qs"),
         py::arg("ks"), py::arg("qt"), py::arg("kt"), py::arg("mask"), py::arg("scale_s"), py::arg("scale_t"),
         py::arg("need_grad"));
-  m.def("attention_mse_scores", &attention_mse_scores, "attention-score MSE from scores (loss_sum, grad)",
-        py::arg("s"), py::arg("t"), py::arg("mask"), py::arg("need_grad"));
   m.def("projected_mse", &projected_mse, "projected hidden-state MSE (loss_sum, dhs, dweight, dbias)",
         py::arg("hs"), py::arg("ht"), py::arg("row_mask"), py::arg("weight"), py::arg("bias"),
         py::arg("need_grad"), py::arg("chunk_rows"));

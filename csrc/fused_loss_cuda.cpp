@@ -1,8 +1,8 @@
 // CUDA backend of the fused distillation losses: input checks, the row-chunk loop of the projected
 // hidden MSE (its GEMMs go to cuBLAS through ATen) and the Python bindings. The kernels are in
-// fused_loss_cuda_kernels.cu. The module exports the same three functions, with the same argument
-// names, as the CPU backend (fused_loss_cpu.cpp); one autograd wrapper (fastkd/fused/extension.py)
-// drives both. Every function returns the *unnormalised* loss sum (a 0-dim float32 tensor) and its
+// fused_loss_cuda_kernels.cu. The module exports the functions of the CPU backend (fused_loss_cpu.cpp),
+// with the same argument names, so one autograd Function per op (fastkd/ops/<op>.py) drives both, and
+// attention_mse_qk_gemm, the tensor-core formulation of the attention op for 16-bit inputs. Every function returns the *unnormalised* loss sum (a 0-dim float32 tensor) and its
 // gradients, or undefined tensors (None in Python) in place of the gradients when need_grad is false.
 
 #include <torch/extension.h>
@@ -82,25 +82,76 @@ std::vector<at::Tensor> attention_mse_qk(const at::Tensor& qs, const at::Tensor&
   return {loss_sum, dqs, dks};
 }
 
-// s, t (B,H,S,S); mask (B,S) bool -> {loss_sum, grad = 2 (s - t) valid}.
-std::vector<at::Tensor> attention_mse_scores(const at::Tensor& s, const at::Tensor& t, const at::Tensor& mask,
-                                             bool need_grad) {
-  constexpr const char* op = "attention_mse_scores";
-  check_float(s, op, "s", 4);
-  check_float(t, op, "t", 4);
-  check_mask(mask, op, "mask", 2);
-  check_same_device(t, s, op, "t");
-  check_same_device(mask, s, op, "mask");
-  const int64_t B = s.size(0), S = s.size(2);
-  TORCH_CHECK(s.size(3) == S, op, ": s must be (B, H, S, S) scores, got shape ", s.sizes());
-  check_shape(t, s.sizes(), op, "t");
-  check_shape(mask, {B, S}, op, "mask");
+// The operand of a tensor-core GEMM: float16, bfloat16 or float32 (TF32 when torch allows it).
+void check_gemm_operand(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is required");
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must have 4 dimensions, got shape ", t.sizes());
+}
 
-  const c10::cuda::CUDAGuard guard(s.device());
-  at::Tensor grad;
-  if (need_grad) grad = at::empty_like(s);  // fully written by the kernel
-  at::Tensor loss_sum = fastkd::cuda::attention_mse_scores_launch(s, t, mask, grad);
-  return {loss_sum, grad};
+// a @ b on cuBLAS with a float32 result: 16-bit operands accumulate in float32 on tensor cores.
+at::Tensor bmm_f32(const at::Tensor& a, const at::Tensor& b) {
+  return a.scalar_type() == at::kFloat ? at::bmm(a, b) : at::bmm(a, b, at::kFloat);
+}
+
+// Same contract as attention_mse_qk, for 16-bit inputs (or float32 with TF32): by chunks of
+// chunk_rows query rows, the raw scores of both models come from batched GEMMs with float32 output,
+// one kernel forms the masked difference, sums its square and keeps 2 D in the inputs' type, and
+// the gradients are two more GEMMs (dqs rows = scale_s 2D ks, dks += scale_s (2D)^T qs). Memory:
+// three (B*H, chunk_rows, S) buffers, never S x S per head at once.
+std::vector<at::Tensor> attention_mse_qk_gemm(const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& qt,
+                                              const at::Tensor& kt, const at::Tensor& mask, double scale_s,
+                                              double scale_t, bool need_grad, int64_t chunk_rows) {
+  constexpr const char* op = "attention_mse_qk_gemm";
+  const at::ScalarType student = qs.scalar_type(), teacher = qt.scalar_type();
+  TORCH_CHECK(student == at::kHalf || student == at::kBFloat16 || student == at::kFloat, op,
+              ": qs must be float16, bfloat16 or float32, got ", student);
+  check_gemm_operand(qs, op, "qs", student);
+  check_gemm_operand(ks, op, "ks", student);
+  check_gemm_operand(qt, op, "qt", teacher);
+  check_gemm_operand(kt, op, "kt", teacher);
+  check_mask(mask, op, "mask", 2);
+  check_same_device(ks, qs, op, "ks");
+  check_same_device(qt, qs, op, "qt");
+  check_same_device(kt, qs, op, "kt");
+  check_same_device(mask, qs, op, "mask");
+  const int64_t B = qs.size(0), H = qs.size(1), S = qs.size(2), ds = qs.size(3), dt = qt.size(3);
+  check_shape(ks, qs.sizes(), op, "ks");
+  check_shape(qt, {B, H, S, dt}, op, "qt (teacher queries: same B, H, S as qs)");
+  check_shape(kt, qt.sizes(), op, "kt");
+  check_shape(mask, {B, S}, op, "mask");
+  TORCH_CHECK(chunk_rows > 0, op, ": chunk_rows must be positive, got ", chunk_rows);
+
+  const c10::cuda::CUDAGuard guard(qs.device());
+  const at::Tensor qs3 = qs.view({B * H, S, ds}), ks3 = ks.view({B * H, S, ds});
+  const at::Tensor qt3 = qt.view({B * H, S, dt}), kt3 = kt.view({B * H, S, dt});
+  const at::Tensor ks3_t = ks3.transpose(1, 2), kt3_t = kt3.transpose(1, 2);
+  at::Tensor dqs, dks;
+  if (need_grad) {
+    dqs = at::empty({B * H, S, ds}, qs.options().dtype(at::kFloat));  // every chunk writes its rows
+    dks = at::zeros({B * H, S, ds}, qs.options().dtype(at::kFloat));
+  }
+  std::vector<at::Tensor> partials;
+  for (int64_t r0 = 0; r0 < S; r0 += chunk_rows) {
+    const int64_t rows = std::min(chunk_rows, S - r0);
+    const at::Tensor qs_c = qs3.narrow(1, r0, rows), qt_c = qt3.narrow(1, r0, rows);
+    const at::Tensor s = bmm_f32(qs_c, ks3_t);  // (BH, rows, S) float32
+    const at::Tensor t = bmm_f32(qt_c, kt3_t);
+    at::Tensor d;  // undefined: loss only
+    if (need_grad) d = at::empty({B * H, rows, S}, qs.options());
+    partials.push_back(fastkd::cuda::qk_chunk_residual_launch(s, t, mask, r0, H, scale_s, scale_t, d));
+    if (!need_grad) continue;
+    dqs.narrow(1, r0, rows).copy_(bmm_f32(d, ks3)).mul_(scale_s);  // (BH, rows, ds)
+    dks.add_(bmm_f32(d.transpose(1, 2), qs_c), scale_s);            // (BH, S, ds)
+  }
+  at::Tensor loss_sum = partials.empty() ? at::zeros({}, qs.options().dtype(at::kFloat)) : at::cat(partials).sum();
+  if (need_grad) {
+    dqs = dqs.view({B, H, S, ds});
+    dks = dks.view({B, H, S, ds});
+  }
+  return {loss_sum, dqs, dks};
 }
 
 // hs (N,Ds), ht (N,Dt), row_mask (N,) bool, weight (Dt,Ds) or empty (identity), bias (Dt,) or empty
@@ -180,8 +231,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_mse_qk", &attention_mse_qk,
         "Attention-score MSE from Q/K without an S x S tensor: {loss_sum, dqs, dks}", py::arg("qs"), py::arg("ks"),
         py::arg("qt"), py::arg("kt"), py::arg("mask"), py::arg("scale_s"), py::arg("scale_t"), py::arg("need_grad"));
-  m.def("attention_mse_scores", &attention_mse_scores, "Attention-score MSE from scores: {loss_sum, grad}",
-        py::arg("s"), py::arg("t"), py::arg("mask"), py::arg("need_grad"));
+  m.def("attention_mse_qk_gemm", &attention_mse_qk_gemm,
+        "Attention-score MSE from 16-bit Q/K on tensor cores, by query-row chunks: {loss_sum, dqs, dks}",
+        py::arg("qs"), py::arg("ks"), py::arg("qt"), py::arg("kt"), py::arg("mask"), py::arg("scale_s"),
+        py::arg("scale_t"), py::arg("need_grad"), py::arg("chunk_rows"));
   m.def("projected_mse", &projected_mse,
         "Hidden-state MSE through a projection, by row chunks: {loss_sum, dhs, dweight, dbias}", py::arg("hs"),
         py::arg("ht"), py::arg("row_mask"), py::arg("weight"), py::arg("bias"), py::arg("need_grad"),

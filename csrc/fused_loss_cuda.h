@@ -1,10 +1,10 @@
 // Host launchers of the CUDA fused distillation losses (defined in fused_loss_cuda_kernels.cu, called by
-// fused_loss_cuda.cpp). The torch reference of the three ops is fastkd/losses.py (attention_mse,
-// attention_scores, hidden_mse); every function here works on the *unnormalised* loss sum.
+// fused_loss_cuda.cpp). The torch reference of each op is in its module, fastkd/ops/<op>.py; every
+// function here works on the *unnormalised* loss sum.
 //
 // Preconditions (checked by the caller, fused_loss_cuda.cpp, not again here): every tensor is a
-// contiguous float32 CUDA tensor on the current device (the caller holds a device guard), masks are
-// contiguous torch.bool, shapes are consistent. Work is queued on the current CUDA stream; nothing
+// contiguous CUDA tensor on the current device (the caller holds a device guard), float32 unless
+// stated otherwise; masks are contiguous torch.bool; shapes are consistent. Work is queued on the current CUDA stream; nothing
 // here synchronises with the host. Reductions are deterministic: per-block partial sums reduced by
 // at::sum, never float atomics.
 #pragma once
@@ -27,11 +27,13 @@ at::Tensor attention_mse_qk_launch(const at::Tensor& qs, const at::Tensor& ks, c
                                    const at::Tensor& kt, const at::Tensor& mask, double scale_s, double scale_t,
                                    const at::Tensor& dqs, const at::Tensor& dks);
 
-// Op 2, attention-score MSE from materialised scores. s, t: (B, H, S, S); mask: (B, S) bool.
-// grad: undefined or preallocated (B, H, S, S), fully written with 2 * (s - t) * valid.
-// Returns loss_sum as a 0-dim float32 tensor.
-at::Tensor attention_mse_scores_launch(const at::Tensor& s, const at::Tensor& t, const at::Tensor& mask,
-                                       const at::Tensor& grad);
+// Op 1, cuBLAS formulation (16-bit inputs, or float32 with TF32), the elementwise half of one chunk
+// of query rows r0 .. r0 + rows - 1. s, t: (B*H, rows, S) float32 raw scores of the chunk; mask (B, S)
+// bool; heads = H. d: undefined (no gradient) or (B*H, rows, S) float16 / bfloat16 / float32, written
+// with 2 * (scale_s s - scale_t t) * valid. Returns per-block partial sums of the masked squared
+// difference (1-D float32, possibly empty); the caller reduces all chunks' partials with one at::sum.
+at::Tensor qk_chunk_residual_launch(const at::Tensor& s, const at::Tensor& t, const at::Tensor& mask, int64_t r0,
+                                    int64_t heads, double scale_s, double scale_t, const at::Tensor& d);
 
 // Op 3, the elementwise half of one row chunk of the projected hidden MSE.
 // p: (rows, Dt) the projection P = hs W^T + b of the chunk; ht: (rows, Dt); row_mask: (rows,) bool.

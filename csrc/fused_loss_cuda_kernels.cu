@@ -3,7 +3,8 @@
 // *unnormalised* loss sum and its gradients, the Python wrapper divides by the count.
 //
 // Design rules shared by all kernels:
-// - float32 math throughout, inputs already float32 and contiguous (checked in fused_loss_cuda.cpp);
+// - float32 math throughout (16-bit values only as GEMM operands), inputs contiguous (checked in
+//   fused_loss_cuda.cpp);
 // - deterministic: each block writes one partial sum, the partials are reduced by at::sum on the
 //   same stream (no float atomics, so the loss is bit-identical run to run on one device);
 // - masked elements contribute exactly 0 to the loss and the gradient, selected (not multiplied),
@@ -296,39 +297,33 @@ void dispatch_qk_pass(const QKPassParams& p, bool with_grad, int64_t bh_total, c
 }
 
 // ---------------------------------------------------------------------------------------------
-// Op 2: attention-score MSE from materialised scores, one grid-stride pass.
-// Element e of (B, H, S, S): j = e % S, i = (e / S) % S, b = e / (H S S).
-// VEC = 4 when S % 4 == 0 and the pointers are 16-byte aligned (the four elements then share i and b).
-// index_t = uint32_t when the element count fits (32-bit division is several times cheaper).
+// Op 1, cuBLAS formulation (16-bit inputs, or float32 with TF32): the elementwise half of one chunk
+// of query rows. s, t: (BH, rows, S) float32 raw scores q.k of the chunk (cuBLAS, float32 output),
+// rows r0 .. r0 + rows - 1 of every (b, h). In one pass: the scaled, masked difference
+// D = scale_s s - scale_t t (0 where query or key is padding), its square summed into one partial
+// per block, and (WITH_GRAD) 2 D rounded once into out_t, the inputs' type, ready to meet the
+// 16-bit operand in the gradient GEMMs.
 // ---------------------------------------------------------------------------------------------
-template <int VEC, bool WITH_GRAD, typename index_t>
-__global__ void __launch_bounds__(kThreads) attention_mse_scores_kernel(
-    const float* __restrict__ s,    // (B, H, S, S)
-    const float* __restrict__ t,    // (B, H, S, S)
+template <typename out_t, bool WITH_GRAD, typename index_t>
+__global__ void __launch_bounds__(kThreads) qk_chunk_residual_kernel(
+    const float* __restrict__ s,    // (BH, rows, S)
+    const float* __restrict__ t,    // (BH, rows, S)
     const bool* __restrict__ mask,  // (B, S)
-    float* __restrict__ grad,       // (B, H, S, S) or unused
+    out_t* __restrict__ d,          // (BH, rows, S) or unused
     float* __restrict__ partials,   // (gridDim.x)
-    index_t n_packs, index_t S, index_t hss) {
+    index_t n, index_t S, index_t rows, index_t r0, index_t heads, float scale_s, float scale_t) {
   __shared__ float scratch[kWarps];
   float loss = 0.f;
   const index_t stride = static_cast<index_t>(gridDim.x) * kThreads;
-  for (index_t v = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x; v < n_packs; v += stride) {
-    const index_t e = v * VEC;
-    const index_t row = e / S;  // (b, h, i) flattened
+  for (index_t e = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x; e < n; e += stride) {
+    const index_t row = e / S;  // (bh, local query row) flattened
     const index_t j = e - row * S;
-    const index_t i = row % S;
-    const bool* m = mask + (e / hss) * S;
-    const bool query_ok = m[i];
-    const Pack<VEC> sv = *reinterpret_cast<const Pack<VEC>*>(s + e);
-    const Pack<VEC> tv = *reinterpret_cast<const Pack<VEC>*>(t + e);
-    Pack<VEC> gv;
-#pragma unroll
-    for (int q = 0; q < VEC; ++q) {
-      const float d = (query_ok && m[j + q]) ? sv.v[q] - tv.v[q] : 0.f;
-      loss = fmaf(d, d, loss);
-      gv.v[q] = 2.f * d;
-    }
-    if constexpr (WITH_GRAD) *reinterpret_cast<Pack<VEC>*>(grad + e) = gv;
+    const index_t bh = row / rows;
+    const index_t i = r0 + (row - bh * rows);
+    const bool* m = mask + (bh / heads) * S;
+    const float diff = (m[i] && m[j]) ? scale_s * s[e] - scale_t * t[e] : 0.f;
+    loss = fmaf(diff, diff, loss);
+    if constexpr (WITH_GRAD) d[e] = static_cast<out_t>(2.f * diff);
   }
   const float total = block_sum(loss, scratch);
   if (threadIdx.x == 0) partials[blockIdx.x] = total;
@@ -453,46 +448,43 @@ at::Tensor attention_mse_qk_launch(const at::Tensor& qs, const at::Tensor& ks, c
   return partials.sum();
 }
 
-at::Tensor attention_mse_scores_launch(const at::Tensor& s, const at::Tensor& t, const at::Tensor& mask,
-                                       const at::Tensor& grad) {
-  const int64_t H = s.size(1), S = s.size(2), n = s.numel();
-  const bool with_grad = grad.defined();
-  const bool vec4 = S % 4 == 0 && aligned16(s.data_ptr()) && aligned16(t.data_ptr()) &&
-                    (!with_grad || aligned16(grad.data_ptr()));
-  const int64_t n_packs = vec4 ? n / 4 : n;
-  const int64_t blocks = elementwise_blocks(n_packs);
+at::Tensor qk_chunk_residual_launch(const at::Tensor& s, const at::Tensor& t, const at::Tensor& mask, int64_t r0,
+                                    int64_t heads, double scale_s, double scale_t, const at::Tensor& d) {
+  const int64_t rows = s.size(1), S = s.size(2), n = s.numel();
+  const bool with_grad = d.defined();
+  const int64_t blocks = elementwise_blocks(n);
   at::Tensor partials = at::empty({blocks}, s.options());
-  if (blocks == 0) return partials.sum();
+  if (blocks == 0) return partials;
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const float* sp = s.data_ptr<float>();
-  const float* tp = t.data_ptr<float>();
-  const bool* mp = mask.data_ptr<bool>();
-  float* gp = with_grad ? grad.data_ptr<float>() : nullptr;
-  float* pp = partials.data_ptr<float>();
-  auto launch = [&](auto vec_tag, auto grad_tag, auto index_tag) {
-    constexpr int VEC = decltype(vec_tag)::value;
+  auto launch = [&](auto out_tag, auto grad_tag, auto index_tag) {
+    using out_t = decltype(out_tag);
     constexpr bool WITH_GRAD = decltype(grad_tag)::value;
     using index_t = decltype(index_tag);
-    attention_mse_scores_kernel<VEC, WITH_GRAD, index_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        sp, tp, mp, gp, pp, static_cast<index_t>(n_packs), static_cast<index_t>(S), static_cast<index_t>(H * S * S));
+    out_t* dp = WITH_GRAD ? static_cast<out_t*>(d.data_ptr()) : nullptr;
+    qk_chunk_residual_kernel<out_t, WITH_GRAD, index_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        s.data_ptr<float>(), t.data_ptr<float>(), mask.data_ptr<bool>(), dp, partials.data_ptr<float>(),
+        static_cast<index_t>(n), static_cast<index_t>(S), static_cast<index_t>(rows), static_cast<index_t>(r0),
+        static_cast<index_t>(heads), static_cast<float>(scale_s), static_cast<float>(scale_t));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  using V4 = std::integral_constant<int, 4>;
-  using V1 = std::integral_constant<int, 1>;
-  using G1 = std::true_type;
-  using G0 = std::false_type;
-  // 32-bit indices when every element index (and e + VEC) fits; the grid-stride loop adds at most
-  // blocks * kThreads past n_packs, which also must not wrap.
-  const bool small = n + static_cast<int64_t>(blocks) * kThreads * 4 < (int64_t{1} << 32);
-  if (small) {
-    if (vec4) with_grad ? launch(V4{}, G1{}, uint32_t{}) : launch(V4{}, G0{}, uint32_t{});
-    else with_grad ? launch(V1{}, G1{}, uint32_t{}) : launch(V1{}, G0{}, uint32_t{});
+  // 32-bit indices when every element index fits, with the grid-stride loop's overshoot.
+  const bool small = n + static_cast<int64_t>(blocks) * kThreads < (int64_t{1} << 32);
+  auto by_index = [&](auto out_tag, auto grad_tag) {
+    if (small) launch(out_tag, grad_tag, uint32_t{});
+    else launch(out_tag, grad_tag, int64_t{});
+  };
+  if (!with_grad) {
+    by_index(float{}, std::false_type{});
+  } else if (d.scalar_type() == at::kHalf) {
+    by_index(at::Half{}, std::true_type{});
+  } else if (d.scalar_type() == at::kBFloat16) {
+    by_index(at::BFloat16{}, std::true_type{});
   } else {
-    if (vec4) with_grad ? launch(V4{}, G1{}, int64_t{}) : launch(V4{}, G0{}, int64_t{});
-    else with_grad ? launch(V1{}, G1{}, int64_t{}) : launch(V1{}, G0{}, int64_t{});
+    TORCH_CHECK(d.scalar_type() == at::kFloat, "qk_chunk_residual: d must be float16, bfloat16 or float32");
+    by_index(float{}, std::true_type{});
   }
-  return partials.sum();
+  return partials;
 }
 
 at::Tensor projected_mse_residual_launch(const at::Tensor& p, const at::Tensor& ht, const at::Tensor& row_mask,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import fused
+from . import ops
 from .config import DistillConfig
 from .device import pick_device
 from .distill import Distiller, loss_weights
@@ -56,9 +56,9 @@ class BenchConfig:
                                  ("--steps", self.steps, 1), ("--warmup", self.warmup, 0)):
             if value < low:
                 raise UserError(f"{name} must be at least {low} (got {value})")
-        unknown = [b for b in self.backends if b not in ("all",) + fused.BACKENDS]
+        unknown = [b for b in self.backends if b not in ("all",) + ops.BACKENDS]
         if unknown:
-            raise UserError(f"--backends: unknown {', '.join(unknown)}; choose from all, {', '.join(fused.BACKENDS)}")
+            raise UserError(f"--backends: unknown {', '.join(unknown)}; choose from all, {', '.join(ops.BACKENDS)}")
 
 
 # --- memory ---------------------------------------------------------------------------------
@@ -119,13 +119,13 @@ def _sync(device: torch.device) -> None:
 
 def present_backends(requested: list[str], device: torch.device) -> tuple[list[str], dict[str, str]]:
     """The backends to measure (torch first: the reference) and why the others are missing."""
-    wanted = list(fused.BACKENDS) if "all" in requested else list(dict.fromkeys(["torch"] + requested))
+    wanted = list(ops.BACKENDS) if "all" in requested else list(dict.fromkeys(["torch"] + requested))
     present, missing = [], {}
     for name in wanted:
         if name == "triton" and device.type != "cuda":
             missing[name] = "Triton kernels need a GPU (TRITON_INTERPRET=1 runs them on a CPU, for tests only)"
             continue
-        why = fused.unavailable(name, device)
+        why = ops.unavailable(name, device)
         if why is None:
             present.append(name)
         else:
@@ -169,6 +169,7 @@ def measure_backend(backend: str, teacher_model, tokenizer, cfg: BenchConfig, de
         step()
     with PeakMemory(device) as memory:
         times = [step() for _ in range(cfg.steps)]
+    distiller.read()  # as a run reads its steps at logging steps, outside the timed steps
     median = statistics.median(times)
     seqs = cfg.batch_size
     return {"backend": backend, "seq_per_s": round(seqs / median, 2), "tokens_per_s": round(seqs * cfg.seq_len / median, 1),

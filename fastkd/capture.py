@@ -1,4 +1,4 @@
-"""Per-layer Q and K (and optionally scores) from any BERT-family model, without forking it.
+"""Per-layer Q and K from any BERT-family model, without forking it.
 
 transformers lets a custom attention function be registered and selected per model. fastkd's
 records what the distillation losses need and otherwise behaves like SDPA attention, so models
@@ -24,12 +24,12 @@ ATTN_NAME = "fastkd_capture"
 
 @dataclass
 class AttentionRecord:
-    """What one layer's attention left behind. Shapes: q, k (B, H, S, d); scores (B, H, S, S)."""
+    """What one layer's attention left behind. Shapes: q, k (B, H, S, d); the pre-softmax scores are
+    scaling * q k^T (the losses form them, or never do on the fused backends)."""
 
     query: torch.Tensor
     key: torch.Tensor
     scaling: float
-    scores: torch.Tensor | None = None  # scaled q.k, before the mask and softmax
 
 
 @dataclass
@@ -37,7 +37,6 @@ class Recorder:
     """Collects records of one forward, indexed by 1-based layer number (call order)."""
 
     layers: frozenset[int] | None = None  # None: keep every layer
-    scores: bool = False
     records: dict[int, AttentionRecord] = field(default_factory=dict)
     calls: int = 0
 
@@ -58,20 +57,10 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
         layer = recorder.calls
         if recorder.layers is not None and layer not in recorder.layers:
             layer = None
-    if layer is not None and recorder.scores:
-        # Eager path: the scores the loss needs are the ones the forward uses.
-        scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-        recorder.records[layer] = AttentionRecord(query, key, scaling, scores)
-        weights = scores if attention_mask is None else scores + attention_mask
-        weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-        weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
-        out = torch.matmul(weights, value)
-    else:
-        if layer is not None:
-            recorder.records[layer] = AttentionRecord(query, key, scaling)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=dropout if module.training else 0.0,
-            scale=scaling)
+    if layer is not None:
+        recorder.records[layer] = AttentionRecord(query, key, scaling)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout if module.training else 0.0, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -94,12 +83,12 @@ def disable_capture(model, implementation: str = "sdpa") -> None:
 
 
 @contextlib.contextmanager
-def recording(layers=None, scores: bool = False):
+def recording(layers=None):
     """Record attention of the forward run inside the block.
 
     layers: 1-based layer numbers to keep (others are not held in memory); None keeps all.
     """
-    recorder = Recorder(frozenset(layers) if layers is not None else None, scores)
+    recorder = Recorder(frozenset(layers) if layers is not None else None)
     token = _active.set(recorder)
     try:
         yield recorder

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from . import __version__
+from . import __version__, ops
 from .capture import recording
 from .config import DistillConfig, differing_settings, read_run_config
 from .device import pick_device
@@ -73,23 +73,54 @@ class NonFiniteAbort(UserError):
     pass
 
 
-def count_bad_step(distiller, what: str) -> None:
+def count_bad_step(distiller, step: int, what: str) -> None:
     """A skipped step (non-finite `what`): counted, logged, and the run stopped after --max-bad-steps."""
     cfg = distiller.cfg
     distiller.bad_steps += 1
-    log.warning("step %d: non-finite %s, update skipped (%d so far)", distiller.step + 1, what, distiller.bad_steps)
+    log.warning("step %d: non-finite %s, update skipped (%d so far)", step, what, distiller.bad_steps)
     if distiller.bad_steps >= cfg.max_bad_steps:
         raise NonFiniteAbort(
-            f"aborted at step {distiller.step + 1}: {distiller.bad_steps} steps had a non-finite {what} "
+            f"aborted at step {step}: {distiller.bad_steps} steps had a non-finite {what} "
             f"(limit --max-bad-steps {cfg.max_bad_steps}); lower --lr, drop --bf16, or check the corpus")
 
 
 @dataclass
 class StepResult:
+    """One optimizer step's numbers, left where they were computed: reading them is a host sync, so
+    the loops read them in one go at logging and checkpoint steps (`read`), never per micro-batch."""
+
+    loss: torch.Tensor                 # 0-dim: the mean over micro-batches of the weighted total
+    terms: dict[str, torch.Tensor]     # 0-dim each: unweighted, averaged over micro-batches
+    grad_norm: torch.Tensor            # 0-dim; nan where not computed
+    skipped: torch.Tensor              # 0-dim bool: non-finite, no update
+
+
+@dataclass
+class StepRecord:
+    """A StepResult once read: plain numbers, for metrics.jsonl, the window and the skip count."""
+
+    step: int
     loss: float
     terms: dict[str, float]
     grad_norm: float
     skipped: bool
+
+
+def read_steps(pending: list[tuple[int, StepResult]], reduce=None) -> list[StepRecord]:
+    """Every pending step as numbers, with one device-to-host copy (after `reduce`, which may average
+    the table over ranks: one collective instead of one per micro-batch)."""
+    if not pending:
+        return []
+    names = sorted(set().union(*(r.terms for _, r in pending)))
+    nan = torch.full((), float("nan"), device=pending[0][1].loss.device)
+    table = torch.stack([torch.stack([r.loss.float(), r.grad_norm.float(), r.skipped.float()]
+                                     + [r.terms.get(k, nan).float() for k in names]) for _, r in pending]).double()
+    if reduce is not None:
+        table = reduce(table)
+    records = []
+    for (step, _), row in zip(pending, table.tolist()):
+        records.append(StepRecord(step, row[0], dict(zip(names, row[3:])), row[1], row[2] > 0.5))
+    return records
 
 
 class Distiller:
@@ -103,14 +134,17 @@ class Distiller:
         self.criterion = criterion
         self.stream = stream
         self.params = [p for m in (student, criterion) for p in m.parameters() if p.requires_grad]
+        # fused: one kernel per parameter group, and it skips a non-finite step on the device
+        # (found_inf, see train_step) without the host ever looking at the gradient norm.
         self.optimizer = torch.optim.AdamW(_param_groups([student, criterion], cfg.weight_decay),
-                                           lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6)
+                                           lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6, fused=True)
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, num_warmup_steps=int(cfg.warmup * cfg.max_steps), num_training_steps=cfg.max_steps)
         self.step = 0
         self.bad_steps = 0
         self.elapsed = 0.0
         self.window: deque[dict] = deque(maxlen=max(1, cfg.log_every))
+        self.pending: list[tuple[int, StepResult]] = []  # steps not read yet (see read)
         self.autocast_dtype = torch.bfloat16 if cfg.bf16 else None
         self.device = next(student.parameters()).device
 
@@ -121,48 +155,58 @@ class Distiller:
         return batch, self.teacher(batch["input_ids"], batch["attention_mask"])
 
     def train_step(self, shared: list[tuple[dict, TeacherOutputs]] | None = None) -> StepResult:
-        """One optimizer step. `shared`: micro-batches with teacher outputs computed once for several
-        students (the search's generation); None: this distiller reads its own stream and teacher."""
+        """One optimizer step, with no host sync: a non-finite loss or gradient skips the update on
+        the device, and the numbers stay there until `read`. `shared`: micro-batches with teacher
+        outputs computed once for several students (the search's generation); None: this distiller
+        reads its own stream and teacher."""
         cfg = self.cfg
         self.student.train()
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
-        loss_sum = 0.0
-        finite = True
+        loss_sum = torch.zeros((), device=self.device)
+        totals: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum):
             batch, teacher_out = shared[micro] if shared is not None else self.next_inputs()
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_dtype is not None):
                 out = self.compute_loss(batch, teacher_out)
             loss = out.total / cfg.grad_accum
-            if not torch.isfinite(loss):
-                finite = False
-                if shared is None:
-                    self.stream.state.batches_done += cfg.grad_accum - micro - 1  # same data position either way
-                break
             loss.backward()
-            loss_sum += float(loss.detach())
-            for k, v in out.scalars().items():
-                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
-        grad_norm = float("nan")
-        if finite:
-            max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-            finite = math.isfinite(grad_norm)
-        if finite:
+            loss_sum += loss.detach().float()
+            for k, v in out.detached().items():
+                totals[k] = totals.get(k, 0.0) + v.float() / cfg.grad_accum
+        max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)  # a device tensor
+        skipped = ~(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
+        # The protocol torch.amp.GradScaler uses: fused AdamW leaves parameters, moments and its step
+        # count untouched where found_inf is 1. The schedule still advances (it counts steps taken,
+        # known without a sync); a run with skipped steps is as reproducible as any other.
+        self.optimizer.found_inf, self.optimizer.grad_scale = skipped.float(), None
+        try:
             self.optimizer.step()
-            self.scheduler.step()
-        else:
-            # Skip: no update, no schedule advance; count it and give up after too many.
-            self.optimizer.zero_grad(set_to_none=True)
-            count_bad_step(self, "loss or gradient")
+        finally:
+            del self.optimizer.found_inf, self.optimizer.grad_scale
+        self.scheduler.step()
         self.step += 1
-        return StepResult(loss_sum, totals, grad_norm, not finite)
+        result = StepResult(loss_sum, totals, grad_norm.detach(), skipped)
+        self.pending.append((self.step, result))
+        return result
+
+    def read(self) -> StepRecord | None:
+        """Read every step since the last read (one host sync): skipped steps are counted (and the run
+        stopped after --max-bad-steps), the others enter the window. Returns the latest step's record."""
+        records, self.pending = read_steps(self.pending), []
+        for r in records:
+            if r.skipped:
+                count_bad_step(self, r.step, "loss or gradient")
+            else:
+                self.window.append({"loss": r.loss, **r.terms})
+        return records[-1] if records else None
 
     def compute_loss(self, batch, teacher_out) -> LossOutput:
         return student_loss(self.student, self.criterion, batch, teacher_out)
 
     # --- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:
+        self.read()  # the skip count and window must be current in a checkpoint
         return {
             "step": self.step, "bad_steps": self.bad_steps, "elapsed": self.elapsed,
             "student": self.student.state_dict(), "criterion": self.criterion.state_dict(),
@@ -346,7 +390,9 @@ def build_run(cfg: DistillConfig) -> Run:
         "resolved": {"mapping": mapping.text, "teacher_layers": mapping.teacher_layers,
                      "student": {**shape.__dict__, "parameters": run.parameters},
                      "corpus_sequences": run.corpus_sequences, "global_batch": cfg.batch_size * cfg.grad_accum,
-                     "loss_backend": criterion.backend(device)},
+                     "loss_backend": criterion.backend(device),
+                     # Each op self-checked now, for the dtypes this run feeds it (bf16 autocast: both).
+                     "loss_ops": criterion.prepare(device, [torch.float32] + ([torch.bfloat16] if cfg.bf16 else []))},
     })
     log.info("student: %s (%.1fM parameters), mapping %s, %d sequences of %d tokens, %s loss backend",
              shape.describe(), run.parameters / 1e6, mapping.text, run.corpus_sequences, cfg.max_seq_len,
@@ -377,6 +423,7 @@ def export_run(run: Run, extra: dict | None = None) -> Path:
         "steps": distiller.step, "global_batch": getattr(distiller, "seqs_per_step", cfg.batch_size * cfg.grad_accum),
         "lr": cfg.lr, "seed": cfg.seed,
         "bf16": cfg.bf16, "loss_backend": distiller.criterion.backend(distiller.device),
+        "loss_ops": ops.selections(used_only=True),  # what each op ran on, after its self-check
         "skipped_steps": distiller.bad_steps, "seconds": round(distiller.elapsed, 1),
         "final_losses": distiller.final_losses(), **(extra or {}),
     }
@@ -399,13 +446,12 @@ def train(distiller, output: Path, metrics_path: Path, save=None, is_main: bool 
     with open(metrics_path if is_main else os.devnull, "a", encoding="utf-8") as metrics:
         while distiller.step < last:
             t0 = time.perf_counter()
-            result = distiller.train_step()
+            distiller.train_step()
             distiller.elapsed += time.perf_counter() - t0
-            if not result.skipped:
-                distiller.window.append({"loss": result.loss, **result.terms})
             bar.update(1)
             step = distiller.step
             if step % cfg.log_every == 0 or step == cfg.max_steps:
+                result = distiller.read()  # the steps' numbers reach the host here, not every step
                 now = time.perf_counter()
                 rate = (step - last_step) * seqs_per_step / max(now - last_time, 1e-9)
                 last_time, last_step = now, step

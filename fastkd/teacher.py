@@ -26,12 +26,11 @@ class TeacherOutputs:
 class Teacher:
     """Wraps a loaded teacher; counts forwards so callers can prove the teacher ran once per batch."""
 
-    def __init__(self, model, hidden_layers, attention_layers, record_scores: bool = False,
+    def __init__(self, model, hidden_layers, attention_layers,
                  autocast_dtype: torch.dtype | None = None):
         self.model = model
         self.hidden_layers = sorted(set(hidden_layers))
         self.attention_layers = sorted(set(attention_layers))
-        self.record_scores = record_scores
         self.autocast_dtype = autocast_dtype
         self.forwards = 0
 
@@ -43,7 +42,7 @@ class Teacher:
                  token_type_ids: torch.Tensor | None = None) -> TeacherOutputs:
         device = input_ids.device
         autocast = torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
-        with torch.inference_mode(), autocast, recording(self.attention_layers, self.record_scores) as rec:
+        with torch.inference_mode(), autocast, recording(self.attention_layers) as rec:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                              output_hidden_states=True, return_dict=True)
             hidden = {l: out.hidden_states[l] for l in self.hidden_layers}
@@ -53,8 +52,6 @@ class Teacher:
         # A clone taken outside inference_mode is an ordinary tensor a student's backward may save.
         hidden = {l: h.clone() for l, h in hidden.items()}
         attention = {
-            l: AttentionRecord(r.query.clone(), r.key.clone(), r.scaling,
-                               None if r.scores is None else r.scores.clone())
-            for l, r in records.items()
+            l: AttentionRecord(r.query.clone(), r.key.clone(), r.scaling) for l, r in records.items()
         }
         return TeacherOutputs(hidden, attention, attention_mask)

@@ -37,8 +37,9 @@ from transformers import get_linear_schedule_with_warmup
 
 from .config import DistillConfig
 from .corpus import BatchStream, load_corpus, sample_corpus
-from .distill import (NonFiniteAbort, Run, StepResult, _param_groups, _truncate_metrics, build_models,
-                      count_bad_step, export_run, prepare_output, resolve, seed_everything, student_loss, train)
+from .distill import (NonFiniteAbort, Run, StepRecord, StepResult, _param_groups, _truncate_metrics, build_models,
+                      count_bad_step, export_run, prepare_output, read_steps, resolve, seed_everything, student_loss,
+                      train)
 from .errors import UserError
 from .io import atomic_write_json
 from .losses import DistillLoss
@@ -184,6 +185,7 @@ class ZeroDistiller:
         self.bad_steps = 0
         self.elapsed = 0.0
         self.window: deque[dict] = deque(maxlen=max(1, cfg.log_every))
+        self.pending: list[tuple[int, StepResult]] = []
         self.seqs_per_step = cfg.batch_size * cfg.grad_accum * world
         self.stage = int(engine.zero_optimization_stage())
 
@@ -191,43 +193,71 @@ class ZeroDistiller:
     def scheduler(self):
         return self.engine.lr_scheduler
 
-    def _mean_over_ranks(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+    def _mean_over_ranks(self, table: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
-            torch.distributed.all_reduce(t)
-            t /= self.world
-        return t.tolist()
+            table = table.clone()
+            torch.distributed.all_reduce(table)
+            table /= self.world
+        return table
+
+    def _every_rank(self, flag: torch.Tensor) -> bool:
+        """Whether `flag` (0-dim bool) holds on every rank: one all-reduce and one host read."""
+        t = flag.to(torch.float32).reshape(1)
+        if self.world > 1:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return bool(t.item() == 1.0)
 
     def train_step(self) -> StepResult:
+        """One optimizer step over the engine. Loss terms stay on the device until `read` (one
+        all-reduce of everything logged, at logging steps). One collective per step remains: before
+        the update every rank must know whether any micro-batch was non-finite, because a rank that
+        stepped alone would desynchronise ZeRO and DeepSpeed's bf16/fp32 ZeRO-3 optimizer applies a
+        non-finite gradient instead of skipping it. It runs once per optimizer step, at the last
+        micro-batch, not per micro-batch."""
         cfg = self.cfg
         self.engine.train()
-        totals: dict[str, float] = {}
-        loss_sum = 0.0
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        totals: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in self.stream.next().items()}
             teacher_out = self.teacher(batch["input_ids"], batch["attention_mask"])
             loss, terms = self.engine(batch["input_ids"], batch["attention_mask"], teacher_out)
-            # Every rank must agree to skip: a rank that stepped alone would desynchronise ZeRO.
-            finite = self._mean_over_ranks([float(torch.isfinite(loss.detach()))])[0] == 1.0
-            if not finite:
+            finite = finite & torch.isfinite(loss.detach())
+            if micro == cfg.grad_accum - 1 and not self._every_rank(finite):
                 if cfg.grad_accum > 1:
                     raise NonFiniteAbort(
-                        f"step {self.step + 1}: a non-finite loss in micro-batch {micro + 1} of {cfg.grad_accum}; under "
+                        f"step {self.step + 1}: a non-finite loss in a micro-batch of {cfg.grad_accum}; under "
                         "--deepspeed a partly accumulated step cannot be skipped: lower --lr, drop --bf16, or use "
                         "--grad-accum 1; --resume continues from the last checkpoint")
-                count_bad_step(self, "loss")
                 self.step += 1
-                return StepResult(float("nan"), {}, float("nan"), True)
+                nan = torch.full((), float("nan"), device=self.device)
+                result = StepResult(nan, {}, nan, torch.ones((), dtype=torch.bool, device=self.device))
+                self.pending.append((self.step, result))
+                return result
             self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself
             self.engine.step()  # updates (and steps the schedule) only at the accumulation boundary
-            names = sorted(terms)
-            means = self._mean_over_ranks([float(loss.detach())] + [float(terms[k].detach()) for k in names])
-            loss_sum += means[0] / cfg.grad_accum
-            for k, v in zip(names, means[1:]):
-                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
+            loss_sum += loss.detach().float() / cfg.grad_accum
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + v.detach().float() / cfg.grad_accum
         norm = self.engine.get_global_grad_norm()
+        norm = torch.full((), float("nan")) if norm is None else torch.as_tensor(norm)
         self.step += 1
-        return StepResult(loss_sum, totals, float(norm) if norm is not None else float("nan"), False)
+        result = StepResult(loss_sum, totals, norm.to(self.device, torch.float32),
+                            torch.zeros((), dtype=torch.bool, device=self.device))
+        self.pending.append((self.step, result))
+        return result
+
+    def read(self) -> StepRecord | None:
+        """Distiller.read over ranks: the logged numbers averaged over ranks in one all-reduce (a
+        collective: every rank calls it at the same steps, as `train` and the checkpoints do)."""
+        records, self.pending = read_steps(self.pending, self._mean_over_ranks), []
+        for r in records:
+            if r.skipped:
+                count_bad_step(self, r.step, "loss")
+            else:
+                self.window.append({"loss": r.loss, **r.terms})
+        return records[-1] if records else None
 
     def final_losses(self) -> dict[str, float]:
         keys = list(self.window[-1]) if self.window else []
@@ -261,6 +291,7 @@ def complete_tags(output: Path) -> list[Path]:
 
 def save_zero_checkpoint(d: ZeroDistiller, output: Path, keep: int) -> Path:
     """Collective: every rank calls it. Per-rank RNG first, then DeepSpeed's shards, then the marker."""
+    d.read()  # collective too: the skip count and window must be current in the checkpoint
     root = checkpoint_root(output)
     tag = f"step-{d.step:08d}"
     target = root / tag
@@ -404,6 +435,7 @@ def run_distill_deepspeed(cfg: DistillConfig) -> Path | None:
                          "student": {**run.shape.__dict__, "parameters": parameters},
                          "corpus_sequences": run.corpus_sequences, "global_batch": d.seqs_per_step,
                          "loss_backend": d.criterion.backend(d.device),
+                         "loss_ops": d.criterion.prepare(d.device, [_param_dtype(run.ds_config)]),
                          "deepspeed": {"world_size": d.world, "zero_stage": zero_stage(run.ds_config),
                                        "config": run.ds_config}},
         })
@@ -417,6 +449,13 @@ def run_distill_deepspeed(cfg: DistillConfig) -> Path | None:
     target = export_zero(d, run.tokenizer, run.mapping, run.shape, run.corpus_sequences, output, run.ds_config)
     torch.distributed.barrier()
     return target
+
+
+def _param_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype the engine's module computes in (no autocast under DeepSpeed): what the ops see."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    return torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32
 
 
 def export_zero(d: ZeroDistiller, tokenizer, mapping, shape, corpus_sequences: int, output: Path,

@@ -10,9 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from fastkd import fused, losses
+from fastkd import ops
 from fastkd.errors import UserError
-from fastkd.fused import builder
+from fastkd.ops import attention_mse as am
+from fastkd.ops import backends, builder, select
+from fastkd.ops import hidden_mse as hm
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,7 +41,7 @@ def _qk(B, H, S, d, gen, dtype=torch.float32, grad=True):
 
 
 def _reference_qk(qs, ks, qt, kt, mask, ss, st):
-    return losses.attention_mse(losses.attention_scores(qs, ks, ss), losses.attention_scores(qt, kt, st), mask)
+    return am.reference(qs, ks, qt, kt, mask, ss, st)
 
 
 def _grads(loss, inputs):
@@ -68,7 +70,7 @@ def test_attention_qk_matches_reference(B, H, S, ds, dt, padding):
         B, S, gen, padded_rows=(B - 1,) if padding == "padded_row" and B > 1 else ())
     ss, st = ds ** -0.5, dt ** -0.5
     ref = _reference_qk(qs, ks, qt, kt, mask, ss, st)
-    got = fused.attention_mse_qk(qs, ks, qt, kt, mask, ss, st, "cpp")
+    got = am.attention_mse_qk(qs, ks, qt, kt, mask, ss, st, "cpp")
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
     for g, r in zip(_grads(got, [qs, ks]), _grads(ref, [qs, ks])):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
@@ -76,18 +78,16 @@ def test_attention_qk_matches_reference(B, H, S, ds, dt, padding):
 
 def test_no_gradient_work_under_no_grad(monkeypatch):
     # Inside an autograd.Function, needs_input_grad stays True under no_grad: the wrapper must say so.
-    from fastkd.fused import extension
-
     seen = []
-    real = extension.AttentionMseQK.run
-    monkeypatch.setattr(extension.AttentionMseQK, "run", staticmethod(lambda *a: seen.append(a[-1]) or real(*a)))
+    real = am.ExtensionAttentionMse.run
+    monkeypatch.setattr(am.ExtensionAttentionMse, "run", staticmethod(lambda *a: seen.append(a[-1]) or real(*a)))
     gen = torch.Generator().manual_seed(12)
     qs, ks = _qk(1, 2, 8, 8, gen)
     qt, kt = _qk(1, 2, 8, 8, gen, grad=False)
     with torch.no_grad():
-        value = fused.attention_mse_qk(qs, ks, qt, kt, torch.ones(1, 8), 0.3, 0.3, "cpp")
+        value = am.attention_mse_qk(qs, ks, qt, kt, torch.ones(1, 8), 0.3, 0.3, "cpp")
     assert seen == [False]
-    assert value.item() == pytest.approx(fused.attention_mse_qk(qs, ks, qt, kt, torch.ones(1, 8), 0.3, 0.3, "cpp").item())
+    assert value.item() == pytest.approx(am.attention_mse_qk(qs, ks, qt, kt, torch.ones(1, 8), 0.3, 0.3, "cpp").item())
 
 
 def test_attention_qk_every_row_padded_is_zero_with_zero_gradients():
@@ -95,7 +95,7 @@ def test_attention_qk_every_row_padded_is_zero_with_zero_gradients():
     qs, ks = _qk(2, 2, 9, 8, gen)
     qt, kt = _qk(2, 2, 9, 8, gen, grad=False)
     mask = torch.zeros(2, 9, dtype=torch.long)
-    got = fused.attention_mse_qk(qs, ks, qt, kt, mask, 0.3, 0.3, "cpp")
+    got = am.attention_mse_qk(qs, ks, qt, kt, mask, 0.3, 0.3, "cpp")
     assert got.item() == 0.0
     assert all(torch.count_nonzero(g) == 0 for g in _grads(got, [qs, ks]))
 
@@ -104,7 +104,7 @@ def test_attention_qk_teacher_gets_no_gradient_and_student_dtype_is_kept():
     gen = torch.Generator().manual_seed(4)
     qs, ks = _qk(2, 2, 11, 8, gen, dtype=torch.bfloat16)
     qt, kt = _qk(2, 2, 11, 8, gen, grad=False)
-    got = fused.attention_mse_qk(qs, ks, qt, kt, torch.ones(2, 11), 0.35, 0.35, "cpp")
+    got = am.attention_mse_qk(qs, ks, qt, kt, torch.ones(2, 11), 0.35, 0.35, "cpp")
     got.backward()
     assert qs.grad.dtype == torch.bfloat16 and ks.grad.dtype == torch.bfloat16
     assert qt.grad is None and kt.grad is None
@@ -115,7 +115,7 @@ def test_attention_qk_bf16_inputs_match_reference_on_the_same_values():
     qs, ks = _qk(2, 4, 29, 16, gen, dtype=torch.bfloat16)
     qt, kt = _qk(2, 4, 29, 16, gen, dtype=torch.bfloat16, grad=False)
     mask = _mask(2, 29, gen)
-    got = fused.attention_mse_qk(qs, ks, qt, kt, mask, 0.25, 0.25, "cpp")
+    got = am.attention_mse_qk(qs, ks, qt, kt, mask, 0.25, 0.25, "cpp")
     # The reference on the same bf16-rounded values, computed in float32.
     q32, k32 = qs.detach().float().requires_grad_(), ks.detach().float().requires_grad_()
     ref = _reference_qk(q32, k32, qt.float(), kt.float(), mask, 0.25, 0.25)
@@ -130,7 +130,7 @@ def test_attention_qk_different_head_counts_compare_head_averaged_scores():
     qt, kt = _qk(2, 6, 21, 16, gen, grad=False)
     mask = _mask(2, 21, gen)
     ref = _reference_qk(qs, ks, qt, kt, mask, 8 ** -0.5, 16 ** -0.5)  # the reference averages the scores
-    got = fused.attention_mse_qk(qs, ks, qt, kt, mask, 8 ** -0.5, 16 ** -0.5, "cpp")
+    got = am.attention_mse_qk(qs, ks, qt, kt, mask, 8 ** -0.5, 16 ** -0.5, "cpp")
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
     for g, r in zip(_grads(got, [qs, ks]), _grads(ref, [qs, ks])):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
@@ -145,21 +145,9 @@ def test_attention_qk_close_student_and_teacher_keep_precision():
     mask = torch.ones(2, 96)
     d = lambda x: x.detach().double()  # noqa: E731
     ref = (0.35 * (d(qs) @ d(ks).transpose(-1, -2) - d(qt) @ d(kt).transpose(-1, -2))).pow(2).mean()
-    got = fused.attention_mse_qk(qs, ks, qt, kt, mask, 0.35, 0.35, "cpp")
+    got = am.attention_mse_qk(qs, ks, qt, kt, mask, 0.35, 0.35, "cpp")
     assert ref.item() < 1e-4  # about 1e-6 of the scores' own mean square: the cancellation is real
     assert got.item() == pytest.approx(ref.item(), rel=1e-3)
-
-
-@pytest.mark.parametrize("B,H,S", [(2, 3, 17), (1, 12, 64), (3, 1, 1)])
-def test_attention_scores_matches_reference(B, H, S):
-    gen = torch.Generator().manual_seed(S)
-    s = torch.randn(B, H, S, S, generator=gen, requires_grad=True)
-    t = torch.randn(B, H, S, S, generator=gen)
-    mask = _mask(B, S, gen, padded_rows=(0,) if B > 1 else ())
-    ref = losses.attention_mse(s, t, mask)
-    got = fused.attention_mse_scores(s, t, mask, "cpp")
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(_grads(got, [s])[0], _grads(ref, [s])[0], rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("Ds,Dt,bias", [(8, 12, True), (12, 12, False), (16, 16, None), (24, 7, True)])
@@ -172,39 +160,34 @@ def test_hidden_matches_reference(Ds, Dt, bias):
     torch.manual_seed(Ds)
     proj = None if bias is None else nn.Linear(Ds, Dt, bias=bias)
     params = [hs] + ([] if proj is None else list(proj.parameters()))
-    ref = losses.hidden_mse(hs, ht, mask, proj)
+    ref = hm.reference(hs, ht, mask, proj)
     ref_grads = _grads(ref, params)
-    old_chunk = fused.HIDDEN_CHUNK_ROWS
-    fused.HIDDEN_CHUNK_ROWS = 16  # several chunks and a remainder (57 rows)
+    old_chunk = hm.CHUNK_ROWS
+    hm.CHUNK_ROWS = 16  # several chunks and a remainder (57 rows)
     try:
-        got = fused.hidden_mse(hs, ht, mask, proj, "cpp")
+        got = hm.hidden_mse(hs, ht, mask, proj, "cpp")
     finally:
-        fused.HIDDEN_CHUNK_ROWS = old_chunk
+        hm.CHUNK_ROWS = old_chunk
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
     for g, r in zip(_grads(got, params), ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
 def test_float64_gradcheck_of_every_cpp_op():
-    from fastkd.fused.extension import AttentionMseQK, AttentionMseScores, ProjectedMse
-
     gen = torch.Generator().manual_seed(8)
     d64 = dict(dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
-    count = fused._pair_count(mask, 2).double()
+    count = am.pair_count(mask, 2).double()
     qs, ks = (torch.randn(2, 2, 5, 3, generator=gen, **d64).requires_grad_() for _ in range(2))
     qt, kt = (torch.randn(2, 2, 5, 4, generator=gen, **d64) for _ in range(2))
-    assert torch.autograd.gradcheck(lambda a, b: AttentionMseQK.apply(a, b, qt, kt, mask, 0.5, 0.4, count, True), (qs, ks))
-    s = torch.randn(2, 2, 5, 5, generator=gen, **d64).requires_grad_()
-    t = torch.randn(2, 2, 5, 5, generator=gen, **d64)
-    assert torch.autograd.gradcheck(lambda a: AttentionMseScores.apply(a, t, mask, count, True), (s,))
+    assert torch.autograd.gradcheck(lambda a, b: am.ExtensionAttentionMse.apply(a, b, qt, kt, mask, 0.5, 0.4, count, True), (qs, ks))
     hs = torch.randn(10, 3, generator=gen, **d64).requires_grad_()
     ht = torch.randn(10, 4, generator=gen, **d64)
     w = torch.randn(4, 3, generator=gen, **d64).requires_grad_()
     b = torch.randn(4, generator=gen, **d64).requires_grad_()
     rows = mask.reshape(-1).bool()
     n = rows.sum().double() * 4
-    assert torch.autograd.gradcheck(lambda x, y, z: ProjectedMse.apply(x, ht, rows, y, z, n, 3, True), (hs, w, b))
+    assert torch.autograd.gradcheck(lambda x, y, z: hm.ExtensionHiddenMse.apply(x, ht, rows, y, z, n, 3, True), (hs, w, b))
 
 
 def test_distill_loss_uses_the_backend_and_matches_the_reference():
@@ -236,32 +219,116 @@ def test_distill_loss_uses_the_backend_and_matches_the_reference():
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
 
 
-def test_backend_resolution(monkeypatch, caplog):
-    fused._resolved.clear()
-    assert fused.resolve_backend("auto", "cpu") == "cpp"
-    assert fused.resolve_backend("torch", "cpu") == "torch"
+@pytest.fixture
+def fresh_selection(monkeypatch):
+    """Backend decisions start from nothing and are forgotten afterwards (they are per process)."""
+    monkeypatch.setattr(backends, "_chains", {})
+    monkeypatch.setattr(select, "_selected", {})
+
+
+def test_backend_resolution(monkeypatch, caplog, fresh_selection):
+    assert ops.resolve_backend("auto", "cpu") == "cpp"
+    assert ops.resolve_backend("torch", "cpu") == "torch"
     with caplog.at_level(logging.WARNING):
-        assert fused.resolve_backend("cuda", "cpu") == "cpp"  # missing: one line, then the next backend
-        assert fused.resolve_backend("cuda", "cpu") == "cpp"  # decided once per process
+        assert ops.resolve_backend("cuda", "cpu") == "cpp"  # missing: one line, then the next backend
+        assert ops.resolve_backend("cuda", "cpu") == "cpp"  # decided once per process
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert lines == ["loss backend cuda on cpu: cuda: the CUDA kernels need a GPU; using cpp"]
-    monkeypatch.setenv(fused.ENV, "torch")
-    assert fused.resolve_backend(None, "cpu") == "torch"
+    monkeypatch.setenv(ops.ENV, "torch")
+    assert ops.resolve_backend(None, "cpu") == "torch"
     with pytest.raises(UserError, match="not one of"):
-        fused.resolve_backend("fast", "cpu")
-    fused._resolved.clear()
+        ops.resolve_backend("fast", "cpu")
 
 
-def test_a_failed_build_falls_back_to_torch_with_one_line(monkeypatch, caplog):
+def test_a_failed_build_falls_back_to_torch_with_one_line(monkeypatch, caplog, fresh_selection):
     monkeypatch.setattr(builder, "_loaded", {})
     monkeypatch.setattr(builder, "_failed", {})
     monkeypatch.setattr(builder, "_why_not", lambda kind: "no C++ compiler (c++) on PATH")
-    monkeypatch.setattr(fused, "_resolved", {})
     with caplog.at_level(logging.WARNING):
-        assert fused.resolve_backend("auto", "cpu") == "torch"
-        assert fused.resolve_backend("auto", "cpu") == "torch"
+        assert ops.resolve_backend("auto", "cpu") == "torch"
+        assert ops.backend_for("attention_mse", "auto", "cpu", torch.float32) == "torch"
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert lines == ["loss backend auto on cpu: cpp: no C++ compiler (c++) on PATH; using torch"]
+
+
+# --- the self-check before first use: faults injected into a backend, never into the check --------
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_backend_that_raises_falls_back_with_one_line(monkeypatch, caplog, fresh_selection):
+    class BrokenModule:  # the compiled extension, as if its kernel failed to launch on this machine
+        def __getattr__(self, name):
+            raise RuntimeError(f"CUDA error: too many resources requested for launch ({name})")
+
+    monkeypatch.setattr("fastkd.ops._extension.module_for", lambda device: BrokenModule())
+    with caplog.at_level(logging.WARNING):
+        assert ops.backend_for("attention_mse", "cpp", "cpu", torch.float32) == "torch"
+        assert ops.backend_for("attention_mse", "cpp", "cpu", torch.float32) == "torch"  # checked once
+    (line,) = _warnings(caplog)
+    assert line.startswith("loss op attention_mse: the cpp backend on cpu (float32) failed its self-check: "
+                           "raised RuntimeError: CUDA error: too many resources requested")
+    assert line.endswith("; using torch")
+    (entry,) = ops.selections()
+    assert entry["backend"] == "torch" and entry["requested"] == "cpp" and "cpp: raised RuntimeError" in entry["check"]
+
+
+@pytest.mark.parametrize("op,fault", [("attention_mse", "loss"), ("attention_mse", "gradient"),
+                                      ("hidden_mse", "loss"), ("hidden_mse", "gradient")])
+def test_a_backend_with_wrong_numbers_is_caught(monkeypatch, caplog, fresh_selection, op, fault):
+    # The real compiled module with one fault: the loss sum 0.1% high, or one gradient entry off by 1%.
+    real = builder.load("cpu")
+    function = {"attention_mse": "attention_mse_qk", "hidden_mse": "projected_mse"}[op]
+
+    class Faulty:
+        def __getattr__(self, name):
+            f = getattr(real, name)
+            if name != function:
+                return f
+
+            def wrong(*args):
+                out = list(f(*args))
+                if fault == "loss":
+                    out[0] = out[0] * 1.001
+                elif out[1] is not None:
+                    out[1] = out[1].clone()
+                    flat = out[1].view(-1)
+                    flat[flat.abs().argmax()] *= 1.01
+                return out
+            return wrong
+
+    monkeypatch.setattr("fastkd.ops._extension.module_for", lambda device: Faulty())
+    with caplog.at_level(logging.WARNING):
+        assert ops.backend_for(op, "auto", "cpu", torch.float32) == "torch"
+    (line,) = _warnings(caplog)
+    assert f"loss op {op}: the cpp backend on cpu (float32) failed its self-check: {fault} " in line, line
+
+
+def test_a_sound_backend_passes_and_the_check_can_be_skipped(monkeypatch, caplog, fresh_selection):
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with caplog.at_level(logging.WARNING):
+        assert ops.backend_for("attention_mse", "auto", "cpu", torch.float32) == "cpp"
+        assert ops.backend_for("hidden_mse", "auto", "cpu", torch.bfloat16) == "cpp"
+    assert not _warnings(caplog)
+    assert torch.equal(torch.get_rng_state(), before)  # the check never draws from the global RNG
+    assert [(e["op"], e["dtype"], e["check"]) for e in ops.selections()] == [
+        ("attention_mse", "float32", "passed"), ("hidden_mse", "bfloat16", "passed")]
+    # FASTKD_SELF_CHECK=0 trusts the first present backend, even a broken one.
+    monkeypatch.setattr(select, "_selected", {})
+    monkeypatch.setenv("FASTKD_SELF_CHECK", "0")
+    monkeypatch.setattr(select, "check", lambda *a: pytest.fail("the check ran"))
+    assert ops.backend_for("attention_mse", "auto", "cpu", torch.float32) == "cpp"
+    assert ops.selections()[0]["check"] == "skipped ($FASTKD_SELF_CHECK=0)"
+
+
+def test_the_check_runs_outside_autocast_and_no_grad(fresh_selection):
+    # First reached inside a bf16-autocast, no-grad forward: the reference must still be float32
+    # and the gradients still compared (else a sound backend would fail, or a wrong one pass).
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert ops.backend_for("attention_mse", "auto", "cpu", torch.bfloat16) == "cpp"
+    assert ops.selections()[0]["check"] == "passed"
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
@@ -284,6 +351,8 @@ def test_every_fused_backend_drives_distill_loss_like_the_reference(backend):
         torch.manual_seed(0)
         criterion = DistillLoss(LayerMapping((2,), 2), 16, 24, LossWeights(), backend=name)
         assert criterion.backend(torch.device("cpu")) == name
+        assert criterion.prepare(torch.device("cpu"), [torch.float32]) == {
+            "hidden_mse": {"float32": name}, "attention_mse": {"float32": name}}
         out = criterion(student_hidden, student_att, TeacherOutputs(teacher_hidden, teacher_att, mask))
         inputs = student_hidden + [student_att[1].query, student_att[1].key] + list(criterion.parameters())
         results[name] = (out.scalars(), torch.autograd.grad(out.total, inputs))
@@ -296,16 +365,14 @@ def test_every_fused_backend_drives_distill_loss_like_the_reference(backend):
 def test_gpu_backends_take_the_merged_reference_for_heads_wider_than_their_tiles(monkeypatch):
     # Different head counts merge into one wide head; past the GPU tile limit the merged (B, 1, S, S)
     # scores go through the reference, and the value and gradients still equal the reference's.
-    import fastkd.kernels as fk
-
     called = []
-    monkeypatch.setattr(fk, "attention_mse_qk", lambda *a, **k: called.append(1))
-    monkeypatch.setattr(fused, "GPU_MAX_HEAD_DIM", 16)
+    monkeypatch.setattr(am, "triton_attention_mse", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(am, "GPU_MAX_HEAD_DIM", 16)
     gen = torch.Generator().manual_seed(11)
     qs, ks = _qk(2, 2, 9, 12, gen)   # merged width 24 > 16
     qt, kt = _qk(2, 3, 9, 4, gen, grad=False)
     mask = _mask(2, 9, gen)
-    got = fused.attention_mse_qk(qs, ks, qt, kt, mask, 0.3, 0.5, "triton")
+    got = am.attention_mse_qk(qs, ks, qt, kt, mask, 0.3, 0.5, "triton")
     ref = _reference_qk(qs, ks, qt, kt, mask, 0.3, 0.5)
     assert not called
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)

@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from fastkd.capture import AttentionRecord
-from fastkd.losses import (DistillLoss, LossWeights, attention_kl, attention_mse, attention_scores, hidden_mse)
+from fastkd.losses import DistillLoss, LossWeights
+from fastkd.ops.attention_kl import scores_kl as attention_kl
+from fastkd.ops.attention_mse import attention_scores
+from fastkd.ops.attention_mse import scores_mse as attention_mse
+from fastkd.ops.hidden_mse import reference as hidden_mse
 from fastkd.mapping import LayerMapping
 from fastkd.teacher import TeacherOutputs
 

@@ -130,7 +130,7 @@ def load(kind: str):
             if os.environ.get("FASTKD_VERBOSE_BUILD"):
                 raise
     if module is None:
-        _failed[kind] = reason  # said once, by fastkd.fused.resolve_backend, with what runs instead
+        _failed[kind] = reason  # said once, by fastkd.ops.backends.present_chain, with what runs instead
         log.debug("%s loss extension unavailable: %s", kind, reason)
         return None
     _loaded[kind] = module

@@ -1,35 +1,58 @@
-"""Op 3: hidden-state MSE through a projection, chunked over rows (Liger-Kernel's fused-linear scheme).
+"""Hidden-state MSE (TinyBERT's hidden and embedding terms) through a learned width projection.
 
     hs: (B, S, Ds) student (differentiable); ht: (B, S, Dt) teacher; mask (B, S)
     weight: (Dt, Ds) or None (identity, Ds == Dt); bias: (Dt,) or None
     P     = hs @ weight^T + bias
     loss  = sum_{real tokens, Dt dims} (P - ht)^2 / max(n_real * Dt, 1)
 
-Per chunk of rows (B*S flattened), so the full (B*S, Dt) projection never exists:
-  P = hs_c @ W^T + b                  torch.addmm (cuBLAS on a GPU), float32
-  one Triton pass over P and ht_c:    partial sums of squares, P overwritten in place by
+One module per op: the torch reference, the Triton kernel and its autograd Function, the binding of
+the compiled extension (cpp, cuda), the dispatch and the self-check's cases.
+
+The fused backends go by chunks of rows (B*S flattened), so the full (B*S, Dt) projection never
+exists (Liger-Kernel's fused-linear scheme):
+  P = hs_c @ W^T + b                  a GEMM (cuBLAS on a GPU), float32
+  one elementwise pass over P, ht_c:  partial sums of squares, P overwritten in place by
                                       G = 2 (P - ht) rowmask (unscaled by the count)
   dhs_c = G @ W;  dW += G^T hs_c;  db += G.sum(0)
 All gradients are produced in the forward (when needed) and kept in float32; backward only
-multiplies by grad_output / count and casts to the parameters' dtypes. Why forward: P is needed for
-the loss anyway and G is P's own storage, so recompute-in-backward would redo the first GEMM and
-hold hs/ht alive instead of the (smaller or equal) gradient buffers.
-
-weight None: identity; the kernel reads hs directly (no GEMM, no chunking needed) and writes G,
-which is then dhs itself. A bias without a weight is allowed (P = hs + b; added inside the kernel).
-Math is float32 throughout, like the reference (which upcasts hs before its fp32 nn.Linear): the
-GEMMs follow torch's own fp32 matmul settings (TF32 only if torch.backends.cuda.matmul.allow_tf32).
+multiplies by grad_output / count and casts to the parameters' dtypes. Math is float32 throughout,
+like the reference: the GEMMs follow torch's own float32 matmul settings (TF32 only if
+torch.backends.cuda.matmul.allow_tf32). The GEMMs are not the op's cost (the elementwise pass
+and memory are), so no 16-bit path is taken here.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+from torch import nn
 
-from ._common import check_device
+from . import _extension as ext
+from ._triton import check_device, interpreted, require, tl, triton
 
+NAME = "hidden_mse"
+FUSED = ("cpp", "triton", "cuda")
+CHUNK_ROWS = 4096  # rows of the projected hidden state alive at once (12 MiB at 768 wide)
+
+
+# --- the torch reference ---------------------------------------------------------------------
+
+def reference(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, attention_mask: torch.Tensor,
+              projection: nn.Module | None = None) -> torch.Tensor:
+    """Mean over real tokens and teacher dims of (proj(h_s) - h_t)^2. Hidden: (B, S, D)."""
+    hs = student_hidden.float()
+    if isinstance(projection, nn.Linear):
+        # In float32 whatever the weights' dtype (DeepSpeed bf16 keeps 16-bit weights, with no autocast).
+        bias = None if projection.bias is None else projection.bias.float()
+        hs = torch.nn.functional.linear(hs, projection.weight.float(), bias)
+    elif projection is not None:  # any other map (tests, custom heads)
+        hs = projection(hs)
+    mask = attention_mask.bool()[..., None]
+    diff = torch.where(mask, hs - teacher_hidden.float(), torch.zeros((), device=hs.device))
+    count = mask.sum() * teacher_hidden.shape[-1]
+    return diff.pow(2).sum() / count.clamp(min=1)
+
+
+# --- Triton -----------------------------------------------------------------------------------
 
 @triton.jit
 def _hidden_mse_kernel(
@@ -67,7 +90,7 @@ def _hidden_mse_kernel(
     tl.store(partial_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
-_INTERPRETED = isinstance(_hidden_mse_kernel, InterpretedFunction)
+_INTERPRETED = interpreted(_hidden_mse_kernel)
 
 
 def _block_sizes(n_rows: int, D: int, block_r: int | None, block_c: int | None) -> tuple[int, int, int]:
@@ -78,10 +101,6 @@ def _block_sizes(n_rows: int, D: int, block_r: int | None, block_c: int | None) 
         if blk & (blk - 1):
             raise ValueError(f"block sizes must be powers of two, got {blk}")
     return br, bc, 4
-
-
-def _check_device(*tensors: torch.Tensor) -> None:
-    check_device(_INTERPRETED, *tensors)
 
 
 def _run_kernel(p, ht, bias, mask8, g, *, block_r, block_c) -> torch.Tensor:
@@ -117,7 +136,8 @@ def _hidden_mse_launch(hs, ht, mask, weight, bias, *, grad_hs: bool, grad_w: boo
         raise ValueError(f"bias must be (Dt,) = {(Dt,)}; got {tuple(bias.shape)}")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    _check_device(*(x for x in (hs, ht, mask, weight, bias) if x is not None))
+    require()
+    check_device(_INTERPRETED, *(x for x in (hs, ht, mask, weight, bias) if x is not None))
     dev = hs.device
 
     N = B * S
@@ -172,7 +192,7 @@ def _scaled(buf: torch.Tensor | None, scale: torch.Tensor, like: tuple[torch.Siz
     return out
 
 
-class _HiddenMSE(torch.autograd.Function):
+class TritonHiddenMse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ht, mask, weight, bias, chunk_rows, grad_enabled, block_r, block_c):
         need = ctx.needs_input_grad
@@ -185,6 +205,7 @@ class _HiddenMSE(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the gradients are not themselves differentiable
     def backward(ctx, grad_output):
         count, dhs, dw, db = ctx.saved_tensors
         scale = grad_output.float() / count
@@ -193,20 +214,79 @@ class _HiddenMSE(torch.autograd.Function):
                 _scaled(db, scale, like_b), None, None, None, None)
 
 
-def _hidden_mse(hs, ht, mask, weight=None, bias=None, chunk_rows: int = 4096, *,
-                block_r: int | None = None, block_c: int | None = None) -> torch.Tensor:
-    """hidden_mse with explicit block sizes for the elementwise kernel (tests use small ones)."""
-    return _HiddenMSE.apply(hs, ht, mask, weight, bias, int(chunk_rows), torch.is_grad_enabled(),
-                            block_r, block_c)
+def triton_hidden_mse(hs, ht, mask, weight=None, bias=None, chunk_rows: int = CHUNK_ROWS, *,
+                      block_r: int | None = None, block_c: int | None = None) -> torch.Tensor:
+    """The Triton op (tests pass small blocks for the elementwise kernel). Returns a float32 0-dim
+    tensor; gradients for hs, weight and bias come back in their dtypes."""
+    return TritonHiddenMse.apply(hs, ht, mask, weight, bias, int(chunk_rows), torch.is_grad_enabled(),
+                                 block_r, block_c)
 
 
-def hidden_mse(hs: torch.Tensor, ht: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None,
-               bias: torch.Tensor | None = None, chunk_rows: int = 4096) -> torch.Tensor:
-    """Mean over real tokens and teacher dims of (hs @ weight^T + bias - ht)^2.
+# --- the compiled extension (cpp, cuda) -----------------------------------------------------------
 
-    hs: (B, S, Ds) (differentiable); ht: (B, S, Dt) teacher (no gradient); mask: (B, S), nonzero =
-    real token; weight: (Dt, Ds) or None for identity; bias: (Dt,) or None. Rows are processed
-    chunk_rows at a time. Returns a float32 0-dim tensor; gradients for hs, weight and bias come back
-    in their dtypes. Equals fastkd.losses.hidden_mse(hs, ht, mask, nn.Linear(Ds, Dt)).
-    """
-    return _hidden_mse(hs, ht, mask, weight, bias, chunk_rows)
+class ExtensionHiddenMse(torch.autograd.Function):
+    @staticmethod
+    def run(hs, ht, row_mask, weight, bias, chunk_rows, need_grad):
+        w = ext.f32(weight) if weight is not None else ext.empty_like_f32(hs)
+        b = ext.f32(bias) if bias is not None else ext.empty_like_f32(hs)
+        with ext.no_autocast(hs.device):
+            loss_sum, dhs, dw, db = ext.module_for(hs.device).projected_mse(
+                ext.f32(hs), ext.f32(ht), row_mask.bool().contiguous(), w, b, need_grad, int(chunk_rows))
+        return loss_sum, dhs, dw if weight is not None else None, db if bias is not None else None
+
+    @staticmethod
+    def forward(ctx, hs, ht, row_mask, weight, bias, count: torch.Tensor, chunk_rows: int, grad: bool):
+        need_grad = grad and any(ctx.needs_input_grad[i] for i in (0, 3, 4))
+        loss_sum, *grads = ExtensionHiddenMse.run(hs, ht, row_mask, weight, bias, chunk_rows, need_grad)
+        ctx.count, ctx.chunk_rows, ctx.grads = count, chunk_rows, grads if need_grad else None
+        ctx.save_for_backward(hs, ht, row_mask, weight, bias)
+        return loss_sum / count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the gradients are not themselves differentiable
+    def backward(ctx, grad_out):
+        hs, ht, row_mask, weight, bias = ctx.saved_tensors
+        dhs, dw, db = ext.hand_over(
+            ctx, lambda: ExtensionHiddenMse.run(hs, ht, row_mask, weight, bias, ctx.chunk_rows, True)[1:])
+        scale = grad_out / ctx.count
+        return (ext.scaled(dhs, scale, hs.dtype), None, None,
+                ext.scaled(dw, scale, None if weight is None else weight.dtype),
+                ext.scaled(db, scale, None if bias is None else bias.dtype), None, None, None)
+
+
+# --- dispatch -------------------------------------------------------------------------------------
+
+def hidden_mse(hs, ht, mask, projection, backend: str) -> torch.Tensor:
+    """reference(hs, ht, mask, projection) on `backend`, never holding proj(hs) whole on the fused ones.
+    projection: an nn.Linear (student -> teacher width) or None (identity)."""
+    if backend == "torch":
+        return reference(hs, ht, mask, projection)
+    weight = None if projection is None else projection.weight
+    bias = None if projection is None else projection.bias
+    if backend == "triton":
+        return triton_hidden_mse(hs.contiguous(), ht.contiguous(), mask, weight, bias, chunk_rows=CHUNK_ROWS)
+    if backend not in ("cpp", "cuda"):
+        raise ValueError(f"{NAME}: unknown backend {backend!r}")
+    Ds, Dt = hs.shape[-1], ht.shape[-1]
+    rows = mask.reshape(-1)
+    count = (rows.to(torch.float32).sum() * Dt).clamp(min=1.0)
+    return ExtensionHiddenMse.apply(hs.reshape(-1, Ds), ht.reshape(-1, Dt), rows, weight, bias, count, CHUNK_ROWS,
+                                    torch.is_grad_enabled())
+
+
+# --- self-check -------------------------------------------------------------------------------------
+
+def self_check_cases(device: torch.device, dtype: torch.dtype, gen: torch.Generator):
+    """Small random padded inputs (an odd length, an all-padded batch row), with a width projection
+    (with a bias, as fastkd builds them) and without (equal widths). Each case: (args for hidden_mse
+    without the backend, indices of the differentiable inputs; the projection's parameters count too)."""
+    B, S, ds, dt = 3, 19, 12, 20
+    lengths = torch.tensor([S, 7, 0])
+    mask = (torch.arange(S)[None, :] < lengths[:, None]).long().to(device)
+    hidden = lambda d: torch.randn(B, S, d, generator=gen).to(device, dtype)  # noqa: E731
+    projection = torch.nn.utils.skip_init(nn.Linear, ds, dt, device=device)  # no draw from the global RNG
+    with torch.no_grad():
+        projection.weight.copy_(torch.randn(dt, ds, generator=gen) * ds ** -0.5)
+        projection.bias.copy_(torch.randn(dt, generator=gen))
+    return [((hidden(ds), hidden(dt), mask, projection), (0,)),
+            ((hidden(dt), hidden(dt), mask, None), (0,))]

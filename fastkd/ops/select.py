@@ -1,0 +1,161 @@
+"""The backend each op runs on: the first present one (fastkd.ops.backends) that passes a self-check.
+
+The first time a process uses a fused backend for an op on a (device, dtype), it runs the op on the
+op module's small random padded cases (an odd length, an all-padded row, both head-count cases)
+against the torch reference on the same values, loss and gradients. A mismatch or an exception is
+one log line naming the op, backend, device, dtype and the error, and the op falls back to the next
+present backend (checked in turn; torch, the reference itself, needs none). The outcome is kept for
+the process and listed by `selections()` (fastkd.json and the run's config.json record it).
+
+The check draws from its own generator (never the global RNG: runs stay exactly reproducible), runs
+without autocast (the reference must be float32) and with gradients on (it may be first reached
+under torch.no_grad). Its compute is a few milliseconds; a Triton backend compiles its kernels for
+the check's shapes the first time (seconds, cached on disk by triton afterwards).
+FASTKD_SELF_CHECK=0 skips it and trusts the first present backend.
+
+Tolerances, relative to the largest reference entry: float32 1e-4 (TF32 allowed: 1e-2); 16-bit
+inputs: the loss 1e-3 (the products are exact in float32, only the summation order differs), the
+gradients 4 units of the dtype's epsilon (they are rounded once into the input dtype, and a 16-bit
+tensor-core gradient rounds the score difference once more).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from . import attention_kl, attention_mse, hidden_mse
+from .backends import present_chain, requested
+
+log = logging.getLogger(__name__)
+
+ENV = "FASTKD_SELF_CHECK"
+OPS = {attention_mse.NAME: (attention_mse, attention_mse.attention_mse_qk),
+       hidden_mse.NAME: (hidden_mse, hidden_mse.hidden_mse),
+       attention_kl.NAME: (attention_kl, attention_kl.attention_kl_qk)}
+SEED = 20240607
+
+
+@dataclass
+class Selection:
+    op: str
+    device: str
+    dtype: str
+    requested: str
+    backend: str
+    check: str  # passed | skipped ($FASTKD_SELF_CHECK=0) | reference, then "after <backend>: <why>" for each failure
+    used: bool = False  # a loss ran it (not only prepared)
+
+
+_selected: dict[tuple[str, str, str, str], Selection] = {}
+
+
+def tolerances(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """(loss, gradient) relative tolerances for inputs of `dtype` on `device`."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return 1e-3, 4 * torch.finfo(dtype).eps
+    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return 1e-2, 1e-2
+    return 1e-4, 1e-4
+
+
+def _evaluate(fn, args, grad_idx, leaf):
+    args = list(args)
+    leaves = []
+    for i in grad_idx:
+        args[i] = leaf(args[i])
+        leaves.append(args[i])
+    for a in args:
+        if isinstance(a, nn.Module):
+            leaves += list(a.parameters())
+    value = fn(*args)
+    grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    return value.detach().float(), [None if g is None else g.detach().float() for g in grads]
+
+
+def _relative_error(got: torch.Tensor | None, want: torch.Tensor | None) -> float:
+    if got is None or want is None:
+        return 0.0 if got is None and want is None else float("inf")
+    if got.shape != want.shape:
+        return float("inf")
+    scale = max(want.abs().max().item() if want.numel() else 0.0, 1e-12)
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    return err / scale if err == err else float("inf")  # NaN -> inf
+
+
+def check(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when `backend` matches the reference on the op's self-check cases, else why not (one line)."""
+    module, run = OPS[op]
+    gen = torch.Generator().manual_seed(SEED)
+    value_tol, grad_tol = tolerances(device, dtype)
+    try:
+        with torch.autocast(device.type, enabled=False), torch.enable_grad():
+            for case, (args, grad_idx) in enumerate(module.self_check_cases(device, dtype, gen)):
+                want, want_grads = _evaluate(module.reference, args, grad_idx,
+                                             lambda x: x.detach().float().requires_grad_())
+                got, got_grads = _evaluate(lambda *a: run(*a, backend), args, grad_idx,
+                                           lambda x: x.detach().clone().requires_grad_())
+                err = _relative_error(got, want)
+                if err > value_tol:
+                    return f"loss off by {err:.1e} (relative; tolerance {value_tol:.0e}) on case {case}"
+                for n, (g, w) in enumerate(zip(got_grads, want_grads)):
+                    err = _relative_error(g, w)
+                    if err > grad_tol:
+                        return f"gradient {n} off by {err:.1e} (relative; tolerance {grad_tol:.0e}) on case {case}"
+    except Exception as exc:  # a compile error, too little shared memory, a launch failure: fall back
+        first = " ".join(str(exc).split())[:300]
+        return f"raised {type(exc).__name__}: {first}"
+    return None
+
+
+def backend_for(op: str, request: str | None, device: torch.device | str, dtype: torch.dtype,
+                use: bool = True) -> str:
+    """The backend `op` runs on for inputs of `dtype` on `device` (decided once per process).
+    use=False: deciding ahead of the first step (DistillLoss.prepare), not a use of the op."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    name = requested(request)
+    key = (op, name, str(device), str(dtype))
+    if key in _selected:
+        _selected[key].used |= use
+        return _selected[key].backend
+    module, _ = OPS[op]
+    chain = [b for b in present_chain(name, device) if b in module.FUSED or b == "torch"]
+    if chain == ["torch"] and name not in ("torch", "auto"):
+        log.info("loss op %s has no %s backend; the torch reference runs", op, name)
+    skip = os.environ.get(ENV, "1").strip() == "0"
+    failures = []
+    for backend in chain:
+        if backend == "torch":
+            outcome = "reference"
+        elif skip:
+            outcome = f"skipped (${ENV}=0)"
+        else:
+            why = check(op, backend, device, dtype)
+            if why is not None:
+                following = chain[chain.index(backend) + 1]
+                log.warning("loss op %s: the %s backend on %s (%s) failed its self-check: %s; using %s",
+                            op, backend, device, str(dtype).replace("torch.", ""), why, following)
+                failures.append(f"{backend}: {why}")
+                continue
+            outcome = "passed"
+        if failures:
+            outcome = f"{outcome} after {'; '.join(failures)}"
+        _selected[key] = Selection(op, str(device), str(dtype).replace("torch.", ""), name, backend, outcome, use)
+        return backend
+    raise AssertionError("unreachable: the chain always ends in torch")
+
+
+def selections(used_only: bool = False) -> list[dict]:
+    """The decisions of this process (those a loss actually ran, with used_only), for fastkd.json."""
+    return [{k: v for k, v in asdict(s).items() if k != "used"} for s in _selected.values() if s.used or not used_only]
+
+
+def reset() -> None:
+    """Forget every decision (tests)."""
+    _selected.clear()

@@ -1,0 +1,46 @@
+"""benchmarks/gpu_check.py (`make gpu-check`) without a GPU: one line and exit 0; its correctness
+sweep, run here on the CPU backends, passes sound kernels and reports a faulty one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import gpu_check  # noqa: E402
+
+from fastkd.ops import attention_mse as am  # noqa: E402
+
+
+def test_without_a_gpu_it_says_so_in_one_line_and_succeeds():
+    assert not torch.cuda.is_available()
+    for cmd in ([sys.executable, "benchmarks/gpu_check.py"], ["make", "-s", "gpu-check"]):
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("gpu-check: no NVIDIA GPU here"), proc.stdout
+    probe = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--probe"], cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+    assert probe.returncode == 1  # what `make gpu-check` uses to skip the install and the check
+
+
+def test_the_correctness_sweep_passes_sound_kernels_and_reports_a_faulty_one(monkeypatch):
+    cpu = torch.device("cpu")
+    kwargs = dict(seq_lens=(5, 17), head_dims=(16,), tf32=False)
+    rows = gpu_check.correctness(cpu, ("cpp", "triton"), (torch.float32, torch.float16), **kwargs)
+    # every op, case, dtype and backend, all within tolerance
+    assert len(rows) == 2 * 2 * (len(gpu_check.attention_cases([5, 17], [16])) + len(gpu_check.hidden_cases([5, 17])))
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    assert {r["dtype"] for r in rows} == {"float32", "float16"}
+
+    real = am.triton_attention_mse
+    monkeypatch.setattr(am, "triton_attention_mse", lambda *a, **k: real(*a, **k) * 1.01)  # 1% high
+    rows = gpu_check.correctness(cpu, ("cpp", "triton"), (torch.float32,), **kwargs)
+    bad = {(r["op"], r["backend"]) for r in rows if not r["ok"]}
+    assert bad == {("attention_mse", "triton")}
+    assert all(r["loss_error"] > 5e-3 for r in rows if (r["op"], r["backend"]) in bad)
