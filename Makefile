@@ -34,7 +34,7 @@ bench: install
 GPU_CHECK_ARGS ?=
 gpu-check:
 	@if $(PYTHON) benchmarks/gpu_check.py --probe; then \
-		$(MAKE) --no-print-directory install && $(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS); fi
+		$(MAKE) --no-print-directory install && $(PY) benchmarks/gpu_check.py --require-gpu $(GPU_CHECK_ARGS); fi
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

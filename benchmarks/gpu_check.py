@@ -1,7 +1,7 @@
 """`make gpu-check`: what fastkd needs to know about a GPU, in one command (about 8 minutes on one GPU).
 
 1. correctness: every fused op of fastkd.ops on `triton` and `cuda` against its torch reference on
-   the same values, loss and gradients: float32 and bfloat16 (and float32 with TF32 allowed),
+   the same values, loss and gradients: float32, bfloat16, float16 (and float32 with TF32 allowed),
    S in {17, 128, 511, 1024}, head dims 32/64/128, equal and different head counts, padding with an
    all-padded batch row; then the self-check every run does before first use (fastkd.ops.select).
 2. `fastkd bench` (default teacher -> 3 layers) at S=128 and S=512, float32 and bf16, every backend.
@@ -32,16 +32,23 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
 
-def gpu_absent_reason() -> str | None:
-    """Why this machine cannot run the GPU check, or None when an NVIDIA GPU is usable."""
+def driver_sees_gpu() -> bool:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    out = subprocess.run([smi, "-L"], capture_output=True, text=True)
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def gpu_absent_reason(probe: bool = False) -> str | None:
+    """Why this machine cannot run the GPU check, or None when an NVIDIA GPU is usable. probe: the
+    driver decides (before the venv exists; the interpreter running this may hold a CPU-only torch)."""
+    if probe and driver_sees_gpu():
+        return None
     try:
         import torch
-    except Exception:  # no torch yet (make gpu-check installs it): ask the driver instead
-        smi = shutil.which("nvidia-smi")
-        if smi is None:
-            return "no NVIDIA GPU here (no torch to ask, no nvidia-smi)"
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True)
-        return None if out.returncode == 0 and "GPU" in out.stdout else "no NVIDIA GPU here (nvidia-smi lists none)"
+    except Exception:  # no torch yet (make gpu-check installs it) and no driver answered
+        return "no NVIDIA GPU here (nvidia-smi lists none, and there is no torch to ask)"
     if not torch.cuda.is_available():
         why = "this torch build has no CUDA" if torch.version.cuda is None else "torch.cuda.is_available() is False"
         return f"no NVIDIA GPU here ({why})"
@@ -106,8 +113,9 @@ def correctness(device, backends, dtypes, seq_lens=(17, 128, 511, 1024), head_di
             ok, seconds, error = False, 0.0, " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old
+        finite = lambda x: x if x == x and x not in (float("inf"), float("-inf")) else None  # noqa: E731 (strict JSON)
         row = {"op": op, "case": name, "dtype": str(dtype).replace("torch.", "") + ("+tf32" if allow_tf32 else ""),
-               "backend": backend, "loss_error": value_err, "grad_error": grad_err,
+               "backend": backend, "loss_error": finite(value_err), "grad_error": finite(grad_err),
                "tolerance": [value_tol, grad_tol] if error is None else None, "ok": ok,
                "first_call_s": round(seconds, 3)}
         if error:
@@ -209,9 +217,15 @@ def main() -> int:
     p.add_argument("--probe", action="store_true", help="exit 0 when a GPU is usable, else print why and exit 1")
     p.add_argument("--quick", action="store_true", help="fewer shapes and steps (about 3 minutes)")
     p.add_argument("--skip-bench", action="store_true", help="correctness and self-check only")
+    p.add_argument("--require-gpu", action="store_true",
+                   help="a GPU was found (make gpu-check probed the driver): fail, never skip, if torch cannot use it")
     args = p.parse_args()
-    why = gpu_absent_reason()
+    why = gpu_absent_reason(probe=args.probe)
     if why is not None:
+        if args.require_gpu:
+            print(f"gpu-check: the driver lists a GPU but {why.replace('no NVIDIA GPU here ', '')}: install a CUDA "
+                  "build of torch into the venv (TORCH_SPEC, see the README)")
+            return 2
         print(f"gpu-check: {why}; nothing to check (run it on a machine with an NVIDIA GPU)")
         return 1 if args.probe else 0
     if args.probe:
@@ -230,7 +244,7 @@ def main() -> int:
     missing = {b: ops_backends.unavailable(b, device) for b in ("triton", "cuda") if b not in present}
     for b, reason in missing.items():
         print(f"gpu-check: backend {b} is missing: {reason}", flush=True)
-    dtypes = (torch.float32, torch.bfloat16)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)  # float16: DeepSpeed fp16 engines
     seq_lens = (17, 128, 1024) if args.quick else (17, 128, 511, 1024)
     head_dims = (64, 128) if args.quick else (32, 64, 128)
     rows = correctness(device, present, dtypes, seq_lens, head_dims)

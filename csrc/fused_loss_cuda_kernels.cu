@@ -1,5 +1,5 @@
 // CUDA kernels of the fused distillation losses and their host launchers (declared in
-// fused_loss_cuda.h). The torch reference is fastkd/losses.py; everything here computes the
+// fused_loss_cuda.h). The torch reference of each op is in fastkd/ops/<op>.py; everything here computes the
 // *unnormalised* loss sum and its gradients, the Python wrapper divides by the count.
 //
 // Design rules shared by all kernels:
@@ -8,7 +8,9 @@
 // - deterministic: each block writes one partial sum, the partials are reduced by at::sum on the
 //   same stream (no float atomics, so the loss is bit-identical run to run on one device);
 // - masked elements contribute exactly 0 to the loss and the gradient, selected (not multiplied),
-//   so NaN/Inf sitting in padded positions never leaks into the result;
+//   so NaN/Inf sitting in padded positions never leaks into the result (except on the cuBLAS path
+//   of Op 1, whose gradient GEMMs multiply the zeroed D by the padded rows of Q and K: those are
+//   projections of real embeddings, finite, so this costs nothing in practice);
 // - work goes to the current CUDA stream, every launch is checked.
 //
 // Headers: only c10/cuda ones (CUDAStream, CUDAException, CUDAFunctions). ATen/cuda/CUDAContext.h

@@ -152,6 +152,10 @@ def measure_backend(backend: str, teacher_model, tokenizer, cfg: BenchConfig, de
     torch.manual_seed(cfg.seed)
     criterion = DistillLoss(mapping, shape.hidden, teacher_model.config.hidden_size, loss_weights(dcfg),
                             backend=backend).to(device)
+    # What each op will really run on (after its self-check): a row is labelled with it, not only
+    # with the backend asked for, so a fallback never passes for a measurement of that backend.
+    ran_on = criterion.prepare(device, [torch.float32] + ([torch.bfloat16] if cfg.bf16 else []))
+    ran_on = {op: "/".join(sorted(set(by_dtype.values()))) for op, by_dtype in ran_on.items()}
     student = build_student(teacher_model, shape, "teacher", mapping, seed=cfg.seed).to(device)
     teacher = Teacher(teacher_model, criterion.teacher_hidden_layers(), criterion.teacher_attention_layers(),
                       autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
@@ -174,7 +178,8 @@ def measure_backend(backend: str, teacher_model, tokenizer, cfg: BenchConfig, de
     seqs = cfg.batch_size
     return {"backend": backend, "seq_per_s": round(seqs / median, 2), "tokens_per_s": round(seqs * cfg.seq_len / median, 1),
             "step_s": round(median, 4), "step_s_stdev": round(statistics.pstdev(times), 4),
-            "peak_extra_mib": round(memory.extra_mib, 1), "student": shape.describe(), "mapping": mapping.text}
+            "peak_extra_mib": round(memory.extra_mib, 1), "student": shape.describe(), "mapping": mapping.text,
+            "ran_on": ran_on, "fell_back": any(b != backend for b in ran_on.values())}
 
 
 def environment(device: torch.device) -> dict:
@@ -230,5 +235,8 @@ def markdown(result: dict) -> str:
     rows = result["rows"]
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        lines.append("| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in COLUMNS) + " |")
+        cells = ["" if r.get(c) is None else str(r[c]) for c in COLUMNS]
+        if r.get("fell_back"):  # say what really ran
+            cells[0] += " (ran: " + ", ".join(f"{op} on {b}" for op, b in r["ran_on"].items()) + ")"
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -49,7 +49,7 @@ class DistillConfig:
     stop_at_step: int | None = None  # checkpoint and exit early (job time limits); --resume continues
     progress: bool = True
     device: str = "auto"  # auto = cuda when available, else cpu
-    loss_backend: str | None = None  # None: $FASTKD_LOSS_BACKEND or auto (fastkd.fused)
+    loss_backend: str | None = None  # None: $FASTKD_LOSS_BACKEND or auto (fastkd.ops.backends)
     deepspeed: str | None = None  # a ds_config JSON: distill under DeepSpeed ZeRO (fastkd.zero)
 
     def to_dict(self) -> dict:

@@ -219,7 +219,12 @@ class Distiller:
     def load_state_dict(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
         self.criterion.load_state_dict(state["criterion"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer = state["optimizer"]
+        for group in optimizer["param_groups"]:
+            # A checkpoint from before the fused optimizer carries fused=None, which would replace the
+            # live setting and refuse the on-device skip (found_inf): the state itself is the same.
+            group["fused"], group["foreach"] = True, None
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["stream"])
         self.step, self.bad_steps, self.elapsed = state["step"], state["bad_steps"], state["elapsed"]
@@ -248,6 +253,7 @@ def latest_checkpoint(output: Path) -> Path | None:
 
 
 def save_checkpoint(distiller: Distiller, output: Path, keep: int) -> Path:
+    distiller.read()  # before staging: a run stopped by --max-bad-steps here leaves nothing half-written
     target = checkpoint_dir(output) / f"step-{distiller.step:08d}"
     staged = staging_dir(target)
     with open(staged / "state.pt", "wb") as f:
@@ -423,7 +429,8 @@ def export_run(run: Run, extra: dict | None = None) -> Path:
         "steps": distiller.step, "global_batch": getattr(distiller, "seqs_per_step", cfg.batch_size * cfg.grad_accum),
         "lr": cfg.lr, "seed": cfg.seed,
         "bf16": cfg.bf16, "loss_backend": distiller.criterion.backend(distiller.device),
-        "loss_ops": ops.selections(used_only=True),  # what each op ran on, after its self-check
+        # What each op ran on, after its self-check (this run's request and device only).
+        "loss_ops": ops.selections(used_only=True, request=cfg.loss_backend, device=distiller.device),
         "skipped_steps": distiller.bad_steps, "seconds": round(distiller.elapsed, 1),
         "final_losses": distiller.final_losses(), **(extra or {}),
     }
@@ -447,11 +454,13 @@ def train(distiller, output: Path, metrics_path: Path, save=None, is_main: bool 
         while distiller.step < last:
             t0 = time.perf_counter()
             distiller.train_step()
+            step = distiller.step
+            logging_step = step % cfg.log_every == 0 or step == cfg.max_steps
+            # The steps' numbers reach the host here, not every step (timed: it waits for the device).
+            result = distiller.read() if logging_step else None
             distiller.elapsed += time.perf_counter() - t0
             bar.update(1)
-            step = distiller.step
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                result = distiller.read()  # the steps' numbers reach the host here, not every step
+            if logging_step:
                 now = time.perf_counter()
                 rate = (step - last_step) * seqs_per_step / max(now - last_time, 1e-9)
                 last_time, last_step = now, step

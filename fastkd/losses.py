@@ -107,16 +107,18 @@ class DistillLoss(nn.Module):
         return ops.resolve_backend(self.backend_request, device)
 
     def prepare(self, device: torch.device, dtypes) -> dict[str, dict[str, str]]:
-        """Self-check every active op for each input dtype now (not in the middle of the first step);
-        returns {op: {dtype: backend}} for the run's config."""
-        return {op: {str(dt).replace("torch.", ""): ops.backend_for(op, self.backend_request, device, dt, use=False)
-                     for dt in dtypes} for op in self.active_ops()}
+        """Self-check every active op now (not in the middle of the first step) for each dtype in
+        `dtypes`: a dtype for both models, or a (student, teacher) pair; returns {op: {dtype: backend}}
+        for the run's config."""
+        pairs = [d if isinstance(d, tuple) else (d, d) for d in dtypes]
+        return {op: {ops.select.dtype_label(s, t): ops.backend_for(op, self.backend_request, device, s, t, use=False)
+                     for s, t in pairs} for op in self.active_ops()}
 
-    def _op_backend(self, op: str, x: torch.Tensor) -> str:
-        return ops.backend_for(op, self.backend_request, x.device, x.dtype)
+    def _op_backend(self, op: str, student: torch.Tensor, teacher: torch.Tensor) -> str:
+        return ops.backend_for(op, self.backend_request, student.device, student.dtype, teacher.dtype)
 
     def _hidden_term(self, student_hidden, teacher_hidden, mask, layer: int) -> torch.Tensor:
-        backend = self._op_backend(ops.hidden_mse.NAME, student_hidden)
+        backend = self._op_backend(ops.hidden_mse.NAME, student_hidden, teacher_hidden)
         projection = self.projections[str(layer)] if str(layer) in self.projections else None
         if projection is None:
             return ops.hidden_mse.hidden_mse(student_hidden, teacher_hidden, mask, None, backend)
@@ -140,9 +142,9 @@ class DistillLoss(nn.Module):
                 rs, rt = student_attention[m], teacher.attention[g]
                 args = (rs.query, rs.key, rt.query, rt.key, mask, rs.scaling, rt.scaling)
                 if w.attention:  # from Q and K: the fused backends never form an S x S tensor
-                    mse.append(ops.attention_mse.attention_mse_qk(*args, self._op_backend(ops.attention_mse.NAME, rs.query)))
+                    mse.append(ops.attention_mse.attention_mse_qk(*args, self._op_backend(ops.attention_mse.NAME, rs.query, rt.query)))
                 if w.attention_kl:
-                    kl.append(ops.attention_kl.attention_kl_qk(*args, self._op_backend(ops.attention_kl.NAME, rs.query)))
+                    kl.append(ops.attention_kl.attention_kl_qk(*args, self._op_backend(ops.attention_kl.NAME, rs.query, rt.query)))
             if mse:
                 terms["attention"] = torch.stack(mse).mean()
             if kl:

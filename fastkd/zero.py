@@ -231,6 +231,8 @@ class ZeroDistiller:
                         "--deepspeed a partly accumulated step cannot be skipped: lower --lr, drop --bf16, or use "
                         "--grad-accum 1; --resume continues from the last checkpoint")
                 self.step += 1
+                if self.scheduler is not None:
+                    self.scheduler.step()  # as the single-process skip: the schedule counts steps taken
                 nan = torch.full((), float("nan"), device=self.device)
                 result = StepResult(nan, {}, nan, torch.ones((), dtype=torch.bool, device=self.device))
                 self.pending.append((self.step, result))
@@ -435,7 +437,7 @@ def run_distill_deepspeed(cfg: DistillConfig) -> Path | None:
                          "student": {**run.shape.__dict__, "parameters": parameters},
                          "corpus_sequences": run.corpus_sequences, "global_batch": d.seqs_per_step,
                          "loss_backend": d.criterion.backend(d.device),
-                         "loss_ops": d.criterion.prepare(d.device, [_param_dtype(run.ds_config)]),
+                         "loss_ops": d.criterion.prepare(d.device, _op_dtypes(d, run.ds_config)),
                          "deepspeed": {"world_size": d.world, "zero_stage": zero_stage(run.ds_config),
                                        "config": run.ds_config}},
         })
@@ -451,11 +453,14 @@ def run_distill_deepspeed(cfg: DistillConfig) -> Path | None:
     return target
 
 
-def _param_dtype(ds_config: dict) -> torch.dtype:
-    """The dtype the engine's module computes in (no autocast under DeepSpeed): what the ops see."""
-    if ds_config.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    return torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32
+def _op_dtypes(d: ZeroDistiller, ds_config: dict) -> list[tuple[torch.dtype, torch.dtype]]:
+    """The (student, teacher) input dtypes the loss ops will see: the engine's module computes in its
+    parameters' dtype (no autocast under DeepSpeed); the teacher in its own, or under its autocast
+    (its Q/K then 16-bit, its LayerNorm outputs float32)."""
+    student = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else (
+        torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
+    teacher = d.teacher.autocast_dtype or next(d.teacher.model.parameters()).dtype
+    return list(dict.fromkeys([(student, teacher), (student, torch.float32)]))
 
 
 def export_zero(d: ZeroDistiller, tokenizer, mapping, shape, corpus_sequences: int, output: Path,

@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 
@@ -88,6 +89,25 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, tiny_teacher_dir, sma
     d.train_step()
     with pytest.raises(NonFiniteAbort, match="aborted at step 3: 2 steps had a non-finite loss"):
         d.read()
+
+
+def test_a_checkpoint_of_the_unfused_optimizer_resumes(tmp_path, tiny_teacher_dir, small_corpus):
+    """Checkpoints written before the optimizer was fused say fused=None: resuming one must still
+    take the fused path (the on-device skip needs it), with the same moments."""
+    run = build_run(_cfg(tmp_path, "old", tiny_teacher_dir, small_corpus))
+    d = run.distiller
+    d.train_step()
+    state = copy.deepcopy(d.state_dict())  # as torch.load would give it: nothing shared with d
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"], group["foreach"] = None, None  # as torch saved the old, unfused AdamW
+    fresh = build_run(_cfg(tmp_path, "new", tiny_teacher_dir, small_corpus)).distiller
+    rng = torch.get_rng_state()
+    fresh.load_state_dict(state)  # sets the global RNG to the checkpoint's, as d has it
+    assert all(g["fused"] for g in fresh.optimizer.param_groups)
+    fresh.train_step()
+    torch.set_rng_state(rng)  # d's next step draws the same dropout
+    d.train_step()
+    assert all(torch.equal(a, b) for a, b in zip(d.params, fresh.params))
 
 
 def test_a_step_never_waits_for_the_device(tmp_path, tiny_teacher_dir, small_corpus, monkeypatch):

@@ -305,6 +305,26 @@ def test_a_backend_with_wrong_numbers_is_caught(monkeypatch, caplog, fresh_selec
     assert f"loss op {op}: the cpp backend on cpu (float32) failed its self-check: {fault} " in line, line
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_triton_gradient_off_by_one_percent_is_caught_in_16_bit_too(monkeypatch, fresh_selection, dtype):
+    # float16 runs the Triton kernels' tensor-core path under the interpreter (see test_kernels_triton).
+    real = am._triton_launch
+
+    def faulty(*args, **kwargs):
+        loss, count, dqs, dks = real(*args, **kwargs)
+        return loss, count, None if dqs is None else dqs * 1.01, dks
+    assert select.check("attention_mse", "triton", torch.device("cpu"), dtype) is None
+    monkeypatch.setattr(am, "_triton_launch", faulty)
+    why = select.check("attention_mse", "triton", torch.device("cpu"), dtype)
+    assert why is not None and why.startswith("gradient 0 off by 1.0e-02"), why
+
+
+def test_student_and_teacher_dtypes_are_checked_as_a_pair(fresh_selection):
+    assert ops.backend_for("attention_mse", "auto", "cpu", torch.float32, torch.bfloat16) == "cpp"
+    assert ops.backend_for("attention_mse", "auto", "cpu", torch.float32) == "cpp"
+    assert [e["dtype"] for e in ops.selections()] == ["float32/bfloat16", "float32"]
+
+
 def test_a_sound_backend_passes_and_the_check_can_be_skipped(monkeypatch, caplog, fresh_selection):
     torch.manual_seed(0)
     before = torch.get_rng_state()

@@ -10,9 +10,9 @@ says which backends are present on a device, `select` picks the one an op runs o
 against the reference. fastkd.losses (DistillLoss) imports these; nothing here imports it.
 """
 
-from . import attention_kl, attention_mse, hidden_mse
+from . import attention_kl, attention_mse, hidden_mse, select
 from .backends import BACKENDS, CHOICES, ENV, present_chain, resolve_backend, unavailable
 from .select import backend_for, selections
 
 __all__ = ["BACKENDS", "CHOICES", "ENV", "attention_kl", "attention_mse", "backend_for", "hidden_mse",
-           "present_chain", "resolve_backend", "selections", "unavailable"]
+           "present_chain", "select", "resolve_backend", "selections", "unavailable"]

@@ -30,16 +30,23 @@ inputs are exact in float32). The fused backends:
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 
 from . import _extension as ext
 from ._triton import (check_device, fp32_dot_precision, interpreted, native_dot, pow2_dim, require, tl,
                       triton)
 
+log = logging.getLogger(__name__)
+
 NAME = "attention_mse"
 FUSED = ("cpp", "triton", "cuda")
 GPU_MAX_HEAD_DIM = 128  # widest head the Triton/CUDA kernels tile (registers / shared memory)
 GEMM_CHUNK_BYTES = 64 << 20  # per-chunk working set of the cuda backend's cuBLAS formulation
+_chunk_rows_override: int | None = None  # the self-check forces several chunks (see self_check_settings)
+_said_wide = False
 
 
 # --- the torch reference ---------------------------------------------------------------------
@@ -384,10 +391,12 @@ def uses_gemm(qs, qt) -> bool:
     return qs.dtype == torch.float32 and qt.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
 
 
-def gemm_chunk_rows(B: int, H: int, S: int) -> int:
-    """Query rows per chunk of the cuBLAS formulation: two float32 score chunks and one 16-bit copy of
-    their difference, (B*H, rows, S) each, within GEMM_CHUNK_BYTES (at least 16 rows)."""
-    per_row = max(1, B * H * S * (4 + 4 + 2))
+def gemm_chunk_rows(B: int, H: int, S: int, operand_bytes: int) -> int:
+    """Query rows per chunk of the cuBLAS formulation: two float32 score chunks and one copy of their
+    difference in the operands' dtype, (B*H, rows, S) each, within GEMM_CHUNK_BYTES (16 rows at least)."""
+    if _chunk_rows_override is not None:
+        return _chunk_rows_override
+    per_row = max(1, B * H * S * (4 + 4 + operand_bytes))
     return int(max(16, min(S, GEMM_CHUNK_BYTES // per_row)))
 
 
@@ -401,7 +410,7 @@ class ExtensionAttentionMse(torch.autograd.Function):
                 return module.attention_mse_qk_gemm(
                     qs.detach().contiguous(), ks.detach().to(qs.dtype).contiguous(), qt.detach().contiguous(),
                     kt.detach().to(qt.dtype).contiguous(), mask.bool().contiguous(), float(scale_s),
-                    float(scale_t), need_grad, gemm_chunk_rows(B, H, S))
+                    float(scale_t), need_grad, gemm_chunk_rows(B, H, S, qs.element_size()))
             return module.attention_mse_qk(
                 ext.f32(qs), ext.f32(ks), ext.f32(qt), ext.f32(kt), mask.bool().contiguous(), float(scale_s),
                 float(scale_t), need_grad)
@@ -436,6 +445,12 @@ def attention_mse_qk(qs, ks, qt, kt, mask, scale_s: float, scale_t: float, backe
         qs, ks, scale_s = merge_heads(qs, ks, scale_s)
         qt, kt, scale_t = merge_heads(qt, kt, scale_t)
     if backend in ("triton", "cuda") and max(qs.shape[-1], qt.shape[-1]) > GPU_MAX_HEAD_DIM:
+        global _said_wide
+        if not _said_wide:
+            _said_wide = True
+            log.info("%s: heads %d / %d wide (merged: the head counts differ) exceed the %s tiles (%d); "
+                     "the reference runs on the merged (B, 1, S, S) scores", NAME, qs.shape[-1], qt.shape[-1],
+                     backend, GPU_MAX_HEAD_DIM)
         return reference(qs, ks, qt, kt, mask, scale_s, scale_t)
     if backend == "triton":
         return triton_attention_mse(qs, ks, qt, kt, mask, scale_s, scale_t)  # any strides: no copy
@@ -447,19 +462,33 @@ def attention_mse_qk(qs, ks, qt, kt, mask, scale_s: float, scale_t: float, backe
 
 # --- self-check -------------------------------------------------------------------------------------
 
-def self_check_cases(device: torch.device, dtype: torch.dtype, gen: torch.Generator):
-    """Small random padded inputs: an odd length, an all-padded batch row, equal and different head
-    counts. Each case: (args for attention_mse_qk without the backend, indices of the student inputs)."""
-    B, S, ds, dt = 3, 19, 8, 12
-    lengths = torch.tensor([S, 7, 0])  # full, padded, all padded
+def self_check_cases(device: torch.device, dtype: torch.dtype, teacher_dtype: torch.dtype, gen: torch.Generator):
+    """Small random padded inputs that still reach the code most likely to break: an odd length past
+    one 64-row tile (83), a row padded to an odd length and an all-padded row, a BERT-sized student
+    head (64) against a narrower teacher one (32), and different head counts. Each case: (args for
+    attention_mse_qk without the backend, indices of the student inputs)."""
+    B, S = 3, 83
+    lengths = torch.tensor([S, 37, 0])  # full, padded, all padded
     mask = (torch.arange(S)[None, :] < lengths[:, None]).long().to(device)
 
-    def qk(heads, d):
-        return tuple(torch.randn(B, heads, S, d, generator=gen).to(device, dtype) for _ in range(2))
+    def qk(heads, d, dt):
+        return tuple(torch.randn(B, heads, S, d, generator=gen).to(device, dt) for _ in range(2))
 
     cases = []
-    for hs, ht in ((2, 2), (2, 3)):
-        qs, ks = qk(hs, ds)
-        qt, kt = qk(ht, dt)
+    for hs, ht, ds, dt in ((2, 2, 64, 32), (2, 3, 16, 16)):
+        qs, ks = qk(hs, ds, dtype)
+        qt, kt = qk(ht, dt, teacher_dtype)
         cases.append(((qs, ks, qt, kt, mask, ds ** -0.5, dt ** -0.5), (0, 1)))
     return cases
+
+
+@contextlib.contextmanager
+def self_check_settings():
+    """The cuBLAS formulation in chunks of 32 query rows during the check, so chunks after the first
+    (their row offset) are checked too."""
+    global _chunk_rows_override
+    old, _chunk_rows_override = _chunk_rows_override, 32
+    try:
+        yield
+    finally:
+        _chunk_rows_override = old

@@ -23,6 +23,8 @@ and memory are), so no 16-bit path is taken here.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -276,17 +278,29 @@ def hidden_mse(hs, ht, mask, projection, backend: str) -> torch.Tensor:
 
 # --- self-check -------------------------------------------------------------------------------------
 
-def self_check_cases(device: torch.device, dtype: torch.dtype, gen: torch.Generator):
-    """Small random padded inputs (an odd length, an all-padded batch row), with a width projection
-    (with a bias, as fastkd builds them) and without (equal widths). Each case: (args for hidden_mse
-    without the backend, indices of the differentiable inputs; the projection's parameters count too)."""
-    B, S, ds, dt = 3, 19, 12, 20
-    lengths = torch.tensor([S, 7, 0])
+def self_check_cases(device: torch.device, dtype: torch.dtype, teacher_dtype: torch.dtype, gen: torch.Generator):
+    """Small random padded inputs (an odd length, a padded row, an all-padded row; 249 rows, so
+    several chunks under self_check_settings), with a width projection (with a bias, as fastkd builds
+    them) and without (equal widths). Each case: (args for hidden_mse without the backend, indices of
+    the differentiable inputs; the projection's parameters count too)."""
+    B, S, ds, dt = 3, 83, 48, 80
+    lengths = torch.tensor([S, 37, 0])
     mask = (torch.arange(S)[None, :] < lengths[:, None]).long().to(device)
-    hidden = lambda d: torch.randn(B, S, d, generator=gen).to(device, dtype)  # noqa: E731
+    hidden = lambda d, t: torch.randn(B, S, d, generator=gen).to(device, t)  # noqa: E731
     projection = torch.nn.utils.skip_init(nn.Linear, ds, dt, device=device)  # no draw from the global RNG
     with torch.no_grad():
         projection.weight.copy_(torch.randn(dt, ds, generator=gen) * ds ** -0.5)
         projection.bias.copy_(torch.randn(dt, generator=gen))
-    return [((hidden(ds), hidden(dt), mask, projection), (0,)),
-            ((hidden(dt), hidden(dt), mask, None), (0,))]
+    return [((hidden(ds, dtype), hidden(dt, teacher_dtype), mask, projection), (0,)),
+            ((hidden(dt, dtype), hidden(dt, teacher_dtype), mask, None), (0,))]
+
+
+@contextlib.contextmanager
+def self_check_settings():
+    """Chunks of 64 rows during the check, so the chunk loop (and its remainder) is checked too."""
+    global CHUNK_ROWS
+    old, CHUNK_ROWS = CHUNK_ROWS, 64
+    try:
+        yield
+    finally:
+        CHUNK_ROWS = old
