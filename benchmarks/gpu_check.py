@@ -36,7 +36,10 @@ def driver_sees_gpu() -> bool:
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return False
-    out = subprocess.run([smi, "-L"], capture_output=True, text=True)
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return False
     return out.returncode == 0 and "GPU" in out.stdout
 
 
@@ -149,12 +152,16 @@ def correctness(device, backends, dtypes, seq_lens=(17, 128, 511, 1024), head_di
 
 
 def self_checks(device, backends, dtypes) -> list[dict]:
-    """fastkd.ops.select.check, exactly as a run does it before first use."""
+    """fastkd.ops.select.check, exactly as a run does it before first use, on every dtype and on the
+    mixed pairs runs produce (a float32 ZeRO student against its bf16 teacher, and the reverse)."""
+    import torch
+
     from fastkd.ops import select
 
-    return [{"op": op, "backend": b, "dtype": str(dt).replace("torch.", ""),
-             "result": select.check(op, b, device, dt) or "passed"}
-            for op in ("attention_mse", "hidden_mse") for b in backends for dt in dtypes]
+    pairs = [(dt, dt) for dt in dtypes] + [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
+    return [{"op": op, "backend": b, "dtype": select.dtype_label(s, t),
+             "result": select.check(op, b, device, s, t) or "passed"}
+            for op in ("attention_mse", "hidden_mse") for b in backends for s, t in pairs]
 
 
 # --- 2. and 3. speed -------------------------------------------------------------------------------
@@ -223,8 +230,10 @@ def main() -> int:
     why = gpu_absent_reason(probe=args.probe)
     if why is not None:
         if args.require_gpu:
-            print(f"gpu-check: the driver lists a GPU but {why.replace('no NVIDIA GPU here ', '')}: install a CUDA "
-                  "build of torch into the venv (TORCH_SPEC, see the README)")
+            reason = why.replace("no NVIDIA GPU here (", "").rstrip(")")
+            print(f"gpu-check: the driver lists a GPU but the venv's torch cannot use it ({reason}): install a CUDA "
+                  "build (rm .venv/.installed; make gpu-check TORCH_SPEC='torch==2.13.0 --index-url "
+                  "https://download.pytorch.org/whl/cu130', say)")
             return 2
         print(f"gpu-check: {why}; nothing to check (run it on a machine with an NVIDIA GPU)")
         return 1 if args.probe else 0
@@ -244,6 +253,9 @@ def main() -> int:
     missing = {b: ops_backends.unavailable(b, device) for b in ("triton", "cuda") if b not in present}
     for b, reason in missing.items():
         print(f"gpu-check: backend {b} is missing: {reason}", flush=True)
+    if not present:
+        print("gpu-check: no fused backend is present on this GPU, so nothing can be checked", flush=True)
+        return 1
     dtypes = (torch.float32, torch.bfloat16, torch.float16)  # float16: DeepSpeed fp16 engines
     seq_lens = (17, 128, 1024) if args.quick else (17, 128, 511, 1024)
     head_dims = (64, 128) if args.quick else (32, 64, 128)

@@ -152,10 +152,6 @@ def measure_backend(backend: str, teacher_model, tokenizer, cfg: BenchConfig, de
     torch.manual_seed(cfg.seed)
     criterion = DistillLoss(mapping, shape.hidden, teacher_model.config.hidden_size, loss_weights(dcfg),
                             backend=backend).to(device)
-    # What each op will really run on (after its self-check): a row is labelled with it, not only
-    # with the backend asked for, so a fallback never passes for a measurement of that backend.
-    ran_on = criterion.prepare(device, [torch.float32] + ([torch.bfloat16] if cfg.bf16 else []))
-    ran_on = {op: "/".join(sorted(set(by_dtype.values()))) for op, by_dtype in ran_on.items()}
     student = build_student(teacher_model, shape, "teacher", mapping, seed=cfg.seed).to(device)
     teacher = Teacher(teacher_model, criterion.teacher_hidden_layers(), criterion.teacher_attention_layers(),
                       autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
@@ -173,7 +169,12 @@ def measure_backend(backend: str, teacher_model, tokenizer, cfg: BenchConfig, de
         step()
     with PeakMemory(device) as memory:
         times = [step() for _ in range(cfg.steps)]
-    distiller.read()  # as a run reads its steps at logging steps, outside the timed steps
+    distiller.read()  # the steps' numbers, read once (a run reads them at logging steps)
+    # What each op really ran on (after its self-check): a row is labelled with it, not only with the
+    # backend asked for, so a fallback never passes for a measurement of that backend.
+    ran_on: dict[str, str] = {}
+    for entry in criterion.ran_on():
+        ran_on[entry["op"]] = "/".join(sorted({*ran_on.get(entry["op"], "").split("/"), entry["backend"]} - {""}))
     median = statistics.median(times)
     seqs = cfg.batch_size
     return {"backend": backend, "seq_per_s": round(seqs / median, 2), "tokens_per_s": round(seqs * cfg.seq_len / median, 1),

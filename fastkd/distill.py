@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from . import __version__, ops
+from . import __version__
 from .capture import recording
 from .config import DistillConfig, differing_settings, read_run_config
 from .device import pick_device
@@ -429,8 +429,7 @@ def export_run(run: Run, extra: dict | None = None) -> Path:
         "steps": distiller.step, "global_batch": getattr(distiller, "seqs_per_step", cfg.batch_size * cfg.grad_accum),
         "lr": cfg.lr, "seed": cfg.seed,
         "bf16": cfg.bf16, "loss_backend": distiller.criterion.backend(distiller.device),
-        # What each op ran on, after its self-check (this run's request and device only).
-        "loss_ops": ops.selections(used_only=True, request=cfg.loss_backend, device=distiller.device),
+        "loss_ops": distiller.criterion.ran_on(),  # what each op ran on, after its self-check
         "skipped_steps": distiller.bad_steps, "seconds": round(distiller.elapsed, 1),
         "final_losses": distiller.final_losses(), **(extra or {}),
     }
@@ -456,8 +455,9 @@ def train(distiller, output: Path, metrics_path: Path, save=None, is_main: bool 
             distiller.train_step()
             step = distiller.step
             logging_step = step % cfg.log_every == 0 or step == cfg.max_steps
+            checkpoint_step = step % cfg.checkpoint_every == 0 or step == last
             # The steps' numbers reach the host here, not every step (timed: it waits for the device).
-            result = distiller.read() if logging_step else None
+            result = distiller.read() if logging_step or checkpoint_step else None
             distiller.elapsed += time.perf_counter() - t0
             bar.update(1)
             if logging_step:
@@ -473,6 +473,6 @@ def train(distiller, output: Path, metrics_path: Path, save=None, is_main: bool 
                 metrics.write(json.dumps(row, allow_nan=False) + "\n")
                 metrics.flush()
                 bar.set_postfix(loss=f"{result.loss:.4f}", seq_s=f"{rate:.1f}")
-            if step % cfg.checkpoint_every == 0 or step == last:
+            if checkpoint_step:
                 save(distiller, output, cfg.keep_checkpoints)
     bar.close()

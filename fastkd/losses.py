@@ -70,6 +70,7 @@ class DistillLoss(nn.Module):
         self.mapping = mapping
         self.weights = weights
         self.backend_request = backend  # None: $FASTKD_LOSS_BACKEND or auto, resolved per op, device and dtype
+        self._ran: dict[tuple, str] = {}  # (op, device, dtypes) -> backend, as this loss ran them
         needs_projection = student_hidden != teacher_hidden
         projected = ([0] if weights.embedding else []) + ([m for m, _ in mapping.pairs()] if weights.hidden else [])
         self.projections = nn.ModuleDict(
@@ -115,7 +116,23 @@ class DistillLoss(nn.Module):
                      for s, t in pairs} for op in self.active_ops()}
 
     def _op_backend(self, op: str, student: torch.Tensor, teacher: torch.Tensor) -> str:
-        return ops.backend_for(op, self.backend_request, student.device, student.dtype, teacher.dtype)
+        backend = ops.backend_for(op, self.backend_request, student.device, student.dtype, teacher.dtype)
+        effective = backend
+        if op == ops.attention_mse.NAME and ops.attention_mse.merged_too_wide(student, teacher, backend):
+            effective = "torch (heads too wide for the GPU tiles)"
+        self._ran[(op, str(student.device), ops.select.dtype_label(student.dtype, teacher.dtype))] = effective
+        return backend
+
+    def ran_on(self) -> list[dict]:
+        """What each op of this loss ran on, per device and dtypes, with its self-check's outcome
+        (for fastkd.json and fastkd bench); only what this loss ran, not the whole process."""
+        out = []
+        for (op, device, dtypes), backend in self._ran.items():
+            check = next((s["check"] for s in ops.selections() if s["op"] == op and s["device"] == device
+                          and s["dtype"] == dtypes and s["requested"] == ops.backends.requested(self.backend_request)),
+                         None)
+            out.append({"op": op, "device": device, "dtype": dtypes, "backend": backend, "check": check})
+        return out
 
     def _hidden_term(self, student_hidden, teacher_hidden, mask, layer: int) -> torch.Tensor:
         backend = self._op_backend(ops.hidden_mse.NAME, student_hidden, teacher_hidden)

@@ -91,6 +91,23 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, tiny_teacher_dir, sma
         d.read()
 
 
+def test_a_stop_for_bad_steps_at_a_checkpoint_step_leaves_nothing_half_written(tmp_path, tiny_teacher_dir,
+                                                                              small_corpus):
+    from fastkd.distill import train
+
+    run = build_run(_cfg(tmp_path, "stop", tiny_teacher_dir, small_corpus, max_bad_steps=1, log_every=5,
+                         checkpoint_every=2))
+    d = run.distiller
+    real = d.compute_loss
+    d.compute_loss = lambda b, t: (lambda out: LossOutput(out.total * float("nan"), out.terms) if d.step == 1
+                                   else out)(real(b, t))
+    with pytest.raises(NonFiniteAbort, match="aborted at step 2"):
+        train(d, run.output, run.output / "metrics.jsonl")
+    left = sorted(p.name for p in (run.output / "checkpoints").glob("*")) if (run.output / "checkpoints").exists() else []
+    assert left == [], left  # no checkpoint of step 2, and no staging folder either
+    assert d.step == 2 and d.bad_steps == 1
+
+
 def test_a_checkpoint_of_the_unfused_optimizer_resumes(tmp_path, tiny_teacher_dir, small_corpus):
     """Checkpoints written before the optimizer was fused say fused=None: resuming one must still
     take the fused path (the on-device skip needs it), with the same moments."""
@@ -101,11 +118,10 @@ def test_a_checkpoint_of_the_unfused_optimizer_resumes(tmp_path, tiny_teacher_di
     for group in state["optimizer"]["param_groups"]:
         group["fused"], group["foreach"] = None, None  # as torch saved the old, unfused AdamW
     fresh = build_run(_cfg(tmp_path, "new", tiny_teacher_dir, small_corpus)).distiller
-    rng = torch.get_rng_state()
     fresh.load_state_dict(state)  # sets the global RNG to the checkpoint's, as d has it
     assert all(g["fused"] for g in fresh.optimizer.param_groups)
     fresh.train_step()
-    torch.set_rng_state(rng)  # d's next step draws the same dropout
+    torch.set_rng_state(state["rng"]["torch"])  # d's next step draws the same dropout
     d.train_step()
     assert all(torch.equal(a, b) for a, b in zip(d.params, fresh.params))
 
@@ -210,6 +226,12 @@ def test_fused_loss_run_reproduces_the_reference_run(tmp_path, tiny_teacher_dir,
         rows[backend] = _metrics(tmp_path / backend)
         config = json.loads((tmp_path / backend / "config.json").read_text())
         assert config["resolved"]["loss_backend"] == backend
+        assert config["resolved"]["loss_ops"] == {"hidden_mse": {"float32": backend},
+                                                  "attention_mse": {"float32": backend}}
+        ran = json.loads((tmp_path / backend / "student" / "fastkd.json").read_text())["loss_ops"]
+        assert {(r["op"], r["dtype"], r["backend"]) for r in ran} == {
+            ("hidden_mse", "float32", backend), ("attention_mse", "float32", backend)}
+        assert all(r["check"] == ("reference" if backend == "torch" else "passed") for r in ran), ran
     assert len(rows["cpp"]) == len(rows["torch"]) == 12
     for fused_row, ref_row in zip(rows["cpp"], rows["torch"]):
         for term in ("loss", "embedding", "hidden", "attention"):

@@ -305,7 +305,7 @@ def test_a_backend_with_wrong_numbers_is_caught(monkeypatch, caplog, fresh_selec
     assert f"loss op {op}: the cpp backend on cpu (float32) failed its self-check: {fault} " in line, line
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_a_triton_gradient_off_by_one_percent_is_caught_in_16_bit_too(monkeypatch, fresh_selection, dtype):
     # float16 runs the Triton kernels' tensor-core path under the interpreter (see test_kernels_triton).
     real = am._triton_launch
@@ -316,7 +316,8 @@ def test_a_triton_gradient_off_by_one_percent_is_caught_in_16_bit_too(monkeypatc
     assert select.check("attention_mse", "triton", torch.device("cpu"), dtype) is None
     monkeypatch.setattr(am, "_triton_launch", faulty)
     why = select.check("attention_mse", "triton", torch.device("cpu"), dtype)
-    assert why is not None and why.startswith("gradient 0 off by 1.0e-02"), why
+    assert why is not None and why.startswith("gradient 0 off by "), why
+    assert 0.008 < float(why.split()[4]) < 0.015, why  # the 1% fault, give or take the dtype's rounding
 
 
 def test_student_and_teacher_dtypes_are_checked_as_a_pair(fresh_selection):
@@ -398,3 +399,15 @@ def test_gpu_backends_take_the_merged_reference_for_heads_wider_than_their_tiles
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
     for g, r in zip(_grads(got, [qs, ks]), _grads(ref, [qs, ks])):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
+
+
+def test_the_ops_never_import_the_losses():
+    """The data flows one way: fastkd.losses imports fastkd.ops, never the reverse (no cycle)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fastkd.ops\n"
+            "bad = [m for m in sys.modules if m in ('fastkd.losses', 'fastkd.distill', 'fastkd.capture')]\n"
+            "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

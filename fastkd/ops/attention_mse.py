@@ -434,6 +434,15 @@ class ExtensionAttentionMse(torch.autograd.Function):
 
 # --- dispatch -------------------------------------------------------------------------------------
 
+def merged_too_wide(qs, qt, backend: str) -> bool:
+    """Whether `backend` hands these inputs to the reference: a GPU backend whose tiles the (merged,
+    when the head counts differ) heads exceed."""
+    if backend not in ("triton", "cuda"):
+        return False
+    width = lambda x, other: x.shape[-1] * (x.shape[1] if x.shape[1] != other.shape[1] else 1)  # noqa: E731
+    return max(width(qs, qt), width(qt, qs)) > GPU_MAX_HEAD_DIM
+
+
 def attention_mse_qk(qs, ks, qt, kt, mask, scale_s: float, scale_t: float, backend: str) -> torch.Tensor:
     """Mean over heads and valid (i, j) of (scale_s qs ks^T - scale_t qt kt^T)^2 on `backend`.
 
@@ -441,10 +450,11 @@ def attention_mse_qk(qs, ks, qt, kt, mask, scale_s: float, scale_t: float, backe
     head-averaged scores. Returns a float32 0-dim tensor."""
     if backend == "torch":
         return reference(qs, ks, qt, kt, mask, scale_s, scale_t)
+    too_wide = merged_too_wide(qs, qt, backend)
     if qs.shape[1] != qt.shape[1]:
         qs, ks, scale_s = merge_heads(qs, ks, scale_s)
         qt, kt, scale_t = merge_heads(qt, kt, scale_t)
-    if backend in ("triton", "cuda") and max(qs.shape[-1], qt.shape[-1]) > GPU_MAX_HEAD_DIM:
+    if too_wide:
         global _said_wide
         if not _said_wide:
             _said_wide = True
@@ -465,7 +475,8 @@ def attention_mse_qk(qs, ks, qt, kt, mask, scale_s: float, scale_t: float, backe
 def self_check_cases(device: torch.device, dtype: torch.dtype, teacher_dtype: torch.dtype, gen: torch.Generator):
     """Small random padded inputs that still reach the code most likely to break: an odd length past
     one 64-row tile (83), a row padded to an odd length and an all-padded row, a BERT-sized student
-    head (64) against a narrower teacher one (32), and different head counts. Each case: (args for
+    head (64) against a narrower teacher one (32), different head counts, 4-wide and 128-wide heads.
+    Each case: (args for
     attention_mse_qk without the backend, indices of the student inputs)."""
     B, S = 3, 83
     lengths = torch.tensor([S, 37, 0])  # full, padded, all padded
@@ -475,7 +486,9 @@ def self_check_cases(device: torch.device, dtype: torch.dtype, teacher_dtype: to
         return tuple(torch.randn(B, heads, S, d, generator=gen).to(device, dt) for _ in range(2))
 
     cases = []
-    for hs, ht, ds, dt in ((2, 2, 64, 32), (2, 3, 16, 16)):
+    # BERT-sized against a narrower teacher; different head counts; narrow heads (the C++ kernel's
+    # Gram form); the widest head the GPU tiles take.
+    for hs, ht, ds, dt in ((2, 2, 64, 32), (2, 3, 16, 16), (2, 2, 4, 4), (1, 1, 128, 64)):
         qs, ks = qk(hs, ds, dtype)
         qt, kt = qk(ht, dt, teacher_dtype)
         cases.append(((qs, ks, qt, kt, mask, ds ** -0.5, dt ** -0.5), (0, 1)))

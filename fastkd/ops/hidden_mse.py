@@ -287,7 +287,9 @@ def self_check_cases(device: torch.device, dtype: torch.dtype, teacher_dtype: to
     lengths = torch.tensor([S, 37, 0])
     mask = (torch.arange(S)[None, :] < lengths[:, None]).long().to(device)
     hidden = lambda d, t: torch.randn(B, S, d, generator=gen).to(device, t)  # noqa: E731
-    projection = torch.nn.utils.skip_init(nn.Linear, ds, dt, device=device)  # no draw from the global RNG
+    # No draw from the global RNG; 16-bit weights when the inputs are (DeepSpeed keeps them so).
+    projection = torch.nn.utils.skip_init(nn.Linear, ds, dt, device=device,
+                                          dtype=dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32)
     with torch.no_grad():
         projection.weight.copy_(torch.randn(dt, ds, generator=gen) * ds ** -0.5)
         projection.bias.copy_(torch.randn(dt, generator=gen))

@@ -16,8 +16,9 @@ FASTKD_SELF_CHECK=0 skips it and trusts the first present backend.
 
 Tolerances, relative to the largest reference entry: float32 1e-4 (TF32 allowed: 1e-2); 16-bit
 inputs: the loss 1e-3 (the products are exact in float32, only the summation order differs), the
-gradients 2 units of the dtype's epsilon (they are rounded once into the input dtype, half an
-epsilon, and a 16-bit tensor-core gradient rounds the score difference once more).
+gradients one unit of the dtype's epsilon (0.78% for bf16): they are rounded once into the input
+dtype, half an epsilon, and a 16-bit tensor-core gradient rounds the score difference once more;
+emulating that path on the check's cases gives at most 0.46 epsilon, so a 1% error is caught.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ _selected: dict[tuple[str, str, str, str], Selection] = {}
 def tolerances(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
     """(loss, gradient) relative tolerances for inputs of `dtype` on `device`."""
     if dtype in (torch.float16, torch.bfloat16):
-        return 1e-3, 2 * torch.finfo(dtype).eps
+        return 1e-3, torch.finfo(dtype).eps
     if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         return 1e-2, 1e-2
     return 1e-4, 1e-4
