@@ -20,6 +20,25 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"fastkd {self.prog.split()[-1]}: error: {message} (see --help)\n")
 
 
+def _seed(text: str) -> int:
+    """A seed: an integer >= 0 (torch and numpy refuse negative ones, after the work has begun)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give an integer >= 0") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid seed {value}: give an integer >= 0")
+    return value
+
+
+def _no_progress(group) -> None:
+    # The parser's default first, then default=SUPPRESS on the flag: the help would otherwise say
+    # "(default: True)" of a flag that turns the bars off.
+    group.set_defaults(progress=True)
+    group.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                       help="hide the progress bars (shown by default)")
+
+
 def _add_loss_backend(group) -> None:
     group.add_argument("--loss-backend", default=None, choices=["auto", "torch", "cpp", "triton", "cuda"],
                        help="loss kernels: torch (reference), cpp (CPU), triton or cuda (GPU); auto = the fastest "
@@ -68,7 +87,7 @@ def _add_distill(sub) -> None:
     t.add_argument("--warmup", type=float, default=0.06, help="linear warmup, as a fraction of --max-steps")
     t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases or LayerNorm)")
     t.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping (0 = off)")
-    t.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and sampling")
+    t.add_argument("--seed", type=_seed, default=0, help="seeds initialisation, data order and sampling")
     t.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast for teacher and student forward")
     t.add_argument("--max-bad-steps", type=int, default=20,
@@ -87,7 +106,7 @@ def _add_distill(sub) -> None:
     o.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     o.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     o.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl rows")
-    o.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    _no_progress(o)
     z = p.add_argument_group("DeepSpeed ZeRO (start with the deepspeed launcher or torchrun; see launch/)")
     z.add_argument("--deepspeed", "--deepspeed_config", dest="deepspeed", default=None, metavar="CONFIG.json",
                    help="distill under DeepSpeed with this ds_config (ZeRO-1/2/3, offload, bf16); its batch sizes must "
@@ -152,13 +171,13 @@ def _add_glue(sub) -> None:
     p.add_argument("--warmup", type=float, default=0.1, help="linear warmup, as a fraction of the steps")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not biases/LayerNorm)")
     p.add_argument("--max-seq-len", type=int, default=128, help="truncate each example to this many tokens")
-    p.add_argument("--seed", type=int, default=0, help="seeds the head, data order and subsample")
+    p.add_argument("--seed", type=_seed, default=0, help="seeds the head, data order and subsample")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="skip (and count) malformed TSV rows instead of stopping at the first")
     p.add_argument("--output", required=True, help="directory for glue.json and glue.md")
     p.add_argument("--resume", action="store_true", help="reuse finished (model, task) results in --output")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    _no_progress(p)
     p.set_defaults(func=_cmd_glue)
 
 
@@ -235,11 +254,11 @@ def _add_search(sub) -> None:
                         "no claim")
     g.add_argument("--proxy-chunk", type=int, default=8, help="candidates distilled together (lower it to save memory)")
     _add_loss_backend(g)
-    g.add_argument("--seed", type=int, default=0, help="seeds the GA, the corpus sample and the evaluations")
+    g.add_argument("--seed", type=_seed, default=0, help="seeds the GA, the corpus sample and the evaluations")
     o = p.add_argument_group("output")
     o.add_argument("--output", required=True, help="search directory")
     o.add_argument("--resume", action="store_true", help="continue an interrupted search; finished evaluations are reused")
-    o.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    _no_progress(o)
     o.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the deepspeed launcher (torchrun sets LOCAL_RANK instead); ranks split each generation")
     p.set_defaults(func=_cmd_search)
@@ -312,8 +331,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a much smaller budget (a smoke run, noisier verdict)")
     p.add_argument("--teacher", default="default", help="teacher (the default is the packaged all-MiniLM-L6-v2)")
     p.add_argument("--student-layers", type=int, default=3, help="student layers")
-    p.add_argument("--seed", type=int, default=0, help="seed of the whole pipeline")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the whole pipeline")
+    _no_progress(p)
     p.set_defaults(func=_cmd_demo)
 
 
@@ -411,6 +430,22 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"fastkd {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        import errno
+
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {exc.filename}" if exc.filename else ""
+            print(f"fastkd {args.command}: error: no space left on device{where}: free some space and --resume",
+                  file=sys.stderr)
+            return 2
+        raise
+    except Exception as exc:
+        from .distill import Preempted
+
+        if isinstance(exc, Preempted):
+            print(f"fastkd {args.command}: {exc}", file=sys.stderr)
+            return 128 + int(exc.signum)
+        raise
     except KeyboardInterrupt:
         print(f"fastkd {args.command}: interrupted; continue with --resume", file=sys.stderr)
         return 130

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -65,7 +66,12 @@ class DistillConfig:
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
             (self.grad_accum >= 1, f"--grad-accum must be at least 1 (got {self.grad_accum})"),
             (self.max_steps >= 1, f"--max-steps must be at least 1 (got {self.max_steps})"),
-            (self.lr > 0, f"--lr must be positive (got {self.lr})"),
+            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive finite number (got {self.lr})"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"--weight-decay must be a finite number >= 0 (got {self.weight_decay})"),
+            (math.isfinite(self.clip_grad) and self.clip_grad >= 0,
+             f"--clip-grad must be a finite number >= 0, 0 = off (got {self.clip_grad})"),
+            (self.seed >= 0, f"--seed must be >= 0 (got {self.seed})"),
             (0 <= self.warmup < 1, f"--warmup is a fraction of the steps in [0, 1) (got {self.warmup})"),
             (self.checkpoint_every >= 1, f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})"),
             (self.max_bad_steps >= 1, f"--max-bad-steps must be at least 1 (got {self.max_bad_steps})"),
@@ -76,8 +82,9 @@ class DistillConfig:
             (self.student is None or not any(v is not None for v in (self.student_layers, self.student_hidden,
                                                                       self.student_heads, self.student_ffn)),
              "--student DIR fixes the student's shape: drop --student-layers/-hidden/-heads/-ffn"),
-            (min(self.w_embedding, self.w_hidden, self.w_attention, self.w_attention_kl) >= 0,
-             "loss weights must be non-negative"),
+            (all(math.isfinite(w) and w >= 0 for w in (self.w_embedding, self.w_hidden, self.w_attention,
+                                                       self.w_attention_kl)),
+             "loss weights must be finite and non-negative"),
         ]
         for ok, message in checks:
             if not ok:

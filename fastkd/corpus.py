@@ -19,7 +19,9 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -60,6 +62,9 @@ def corpus_files(source: str) -> list[Path]:
         if not files:
             raise UserError(f"corpus directory {path} holds no .txt files: give a text file or a directory of them")
         return files
+    if path.exists():  # /dev/null, a FIFO, a socket: there, but not a file to read paragraphs from
+        raise UserError(f"corpus {source} is not a regular file or directory: give a text file or a directory "
+                        "of .txt files")
     raise UserError(f"corpus {source} not found: give a text file, a directory of .txt files, or a hub dataset NAME[:CONFIG]")
 
 
@@ -93,7 +98,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(repr(getattr(tokenizer, "do_lower_case", None)).encode())
     if getattr(tokenizer, "backend_tokenizer", None) is not None:
-        h.update(tokenizer.backend_tokenizer.to_str().encode())
+        # Without the truncation/padding settings: each call of the tokenizer sets them on the
+        # backend, so they would change the key between two loads of one corpus in one process.
+        backend = json.loads(tokenizer.backend_tokenizer.to_str())
+        backend.pop("truncation", None)
+        backend.pop("padding", None)
+        h.update(json.dumps(backend, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -155,9 +165,12 @@ def load_corpus(source: str, tokenizer, max_seq_len: int, cache_dir: str | os.Pa
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
     text_ds = None if _is_local(source) else _hub_texts(source)
     target = cache_root / "corpus" / cache_key(source, tokenizer, max_seq_len, text_ds)
+    _remove_dead_builds(target.parent)
     if (target / "dataset_info.json").exists():
-        log.info("corpus: cached packed sequences at %s", target)
-        return datasets.load_from_disk(str(target))
+        cached = _load_cached(target)
+        if cached is not None:
+            log.info("corpus: cached packed sequences at %s", target)
+            return cached
 
     if text_ds is None:
         files = corpus_files(source)
@@ -165,7 +178,7 @@ def load_corpus(source: str, tokenizer, max_seq_len: int, cache_dir: str | os.Pa
             raise UserError(f"corpus {source} holds no text (only blank lines or headings): give a non-empty corpus")
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    build_dir = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    build_dir = Path(tempfile.mkdtemp(prefix=f".build-{_host()}-{os.getpid()}-", dir=target.parent))
     try:
         if text_ds is None:
             with _quiet_datasets():
@@ -197,6 +210,57 @@ def load_corpus(source: str, tokenizer, max_seq_len: int, cache_dir: str | os.Pa
         shutil.rmtree(build_dir, ignore_errors=True)
     log.info("corpus: packed sequences cached at %s", target)
     return datasets.load_from_disk(str(target))
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _remove_dead_builds(folder: Path, max_age_s: float = 24 * 3600) -> None:
+    """Build folders left by a tokenization killed half-way (kill -9, a preempted job): those of a
+    process of this host that no longer exists, and any older than a day (a shared cache on a
+    cluster: the other hosts' processes cannot be asked)."""
+    if not folder.is_dir():
+        return
+    for p in folder.glob(".build-*"):
+        parts = p.name.split("-")
+        dead = False
+        if len(parts) >= 4 and parts[1] == _host() and parts[2].isdigit():
+            try:
+                os.kill(int(parts[2]), 0)
+            except ProcessLookupError:
+                dead = True
+            except PermissionError:
+                pass  # alive, another user's
+        try:
+            old = time.time() - p.stat().st_mtime > max_age_s
+        except OSError:
+            continue
+        if dead or old:
+            log.info("corpus: removing %s, left by an interrupted tokenization", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _load_cached(target: Path):
+    """The cached packed corpus, or None (after one warning, the entry set aside) when its files are
+    damaged: it is then rebuilt like a missing one."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(target))
+        if len(ds):  # arrow files are memory-mapped: touch the first and last records too
+            ds[0], ds[len(ds) - 1]
+        return ds
+    except Exception as exc:  # ArrowInvalid, OSError, a JSON error in the metadata, ...
+        first = " ".join(str(exc).split())[:200] or type(exc).__name__
+        log.warning("corpus: the cache %s is damaged (%s: %s); rebuilding it", target, type(exc).__name__, first)
+        aside = target.with_name(f".{target.name}.damaged-{os.getpid()}")
+        try:
+            os.replace(target, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        except OSError:
+            shutil.rmtree(target, ignore_errors=True)
+        return None
 
 
 def packed_features():
@@ -277,6 +341,10 @@ class BatchStream:
     def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.dataset = dataset.with_format("torch")
         self.n = len(dataset)
+        if self.n < batch_size * world_size:
+            log.warning("the corpus holds %d sequence(s), fewer than one global batch (%d): every batch repeats "
+                        "them; --corpus-sample N is a count of sequences (1.0 is the whole corpus)",
+                        self.n, batch_size * world_size)
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank

@@ -7,12 +7,15 @@ same parameters as 20 straight steps on a CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -30,10 +33,12 @@ from .device import pick_device
 from .corpus import BatchStream, load_corpus, parse_sample, sample_corpus
 from .errors import UserError
 from .export import export_student
-from .io import atomic_write_json, atomic_write_text, staging_dir
+from .io import (atomic_write_json, atomic_write_text, check_writable_dir, lock_output, no_space_is_one_line,
+                 staging_dir)
 from .losses import DistillLoss, LossOutput, LossWeights
 from .mapping import LayerMapping, parse_mapping
-from .models import build_student, load_config, load_student_dir, load_teacher, load_tokenizer, student_shape
+from .models import (build_student, check_weight_files, load_config, load_student_dir, load_teacher, load_tokenizer,
+                     student_shape)
 from .teacher import Teacher, TeacherOutputs
 
 log = logging.getLogger(__name__)
@@ -71,6 +76,41 @@ def _param_groups(modules, weight_decay: float):
 
 class NonFiniteAbort(UserError):
     pass
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGUSR1 (what schedulers send before they kill a job): the run checkpointed at the
+    step boundary after the signal and stops; --resume continues exactly there."""
+
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = signum, step
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint written; "
+                         "continue with --resume")
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Catch the schedulers' stop signals for the duration of the step loop: the first one is noted
+    (the loop checkpoints at the next step boundary); outside the loop the old handlers apply."""
+    caught: dict[str, int | None] = {"signum": None}
+
+    def note(signum, _frame):
+        if caught["signum"] is None:
+            log.warning("received %s: checkpointing at the end of this step", signal.Signals(signum).name)
+        caught["signum"] = signum
+
+    if threading.current_thread() is not threading.main_thread():  # handlers only work there
+        yield caught
+        return
+    old = {s: signal.signal(s, note) for s in STOP_SIGNALS}
+    try:
+        yield caught
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def count_bad_step(distiller, step: int, what: str) -> None:
@@ -190,6 +230,10 @@ class Distiller:
         self.pending.append((self.step, result))
         return result
 
+    def agree_to_stop(self, local: bool) -> bool:
+        """Whether to stop now (a stop signal arrived); one process decides alone."""
+        return local
+
     def read(self) -> StepRecord | None:
         """Read every step since the last read (one host sync): skipped steps are counted (and the run
         stopped after --max-bad-steps), the others enter the window. Returns the latest step's record."""
@@ -252,14 +296,31 @@ def latest_checkpoint(output: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def load_latest_checkpoint(output: Path, device) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint that loads, newest first: a damaged one (a truncated state.pt, a disk
+    error) is one warning and the next older one is taken; (None, None) when none loads."""
+    done = sorted((p for p in checkpoint_dir(output).glob("step-*") if (p / "state.pt").is_file()), reverse=True)
+    for path in done:
+        try:
+            return path, torch.load(path / "state.pt", weights_only=False, map_location=device)
+        except Exception as exc:  # RuntimeError (PytorchStreamReader), EOFError, UnpicklingError, OSError
+            first = " ".join(str(exc).split())[:160] or type(exc).__name__
+            log.warning("checkpoint %s is damaged (%s: %s); trying the one before it", path, type(exc).__name__, first)
+    return None, None
+
+
 def save_checkpoint(distiller: Distiller, output: Path, keep: int) -> Path:
     distiller.read()  # before staging: a run stopped by --max-bad-steps here leaves nothing half-written
     target = checkpoint_dir(output) / f"step-{distiller.step:08d}"
     staged = staging_dir(target)
-    with open(staged / "state.pt", "wb") as f:
-        torch.save(distiller.state_dict(), f)
-        f.flush()
-        os.fsync(f.fileno())  # durable before it becomes visible under its final name
+    try:
+        with no_space_is_one_line(target / "state.pt"), open(staged / "state.pt", "wb") as f:
+            torch.save(distiller.state_dict(), f)
+            f.flush()
+            os.fsync(f.fileno())  # durable before it becomes visible under its final name
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)  # a full disk must not be filled further by leftovers
+        raise
     if target.exists():
         shutil.rmtree(target)
     staged.rename(target)  # a checkpoint directory is complete or absent
@@ -289,11 +350,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def prepare_output(cfg: DistillConfig) -> Path:
     """Refuse to mix runs: an existing run needs --resume with the same settings."""
     output = Path(cfg.output)
-    saved = read_run_config(output)
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file: give a directory")
+    saved = read_run_config(output)
+    check_writable_dir(output)  # before the corpus and the teacher are loaded, not after
     if saved is None:
-        if output.exists() and any(p.name != ".gitkeep" for p in output.iterdir()):
+        if output.exists() and any(p.name not in (".gitkeep", ".lock") for p in output.iterdir()):
             raise UserError(f"--output {output} is not empty and holds no fastkd run: choose an empty or new directory")
         return output
     if not cfg.resume:
@@ -310,6 +372,9 @@ def resolve(cfg: DistillConfig):
     """Everything that can be checked before loading weights or data."""
     cfg.validate()
     teacher_config = load_config(cfg.teacher, "teacher")
+    check_weight_files(cfg.teacher, "teacher")
+    if cfg.student is not None:
+        check_weight_files(cfg.student, "student")
     n_teacher = teacher_config.num_hidden_layers
     if cfg.max_seq_len > teacher_config.max_position_embeddings:
         raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {teacher_config.max_position_embeddings} "
@@ -365,6 +430,7 @@ def build_run(cfg: DistillConfig) -> Run:
     """Validate, load teacher/student/corpus, and restore the latest checkpoint under --resume."""
     teacher_config, shape, mapping = resolve(cfg)
     output = prepare_output(cfg)
+    lock_output(output)  # one run per output directory; leftovers of a killed one are removed
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
 
@@ -381,9 +447,10 @@ def build_run(cfg: DistillConfig) -> Run:
     run = Run(cfg, distiller, tokenizer, mapping, shape, len(corpus), output)
 
     metrics_path = output / "metrics.jsonl"
-    resumed_from = latest_checkpoint(output) if cfg.resume else None
+    resumed_from, state = load_latest_checkpoint(output, device) if cfg.resume else (None, None)
     if resumed_from is not None:
-        distiller.load_state_dict(torch.load(resumed_from / "state.pt", weights_only=False, map_location=device))
+        distiller.load_state_dict(state)
+        del state
         _truncate_metrics(metrics_path, distiller.step)
         log.info("resumed from %s (step %d)", resumed_from, distiller.step)
     else:
@@ -449,13 +516,14 @@ def train(distiller, output: Path, metrics_path: Path, save=None, is_main: bool 
                disable=not (cfg.progress and is_main), dynamic_ncols=True)
     last_time, last_step = time.perf_counter(), distiller.step
     last = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
-    with open(metrics_path if is_main else os.devnull, "a", encoding="utf-8") as metrics:
+    with open(metrics_path if is_main else os.devnull, "a", encoding="utf-8") as metrics, stop_signals() as caught:
         while distiller.step < last:
             t0 = time.perf_counter()
             distiller.train_step()
             step = distiller.step
-            logging_step = step % cfg.log_every == 0 or step == cfg.max_steps
-            checkpoint_step = step % cfg.checkpoint_every == 0 or step == last
+            stopping = distiller.agree_to_stop(caught["signum"] is not None)
+            logging_step = step % cfg.log_every == 0 or step == cfg.max_steps or stopping
+            checkpoint_step = step % cfg.checkpoint_every == 0 or step == last or stopping
             # The steps' numbers reach the host here, not every step (timed: it waits for the device).
             result = distiller.read() if logging_step or checkpoint_step else None
             distiller.elapsed += time.perf_counter() - t0
@@ -475,4 +543,7 @@ def train(distiller, output: Path, metrics_path: Path, save=None, is_main: bool 
                 bar.set_postfix(loss=f"{result.loss:.4f}", seq_s=f"{rate:.1f}")
             if checkpoint_step:
                 save(distiller, output, cfg.keep_checkpoints)
+            if stopping:
+                bar.close()
+                raise Preempted(caught["signum"] or signal.SIGTERM, step)
     bar.close()

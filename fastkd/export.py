@@ -3,26 +3,40 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+
+import torch
 
 from . import __version__
 from .capture import disable_capture, enable_capture
-from .io import replace_dir, staging_dir
+from .errors import UserError
+from .io import follow_umask, no_space_is_one_line, replace_dir, staging_dir
 
 
 def export_student(student, tokenizer, target: Path, info: dict) -> Path:
     """Write `target` (e.g. OUTPUT/student) atomically; `info` becomes fastkd.json and the card."""
+    bad = [name for name, t in student.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:  # never ship a broken model (an --lr that diverged, say)
+        raise UserError(f"not exporting {target}: {len(bad)} weight tensors hold non-finite values (first: "
+                        f"{bad[0]}); lower --lr and distill again")
     staged = staging_dir(target)
-    # Saved with a stock attention implementation so the export loads without fastkd installed.
-    disable_capture(student)
     try:
-        student.save_pretrained(staged, safe_serialization=True)
-    finally:
-        enable_capture(student)
-    tokenizer.save_pretrained(staged)
-    info = {"fastkd_version": __version__, **info}
-    (staged / "fastkd.json").write_text(json.dumps(info, indent=2) + "\n")
-    (staged / "README.md").write_text(model_card(info))
+        with no_space_is_one_line(target):
+            # Saved with a stock attention implementation so the export loads without fastkd installed.
+            disable_capture(student)
+            try:
+                student.save_pretrained(staged, safe_serialization=True)
+            finally:
+                enable_capture(student)
+            tokenizer.save_pretrained(staged)
+            info = {"fastkd_version": __version__, **info}
+            (staged / "fastkd.json").write_text(json.dumps(info, indent=2) + "\n")
+            (staged / "README.md").write_text(model_card(info))
+        follow_umask(staged)  # other users of a shared machine can load it, as the umask says
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)  # nothing half-written stays behind
+        raise
     replace_dir(staged, target)
     return target
 

@@ -1,7 +1,13 @@
-"""Atomic file writes: a reader never sees half a file, a crash never leaves one."""
+"""Atomic file writes: a reader never sees half a file, a crash never leaves one.
+
+Files and folders made here follow the process umask like any `open()` would (tempfile makes them
+0600 / 0700, which would hide a model from the other users of a shared machine).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -9,11 +15,55 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_writable_dir(path: str | os.PathLike, flag: str = "--output") -> Path:
+    """Create `path` if needed and prove a file can be written in it, before any work is done."""
+    from .errors import UserError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file: give a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".fastkd-write-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{flag} {path} cannot be written ({exc.strerror or type(exc).__name__}): "
+                        "choose a directory you can write to") from None
+    return path
+
+
+@contextlib.contextmanager
+def no_space_is_one_line(what: Path):
+    """ENOSPC while writing `what` becomes one user-facing line (the caller removes its staging)."""
+    from .errors import UserError
+
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left on device writing {what}: free some space (or choose another "
+                            "--output) and --resume") from None
+        raise
+    except RuntimeError as exc:  # torch.save reports a full disk as a RuntimeError from its writer
+        if "No space left on device" in str(exc) or "file write failed" in str(exc):
+            raise UserError(f"no space left on device writing {what}: free some space (or choose another "
+                            "--output) and --resume") from None
+        raise
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -54,5 +104,70 @@ def replace_dir(staged: Path, target: Path) -> None:
 
 
 def staging_dir(target: Path) -> Path:
+    """A fresh folder beside `target`, to be renamed onto it once complete (see stale_staging)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staged.chmod(0o777 & ~_umask())
+    return staged
+
+
+_held_locks: list = []  # open lock files of this process (released when it exits, however it exits)
+
+
+def lock_output(output: Path, flag: str = "--output") -> None:
+    """Keep a second fastkd run off `output` while this process works in it: an flock on
+    OUTPUT/.lock, which the kernel releases when the process ends, kill -9 included. The holder's PID
+    is in the file, so the refusal names it. Then leftovers of an interrupted run are removed."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    if not any(Path(f.name).resolve() == (output / ".lock").resolve() for f in _held_locks):
+        _take_lock(output, flag)  # (a process that holds it already, resuming in-process, keeps it)
+    for folder in (output, output / "checkpoints"):
+        for p in remove_stale_staging(folder):
+            import logging
+
+            logging.getLogger(__name__).info("removed %s, left by an interrupted run", p)
+
+
+def _take_lock(output: Path, flag: str) -> None:
+    import fcntl
+
+    from .errors import UserError
+
+    f = open(output / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise UserError(f"{flag} {output} is in use by another fastkd run (pid {holder}): wait for it to finish, "
+                        "or choose another directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _held_locks.append(f)
+
+
+def follow_umask(folder: Path) -> None:
+    """Give `folder` and everything in it the modes a plain open()/mkdir() would (some writers, the
+    safetensors one among them, make their files 0600)."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
+def remove_stale_staging(folder: Path) -> list[Path]:
+    """Staging folders and temporary files left in `folder` by a process killed while writing. Only
+    call it while holding the folder's run lock: nothing else can be writing there then."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        if p.name.startswith(".") and (".tmp-" in p.name or p.name.endswith(".tmp") or ".old-" in p.name):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed

@@ -9,12 +9,15 @@ overrides, initialised randomly or from the mapped teacher layers (widths trunca
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
 from .capture import enable_capture
@@ -24,6 +27,9 @@ from .mapping import LayerMapping, heuristic
 log = logging.getLogger(__name__)
 
 DEFAULT_TEACHER = "default"
+# Families whose attention runs through transformers' attention registry and whose layers are
+# encoder.layer: what fastkd distills (as teacher or student) today.
+ENCODER_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "camembert")
 
 
 def default_teacher_path() -> Path:
@@ -65,10 +71,14 @@ def load_config(name: str | None, what: str = "teacher"):
     elif _looks_like_path(path) or Path(path).exists():
         raise UserError(f"{what} directory {path} does not exist: pass an existing model directory, a hub name, or 'default'")
     try:
-        return AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load {what} {path!r}: not a local model directory and the hub did not serve it ({first})") from None
+    if what in ("teacher", "student") and getattr(config, "model_type", None) not in ENCODER_FAMILIES:
+        raise UserError(f"{what} {path} is a {getattr(config, 'model_type', 'unknown')} model; fastkd distills "
+                        f"BERT-family encoders ({', '.join(ENCODER_FAMILIES)})")
+    return config
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "spiece.model", "vocab.json")
@@ -95,6 +105,27 @@ def load_tokenizer(name: str | None, what: str = "teacher"):
     return tokenizer
 
 
+def check_weight_files(name: str, what: str = "model") -> None:
+    """Each local *.safetensors file whole, from its header alone (no tensor is read): an empty,
+    random or truncated file is one line now, not a traceback when the weights are loaded later."""
+    path = Path(resolve_model_path(name))
+    if not path.is_dir():
+        return
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if size < 8 or n <= 0 or 8 + n > size:
+                    raise ValueError("the header is cut off")
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + n + end > size:
+                raise ValueError(f"{size} bytes, the header promises {8 + n + end}")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{f} is damaged ({exc}): re-save or re-download the {what}") from None
+
+
 def _from_pretrained(path: str, what: str, **kwargs) -> PreTrainedModel:
     # Seeded: weights a checkpoint lacks (a pooler, say) are initialised the same way every time.
     with torch.random.fork_rng(devices=[]):
@@ -104,6 +135,13 @@ def _from_pretrained(path: str, what: str, **kwargs) -> PreTrainedModel:
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"cannot load {what} weights from {path}: {first}") from None
+        except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            # An empty, random or half-written weights file (torch reports a bad .bin as RuntimeError).
+            first = " ".join(str(exc).split())[:160] or type(exc).__name__
+            files = sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin"))
+            where = files[0] if files else path
+            raise UserError(f"{where} is damaged ({type(exc).__name__}: {first}): re-save or re-download "
+                            f"the {what}") from None
 
 
 def load_encoder(name: str, what: str = "model") -> PreTrainedModel:

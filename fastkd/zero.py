@@ -41,7 +41,7 @@ from .distill import (NonFiniteAbort, Run, StepRecord, StepResult, _param_groups
                       count_bad_step, export_run, prepare_output, read_steps, resolve, seed_everything, student_loss,
                       train)
 from .errors import UserError
-from .io import atomic_write_json
+from .io import atomic_write_json, lock_output
 from .losses import DistillLoss
 from .teacher import Teacher
 
@@ -94,6 +94,11 @@ def load_ds_config(path: str, cfg: DistillConfig, world: int, hidden: int) -> di
     if config["fp16"].get("enabled") and not torch.cuda.is_available():
         raise UserError(f"--deepspeed {path}: fp16 training needs a GPU; use bf16 or fp32 on a CPU")
     zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise UserError(f"--deepspeed {path}: zero_optimization must be a JSON object")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
+        raise UserError(f"--deepspeed {path}: zero_optimization.stage is {stage!r}; ZeRO stages are 0, 1, 2 and 3")
     for key, value in (("reduce_bucket_size", hidden * hidden), ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
                        ("stage3_param_persistence_threshold", 10 * hidden)):
         if zero.get(key) == "auto":
@@ -250,6 +255,14 @@ class ZeroDistiller:
         self.pending.append((self.step, result))
         return result
 
+    def agree_to_stop(self, local: bool) -> bool:
+        """Whether any rank caught a stop signal: every rank checkpoints at the same step (one small
+        all-reduce per step; the launcher may signal the ranks at slightly different times)."""
+        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
     def read(self) -> StepRecord | None:
         """Distiller.read over ranks: the logged numbers averaged over ranks in one all-reduce (a
         collective: every rank calls it at the same steps, as `train` and the checkpoints do)."""
@@ -374,6 +387,17 @@ def build_zero_run(cfg: DistillConfig) -> ZeroRun:
     output = prepare_output(cfg)  # read-only, so every rank checks and refuses alike (no rank left waiting)
     rank, world, _ = init_distributed()
     import deepspeed
+
+    # Rank 0 holds the output's lock; a refusal is said on every rank (none is left waiting).
+    box = [None]
+    if rank == 0:
+        try:
+            lock_output(output)
+        except UserError as exc:
+            box[0] = str(exc)
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise UserError(box[0])
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     seed_everything(cfg.seed)

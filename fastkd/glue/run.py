@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..config import differing_settings
 from ..errors import UserError
-from ..models import load_config, load_tokenizer, resolve_model_path
+from ..io import check_writable_dir, lock_output
+from ..models import check_weight_files, load_config, load_tokenizer, resolve_model_path
 from .finetune import FinetuneConfig, TaskCache, finetune_task
 from .report import build_report, read_report, write_reports
 from .tasks import parse_tasks
@@ -35,9 +36,8 @@ def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg
              resume: bool = False, skip_bad_rows: bool = False) -> dict:
     cfg.validate()
     tasks = parse_tasks(tasks_text)
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} is a file: give a directory")
+    out = check_writable_dir(output)  # before any fine-tuning, not after all of it
+    lock_output(out)
     # Everything that can fail is checked before the first hour of training, not after it.
     tokenizers = {}
     for model in models:
@@ -46,6 +46,7 @@ def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg
             raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the {config.max_position_embeddings} position "
                             f"embeddings of {model}")
         tokenizers[model] = load_tokenizer(model, "model")
+        check_weight_files(model, "model")
     cache = TaskCache(data_dir, skip_bad_rows)
     for spec in tasks:
         cache.data(spec)

@@ -71,12 +71,12 @@ def task_spec(name: str) -> TaskSpec:
     return TASKS[key]
 
 
-def parse_tasks(text: str) -> list[TaskSpec]:
+def parse_tasks(text: str, flag: str = "--tasks") -> list[TaskSpec]:
     if text.strip().lower() == "all":
         return list(TASKS.values())
     specs = [task_spec(part) for part in text.split(",") if part.strip()]
     if not specs:
-        raise UserError("--tasks is empty: give task names like sst2,mrpc,rte or 'all'")
+        raise UserError(f"{flag} is empty: give task names like sst2,mrpc,rte or 'all'")
     return list(dict.fromkeys(specs))  # keep order, drop repeats
 
 

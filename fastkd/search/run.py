@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..glue import TaskCache, parse_tasks, task_spec
 from ..glue.finetune import heldout_rows
 from ..glue.probe import ZERO_SHOT_TASK
-from ..io import atomic_write_json
+from ..io import atomic_write_json, check_writable_dir, lock_output
 from ..mapping import LayerMapping, heuristic, parse_mapping, search_space_size
 from ..models import load_config, load_teacher, load_tokenizer, resolve_model_path, student_shape
 from .dist import Comm
@@ -172,6 +172,7 @@ class Verdict:
 class Search:
     def __init__(self, cfg: SearchConfig):
         cfg.validate()
+        check_writable_dir(cfg.output)  # before the teacher, corpus and tasks are loaded
         self.cfg = cfg
         self.started = time.perf_counter()
         self.rungs = cfg.rungs()
@@ -181,7 +182,7 @@ class Search:
         self.N = teacher_config.num_hidden_layers
         self.shape = student_shape(teacher_config, cfg.student_layers, cfg.student_hidden, cfg.student_heads,
                                    cfg.student_ffn)
-        self.tasks = parse_tasks(",".join(cfg.proxy.tasks))
+        self.tasks = parse_tasks(",".join(cfg.proxy.tasks), "--proxy-tasks")
         if cfg.proxy.max_seq_len > teacher_config.max_position_embeddings:
             raise UserError(f"--proxy-seq-len {cfg.proxy.max_seq_len} exceeds the teacher's "
                             f"{teacher_config.max_position_embeddings} position embeddings")
@@ -199,6 +200,8 @@ class Search:
         self.store = None
         if self.comm.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
+            if self.comm.world == 1:  # (a refusal on one rank of many would leave the others waiting)
+                lock_output(self.output)
             self.store = Store(self.output / "search.sqlite", cfg.fitness_settings(), cfg.resume)
         t0 = time.perf_counter()
         self.tokenizer = load_tokenizer(cfg.teacher)
