@@ -119,7 +119,8 @@ def _cmd_distill(args) -> int:
     from .config import DistillConfig
     from .distill import run_distill
 
-    values = {k: v for k, v in vars(args).items() if k not in ("func", "command", "verbose", "local_rank")}
+    values = {k: v for k, v in vars(args).items()
+              if k not in ("func", "command", "verbose", "local_rank", "launcher_local_rank")}
     cfg = DistillConfig(**values)
     if cfg.deepspeed is not None:
         import os
@@ -404,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastkd",
         description="fastkd compresses BERT-family encoders by task-agnostic layer-wise knowledge distillation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # `deepspeed $(which fastkd) distill ...` puts --local_rank=N before the command (a subcommand's
+    # own default would overwrite the same dest, hence another name).
+    parser.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser, metavar="COMMAND")
     _add_distill(sub)
     _add_glue(sub)
@@ -416,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.launcher_local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.launcher_local_rank))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "datasets", "httpx", "huggingface_hub", "filelock", "urllib3"):

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -30,11 +31,11 @@ from . import __version__
 from .capture import recording
 from .config import DistillConfig, differing_settings, read_run_config
 from .device import pick_device
-from .corpus import BatchStream, load_corpus, parse_sample, sample_corpus
+from .corpus import BatchStream, corpus_identity, load_corpus, parse_sample, sample_corpus
 from .errors import UserError
 from .export import export_student
-from .io import (atomic_write_json, atomic_write_text, check_writable_dir, lock_output, no_space_is_one_line,
-                 staging_dir)
+from .io import (atomic_write_json, atomic_write_text, check_writable_dir, is_bookkeeping, lock_output,
+                 no_space_is_one_line, staging_dir)
 from .losses import DistillLoss, LossOutput, LossWeights
 from .mapping import LayerMapping, parse_mapping
 from .models import (build_student, check_weight_files, load_config, load_student_dir, load_teacher, load_tokenizer,
@@ -98,8 +99,11 @@ def stop_signals():
     caught: dict[str, int | None] = {"signum": None}
 
     def note(signum, _frame):
-        if caught["signum"] is None:
-            log.warning("received %s: checkpointing at the end of this step", signal.Signals(signum).name)
+        if caught["signum"] is not None:  # a second one: stop now, as without fastkd's handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        log.warning("received %s: checkpointing at the end of this step", signal.Signals(signum).name)
         caught["signum"] = signum
 
     if threading.current_thread() is not threading.main_thread():  # handlers only work there
@@ -234,6 +238,8 @@ class Distiller:
         """Whether to stop now (a stop signal arrived); one process decides alone."""
         return local
 
+    agree_to_stop_now = agree_to_stop  # (after the last step: the same, for one process)
+
     def read(self) -> StepRecord | None:
         """Read every step since the last read (one host sync): skipped steps are counted (and the run
         stopped after --max-bad-steps), the others enter the window. Returns the latest step's record."""
@@ -302,10 +308,16 @@ def load_latest_checkpoint(output: Path, device) -> tuple[Path | None, dict | No
     done = sorted((p for p in checkpoint_dir(output).glob("step-*") if (p / "state.pt").is_file()), reverse=True)
     for path in done:
         try:
-            return path, torch.load(path / "state.pt", weights_only=False, map_location=device)
-        except Exception as exc:  # RuntimeError (PytorchStreamReader), EOFError, UnpicklingError, OSError
+            # On the CPU first: a checkpoint too large for the device is not a damaged one.
+            state = torch.load(path / "state.pt", weights_only=False, map_location="cpu")
+        except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as exc:  # a torn or garbled file
             first = " ".join(str(exc).split())[:160] or type(exc).__name__
             log.warning("checkpoint %s is damaged (%s: %s); trying the one before it", path, type(exc).__name__, first)
+            continue
+        return path, state
+    if done:  # never start over silently on top of checkpoints that exist
+        raise UserError(f"--resume: none of the {len(done)} checkpoints in {checkpoint_dir(output)} loads (each is "
+                        "damaged); remove them to start over, or restore one from a backup")
     return None, None
 
 
@@ -324,7 +336,9 @@ def save_checkpoint(distiller: Distiller, output: Path, keep: int) -> Path:
     if target.exists():
         shutil.rmtree(target)
     staged.rename(target)  # a checkpoint directory is complete or absent
-    finished = sorted(p for p in checkpoint_dir(output).glob("step-*") if (p / "state.pt").is_file())
+    # Older than the one just written only: after a fallback to an older checkpoint, newer (damaged)
+    # ones must not make it prune the checkpoint it has just written.
+    finished = sorted(p for p in checkpoint_dir(output).glob("step-*") if (p / "state.pt").is_file() and p <= target)
     for old in finished[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -355,7 +369,7 @@ def prepare_output(cfg: DistillConfig) -> Path:
     saved = read_run_config(output)
     check_writable_dir(output)  # before the corpus and the teacher are loaded, not after
     if saved is None:
-        if output.exists() and any(p.name not in (".gitkeep", ".lock") for p in output.iterdir()):
+        if output.exists() and any(not is_bookkeeping(p.name) for p in output.iterdir()):
             raise UserError(f"--output {output} is not empty and holds no fastkd run: choose an empty or new directory")
         return output
     if not cfg.resume:
@@ -365,6 +379,10 @@ def prepare_output(cfg: DistillConfig) -> Path:
     diffs = differing_settings(saved.get("config", {}), cfg.to_dict())
     if diffs:
         raise UserError(f"cannot --resume {output}: settings differ from the saved run: " + "; ".join(diffs))
+    identity = saved.get("resolved", {}).get("corpus_identity")
+    if identity is not None and identity != json.loads(json.dumps(corpus_identity(cfg.corpus))):  # as saved
+        raise UserError(f"cannot --resume {output}: the corpus {cfg.corpus} changed since the run began (its files' "
+                        "size or modification time): restore it, or start a new run in another --output")
     return output
 
 
@@ -463,6 +481,7 @@ def build_run(cfg: DistillConfig) -> Run:
         "resolved": {"mapping": mapping.text, "teacher_layers": mapping.teacher_layers,
                      "student": {**shape.__dict__, "parameters": run.parameters},
                      "corpus_sequences": run.corpus_sequences, "global_batch": cfg.batch_size * cfg.grad_accum,
+                     "corpus_identity": corpus_identity(cfg.corpus),  # checked on --resume
                      "loss_backend": criterion.backend(device),
                      # Each op self-checked now, for the dtypes this run feeds it (bf16 autocast: both).
                      "loss_ops": criterion.prepare(device, [torch.float32] + ([torch.bfloat16] if cfg.bf16 else []))},
@@ -519,10 +538,11 @@ def train(distiller, output: Path, metrics_path: Path, save=None, is_main: bool 
     with open(metrics_path if is_main else os.devnull, "a", encoding="utf-8") as metrics, stop_signals() as caught:
         while distiller.step < last:
             t0 = time.perf_counter()
+            distiller.stop_requested = caught["signum"] is not None  # (ZeRO agrees on it inside the step)
             distiller.train_step()
             step = distiller.step
             stopping = distiller.agree_to_stop(caught["signum"] is not None)
-            logging_step = step % cfg.log_every == 0 or step == cfg.max_steps or stopping
+            logging_step = step % cfg.log_every == 0 or step == cfg.max_steps
             checkpoint_step = step % cfg.checkpoint_every == 0 or step == last or stopping
             # The steps' numbers reach the host here, not every step (timed: it waits for the device).
             result = distiller.read() if logging_step or checkpoint_step else None
@@ -546,4 +566,7 @@ def train(distiller, output: Path, metrics_path: Path, save=None, is_main: bool 
             if stopping:
                 bar.close()
                 raise Preempted(caught["signum"] or signal.SIGTERM, step)
+        if distiller.agree_to_stop_now(caught["signum"] is not None):  # arrived during the last step
+            bar.close()
+            raise Preempted(caught["signum"] or signal.SIGTERM, distiller.step)  # its checkpoint is written
     bar.close()

@@ -16,6 +16,14 @@ from pathlib import Path
 
 
 def _umask() -> int:
+    """The process umask: from /proc on Linux, which reads it without setting it (os.umask would set
+    it to 0 for an instant, under any thread creating files then)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -51,8 +59,8 @@ def no_space_is_one_line(what: Path):
             raise UserError(f"no space left on device writing {what}: free some space (or choose another "
                             "--output) and --resume") from None
         raise
-    except RuntimeError as exc:  # torch.save reports a full disk as a RuntimeError from its writer
-        if "No space left on device" in str(exc) or "file write failed" in str(exc):
+    except Exception as exc:  # torch.save (RuntimeError) and safetensors (SafetensorError) wrap the OS error
+        if "No space left on device" in str(exc) or "os error 28" in str(exc):
             raise UserError(f"no space left on device writing {what}: free some space (or choose another "
                             "--output) and --resume") from None
         raise
@@ -134,7 +142,10 @@ def _take_lock(output: Path, flag: str) -> None:
 
     from .errors import UserError
 
-    f = open(output / ".lock", "a+")
+    try:
+        f = open(output / ".lock", "a+")
+    except PermissionError:
+        raise UserError(f"{flag} {output}/.lock belongs to another user: choose another directory") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -143,6 +154,15 @@ def _take_lock(output: Path, flag: str) -> None:
         f.close()
         raise UserError(f"{flag} {output} is in use by another fastkd run (pid {holder}): wait for it to finish, "
                         "or choose another directory") from None
+    except OSError as exc:  # Lustre mounted noflock (ENOSYS), NFS without lockd (ENOLCK), ...
+        if exc.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
+            raise
+        import logging
+
+        logging.getLogger(__name__).warning("%s: this file system takes no locks (%s): nothing keeps a second run "
+                                            "off %s", flag, exc.strerror, output)
+        f.close()
+        return
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
@@ -160,6 +180,16 @@ def follow_umask(folder: Path) -> None:
             os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
+def _is_staging(name: str) -> bool:
+    return name.startswith(".") and (".tmp-" in name or name.endswith(".tmp") or ".old-" in name)
+
+
+def is_bookkeeping(name: str) -> bool:
+    """A name fastkd may leave in an output that holds no run yet: its lock, another rank's write
+    probe of this instant, the staging of an interrupted first write. Such a folder is still empty."""
+    return name in (".gitkeep", ".lock") or name.startswith(".fastkd-write-probe-") or _is_staging(name)
+
+
 def remove_stale_staging(folder: Path) -> list[Path]:
     """Staging folders and temporary files left in `folder` by a process killed while writing. Only
     call it while holding the folder's run lock: nothing else can be writing there then."""
@@ -167,7 +197,7 @@ def remove_stale_staging(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return removed
     for p in folder.iterdir():
-        if p.name.startswith(".") and (".tmp-" in p.name or p.name.endswith(".tmp") or ".old-" in p.name):
+        if _is_staging(p.name):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             removed.append(p)
     return removed

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 DEFAULT_TEACHER = "default"
 # Families whose attention runs through transformers' attention registry and whose layers are
 # encoder.layer: what fastkd distills (as teacher or student) today.
-ENCODER_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "camembert")
+ENCODER_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "camembert", "data2vec-text", "ernie",
+                    "roberta-prelayernorm", "xlm-roberta-xl", "xmod")
 
 
 def default_teacher_path() -> Path:

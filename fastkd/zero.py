@@ -36,7 +36,7 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from .config import DistillConfig
-from .corpus import BatchStream, load_corpus, sample_corpus
+from .corpus import BatchStream, corpus_identity, load_corpus, sample_corpus
 from .distill import (NonFiniteAbort, Run, StepRecord, StepResult, _param_groups, _truncate_metrics, build_models,
                       count_bad_step, export_run, prepare_output, read_steps, resolve, seed_everything, student_loss,
                       train)
@@ -191,6 +191,8 @@ class ZeroDistiller:
         self.elapsed = 0.0
         self.window: deque[dict] = deque(maxlen=max(1, cfg.log_every))
         self.pending: list[tuple[int, StepResult]] = []
+        self.stop_requested = False  # set by the step loop: a stop signal arrived on this rank
+        self._stop_agreed = False
         self.seqs_per_step = cfg.batch_size * cfg.grad_accum * world
         self.stage = int(engine.zero_optimization_stage())
 
@@ -206,11 +208,15 @@ class ZeroDistiller:
         return table
 
     def _every_rank(self, flag: torch.Tensor) -> bool:
-        """Whether `flag` (0-dim bool) holds on every rank: one all-reduce and one host read."""
-        t = flag.to(torch.float32).reshape(1)
+        """Whether `flag` (0-dim bool) holds on every rank, and (as self._stop_agreed) whether any rank
+        asked to stop: one all-reduce and one host read for both."""
+        stop = 1.0 if self.stop_requested else 0.0
+        t = torch.stack([flag.to(torch.float32).reshape(()), torch.tensor(1.0 - stop, device=flag.device)])
         if self.world > 1:
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-        return bool(t.item() == 1.0)
+        finite, keep_going = t.tolist()
+        self._stop_agreed = keep_going < 0.5
+        return finite == 1.0
 
     def train_step(self) -> StepResult:
         """One optimizer step over the engine. Loss terms stay on the device until `read` (one
@@ -256,8 +262,14 @@ class ZeroDistiller:
         return result
 
     def agree_to_stop(self, local: bool) -> bool:
-        """Whether any rank caught a stop signal: every rank checkpoints at the same step (one small
-        all-reduce per step; the launcher may signal the ranks at slightly different times)."""
+        """Whether any rank had caught a stop signal before this step: every rank checkpoints at the
+        same step. Agreed in the step's own finiteness collective (no collective of its own), so a
+        signal that arrives during a step is acted on after the next one."""
+        return self._stop_agreed
+
+    def agree_to_stop_now(self, local: bool) -> bool:
+        """Whether any rank caught a stop signal, asked once after the last step (one collective, so
+        that every rank either stops there or goes on to the export together)."""
         flag = torch.tensor([1.0 if local else 0.0], device=self.device)
         if self.world > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -460,6 +472,7 @@ def run_distill_deepspeed(cfg: DistillConfig) -> Path | None:
             "resolved": {"mapping": run.mapping.text, "teacher_layers": run.mapping.teacher_layers,
                          "student": {**run.shape.__dict__, "parameters": parameters},
                          "corpus_sequences": run.corpus_sequences, "global_batch": d.seqs_per_step,
+                         "corpus_identity": corpus_identity(cfg.corpus),
                          "loss_backend": d.criterion.backend(d.device),
                          "loss_ops": d.criterion.prepare(d.device, _op_dtypes(d, run.ds_config)),
                          "deepspeed": {"world_size": d.world, "zero_stage": zero_stage(run.ds_config),
@@ -505,6 +518,16 @@ def export_zero(d: ZeroDistiller, tokenizer, mapping, shape, corpus_sequences: i
                     log.warning("no float32 master for %s: exported from its 16-bit copy", name)
                 else:
                     state[name] = full.detach().float().cpu().clone()
+    # Rank 0's finding, said on every rank (a refusal on rank 0 alone would leave the others waiting).
+    box = [None]
+    if d.rank == 0:
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            box[0] = (f"not exporting {output / 'student'}: {len(bad)} weight tensors hold non-finite values "
+                      f"(first: {bad[0]}); lower --lr and distill again")
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise UserError(box[0])
     if d.rank != 0:
         return None
     student = type(d.student)(d.student.config)

@@ -108,16 +108,27 @@ def test_a_ds_config_with_an_unknown_stage(tmp_path, tiny_teacher_dir, small_cor
 
 
 def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny_teacher_dir, small_corpus, caplog):
-    straight = run_distill(_cfg(tmp_path, "straight", tiny_teacher_dir, small_corpus))
-    cut = _cfg(tmp_path, "cut", tiny_teacher_dir, small_corpus, stop_at_step=8)
-    run_distill(cut)  # checkpoints at 4 and 8, stopped (exported only at max_steps: not yet)
+    straight = run_distill(_cfg(tmp_path, "straight", tiny_teacher_dir, small_corpus, max_steps=12))
+    run_distill(_cfg(tmp_path, "cut", tiny_teacher_dir, small_corpus, max_steps=12, stop_at_step=8))  # ckpts 4, 8
     state = tmp_path / "cut" / "checkpoints" / "step-00000008" / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 3])
-    with caplog.at_level("WARNING"):
-        resumed = run_distill(_cfg(tmp_path, "cut", tiny_teacher_dir, small_corpus, resume=True))
-    assert any("step-00000008 is damaged" in r.getMessage() for r in caplog.records)
+    with caplog.at_level("INFO"):
+        resumed = run_distill(_cfg(tmp_path, "cut", tiny_teacher_dir, small_corpus, max_steps=12, resume=True))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("step-00000008 is damaged" in m for m in messages), messages
+    assert any("resumed from" in m and "step-00000004 (step 4)" in m for m in messages), messages
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # from step 4: bit-identical
+    rows = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(2, 13, 2))  # the rows after step 4 were written once, by the resumed run
+
+
+def test_when_no_checkpoint_loads_resume_refuses_instead_of_starting_over(tmp_path, tiny_teacher_dir, small_corpus):
+    run_distill(_cfg(tmp_path, "gone", tiny_teacher_dir, small_corpus, max_steps=12, stop_at_step=8))
+    for state in (tmp_path / "gone" / "checkpoints").glob("step-*/state.pt"):
+        state.write_bytes(b"garbage")
+    with pytest.raises(UserError, match="none of the 2 checkpoints .* loads"):
+        run_distill(_cfg(tmp_path, "gone", tiny_teacher_dir, small_corpus, max_steps=12, resume=True))
 
 
 def test_a_full_disk_leaves_no_staging_and_is_one_line(tmp_path, tiny_teacher_dir, small_corpus, monkeypatch):
@@ -256,3 +267,20 @@ def test_sigterm_through_the_cli_exits_143_with_one_line(tmp_path, tiny_teacher_
     last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
     assert last == "fastkd distill: stopped by SIGTERM after step 2: checkpoint written; continue with --resume"
     assert (out / "checkpoints" / "step-00000002" / "state.pt").is_file()
+
+
+def test_resume_checks_the_corpus_files_not_only_their_path(capfd, tmp_path, tiny_teacher_dir, small_corpus):
+    run_distill(_cfg(tmp_path, "ident", tiny_teacher_dir, small_corpus, stop_at_step=4))
+    with open(small_corpus, "a", encoding="utf-8") as f:
+        f.write("A paragraph added after the run began changes what the next batches would be.\n")
+    with pytest.raises(UserError, match="the corpus .* changed since the run began"):
+        run_distill(_cfg(tmp_path, "ident", tiny_teacher_dir, small_corpus, stop_at_step=8, resume=True))
+
+
+def test_the_launcher_may_put_local_rank_before_the_command(capfd, monkeypatch, tmp_path):
+    """`deepspeed $(which fastkd) distill ...` runs `fastkd --local_rank=N distill ...`."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    code, err = _run(capfd, "--local_rank=1", "distill", "--corpus", str(tmp_path / "missing.txt"),
+                     "--output", str(tmp_path / "o"), "--no-progress")
+    assert code == 2 and "not found" in err[0], err  # parsed as distill's own flags, refused for the corpus
+    assert os.environ["LOCAL_RANK"] == "1"
