@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import pickle
-import random
 import shutil
 import signal
 import threading
@@ -25,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
 
-from . import __version__
+from . import __version__, optim, rng
+from .rng import seed_everything
 from .capture import recording
 from .config import DistillConfig, differing_settings, read_run_config
 from .device import pick_device
@@ -59,20 +58,6 @@ def loss_weights(cfg: DistillConfig) -> LossWeights:
     return LossWeights(cfg.w_embedding, cfg.w_hidden, cfg.w_attention, cfg.w_attention_kl)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _param_groups(modules, weight_decay: float):
-    decay, no_decay = [], []
-    for module in modules:
-        for name, p in module.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith("bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class NonFiniteAbort(UserError):
@@ -180,10 +165,8 @@ class Distiller:
         self.params = [p for m in (student, criterion) for p in m.parameters() if p.requires_grad]
         # fused: one kernel per parameter group, and it skips a non-finite step on the device
         # (found_inf, see train_step) without the host ever looking at the gradient norm.
-        self.optimizer = torch.optim.AdamW(_param_groups([student, criterion], cfg.weight_decay),
-                                           lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6, fused=True)
-        self.scheduler = get_linear_schedule_with_warmup(
-            self.optimizer, num_warmup_steps=int(cfg.warmup * cfg.max_steps), num_training_steps=cfg.max_steps)
+        self.optimizer = optim.adamw([student, criterion], cfg.lr, cfg.weight_decay, fused=True)
+        self.scheduler = optim.warmup_then_linear(self.optimizer, cfg.warmup, cfg.max_steps)
         self.step = 0
         self.bad_steps = 0
         self.elapsed = 0.0
@@ -262,8 +245,7 @@ class Distiller:
             "student": self.student.state_dict(), "criterion": self.criterion.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "stream": self.stream.state_dict(), "window": list(self.window),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "rng": rng.capture(self.device),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -279,11 +261,7 @@ class Distiller:
         self.stream.load_state_dict(state["stream"])
         self.step, self.bad_steps, self.elapsed = state["step"], state["bad_steps"], state["elapsed"]
         self.window = deque(state["window"], maxlen=self.window.maxlen)
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"].get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        rng.restore(state["rng"], self.device)
 
     def final_losses(self) -> dict[str, float]:
         """Mean of each logged quantity over the last window of steps (less noisy than the last step)."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
 import socket
 from collections import deque
@@ -33,15 +32,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import get_linear_schedule_with_warmup
 
 from .config import DistillConfig
 from .corpus import BatchStream, corpus_identity, load_corpus, sample_corpus
-from .distill import (NonFiniteAbort, Run, StepRecord, StepResult, _param_groups, _truncate_metrics, build_models,
-                      count_bad_step, export_run, prepare_output, read_steps, resolve, seed_everything, student_loss,
+from .distill import (NonFiniteAbort, Run, StepRecord, StepResult, _truncate_metrics, build_models,
+                      count_bad_step, export_run, prepare_output, read_steps, resolve, student_loss,
                       train)
 from .errors import UserError
+from . import optim, rng
 from .io import atomic_write_json, lock_output
+from .rng import seed_everything
 from .losses import DistillLoss
 from .teacher import Teacher
 
@@ -293,19 +293,6 @@ class ZeroDistiller:
 
 # --- checkpoints ------------------------------------------------------------------------------------
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def checkpoint_root(output: Path) -> Path:
     return output / "checkpoints"
 
@@ -328,7 +315,7 @@ def save_zero_checkpoint(d: ZeroDistiller, output: Path, keep: int) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     rng_file = target / f"rng-rank{d.rank}.pt"
     tmp = rng_file.with_suffix(".tmp")
-    torch.save(_rng_state(), tmp)
+    torch.save(rng.capture(d.device), tmp)
     os.replace(tmp, rng_file)
     client_state = {"fastkd": {"step": d.step, "bad_steps": d.bad_steps, "elapsed": d.elapsed,
                                "stream": d.stream.state_dict(), "window": list(d.window), "world": d.world}}
@@ -364,7 +351,7 @@ def load_zero_checkpoint(d: ZeroDistiller, output: Path) -> Path | None:
     d.stream.load_state_dict(state["stream"])
     d.step, d.bad_steps, d.elapsed = state["step"], state["bad_steps"], state["elapsed"]
     d.window = deque(state["window"], maxlen=d.window.maxlen)
-    _set_rng_state(torch.load(tag / f"rng-rank{d.rank}.pt", weights_only=False))
+    rng.restore(torch.load(tag / f"rng-rank{d.rank}.pt", weights_only=False), d.device)
     return tag
 
 
@@ -422,13 +409,12 @@ def build_zero_run(cfg: DistillConfig) -> ZeroRun:
 
     module = DistillModule(student, criterion)
     client_optimizer, client_scheduler = None, None
-    if "optimizer" not in ds_config:  # the same AdamW as single-process distillation
-        client_optimizer = torch.optim.AdamW(_param_groups([student, criterion], cfg.weight_decay), lr=cfg.lr,
-                                             betas=(0.9, 0.999), eps=1e-6)
+    if "optimizer" not in ds_config:  # the same AdamW as single-process distillation (DeepSpeed steps it)
+        client_optimizer = optim.adamw([student, criterion], cfg.lr, cfg.weight_decay)
     if "scheduler" not in ds_config:  # linear warmup then linear decay, as single-process
         def client_scheduler(optimizer):
-            return get_linear_schedule_with_warmup(optimizer, int(cfg.warmup * cfg.max_steps), cfg.max_steps)
-    params = None if client_optimizer is not None else _param_groups([student, criterion], cfg.weight_decay)
+            return optim.warmup_then_linear(optimizer, cfg.warmup, cfg.max_steps)
+    params = None if client_optimizer is not None else optim.param_groups([student, criterion], cfg.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=client_optimizer, model_parameters=params,
                                            lr_scheduler=client_scheduler, config=ds_config)
 

@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, get_linear_schedule_with_warmup
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
+from .. import optim
 from ..device import pick_device
 from ..errors import UserError
 from ..corpus import tokenizer_fingerprint
@@ -305,11 +306,8 @@ def finetune_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: Finet
     if cfg.max_seq_len > limit:
         raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's {limit} position embeddings")
     classifier.train()
-    no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n  # noqa: E731
-    groups = [{"params": [p for n, p in classifier.named_parameters() if not no_decay(n)], "weight_decay": cfg.weight_decay},
-              {"params": [p for n, p in classifier.named_parameters() if no_decay(n)], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, eps=1e-6)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup * total_steps), total_steps)
+    optimizer = optim.adamw([classifier], cfg.lr, cfg.weight_decay)  # fastkd's one builder and no-decay rule
+    scheduler = optim.warmup_then_linear(optimizer, cfg.warmup, total_steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
     bar = tqdm(total=total_steps, desc=desc or f"fine-tune {spec.name}", unit="step", disable=not cfg.progress,

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..config import DistillConfig
 from ..corpus import BatchStream
+from .. import rng
 from ..distill import Distiller, NonFiniteAbort, loss_weights
 from ..glue import FinetuneConfig, TaskCache
 from ..glue.report import COLLAPSE_FRACTION
@@ -93,17 +94,6 @@ class Counters:
 
 
 
-def _rng_state():
-    # Only this process's own GPU: touching every device would open a context on each.
-    return (torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
-
-
-def _set_rng_state(state) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1])
-
-
 def task_collapsed(result: dict) -> bool:
     return any(p.get("majority_prediction_fraction", 0.0) >= COLLAPSE_FRACTION for p in result["predictions"].values())
 
@@ -147,7 +137,7 @@ class ProxyEvaluator:
             criteria.append(DistillLoss(mapping, self.shape.hidden, self.teacher_model.config.hidden_size,
                                         self.weights, backend=self.loss_backend).to(self.device))
             students.append(build_student(self.teacher_model, self.shape, cfg.init, mapping, seed=seed).to(self.device))
-            rng_states.append(_rng_state())
+            rng_states.append(rng.capture(self.device))
         self.counters.build_seconds += time.perf_counter() - built
         teacher = Teacher(self.teacher_model, sorted({l for c in criteria for l in c.teacher_hidden_layers()}),
                           sorted({l for c in criteria for l in c.teacher_attention_layers()}),
@@ -157,7 +147,7 @@ class ProxyEvaluator:
         student_seconds = [0.0] * len(distillers)
         failed: list[str | None] = [None] * len(distillers)
         teacher_seconds = 0.0
-        outer_rng = _rng_state()
+        outer_rng = rng.capture(self.device)
         bar = tqdm(total=cfg.max_steps, desc=desc, unit="step", disable=not self.progress, leave=False, dynamic_ncols=True)
         for _ in range(cfg.max_steps):
             t0 = time.perf_counter()
@@ -168,7 +158,7 @@ class ProxyEvaluator:
                 if failed[i]:
                     continue
                 t0 = time.perf_counter()
-                _set_rng_state(rng_states[i])
+                rng.restore(rng_states[i], self.device)
                 try:
                     d.train_step(shared)
                     if d.step % cfg.log_every == 0 or d.step == cfg.max_steps:
@@ -179,11 +169,11 @@ class ProxyEvaluator:
                     d.optimizer.zero_grad(set_to_none=True)
                     continue
                 finally:
-                    rng_states[i] = _rng_state()
+                    rng_states[i] = rng.capture(self.device)
                     student_seconds[i] += time.perf_counter() - t0
             bar.update(1)
         bar.close()
-        _set_rng_state(outer_rng)
+        rng.restore(outer_rng, self.device)
         self.counters.teacher_forwards += teacher.forwards
         self.counters.student_steps += cfg.max_steps * len(distillers)
         self.counters.teacher_seconds += teacher_seconds

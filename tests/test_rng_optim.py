@@ -1,0 +1,41 @@
+"""The one RNG policy and the one optimizer builder every loop uses."""
+
+import random
+
+import numpy as np
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from fastkd import optim, rng
+
+
+def test_restore_gives_the_identical_continuation_of_every_generator():
+    rng.seed_everything(3)
+    state = rng.capture()
+    first = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
+    torch.rand(7), np.random.rand(7), random.random()  # anything drawn in between
+    rng.restore(state)
+    again = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+
+
+def test_one_no_decay_rule_biases_norms_and_vectors():
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32))
+    decay, no_decay = optim.param_groups([model], 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"])
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert all(n.endswith("bias") or "LayerNorm" in n for n in skipped) and "classifier.bias" in skipped
+    # The rule the GLUE fine-tuning had on its own before: the same groups for a BERT classifier.
+    old = [n for n, _ in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    assert [names[id(p)] for p in no_decay["params"]] == old
+    opt = optim.adamw([model], 1e-3, 0.01)
+    sched = optim.warmup_then_linear(opt, 0.1, 100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and max(lrs) == lrs[10] == 1e-3 and lrs[-1] < 2e-5  # warmup 10 steps, then linear decay
