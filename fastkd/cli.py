@@ -106,6 +106,8 @@ def _add_distill(sub) -> None:
     o.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     o.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     o.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl rows")
+    o.add_argument("--report-to", choices=["none", "tensorboard"], default="none",
+                   help="also write every logged metric as TensorBoard scalars under OUTPUT/tensorboard")
     _no_progress(o)
     z = p.add_argument_group("DeepSpeed ZeRO (start with the deepspeed launcher or torchrun; see launch/)")
     z.add_argument("--deepspeed", "--deepspeed_config", dest="deepspeed", default=None, metavar="CONFIG.json",

@@ -11,7 +11,9 @@ from .io import read_json
 
 # Settings that do not change what is computed: they may differ between a run and its resume.
 NON_DETERMINING = frozenset({"output", "resume", "log_every", "keep_checkpoints", "cache_dir", "progress",
-                             "stop_at_step", "checkpoint_every", "max_bad_steps", "device", "loss_backend"})
+                             "stop_at_step", "checkpoint_every", "max_bad_steps", "device", "loss_backend",
+                             "report_to"})
+REPORT_TO = ("none", "tensorboard")
 
 
 @dataclass
@@ -52,6 +54,7 @@ class DistillConfig:
     device: str = "auto"  # auto = cuda when available, else cpu
     loss_backend: str | None = None  # None: $FASTKD_LOSS_BACKEND or auto (fastkd.ops.backends)
     deepspeed: str | None = None  # a ds_config JSON: distill under DeepSpeed ZeRO (fastkd.zero)
+    report_to: str = "none"  # or "tensorboard": every logged metric also under OUTPUT/tensorboard
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +75,7 @@ class DistillConfig:
             (math.isfinite(self.clip_grad) and self.clip_grad >= 0,
              f"--clip-grad must be a finite number >= 0, 0 = off (got {self.clip_grad})"),
             (self.seed >= 0, f"--seed must be >= 0 (got {self.seed})"),
+            (self.report_to in REPORT_TO, f"--report-to must be one of {', '.join(REPORT_TO)} (got {self.report_to!r})"),
             (0 <= self.warmup < 1, f"--warmup is a fraction of the steps in [0, 1) (got {self.warmup})"),
             (self.checkpoint_every >= 1, f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})"),
             (self.max_bad_steps >= 1, f"--max-bad-steps must be at least 1 (got {self.max_bad_steps})"),

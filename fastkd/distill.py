@@ -500,6 +500,16 @@ def export_run(run: Run, extra: dict | None = None) -> Path:
     return export_student(distiller.student, run.tokenizer, run.output / "student", info)
 
 
+def _tensorboard(cfg, output: Path, step: int):
+    """A SummaryWriter under OUTPUT/tensorboard for --report-to tensorboard, else None. On --resume
+    the events after the checkpoint's step are dropped (purge_step), as the metrics rows after it are."""
+    if getattr(cfg, "report_to", "none") != "tensorboard":
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(output / "tensorboard"), purge_step=step + 1 if step > 0 else None)
+
+
 def train(distiller, output: Path, metrics_path: Path, save=None, is_main: bool = True) -> None:
     """The step loop: metrics rows, progress bar and checkpoints every N steps.
 
@@ -513,7 +523,9 @@ def train(distiller, output: Path, metrics_path: Path, save=None, is_main: bool 
                disable=not (cfg.progress and is_main), dynamic_ncols=True)
     last_time, last_step = time.perf_counter(), distiller.step
     last = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
-    with open(metrics_path if is_main else os.devnull, "a", encoding="utf-8") as metrics, stop_signals() as caught:
+    board = _tensorboard(cfg, output, distiller.step) if is_main else None
+    with open(metrics_path if is_main else os.devnull, "a", encoding="utf-8") as metrics, stop_signals() as caught, \
+            contextlib.closing(board) if board is not None else contextlib.nullcontext():
         while distiller.step < last:
             t0 = time.perf_counter()
             distiller.stop_requested = caught["signum"] is not None  # (ZeRO agrees on it inside the step)
@@ -538,6 +550,11 @@ def train(distiller, output: Path, metrics_path: Path, save=None, is_main: bool 
                 row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
                 metrics.write(json.dumps(row, allow_nan=False) + "\n")
                 metrics.flush()
+                if board is not None:
+                    for key, value in row.items():
+                        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                            board.add_scalar(f"distill/{key}", value, step)
+                    board.flush()
                 bar.set_postfix(loss=f"{result.loss:.4f}", seq_s=f"{rate:.1f}")
             if checkpoint_step:
                 save(distiller, output, cfg.keep_checkpoints)
