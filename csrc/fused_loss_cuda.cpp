@@ -21,13 +21,18 @@ using fastkd::cuda::kMaxHeadDim;
 // The Python wrapper passes an empty tensor for "no weight" / "no bias"; an undefined one is accepted too.
 bool absent(const at::Tensor& t) { return !t.defined() || t.numel() == 0; }
 
-void check_float(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
+// A defined, contiguous CUDA tensor of `dtype` with `dim` dimensions.
+void check_dense(const at::Tensor& t, const char* op, const char* name, int64_t dim, at::ScalarType dtype) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is required");
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32 (the Python wrapper casts), got ",
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, " (the Python wrapper casts), got ",
               t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
   TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
+}
+
+void check_float(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
+  check_dense(t, op, name, dim, at::kFloat);
 }
 
 void check_mask(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
@@ -82,15 +87,6 @@ std::vector<at::Tensor> attention_mse_qk(const at::Tensor& qs, const at::Tensor&
   return {loss_sum, dqs, dks};
 }
 
-// The operand of a tensor-core GEMM: float16, bfloat16 or float32 (TF32 when torch allows it).
-void check_gemm_operand(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is required");
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must have 4 dimensions, got shape ", t.sizes());
-}
-
 // a @ b on cuBLAS with a float32 result: 16-bit operands accumulate in float32 on tensor cores.
 at::Tensor bmm_f32(const at::Tensor& a, const at::Tensor& b) {
   return a.scalar_type() == at::kFloat ? at::bmm(a, b) : at::bmm(a, b, at::kFloat);
@@ -108,10 +104,10 @@ std::vector<at::Tensor> attention_mse_qk_gemm(const at::Tensor& qs, const at::Te
   const at::ScalarType student = qs.scalar_type(), teacher = qt.scalar_type();
   TORCH_CHECK(student == at::kHalf || student == at::kBFloat16 || student == at::kFloat, op,
               ": qs must be float16, bfloat16 or float32, got ", student);
-  check_gemm_operand(qs, op, "qs", student);
-  check_gemm_operand(ks, op, "ks", student);
-  check_gemm_operand(qt, op, "qt", teacher);
-  check_gemm_operand(kt, op, "kt", teacher);
+  check_dense(qs, op, "qs", 4, student);
+  check_dense(ks, op, "ks", 4, student);
+  check_dense(qt, op, "qt", 4, teacher);
+  check_dense(kt, op, "kt", 4, teacher);
   check_mask(mask, op, "mask", 2);
   check_same_device(ks, qs, op, "ks");
   check_same_device(qt, qs, op, "qt");

@@ -152,6 +152,24 @@ def read_steps(pending: list[tuple[int, StepResult]], reduce=None) -> list[StepR
     return records
 
 
+def read_pending(distiller, what: str, reduce=None) -> StepRecord | None:
+    """The read both distillers share: every pending step as numbers (`reduce`: over ranks), skipped
+    ones counted (`what` was non-finite), the others into the window; the latest step's record."""
+    records, distiller.pending = read_steps(distiller.pending, reduce), []
+    for r in records:
+        if r.skipped:
+            count_bad_step(distiller, r.step, what)
+        else:
+            distiller.window.append({"loss": r.loss, **r.terms})
+    return records[-1] if records else None
+
+
+def window_means(window) -> dict[str, float]:
+    """Mean of each logged quantity over the last window of steps (less noisy than the last step)."""
+    keys = list(window[-1]) if window else []
+    return {k: float(np.mean([row[k] for row in window if k in row])) for k in keys}
+
+
 class Distiller:
     """Owns one student, its loss projections and optimizer; the teacher and data are given."""
 
@@ -226,13 +244,7 @@ class Distiller:
     def read(self) -> StepRecord | None:
         """Read every step since the last read (one host sync): skipped steps are counted (and the run
         stopped after --max-bad-steps), the others enter the window. Returns the latest step's record."""
-        records, self.pending = read_steps(self.pending), []
-        for r in records:
-            if r.skipped:
-                count_bad_step(self, r.step, "loss or gradient")
-            else:
-                self.window.append({"loss": r.loss, **r.terms})
-        return records[-1] if records else None
+        return read_pending(self, "loss or gradient")
 
     def compute_loss(self, batch, teacher_out) -> LossOutput:
         return student_loss(self.student, self.criterion, batch, teacher_out)
@@ -264,9 +276,7 @@ class Distiller:
         rng.restore(state["rng"], self.device)
 
     def final_losses(self) -> dict[str, float]:
-        """Mean of each logged quantity over the last window of steps (less noisy than the last step)."""
-        keys = list(self.window[-1]) if self.window else []
-        return {k: float(np.mean([row[k] for row in self.window if k in row])) for k in keys}
+        return window_means(self.window)
 
 
 # --- checkpoint files -------------------------------------------------------------------
@@ -275,15 +285,20 @@ def checkpoint_dir(output: Path) -> Path:
     return output / "checkpoints"
 
 
+def checkpoints(output: Path) -> list[Path]:
+    """Checkpoint folders holding a state.pt, oldest first."""
+    return sorted(p for p in checkpoint_dir(output).glob("step-*") if (p / "state.pt").is_file())
+
+
 def latest_checkpoint(output: Path) -> Path | None:
-    done = sorted(p for p in checkpoint_dir(output).glob("step-*") if (p / "state.pt").is_file())
+    done = checkpoints(output)
     return done[-1] if done else None
 
 
 def load_latest_checkpoint(output: Path, device) -> tuple[Path | None, dict | None]:
     """The newest checkpoint that loads, newest first: a damaged one (a truncated state.pt, a disk
     error) is one warning and the next older one is taken; (None, None) when none loads."""
-    done = sorted((p for p in checkpoint_dir(output).glob("step-*") if (p / "state.pt").is_file()), reverse=True)
+    done = checkpoints(output)[::-1]
     for path in done:
         try:
             # On the CPU first: a checkpoint too large for the device is not a damaged one.
@@ -316,7 +331,7 @@ def save_checkpoint(distiller: Distiller, output: Path, keep: int) -> Path:
     staged.rename(target)  # a checkpoint directory is complete or absent
     # Older than the one just written only: after a fallback to an older checkpoint, newer (damaged)
     # ones must not make it prune the checkpoint it has just written.
-    finished = sorted(p for p in checkpoint_dir(output).glob("step-*") if (p / "state.pt").is_file() and p <= target)
+    finished = [p for p in checkpoints(output) if p <= target]
     for old in finished[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return target

@@ -112,7 +112,7 @@ class DistillLoss(nn.Module):
         `dtypes`: a dtype for both models, or a (student, teacher) pair; returns {op: {dtype: backend}}
         for the run's config."""
         pairs = [d if isinstance(d, tuple) else (d, d) for d in dtypes]
-        return {op: {ops.select.dtype_label(s, t): ops.backend_for(op, self.backend_request, device, s, t, use=False)
+        return {op: {ops.select.dtype_label(s, t): ops.backend_for(op, self.backend_request, device, s, t)
                      for s, t in pairs} for op in self.active_ops()}
 
     def _op_backend(self, op: str, student: torch.Tensor, teacher: torch.Tensor) -> str:

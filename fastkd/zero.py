@@ -29,17 +29,15 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from .config import DistillConfig
 from .corpus import BatchStream, corpus_identity, load_corpus, sample_corpus
-from .distill import (NonFiniteAbort, Run, StepRecord, StepResult, _truncate_metrics, build_models,
-                      count_bad_step, export_run, prepare_output, read_steps, resolve, student_loss,
-                      train)
-from .errors import UserError
 from . import optim, rng
+from .distill import (NonFiniteAbort, Run, StepRecord, StepResult, _truncate_metrics, build_models, export_run,
+                      prepare_output, read_pending, resolve, student_loss, train, window_means)
+from .errors import UserError
 from .io import atomic_write_json, lock_output
 from .rng import seed_everything
 from .losses import DistillLoss
@@ -278,17 +276,10 @@ class ZeroDistiller:
     def read(self) -> StepRecord | None:
         """Distiller.read over ranks: the logged numbers averaged over ranks in one all-reduce (a
         collective: every rank calls it at the same steps, as `train` and the checkpoints do)."""
-        records, self.pending = read_steps(self.pending, self._mean_over_ranks), []
-        for r in records:
-            if r.skipped:
-                count_bad_step(self, r.step, "loss")
-            else:
-                self.window.append({"loss": r.loss, **r.terms})
-        return records[-1] if records else None
+        return read_pending(self, "loss", self._mean_over_ranks)
 
     def final_losses(self) -> dict[str, float]:
-        keys = list(self.window[-1]) if self.window else []
-        return {k: float(np.mean([row[k] for row in self.window if k in row])) for k in keys}
+        return window_means(self.window)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------

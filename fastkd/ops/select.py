@@ -51,7 +51,6 @@ class Selection:
     requested: str
     backend: str
     check: str  # passed | skipped ($FASTKD_SELF_CHECK=0) | reference, then "after <backend>: <why>" for each failure
-    used: bool = False  # a loss ran it (not only prepared)
 
 
 _selected: dict[tuple[str, str, str, str], Selection] = {}
@@ -126,10 +125,9 @@ def check(op: str, backend: str, device: torch.device, dtype: torch.dtype,
 
 
 def backend_for(op: str, request: str | None, device: torch.device | str, dtype: torch.dtype,
-                teacher_dtype: torch.dtype | None = None, use: bool = True) -> str:
+                teacher_dtype: torch.dtype | None = None) -> str:
     """The backend `op` runs on for student inputs of `dtype` and teacher inputs of `teacher_dtype`
-    (default the same) on `device`, decided once per process. use=False: deciding ahead of the first
-    step (DistillLoss.prepare), not a use of the op."""
+    (default the same) on `device`, decided once per process (what a loss ran: DistillLoss.ran_on)."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -137,7 +135,6 @@ def backend_for(op: str, request: str | None, device: torch.device | str, dtype:
     teacher_dtype = teacher_dtype or dtype
     key = (op, name, str(device), dtype_label(dtype, teacher_dtype))
     if key in _selected:
-        _selected[key].used |= use
         return _selected[key].backend
     module, _ = OPS[op]
     chain = [b for b in present_chain(name, device) if b in module.FUSED or b == "torch"]
@@ -161,19 +158,14 @@ def backend_for(op: str, request: str | None, device: torch.device | str, dtype:
             outcome = "passed"
         if failures:
             outcome = f"{outcome} after {'; '.join(failures)}"
-        _selected[key] = Selection(op, str(device), dtype_label(dtype, teacher_dtype), name, backend, outcome, use)
+        _selected[key] = Selection(op, str(device), dtype_label(dtype, teacher_dtype), name, backend, outcome)
         return backend
     raise AssertionError("unreachable: the chain always ends in torch")
 
 
-def selections(used_only: bool = False, request: str | None = None, device=None) -> list[dict]:
-    """The decisions of this process, for fastkd.json: those a loss actually ran (used_only), for one
-    request (a process may hold runs with different --loss-backend) and device, when given."""
-    name = requested(request) if request is not None else None
-    dev = None if device is None else torch.device(device).type
-    return [{k: v for k, v in asdict(s).items() if k != "used"} for s in _selected.values()
-            if (s.used or not used_only) and (name is None or s.requested == name)
-            and (dev is None or torch.device(s.device).type == dev)]
+def selections() -> list[dict]:
+    """Every decision of this process."""
+    return [asdict(s) for s in _selected.values()]
 
 
 def reset() -> None:
