@@ -40,7 +40,7 @@ def _sync(device) -> None:
 
 def measure(cfg: DistillConfig, steps: int, warmup: int) -> dict:
     run = build_run(cfg)
-    d = run.distiller
+    d = run.engine
     trim_heap()  # memory freed by an earlier measurement goes back to the OS: each starts even
     reset_peak_rss()
     before = rss_mib()  # weights, corpus map, libraries

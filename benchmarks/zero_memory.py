@@ -35,7 +35,7 @@ def _census(run) -> dict:
     """Bytes of this rank's live tensors by role, each storage counted once."""
     import torch
 
-    d = run.distiller
+    d = run.engine
     seen: set[int] = set()
 
     def storages(tensors) -> int:
@@ -51,8 +51,8 @@ def _census(run) -> dict:
         return total
 
     teacher = storages(list(d.teacher.model.parameters()) + list(d.teacher.model.buffers()))
-    params = storages([getattr(p, "ds_tensor", p) for p in d.module.parameters()])
-    opt = d.engine.optimizer
+    params = storages([getattr(p, "ds_tensor", p) for p in d.ds_engine.module.parameters()])
+    opt = d.ds_engine.optimizer
     inner = getattr(opt, "optimizer", opt)
     states = storages([v for state in inner.state.values() for v in state.values()])
     # ZeRO keeps each rank's slice of the weights in fp32 for the optimizer (stage 1/2 and 3 names).
@@ -70,14 +70,14 @@ def worker(args) -> None:
     import torch
 
     from fastkd.config import DistillConfig
-    from fastkd.zero import build_zero_run
+    from fastkd.distill import build_run
 
     cfg = DistillConfig(output=args.output, corpus=args.corpus, teacher=args.teacher, student_layers=args.student_layers,
                         max_seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps + 2,
                         progress=False, deepspeed=args.config)
-    run = build_zero_run(cfg)
-    d = run.distiller
-    engine = d.engine
+    run = build_run(cfg)
+    d = run.engine
+    engine = d.ds_engine
     d.train_step()  # optimizer states exist from here on
     # One more step by hand, counted after its backward: parameters, gradients and states all alive.
     batch = {k: v.to(d.device) for k, v in d.stream.next().items()}
@@ -103,7 +103,7 @@ def worker(args) -> None:
 
 
 def single_process(args) -> float:
-    """Median step time of the plain Distiller at the same per-rank micro-batch."""
+    """Median step time of the single-process LocalEngine at the same per-rank micro-batch."""
     import statistics
 
     from fastkd.config import DistillConfig
@@ -113,11 +113,11 @@ def single_process(args) -> float:
         run = build_run(DistillConfig(output=out, corpus=args.corpus, teacher=args.teacher,
                                       student_layers=args.student_layers, max_seq_len=args.seq_len,
                                       batch_size=args.batch_size, max_steps=args.steps + 2, progress=False))
-        run.distiller.train_step()
+        run.engine.train_step()
         times = []
         for _ in range(args.steps):
             t0 = time.perf_counter()
-            run.distiller.train_step()
+            run.engine.train_step()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

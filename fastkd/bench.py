@@ -23,7 +23,8 @@ import torch
 from . import ops
 from .config import DistillConfig
 from .device import pick_device
-from .distill import Distiller, loss_weights
+from .distill import loss_weights
+from .training import LocalEngine
 from .errors import UserError
 from .losses import DistillLoss
 from .mapping import parse_mapping
@@ -155,13 +156,13 @@ def measure_backend(backend: str, teacher_model, tokenizer, cfg: BenchConfig, de
     student = build_student(teacher_model, shape, "teacher", mapping, seed=cfg.seed).to(device)
     teacher = Teacher(teacher_model, criterion.teacher_hidden_layers(), criterion.teacher_attention_layers(),
                       autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
-    distiller = Distiller(dcfg, teacher, student, criterion, stream=None)
+    engine = LocalEngine(dcfg, teacher, student, criterion, stream=None)
     batch = _batch(tokenizer, cfg, device)
 
     def step() -> float:
         _sync(device)
         t0 = time.perf_counter()
-        distiller.train_step([(batch, teacher(batch["input_ids"], batch["attention_mask"]))])
+        engine.train_step([(batch, teacher(batch["input_ids"], batch["attention_mask"]))])
         _sync(device)
         return time.perf_counter() - t0
 
@@ -169,7 +170,7 @@ def measure_backend(backend: str, teacher_model, tokenizer, cfg: BenchConfig, de
         step()
     with PeakMemory(device) as memory:
         times = [step() for _ in range(cfg.steps)]
-    distiller.read()  # the steps' numbers, read once (a run reads them at logging steps)
+    engine.read()  # the steps' numbers, read once (a run reads them at logging steps)
     # What each op really ran on (after its self-check): a row is labelled with it, not only with the
     # backend asked for, so a fallback never passes for a measurement of that backend.
     ran_on: dict[str, str] = {}

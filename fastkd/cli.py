@@ -124,18 +124,11 @@ def _cmd_distill(args) -> int:
     values = {k: v for k, v in vars(args).items()
               if k not in ("func", "command", "verbose", "local_rank", "launcher_local_rank")}
     cfg = DistillConfig(**values)
-    if cfg.deepspeed is not None:
-        import os
-
-        from .zero import run_distill_deepspeed
-
-        if args.local_rank is not None:  # the deepspeed launcher passes it; torchrun sets LOCAL_RANK
-            os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-        student_dir = run_distill_deepspeed(cfg)
-        if int(os.environ.get("RANK", "0")) != 0:
-            return 0
-    else:
-        student_dir = run_distill(cfg)
+    if cfg.deepspeed is not None and args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))  # the deepspeed launcher passes it
+    student_dir = run_distill(cfg)
+    if cfg.deepspeed is not None and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # the main rank says what was done
     if student_dir is None:
         print(f"stopped at step {cfg.stop_at_step}; continue with: fastkd distill ... --output {cfg.output} --resume")
     else:
@@ -449,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     except Exception as exc:
-        from .distill import Preempted
+        from .training import Preempted
 
         if isinstance(exc, Preempted):
             print(f"fastkd {args.command}: {exc}", file=sys.stderr)

@@ -5,11 +5,13 @@ Captured: torch's CPU generator, the generator of the CUDA device the run comput
 one: asking every device would open a CUDA context, hundreds of MiB, on each GPU a rank can see),
 numpy's and Python's. A checkpoint holds exactly this, so 10 steps + resume + 10 steps equal 20
 straight steps; the search swaps it around each candidate's step, so a candidate's result depends
-only on (mapping, seed).
+only on (mapping, seed); a GLUE fine-tune runs `seeded` by its seed, so its result depends only on
+(model, task, seed) and the caller's streams go on as if it had not run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
@@ -49,3 +51,22 @@ def restore(state: dict, device=None) -> None:
             torch.cuda.set_rng_state(cuda, _cuda_device(device) or "cuda")
         else:  # single-process checkpoints before this policy held every device's
             torch.cuda.set_rng_state_all(cuda)
+
+
+@contextlib.contextmanager
+def isolated(device=None):
+    """Whatever runs inside draws from the global generators as it likes; the caller's state is
+    restored afterwards (its streams go on as if the work had not run)."""
+    outer = capture(device)
+    try:
+        yield
+    finally:
+        restore(outer, device)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device=None):
+    """`isolated`, with every generator seeded by `seed` inside."""
+    with isolated(device):
+        seed_everything(seed)
+        yield

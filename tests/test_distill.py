@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fastkd.config import DistillConfig
-from fastkd.distill import NonFiniteAbort, build_run, latest_checkpoint, run_distill
+from fastkd.distill import build_run, run_distill
+from fastkd.training import NonFiniteAbort, latest_checkpoint
 from fastkd.losses import LossOutput
 from safetensors.torch import load_file
 
@@ -59,15 +60,15 @@ def test_grad_accumulation_matches_one_large_batch(tmp_path, tiny_teacher_dir, s
     for name, batch, accum in (("big", 8, 1), ("accum", 4, 2)):
         run = build_run(_cfg(tmp_path, name, tiny_teacher_dir, small_corpus, batch_size=batch, grad_accum=accum,
                              clip_grad=0.0, max_steps=1))
-        run.distiller.train_step()
-        grads.append([p.grad.clone() for p in run.distiller.params])
+        run.engine.train_step()
+        grads.append([p.grad.clone() for p in run.engine.params])
     for g_big, g_acc in zip(*grads):
         torch.testing.assert_close(g_acc, g_big, rtol=1e-4, atol=1e-7)
 
 
 def test_non_finite_steps_are_skipped_then_abort(tmp_path, tiny_teacher_dir, small_corpus):
     run = build_run(_cfg(tmp_path, "nan", tiny_teacher_dir, small_corpus, max_bad_steps=2))
-    d = run.distiller
+    d = run.engine
     real = d.compute_loss
     poisoned = {2, 3}
 
@@ -93,11 +94,11 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, tiny_teacher_dir, sma
 
 def test_a_stop_for_bad_steps_at_a_checkpoint_step_leaves_nothing_half_written(tmp_path, tiny_teacher_dir,
                                                                               small_corpus):
-    from fastkd.distill import train
+    from fastkd.training import train
 
     run = build_run(_cfg(tmp_path, "stop", tiny_teacher_dir, small_corpus, max_bad_steps=1, log_every=5,
                          checkpoint_every=2))
-    d = run.distiller
+    d = run.engine
     real = d.compute_loss
     d.compute_loss = lambda b, t: (lambda out: LossOutput(out.total * float("nan"), out.terms) if d.step == 1
                                    else out)(real(b, t))
@@ -112,12 +113,12 @@ def test_a_checkpoint_of_the_unfused_optimizer_resumes(tmp_path, tiny_teacher_di
     """Checkpoints written before the optimizer was fused say fused=None: resuming one must still
     take the fused path (the on-device skip needs it), with the same moments."""
     run = build_run(_cfg(tmp_path, "old", tiny_teacher_dir, small_corpus))
-    d = run.distiller
+    d = run.engine
     d.train_step()
     state = copy.deepcopy(d.state_dict())  # as torch.load would give it: nothing shared with d
     for group in state["optimizer"]["param_groups"]:
         group["fused"], group["foreach"] = None, None  # as torch saved the old, unfused AdamW
-    fresh = build_run(_cfg(tmp_path, "new", tiny_teacher_dir, small_corpus)).distiller
+    fresh = build_run(_cfg(tmp_path, "new", tiny_teacher_dir, small_corpus)).engine
     fresh.load_state_dict(state)  # sets the global RNG to the checkpoint's, as d has it
     assert all(g["fused"] for g in fresh.optimizer.param_groups)
     fresh.train_step()
@@ -131,7 +132,7 @@ def test_a_step_never_waits_for_the_device(tmp_path, tiny_teacher_dir, small_cor
     a tensor's value on the host is made to fail while the loss and update run (the models' own
     forwards are outside fastkd's control and left alone)."""
     run = build_run(_cfg(tmp_path, "nosync", tiny_teacher_dir, small_corpus, grad_accum=2))
-    d = run.distiller
+    d = run.engine
     d.train_step()  # warm-up: the loss ops' self-checks are allowed to read values
     real_student = d.student.forward
     watching = []
@@ -169,7 +170,7 @@ def test_a_step_never_waits_for_the_device(tmp_path, tiny_teacher_dir, small_cor
 
 
 def read_all(d):
-    from fastkd.distill import read_steps
+    from fastkd.training import read_steps
 
     records = read_steps(d.pending)
     d.pending = []
@@ -185,18 +186,18 @@ def test_narrow_student_with_projections_and_kl(tmp_path, tiny_teacher_dir, smal
     cfg = _cfg(tmp_path, "narrow", tiny_teacher_dir, small_corpus, student_hidden=16, student_heads=2, student_ffn=32,
                mapping="-,4", w_attention_kl=1.0, max_steps=4)
     run = build_run(cfg)
-    assert sorted(run.distiller.criterion.projections) == ["0", "2"]
+    assert sorted(run.engine.criterion.projections) == ["0", "2"]
     for _ in range(4):
-        result = run.distiller.train_step()
+        result = run.engine.train_step()
     assert set(result.terms) == {"embedding", "hidden", "attention", "attention_kl"}
 
 
 def test_skipped_step_rows_are_strict_json_and_torn_lines_survive_resume(tmp_path, tiny_teacher_dir, small_corpus):
-    from fastkd.distill import train
+    from fastkd.training import train
 
     cfg = _cfg(tmp_path, "strict", tiny_teacher_dir, small_corpus, max_steps=4, checkpoint_every=2)
     run = build_run(cfg)
-    d = run.distiller
+    d = run.engine
     real = d.compute_loss
     d.compute_loss = lambda b, t: (LossOutput(real(b, t).total * float("nan"), {}) if d.step == 1 else real(b, t))
     train(d, run.output, run.output / "metrics.jsonl")
@@ -211,7 +212,7 @@ def test_skipped_step_rows_are_strict_json_and_torn_lines_survive_resume(tmp_pat
     shutil.rmtree(run.output / "checkpoints" / "step-00000004")
     resumed = build_run(_cfg(tmp_path, "strict", tiny_teacher_dir, small_corpus, max_steps=4, resume=True,
                              checkpoint_every=3))  # bookkeeping settings may change on resume
-    assert resumed.distiller.step == 2
+    assert resumed.engine.step == 2
     assert [json.loads(line)["step"] for line in (run.output / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 

@@ -39,3 +39,35 @@ def test_one_no_decay_rule_biases_norms_and_vectors():
         opt.step()
         sched.step()
     assert lrs[0] == 0.0 and max(lrs) == lrs[10] == 1e-3 and lrs[-1] < 2e-5  # warmup 10 steps, then linear decay
+
+
+def test_seeded_work_leaves_the_callers_streams_as_if_it_had_not_run():
+    rng.seed_everything(5)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    rng.seed_everything(5)
+    with rng.seeded(11):
+        inside = torch.rand(3)
+        np.random.rand(9), random.random()
+    with rng.seeded(11):
+        assert torch.equal(torch.rand(3), inside)  # the seed alone decides what happens inside
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_a_glue_fine_tune_depends_on_its_seed_only_and_leaves_the_global_generators_alone(tiny_teacher_dropout_dir,
+                                                                                        default_tokenizer):
+    from pathlib import Path
+
+    from fastkd.glue import FinetuneConfig, TaskCache, parse_tasks
+    from fastkd.glue.finetune import evaluate
+
+    cache = TaskCache(str(Path(__file__).parent / "fixtures" / "glue"))
+    cfg = FinetuneConfig(max_steps=4, batch_size=4, max_seq_len=48, progress=False, seed=3)
+    results = []
+    for outer_seed in (0, 1):  # whatever the caller drew before: the search's candidates differ here
+        rng.seed_everything(outer_seed)
+        before = torch.get_rng_state()
+        result = evaluate(str(tiny_teacher_dropout_dir), default_tokenizer, parse_tasks("qqp"), cache, cfg)["qqp"]
+        assert torch.equal(torch.get_rng_state(), before)  # the caller's stream goes on untouched
+        results.append((result.metrics, result.predictions))
+    assert results[0] == results[1]

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from fastkd.cli import main
 from fastkd.config import DistillConfig
-from fastkd.distill import Preempted, build_run, run_distill, save_checkpoint, train
+from fastkd.distill import build_run, run_distill
+from fastkd.training import Preempted, train
 from fastkd.errors import UserError
 
 
@@ -133,14 +134,14 @@ def test_when_no_checkpoint_loads_resume_refuses_instead_of_starting_over(tmp_pa
 
 def test_a_full_disk_leaves_no_staging_and_is_one_line(tmp_path, tiny_teacher_dir, small_corpus, monkeypatch):
     run = build_run(_cfg(tmp_path, "full", tiny_teacher_dir, small_corpus))
-    run.distiller.train_step()
+    run.engine.train_step()
 
     def no_space(*_a, **_k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", no_space)
     with pytest.raises(UserError, match="no space left on device writing .*state.pt"):
-        save_checkpoint(run.distiller, run.output, 2)
+        run.engine.save_checkpoint(run.output, 2)
     assert list((run.output / "checkpoints").iterdir()) == []
 
 
@@ -149,9 +150,9 @@ def test_a_non_finite_model_is_never_exported(tmp_path, tiny_teacher_dir, small_
 
     run = build_run(_cfg(tmp_path, "inf", tiny_teacher_dir, small_corpus))
     with torch.no_grad():
-        next(run.distiller.student.parameters()).fill_(float("inf"))
+        next(run.engine.student.parameters()).fill_(float("inf"))
     with pytest.raises(UserError, match="non-finite values"):
-        export_student(run.distiller.student, run.tokenizer, run.output / "student", {})
+        export_student(run.engine.student, run.tokenizer, run.output / "student", {})
     assert not (run.output / "student").exists()
 
 
@@ -231,7 +232,7 @@ def test_a_second_run_on_the_same_output_is_refused_naming_the_holder(tmp_path):
 def test_sigterm_checkpoints_and_resume_is_bit_identical(tmp_path, tiny_teacher_dropout_dir, small_corpus):
     straight = run_distill(_cfg(tmp_path, "straight", tiny_teacher_dropout_dir, small_corpus, max_steps=10))
     run = build_run(_cfg(tmp_path, "stopped", tiny_teacher_dropout_dir, small_corpus, max_steps=10))
-    d = run.distiller
+    d = run.engine
     real = d.train_step
 
     def step_then_signal(*args, **kwargs):
@@ -253,13 +254,13 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(tmp_path, tiny_teacher_
 def test_sigterm_through_the_cli_exits_143_with_one_line(tmp_path, tiny_teacher_dir, small_corpus):
     out = tmp_path / "cli"
     code = ("import os, signal, sys\n"
-            "import fastkd.distill as d\n"
-            "real = d.Distiller.train_step\n"
+            "import fastkd.training.local as d\n"
+            "real = d.LocalEngine.train_step\n"
             "def step(self, *a, **k):\n"
             "    r = real(self, *a, **k)\n"
             "    if self.step == 2: os.kill(os.getpid(), signal.SIGTERM)\n"
             "    return r\n"
-            "d.Distiller.train_step = step\n"
+            "d.LocalEngine.train_step = step\n"
             "from fastkd.cli import main\n"
             f"sys.exit(main({_distill_argv(out, tiny_teacher_dir, small_corpus, '--max-steps', '6')!r}))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)

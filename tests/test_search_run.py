@@ -174,16 +174,16 @@ def test_two_rank_search_matches_one_rank(tmp_path, tiny_teacher_dropout_dir, sm
 
 def test_diverging_candidate_is_scored_not_fatal_and_unmeasured_noise_claims_nothing(
         tmp_path, tiny_teacher_dir, small_corpus, monkeypatch):
-    from fastkd.distill import Distiller, NonFiniteAbort
+    from fastkd.training import LocalEngine, NonFiniteAbort
 
-    real = Distiller.train_step
+    real = LocalEngine.train_step
 
     def train_step(self, shared=None):
         if self.criterion.mapping.text == "2,4":  # uniform diverges
             raise NonFiniteAbort("aborted: 20 steps had a non-finite loss")
         return real(self, shared)
 
-    monkeypatch.setattr(Distiller, "train_step", train_step)
+    monkeypatch.setattr(LocalEngine, "train_step", train_step)
     out = tmp_path / "s"
     result = _search(_argv(tiny_teacher_dir, small_corpus, out, "--generations", "1", "--verdict-seeds", "1")).run()
     rows = {m: f for m, s, f in sqlite3.connect(out / "search.sqlite").execute(

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from .. import optim
+from .. import optim, rng
 from ..device import pick_device
 from ..errors import UserError
 from ..corpus import tokenizer_fingerprint
@@ -301,33 +301,36 @@ def finetune_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: Finet
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(rows) / cfg.batch_size))
 
     device = pick_device(cfg.device)
-    classifier = make_classifier(model, spec, cfg.seed).to(device)
-    limit = classifier.config.max_position_embeddings
-    if cfg.max_seq_len > limit:
-        raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's {limit} position embeddings")
-    classifier.train()
-    optimizer = optim.adamw([classifier], cfg.lr, cfg.weight_decay)  # fastkd's one builder and no-decay rule
-    scheduler = optim.warmup_then_linear(optimizer, cfg.warmup, total_steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order: list[int] = []
-    bar = tqdm(total=total_steps, desc=desc or f"fine-tune {spec.name}", unit="step", disable=not cfg.progress,
-               leave=False, dynamic_ncols=True)
-    for step in range(total_steps):
-        if len(order) < cfg.batch_size:  # next epoch (the tail of an epoch joins the next one)
-            order += rows[torch.randperm(len(rows), generator=gen).numpy()].tolist()
-        batch_rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
-        batch = {k: v.to(device) for k, v in _batch(train_enc, batch_rows, pad_id).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            out = classifier(**batch, labels=train_enc.labels[batch_rows].to(device))
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(classifier.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{out.loss.item():.3f}")
-    bar.close()
+    # fastkd's RNG policy: seeded by the run's seed, the caller's generators untouched (the search
+    # fine-tunes between candidates' distillation steps).
+    with rng.seeded(cfg.seed, device):
+        classifier = make_classifier(model, spec, cfg.seed).to(device)
+        limit = classifier.config.max_position_embeddings
+        if cfg.max_seq_len > limit:
+            raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's {limit} position embeddings")
+        classifier.train()
+        optimizer = optim.adamw([classifier], cfg.lr, cfg.weight_decay)  # fastkd's one builder and no-decay rule
+        scheduler = optim.warmup_then_linear(optimizer, cfg.warmup, total_steps)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        order: list[int] = []
+        bar = tqdm(total=total_steps, desc=desc or f"fine-tune {spec.name}", unit="step", disable=not cfg.progress,
+                   leave=False, dynamic_ncols=True)
+        for step in range(total_steps):
+            if len(order) < cfg.batch_size:  # next epoch (the tail of an epoch joins the next one)
+                order += rows[torch.randperm(len(rows), generator=gen).numpy()].tolist()
+            batch_rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
+            batch = {k: v.to(device) for k, v in _batch(train_enc, batch_rows, pad_id).items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                out = classifier(**batch, labels=train_enc.labels[batch_rows].to(device))
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(classifier.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{out.loss.item():.3f}")
+        bar.close()
 
     metrics, baseline, predictions, examples = _score(
         spec, data, scoring, lambda enc: predict(classifier, enc, pad_id, cfg.eval_batch_size, cfg.bf16))

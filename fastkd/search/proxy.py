@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from ..config import DistillConfig
 from ..corpus import BatchStream
 from .. import rng
-from ..distill import Distiller, NonFiniteAbort, loss_weights
+from ..distill import loss_weights
+from ..training import LocalEngine, NonFiniteAbort
 from ..glue import FinetuneConfig, TaskCache
 from ..glue.report import COLLAPSE_FRACTION
 from ..losses import DistillLoss
@@ -130,57 +131,56 @@ class ProxyEvaluator:
         the generation, their order, or the chunking. Lockstep therefore equals sequential exactly.
         """
         cfg = self._distill_config(seed)
-        criteria, students, rng_states = [], [], []
-        built = time.perf_counter()
-        for mapping in mappings:
-            torch.manual_seed(seed)
-            criteria.append(DistillLoss(mapping, self.shape.hidden, self.teacher_model.config.hidden_size,
-                                        self.weights, backend=self.loss_backend).to(self.device))
-            students.append(build_student(self.teacher_model, self.shape, cfg.init, mapping, seed=seed).to(self.device))
-            rng_states.append(rng.capture(self.device))
-        self.counters.build_seconds += time.perf_counter() - built
-        teacher = Teacher(self.teacher_model, sorted({l for c in criteria for l in c.teacher_hidden_layers()}),
-                          sorted({l for c in criteria for l in c.teacher_attention_layers()}),
-                          autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
-        stream = BatchStream(self.corpus, cfg.batch_size, seed)
-        distillers = [Distiller(cfg, teacher, s, c, stream) for s, c in zip(students, criteria)]
-        student_seconds = [0.0] * len(distillers)
-        failed: list[str | None] = [None] * len(distillers)
-        teacher_seconds = 0.0
-        outer_rng = rng.capture(self.device)
-        bar = tqdm(total=cfg.max_steps, desc=desc, unit="step", disable=not self.progress, leave=False, dynamic_ncols=True)
-        for _ in range(cfg.max_steps):
-            t0 = time.perf_counter()
-            batch = {k: v.to(self.device) for k, v in stream.next().items()}
-            shared = [(batch, teacher(batch["input_ids"], batch["attention_mask"]))]  # the one teacher forward
-            teacher_seconds += time.perf_counter() - t0
-            for i, d in enumerate(distillers):
-                if failed[i]:
-                    continue
+        with rng.isolated(self.device):  # the caller's streams go on as if this had not run
+            criteria, students, rng_states = [], [], []
+            built = time.perf_counter()
+            for mapping in mappings:
+                torch.manual_seed(seed)
+                criteria.append(DistillLoss(mapping, self.shape.hidden, self.teacher_model.config.hidden_size,
+                                            self.weights, backend=self.loss_backend).to(self.device))
+                students.append(build_student(self.teacher_model, self.shape, cfg.init, mapping, seed=seed).to(self.device))
+                rng_states.append(rng.capture(self.device))
+            self.counters.build_seconds += time.perf_counter() - built
+            teacher = Teacher(self.teacher_model, sorted({l for c in criteria for l in c.teacher_hidden_layers()}),
+                              sorted({l for c in criteria for l in c.teacher_attention_layers()}),
+                              autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
+            stream = BatchStream(self.corpus, cfg.batch_size, seed)
+            engines = [LocalEngine(cfg, teacher, s, c, stream) for s, c in zip(students, criteria)]
+            student_seconds = [0.0] * len(engines)
+            failed: list[str | None] = [None] * len(engines)
+            teacher_seconds = 0.0
+            bar = tqdm(total=cfg.max_steps, desc=desc, unit="step", disable=not self.progress, leave=False, dynamic_ncols=True)
+            for _ in range(cfg.max_steps):
                 t0 = time.perf_counter()
-                rng.restore(rng_states[i], self.device)
-                try:
-                    d.train_step(shared)
-                    if d.step % cfg.log_every == 0 or d.step == cfg.max_steps:
-                        d.read()  # the numbers reach the host here (one sync), and a divergence is seen
-                except NonFiniteAbort:
-                    # One diverging candidate is a (bad) result, not the end of the search.
-                    failed[i] = f"diverged at step {d.step}: {d.bad_steps} non-finite steps"
-                    d.optimizer.zero_grad(set_to_none=True)
-                    continue
-                finally:
-                    rng_states[i] = rng.capture(self.device)
-                    student_seconds[i] += time.perf_counter() - t0
-            bar.update(1)
-        bar.close()
-        rng.restore(outer_rng, self.device)
+                batch = {k: v.to(self.device) for k, v in stream.next().items()}
+                shared = [(batch, teacher(batch["input_ids"], batch["attention_mask"]))]  # the one teacher forward
+                teacher_seconds += time.perf_counter() - t0
+                for i, d in enumerate(engines):
+                    if failed[i]:
+                        continue
+                    t0 = time.perf_counter()
+                    rng.restore(rng_states[i], self.device)
+                    try:
+                        d.train_step(shared)
+                        if d.step % cfg.log_every == 0 or d.step == cfg.max_steps:
+                            d.read()  # the numbers reach the host here (one sync), and a divergence is seen
+                    except NonFiniteAbort:
+                        # One diverging candidate is a (bad) result, not the end of the search.
+                        failed[i] = f"diverged at step {d.step}: {d.bad_steps} non-finite steps"
+                        d.optimizer.zero_grad(set_to_none=True)
+                        continue
+                    finally:
+                        rng_states[i] = rng.capture(self.device)
+                        student_seconds[i] += time.perf_counter() - t0
+                bar.update(1)
+            bar.close()
         self.counters.teacher_forwards += teacher.forwards
-        self.counters.student_steps += cfg.max_steps * len(distillers)
+        self.counters.student_steps += cfg.max_steps * len(engines)
         self.counters.teacher_seconds += teacher_seconds
         self.counters.student_seconds += sum(student_seconds)
-        share = teacher_seconds / max(len(distillers), 1)
+        share = teacher_seconds / max(len(engines), 1)
         out = []
-        for d, s, why in zip(distillers, student_seconds, failed):
+        for d, s, why in zip(engines, student_seconds, failed):
             d.optimizer.zero_grad(set_to_none=True)  # the students wait for fine-tuning without gradients
             out.append((d.student, {"failed": why} if why else d.final_losses(), s + share))
         return out
