@@ -16,7 +16,7 @@ from scipy import stats
 
 from fastkd.corpus import load_corpus, sample_corpus
 from fastkd.glue import TaskCache, parse_tasks
-from fastkd.mapping import LayerMapping, heuristic
+from fastkd.mapping import LayerMapping
 from fastkd.models import load_teacher, load_tokenizer, student_shape
 from fastkd.search.proxy import ProxyConfig, ProxyEvaluator, task_collapsed
 from fastkd.search.rungs import Rung

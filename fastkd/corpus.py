@@ -4,9 +4,17 @@ Text sources: a file, a directory of *.txt files (one paragraph per line), or a 
 name `NAME[:CONFIG]` with a `text` column. Blank lines and WikiText ` = Title = ` headings are
 dropped and WikiText's ` @-@ ` style escapes undone. Paragraphs are tokenized with the teacher's
 tokenizer and packed back to back into [CLS] ... [SEP] sequences of exactly max_seq_len tokens
-(the tail of each packing batch becomes one padded sequence rather than being thrown away).
-The packed corpus is saved as Arrow under the cache directory, keyed by the files' identity,
-the tokenizer and the length, so a second run does not re-tokenize.
+(the tail of each packing block of PACK_BATCH paragraphs becomes one padded sequence rather than
+being thrown away). The packed corpus is saved as Arrow under the cache directory, keyed by the
+files' identity, the tokenizer and the length, so a second run does not re-tokenize.
+
+Tokenization, the expensive part, runs in `num_proc` processes (datasets.map), one row per
+paragraph, so the shards' boundaries change nothing; packing then runs in one process over fixed
+blocks of paragraphs: the cache is the same whatever `num_proc`. A paragraph longer than
+PIECE_CHARS characters is tokenized in pieces cut before whitespace, so one 50 MB line does not
+hold gigabytes of tokenizer state (for WordPiece and byte-level BPE the tokens are those of one
+call; a SentencePiece tokenizer may differ at a cut, and so may any tokenizer where PIECE_CHARS
+characters hold no whitespace at all: there the cut is hard).
 """
 
 from __future__ import annotations
@@ -33,8 +41,12 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # bump when the packing changes
-PACK_BATCH = 1000  # paragraphs per datasets.map batch
+CACHE_FORMAT = 3  # bump when the packing changes (3: long paragraphs tokenized in pieces)
+PACK_BATCH = 1000  # paragraphs per packing block (the tail of each block is one padded sequence)
+PIECE_CHARS = 8192  # longer paragraphs are tokenized in pieces of at most this many characters
+PIECES_PER_CALL = 256  # pieces per tokenizer call: bounds the tokenizer's working memory
+MAX_NUM_PROC = 8
+SMALL_CORPUS_BYTES = 16 * 2 ** 20  # below this, starting worker processes costs more than it saves
 _HEADING = re.compile(r"^\s*=(\s*=)*\s.*\s=(\s*=)*\s*$")
 _WIKITEXT_ESCAPES = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
 
@@ -124,21 +136,79 @@ def cache_key(source: str, tokenizer, max_seq_len: int, hub_dataset=None) -> str
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _pack_batch(batch, tokenizer, max_seq_len: int):
-    """datasets.map function: a batch of paragraphs -> packed, padded sequences."""
-    body = max_seq_len - 2
-    cls, sep, pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+def default_num_proc() -> int:
+    """The machine's cores available to this process, at most MAX_NUM_PROC."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_NUM_PROC, cores))
+
+
+def split_long(text: str, limit: int = PIECE_CHARS) -> list[str]:
+    """`text` in pieces of at most `limit` characters, each cut just before whitespace (which starts
+    the next piece, where byte-level BPE tokenizers want it); a run of `limit` characters without any
+    whitespace is cut hard."""
+    if len(text) <= limit:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        cut = start + limit - 1
+        while cut > start and not text[cut].isspace():
+            cut -= 1
+        if cut == start:
+            cut = start + limit
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _tokenize_batch(batch, tokenizer):
+    """datasets.map function, one row per paragraph (so any sharding gives the same rows): a batch of
+    paragraphs -> their token ids (empty for a blank line or a heading)."""
+    owners, pieces = [], []
     # Cleaning here covers hub corpora too (local files arrive clean; cleaning is idempotent).
-    texts = [t for t in (clean_paragraph(x) for x in batch["text"] if x) if t]
-    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
-    stream = [t for paragraph in ids for t in paragraph]
-    input_ids, attention_mask = [], []
-    for start in range(0, len(stream), body):
-        chunk = [cls, *stream[start:start + body], sep]
-        real = len(chunk)
-        input_ids.append(chunk + [pad] * (max_seq_len - real))
-        attention_mask.append([1] * real + [0] * (max_seq_len - real))
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    for row, raw in enumerate(batch["text"]):
+        text = clean_paragraph(raw) if raw else None
+        for piece in split_long(text) if text else ():
+            owners.append(row)
+            pieces.append(piece)
+    parts: list[list[np.ndarray]] = [[] for _ in batch["text"]]
+    for start in range(0, len(pieces), PIECES_PER_CALL):
+        ids = tokenizer(pieces[start:start + PIECES_PER_CALL], add_special_tokens=False, verbose=False,
+                        return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        for row, piece_ids in zip(owners[start:start + PIECES_PER_CALL], ids):
+            parts[row].append(np.asarray(piece_ids, dtype=np.int32))
+    empty = np.zeros(0, dtype=np.int32)
+    return {"ids": [np.concatenate(p) if len(p) > 1 else (p[0] if p else empty) for p in parts]}
+
+
+def _pack_batch(batch, cls: int, sep: int, pad: int, max_seq_len: int):
+    """datasets.map function over blocks of PACK_BATCH tokenized paragraphs: their tokens back to back
+    in [CLS] ... [SEP] sequences of max_seq_len, the block's tail one padded sequence."""
+    body = max_seq_len - 2
+    arrays = [np.asarray(x, dtype=np.int32) for x in batch["ids"] if len(x)]
+    stream = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
+    full, tail = divmod(len(stream), body)
+    rows = full + (tail > 0)
+    input_ids = np.full((rows, max_seq_len), pad, dtype=np.int32)
+    attention_mask = np.zeros((rows, max_seq_len), dtype=np.int8)
+    input_ids[:, 0] = cls
+    input_ids[:full, 1:body + 1] = stream[:full * body].reshape(full, body)
+    input_ids[:full, body + 1] = sep
+    attention_mask[:full] = 1
+    if tail:
+        input_ids[full, 1:tail + 1] = stream[full * body:]
+        input_ids[full, tail + 1] = sep
+        attention_mask[full, :tail + 2] = 1
+    return {"input_ids": list(input_ids), "attention_mask": list(attention_mask)}
+
+
+def _corpus_bytes(source: str, text_ds) -> int:
+    if text_ds is not None:
+        return int(text_ds.data.nbytes)
+    return sum(p.stat().st_size for p in corpus_files(source))
 
 
 def _hub_texts(source: str):
@@ -156,9 +226,14 @@ def _hub_texts(source: str):
 
 
 def load_corpus(source: str, tokenizer, max_seq_len: int, cache_dir: str | os.PathLike | None = None,
-                num_proc: int = 1):
-    """The packed corpus as a datasets.Dataset with input_ids and attention_mask (int32 lists)."""
+                num_proc: int | None = None):
+    """The packed corpus as a datasets.Dataset with input_ids and attention_mask (int32 lists).
+    `num_proc`: tokenizing processes (None: the machine's cores, at most MAX_NUM_PROC, and one for a
+    small corpus); the result is the same whatever it is."""
     import datasets
+
+    if num_proc is not None and num_proc < 1:
+        raise UserError(f"--num-proc must be at least 1 (got {num_proc})")
 
     if max_seq_len < 8:
         raise UserError(f"--max-seq-len {max_seq_len} is too short: use at least 8 tokens")
@@ -190,11 +265,22 @@ def load_corpus(source: str, tokenizer, max_seq_len: int, cache_dir: str | os.Pa
                     if isinstance(exc.__cause__, UserError):
                         raise exc.__cause__ from None
                     raise
-        packed = text_ds.map(
-            _pack_batch, batched=True, batch_size=PACK_BATCH, remove_columns=text_ds.column_names,
-            fn_kwargs={"tokenizer": tokenizer, "max_seq_len": max_seq_len}, num_proc=num_proc if num_proc > 1 else None,
-            features=packed_features(), desc="tokenize+pack", new_fingerprint=target.name,
+        procs = num_proc or (default_num_proc() if _corpus_bytes(source, text_ds) >= SMALL_CORPUS_BYTES else 1)
+        procs = min(procs, max(1, len(text_ds)))
+        with _tokenizer_threads(procs == 1):
+            tokenized = text_ds.map(
+                _tokenize_batch, batched=True, batch_size=PACK_BATCH, remove_columns=text_ds.column_names,
+                fn_kwargs={"tokenizer": tokenizer}, num_proc=procs if procs > 1 else None,
+                features=datasets.Features({"ids": datasets.Sequence(datasets.Value("int32"))}),
+                desc=f"tokenize ({procs} process{'es' if procs > 1 else ''})", new_fingerprint=target.name + "-ids",
+                cache_file_name=str(build_dir / "ids.arrow"))
+        packed = tokenized.map(
+            _pack_batch, batched=True, batch_size=PACK_BATCH, remove_columns=tokenized.column_names,
+            fn_kwargs={"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id,
+                       "max_seq_len": max_seq_len},
+            features=packed_features(), desc="pack", new_fingerprint=target.name,
             cache_file_name=str(build_dir / "packed.arrow"))
+        del tokenized
         if len(packed) == 0:
             raise UserError(f"corpus {source} produced no sequences: give a non-empty corpus")
         staged = build_dir / "dataset"
@@ -268,6 +354,21 @@ def packed_features():
 
     return datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                               "attention_mask": datasets.Sequence(datasets.Value("int8"))})
+
+
+@contextlib.contextmanager
+def _tokenizer_threads(enabled: bool):
+    """The fast tokenizer's own thread pool for batches where there is one tokenizing process (the CLI
+    turns it off by default: forked datasets workers must not inherit a used pool)."""
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if enabled else "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import DistillConfig
+from .config import PROGRESS_HELP, DistillConfig, seed_value
 from .distill import run_distill
 from .errors import UserError
 from .glue.finetune import FinetuneConfig, TaskCache
@@ -24,6 +24,7 @@ from .glue.tasks import TASKS
 from .io import atomic_write_json, atomic_write_text
 from .mapping import LayerMapping, heuristic
 from .models import load_config
+from .options import option
 from .search.proxy import ProxyConfig
 from .search.report import verdict_lines
 from .search.run import Search, SearchConfig
@@ -31,6 +32,20 @@ from .search.run import Search, SearchConfig
 log = logging.getLogger(__name__)
 
 TEACHER_MARGIN = 0.05  # a final-table task must let the teacher beat the majority class by this much
+
+
+@dataclass
+class DemoConfig:
+    """`fastkd demo`: the whole pipeline's few settings (its flags are generated from this)."""
+
+    data_dir: str | None = option(None, "folder with corpus/ (text) and glue/ (glue_data layout); default "
+                                        "../shared/data where it exists")
+    output: str = option("runs/demo", "demo directory")
+    quick: bool = option(False, "a much smaller budget (a smoke run, noisier verdict)")
+    teacher: str = option("default", "teacher (the default is the packaged all-MiniLM-L6-v2)")
+    student_layers: int = option(3, "student layers")
+    seed: int = option(0, "seed of the whole pipeline", parse=seed_value)
+    progress: bool = option(True, PROGRESS_HELP)
 
 
 @dataclass(frozen=True)
@@ -86,7 +101,8 @@ BUDGETS = {
 
 
 def run_demo(data_dir: str, output: str, quick: bool = False, teacher: str = "default", student_layers: int = 3,
-             seed: int = 0, progress: bool = True, budget: Budget | None = None) -> dict:
+             seed: int = 0, progress: bool = True, budget: Budget | None = None, resolved: dict | None = None) -> dict:
+    """`resolved`: the command's resolved config, written as demo-config.json in the budget's folder."""
     data = Path(data_dir)
     corpus, glue = data / "corpus", data / "glue"
     if not corpus.is_dir() or not glue.is_dir():
@@ -96,6 +112,9 @@ def run_demo(data_dir: str, output: str, quick: bool = False, teacher: str = "de
     out = Path(output) / ("custom" if budget is not None else "quick" if quick else "full")
     corpus, glue = corpus.resolve(), glue.resolve()
     n_teacher = load_config(teacher).num_hidden_layers
+    if resolved is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "demo-config.json", resolved)
 
     started = time.perf_counter()
     minutes = {}

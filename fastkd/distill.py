@@ -157,7 +157,7 @@ def build_local_run(cfg: DistillConfig) -> Run:
     teacher = Teacher(teacher_model, criterion.teacher_hidden_layers(), criterion.teacher_attention_layers(),
                       autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
 
-    corpus = load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir)
+    corpus = load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir, cfg.num_proc)
     corpus = sample_corpus(corpus, cfg.corpus_sample, cfg.seed)
     engine = LocalEngine(cfg, teacher, student, criterion, BatchStream(corpus, cfg.batch_size, cfg.seed))
     return Run(cfg, engine, tokenizer, mapping, shape, len(corpus), output)
@@ -167,10 +167,14 @@ def start(run: Run) -> None:
     """Resume from the newest complete checkpoint under --resume (or start over), and write the run's
     resolved config (main process)."""
     cfg, engine, output = run.cfg, run.engine, run.output
-    metrics_path = output / "metrics.jsonl"
     resumed_from = engine.load_checkpoint(output) if cfg.resume else None
-    if not engine.is_main:
-        return
+    # The main process's bookkeeping; a refusal there (a full disk) is said on every rank.
+    engine.on_main(lambda: _start_outputs(run, resumed_from))
+
+
+def _start_outputs(run: Run, resumed_from: Path | None) -> None:
+    cfg, engine, output = run.cfg, run.engine, run.output
+    metrics_path = output / "metrics.jsonl"
     if resumed_from is not None:
         truncate_metrics(metrics_path, engine.step)
         log.info("resumed from %s (step %d)", resumed_from, engine.step)
@@ -179,7 +183,7 @@ def start(run: Run) -> None:
             log.info("--resume: no complete checkpoint in %s yet, starting from step 0", output)
         metrics_path.unlink(missing_ok=True)
     atomic_write_json(output / "config.json", {
-        "fastkd_version": __version__, "config": cfg.to_dict(),
+        "fastkd_version": __version__, "command": "distill", "config": cfg.to_dict(),  # the form --config reads
         "resolved": {"mapping": run.mapping.text, "teacher_layers": run.mapping.teacher_layers,
                      "student": {**run.shape.__dict__, "parameters": run.parameters},
                      "corpus_sequences": run.corpus_sequences, "global_batch": engine.seqs_per_step,

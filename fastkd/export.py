@@ -86,8 +86,8 @@ def model_card(info: dict) -> str:
         f"- corpus: `{corpus.get('source')}`, {corpus.get('sequences', '?')} sequences of {corpus.get('max_seq_len', '?')} tokens"
         + (f" (sample {corpus.get('sample')})" if corpus.get("sample") else ""),
         f"- steps: {info.get('steps')} at batch {info.get('global_batch')}, lr {info.get('lr')}, seed {info.get('seed')}",
-        f"- loss weights: " + ", ".join(f"{k} {_fmt(v)}" for k, v in weights.items()),
-        f"- final losses (mean of the last logged window): " + ", ".join(f"{k} {_fmt(v)}" for k, v in losses.items()),
+        "- loss weights: " + ", ".join(f"{k} {_fmt(v)}" for k, v in weights.items()),
+        "- final losses (mean of the last logged window): " + ", ".join(f"{k} {_fmt(v)}" for k, v in losses.items()),
         "",
         "## Use",
         "",

@@ -184,9 +184,9 @@ def build_zero_run(cfg: DistillConfig) -> Run:
 
     # Rank 0 tokenizes and caches the corpus first; the others read the cache. A bad corpus is rank 0's
     # finding, passed to every rank so all of them stop with the same line instead of waiting.
-    corpus = on_rank0(rank, lambda: load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir))
+    corpus = on_rank0(rank, lambda: load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir, cfg.num_proc))
     if rank != 0:
-        corpus = load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir)
+        corpus = load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir, cfg.num_proc)
     corpus = sample_corpus(corpus, cfg.corpus_sample, cfg.seed)
     stream = BatchStream(corpus, cfg.batch_size, cfg.seed, rank=rank, world_size=world)
     engine = ZeroEngine(cfg, ds_engine, teacher, stream, world, rank, ds_config)

@@ -48,7 +48,7 @@ def test_second_load_uses_the_arrow_cache(small_corpus, default_tokenizer, monke
     def boom(*a, **k):
         raise AssertionError("re-tokenized although cached")
 
-    monkeypatch.setattr(corpus_mod, "_pack_batch", boom)
+    monkeypatch.setattr(corpus_mod, "_tokenize_batch", boom)
     second = load_corpus(str(small_corpus), default_tokenizer, 48)
     assert second[:]["input_ids"] == first[:]["input_ids"]
     # A different length is a different cache entry, so it must pack (and here, fail loudly).
@@ -102,12 +102,62 @@ def test_batch_stream_epochs_ranks_and_resume(small_corpus, default_tokenizer):
         BatchStream(ds, 8, seed=3).load_state_dict(state)
 
 
+def _pack(rows, tokenizer, max_seq_len):
+    ids = corpus_mod._tokenize_batch(rows, tokenizer)
+    return corpus_mod._pack_batch(ids, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
+                                  max_seq_len)
+
+
 def test_hub_style_rows_are_cleaned_when_packed(default_tokenizer):
     rows = {"text": ["", " = Title = ", None, " 2 @,@ 000 people \n", "   "]}
-    packed = corpus_mod._pack_batch(rows, default_tokenizer, 16)
+    tokenized = corpus_mod._tokenize_batch(rows, default_tokenizer)
+    assert [len(x) for x in tokenized["ids"]][:3] == [0, 0, 0] and len(tokenized["ids"]) == 5  # one row per row
+    packed = _pack(rows, default_tokenizer, 16)
     ids = packed["input_ids"][0][: sum(packed["attention_mask"][0])]
     assert default_tokenizer.decode(ids[1:-1]) == "2, 000 people"
     assert len(packed["input_ids"]) == 1
+
+
+def test_packing_is_the_token_stream_cut_into_sequences(default_tokenizer):
+    tok = default_tokenizer
+    rows = {"text": ["one two three four five six seven", "", "eight nine ten eleven twelve"]}
+    packed = _pack(rows, tok, 8)
+    stream = [t for text in rows["text"] if text for t in tok(text, add_special_tokens=False)["input_ids"]]
+    body = 6
+    expected = []
+    for start in range(0, len(stream), body):
+        chunk = [tok.cls_token_id, *stream[start:start + body], tok.sep_token_id]
+        expected.append(chunk + [tok.pad_token_id] * (8 - len(chunk)))
+    assert [list(map(int, r)) for r in packed["input_ids"]] == expected
+    assert [int(sum(m)) for m in packed["attention_mask"]] == [len([t for t in r if t != tok.pad_token_id])
+                                                               for r in expected]
+
+
+def test_a_long_line_is_tokenized_in_pieces_cut_before_spaces(default_tokenizer):
+    words = ("distillation of layered encoders " * 2000).strip()  # 67 k characters, one line
+    pieces = corpus_mod.split_long(words, 1000)
+    assert "".join(pieces) == words and max(map(len, pieces)) <= 1000 and all(p.startswith(" ") for p in pieces[1:])
+    assert corpus_mod.split_long("x" * 2500, 1000) == ["x" * 1000, "x" * 1000, "x" * 500]  # no space: hard cuts
+    whole = default_tokenizer(words, add_special_tokens=False)["input_ids"]
+    assert list(corpus_mod._tokenize_batch({"text": [words]}, default_tokenizer)["ids"][0]) == whole
+
+
+def test_the_cache_is_the_same_whatever_the_number_of_processes(tmp_path, wikitext, default_tokenizer):
+    lines = wikitext.read_text(encoding="utf-8").splitlines()[:6000]
+    text = tmp_path / "wiki.txt"
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    blocks = -(-len(list(read_paragraphs([text]))) // corpus_mod.PACK_BATCH)
+    assert blocks >= 3  # several packing blocks, cut across the shards of 2 and 3 processes
+    one = load_corpus(str(text), default_tokenizer, 32, tmp_path / "one", num_proc=1)
+    two = load_corpus(str(text), default_tokenizer, 32, tmp_path / "two", num_proc=2)
+    three = load_corpus(str(text), default_tokenizer, 32, tmp_path / "three", num_proc=3)
+    padded = sum(1 for m in one[:]["attention_mask"] if sum(m) < 32)
+    assert padded >= blocks - 1  # a padded tail per block (one may end exactly), wherever the shards ended
+    assert one[:] == two[:] == three[:]
+    names = lambda d: sorted(p.name for p in (d / "corpus").iterdir())  # noqa: E731
+    assert names(tmp_path / "one") == names(tmp_path / "two")  # one cache key: num_proc is not part of it
+    with pytest.raises(UserError, match="--num-proc must be at least 1"):
+        load_corpus(str(text), default_tokenizer, 32, tmp_path / "bad", num_proc=0)
 
 
 def test_parse_sample_edge_cases():

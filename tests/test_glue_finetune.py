@@ -32,6 +32,14 @@ def test_cli_fine_tunes_on_real_rte_and_writes_both_reports(tmp_path, tiny_teach
     table = (out / "glue.md").read_text().splitlines()
     assert table[0] == "| Model | RTE (acc) | GLUE avg |"
     assert table[2].startswith(f"| {tiny_teacher_dir} |") and table[3].startswith("| majority class | 52.7")
+    # The resolved settings, in the form --config reads: the same run again.
+    from fastkd.cli import parse_config
+
+    resolved = out / "glue-config.json"
+    again = parse_config(["glue", "--config", str(resolved)])
+    assert again == parse_config(["glue", "--model", str(tiny_teacher_dir), "--tasks", "RTE", "--data-dir", str(GLUE),
+                                  "--output", str(out), *QUICK])
+    assert again[1].finetune.max_steps == 4 and again[1].model == [str(tiny_teacher_dir)]
 
 
 def test_api_in_memory_student_all_metric_shapes_and_cached_tokenization(tiny_teacher_dir, default_tokenizer):

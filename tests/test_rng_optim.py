@@ -66,8 +66,10 @@ def test_a_glue_fine_tune_depends_on_its_seed_only_and_leaves_the_global_generat
     results = []
     for outer_seed in (0, 1):  # whatever the caller drew before: the search's candidates differ here
         rng.seed_everything(outer_seed)
-        before = torch.get_rng_state()
+        before = rng.capture()
         result = evaluate(str(tiny_teacher_dropout_dir), default_tokenizer, parse_tasks("qqp"), cache, cfg)["qqp"]
-        assert torch.equal(torch.get_rng_state(), before)  # the caller's stream goes on untouched
+        after = rng.capture()  # the caller's streams go on untouched (torch's, numpy's and Python's)
+        assert torch.equal(after["torch"], before["torch"]) and after["python"] == before["python"]
+        assert all(np.array_equal(a, b) for a, b in zip(after["numpy"], before["numpy"]))
         results.append((result.metrics, result.predictions))
     assert results[0] == results[1]

@@ -13,7 +13,6 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fastkd.cli import build_parser, main, search_config_from_args
+from fastkd.cli import main, parse_config
 from fastkd.search.run import Search
 
 FIXTURES = Path(__file__).parent / "fixtures" / "glue"
@@ -24,7 +24,7 @@ def _argv(teacher, corpus, output, *extra):
 
 
 def _search(argv) -> Search:
-    return Search(search_config_from_args(build_parser().parse_args(argv)))
+    return Search(parse_config(argv)[1])
 
 
 def _rows(db_path):
@@ -46,6 +46,8 @@ def test_search_writes_every_output(tmp_path, tiny_teacher_dropout_dir, small_co
         assert part in report, part
     for png in ("fitness.png", "layers.png", "ladder.png", "verdict.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The resolved settings, in the form --config reads back: the same search.
+    assert parse_config(["search", "--config", str(out / "search-config.json")])[1] == search.cfg
     # One teacher forward per batch for each generation, whatever the population.
     assert all(g["teacher_forwards"] == 3 for g in search.generations)
     assert search.generations[0]["evaluated"] == 4
@@ -87,10 +89,20 @@ def test_kill_9_then_resume_repeats_nothing(tmp_path, tiny_teacher_dropout_dir, 
     before = _rows(db)
     assert any(r == "full" for _, _, r in before) and len(before) < len(expected), "killed in the middle of a rung"
 
-    resumed = _search(_argv(tiny_teacher_dropout_dir, small_corpus, out, *fewer, "--resume"))
+    resumed = _search(_argv(tiny_teacher_dropout_dir, small_corpus, out, *fewer, "--resume", "--report-to",
+                            "tensorboard"))
     resumed.run()
     after = _rows(db)
     assert after == expected  # the same evaluations as an uninterrupted run
+    # TensorBoard: each generation once (the resume replays the stored ones), read back with its reader.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    for key in ("best", "mean", "best_so_far", "evaluated"):
+        got = [(e.step, e.value) for e in events.Scalars(f"search/zeroshot/{key}")]
+        assert got == [(g["generation"], pytest.approx(g[key])) for g in resumed.generations], key
+    assert {"search/verdict_vs_uniform/mean_difference", "search/verdict_vs_last/seeds"} <= set(events.Tags()["scalars"])
     assert resumed.reused == len(before)  # every finished one read back, none computed again
     counters = resumed._ev.counters
     assert counters.distilled + counters.reused_students == len(expected) - len(before)
@@ -212,3 +224,54 @@ def test_top_rung_only_and_no_verdict_seeds_report_without_claims(tmp_path, tiny
     with sqlite3.connect(out / "search.sqlite") as db:
         top = dict(db.execute("SELECT mapping, fitness FROM evaluations WHERE mapping != 'teacher' AND seed = 0"))
     assert top[result["winner"]] == max(top.values())  # the winner is the best of the top rung
+
+
+def test_sigterm_stops_after_the_evaluation_in_flight_and_resume_repeats_none(tmp_path, tiny_teacher_dropout_dir,
+                                                                              small_corpus):
+    out = tmp_path / "stopped"
+    argv = _argv(tiny_teacher_dropout_dir, small_corpus, out, "--generations", "1", "--verdict-seeds", "2")
+    code = ("import os, signal, sys\n"
+            "from fastkd.search import store\n"
+            "real = store.Store.put\n"
+            "count = [0]\n"
+            "def put(self, e):\n"
+            "    real(self, e)\n"
+            "    count[0] += 1\n"
+            "    if count[0] == 2: os.kill(os.getpid(), signal.SIGTERM)  # while the 2nd is being stored\n"
+            "store.Store.put = put\n"
+            "from fastkd.cli import main\n"
+            f"sys.exit(main({argv!r}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert last == (f"fastkd search: stopped by SIGTERM after 2 evaluations: each finished one is stored in "
+                    f"{out / 'search.sqlite'}; continue with --resume"), last
+    with sqlite3.connect(out / "search.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] == 2  # the teacher's and one mapping
+    resumed = _search([*argv, "--resume"])
+    resumed.run()
+    assert resumed.reused == 1 and (out / "best_mapping.json").is_file()  # the stored mapping is not evaluated again
+
+
+def test_sigterm_during_proxy_distillation_stops_at_once(tmp_path, tiny_teacher_dropout_dir, small_corpus):
+    out = tmp_path / "stopped"
+    argv = _argv(tiny_teacher_dropout_dir, small_corpus, out, "--generations", "1", "--verdict-seeds", "2")
+    code = ("import os, signal, sys\n"
+            "from fastkd.training import local\n"
+            "real = local.LocalEngine.train_step\n"
+            "sent = []\n"
+            "def step(self, *a, **k):\n"
+            "    r = real(self, *a, **k)\n"
+            "    if self.step == 2 and not sent:  # Slurm's warning, once, in the middle of a chunk\n"
+            "        sent.append(1); os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "    return r\n"
+            "local.LocalEngine.train_step = step\n"
+            "from fastkd.cli import main\n"
+            f"sys.exit(main({argv!r}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 128 + signal.SIGUSR1, proc.stderr[-2000:]
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    # Only the teacher's signal check was stored: the chunk in distillation is dropped, not finished.
+    assert last.startswith("fastkd search: stopped by SIGUSR1 after 1 evaluations:"), last
+    with sqlite3.connect(out / "search.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] == 1

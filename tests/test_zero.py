@@ -116,7 +116,7 @@ def _rank_pids(launcher: subprocess.Popen) -> list[int]:
             if any("fastkd_entry.py" in part for part in p.cmdline()) and "--local_rank=1" in " ".join(p.cmdline())]
 
 
-def test_kill_9_of_a_rank_then_resume_reaches_the_uninterrupted_parameters(tmp_path, tiny_teacher_dir, small_corpus):
+def test_kill_9_or_sigterm_of_a_rank_then_resume_reaches_the_uninterrupted_parameters(tmp_path, tiny_teacher_dir, small_corpus):
     common = dict(max_steps=10, checkpoint_every=2, keep_checkpoints=2)
     _launch(tmp_path, DS / "zero2.json", _flags(tiny_teacher_dir, small_corpus, tmp_path / "straight", **common))
 
@@ -151,6 +151,35 @@ def test_kill_9_of_a_rank_then_resume_reaches_the_uninterrupted_parameters(tmp_p
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+    # SIGTERM (what a scheduler sends) to rank 1 alone: every rank checkpoints at the same step and
+    # stops with one line; --resume then reaches the uninterrupted parameters too.
+    out = tmp_path / "sigterm"
+    job = _launch(tmp_path, DS / "zero2.json", _flags(tiny_teacher_dir, small_corpus, out, **common), wait=False,
+                  port_offset=3)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and job.poll() is None:
+            if list((out / "checkpoints").glob("step-*/fastkd-complete")):
+                break
+            time.sleep(0.1)
+        victims = _rank_pids(job)
+        assert job.poll() is None and victims, "the run ended before the signal: " + (job.stdout.read() or "")[-2000:]
+        os.kill(victims[0], signal.SIGTERM)
+        log = job.communicate(timeout=300)[0]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    stops = [line for line in log.splitlines() if "fastkd distill: stopped by SIGTERM after step" in line]
+    assert len(stops) == 2 and len({line.split("after step")[1] for line in stops}) == 1, log[-3000:]  # both ranks, one step
+    stopped_at = int(stops[0].split("after step ")[1].split(":")[0])
+    assert stopped_at < 10 and (out / "checkpoints" / f"step-{stopped_at:08d}" / "fastkd-complete").is_file()
+    assert not (out / "student").exists()
+    _launch(tmp_path, DS / "zero2.json", _flags(tiny_teacher_dir, small_corpus, out, resume=True, **common),
+            port_offset=4)
+    c = load_file(out / "student" / "model.safetensors")
+    for key in a:
+        assert torch.equal(a[key], c[key]), key
 
 
 def test_a_bad_corpus_stops_every_rank_with_one_line(tmp_path, tiny_teacher_dir):

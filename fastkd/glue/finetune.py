@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from .. import optim, rng
+from ..config import PROGRESS_HELP, seed_value
+from ..options import option
 from ..device import pick_device
 from ..errors import UserError
 from ..corpus import tokenizer_fingerprint
@@ -31,26 +33,29 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FinetuneConfig:
-    epochs: float = 3.0
-    max_steps: int | None = None  # overrides epochs
-    max_train_examples: int | None = None  # deterministic subsample of train
-    batch_size: int = 32
-    lr: float = 5e-5
-    warmup: float = 0.1
-    weight_decay: float = 0.01
-    max_seq_len: int = 128
-    seed: int = 0
-    bf16: bool = False
-    eval_batch_size: int = 128
-    progress: bool = True
-    device: str = "auto"
+    """How each (model, task) is fine-tuned and scored (`fastkd glue`'s flags are generated from it)."""
+
+    epochs: float = option(3.0, "training epochs (ignored with --max-steps)")
+    max_steps: int | None = option(None, "optimizer steps per task (overrides --epochs)")
+    max_train_examples: int | None = option(None, "fine-tune on a deterministic subsample of this many training "
+                                                  "examples")
+    batch_size: int = option(32, "training batch size")
+    lr: float = option(5e-5, "peak AdamW learning rate")
+    warmup: float = option(0.1, "linear warmup, as a fraction of the steps")
+    weight_decay: float = option(0.01, "AdamW weight decay (not biases/LayerNorm)")
+    max_seq_len: int = option(128, "truncate each example to this many tokens")
+    seed: int = option(0, "seeds the head, data order and subsample", parse=seed_value)
+    bf16: bool = option(False, "bf16 autocast")
+    eval_batch_size: int = option(128, "evaluation batch size")
+    progress: bool = option(True, PROGRESS_HELP)
+    device: str = option("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     # > 0: score on this many held-out *training* rows (disjoint from the fine-tuning examples, the
     # same rows for every seed and model) instead of dev, where the training set is large enough.
-    heldout: int = 0
+    heldout: int = option(0, cli=False)
     # Which of the two disjoint held-out slices scores: "selection" (a search choosing its winner)
     # or "verdict" (the held-out seeds judging it), so the winner is never judged on the rows that
     # chose it. Both slices are always kept out of the fine-tuning rows.
-    heldout_part: str = "selection"
+    heldout_part: str = option("selection", cli=False)
 
     def validate(self) -> None:
         if self.batch_size < 1:

@@ -4,18 +4,36 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..config import differing_settings
 from ..errors import UserError
-from ..io import check_writable_dir, lock_output
+from ..io import atomic_write_json, check_writable_dir, lock_output
+from ..options import option
 from ..models import check_weight_files, load_config, load_tokenizer, resolve_model_path
 from .finetune import FinetuneConfig, TaskCache, finetune_task
 from .report import build_report, read_report, write_reports
 from .tasks import parse_tasks
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class GlueConfig:
+    """`fastkd glue`: which models on which tasks, and how each is fine-tuned (flags generated from it)."""
+
+    model: list[str] | None = option(None, "an exported student, any Hugging Face model directory or hub name, or "
+                                           "'default' (the teacher); repeat for several models in one table",
+                                     action="append", required=True, metavar="DIR|default")
+    tasks: str | None = option(None, "comma-separated tasks (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli; any "
+                                     "case, dashes optional) or 'all'", required=True)
+    data_dir: str | None = option(None, "glue_data-style directory (TASK/train.tsv, TASK/dev.tsv), or 'hub' for "
+                                        "nyu-mll/glue", required=True)
+    finetune: FinetuneConfig = option(factory=FinetuneConfig, prefix="")
+    skip_bad_rows: bool = option(False, "skip (and count) malformed TSV rows instead of stopping at the first")
+    output: str | None = option(None, "directory for glue.json and glue.md", required=True)
+    resume: bool = option(False, "reuse finished (model, task) results in --output")
 
 
 def display_name(model: str) -> str:
@@ -33,7 +51,8 @@ def display_name(model: str) -> str:
 
 
 def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg: FinetuneConfig,
-             resume: bool = False, skip_bad_rows: bool = False) -> dict:
+             resume: bool = False, skip_bad_rows: bool = False, resolved: dict | None = None) -> dict:
+    """`resolved`: the command's resolved config, written as OUTPUT/glue-config.json once the run may begin."""
     cfg.validate()
     tasks = parse_tasks(tasks_text)
     out = check_writable_dir(output)  # before any fine-tuning, not after all of it
@@ -67,6 +86,8 @@ def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg
             raise UserError(f"cannot --resume {out}: fine-tuning settings differ: {'; '.join(changed)}; "
                             "choose another --output")
         done = {(m["path"], k): r for m in previous["models"] for k, r in m["tasks"].items()}
+    if resolved is not None:
+        atomic_write_json(out / "glue-config.json", resolved)
 
     # Results of models or tasks this call does not run are kept, never dropped by a resume.
     entries = [{"model": display_name(m), "path": m, "tasks": {}} for m in models]

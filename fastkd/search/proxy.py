@@ -25,10 +25,11 @@ from ..corpus import BatchStream
 from .. import rng
 from ..distill import loss_weights
 from ..training import LocalEngine, NonFiniteAbort
-from ..glue import FinetuneConfig, TaskCache
+from ..glue import FinetuneConfig, TaskCache, parse_tasks
 from ..glue.report import COLLAPSE_FRACTION
 from ..losses import DistillLoss
 from ..mapping import LayerMapping
+from ..options import option
 from ..models import StudentShape, build_student
 from ..teacher import Teacher
 from .rungs import Rung
@@ -38,26 +39,37 @@ log = logging.getLogger(__name__)
 FAILED_FITNESS = -1.0  # a candidate whose distillation diverged
 
 
+def proxy_tasks(text: str) -> tuple[str, ...]:
+    """--proxy-tasks: task keys, normalised ('SST-2' -> 'sst2'), so equal settings key the store alike."""
+    return tuple(t.key for t in parse_tasks(text, "--proxy-tasks"))
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
-    """Everything that determines a candidate's fitness besides its mapping and seed."""
+    """Everything that determines a candidate's fitness besides its mapping and seed (the search's
+    --proxy-* flags are generated from it)."""
 
-    sequences: int = 1024  # corpus sample (deterministic, by --seed)
-    steps: int = 100  # distillation steps per candidate
-    batch_size: int = 16
-    max_seq_len: int = 64
-    lr: float = 5e-4
-    init: str = "teacher"
-    tasks: tuple[str, ...] = ("sst2", "mrpc", "rte")
-    finetune_steps: int = 100
-    finetune_examples: int = 1000
-    finetune_batch: int = 32
-    finetune_lr: float = 1e-4
-    finetune_seq_len: int = 128
-    bf16: bool = False  # autocast for proxy distillation (teacher and students) and fine-tuning
+    sequences: int = option(1024, "corpus sequences sampled for proxy distillation (deterministic, by --seed)")
+    steps: int = option(100, "distillation steps per candidate")
+    batch_size: int = option(16, "distillation batch size")
+    max_seq_len: int = option(64, "tokens per proxy sequence", flag="--proxy-seq-len")
+    lr: float = option(5e-4, "distillation learning rate")
+    init: str = option("teacher", "proxy students start from their mapped teacher layers, or random",
+                       choices=("teacher", "random"))
+    tasks: tuple[str, ...] = option(("sst2", "mrpc", "rte"), "GLUE tasks whose mean score is the fitness",
+                                    parse=proxy_tasks)
+    finetune_steps: int = option(100, "fine-tuning steps per proxy task")
+    finetune_examples: int = option(1000, "training examples per proxy task")
+    finetune_batch: int = option(32, "fine-tuning batch size", flag="--proxy-finetune-batch-size")
+    finetune_lr: float = option(1e-4, "fine-tuning learning rate (small students like it high)")
+    finetune_seq_len: int = option(128, "fine-tuning max length")
+    # autocast for proxy distillation (teacher and students) and fine-tuning
+    bf16: bool = option(False, "bf16 autocast for proxy distillation and fine-tuning (faster on CPUs with "
+                               "AVX512-BF16/AMX and on GPUs)")
     # Score on this many held-out training rows (disjoint from the fine-tuning examples, the same for
     # every mapping and seed) where a task's train set can spare them; dev otherwise. 0 = dev always.
-    heldout: int = 2000
+    heldout: int = option(2000, "score each proxy task on this many held-out training rows (disjoint from the "
+                                "fine-tuning examples) where its train set can spare them, else on dev; 0 = always dev")
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -117,6 +129,9 @@ class ProxyEvaluator:
         self.device = next(teacher_model.parameters()).device
         self.keep_students = keep_students
         self._students: OrderedDict = OrderedDict()  # (mapping text, seed) -> (student, losses, seconds)
+        # Called between steps and candidates: raises to stop at once (a stop signal), losing only work
+        # nothing has stored yet. None: never (on several ranks the stop is agreed per stored result).
+        self.interrupt = None
 
     def _distill_config(self, seed: int) -> DistillConfig:
         return DistillConfig(output="", corpus="", max_steps=self.cfg.steps, batch_size=self.cfg.batch_size,
@@ -173,6 +188,8 @@ class ProxyEvaluator:
                         rng_states[i] = rng.capture(self.device)
                         student_seconds[i] += time.perf_counter() - t0
                 bar.update(1)
+                if self.interrupt is not None:
+                    self.interrupt()
             bar.close()
         self.counters.teacher_forwards += teacher.forwards
         self.counters.student_steps += cfg.max_steps * len(engines)

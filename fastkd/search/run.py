@@ -11,21 +11,25 @@ of the differences (fastkd.search.verdict). Every finished evaluation is stored 
 
 from __future__ import annotations
 
+import argparse
 import logging
-import math
+import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import LOSS_BACKEND_HELP, LOSS_BACKENDS, PROGRESS_HELP, REPORT_TO, seed_value
 from ..corpus import corpus_identity, load_corpus, sample_corpus
 from ..errors import UserError
 from ..glue import TaskCache, parse_tasks, task_spec
 from ..glue.finetune import heldout_rows
 from ..glue.probe import ZERO_SHOT_TASK
 from ..io import atomic_write_json, check_writable_dir, lock_output
-from ..mapping import LayerMapping, heuristic, parse_mapping, search_space_size
+from ..mapping import LayerMapping, heuristic
+from ..options import option, resolved_config
 from ..models import load_config, load_teacher, load_tokenizer, resolve_model_path, student_shape
+from ..training.loop import Preempted, add_scalars, stop_signals, tensorboard_writer
 from .dist import Comm
 from .ga import GAConfig, GeneticSearch, genome_key
 from .proxy import CandidateResult, ProxyConfig, ProxyEvaluator, task_collapsed
@@ -61,30 +65,62 @@ def _model_identity(name: str) -> list:
     return [_identity(p) for p in sorted(path.iterdir()) if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".txt")]
 
 
+def verdict_seeds_value(text: str):
+    """'4' -> 4 (a count); '11,12' -> (11, 12); '11,' -> (11,); anything else is refused in one line."""
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        values = [int(t) for t in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a count nor a comma-separated list of seeds") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count >= 0 or non-negative seeds")
+    return values[0] if len(values) == 1 and "," not in text else tuple(values)
+
+
+SEARCH_GROUPS = {"models": "models", "data": "data", "proxy": "proxy setting (what a fitness value means)",
+                 "ga": "genetic algorithm, fidelity ladder and verdict", "output": "output"}
+
+
 @dataclass
 class SearchConfig:
-    output: str
-    corpus: str
-    data_dir: str
-    teacher: str = "default"
-    student_layers: int = 3
-    student_hidden: int | None = None
-    student_heads: int | None = None
-    student_ffn: int | None = None
-    proxy: ProxyConfig = field(default_factory=ProxyConfig)
-    population: int = 8
-    generations: int = 4
-    monotone: bool = False
-    ladder: str = "zeroshot,full"  # rungs, cheap to faithful (fastkd.search.rungs)
-    promote: float = 0.5  # fraction of a rung's mappings scored on the next rung
-    verdict_seeds: int | tuple[int, ...] = 4  # a count (seed + k * 1000) or explicit held-out seeds
-    drop_weak_tasks: bool = False
-    chunk: int = 8  # candidates distilled together (memory)
-    seed: int = 0
-    resume: bool = False
-    progress: bool = True
-    cache_dir: str | None = None
-    loss_backend: str | None = None  # rounding only: not in fitness_settings
+    """`fastkd search`: every setting, its flag and its help (the CLI is generated from this)."""
+
+    output: str = option(None, "search directory", group="output", required=True)
+    corpus: str = option(None, "text file/directory or hub dataset, as for distill", group="data", required=True)
+    data_dir: str = option(None, "glue_data-style directory with the proxy tasks, or 'hub'", group="data",
+                           required=True)
+    teacher: str = option("default", "teacher directory, hub name, or 'default' (all-MiniLM-L6-v2)", group="models")
+    student_layers: int = option(3, "number of student layers M", group="models")
+    student_hidden: int | None = option(None, "student hidden size (default: the teacher's)", group="models")
+    student_heads: int | None = option(None, "student heads (default: keep the head width)", group="models")
+    student_ffn: int | None = option(None, "student FFN size", group="models")
+    proxy: ProxyConfig = option(factory=ProxyConfig, group="proxy")
+    drop_weak_tasks: bool = option(False, "drop a proxy task on which the teacher itself does not beat the majority "
+                                          "class by 5 points", group="proxy")
+    population: int = option(8, "mappings per generation (P)", group="ga")
+    generations: int = option(4, "generations (G)", group="ga")
+    monotone: bool = option(False, "only non-decreasing mappings", group="ga")
+    ladder: str = option("zeroshot,full", "rungs from cheap to faithful, ending in full: zeroshot (STS-B similarity "
+                                          "of mean-pooled embeddings, no training), probe (frozen features + a linear "
+                                          "model per proxy task), short (a quarter of the fine-tuning steps), full "
+                                          "(the proxy fine-tuning); the GA runs on the first", group="ga")
+    promote: float = option(0.5, "fraction of a rung's mappings scored on the next rung", group="ga")
+    verdict_seeds: int | tuple[int, ...] = option(
+        4, "held-out seeds judging the winner against uniform and last: a count N (seeds SEED+1000, ..., "
+           "SEED+N*1000) or a list like 11,12,13 (one explicit seed: '11,'); fewer than 2 means no claim",
+        group="ga", parse=verdict_seeds_value)
+    chunk: int = option(8, "candidates distilled together (lower it to save memory)", group="ga",
+                        flag="--proxy-chunk")
+    loss_backend: str | None = option(None, LOSS_BACKEND_HELP, group="ga", choices=LOSS_BACKENDS)  # rounding only
+    seed: int = option(0, "seeds the GA, the corpus sample and the evaluations", group="ga", parse=seed_value)
+    resume: bool = option(False, "continue an interrupted search; finished evaluations are reused", group="output")
+    report_to: str = option("none", "also write each generation's numbers as TensorBoard scalars under "
+                                    "OUTPUT/tensorboard", group="output", choices=REPORT_TO)
+    progress: bool = option(True, PROGRESS_HELP, group="output")
+    cache_dir: str | None = option(None, "tokenized corpus cache (default $FASTKD_CACHE or ~/.cache/fastkd)",
+                                   group="data")
+    num_proc: int | None = option(None, "processes tokenizing the corpus (default: the machine's cores, at most 8)",
+                                  group="data")
 
     def ga_config(self) -> GAConfig:
         return GAConfig(population=self.population, generations=self.generations, monotone=self.monotone,
@@ -123,6 +159,8 @@ class SearchConfig:
                             f"number in (0, 1] (got {self.promote})")
         if self.seed < 0:
             raise UserError(f"--seed must be non-negative (got {self.seed})")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise UserError(f"--num-proc must be at least 1 (got {self.num_proc})")
         if isinstance(self.verdict_seeds, int) and self.verdict_seeds < 0:
             raise UserError(f"--verdict-seeds must be a count >= 0 or a list of seeds (got {self.verdict_seeds})")
         if self.seed in self.verdict_seed_list():
@@ -203,10 +241,12 @@ class Search:
             if self.comm.world == 1:  # (a refusal on one rank of many would leave the others waiting)
                 lock_output(self.output)
             self.store = Store(self.output / "search.sqlite", cfg.fitness_settings(), cfg.resume)
+            # The resolved settings, in the form --config reads (fastkd search --config it reruns this search).
+            atomic_write_json(self.output / "search-config.json", resolved_config("search", cfg))
         t0 = time.perf_counter()
         self.tokenizer = load_tokenizer(cfg.teacher)
         self.teacher = load_teacher(cfg.teacher).to(self.comm.device())
-        corpus = load_corpus(cfg.corpus, self.tokenizer, cfg.proxy.max_seq_len, cfg.cache_dir)
+        corpus = load_corpus(cfg.corpus, self.tokenizer, cfg.proxy.max_seq_len, cfg.cache_dir, cfg.num_proc)
         self.corpus = sample_corpus(corpus, cfg.proxy.sequences, cfg.seed)
         self.timings = {"load teacher and corpus (tokenization)": time.perf_counter() - t0}
         self.ga = GeneticSearch(self.shape.layers, self.N, cfg.ga_config())
@@ -215,6 +255,9 @@ class Search:
         self.generations: list[dict] = []
         self.promotions: list[dict] = []
         self.reused = 0
+        self.stored = 0  # evaluations stored by this process (the stop line says how many)
+        self._caught = {"signum": None}  # a stop signal, while run() listens for one
+        self.board = None  # TensorBoard writer (--report-to tensorboard, main rank)
         self.signal: dict = {}
         self.heuristics = {name: heuristic(name, self.shape.layers, self.N).layers for name in ("uniform", "last", "first")}
 
@@ -223,6 +266,8 @@ class Search:
         if not hasattr(self, "_ev") or self._ev.task_specs != task_specs:
             self._ev = ProxyEvaluator(self.teacher, self.tokenizer, self.corpus, self.shape, self.cfg.proxy, self.cache,
                                       task_specs, progress=self.cfg.progress, loss_backend=self.cfg.loss_backend)
+            if self.comm.world == 1:  # one process stops at once; ranks agree per stored result (keep)
+                self._ev.interrupt = self._stop_now
         return self._ev
 
     def fitness(self, genome: tuple, rung: Rung, seed: int) -> float | None:
@@ -262,16 +307,24 @@ class Search:
 
             def keep(result: CandidateResult | None) -> None:
                 # One round per finished candidate on every rank (None pads the shorter slices), so
-                # rank 0 stores each result as it finishes: a kill loses only the work in flight.
-                gathered = [e for e in self.comm.all_gather(None if result is None else _evaluation(result, generation))
-                            if e is not None]
+                # rank 0 stores each result as it finishes: a kill loses only the work in flight. A
+                # stop signal on any rank travels with the round: every rank stops at the same one.
+                rounds_out = self.comm.all_gather((None if result is None else _evaluation(result, generation),
+                                                   self._caught["signum"]))
+                gathered = [e for e, _ in rounds_out if e is not None]
                 stored = []
                 if self.comm.is_main:
                     for e in gathered:
                         self.store.put(e)
                         stored.append(self.store.get(e.mapping, e.seed, e.rung))
-                for e in self.comm.broadcast(stored):
+                # Rank 0's signal is read again after storing (it may have come meanwhile): with the
+                # ranks' signals from the round, every rank gets the same answer.
+                stored, main_signum = self.comm.broadcast((stored, self._caught["signum"]))
+                for e in stored:
                     found[by_text[e.mapping]] = e
+                self.stored += len(gathered)
+                signums = [s for _, s in rounds_out if s is not None] + ([main_signum] if main_signum is not None else [])
+                self._stop_if_signalled(signums)
 
             if mine:
                 self._evaluator(self.tasks).evaluate(mine, seed, self.cfg.chunk, desc=label, on_result=keep, rung=rung,
@@ -281,6 +334,18 @@ class Search:
         for g, row in found.items():
             self.results.setdefault((g, rung.name), {})[row.seed] = row
         return found
+
+    def _stop_now(self) -> None:
+        """One process, between proxy steps: a stop signal stops at once (what is lost was not stored)."""
+        if self._caught["signum"] is not None:
+            self._stop_if_signalled([self._caught["signum"]])
+
+    def _stop_if_signalled(self, signums: list[int]) -> None:
+        """After a stored evaluation: a SIGTERM/SIGUSR1 caught on any rank stops the search here; every
+        finished evaluation is in the store, so --resume repeats none of them."""
+        if signums:
+            raise Preempted(signums[0], where=f"after {self.stored} evaluations",
+                            what=f"each finished one is stored in {self.output / 'search.sqlite'}")
 
     # --- phases -----------------------------------------------------------------------------
     def check_signal(self) -> None:
@@ -300,7 +365,9 @@ class Search:
             self.store.put(Evaluation(TEACHER_ROW, self.cfg.seed, SIGNAL_GENERATION, fitness, tasks, {},
                                       time.perf_counter() - started, top.name))
             row = self.store.get(TEACHER_ROW, self.cfg.seed, top.name)
-        row = self.comm.broadcast(row)
+            self.stored += 1
+        row, signum = self.comm.broadcast((row, self._caught["signum"]))
+        self._stop_if_signalled([signum] if signum is not None else [])
         self.timings["signal check (teacher fine-tuned)"] = row.seconds
         weak = [k for k, t in row.tasks.items() if t["score"] - t["baseline_score"] < WEAK_TASK_MARGIN - 1e-9]
         self.signal = {"teacher": row.tasks, "teacher_fitness": row.fitness, "weak_tasks": weak}
@@ -332,6 +399,10 @@ class Search:
                 "teacher_forwards": (self._ev.counters.teacher_forwards if hasattr(self, "_ev") else 0) - before})
             log.info("generation %d (rung %s): best %.4f, mean %.4f, best so far %.4f", gen + 1, rung.name, max(values),
                      statistics.fmean(values), max(main_fitness.values()))
+            if self.board is not None:  # (teacher_forwards left out: on --resume it counts this process's work)
+                add_scalars(self.board, f"search/{rung.name}", {k: v for k, v in self.generations[-1].items()
+                                                                if k in ("best", "mean", "best_so_far", "evaluated")},
+                            gen + 1)
             if gen + 1 < cfg.generations:
                 population = self.ga.next_generation({g: main_fitness[g] for g in population}, set(main_fitness))
                 if not population:
@@ -411,22 +482,42 @@ class Search:
 
     def run(self) -> dict:
         ok = False
+        self.board = None
+        if self.comm.is_main and self.cfg.report_to == "tensorboard":
+            # Every scalar is written again on --resume (finished generations are replayed from the
+            # store), so the old events go first: no step appears twice.
+            shutil.rmtree(self.output / "tensorboard", ignore_errors=True)
+            self.board = tensorboard_writer(self.cfg, self.output, 0)
         try:
-            self.check_signal()
-            phase = time.perf_counter()
-            self.run_generations()
-            self.climb()
-            winner = self.choose_winner()
-            self.timings["GA and ladder (selection seed)"] = time.perf_counter() - phase
-            phase = time.perf_counter()
-            verdicts = self.judge(winner)
-            self.timings["verdict (held-out seeds)"] = time.perf_counter() - phase
-            result = self.summary(winner, verdicts)
-            if self.comm.is_main:
-                from .report import write_outputs  # matplotlib only when there is something to draw
-
-                write_outputs(self, result)
+            with stop_signals("stopping after the evaluation in flight") as caught:
+                self._caught = caught
+                result = self._run()
             ok = True
             return result
         finally:
+            self._caught = {"signum": None}
+            if self.board is not None:
+                self.board.close()
             self.comm.close(ok)
+
+    def _run(self) -> dict:
+        self.check_signal()
+        phase = time.perf_counter()
+        self.run_generations()
+        self.climb()
+        winner = self.choose_winner()
+        self.timings["GA and ladder (selection seed)"] = time.perf_counter() - phase
+        phase = time.perf_counter()
+        verdicts = self.judge(winner)
+        self.timings["verdict (held-out seeds)"] = time.perf_counter() - phase
+        result = self.summary(winner, verdicts)
+        if self.board is not None:
+            for name, v in sorted(verdicts.items()):  # the paired difference, winner - heuristic
+                add_scalars(self.board, f"search/verdict_vs_{name}", {"mean_difference": v.interval.mean,
+                                                                      "low": v.interval.low, "high": v.interval.high,
+                                                                      "seeds": v.interval.n}, 1)
+        if self.comm.is_main:
+            from .report import write_outputs  # matplotlib only when there is something to draw
+
+            write_outputs(self, result)
+        return result

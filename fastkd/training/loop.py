@@ -27,9 +27,14 @@ class Preempted(Exception):
     """SIGTERM or SIGUSR1 (what schedulers send before they kill a job): the run checkpointed at the
     step boundary after the signal and stops; --resume continues exactly there."""
 
-    def __init__(self, signum: int, step: int, what: str = "checkpoint written"):
+    def __init__(self, signum: int, step: int | None = None, what: str = "checkpoint written", where: str | None = None):
         self.signum, self.step = signum, step
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}: {what}; continue with --resume")
+        self.where, self.what = where or f"after step {step}", what
+        self.resume_hint = "continue with --resume"  # `fastkd demo` says its own (it resumes when run again)
+        super().__init__(signum, step, what, where)
+
+    def __str__(self) -> str:
+        return f"stopped by {signal.Signals(self.signum).name} {self.where}: {self.what}; {self.resume_hint}"
 
 
 @contextlib.contextmanager
