@@ -11,10 +11,10 @@ files' identity, the tokenizer and the length, so a second run does not re-token
 Tokenization, the expensive part, runs in `num_proc` processes (datasets.map), one row per
 paragraph, so the shards' boundaries change nothing; packing then runs in one process over fixed
 blocks of paragraphs: the cache is the same whatever `num_proc`. A paragraph longer than
-PIECE_CHARS characters is tokenized in pieces cut before whitespace, so one 50 MB line does not
-hold gigabytes of tokenizer state (for WordPiece and byte-level BPE the tokens are those of one
-call; a SentencePiece tokenizer may differ at a cut, and so may any tokenizer where PIECE_CHARS
-characters hold no whitespace at all: there the cut is hard).
+PIECE_CHARS characters is tokenized in pieces cut before a space, so one 50 MB line does not hold
+gigabytes of tokenizer state (for WordPiece and byte-level BPE the tokens are those of one call;
+a SentencePiece tokenizer may differ at a cut, and so may any tokenizer where PIECE_CHARS
+characters hold no space at all: there the cut is hard).
 """
 
 from __future__ import annotations
@@ -146,16 +146,16 @@ def default_num_proc() -> int:
 
 
 def split_long(text: str, limit: int = PIECE_CHARS) -> list[str]:
-    """`text` in pieces of at most `limit` characters, each cut just before whitespace (which starts
-    the next piece, where byte-level BPE tokenizers want it); a run of `limit` characters without any
-    whitespace is cut hard."""
+    """`text` in pieces of at most `limit` characters, each cut just before a space (which starts the
+    next piece, where byte-level BPE tokenizers want it; other whitespace and control characters are
+    not cut at: some tokenizers drop them or add a prefix space after them); a run of `limit`
+    characters without a space is cut hard."""
     if len(text) <= limit:
         return [text]
     pieces, start = [], 0
     while len(text) - start > limit:
-        cut = start + limit - 1
-        while cut > start and not text[cut].isspace():
-            cut -= 1
+        cut = text.rfind(" ", start + 1, start + limit)  # a space: what every tokenizer splits on
+        cut = cut if cut > start else start
         if cut == start:
             cut = start + limit
         pieces.append(text[start:cut])

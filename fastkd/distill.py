@@ -20,7 +20,7 @@ from .corpus import BatchStream, corpus_identity, load_corpus, parse_sample, sam
 from .device import pick_device
 from .errors import UserError
 from .export import export_student
-from .io import atomic_write_json, check_writable_dir, is_bookkeeping, lock_output
+from .io import atomic_write_json, check_writable_dir, is_bookkeeping, lock_output, no_space_is_one_line
 from .losses import DistillLoss, LossWeights
 from .mapping import LayerMapping, parse_mapping
 from .models import (build_student, check_weight_files, load_config, load_student_dir, load_teacher, load_tokenizer,
@@ -182,7 +182,17 @@ def _start_outputs(run: Run, resumed_from: Path | None) -> None:
         if cfg.resume:
             log.info("--resume: no complete checkpoint in %s yet, starting from step 0", output)
         metrics_path.unlink(missing_ok=True)
-    atomic_write_json(output / "config.json", {
+    with no_space_is_one_line(output / "config.json"):
+        _write_run_config(run)
+    log.info("student: %s (%.1fM parameters), mapping %s, %d sequences of %d tokens, global batch %d, %s loss "
+             "backend%s", run.shape.describe(), run.parameters / 1e6, run.mapping.text, run.corpus_sequences,
+             cfg.max_seq_len, engine.seqs_per_step, engine.criterion.backend(engine.device),
+             "".join(f"; {k}: {v}" for k, v in engine.describe().items()))
+
+
+def _write_run_config(run: Run) -> None:
+    cfg, engine = run.cfg, run.engine
+    atomic_write_json(run.output / "config.json", {
         "fastkd_version": __version__, "command": "distill", "config": cfg.to_dict(),  # the form --config reads
         "resolved": {"mapping": run.mapping.text, "teacher_layers": run.mapping.teacher_layers,
                      "student": {**run.shape.__dict__, "parameters": run.parameters},
@@ -193,10 +203,6 @@ def _start_outputs(run: Run, resumed_from: Path | None) -> None:
                      "loss_ops": engine.criterion.prepare(engine.device, engine.loss_input_dtypes()),
                      **run.resolved},
     })
-    log.info("student: %s (%.1fM parameters), mapping %s, %d sequences of %d tokens, global batch %d, %s loss "
-             "backend%s", run.shape.describe(), run.parameters / 1e6, run.mapping.text, run.corpus_sequences,
-             cfg.max_seq_len, engine.seqs_per_step, engine.criterion.backend(engine.device),
-             "".join(f"; {k}: {v}" for k, v in engine.describe().items()))
 
 
 def run_distill(cfg: DistillConfig) -> Path | None:

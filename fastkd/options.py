@@ -275,10 +275,11 @@ def _flatten(data: dict, where: str, prefix: str = "") -> dict:
         if not isinstance(key, str):
             raise UserError(f"{where}: setting names are strings (got {key!r})")
         name = prefix + key.replace("-", "_")
-        if isinstance(value, dict):
-            out.update(_flatten(value, where, name + "_"))
-        else:
-            out[name] = value
+        items = _flatten(value, where, name + "_") if isinstance(value, dict) else {name: value}
+        for flat, v in items.items():
+            if flat in out:  # batch-size and batch_size, or proxy: {steps} and proxy_steps
+                raise UserError(f"{where}: {flat} is given twice")
+            out[flat] = v
     return out
 
 

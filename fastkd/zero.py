@@ -136,7 +136,23 @@ def init_distributed() -> tuple[int, int, int]:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if not torch.cuda.is_available():
+        _unlink_shm_buffers(rank)
     return rank, world, local_rank
+
+
+def _unlink_shm_buffers(rank: int) -> None:
+    """DeepSpeed's CPU all-reduce (ranks on one host) maps a 66 MiB /dev/shm buffer per rank and never
+    unlinks it: every job, killed or not, would leave them in RAM until a reboot (hundreds of test
+    runs filled a 24 GiB machine). Once every rank has initialised, every rank has mapped every
+    buffer, so the names can go; the memory stays mapped until the ranks exit, then it is freed."""
+    torch.distributed.barrier()  # every rank has opened every other rank's buffer
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"  # shm.cpp's naming
+    try:
+        os.unlink(Path("/dev/shm") / name)
+    except OSError:
+        pass  # not created (ranks on several hosts, no shm op) or not on Linux
 
 
 # --- the run ------------------------------------------------------------------------------------------

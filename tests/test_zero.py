@@ -56,6 +56,9 @@ def _launch(tmp_path, config, flags, ranks=2, wait=True, port_offset=0):
                                 start_new_session=True)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # DeepSpeed's CPU all-reduce buffers (66 MiB of RAM per rank) must not outlive the job.
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{env['MASTER_PORT']}_*"))
+    assert not left, left
     return out
 
 

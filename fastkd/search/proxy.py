@@ -129,8 +129,8 @@ class ProxyEvaluator:
         self.device = next(teacher_model.parameters()).device
         self.keep_students = keep_students
         self._students: OrderedDict = OrderedDict()  # (mapping text, seed) -> (student, losses, seconds)
-        # Called between steps and candidates: raises to stop at once (a stop signal), losing only work
-        # nothing has stored yet. None: never (on several ranks the stop is agreed per stored result).
+        # Called after each lockstep step: raises to stop at once (a stop signal), losing only work nothing
+        # has stored yet. None: never (on several ranks the stop is agreed per stored result, in keep).
         self.interrupt = None
 
     def _distill_config(self, seed: int) -> DistillConfig:

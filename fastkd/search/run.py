@@ -489,7 +489,9 @@ class Search:
             shutil.rmtree(self.output / "tensorboard", ignore_errors=True)
             self.board = tensorboard_writer(self.cfg, self.output, 0)
         try:
-            with stop_signals("stopping after the evaluation in flight") as caught:
+            then = ("stopping now (during proxy distillation) or after the evaluation in flight" if self.comm.world == 1
+                    else "stopping after the evaluation in flight")
+            with stop_signals(then) as caught:
                 self._caught = caught
                 result = self._run()
             ok = True

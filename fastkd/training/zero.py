@@ -47,18 +47,25 @@ def zero_stage(config: dict) -> int:
 
 
 def on_rank0(rank: int, work):
-    """`work()` on rank 0 (its result there, None elsewhere); a UserError there (a full disk, a bad
-    corpus, a non-finite model) is raised on every rank with the same line, so no rank is left
-    waiting in a collective."""
-    box, result = [None], None
+    """`work()` on rank 0 (its result there, None elsewhere). Whatever stops it there stops every rank,
+    so none is left waiting in a collective: a UserError (a bad corpus, a non-finite model, a full
+    disk) with the same line everywhere; anything else is raised on rank 0 and named on the others."""
+    box, result, failure = [None], None, None
     if rank == 0:
         try:
             result = work()
         except UserError as exc:
-            box[0] = str(exc)
+            box[0] = ("user", str(exc))
+        except Exception as exc:  # a bug or a system error: rank 0 shows the traceback
+            box[0], failure = ("error", f"{type(exc).__name__}: {exc}"), exc
     torch.distributed.broadcast_object_list(box, src=0)
     if box[0] is not None:
-        raise UserError(box[0])
+        kind, message = box[0]
+        if kind == "user":
+            raise UserError(message)
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"rank 0 stopped: {message}")
     return result
 
 
