@@ -19,6 +19,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from .errors import UserError
+
 ATTN_NAME = "fastkd_capture"
 
 
@@ -94,3 +96,18 @@ def recording(layers=None):
         yield recorder
     finally:
         _active.reset(token)
+
+
+def check_recorded(model, records, layers, role: str) -> None:
+    """The capture guard: every layer a loss needs recorded its attention. A family whose attention
+    bypasses the attention-function registry (or a model loaded with another implementation)
+    records nothing: one clear line instead of a KeyError inside the loss."""
+    missing = sorted(set(layers) - set(records))
+    if missing:
+        config = getattr(model, "config", None)
+        family = getattr(config, "model_type", type(model).__name__)
+        implementation = getattr(config, "_attn_implementation", None)
+        raise UserError(f"the {role} (a {family} model, attention implementation {implementation!r}) recorded no "
+                        f"attention for layer{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}: its "
+                        f"attention does not go through fastkd's capture; use a supported family or load it with "
+                        f"fastkd (attn_implementation {ATTN_NAME!r})")

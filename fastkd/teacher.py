@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .capture import AttentionRecord, recording
+from .capture import AttentionRecord, check_recorded, recording
 
 
 @dataclass
@@ -48,6 +48,7 @@ class Teacher:
             hidden = {l: out.hidden_states[l] for l in self.hidden_layers}
             records = dict(rec.records)
             del out
+        check_recorded(self.model, records, self.attention_layers, "teacher")
         self.forwards += 1
         # A clone taken outside inference_mode is an ordinary tensor a student's backward may save.
         hidden = {l: h.clone() for l, h in hidden.items()}

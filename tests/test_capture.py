@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import BertConfig, BertModel
 
@@ -77,3 +78,32 @@ def test_teacher_runs_once_in_inference_mode_and_outputs_serve_backward():
     loss.backward()  # would raise if teacher tensors were inference tensors
     assert student.encoder.layer[0].attention.self.query.weight.grad is not None
     assert all(p.grad is None for p in teacher_model.parameters())
+
+
+def test_the_capture_guard_names_the_model_and_layer_instead_of_a_key_error(tiny_teacher_dir):
+    """A model whose attention does not reach fastkd's capture (here: loaded back to stock sdpa, as a
+    family that bypasses the attention registry would be) stops with one line, for either side."""
+    from fastkd.capture import disable_capture
+    from fastkd.errors import UserError
+    from fastkd.losses import DistillLoss, LossWeights
+    from fastkd.mapping import LayerMapping
+    from fastkd.models import build_student, load_teacher, student_shape
+    from fastkd.teacher import Teacher
+    from fastkd.training import student_loss
+
+    teacher_model = load_teacher(str(tiny_teacher_dir))
+    mapping = LayerMapping((2, 4), 4)
+    student = build_student(teacher_model, student_shape(teacher_model.config, 2), "teacher", mapping)
+    criterion = DistillLoss(mapping, student.config.hidden_size, teacher_model.config.hidden_size, LossWeights(1, 1, 1, 0))
+    teacher = Teacher(teacher_model, criterion.teacher_hidden_layers(), criterion.teacher_attention_layers())
+    batch = {"input_ids": torch.tensor([[101, 7592, 2088, 102]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    out = teacher(batch["input_ids"], batch["attention_mask"])
+    assert set(out.attention) == {2, 4}
+    student_loss(student, criterion, batch, out)  # captured: no error
+    disable_capture(student)
+    with pytest.raises(UserError, match=r"the student \(a bert model, attention implementation 'sdpa'\) recorded no "
+                                        r"attention for layers 1, 2"):
+        student_loss(student, criterion, batch, out)
+    disable_capture(teacher_model)
+    with pytest.raises(UserError, match=r"the teacher \(a bert model, .*\) recorded no attention for layers 2, 4"):
+        teacher(batch["input_ids"], batch["attention_mask"])

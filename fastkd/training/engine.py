@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..capture import recording
+from ..capture import check_recorded, recording
 from ..errors import UserError
 from ..losses import DistillLoss, LossOutput
 from ..teacher import TeacherOutputs
@@ -35,9 +35,11 @@ class NonFiniteAbort(UserError):
 
 def student_loss(student, criterion: DistillLoss, batch: dict, teacher_out: TeacherOutputs) -> LossOutput:
     """One student forward with attention capture, scored against the shared teacher outputs."""
-    with recording(criterion.student_attention_layers()) as rec:
+    layers = criterion.student_attention_layers()
+    with recording(layers) as rec:
         out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       output_hidden_states=True, return_dict=True)
+    check_recorded(student, rec.records, layers, "student")
     return criterion(out.hidden_states, rec.records, teacher_out)
 
 
