@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_result  # noqa: E402
 
-from fastkd.capture import enable_capture  # noqa: E402
+from fastkd.families import enable_capture  # noqa: E402
 from fastkd.corpus import load_corpus, sample_corpus  # noqa: E402
 from fastkd.mapping import heuristic  # noqa: E402
 from fastkd.models import load_teacher, load_tokenizer, student_shape  # noqa: E402

@@ -1,8 +1,13 @@
-"""Per-layer Q and K from any BERT-family model, without forking it.
+"""Per-layer attention from any supported encoder family, without forking it.
 
-transformers lets a custom attention function be registered and selected per model. fastkd's
-records what the distillation losses need and otherwise behaves like SDPA attention, so models
-run their fused attention for their own forward.
+Two mechanisms, chosen per family (fastkd.families):
+- the registry: transformers lets a custom attention function be registered and selected per model.
+  fastkd's records Q and K (after any rotary embedding) and the sliding window, and otherwise behaves
+  like SDPA attention, so models run their fused attention for their own forward;
+- score hooks, for families whose attention bypasses the registry (DeBERTa-v2/v3, MPNet) and whose
+  scores are not a plain scaled Q K^T anyway (relative-position terms): a forward pre-hook on the
+  self-attention module enters a TorchFunctionMode that keeps the first softmax input, the full
+  pre-softmax scores exactly as the family computes them; the forward hook leaves the mode.
 
 Trap (why the mask function is registered too): the encoder builds its 4D mask with the mask
 function registered under the *same name* as the attention implementation. A custom attention
@@ -16,6 +21,7 @@ import contextvars
 from dataclasses import dataclass, field
 
 import torch
+from torch.overrides import TorchFunctionMode
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
@@ -26,12 +32,34 @@ ATTN_NAME = "fastkd_capture"
 
 @dataclass
 class AttentionRecord:
-    """What one layer's attention left behind. Shapes: q, k (B, H, S, d); the pre-softmax scores are
-    scaling * q k^T (the losses form them, or never do on the fused backends)."""
+    """What one layer's attention left behind.
 
-    query: torch.Tensor
-    key: torch.Tensor
-    scaling: float
+    Plain records (query, key, scaling; shapes (B, H, S, d)): the pre-softmax scores are
+    scaling * q k^T, which the losses form, or never do on the fused backends. Families whose scores
+    carry more (relative-position terms) record `scores`, the (B, H, S, S) softmax input (padding
+    already filled with a large negative value). `window`: a local-attention layer's keys are those
+    with |i - j| <= window (ModernBERT); None = global attention."""
+
+    query: torch.Tensor | None = None
+    key: torch.Tensor | None = None
+    scaling: float | None = None
+    scores: torch.Tensor | None = None
+    window: int | None = None
+
+    @property
+    def plain(self) -> bool:
+        """Global attention whose scores are scaling * q k^T: what the fused ops take."""
+        return self.scores is None and self.window is None
+
+    def full_scores(self) -> torch.Tensor:
+        """(B, H, S, S) pre-softmax scores in float32."""
+        if self.scores is not None:
+            return self.scores.float()
+        return torch.matmul(self.query.float(), self.key.float().transpose(-1, -2)) * self.scaling
+
+    def clone(self) -> "AttentionRecord":
+        c = lambda t: None if t is None else t.clone()  # noqa: E731
+        return AttentionRecord(c(self.query), c(self.key), self.scaling, c(self.scores), self.window)
 
 
 @dataclass
@@ -46,21 +74,32 @@ class Recorder:
 _active: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar("fastkd_recorder", default=None)
 
 
+def _next_layer() -> tuple[Recorder | None, int | None]:
+    """Count one attention call of the active forward; the layer number when it is to be kept."""
+    recorder = _active.get()
+    if recorder is None:
+        return None, None
+    recorder.calls += 1
+    layer = recorder.calls
+    if recorder.layers is not None and layer not in recorder.layers:
+        return recorder, None
+    return recorder, layer
+
+
 def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     # query/key/value: (B, H, S, d); attention_mask: (B, 1, S, S) additive, or None without padding.
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     if attention_mask is not None and attention_mask.dtype != query.dtype:
         attention_mask = attention_mask.to(query.dtype)  # bf16 autocast: SDPA wants matching dtypes
-    recorder = _active.get()
-    layer = None
-    if recorder is not None:
-        recorder.calls += 1
-        layer = recorder.calls
-        if recorder.layers is not None and layer not in recorder.layers:
-            layer = None
+    recorder, layer = _next_layer()
     if layer is not None:
-        recorder.records[layer] = AttentionRecord(query, key, scaling)
+        # transformers' encoders pass a local layer's window in flash-attention's convention (the
+        # mask keeps |i - j| <= window, the kwarg is window + 1); the family test checks it against
+        # the mask the model builds.
+        window = kwargs.get("sliding_window")
+        recorder.records[layer] = AttentionRecord(query, key, scaling,
+                                                  window=None if window is None else int(window) - 1)
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout if module.training else 0.0, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
@@ -74,14 +113,55 @@ def _register() -> None:
 _register()
 
 
-def enable_capture(model) -> None:
+def use_registry(model) -> None:
     """Route the model's attention through the capture function (a no-op outside `recording`)."""
     model.set_attn_implementation(ATTN_NAME)
 
 
-def disable_capture(model, implementation: str = "sdpa") -> None:
-    """Back to a stock attention implementation (before export: saved configs stay clean)."""
-    model.set_attn_implementation(implementation)
+class _FirstSoftmaxInput(TorchFunctionMode):
+    """Inside one self-attention forward: keeps the input of its first softmax (the scores)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scores = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.scores is None and func is torch.nn.functional.softmax:
+            self.scores = args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def _scores_pre_hook(module, args):
+    recorder, layer = _next_layer()
+    if layer is not None:
+        mode = _FirstSoftmaxInput()
+        mode.__enter__()
+        module._fastkd_scores = (mode, recorder, layer)
+
+
+def _scores_post_hook(module, args, output):
+    state = module.__dict__.pop("_fastkd_scores", None)
+    if state is None:
+        return
+    mode, recorder, layer = state
+    mode.__exit__(None, None, None)
+    if mode.scores is not None:  # else the guard names the layer
+        recorder.records[layer] = AttentionRecord(scores=mode.scores)
+
+
+def hook_scores(modules) -> None:
+    """Record the pre-softmax scores of each self-attention module (once per module; the hooks do
+    nothing outside `recording`). Call order numbers the layers, as for the registry."""
+    for module in modules:
+        if "_fastkd_hooks" not in module.__dict__:
+            module._fastkd_hooks = (module.register_forward_pre_hook(_scores_pre_hook),
+                                    module.register_forward_hook(_scores_post_hook, always_call=True))
+
+
+def unhook_scores(modules) -> None:
+    for module in modules:
+        for handle in module.__dict__.pop("_fastkd_hooks", ()):
+            handle.remove()
 
 
 @contextlib.contextmanager

@@ -23,8 +23,9 @@ from .export import export_student
 from .io import atomic_write_json, check_writable_dir, is_bookkeeping, lock_output, no_space_is_one_line
 from .losses import DistillLoss, LossWeights
 from .mapping import LayerMapping, parse_mapping
+from .families import family_of
 from .models import (build_student, check_weight_files, load_config, load_student_dir, load_teacher, load_tokenizer,
-                     student_shape)
+                     require_teacher_family, student_shape)
 from .rng import seed_everything
 from .teacher import Teacher
 from .training import LocalEngine, StepEngine, train
@@ -79,13 +80,17 @@ def resolve(cfg: DistillConfig):
                         "position embeddings: use a smaller --max-seq-len")
     if cfg.student is not None:
         s_config = load_config(cfg.student, "student")
+        require_teacher_family(s_config, teacher_config, cfg.student)
         shape = student_shape(s_config, s_config.num_hidden_layers)
         if cfg.max_seq_len > s_config.max_position_embeddings:
             raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the student's {s_config.max_position_embeddings} position embeddings")
     else:
         shape = student_shape(teacher_config, DEFAULT_STUDENT_LAYERS if cfg.student_layers is None else cfg.student_layers, cfg.student_hidden,
                               cfg.student_heads, cfg.student_ffn)
-    mapping = parse_mapping(cfg.mapping, shape.layers, n_teacher)
+    try:
+        mapping = parse_mapping(cfg.mapping, shape.layers, n_teacher)
+    except UserError as exc:
+        raise UserError(f"{exc}{family_of(teacher_config).layers_note}") from None
     parse_sample(cfg.corpus_sample)
     weights = loss_weights(cfg)
     if not (weights.embedding or ((weights.hidden or weights.attention or weights.attention_kl) and mapping.pairs())):

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .capture import disable_capture, enable_capture
+from .families import disable_capture, enable_capture
 from .errors import UserError
 from .io import follow_umask, no_space_is_one_line, replace_dir, staging_dir
 

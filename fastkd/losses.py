@@ -7,6 +7,10 @@ Conventions (TinyBERT for MSE terms, MiniLM for the KL term):
   valid (query, key) pairs, a pair being valid when both positions are real tokens;
 - heads: equal head counts compare head by head; different counts compare head-averaged scores
   (and head-averaged attention distributions for the KL term);
+- families whose scores are more than a scaled Q K^T (DeBERTa's disentangled terms, MPNet's
+  relative bias) record their full scores, and a local-attention layer (ModernBERT) its window: such
+  pairs run the torch reference on the (B, H, S, S) scores, valid pairs being the window's as well as
+  real tokens (the narrower window where a local and a global layer meet), and ran_on says so;
 - each term is the mean over the mapped layer pairs, logged unweighted; total = sum of w * term.
 
 The terms themselves are ops (fastkd.ops: one module each, with the torch reference and the fused
@@ -15,6 +19,7 @@ backends); each runs on the backend fastkd.ops.select chose and self-checked for
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 
 import torch
@@ -24,7 +29,10 @@ from . import ops
 from .capture import AttentionRecord
 from .mapping import LayerMapping
 
+log = logging.getLogger(__name__)
+
 TERMS = ("embedding", "hidden", "attention", "attention_kl")
+_SAID_REFERENCE: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ class DistillLoss(nn.Module):
         self.weights = weights
         self.backend_request = backend  # None: $FASTKD_LOSS_BACKEND or auto, resolved per op, device and dtype
         self._ran: dict[tuple, str] = {}  # (op, device, dtypes) -> backend, as this loss ran them
+        self._reference: dict[tuple, str] = {}  # (op, device, dtypes) -> why some pairs ran the reference
         needs_projection = student_hidden != teacher_hidden
         projected = ([0] if weights.embedding else []) + ([m for m, _ in mapping.pairs()] if weights.hidden else [])
         self.projections = nn.ModuleDict(
@@ -123,11 +132,27 @@ class DistillLoss(nn.Module):
         self._ran[(op, str(student.device), ops.select.dtype_label(student.dtype, teacher.dtype))] = effective
         return backend
 
+    def _ran_reference(self, op: str, rs: AttentionRecord, rt: AttentionRecord) -> None:
+        """Note (and say once per op and reason) that a layer pair ran the reference on full scores."""
+        reason = "full scores" if rs.scores is not None or rt.scores is not None else "local attention window"
+        s, t = (r.scores if r.scores is not None else r.query for r in (rs, rt))
+        key = (op, str(s.device), ops.select.dtype_label(s.dtype, t.dtype))
+        if (op, reason) not in _SAID_REFERENCE:
+            _SAID_REFERENCE.add((op, reason))
+            log.info("%s: the torch reference runs on the (B, H, S, S) scores of layers with %s (the fused "
+                     "backends take plain global Q K^T scores only)", op, reason)
+        self._reference[key] = reason
+
     def ran_on(self) -> list[dict]:
         """What each op of this loss ran on, per device and dtypes, with its self-check's outcome
         (for fastkd.json and fastkd bench); only what this loss ran, not the whole process."""
         out = []
-        for (op, device, dtypes), backend in self._ran.items():
+        for key in dict.fromkeys([*self._ran, *self._reference]):
+            op, device, dtypes = key
+            backend = self._ran.get(key)
+            if key in self._reference:
+                reference = f"torch ({self._reference[key]})"
+                backend = reference if backend is None else f"{backend}; {reference} for the other layers"
             check = next((s["check"] for s in ops.selections() if s["op"] == op and s["device"] == device
                           and s["dtype"] == dtypes and s["requested"] == ops.backends.requested(self.backend_request)),
                          None)
@@ -157,6 +182,17 @@ class DistillLoss(nn.Module):
             mse, kl = [], []
             for m, g in pairs:
                 rs, rt = student_attention[m], teacher.attention[g]
+                if not (rs.plain and rt.plain):
+                    # A family's full scores or a local window: the reference on (B, H, S, S) scores.
+                    window = min((r.window for r in (rs, rt) if r.window is not None), default=None)
+                    s_scores, t_scores = rs.full_scores(), rt.full_scores()
+                    if w.attention:
+                        self._ran_reference(ops.attention_mse.NAME, rs, rt)
+                        mse.append(ops.attention_mse.scores_mse(s_scores, t_scores, mask, window))
+                    if w.attention_kl:
+                        self._ran_reference(ops.attention_kl.NAME, rs, rt)
+                        kl.append(ops.attention_kl.scores_kl(s_scores, t_scores, mask, window))
+                    continue
                 args = (rs.query, rs.key, rt.query, rt.key, mask, rs.scaling, rt.scaling)
                 if w.attention:  # from Q and K: the fused backends never form an S x S tensor
                     mse.append(ops.attention_mse.attention_mse_qk(*args, self._op_backend(ops.attention_mse.NAME, rs.query, rt.query)))

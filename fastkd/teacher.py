@@ -1,7 +1,7 @@
 """One frozen teacher forward per batch, shared by every student of the step.
 
 The teacher runs under torch.inference_mode(). Inference tensors cannot be saved for a student's
-backward, so only what the losses read (the mapped layers' hidden states and Q/K) is cloned out as
+backward, so only what the losses read (the mapped layers' hidden states and attention records) is cloned out as
 ordinary tensors; everything else is freed with the inference context.
 """
 
@@ -16,7 +16,7 @@ from .capture import AttentionRecord, check_recorded, recording
 
 @dataclass
 class TeacherOutputs:
-    """hidden[l]: (B, S, D) for l in the requested layers (0 = embeddings); attention[l]: Q/K record."""
+    """hidden[l]: (B, S, D) for l in the requested layers (0 = embeddings); attention[l]: its record."""
 
     hidden: dict[int, torch.Tensor]
     attention: dict[int, AttentionRecord]
@@ -43,7 +43,9 @@ class Teacher:
         device = input_ids.device
         autocast = torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
         with torch.inference_mode(), autocast, recording(self.attention_layers) as rec:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            # token_type_ids only when given: DistilBERT, ModernBERT and MPNet take none.
+            types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **types,
                              output_hidden_states=True, return_dict=True)
             hidden = {l: out.hidden_states[l] for l in self.hidden_layers}
             records = dict(rec.records)
@@ -52,7 +54,5 @@ class Teacher:
         self.forwards += 1
         # A clone taken outside inference_mode is an ordinary tensor a student's backward may save.
         hidden = {l: h.clone() for l, h in hidden.items()}
-        attention = {
-            l: AttentionRecord(r.query.clone(), r.key.clone(), r.scaling) for l, r in records.items()
-        }
+        attention = {l: r.clone() for l, r in records.items()}
         return TeacherOutputs(hidden, attention, attention_mask)

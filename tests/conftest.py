@@ -56,6 +56,53 @@ def make_tiny_bert(path: Path, tokenizer, layers=4, hidden=32, heads=4, ffn=64, 
     return path
 
 
+FAMILY_TYPES = ("bert", "distilbert", "albert", "modernbert", "deberta-v2", "mpnet")
+
+
+def make_tiny_encoder(model_type: str, path: Path, tokenizer, layers=4, hidden=32, heads=4, ffn=64, seed=0) -> Path:
+    """A random encoder of `model_type` (a fastkd family), no dropout, with the real uncased WordPiece
+    vocabulary and its special-token ids, saved like a hub model."""
+    import transformers
+
+    if model_type == "bert":
+        return make_tiny_bert(path, tokenizer, layers, hidden, heads, ffn, seed)
+    common = dict(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id)
+    sizes = dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, intermediate_size=ffn)
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = {
+        "distilbert": lambda: transformers.DistilBertConfig(n_layers=layers, dim=hidden, n_heads=heads, hidden_dim=ffn,
+                                                            dropout=0.0, attention_dropout=0.0,
+                                                            max_position_embeddings=128, **common),
+        # factorised embeddings (16 < hidden), one shared layer applied `layers` times
+        "albert": lambda: transformers.AlbertConfig(embedding_size=16, max_position_embeddings=128, **sizes, **no_dropout,
+                                                    **common),
+        # local attention over |i - j| <= 2 on every layer but each second: windows shorter than the tests' batches
+        "modernbert": lambda: transformers.ModernBertConfig(local_attention=4, global_attn_every_n_layers=2,
+                                                            max_position_embeddings=128, cls_token_id=tokenizer.cls_token_id,
+                                                            sep_token_id=tokenizer.sep_token_id,
+                                                            bos_token_id=tokenizer.cls_token_id,
+                                                            eos_token_id=tokenizer.sep_token_id, **sizes, **common),
+        # DeBERTa-v3's attention: relative positions in buckets, c2p and p2c terms, shared keys, no token types
+        "deberta-v2": lambda: transformers.DebertaV2Config(relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                                           position_buckets=8, max_relative_positions=-1,
+                                                           share_att_key=True, norm_rel_ebd="layer_norm",
+                                                           position_biased_input=False, type_vocab_size=0,
+                                                           max_position_embeddings=128, **sizes, **no_dropout, **common),
+        "mpnet": lambda: transformers.MPNetConfig(max_position_embeddings=130,  # 32 relative buckets: MPNet hard-codes them
+                                                  **sizes, **no_dropout, **common),
+    }[model_type]()
+    torch.manual_seed(seed)
+    transformers.AutoModel.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def family_teacher_dirs(tmp_path_factory, default_tokenizer) -> dict[str, Path]:
+    """One tiny random teacher per family (4 layers, hidden 32, 4 heads)."""
+    return {t: make_tiny_encoder(t, tmp_path_factory.mktemp(f"tiny-{t}"), default_tokenizer) for t in FAMILY_TYPES}
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory, default_tokenizer) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-teacher"), default_tokenizer)

@@ -2,7 +2,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from fastkd.capture import enable_capture, recording
+from fastkd.capture import recording
+from fastkd.families import enable_capture
 from fastkd.ops.attention_mse import scores_mse as attention_mse
 from fastkd.ops.hidden_mse import reference as hidden_mse
 from fastkd.teacher import Teacher
@@ -83,7 +84,7 @@ def test_teacher_runs_once_in_inference_mode_and_outputs_serve_backward():
 def test_the_capture_guard_names_the_model_and_layer_instead_of_a_key_error(tiny_teacher_dir):
     """A model whose attention does not reach fastkd's capture (here: loaded back to stock sdpa, as a
     family that bypasses the attention registry would be) stops with one line, for either side."""
-    from fastkd.capture import disable_capture
+    from fastkd.families import disable_capture
     from fastkd.errors import UserError
     from fastkd.losses import DistillLoss, LossWeights
     from fastkd.mapping import LayerMapping

@@ -6,6 +6,7 @@ Each run is a real multi-process job: `deepspeed --num_gpus 2 launch/fastkd_entr
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -210,3 +211,21 @@ def test_a_config_whose_batch_disagrees_with_the_flags_is_one_line(tmp_path, tin
     assert lines[-1].startswith("fastkd distill: error: --deepspeed") and "train_micro_batch_size_per_gpu" in lines[-1]
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_type", ["distilbert", "albert", "modernbert", "deberta-v2", "mpnet"])  # BERT: above
+def test_zero3_distils_every_family(tmp_path, model_type, default_tokenizer, small_corpus):
+    """ZeRO-3 partitions every parameter: the score hooks (DeBERTa, MPNet), ALBERT's one layer used
+    at every application and ModernBERT's windows must all work on gathered weights, and the
+    export rebuilds the family's student."""
+    from transformers import AutoModel
+
+    from conftest import make_tiny_encoder
+
+    teacher = make_tiny_encoder(model_type, tmp_path / "teacher", default_tokenizer)
+    out = tmp_path / "zero3"
+    _launch(tmp_path, DS / "zero3.json", _flags(teacher, small_corpus, out, max_steps=2))
+    assert [r["step"] for r in _metrics(out)] == [1, 2]
+    assert all(math.isfinite(r["attention"]) for r in _metrics(out))
+    model = AutoModel.from_pretrained(out / "student")
+    assert model.config.model_type == model_type and model.config.num_hidden_layers == 2

@@ -23,6 +23,7 @@ from ..config import PROGRESS_HELP, seed_value
 from ..options import option
 from ..device import pick_device
 from ..errors import UserError
+from ..families import model_inputs, stock_attention
 from ..corpus import tokenizer_fingerprint
 from ..models import load_encoder
 from .metrics import compute_metrics, majority_baseline, prediction_summary, task_score
@@ -271,10 +272,12 @@ def make_classifier(model: str | PreTrainedModel, spec: TaskSpec, seed: int) -> 
         config.id2label = dict(enumerate(spec.labels))
         config.label2id = {label: i for i, label in enumerate(spec.labels)}
     torch.manual_seed(seed)
-    classifier = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    classifier = AutoModelForSequenceClassification.from_config(
+        config, attn_implementation=stock_attention(type(encoder)), dtype=torch.float32)
     state = {k: v.float() for k, v in encoder.state_dict().items()}
     missing, unexpected = classifier.base_model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not k.startswith("pooler.")]:
+    # A pooler may be on one side only: MPNet's and RoBERTa's classifiers bring their own head instead.
+    if [k for k in unexpected + missing if not k.startswith("pooler.")]:
         raise ValueError(f"encoder weights do not fit the classifier: missing {missing}, unexpected {unexpected}")
     return classifier
 
@@ -289,7 +292,7 @@ def predict(classifier, enc: Encoded, pad_id: int, batch_size: int, bf16: bool =
         rows = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in _batch(enc, rows, pad_id).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = classifier(**batch).logits.float().cpu()
+            logits = classifier(**model_inputs(classifier, batch)).logits.float().cpu()
         out[rows] = logits[:, 0].numpy() if logits.shape[-1] == 1 else logits.argmax(-1).numpy()
     return out
 
@@ -326,7 +329,7 @@ def finetune_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: Finet
             batch_rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
             batch = {k: v.to(device) for k, v in _batch(train_enc, batch_rows, pad_id).items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                out = classifier(**batch, labels=train_enc.labels[batch_rows].to(device))
+                out = classifier(**model_inputs(classifier, batch), labels=train_enc.labels[batch_rows].to(device))
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(classifier.parameters(), 1.0)
             optimizer.step()

@@ -23,6 +23,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ..device import pick_device
+from ..families import model_inputs
 from ..models import load_encoder
 from .finetune import Encoded, FinetuneConfig, TaskCache, TaskResult, _batch, _score, _subset, scoring_rows
 from .metrics import task_score
@@ -44,7 +45,7 @@ def mean_pooled(encoder, enc: Encoded, pad_id: int, batch_size: int, bf16: bool 
         rows = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in _batch(enc, rows, pad_id).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            hidden = encoder(**batch).last_hidden_state.float()
+            hidden = encoder(**model_inputs(encoder, batch)).last_hidden_state.float()
         mask = batch["attention_mask"].unsqueeze(-1).float()
         out[rows] = ((hidden * mask).sum(1) / mask.sum(1)).cpu().double().numpy()
     encoder.train(was_training)

@@ -13,16 +13,17 @@ import math
 
 import torch
 
-from .attention_mse import attention_scores
+from .attention_mse import attention_scores, pair_mask
 
 NAME = "attention_kl"
 FUSED: tuple[str, ...] = ()
 
 
 def scores_kl(student_scores: torch.Tensor, teacher_scores: torch.Tensor,
-              attention_mask: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(t) || softmax(s)) over real keys, mean over heads and real queries. Scores (B, H, S, S)."""
-    key_valid = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+              attention_mask: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """KL(softmax(t) || softmax(s)) over real keys (within the window of a local layer), mean over
+    heads and real queries. Scores (B, H, S, S)."""
+    key_valid = pair_mask(attention_mask, window)  # (B, 1, S, S); padded query rows are dropped below
     neg = torch.finfo(torch.float32).min
     s_logp = torch.log_softmax(student_scores.float().masked_fill(~key_valid, neg), dim=-1)
     t_logp = torch.log_softmax(teacher_scores.float().masked_fill(~key_valid, neg), dim=-1)

@@ -51,10 +51,15 @@ _said_wide = False
 
 # --- the torch reference ---------------------------------------------------------------------
 
-def pair_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, S) token mask -> (B, 1, S, S) bool: query i and key j both real."""
+def pair_mask(attention_mask: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """(B, S) token mask -> (B, 1, S, S) bool: query i and key j both real (and |i - j| <= window
+    for a local-attention layer)."""
     m = attention_mask.bool()
-    return (m[:, :, None] & m[:, None, :])[:, None]
+    valid = (m[:, :, None] & m[:, None, :])[:, None]
+    if window is not None:
+        pos = torch.arange(m.shape[1], device=m.device)
+        valid = valid & ((pos[:, None] - pos[None, :]).abs() <= window)
+    return valid
 
 
 def attention_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -70,10 +75,11 @@ def match_heads(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Ten
 
 
 def scores_mse(student_scores: torch.Tensor, teacher_scores: torch.Tensor,
-               attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over heads and valid (i, j) of (s - t)^2. Scores: (B, H, S, S); mask (B, S)."""
+               attention_mask: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Mean over heads and valid (i, j) of (s - t)^2. Scores: (B, H, S, S); mask (B, S); window: see
+    pair_mask. Invalid entries may hold anything (a family's -inf-like padding fill): never read."""
     s, t = match_heads(student_scores.float(), teacher_scores.float())
-    valid = pair_mask(attention_mask)
+    valid = pair_mask(attention_mask, window)
     diff = torch.where(valid, s - t, torch.zeros((), device=s.device))
     count = valid.sum() * s.shape[1]
     return diff.pow(2).sum() / count.clamp(min=1)

@@ -1,0 +1,63 @@
+"""The encoder families fastkd distills, one small module each behind one interface (base.Family).
+
+| family        | layers            | attention capture                         | loss path      |
+| BERT-like     | encoder.layer     | registry: Q, K                            | fused or torch |
+| DistilBERT    | transformer.layer | registry: Q, K                            | fused or torch |
+| ALBERT        | one shared layer  | registry: Q, K per application            | fused or torch |
+| ModernBERT    | layers            | registry: rotated Q, K, sliding window    | fused (global), torch (local) |
+| DeBERTa-v2/v3 | encoder.layer     | hooks: full scores (disentangled terms)   | torch          |
+| MPNet         | encoder.layer     | hooks: full scores (relative bias)        | torch          |
+"""
+
+from __future__ import annotations
+
+from ..errors import UserError
+from .albert import ALBERT
+from .base import Family, stock_attention, takes_token_types
+from .bert import BERT
+from .deberta import DEBERTA
+from .distilbert import DISTILBERT
+from .modernbert import MODERNBERT
+from .mpnet import MPNET
+
+FAMILIES: tuple[Family, ...] = (BERT, DISTILBERT, ALBERT, MODERNBERT, DEBERTA, MPNET)
+_BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+
+
+def supported() -> str:
+    return ", ".join(f"{f.name} ({'/'.join(f.model_types)})" if f is not BERT else
+                     f"{f.name}-like ({', '.join(f.model_types)})" for f in FAMILIES)
+
+
+def family_of(model_or_config, what: str = "the model") -> Family:
+    """The family of a model or config; an unsupported one is one line listing the supported."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    family = _BY_MODEL_TYPE.get(model_type)
+    if family is None:
+        raise UserError(f"{what} is a {model_type or 'unknown'} model; fastkd distills these encoder "
+                        f"families: {supported()}")
+    family.check_config(config, what)
+    return family
+
+
+def enable_capture(model) -> None:
+    """Record attention in `recording` blocks (no cost outside them)."""
+    family_of(model).enable_capture(model)
+
+
+def disable_capture(model) -> None:
+    """The model's stock attention again (before saving it)."""
+    family_of(model).disable_capture(model)
+
+
+def model_inputs(model, batch: dict) -> dict:
+    """The batch without token_type_ids for a family whose forward takes none (DistilBERT, MPNet,
+    ModernBERT); such a model is single-segment and ignores them anyway."""
+    if "token_type_ids" in batch and not takes_token_types(model):
+        return {k: v for k, v in batch.items() if k != "token_type_ids"}
+    return batch
+
+
+__all__ = ["FAMILIES", "Family", "disable_capture", "enable_capture", "family_of", "model_inputs",
+           "stock_attention", "supported"]

@@ -1,0 +1,110 @@
+"""The interface every encoder family implements, with the BERT layout as its defaults.
+
+What the rest of fastkd asks of a family: where the layers are, the model's sizes, a student config
+of the same family with other sizes, how attention is captured (the registry or score hooks), how
+teacher weights go into a student, and which inputs its forward takes.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+from torch import nn
+
+from ..capture import hook_scores, unhook_scores, use_registry
+
+
+class Family:
+    name = "BERT"
+    model_types: tuple[str, ...] = ()
+    layers_path = "encoder.layer"  # the list of layers, from the bare encoder
+    # "registry": attention runs through transformers' attention registry (Q/K recorded, fused losses);
+    # "scores": module hooks record the family's full pre-softmax scores (the reference losses).
+    capture = "registry"
+    attention_path = ""  # scores capture: each layer's self-attention module, from the layer
+    ffn_attr = "intermediate_size"
+    layers_note = ""  # appended to a mapping error: what the teacher's "layers" are
+
+    # --- reading a model or config ---------------------------------------------------------------
+    def check_config(self, config, what: str) -> None:
+        """Refuse (UserError, one line) a configuration of this family fastkd cannot distill."""
+
+    def sizes(self, config) -> tuple[int, int, int, int]:
+        """(layers, hidden, heads, FFN width) as a student shape counts them."""
+        return (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+                getattr(config, self.ffn_attr))
+
+    def layers(self, model) -> nn.ModuleList:
+        module = model.base_model
+        for part in self.layers_path.split("."):
+            module = getattr(module, part)
+        return module
+
+    def layer_prefix(self, model) -> str:
+        """The state-dict prefix of layer 0 without its index, e.g. "encoder.layer."."""
+        layers = self.layers(model)
+        name = next(n for n, m in model.named_modules() if m is layers)
+        return name + "." if name else ""
+
+    # --- students --------------------------------------------------------------------------------
+    def student_config(self, teacher_config, layers: int, hidden: int, heads: int, ffn: int):
+        config = copy.deepcopy(teacher_config)
+        config.num_hidden_layers = layers
+        config.hidden_size = hidden
+        config.num_attention_heads = heads
+        setattr(config, self.ffn_attr, ffn)
+        return config
+
+    @torch.no_grad()
+    def copy_weights(self, teacher, student, teacher_layers: list[int]) -> None:
+        """Student layer m <- teacher layer teacher_layers[m] (1-based), the rest by name; each tensor
+        sliced to the student's shape. Where the student is wider (more FFN units, say), only the
+        overlap is copied and the rest keeps its random initialisation."""
+        t_state = teacher.state_dict()
+        prefix = self.layer_prefix(student)
+        for name, s_param in student.state_dict().items():
+            source = name
+            if prefix and name.startswith(prefix):
+                index, _, rest = name[len(prefix):].partition(".")
+                source = f"{prefix}{teacher_layers[int(index)] - 1}.{rest}"
+            t_param = t_state.get(source)
+            if t_param is None:
+                continue  # a pooler the teacher was loaded without, a layer-0-only norm, ...
+            self.copy_tensor(name, s_param, t_param)
+
+    def copy_tensor(self, name: str, s_param: torch.Tensor, t_param: torch.Tensor) -> None:
+        overlap = tuple(slice(0, min(s, t)) for s, t in zip(s_param.shape, t_param.shape))
+        s_param[overlap] = t_param[overlap]
+
+    # --- capture ---------------------------------------------------------------------------------
+    def attention_modules(self, model) -> list[nn.Module]:
+        modules = []
+        for layer in self.layers(model):
+            for part in self.attention_path.split("."):
+                layer = getattr(layer, part)
+            modules.append(layer)
+        return modules
+
+    def enable_capture(self, model) -> None:
+        if self.capture == "registry":
+            use_registry(model)
+        else:
+            hook_scores(self.attention_modules(model))
+
+    def disable_capture(self, model) -> None:
+        """Back to the stock attention (before export: the saved config stays clean)."""
+        if self.capture == "registry":
+            model.set_attn_implementation(stock_attention(type(model)))
+        else:
+            unhook_scores(self.attention_modules(model))
+
+
+def stock_attention(model_class) -> str:
+    """SDPA where the family's attention has an SDPA path, else eager."""
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+
+
+def takes_token_types(model) -> bool:
+    return "token_type_ids" in inspect.signature(model.forward).parameters

@@ -1,0 +1,36 @@
+"""ModernBERT: a top-level `layers` list, rotary embeddings, alternating global and local attention.
+
+Attention goes through the registry after the rotary embedding, so the recorded Q and K are the
+rotated ones and scaling * q k^T is exactly the layer's score. A local (sliding-window) layer
+records its window: its valid (query, key) pairs are |i - j| <= window as well as real tokens, and
+the losses respect both (the fused ops know padding only, so local layers run the reference).
+
+A student keeps the teacher's layer-type pattern from its first layer on (global, local, local, ...
+for global_attn_every_n_layers = 3): its architecture never depends on the mapping. Two weights are
+stacks: attn.Wqkv holds Q, K and V, mlp.Wi the input and gate halves of the GLU; a narrower student
+takes the first rows of each part, never rows of Q as K."""
+
+from .base import Family
+
+
+class ModernBert(Family):
+    name = "ModernBERT"
+    model_types = ("modernbert",)
+    layers_path = "layers"
+
+    def student_config(self, teacher_config, layers, hidden, heads, ffn):
+        config = super().student_config(teacher_config, layers, hidden, heads, ffn)
+        pattern = list(teacher_config.layer_types)
+        config.layer_types = [pattern[i % len(pattern)] for i in range(layers)]
+        return config
+
+    STACKED = {"attn.Wqkv": 3, "mlp.Wi": 2}  # module -> parts stacked along the output rows
+
+    def copy_tensor(self, name, s_param, t_param):
+        module = name.rsplit(".", 1)[0]
+        parts = next((n for suffix, n in self.STACKED.items() if module.endswith(suffix)), 1)
+        for s_part, t_part in zip(s_param.chunk(parts, 0), t_param.chunk(parts, 0)):
+            super().copy_tensor(name, s_part, t_part)
+
+
+MODERNBERT = ModernBert()
