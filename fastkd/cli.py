@@ -97,7 +97,7 @@ def _cmd_glue(args) -> int:
 
     cfg = _config(args)
     report = run_glue(cfg.model, cfg.tasks, cfg.data_dir, cfg.output, cfg.finetune, cfg.resume, cfg.skip_bad_rows,
-                      resolved=options.resolved_config("glue", cfg))
+                      resolved=options.resolved_config("glue", cfg), zeroshot_stsb=cfg.zeroshot_stsb)
     print(markdown(report))
     print(f"wrote {cfg.output}/glue.json and {cfg.output}/glue.md")
     return 0

@@ -25,7 +25,7 @@ from .losses import DistillLoss, LossWeights
 from .mapping import LayerMapping, parse_mapping
 from .families import family_of
 from .models import (build_student, check_weight_files, load_config, load_student_dir, load_teacher, load_tokenizer,
-                     require_teacher_family, student_shape)
+                     require_teacher_family, resolve_model_path, student_shape)
 from .rng import seed_everything
 from .teacher import Teacher
 from .training import LocalEngine, StepEngine, train
@@ -240,4 +240,5 @@ def export_run(run: Run, student) -> Path:
         "skipped_steps": engine.bad_steps, "seconds": round(engine.elapsed, 1),
         "final_losses": engine.final_losses(), **engine.describe(),
     }
-    return export_student(student, run.tokenizer, run.output / "student", info)
+    return export_student(student, run.tokenizer, run.output / "student", info,
+                          pipeline_from=resolve_model_path(cfg.teacher))

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .families import disable_capture, enable_capture
+from .families import disable_capture, enable_capture, family_of
+from .sentence import copy_pipeline, describe_pipeline, has_pipeline
 from .errors import UserError
 from .io import follow_umask, no_space_is_one_line, replace_dir, staging_dir
 
+log = logging.getLogger(__name__)
 
-def export_student(student, tokenizer, target: Path, info: dict) -> Path:
-    """Write `target` (e.g. OUTPUT/student) atomically; `info` becomes fastkd.json and the card."""
+
+def export_student(student, tokenizer, target: Path, info: dict, pipeline_from=None) -> Path:
+    """Write `target` (e.g. OUTPUT/student) atomically; `info` becomes fastkd.json and the card.
+
+    pipeline_from: the teacher's directory; when it is a sentence-transformers model, its pipeline
+    (pooling, normalisation) is exported with the student (fastkd.sentence)."""
     bad = [name for name, t in student.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:  # never ship a broken model (an --lr that diverged, say)
         raise UserError(f"not exporting {target}: {len(bad)} weight tensors hold non-finite values (first: "
@@ -30,7 +37,14 @@ def export_student(student, tokenizer, target: Path, info: dict) -> Path:
             finally:
                 enable_capture(student)
             tokenizer.save_pretrained(staged)
-            info = {"fastkd_version": __version__, **info}
+            info = {"fastkd_version": __version__, "family": family_of(student).name, **info}
+            if has_pipeline(pipeline_from):
+                skipped = copy_pipeline(pipeline_from, staged, student.config.hidden_size)
+                if skipped:
+                    log.warning("the teacher's sentence-transformers pipeline is not exported with the student: %s",
+                                skipped)
+                else:
+                    info["sentence_pipeline"] = describe_pipeline(staged)
             (staged / "fastkd.json").write_text(json.dumps(info, indent=2) + "\n")
             (staged / "README.md").write_text(model_card(info))
         follow_umask(staged)  # other users of a shared machine can load it, as the umask says
@@ -56,10 +70,10 @@ def model_card(info: dict) -> str:
         "tags:",
         "- knowledge-distillation",
         "- fastkd",
-        "- bert",
+        *(["- sentence-transformers"] if info.get("sentence_pipeline") else []),
         "---",
         "",
-        f"# Distilled BERT student ({shape.get('layers', '?')} layers)",
+        f"# Distilled {info.get('family', 'BERT')} student ({shape.get('layers', '?')} layers)",
         "",
         f"Distilled task-agnostically with fastkd {info.get('fastkd_version', '')} from teacher "
         f"`{info.get('teacher', '?')}` by layer-wise knowledge distillation (hidden states and "
@@ -99,4 +113,8 @@ def model_card(info: dict) -> str:
         "```",
         "",
     ]
+    if info.get("sentence_pipeline"):
+        lines += [f"Sentence embeddings with the teacher's pipeline ({info['sentence_pipeline']}):", "",
+                  "```python", "from sentence_transformers import SentenceTransformer",
+                  "embeddings = SentenceTransformer(PATH).encode(sentences)", "```", ""]
     return "\n".join(lines)

@@ -46,18 +46,22 @@ def _cell(key: str, metrics: dict, mark: str = "") -> str:
 
 def markdown(report: dict) -> str:
     keys = [k for k in TASKS if any(k in m["tasks"] for m in report["models"])]
-    lines = ["| Model | " + " | ".join(_HEADERS[k] for k in keys) + " | GLUE avg |",
-             "| --- | " + " | ".join("---" for _ in keys) + " | --- |"]
+    zeroshot = any("zeroshot" in m for m in report["models"])
+    extra = " STS-B zero-shot (S) |" if zeroshot else ""
+    lines = ["| Model | " + " | ".join(_HEADERS[k] for k in keys) + " | GLUE avg |" + extra,
+             "| --- | " + " | ".join("---" for _ in keys) + " | --- |" + (" --- |" if zeroshot else "")]
     for entry in report["models"]:
         cells = []
         for k in keys:
             r = entry["tasks"].get(k)
             cells.append("-" if r is None else _cell(k, r["metrics"], " †" if collapsed(r) else ""))
         partial = "" if all(k in entry["tasks"] for k in keys) else f" ({len(entry['tasks'])} tasks)"
-        lines.append(f"| {entry['model']} | " + " | ".join(cells) + f" | {100 * entry['glue_average']:.1f}{partial} |")
+        stsb = entry.get("zeroshot", {}).get("stsb")
+        zs = (f" {100 * stsb['spearman']:.1f} |" if stsb else " - |") if zeroshot else ""
+        lines.append(f"| {entry['model']} | " + " | ".join(cells) + f" | {100 * entry['glue_average']:.1f}{partial} |" + zs)
     base = report["majority_baseline"]
     lines.append("| majority class | " + " | ".join(_cell(k, base[k]["metrics"]) if k in base else "-" for k in keys)
-                 + f" | {100 * report['majority_baseline_average']:.1f} |")
+                 + f" | {100 * report['majority_baseline_average']:.1f} |" + (" - |" if zeroshot else ""))
     s = report["settings"]
     budget = f"{s['max_steps']} steps" if s.get("max_steps") else f"{s['epochs']:g} epochs"
     subsample = f", train subsampled to {s['max_train_examples']}" if s.get("max_train_examples") else ""
@@ -66,6 +70,9 @@ def markdown(report: dict) -> str:
                   "(a task's score is the mean of its metrics).",
               f"† collapsed: one class predicted for at least {COLLAPSE_FRACTION:.0%} of dev examples. "
               "An average marked (n tasks) covers only the tasks that model ran."]
+    if zeroshot:
+        lines.append("STS-B zero-shot: Spearman x100 of the cosine of the model's sentence-transformers pipeline "
+                     "embeddings with the gold scores on STS-B dev, no training; not in the GLUE average.")
     return "\n".join(lines) + "\n"
 
 

@@ -11,10 +11,11 @@ from ..config import differing_settings
 from ..errors import UserError
 from ..io import atomic_write_json, check_writable_dir, lock_output
 from ..options import option
+from ..sentence import has_pipeline, zeroshot_stsb
 from ..models import check_weight_files, load_config, load_tokenizer, resolve_model_path
 from .finetune import FinetuneConfig, TaskCache, finetune_task
 from .report import build_report, read_report, write_reports
-from .tasks import parse_tasks
+from .tasks import parse_tasks, task_spec
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ class GlueConfig:
                                         "nyu-mll/glue", required=True)
     finetune: FinetuneConfig = option(factory=FinetuneConfig, prefix="")
     skip_bad_rows: bool = option(False, "skip (and count) malformed TSV rows instead of stopping at the first")
+    zeroshot_stsb: bool = option(True, "also score each sentence-embedding model (a sentence-transformers pipeline: "
+                                       "modules.json) zero-shot on STS-B dev: Spearman of the cosine of its embeddings, "
+                                       "no training; needs STS-B under --data-dir and the sentence-transformers package")
     output: str | None = option(None, "directory for glue.json and glue.md", required=True)
     resume: bool = option(False, "reuse finished (model, task) results in --output")
 
@@ -50,8 +54,36 @@ def display_name(model: str) -> str:
     return model
 
 
+def _zeroshot_stsb(entry: dict, cache: TaskCache) -> dict | None:
+    """Zero-shot STS-B of one sentence-embedding model, or None (said once) where it cannot run."""
+    try:
+        import sentence_transformers  # noqa: F401
+    except ImportError:
+        _say_once("zero-shot STS-B needs the sentence-transformers package (pip install 'fastkd[sentence]'): skipped")
+        return None
+    try:
+        dev = cache.data(task_spec("stsb")).dev[0]
+    except UserError as exc:
+        _say_once(f"zero-shot STS-B skipped: {exc}")
+        return None
+    result = zeroshot_stsb(resolve_model_path(entry["path"]), dev)
+    log.info("%s zero-shot STS-B (%s, %s): Spearman %.1f", entry["model"], result["pipeline"], result["split"],
+             100 * result["spearman"])
+    return result
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        log.info(message)
+
+
 def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg: FinetuneConfig,
-             resume: bool = False, skip_bad_rows: bool = False, resolved: dict | None = None) -> dict:
+             resume: bool = False, skip_bad_rows: bool = False, resolved: dict | None = None,
+             zeroshot_stsb: bool = True) -> dict:
     """`resolved`: the command's resolved config, written as OUTPUT/glue-config.json once the run may begin."""
     cfg.validate()
     tasks = parse_tasks(tasks_text)
@@ -114,6 +146,11 @@ def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg
                          100 * result.score, 100 * result.baseline_score, result.seconds)
             # Written after every task: an interrupted run loses at most the task in progress.
             write_reports(out, build_report(settings, [e for e in entries if e["tasks"]]))
+        if zeroshot_stsb and has_pipeline(resolve_model_path(entry["path"])):
+            stsb = _zeroshot_stsb(entry, cache)
+            if stsb is not None:
+                entry["zeroshot"] = {"stsb": stsb}
+                write_reports(out, build_report(settings, [e for e in entries if e["tasks"]]))
     report = build_report(settings, entries)
     write_reports(out, report)
     return report

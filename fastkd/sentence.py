@@ -1,0 +1,98 @@
+"""Sentence-embedding pipelines: a teacher's sentence-transformers modules carried to its student,
+and zero-shot STS-B for any model that has them.
+
+A sentence-transformers model directory holds the encoder (module path "") plus modules.json listing
+the modules applied to its output: Pooling (1_Pooling/config.json: which pooling, over how many
+dims) and often Normalize (no files). A student exported with the teacher's modules (Pooling resized
+to the student's width) runs the teacher's pipeline under `SentenceTransformer(student_dir)`, instead
+of a guessed mean pooling without the normalisation. Modules with weights of the teacher's width
+(Dense, say) cannot be carried to a narrower student: the pipeline is then left out, said in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PIPELINE_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+_CARRIED = {"Transformer", "Pooling", "Normalize"}
+
+
+def has_pipeline(path) -> bool:
+    return path is not None and (Path(path) / "modules.json").is_file()
+
+
+def _modules(path: Path) -> list[dict]:
+    return json.loads((path / "modules.json").read_text())
+
+
+def copy_pipeline(teacher_dir, target: Path, hidden: int) -> str | None:
+    """Write the teacher's sentence-transformers modules into `target` (a staged export) for a
+    student of width `hidden`. Returns None when done, or why the pipeline was left out."""
+    teacher_dir = Path(teacher_dir)
+    try:
+        modules = _modules(teacher_dir)
+        kinds = {m["type"].rsplit(".", 1)[-1] for m in modules}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"its modules.json is unreadable ({exc})"
+    if not kinds <= _CARRIED:
+        return f"its {', '.join(sorted(kinds - _CARRIED))} module(s) hold weights of the teacher's width"
+    if any(m["type"].endswith("Transformer") and m.get("path", "") != "" for m in modules):
+        return "its encoder is not at the directory's root"
+    for name in PIPELINE_FILES:
+        if (teacher_dir / name).is_file():
+            shutil.copy2(teacher_dir / name, target / name)
+    for module in modules:
+        kind, sub = module["type"].rsplit(".", 1)[-1], module.get("path", "")
+        if kind == "Transformer" or not sub:
+            continue
+        (target / sub).mkdir(parents=True, exist_ok=True)
+        source = teacher_dir / sub
+        if source.is_dir():
+            for f in source.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, target / sub / f.name)
+        if kind == "Pooling":
+            config_path = target / sub / "config.json"
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {"pooling_mode_mean_tokens": True}
+            config["word_embedding_dimension"] = hidden
+            config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return None
+
+
+def describe_pipeline(path) -> str:
+    """e.g. "Transformer -> Pooling (mean) -> Normalize"."""
+    path = Path(path)
+    parts = []
+    for module in _modules(path):
+        kind = module["type"].rsplit(".", 1)[-1]
+        if kind == "Pooling":
+            config_path = path / module.get("path", "") / "config.json"
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+            modes = [k[len("pooling_mode_"):].replace("_tokens", "").replace("_token", "")
+                     for k, v in config.items() if k.startswith("pooling_mode_") and v is True]
+            kind += f" ({', '.join(modes)})" if modes else ""
+        parts.append(kind)
+    return " -> ".join(parts)
+
+
+def zeroshot_stsb(model_path, dev, batch_size: int = 64, max_seq_len: int = 128) -> dict:
+    """Spearman (and Pearson) x1 of the cosine of the pipeline's embeddings with the gold scores of
+    STS-B `dev` (a glue.tasks Split); no training."""
+    from scipy.stats import pearsonr, spearmanr
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(model_path), device="cpu")
+    model.max_seq_length = max_seq_len
+    a = model.encode(dev.text_a, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+    b = model.encode(dev.text_b, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+    cosine = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    gold = np.asarray(dev.labels, dtype=np.float64)
+    return {"spearman": float(spearmanr(cosine, gold).statistic), "pearson": float(pearsonr(cosine, gold).statistic),
+            "dev_examples": len(gold), "split": dev.name, "pipeline": describe_pipeline(model_path)}
