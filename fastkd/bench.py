@@ -43,7 +43,7 @@ def backend_list(text: str) -> list[str]:
 class BenchConfig:
     """`fastkd bench`: what is timed (its flags are generated from this)."""
 
-    teacher: str = option("default", "teacher directory, hub name, or 'default'")
+    teacher: str = option("default", "teacher directory, hub name, 'default' or 'mpnet-base'")
     student_layers: int = option(3, "student layers")
     student_hidden: int | None = option(None, "student hidden size")
     student_heads: int | None = option(None, "student heads")

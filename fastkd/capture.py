@@ -179,9 +179,9 @@ def recording(layers=None):
 
 
 def check_recorded(model, records, layers, role: str) -> None:
-    """The capture guard: every layer a loss needs recorded its attention. A family whose attention
-    bypasses the attention-function registry (or a model loaded with another implementation)
-    records nothing: one clear line instead of a KeyError inside the loss."""
+    """The capture guard: every layer a loss needs recorded its attention. A model whose capture was
+    never enabled (or was switched back to a stock implementation) records nothing: one clear line
+    instead of a KeyError inside the loss."""
     missing = sorted(set(layers) - set(records))
     if missing:
         config = getattr(model, "config", None)
@@ -189,5 +189,5 @@ def check_recorded(model, records, layers, role: str) -> None:
         implementation = getattr(config, "_attn_implementation", None)
         raise UserError(f"the {role} (a {family} model, attention implementation {implementation!r}) recorded no "
                         f"attention for layer{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}: its "
-                        f"attention does not go through fastkd's capture; use a supported family or load it with "
-                        f"fastkd (attn_implementation {ATTN_NAME!r})")
+                        f"attention does not go through fastkd's capture; enable it on the model "
+                        f"(fastkd.families.enable_capture, as load_teacher and build_student do)")

