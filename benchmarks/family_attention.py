@@ -34,7 +34,7 @@ BASE = dict(layers=12, hidden=768, heads=12, ffn=3072)
 def base_teacher(model_type: str, root: Path) -> Path:
     from conftest import make_tiny_encoder  # the tests' family configs, at base size here
 
-    return make_tiny_encoder(model_type, root / model_type, load_tokenizer("default"), **BASE)
+    return make_tiny_encoder(model_type, root / model_type, load_tokenizer("default"), **BASE, max_positions=512)
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from .errors import UserError
 from .losses import DistillLoss
 from .mapping import parse_mapping
 from .options import option, resolved_config
+from .families import usable_positions
 from .models import build_student, load_config, load_teacher, load_tokenizer, student_shape
 from .teacher import Teacher
 
@@ -221,9 +222,9 @@ def environment(device: torch.device) -> dict:
 def run_bench(cfg: BenchConfig) -> dict:
     cfg.validate()
     device = pick_device(cfg.device)
-    limit = load_config(cfg.teacher, "teacher").max_position_embeddings
+    limit = usable_positions(load_config(cfg.teacher, "teacher"))
     if cfg.seq_len > limit:
-        raise UserError(f"--seq-len {cfg.seq_len} exceeds the teacher's {limit} position embeddings")
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds the {limit} tokens the teacher's position embeddings take")
     present, missing = present_backends(cfg.backends, device)
     for name, why in missing.items():
         log.info("backend %s not measured: %s", name, why)

@@ -69,6 +69,7 @@ class Recorder:
     layers: frozenset[int] | None = None  # None: keep every layer
     records: dict[int, AttentionRecord] = field(default_factory=dict)
     calls: int = 0
+    open_modes: list = field(default_factory=list)  # score-hook modes entered and not yet left
 
 
 _active: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar("fastkd_recorder", default=None)
@@ -137,6 +138,7 @@ def _scores_pre_hook(module, args):
         mode = _FirstSoftmaxInput()
         mode.__enter__()
         module._fastkd_scores = (mode, recorder, layer)
+        recorder.open_modes.append((module, mode))
 
 
 def _scores_post_hook(module, args, output):
@@ -145,6 +147,7 @@ def _scores_post_hook(module, args, output):
         return
     mode, recorder, layer = state
     mode.__exit__(None, None, None)
+    recorder.open_modes.remove((module, mode))
     if mode.scores is not None:  # else the guard names the layer
         recorder.records[layer] = AttentionRecord(scores=mode.scores)
 
@@ -176,6 +179,12 @@ def recording(layers=None):
         yield recorder
     finally:
         _active.reset(token)
+        # torch runs always_call forward hooks after an Exception only: a KeyboardInterrupt or
+        # SystemExit inside a hooked attention would leave its mode on torch's stack for good.
+        for module, mode in reversed(recorder.open_modes):
+            module.__dict__.pop("_fastkd_scores", None)
+            mode.__exit__(None, None, None)
+        recorder.open_modes.clear()
 
 
 def check_recorded(model, records, layers, role: str) -> None:

@@ -59,8 +59,8 @@ class DistillConfig:
     student_hidden: int | None = option(None, "student hidden size (default: the teacher's)", group="models")
     student_heads: int | None = option(None, "student attention heads (default: keep the teacher's head width)",
                                        group="models")
-    student_ffn: int | None = option(None, "student FFN (intermediate) size (default: the teacher's, or 4x hidden "
-                                           "when narrower)", group="models")
+    student_ffn: int | None = option(None, "student FFN (intermediate) size (default: the teacher's, or the teacher's "
+                                           "FFN-to-hidden ratio times the student's hidden size)", group="models")
     init: str = option("teacher", "student initialisation: copy the mapped teacher layers and embeddings (widths "
                                   "truncated), or random", group="models", choices=("teacher", "random"))
     mapping: str = option("uniform", "teacher layer for each student layer: uniform, last, first, random:SEED, or "

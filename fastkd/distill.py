@@ -23,7 +23,7 @@ from .export import export_student
 from .io import atomic_write_json, check_writable_dir, is_bookkeeping, lock_output, no_space_is_one_line
 from .losses import DistillLoss, LossWeights
 from .mapping import LayerMapping, parse_mapping
-from .families import family_of
+from .families import family_of, usable_positions
 from .models import (build_student, check_weight_files, load_config, load_student_dir, load_teacher, load_tokenizer,
                      require_teacher_family, resolve_model_path, student_shape)
 from .rng import seed_everything
@@ -75,15 +75,16 @@ def resolve(cfg: DistillConfig):
     if cfg.student is not None:
         check_weight_files(cfg.student, "student")
     n_teacher = teacher_config.num_hidden_layers
-    if cfg.max_seq_len > teacher_config.max_position_embeddings:
-        raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the teacher's {teacher_config.max_position_embeddings} "
-                        "position embeddings: use a smaller --max-seq-len")
+    if cfg.max_seq_len > usable_positions(teacher_config):
+        raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the {usable_positions(teacher_config)} tokens the "
+                        "teacher's position embeddings take: use a smaller --max-seq-len")
     if cfg.student is not None:
         s_config = load_config(cfg.student, "student")
         require_teacher_family(s_config, teacher_config, cfg.student)
         shape = student_shape(s_config, s_config.num_hidden_layers)
-        if cfg.max_seq_len > s_config.max_position_embeddings:
-            raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the student's {s_config.max_position_embeddings} position embeddings")
+        if cfg.max_seq_len > usable_positions(s_config):
+            raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the {usable_positions(s_config)} tokens the "
+                            "student's position embeddings take")
     else:
         shape = student_shape(teacher_config, DEFAULT_STUDENT_LAYERS if cfg.student_layers is None else cfg.student_layers, cfg.student_hidden,
                               cfg.student_heads, cfg.student_ffn)

@@ -38,7 +38,10 @@ def export_student(student, tokenizer, target: Path, info: dict, pipeline_from=N
                 enable_capture(student)
             tokenizer.save_pretrained(staged)
             info = {"fastkd_version": __version__, "family": family_of(student).name, **info}
-            if has_pipeline(pipeline_from):
+            if pipeline_from is not None and not Path(pipeline_from).is_dir():
+                log.info("the teacher %s is a hub name: its sentence-transformers pipeline (if any) is not exported "
+                         "with the student; distill from its local directory to keep it", pipeline_from)
+            elif has_pipeline(pipeline_from):
                 skipped = copy_pipeline(pipeline_from, staged, student.config.hidden_size)
                 if skipped:
                     log.warning("the teacher's sentence-transformers pipeline is not exported with the student: %s",

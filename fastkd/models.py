@@ -185,8 +185,8 @@ def student_shape(teacher_config, layers: int, hidden: int | None = None, heads:
     if heads is None:
         head_dim = t_hidden // t_heads
         heads = hidden // head_dim if hidden % head_dim == 0 else t_heads
-    if ffn is None:
-        ffn = t_ffn if hidden == t_hidden else 4 * hidden
+    if ffn is None:  # the teacher's FFN-to-hidden ratio (4 for BERT, 1.5 for ModernBERT's GLU)
+        ffn = t_ffn if hidden == t_hidden else max(1, round(t_ffn * hidden / t_hidden))
     if hidden < 1 or heads < 1 or ffn < 1:
         raise UserError("student hidden size, heads and FFN size must be positive")
     if hidden % heads:
@@ -199,7 +199,7 @@ def build_student(teacher: PreTrainedModel, shape: StudentShape, init: str = "te
     """A student of the teacher's family and vocabulary, with fastkd's capture enabled.
 
     init="teacher" copies the embeddings and, for student layer m, teacher layer g[m] (the uniform
-    choice where g[m] is None), truncating every weight to the student's widths: the first
+    choice where g[m] is None; a ModernBERT student layer also takes that layer's kind), truncating every weight to the student's widths: the first
     `hidden` embedding dims, the first rows/columns of each projection. When the student keeps the
     teacher's head width this keeps whole heads; otherwise heads are cut across (documented
     approximation).
@@ -207,15 +207,14 @@ def build_student(teacher: PreTrainedModel, shape: StudentShape, init: str = "te
     if init not in ("teacher", "random"):
         raise UserError(f"unknown --init {init!r}: use teacher or random")
     family = family_of(teacher)
-    config = family.student_config(teacher.config, shape.layers, shape.hidden, shape.heads, shape.ffn)
+    fallback = heuristic("uniform", shape.layers, teacher.config.num_hidden_layers)
+    layers = list(mapping.layers) if mapping is not None else list(fallback.layers)
+    chosen = [g if g is not None else u for g, u in zip(layers, fallback.layers)]
+    config = family.student_config(teacher.config, shape.layers, shape.hidden, shape.heads, shape.ffn, chosen)
     config.architectures = [type(teacher).__name__]
     torch.manual_seed(seed)
     student = type(teacher)(config)
     if init == "teacher":
-        n = teacher.config.num_hidden_layers
-        fallback = heuristic("uniform", shape.layers, n)
-        layers = list(mapping.layers) if mapping is not None else list(fallback.layers)
-        chosen = [g if g is not None else u for g, u in zip(layers, fallback.layers)]
         family.copy_weights(teacher, student, chosen)
     return _prepare_student(student)
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 PIPELINE_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
@@ -67,28 +69,32 @@ def copy_pipeline(teacher_dir, target: Path, hidden: int) -> str | None:
 
 
 def describe_pipeline(path) -> str:
-    """e.g. "Transformer -> Pooling (mean) -> Normalize"."""
+    """e.g. "Transformer -> Pooling (mean) -> Normalize"; a damaged pipeline is one line (UserError)."""
     path = Path(path)
     parts = []
-    for module in _modules(path):
-        kind = module["type"].rsplit(".", 1)[-1]
-        if kind == "Pooling":
-            config_path = path / module.get("path", "") / "config.json"
-            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-            modes = [k[len("pooling_mode_"):].replace("_tokens", "").replace("_token", "")
-                     for k, v in config.items() if k.startswith("pooling_mode_") and v is True]
-            kind += f" ({', '.join(modes)})" if modes else ""
-        parts.append(kind)
+    try:
+        for module in _modules(path):
+            kind = module["type"].rsplit(".", 1)[-1]
+            if kind == "Pooling":
+                config_path = path / module.get("path", "") / "config.json"
+                config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+                modes = [k[len("pooling_mode_"):].replace("_tokens", "").replace("_token", "")
+                         for k, v in config.items() if k.startswith("pooling_mode_") and v is True]
+                kind += f" ({', '.join(modes)})" if modes else ""
+            parts.append(kind)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"the sentence-transformers pipeline of {path} is damaged ({type(exc).__name__}: {exc}): "
+                        "repair its modules.json and module configs, or pass --no-zeroshot-stsb") from None
     return " -> ".join(parts)
 
 
-def zeroshot_stsb(model_path, dev, batch_size: int = 64, max_seq_len: int = 128) -> dict:
+def zeroshot_stsb(model_path, dev, device="cpu", batch_size: int = 64, max_seq_len: int = 128) -> dict:
     """Spearman (and Pearson) x1 of the cosine of the pipeline's embeddings with the gold scores of
     STS-B `dev` (a glue.tasks Split); no training."""
     from scipy.stats import pearsonr, spearmanr
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(model_path), device="cpu")
+    model = SentenceTransformer(str(model_path), device=str(device))
     model.max_seq_length = max_seq_len
     a = model.encode(dev.text_a, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
     b = model.encode(dev.text_b, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)

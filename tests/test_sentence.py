@@ -68,12 +68,15 @@ def test_a_pipeline_with_weights_of_the_teachers_width_is_left_out(tmp_path, tin
     assert not (target / "modules.json").exists() and "sentence_pipeline" not in json.loads((target / "fastkd.json").read_text())
 
 
-def test_glue_scores_sentence_models_zero_shot_on_stsb(tmp_path, pipeline_student, capfd):
+def test_glue_scores_sentence_models_zero_shot_on_stsb(tmp_path, pipeline_student, tiny_teacher_dir, capfd):
     out = tmp_path / "glue"
-    assert main(["glue", "--model", str(pipeline_student), "--tasks", "wnli", "--data-dir", str(GLUE_FIXTURES),
-                 "--output", str(out), "--max-steps", "1", "--batch-size", "4", "--max-seq-len", "48",
-                 "--no-progress"]) == 0
+    common = ["--tasks", "wnli", "--data-dir", str(GLUE_FIXTURES), "--max-steps", "1", "--batch-size", "4",
+              "--max-seq-len", "48", "--no-progress"]
+    assert main(["glue", "--model", str(pipeline_student), "--model", str(tiny_teacher_dir), "--output", str(out),
+                 *common]) == 0
     report = json.loads((out / "glue.json").read_text())
+    assert "zeroshot" not in report["models"][1]  # the tiny BERT has no pipeline
+    assert (out / "glue.md").read_text().splitlines()[3].endswith("| - |")
     stsb = report["models"][0]["zeroshot"]["stsb"]
     assert stsb["split"] == "dev" and stsb["dev_examples"] == 8
     assert stsb["pipeline"] == "Transformer -> Pooling (mean) -> Normalize"
@@ -82,8 +85,20 @@ def test_glue_scores_sentence_models_zero_shot_on_stsb(tmp_path, pipeline_studen
                                FinetuneConfig(heldout=0, max_seq_len=128, progress=False))
     assert stsb["spearman"] == pytest.approx(own.metrics["spearman"], abs=1e-9)
     assert "STS-B zero-shot (S)" in (out / "glue.md").read_text()
-    # No pipeline (the tiny BERT has none) or --no-zeroshot-stsb: no column.
-    assert main(["glue", "--model", str(pipeline_student), "--tasks", "wnli", "--data-dir", str(GLUE_FIXTURES),
-                 "--output", str(tmp_path / "off"), "--max-steps", "1", "--batch-size", "4", "--max-seq-len", "48",
-                 "--no-progress", "--no-zeroshot-stsb"]) == 0
+    # A resume that runs only the other model keeps the first one's zero-shot result.
+    assert main(["glue", "--model", str(tiny_teacher_dir), "--output", str(out), *common, "--resume"]) == 0
+    kept = next(m for m in json.loads((out / "glue.json").read_text())["models"] if m["path"] == str(pipeline_student))
+    assert kept["zeroshot"]["stsb"] == stsb
+    # --no-zeroshot-stsb: none.
+    assert main(["glue", "--model", str(pipeline_student), "--output", str(tmp_path / "off"), *common,
+                 "--no-zeroshot-stsb"]) == 0
     assert "zeroshot" not in json.loads((tmp_path / "off" / "glue.json").read_text())["models"][0]
+    # A damaged pipeline is one line before any fine-tuning.
+    damaged = tmp_path / "damaged"
+    import shutil
+    shutil.copytree(pipeline_student, damaged)
+    (damaged / "modules.json").write_text("[{not json")
+    capfd.readouterr()
+    assert main(["glue", "--model", str(damaged), "--output", str(tmp_path / "bad"), *common]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sentence-transformers pipeline" in err[0] and "damaged" in err[0], err

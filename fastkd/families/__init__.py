@@ -51,6 +51,20 @@ def disable_capture(model) -> None:
     family_of(model).disable_capture(model)
 
 
+# Families that number positions from pad_token_id + 1 (RoBERTa's scheme): the first pad_token_id + 1
+# position embeddings are never a real token's.
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm", "xlm-roberta-xl",
+                     "xmod", "mpnet")
+
+
+def usable_positions(config) -> int:
+    """The longest sequence (in tokens) the model's position embeddings take."""
+    n = config.max_position_embeddings
+    if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
+        n -= (config.pad_token_id or 0) + 1
+    return n
+
+
 def model_inputs(model, batch: dict) -> dict:
     """The batch without token_type_ids for a family whose forward takes none (DistilBERT, MPNet,
     ModernBERT); such a model is single-segment and ignores them anyway."""
@@ -60,4 +74,4 @@ def model_inputs(model, batch: dict) -> dict:
 
 
 __all__ = ["FAMILIES", "Family", "disable_capture", "enable_capture", "family_of", "model_inputs",
-           "stock_attention", "supported"]
+           "stock_attention", "supported", "usable_positions"]

@@ -25,8 +25,8 @@ class Albert(Family):
     def layer_prefix(self, model) -> str:
         return ""  # no per-layer weights: every name is copied as it is
 
-    def student_config(self, teacher_config, layers, hidden, heads, ffn):
-        config = super().student_config(teacher_config, layers, hidden, heads, ffn)
+    def student_config(self, teacher_config, layers, hidden, heads, ffn, teacher_layers):
+        config = super().student_config(teacher_config, layers, hidden, heads, ffn, teacher_layers)
         config.num_hidden_groups = 1
         config.inner_group_num = 1
         return config

@@ -49,12 +49,22 @@ class Family:
         return name + "." if name else ""
 
     # --- students --------------------------------------------------------------------------------
-    def student_config(self, teacher_config, layers: int, hidden: int, heads: int, ffn: int):
+    # Widths a config may tie to the hidden size (ELECTRA's embeddings, DeBERTa's classification
+    # pooler): they follow a narrower student where the teacher had them equal to its hidden size.
+    TIED_TO_HIDDEN = ("embedding_size", "pooler_hidden_size")
+
+    def student_config(self, teacher_config, layers: int, hidden: int, heads: int, ffn: int,
+                       teacher_layers: list[int]):
+        """teacher_layers: student layer m's teacher layer (1-based), for families whose layers differ
+        in kind (ModernBERT); the others ignore it."""
         config = copy.deepcopy(teacher_config)
         config.num_hidden_layers = layers
         config.hidden_size = hidden
         config.num_attention_heads = heads
         setattr(config, self.ffn_attr, ffn)
+        for name in self.TIED_TO_HIDDEN:
+            if getattr(teacher_config, name, None) == teacher_config.hidden_size:
+                setattr(config, name, hidden)
         return config
 
     @torch.no_grad()

@@ -4,9 +4,13 @@ Attention goes through the registry after the rotary embedding, so the recorded 
 rotated ones and scaling * q k^T is exactly the layer's score. A local (sliding-window) layer
 records its window: its valid (query, key) pairs are |i - j| <= window as well as real tokens, and
 the losses respect both (the fused ops know padding only, so local layers run the reference).
+Batches stay padded: fastkd's attention function replaces flash-attention's unpadded path while
+distilling (fastkd's corpus sequences are packed full, so little is padded anyway).
 
-A student keeps the teacher's layer-type pattern from its first layer on (global, local, local, ...
-for global_attn_every_n_layers = 3): its architecture never depends on the mapping. Two weights are
+Student layer m is of the kind of its teacher layer g[m] (global or local, with that kind's window
+and rotary base): a teacher-initialised layer keeps the attention its weights were trained with,
+and a student layer is supervised by a layer that attends the same way. So a ModernBERT student's
+architecture follows the mapping (unsupervised layers take the uniform mapping's layer). Two weights are
 stacks: attn.Wqkv holds Q, K and V, mlp.Wi the input and gate halves of the GLU; a narrower student
 takes the first rows of each part, never rows of Q as K."""
 
@@ -18,10 +22,9 @@ class ModernBert(Family):
     model_types = ("modernbert",)
     layers_path = "layers"
 
-    def student_config(self, teacher_config, layers, hidden, heads, ffn):
-        config = super().student_config(teacher_config, layers, hidden, heads, ffn)
-        pattern = list(teacher_config.layer_types)
-        config.layer_types = [pattern[i % len(pattern)] for i in range(layers)]
+    def student_config(self, teacher_config, layers, hidden, heads, ffn, teacher_layers):
+        config = super().student_config(teacher_config, layers, hidden, heads, ffn, teacher_layers)
+        config.layer_types = [teacher_config.layer_types[g - 1] for g in teacher_layers]
         return config
 
     STACKED = {"attn.Wqkv": 3, "mlp.Wi": 2}  # module -> parts stacked along the output rows

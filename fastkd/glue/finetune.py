@@ -23,7 +23,7 @@ from ..config import PROGRESS_HELP, seed_value
 from ..options import option
 from ..device import pick_device
 from ..errors import UserError
-from ..families import model_inputs, stock_attention
+from ..families import model_inputs, stock_attention, usable_positions
 from ..corpus import tokenizer_fingerprint
 from ..models import load_encoder
 from .metrics import compute_metrics, majority_baseline, prediction_summary, task_score
@@ -313,9 +313,10 @@ def finetune_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: Finet
     # fine-tunes between candidates' distillation steps).
     with rng.seeded(cfg.seed, device):
         classifier = make_classifier(model, spec, cfg.seed).to(device)
-        limit = classifier.config.max_position_embeddings
+        limit = usable_positions(classifier.config)
         if cfg.max_seq_len > limit:
-            raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's {limit} position embeddings")
+            raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the {limit} tokens the model's position "
+                            "embeddings take")
         classifier.train()
         optimizer = optim.adamw([classifier], cfg.lr, cfg.weight_decay)  # fastkd's one builder and no-decay rule
         scheduler = optim.warmup_then_linear(optimizer, cfg.warmup, total_steps)

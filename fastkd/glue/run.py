@@ -10,8 +10,10 @@ from pathlib import Path
 from ..config import differing_settings
 from ..errors import UserError
 from ..io import atomic_write_json, check_writable_dir, lock_output
+from ..device import pick_device
+from ..families import usable_positions
 from ..options import option
-from ..sentence import has_pipeline, zeroshot_stsb
+from ..sentence import describe_pipeline, has_pipeline, zeroshot_stsb
 from ..models import check_weight_files, load_config, load_tokenizer, resolve_model_path
 from .finetune import FinetuneConfig, TaskCache, finetune_task
 from .report import build_report, read_report, write_reports
@@ -54,7 +56,7 @@ def display_name(model: str) -> str:
     return model
 
 
-def _zeroshot_stsb(entry: dict, cache: TaskCache) -> dict | None:
+def _zeroshot_stsb(entry: dict, cache: TaskCache, cfg: FinetuneConfig) -> dict | None:
     """Zero-shot STS-B of one sentence-embedding model, or None (said once) where it cannot run."""
     try:
         import sentence_transformers  # noqa: F401
@@ -66,7 +68,8 @@ def _zeroshot_stsb(entry: dict, cache: TaskCache) -> dict | None:
     except UserError as exc:
         _say_once(f"zero-shot STS-B skipped: {exc}")
         return None
-    result = zeroshot_stsb(resolve_model_path(entry["path"]), dev)
+    result = zeroshot_stsb(resolve_model_path(entry["path"]), dev, device=pick_device(cfg.device),
+                           max_seq_len=cfg.max_seq_len)
     log.info("%s zero-shot STS-B (%s, %s): Spearman %.1f", entry["model"], result["pipeline"], result["split"],
              100 * result["spearman"])
     return result
@@ -93,11 +96,13 @@ def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg
     tokenizers = {}
     for model in models:
         config = load_config(model, "model")
-        if cfg.max_seq_len > config.max_position_embeddings:
-            raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the {config.max_position_embeddings} position "
-                            f"embeddings of {model}")
+        if cfg.max_seq_len > usable_positions(config):
+            raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the {usable_positions(config)} tokens the position "
+                            f"embeddings of {model} take")
         tokenizers[model] = load_tokenizer(model, "model")
         check_weight_files(model, "model")
+        if zeroshot_stsb and has_pipeline(resolve_model_path(model)):
+            describe_pipeline(resolve_model_path(model))  # a damaged modules.json is one line now
     cache = TaskCache(data_dir, skip_bad_rows)
     for spec in tasks:
         cache.data(spec)
@@ -127,7 +132,8 @@ def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg
     if previous is not None:
         for old in previous["models"]:
             kept[old["path"]] = {k: r for k, r in old["tasks"].items()}
-        entries += [{"model": old["model"], "path": old["path"], "tasks": dict(old["tasks"])}
+        entries += [{"model": old["model"], "path": old["path"], "tasks": dict(old["tasks"]),
+                     **({"zeroshot": old["zeroshot"]} if "zeroshot" in old else {})}
                     for old in previous["models"] if old["path"] not in models]
     for entry in entries:
         if entry["path"] not in models:
@@ -147,7 +153,7 @@ def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg
             # Written after every task: an interrupted run loses at most the task in progress.
             write_reports(out, build_report(settings, [e for e in entries if e["tasks"]]))
         if zeroshot_stsb and has_pipeline(resolve_model_path(entry["path"])):
-            stsb = _zeroshot_stsb(entry, cache)
+            stsb = _zeroshot_stsb(entry, cache, cfg)
             if stsb is not None:
                 entry["zeroshot"] = {"stsb": stsb}
                 write_reports(out, build_report(settings, [e for e in entries if e["tasks"]]))

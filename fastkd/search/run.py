@@ -28,6 +28,7 @@ from ..glue.probe import ZERO_SHOT_TASK
 from ..io import atomic_write_json, check_writable_dir, lock_output
 from ..mapping import LayerMapping, heuristic
 from ..options import option, resolved_config
+from ..families import usable_positions
 from ..models import load_config, load_teacher, load_tokenizer, resolve_model_path, student_shape
 from ..training.loop import Preempted, add_scalars, stop_signals, tensorboard_writer
 from .dist import Comm
@@ -221,9 +222,9 @@ class Search:
         self.shape = student_shape(teacher_config, cfg.student_layers, cfg.student_hidden, cfg.student_heads,
                                    cfg.student_ffn)
         self.tasks = parse_tasks(",".join(cfg.proxy.tasks), "--proxy-tasks")
-        if cfg.proxy.max_seq_len > teacher_config.max_position_embeddings:
-            raise UserError(f"--proxy-seq-len {cfg.proxy.max_seq_len} exceeds the teacher's "
-                            f"{teacher_config.max_position_embeddings} position embeddings")
+        if cfg.proxy.max_seq_len > usable_positions(teacher_config):
+            raise UserError(f"--proxy-seq-len {cfg.proxy.max_seq_len} exceeds the {usable_positions(teacher_config)} "
+                            "tokens the teacher's position embeddings take")
         self.cache = TaskCache(cfg.data_dir)
         for spec in self.tasks:
             self.cache.data(spec)  # a missing proxy task fails now, in one line
