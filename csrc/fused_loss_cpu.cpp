@@ -7,6 +7,7 @@
 // returned is of the *unnormalised* loss_sum; Python divides by the count of valid elements.
 //
 //   attention_mse_qk      sum over valid (b,h,i,j) of (ss*qs_i.ks_j - st*qt_i.kt_j)^2, no S x S tensor
+//   attention_kl_qk       sum over real (b,h,i) of KL(softmax_j(st*qt_i.kt_j) || softmax_j(ss*qs_i.ks_j)), real j
 //   projected_mse         sum over real rows of |hs W^T + b - ht|^2, chunked over rows
 //
 // (Loops inside AT_DISPATCH lambdas use _Pragma: a #pragma line cannot appear inside a macro argument.)
@@ -154,6 +155,82 @@ std::vector<Tensor> attention_mse_qk(const Tensor& qs, const Tensor& ks, const T
   return {loss, dqs, dks};
 }
 
+// KL(softmax(A_t) || softmax(A_s)) summed over real query rows, A = scale * q k^T per head, keys real.
+// Equal head counts (the caller compares head-averaged distributions, a different quantity, on the
+// reference). Tiled over query rows like attention_mse_qk's tiled form: a tile holds both models'
+// scores for its rows against every real key, (nh, m, n), so each row's log-sum-exp is exact in one
+// pass and nothing of size S x S exists. Per tile: logp = log_softmax(A), kl += sum p_t (logp_t - logp_s),
+// G = p_s - p_t (d kl / d A_s), dqs = scale_s G ks, dks += scale_s G^T qs.
+std::vector<Tensor> attention_kl_qk(const Tensor& qs, const Tensor& ks, const Tensor& qt, const Tensor& kt,
+                                    const Tensor& mask, double scale_s, double scale_t, bool need_grad) {
+  check_input(qs, "qs", 4, qs);
+  check_input(ks, "ks", 4, qs);
+  check_input(qt, "qt", 4, qs);
+  check_input(kt, "kt", 4, qs);
+  const int64_t B = qs.size(0), H = qs.size(1), S = qs.size(2), ds = qs.size(3);
+  TORCH_CHECK(ks.sizes() == qs.sizes(), "fastkd cpp loss: ks must have the shape of qs");
+  TORCH_CHECK(qt.size(0) == B && qt.size(1) == H && qt.size(2) == S && kt.sizes() == qt.sizes(),
+              "fastkd cpp loss: qt and kt must be (B, H, S, dt) with the student's B, H, S (equal head counts)");
+  check_mask(mask, B, S);
+  at::NoGradGuard no_grad;
+
+  std::vector<Tensor> rows(B);
+  for (int64_t b = 0; b < B; ++b) rows[b] = mask[b].nonzero().squeeze(1);
+
+  const int64_t hc = heads_per_task(B, H, S, ds + qt.size(3));
+  const int64_t chunks = (H + hc - 1) / hc;
+  Tensor partial = at::zeros({B * chunks}, qs.options().dtype(at::kDouble));
+  Tensor dqs = need_grad ? at::zeros_like(qs) : Tensor();
+  Tensor dks = need_grad ? at::zeros_like(ks) : Tensor();
+  double* partial_ptr = partial.data_ptr<double>();
+
+  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / chunks, h0 = (task % chunks) * hc, nh = std::min(hc, H - h0);
+      const Tensor& idx = rows[b];
+      const int64_t n = idx.size(0);
+      if (n == 0) continue;
+      const bool full = n == S;
+      auto take = [&](const Tensor& x) {
+        const Tensor heads = x[b].narrow(0, h0, nh);
+        return full ? heads : heads.index_select(1, idx);
+      };
+      const Tensor q_s = take(qs), k_s = take(ks), q_t = take(qt), k_t = take(kt);
+      const Tensor ks_T = k_s.transpose(1, 2), kt_T = k_t.transpose(1, 2);
+      Tensor gq, gk;
+      if (need_grad) {
+        gq = at::empty({nh, n, ds}, qs.options());
+        gk = at::zeros({nh, n, ds}, qs.options());
+      }
+      double acc = 0.0;
+      for (int64_t i0 = 0; i0 < n; i0 += kTileRows) {
+        const int64_t m = std::min(kTileRows, n - i0);
+        const Tensor qs_tile = q_s.narrow(1, i0, m);
+        const Tensor logp_s = at::log_softmax(at::bmm(qs_tile, ks_T).mul_(scale_s), 2);         // (nh, m, n)
+        const Tensor logp_t = at::log_softmax(at::bmm(q_t.narrow(1, i0, m), kt_T).mul_(scale_t), 2);
+        const Tensor p_t = logp_t.exp();
+        acc += (p_t * (logp_t - logp_s)).sum(at::kDouble).item<double>();
+        if (need_grad) {
+          const Tensor G = logp_s.exp().sub_(p_t);  // d kl / d A_s
+          gq.narrow(1, i0, m).copy_(at::bmm(G, k_s).mul_(scale_s));
+          gk.baddbmm_(G.transpose(1, 2), qs_tile, 1.0, scale_s);
+        }
+      }
+      partial_ptr[task] = acc;
+      if (need_grad) {
+        if (full) {
+          dqs[b].narrow(0, h0, nh).copy_(gq);
+          dks[b].narrow(0, h0, nh).copy_(gk);
+        } else {
+          dqs[b].narrow(0, h0, nh).index_copy_(1, idx, gq);
+          dks[b].narrow(0, h0, nh).index_copy_(1, idx, gk);
+        }
+      }
+    }
+  });
+  return {partial.sum().to(qs.scalar_type()), dqs, dks};
+}
+
 std::vector<Tensor> projected_mse(const Tensor& hs, const Tensor& ht, const Tensor& row_mask, const Tensor& weight,
                                   const Tensor& bias, bool need_grad, int64_t chunk_rows) {
   check_input(hs, "hs", 2, hs);
@@ -231,6 +308,9 @@ _Pragma("omp simd reduction(+ : acc)")
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastkd fused distillation losses (CPU)";
   m.def("attention_mse_qk", &attention_mse_qk, "attention-score MSE from Q/K (loss_sum, dqs, dks)", py::arg("qs"),
+        py::arg("ks"), py::arg("qt"), py::arg("kt"), py::arg("mask"), py::arg("scale_s"), py::arg("scale_t"),
+        py::arg("need_grad"));
+  m.def("attention_kl_qk", &attention_kl_qk, "attention-distribution KL from Q/K (loss_sum, dqs, dks)", py::arg("qs"),
         py::arg("ks"), py::arg("qt"), py::arg("kt"), py::arg("mask"), py::arg("scale_s"), py::arg("scale_t"),
         py::arg("need_grad"));
   m.def("projected_mse", &projected_mse, "projected hidden-state MSE (loss_sum, dhs, dweight, dbias)",

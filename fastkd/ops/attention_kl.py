@@ -1,23 +1,45 @@
-"""MiniLM's attention-distribution term: KL(softmax(A_t) || softmax(A_s)) from Q and K.
+"""MiniLM's attention-distribution KL, and MiniLMv2's relation KL built on it.
 
-    A[b,h,i,:] = scale * q_i K^T over real keys; KL summed over real keys, mean over heads and real
-    queries. Different head counts compare head-averaged distributions.
+    A[b,h,i,:] = scale * q_i K^T over real keys (within a local layer's window, on the reference)
+    loss       = sum over real queries i and heads of KL(softmax(A_t[i]) || softmax(A_s[i]))
+                 / (H * number of real queries)
 
-Only the torch reference exists so far (it materialises B x H x S x S scores); every backend request
-runs it, and the selection says so once (fastkd.ops.select). A fused form is future work.
+Relations (MiniLM's value relation, MiniLMv2's Q-Q, K-K and V-V relations) are the same op with
+k = q: the concatenated heads X (B, S, H*d) of each model are split into R relation heads of width
+H*d/R (R equal on both sides, so head counts and widths may differ), and
+    relation_kl(Xs, Xt) = attention_kl(Xs_r, Xs_r, Xt_r, Xt_r, 1/sqrt(ds_r), 1/sqrt(dt_r)).
+
+Backends:
+  torch  the reference: materialises (B, H, S, S) scores, log-probabilities and their product;
+  cpp    fused (csrc/fused_loss_cpu.cpp): per batch row and chunk of heads, real rows only, tiles of
+         64 query rows against every real key, so each row's log-sum-exp is exact in one pass and the
+         largest temporary is (heads, 64, S): never S x S. Per tile: both models' scores (two GEMMs),
+         log_softmax, the KL sum, G = p_s - p_t and the student's gradients dq = scale G k,
+         dk += scale G^T q (two GEMMs), computed in the forward like the other fused ops. It costs
+         the eager forward's FLOPs plus the backward's, once; what it saves is memory traffic.
+Different head counts compare head-averaged distributions: a different quantity (a mean of
+probabilities, not of scores), which only the reference computes (said once). Triton and CUDA forms
+are future work.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
+from . import _extension as ext
 from .attention_mse import attention_scores, pair_mask
 
-NAME = "attention_kl"
-FUSED: tuple[str, ...] = ()
+log = logging.getLogger(__name__)
 
+NAME = "attention_kl"
+FUSED: tuple[str, ...] = ("cpp",)
+_said_heads = False
+
+
+# --- the torch reference ---------------------------------------------------------------------
 
 def scores_kl(student_scores: torch.Tensor, teacher_scores: torch.Tensor,
               attention_mask: torch.Tensor, window: int | None = None) -> torch.Tensor:
@@ -41,8 +63,90 @@ def reference(qs, ks, qt, kt, mask, scale_s: float, scale_t: float) -> torch.Ten
     return scores_kl(attention_scores(qs, ks, scale_s), attention_scores(qt, kt, scale_t), mask)
 
 
+# --- the compiled extension (cpp) ------------------------------------------------------------------
+
+def query_count(mask: torch.Tensor, heads: int) -> torch.Tensor:
+    return (heads * mask.to(torch.float32).sum()).clamp(min=1.0)
+
+
+class ExtensionAttentionKl(torch.autograd.Function):
+    @staticmethod
+    def run(qs, ks, qt, kt, mask, scale_s, scale_t, need_grad):
+        module = ext.module_for(qs.device)
+        with ext.no_autocast(qs.device):
+            return module.attention_kl_qk(ext.f32(qs), ext.f32(ks), ext.f32(qt), ext.f32(kt), mask.bool().contiguous(),
+                                          float(scale_s), float(scale_t), need_grad)
+
+    @staticmethod
+    def forward(ctx, qs, ks, qt, kt, mask, scale_s: float, scale_t: float, count: torch.Tensor, grad: bool):
+        need_grad = grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        loss_sum, dqs, dks = ExtensionAttentionKl.run(qs, ks, qt, kt, mask, scale_s, scale_t, need_grad)
+        ctx.count, ctx.scales, ctx.grads = count, (scale_s, scale_t), (dqs, dks) if need_grad else None
+        ctx.save_for_backward(qs, ks, qt, kt, mask)
+        return loss_sum / count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        qs, ks, qt, kt, mask = ctx.saved_tensors
+        dqs, dks = ext.hand_over(ctx, lambda: ExtensionAttentionKl.run(qs, ks, qt, kt, mask, *ctx.scales, True)[1:])
+        scale = grad_out / ctx.count
+        return ext.scaled(dqs, scale, qs.dtype), ext.scaled(dks, scale, ks.dtype), None, None, None, None, None, None, None
+
+
+# --- dispatch ------------------------------------------------------------------------------------
+
 def attention_kl_qk(qs, ks, qt, kt, mask, scale_s: float, scale_t: float, backend: str) -> torch.Tensor:
-    """The term on `backend` (only `torch` exists for it)."""
-    if backend != "torch":
-        raise ValueError(f"{NAME}: no {backend!r} backend (only the torch reference)")
-    return reference(qs, ks, qt, kt, mask, scale_s, scale_t)
+    """The term on `backend`. qs, ks: (B, Hs, S, ds); qt, kt: (B, Ht, S, dt); mask (B, S). ks may be
+    qs itself (a relation): the gradients of both arguments then add up in autograd."""
+    if backend == "torch":
+        return reference(qs, ks, qt, kt, mask, scale_s, scale_t)
+    if backend != "cpp":
+        raise ValueError(f"{NAME}: no {backend!r} backend (torch, cpp)")
+    if qs.shape[1] != qt.shape[1]:
+        global _said_heads
+        if not _said_heads:
+            _said_heads = True
+            log.info("%s: %d student heads against %d teacher heads compare head-averaged distributions, "
+                     "which only the reference computes", NAME, qs.shape[1], qt.shape[1])
+        return reference(qs, ks, qt, kt, mask, scale_s, scale_t)
+    return ExtensionAttentionKl.apply(qs, ks, qt, kt, mask, scale_s, scale_t, query_count(mask, qs.shape[1]),
+                                      torch.is_grad_enabled())
+
+
+def relation_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, H, S, d) per-head vectors -> (B, R, S, H*d/R): the concatenated heads split into R."""
+    B, H, S, d = x.shape
+    if (H * d) % heads:
+        raise ValueError(f"{H * d} wide vectors do not split into {heads} relation heads")
+    return x.transpose(1, 2).reshape(B, S, heads, H * d // heads).transpose(1, 2)
+
+
+def relation_kl(xs: torch.Tensor, xt: torch.Tensor, mask: torch.Tensor, heads: int, backend: str) -> torch.Tensor:
+    """KL between the teacher's and the student's self-relations softmax(X_r X_r^T / sqrt(d_r)) over R
+    relation heads. xs: (B, Hs, S, ds), xt: (B, Ht, S, dt), per-head Q, K or V of each model."""
+    rs, rt = relation_heads(xs, heads), relation_heads(xt, heads)
+    return attention_kl_qk(rs, rs, rt, rt, mask, rs.shape[-1] ** -0.5, rt.shape[-1] ** -0.5, backend)
+
+
+# --- self-check -------------------------------------------------------------------------------------
+
+def self_check_cases(device: torch.device, dtype: torch.dtype, teacher_dtype: torch.dtype, gen: torch.Generator):
+    """An odd length past one 64-row tile (83), a padded row and an all-padded row; a BERT-sized student
+    head against a narrower teacher head; narrow heads; a relation (k = q) with different widths."""
+    B, S = 3, 83
+    lengths = torch.tensor([S, 37, 0])
+    mask = (torch.arange(S)[None, :] < lengths[:, None]).long().to(device)
+
+    def qk(heads, d, dt):
+        return tuple(torch.randn(B, heads, S, d, generator=gen).to(device, dt) for _ in range(2))
+
+    cases = []
+    for h, ds, dt in ((2, 64, 32), (3, 4, 4)):
+        qs, ks = qk(h, ds, dtype)
+        qt, kt = qk(h, dt, teacher_dtype)
+        cases.append(((qs, ks, qt, kt, mask, ds ** -0.5, dt ** -0.5), (0, 1)))
+    xs = torch.randn(B, 2, S, 24, generator=gen).to(device, dtype)
+    xt = torch.randn(B, 2, S, 40, generator=gen).to(device, teacher_dtype)
+    cases.append(((xs, xs, xt, xt, mask, 24 ** -0.5, 40 ** -0.5), (0,)))
+    return cases
