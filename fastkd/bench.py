@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from . import ops
-from .config import DistillConfig, seed_value
+from .config import OBJECTIVE_HELP, OBJECTIVES, RELATION_HEADS_HELP, DistillConfig, seed_value
 from .device import pick_device
-from .distill import loss_weights
+from .distill import loss_weights, relation_heads
 from .training import LocalEngine
 from .errors import UserError
 from .losses import DistillLoss
@@ -58,7 +58,9 @@ class BenchConfig:
     backends: list[str] = option(factory=lambda: ["all"], help="comma-separated: all, torch, cpp, triton, cuda",
                                  parse=backend_list)
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    w_attention_kl: float = option(0.0, "also run the attention KL term")
+    objective: str = option("tinybert", OBJECTIVE_HELP, choices=OBJECTIVES)
+    relation_heads: int | None = option(None, RELATION_HEADS_HELP)
+    w_attention_kl: float | None = option(None, "the attention KL term's weight (default: the objective's)")
     seed: int = option(0, "seeds the students and the batch", parse=seed_value)
     output: str = option("runs/bench/bench.json", "JSON file to write")
 
@@ -159,13 +161,16 @@ def measure_backend(backend: str, teacher_model, tokenizer, cfg: BenchConfig, de
     mapping = parse_mapping(cfg.mapping, shape.layers, teacher_model.config.num_hidden_layers)
     dcfg = DistillConfig(output="", corpus="", max_steps=cfg.steps + cfg.warmup, batch_size=cfg.batch_size,
                          max_seq_len=cfg.seq_len, bf16=cfg.bf16, w_attention_kl=cfg.w_attention_kl, seed=cfg.seed,
+                         objective=cfg.objective, relation_heads=cfg.relation_heads,
                          progress=False, loss_backend=backend)
     torch.manual_seed(cfg.seed)
-    criterion = DistillLoss(mapping, shape.hidden, teacher_model.config.hidden_size, loss_weights(dcfg),
-                            backend=backend).to(device)
+    weights = loss_weights(dcfg)
+    criterion = DistillLoss(mapping, shape.hidden, teacher_model.config.hidden_size, weights, backend=backend,
+                            relation_heads=relation_heads(weights, cfg.relation_heads, teacher_model.config,
+                                                          shape.hidden)).to(device)
     student = build_student(teacher_model, shape, "teacher", mapping, seed=cfg.seed).to(device)
     teacher = Teacher(teacher_model, criterion.teacher_hidden_layers(), criterion.teacher_attention_layers(),
-                      autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
+                      autocast_dtype=torch.bfloat16 if cfg.bf16 else None, values=criterion.needs_values())
     engine = LocalEngine(dcfg, teacher, student, criterion, stream=None)
     batch = _batch(tokenizer, cfg, device)
 

@@ -45,6 +45,7 @@ class AttentionRecord:
     scaling: float | None = None
     scores: torch.Tensor | None = None
     window: int | None = None
+    value: torch.Tensor | None = None  # (B, H, S, d), when the recording asked for values
 
     @property
     def plain(self) -> bool:
@@ -59,7 +60,7 @@ class AttentionRecord:
 
     def clone(self) -> "AttentionRecord":
         c = lambda t: None if t is None else t.clone()  # noqa: E731
-        return AttentionRecord(c(self.query), c(self.key), self.scaling, c(self.scores), self.window)
+        return AttentionRecord(c(self.query), c(self.key), self.scaling, c(self.scores), self.window, c(self.value))
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Recorder:
     """Collects records of one forward, indexed by 1-based layer number (call order)."""
 
     layers: frozenset[int] | None = None  # None: keep every layer
+    values: bool = False  # keep V too (the value relations need it)
     records: dict[int, AttentionRecord] = field(default_factory=dict)
     calls: int = 0
     open_modes: list = field(default_factory=list)  # score-hook modes entered and not yet left
@@ -100,7 +102,8 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
         # the mask the model builds.
         window = kwargs.get("sliding_window")
         recorder.records[layer] = AttentionRecord(query, key, scaling,
-                                                  window=None if window is None else int(window) - 1)
+                                                  window=None if window is None else int(window) - 1,
+                                                  value=value if recorder.values else None)
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout if module.training else 0.0, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
@@ -168,12 +171,13 @@ def unhook_scores(modules) -> None:
 
 
 @contextlib.contextmanager
-def recording(layers=None):
+def recording(layers=None, values: bool = False):
     """Record attention of the forward run inside the block.
 
     layers: 1-based layer numbers to keep (others are not held in memory); None keeps all.
+    values: keep each kept layer's V as well (registry families).
     """
-    recorder = Recorder(frozenset(layers) if layers is not None else None)
+    recorder = Recorder(frozenset(layers) if layers is not None else None, values)
     token = _active.set(recorder)
     try:
         yield recorder

@@ -30,6 +30,12 @@ def seed_value(text: str) -> int:
 
 
 LOSS_BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
+OBJECTIVES = ("tinybert", "minilm", "minilmv2")
+OBJECTIVE_HELP = ("what the student learns: tinybert (embedding, hidden-state and attention-score MSE), minilm "
+                  "(attention-distribution and value-relation KL), minilmv2 (Q-Q, K-K and V-V relation KL); the "
+                  "--w-* weights override single terms")
+RELATION_HEADS_HELP = ("relation heads R of the minilm/minilmv2 relation terms: each model's concatenated heads split "
+                       "into R (default: the teacher's attention heads; MiniLMv2 uses 48 for large teachers)")
 LOSS_BACKEND_HELP = ("loss kernels: torch (reference), cpp (CPU), triton or cuda (GPU); auto = the fastest present; a "
                      "missing one falls back with one log line (default: $FASTKD_LOSS_BACKEND or auto)")
 PROGRESS_HELP = "progress bars (--no-progress hides them)"
@@ -85,10 +91,18 @@ class DistillConfig:
     bf16: bool = option(False, "bf16 autocast for teacher and student forward", group="training")
     max_bad_steps: int = option(20, "abort after this many steps with a non-finite loss or gradient (each is "
                                     "skipped)", group="training")
-    w_embedding: float = option(1.0, "embedding-output MSE weight", group="losses")
-    w_hidden: float = option(1.0, "hidden-state MSE weight (learned projection when widths differ)", group="losses")
-    w_attention: float = option(1.0, "pre-softmax attention-score MSE weight", group="losses")
-    w_attention_kl: float = option(0.0, "MiniLM-style attention-distribution KL weight", group="losses")
+    objective: str = option("tinybert", OBJECTIVE_HELP, group="losses", choices=OBJECTIVES)
+    relation_heads: int | None = option(None, RELATION_HEADS_HELP, group="losses")
+    w_embedding: float | None = option(None, "embedding-output MSE weight (default: the objective's)", group="losses")
+    w_hidden: float | None = option(None, "hidden-state MSE weight, through a learned projection when widths differ "
+                                          "(default: the objective's)", group="losses")
+    w_attention: float | None = option(None, "pre-softmax attention-score MSE weight (default: the objective's)",
+                                       group="losses")
+    w_attention_kl: float | None = option(None, "MiniLM attention-distribution KL weight (default: the objective's)",
+                                          group="losses")
+    w_value_kl: float | None = option(None, "MiniLM value-relation KL weight (default: the objective's)", group="losses")
+    w_relation: float | None = option(None, "MiniLMv2 Q-Q, K-K and V-V relation KL weight (default: the objective's)",
+                                      group="losses")
     loss_backend: str | None = option(None, LOSS_BACKEND_HELP, group="losses", choices=LOSS_BACKENDS)
     resume: bool = option(False, "continue the run in --output from its latest checkpoint", group="output")
     stop_at_step: int | None = option(None, "checkpoint and exit after step N (for job time limits); --resume "
@@ -135,9 +149,11 @@ class DistillConfig:
             (self.student is None or not any(v is not None for v in (self.student_layers, self.student_hidden,
                                                                       self.student_heads, self.student_ffn)),
              "--student DIR fixes the student's shape: drop --student-layers/-hidden/-heads/-ffn"),
-            (all(math.isfinite(w) and w >= 0 for w in (self.w_embedding, self.w_hidden, self.w_attention,
-                                                       self.w_attention_kl)),
-             "loss weights must be finite and non-negative"),
+            (all(w is None or (math.isfinite(w) and w >= 0) for w in (
+                self.w_embedding, self.w_hidden, self.w_attention, self.w_attention_kl, self.w_value_kl,
+                self.w_relation)), "loss weights must be finite and non-negative"),
+            (self.relation_heads is None or self.relation_heads >= 1,
+             f"--relation-heads must be at least 1 (got {self.relation_heads})"),
         ]
         for ok, message in checks:
             if not ok:

@@ -21,7 +21,7 @@ from .device import pick_device
 from .errors import UserError
 from .export import export_student
 from .io import atomic_write_json, check_writable_dir, is_bookkeeping, lock_output, no_space_is_one_line
-from .losses import DistillLoss, LossWeights
+from .losses import DistillLoss, LossWeights, objective_weights
 from .mapping import LayerMapping, parse_mapping
 from .families import family_of, usable_positions
 from .models import (build_student, check_weight_files, load_config, load_student_dir, load_teacher, load_tokenizer,
@@ -36,8 +36,30 @@ log = logging.getLogger(__name__)
 DEFAULT_STUDENT_LAYERS = 3
 
 
-def loss_weights(cfg: DistillConfig) -> LossWeights:
-    return LossWeights(cfg.w_embedding, cfg.w_hidden, cfg.w_attention, cfg.w_attention_kl)
+def loss_weights(cfg) -> LossWeights:
+    """The objective's weights with the --w-* given in their place."""
+    return objective_weights(cfg.objective, embedding=cfg.w_embedding, hidden=cfg.w_hidden, attention=cfg.w_attention,
+                             attention_kl=cfg.w_attention_kl, value_kl=cfg.w_value_kl, relation=cfg.w_relation)
+
+
+def relation_heads(weights: LossWeights, requested: int | None, teacher_config, student_hidden: int) -> int | None:
+    """R for the relation terms (None when none is active): the teacher's heads unless given; both
+    models' concatenated heads (their hidden sizes) must split into R equal slices, and both must
+    record Q, K and V (a family captured by score hooks records its full scores only)."""
+    if not (weights.value_kl or weights.relation):
+        return None
+    family = family_of(teacher_config)
+    if family.capture == "scores":
+        raise UserError(f"the relation terms (value_kl, relation: objectives minilm and minilmv2) need each layer's Q, "
+                        f"K and V, and fastkd records only the full attention scores of {family.name} teachers: use "
+                        "--objective tinybert, or --w-value-kl 0 --w-relation 0")
+    _, t_hidden, t_heads, _ = family.sizes(teacher_config)
+    heads = requested or t_heads
+    for who, width in (("teacher", t_hidden), ("student", student_hidden)):
+        if width % heads:
+            raise UserError(f"--relation-heads {heads} does not divide the {who}'s hidden size {width}: pick R so "
+                            f"that both {t_hidden} and {student_hidden} split into R equal slices")
+    return heads
 
 
 # --- before any weights or data ------------------------------------------------------------------
@@ -94,7 +116,9 @@ def resolve(cfg: DistillConfig):
         raise UserError(f"{exc}{family_of(teacher_config).layers_note}") from None
     parse_sample(cfg.corpus_sample)
     weights = loss_weights(cfg)
-    if not (weights.embedding or ((weights.hidden or weights.attention or weights.attention_kl) and mapping.pairs())):
+    relation_heads(weights, cfg.relation_heads, teacher_config, shape.hidden)
+    layer_terms = (weights.hidden, weights.attention, weights.attention_kl, weights.value_kl, weights.relation)
+    if not (weights.embedding or (any(layer_terms) and mapping.pairs())):
         raise UserError("nothing to distill: every loss weight is zero or the mapping supervises no layer")
     return teacher_config, shape, mapping
 
@@ -130,8 +154,11 @@ def build_models(cfg: DistillConfig, shape, mapping):
         student = load_student_dir(cfg.student, teacher_model, tokenizer)
     else:
         student = build_student(teacher_model, shape, cfg.init, mapping, seed=cfg.seed)
-    criterion = DistillLoss(mapping, student.config.hidden_size, teacher_model.config.hidden_size, loss_weights(cfg),
-                            backend=cfg.loss_backend)
+    weights = loss_weights(cfg)
+    criterion = DistillLoss(mapping, student.config.hidden_size, teacher_model.config.hidden_size, weights,
+                            backend=cfg.loss_backend,
+                            relation_heads=relation_heads(weights, cfg.relation_heads, teacher_model.config,
+                                                          student.config.hidden_size))
     return tokenizer, teacher_model, student, criterion
 
 
@@ -161,7 +188,7 @@ def build_local_run(cfg: DistillConfig) -> Run:
     student.to(device)
     criterion.to(device)
     teacher = Teacher(teacher_model, criterion.teacher_hidden_layers(), criterion.teacher_attention_layers(),
-                      autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
+                      autocast_dtype=torch.bfloat16 if cfg.bf16 else None, values=criterion.needs_values())
 
     corpus = load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir, cfg.num_proc)
     corpus = sample_corpus(corpus, cfg.corpus_sample, cfg.seed)
@@ -232,6 +259,7 @@ def export_run(run: Run, student) -> Path:
         "teacher": cfg.teacher, "teacher_layers": mapping.teacher_layers, "mapping": mapping.text,
         "mapping_spec": cfg.mapping, "init": cfg.init if cfg.student is None else f"from {cfg.student}",
         "student": {**run.shape.__dict__, "parameters": run.parameters},
+        "objective": cfg.objective, "relation_heads": engine.criterion.relation_heads,
         "loss_weights": loss_weights(cfg).as_dict(),
         "corpus": {"source": cfg.corpus, "sequences": run.corpus_sequences, "max_seq_len": cfg.max_seq_len,
                    "sample": cfg.corpus_sample},

@@ -103,6 +103,8 @@ def model_card(info: dict) -> str:
         f"- corpus: `{corpus.get('source')}`, {corpus.get('sequences', '?')} sequences of {corpus.get('max_seq_len', '?')} tokens"
         + (f" (sample {corpus.get('sample')})" if corpus.get("sample") else ""),
         f"- steps: {info.get('steps')} at batch {info.get('global_batch')}, lr {info.get('lr')}, seed {info.get('seed')}",
+        f"- objective: {info.get('objective', 'tinybert')}"
+        + (f" ({info['relation_heads']} relation heads)" if info.get("relation_heads") else ""),
         "- loss weights: " + ", ".join(f"{k} {_fmt(v)}" for k, v in weights.items()),
         "- final losses (mean of the last logged window): " + ", ".join(f"{k} {_fmt(v)}" for k, v in losses.items()),
         "",

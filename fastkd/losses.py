@@ -31,7 +31,7 @@ from .mapping import LayerMapping
 
 log = logging.getLogger(__name__)
 
-TERMS = ("embedding", "hidden", "attention", "attention_kl")
+TERMS = ("embedding", "hidden", "attention", "attention_kl", "value_kl", "relation")
 _SAID_REFERENCE: set[tuple[str, str]] = set()
 
 
@@ -41,9 +41,29 @@ class LossWeights:
     hidden: float = 1.0
     attention: float = 1.0
     attention_kl: float = 0.0
+    value_kl: float = 0.0  # MiniLM: KL of the value relations softmax(V V^T / sqrt(d)), per relation head
+    relation: float = 0.0  # MiniLMv2: Q-Q + K-K + V-V relation KLs over R relation heads
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+# The objectives as whole recipes (each a preset of the weights; a weight given explicitly overrides it):
+#   tinybert  TinyBERT: embedding and hidden-state MSE, pre-softmax attention-score MSE
+#   minilm    MiniLM (arXiv 2002.10957): attention-distribution KL and value-relation KL
+#   minilmv2  MiniLMv2 (arXiv 2012.15828): Q-Q, K-K and V-V self-attention relation KL
+OBJECTIVES = {
+    "tinybert": LossWeights(),
+    "minilm": LossWeights(embedding=0.0, hidden=0.0, attention=0.0, attention_kl=1.0, value_kl=1.0),
+    "minilmv2": LossWeights(embedding=0.0, hidden=0.0, attention=0.0, relation=1.0),
+}
+
+
+def objective_weights(objective: str, **overrides: float | None) -> LossWeights:
+    """The objective's weights with the given (non-None) ones in their place."""
+    base = asdict(OBJECTIVES[objective])
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return LossWeights(**base)
 
 
 @dataclass
@@ -73,10 +93,13 @@ class DistillLoss(nn.Module):
     """Holds the mapping, the term weights and the learned width projections (trained with the student)."""
 
     def __init__(self, mapping: LayerMapping, student_hidden: int, teacher_hidden: int,
-                 weights: LossWeights = LossWeights(), backend: str | None = None):
+                 weights: LossWeights = LossWeights(), backend: str | None = None, relation_heads: int | None = None):
         super().__init__()
         self.mapping = mapping
         self.weights = weights
+        self.relation_heads = relation_heads  # R of the relation terms (value_kl, relation); None: each side's heads
+        if (weights.value_kl or weights.relation) and relation_heads is None:
+            raise ValueError("the relation terms need relation_heads")
         self.backend_request = backend  # None: $FASTKD_LOSS_BACKEND or auto, resolved per op, device and dtype
         self._ran: dict[tuple, str] = {}  # (op, device, dtypes) -> backend, as this loss ran them
         self._reference: dict[tuple, str] = {}  # (op, device, dtypes) -> why some pairs ran the reference
@@ -94,7 +117,12 @@ class DistillLoss(nn.Module):
         return ([0] if self.weights.embedding else []) + ([g for _, g in self.mapping.pairs()] if self.weights.hidden else [])
 
     def _uses_attention(self) -> bool:
-        return bool(self.weights.attention or self.weights.attention_kl)
+        w = self.weights
+        return bool(w.attention or w.attention_kl or w.value_kl or w.relation)
+
+    def needs_values(self) -> bool:
+        """Whether the records must carry V (the value relations)."""
+        return bool(self.weights.value_kl or self.weights.relation)
 
     def student_attention_layers(self) -> list[int]:
         return [m for m, _ in self.mapping.pairs()] if self._uses_attention() else []
@@ -108,7 +136,7 @@ class DistillLoss(nn.Module):
         names = [ops.hidden_mse.NAME] if w.embedding or (w.hidden and pairs) else []
         if pairs and w.attention:
             names.append(ops.attention_mse.NAME)
-        if pairs and w.attention_kl:
+        if pairs and (w.attention_kl or w.value_kl or w.relation):
             names.append(ops.attention_kl.NAME)
         return names
 
@@ -166,6 +194,40 @@ class DistillLoss(nn.Module):
             return ops.hidden_mse.hidden_mse(student_hidden, teacher_hidden, mask, None, backend)
         return projection(student_hidden, teacher_hidden, mask, backend)
 
+    def _attention_terms(self, rs: AttentionRecord, rt: AttentionRecord, mask) -> dict[str, torch.Tensor]:
+        """The attention-based terms of one (student, teacher) layer pair."""
+        w, out = self.weights, {}
+        if w.attention or w.attention_kl:
+            if not (rs.plain and rt.plain):
+                # A family's full scores or a local window: the reference on (B, H, S, S) scores.
+                window = min((r.window for r in (rs, rt) if r.window is not None), default=None)
+                s_scores, t_scores = rs.full_scores(), rt.full_scores()
+                if w.attention:
+                    self._ran_reference(ops.attention_mse.NAME, rs, rt)
+                    out["attention"] = ops.attention_mse.scores_mse(s_scores, t_scores, mask, window)
+                if w.attention_kl:
+                    self._ran_reference(ops.attention_kl.NAME, rs, rt)
+                    out["attention_kl"] = ops.attention_kl.scores_kl(s_scores, t_scores, mask, window)
+            else:
+                args = (rs.query, rs.key, rt.query, rt.key, mask, rs.scaling, rt.scaling)
+                if w.attention:  # from Q and K: the fused backends never form an S x S tensor
+                    out["attention"] = ops.attention_mse.attention_mse_qk(
+                        *args, self._op_backend(ops.attention_mse.NAME, rs.query, rt.query))
+                if w.attention_kl:
+                    out["attention_kl"] = ops.attention_kl.attention_kl_qk(
+                        *args, self._op_backend(ops.attention_kl.NAME, rs.query, rt.query))
+        if self.needs_values():
+            # Relations are over all real tokens of both models (a local layer's window is its own
+            # business: the relation is a property of its Q, K or V, not of its attention).
+            def relation(xs, xt):
+                backend = self._op_backend(ops.attention_kl.NAME, xs, xt)
+                return ops.attention_kl.relation_kl(xs, xt, mask, self.relation_heads, backend)
+            if w.value_kl:
+                out["value_kl"] = relation(rs.value, rt.value)
+            if w.relation:
+                out["relation"] = relation(rs.query, rt.query) + relation(rs.key, rt.key) + relation(rs.value, rt.value)
+        return out
+
     def forward(self, student_hidden, student_attention: dict[int, AttentionRecord], teacher) -> LossOutput:
         """student_hidden: indexable by layer (0 = embeddings); teacher: TeacherOutputs."""
         mask = teacher.attention_mask
@@ -179,29 +241,11 @@ class DistillLoss(nn.Module):
                 self._hidden_term(student_hidden[m], teacher.hidden[g], mask, m) for m, g in pairs
             ]).mean()
         if self._uses_attention() and pairs:
-            mse, kl = [], []
+            per_pair: dict[str, list[torch.Tensor]] = {}
             for m, g in pairs:
-                rs, rt = student_attention[m], teacher.attention[g]
-                if not (rs.plain and rt.plain):
-                    # A family's full scores or a local window: the reference on (B, H, S, S) scores.
-                    window = min((r.window for r in (rs, rt) if r.window is not None), default=None)
-                    s_scores, t_scores = rs.full_scores(), rt.full_scores()
-                    if w.attention:
-                        self._ran_reference(ops.attention_mse.NAME, rs, rt)
-                        mse.append(ops.attention_mse.scores_mse(s_scores, t_scores, mask, window))
-                    if w.attention_kl:
-                        self._ran_reference(ops.attention_kl.NAME, rs, rt)
-                        kl.append(ops.attention_kl.scores_kl(s_scores, t_scores, mask, window))
-                    continue
-                args = (rs.query, rs.key, rt.query, rt.key, mask, rs.scaling, rt.scaling)
-                if w.attention:  # from Q and K: the fused backends never form an S x S tensor
-                    mse.append(ops.attention_mse.attention_mse_qk(*args, self._op_backend(ops.attention_mse.NAME, rs.query, rt.query)))
-                if w.attention_kl:
-                    kl.append(ops.attention_kl.attention_kl_qk(*args, self._op_backend(ops.attention_kl.NAME, rs.query, rt.query)))
-            if mse:
-                terms["attention"] = torch.stack(mse).mean()
-            if kl:
-                terms["attention_kl"] = torch.stack(kl).mean()
+                for name, value in self._attention_terms(student_attention[m], teacher.attention[g], mask).items():
+                    per_pair.setdefault(name, []).append(value)
+            terms.update({name: torch.stack(values).mean() for name, values in per_pair.items()})
         if not terms:
             raise ValueError("no active loss term: every weight is zero or the mapping supervises nothing")
         total = sum(getattr(w, name) * value for name, value in terms.items())

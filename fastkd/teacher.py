@@ -27,8 +27,9 @@ class Teacher:
     """Wraps a loaded teacher; counts forwards so callers can prove the teacher ran once per batch."""
 
     def __init__(self, model, hidden_layers, attention_layers,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, values: bool = False):
         self.model = model
+        self.values = values  # keep V of the attention layers (the relation terms)
         self.hidden_layers = sorted(set(hidden_layers))
         self.attention_layers = sorted(set(attention_layers))
         self.autocast_dtype = autocast_dtype
@@ -42,7 +43,7 @@ class Teacher:
                  token_type_ids: torch.Tensor | None = None) -> TeacherOutputs:
         device = input_ids.device
         autocast = torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
-        with torch.inference_mode(), autocast, recording(self.attention_layers) as rec:
+        with torch.inference_mode(), autocast, recording(self.attention_layers, self.values) as rec:
             # token_type_ids only when given: DistilBERT, ModernBERT and MPNet take none.
             types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, **types,

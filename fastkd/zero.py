@@ -185,7 +185,8 @@ def build_zero_run(cfg: DistillConfig) -> Run:
     half = _teacher_dtype(ds_config)
     teacher_model = teacher_model.to(device=device, dtype=half) if half is not None else teacher_model.to(device)
     teacher = Teacher(teacher_model, criterion.teacher_hidden_layers(), criterion.teacher_attention_layers(),
-                      autocast_dtype=torch.bfloat16 if cfg.bf16 and half is None else None)
+                      autocast_dtype=torch.bfloat16 if cfg.bf16 and half is None else None,
+                      values=criterion.needs_values())
 
     module = DistillModule(student, criterion)
     client_optimizer, client_scheduler = None, None

@@ -231,3 +231,14 @@ def test_zero3_distils_every_family(tmp_path, model_type, default_tokenizer, sma
     assert all(math.isfinite(r["attention"]) for r in _metrics(out))
     model = AutoModel.from_pretrained(out / "student")
     assert model.config.model_type == model_type and model.config.num_hidden_layers == 2
+
+
+def test_zero_distils_with_the_minilmv2_objective(tmp_path, tiny_teacher_dir, small_corpus):
+    """The relation terms (Q, K and V captured, the fused KL) under ZeRO-3's partitioned parameters."""
+    out = tmp_path / "v2"
+    _launch(tmp_path, DS / "zero3.json", _flags(tiny_teacher_dir, small_corpus, out, max_steps=2, objective="minilmv2",
+                                                relation_heads=8))
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["relation"]) for r in rows)
+    info = json.loads((out / "student" / "fastkd.json").read_text())
+    assert info["objective"] == "minilmv2" and info["relation_heads"] == 8

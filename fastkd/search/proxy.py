@@ -20,14 +20,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import DistillConfig
+from ..config import OBJECTIVE_HELP, OBJECTIVES, RELATION_HEADS_HELP, DistillConfig
 from ..corpus import BatchStream
 from .. import rng
-from ..distill import loss_weights
+from ..distill import relation_heads
 from ..training import LocalEngine, NonFiniteAbort
 from ..glue import FinetuneConfig, TaskCache, parse_tasks
 from ..glue.report import COLLAPSE_FRACTION
-from ..losses import DistillLoss
+from ..losses import DistillLoss, objective_weights
 from ..mapping import LayerMapping
 from ..options import option
 from ..models import StudentShape, build_student
@@ -70,10 +70,17 @@ class ProxyConfig:
     # every mapping and seed) where a task's train set can spare them; dev otherwise. 0 = dev always.
     heldout: int = option(2000, "score each proxy task on this many held-out training rows (disjoint from the "
                                 "fine-tuning examples) where its train set can spare them, else on dev; 0 = always dev")
+    # What the proxy students learn: the objective whose mapping is searched (MiniLMv2 found an
+    # upper-middle teacher layer better than the last: the search can find that).
+    objective: str = option("tinybert", OBJECTIVE_HELP, flag="--objective", choices=OBJECTIVES)
+    relation_heads: int | None = option(None, RELATION_HEADS_HELP, flag="--relation-heads")
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["tasks"] = list(self.tasks)
+        if self.objective == "tinybert" and self.relation_heads is None:  # stores from before objectives resume
+            d.pop("objective")
+            d.pop("relation_heads")
         return d
 
     def finetune_config(self, seed: int, progress: bool = False, part: str = "selection") -> FinetuneConfig:
@@ -122,7 +129,9 @@ class ProxyEvaluator:
         self.cfg = cfg
         self.cache = task_cache
         self.task_specs = task_specs
-        self.weights = weights or loss_weights(DistillConfig(output="", corpus=""))
+        self.weights = weights or objective_weights(cfg.objective)
+        # validated by the search before any work (one line for a bad R or a family without Q/K/V)
+        self.relation_heads = relation_heads(self.weights, cfg.relation_heads, teacher_model.config, shape.hidden)
         self.progress = progress
         self.loss_backend = loss_backend  # changes rounding only, so not part of what a fitness means
         self.counters = Counters()
@@ -152,13 +161,15 @@ class ProxyEvaluator:
             for mapping in mappings:
                 torch.manual_seed(seed)
                 criteria.append(DistillLoss(mapping, self.shape.hidden, self.teacher_model.config.hidden_size,
-                                            self.weights, backend=self.loss_backend).to(self.device))
+                                            self.weights, backend=self.loss_backend,
+                                            relation_heads=self.relation_heads).to(self.device))
                 students.append(build_student(self.teacher_model, self.shape, cfg.init, mapping, seed=seed).to(self.device))
                 rng_states.append(rng.capture(self.device))
             self.counters.build_seconds += time.perf_counter() - built
             teacher = Teacher(self.teacher_model, sorted({l for c in criteria for l in c.teacher_hidden_layers()}),
                               sorted({l for c in criteria for l in c.teacher_attention_layers()}),
-                              autocast_dtype=torch.bfloat16 if cfg.bf16 else None)
+                              autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
+                              values=any(c.needs_values() for c in criteria))
             stream = BatchStream(self.corpus, cfg.batch_size, seed)
             engines = [LocalEngine(cfg, teacher, s, c, stream) for s, c in zip(students, criteria)]
             student_seconds = [0.0] * len(engines)

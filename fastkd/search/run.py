@@ -28,7 +28,9 @@ from ..glue.probe import ZERO_SHOT_TASK
 from ..io import atomic_write_json, check_writable_dir, lock_output
 from ..mapping import LayerMapping, heuristic
 from ..options import option, resolved_config
+from ..distill import relation_heads
 from ..families import usable_positions
+from ..losses import objective_weights
 from ..models import load_config, load_teacher, load_tokenizer, resolve_model_path, student_shape
 from ..training.loop import Preempted, add_scalars, stop_signals, tensorboard_writer
 from .dist import Comm
@@ -222,6 +224,9 @@ class Search:
         self.shape = student_shape(teacher_config, cfg.student_layers, cfg.student_hidden, cfg.student_heads,
                                    cfg.student_ffn)
         self.tasks = parse_tasks(",".join(cfg.proxy.tasks), "--proxy-tasks")
+        # the objective's relation heads fit both models, and the family records what it needs
+        relation_heads(objective_weights(cfg.proxy.objective), cfg.proxy.relation_heads, teacher_config,
+                       self.shape.hidden)
         if cfg.proxy.max_seq_len > usable_positions(teacher_config):
             raise UserError(f"--proxy-seq-len {cfg.proxy.max_seq_len} exceeds the {usable_positions(teacher_config)} "
                             "tokens the teacher's position embeddings take")

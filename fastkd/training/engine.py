@@ -36,7 +36,7 @@ class NonFiniteAbort(UserError):
 def student_loss(student, criterion: DistillLoss, batch: dict, teacher_out: TeacherOutputs) -> LossOutput:
     """One student forward with attention capture, scored against the shared teacher outputs."""
     layers = criterion.student_attention_layers()
-    with recording(layers) as rec:
+    with recording(layers, criterion.needs_values()) as rec:
         out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       output_hidden_states=True, return_dict=True)
     check_recorded(student, rec.records, layers, "student")
