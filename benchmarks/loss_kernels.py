@@ -1,7 +1,8 @@
 """Each fused loss op against eager torch: forward+backward time and peak extra memory, per backend.
 
-Ops (fastkd.ops): the attention-score MSE from Q/K (student and teacher Q/K of one layer pair) and
-the projected hidden-state MSE. Shapes: B=16, H=12, S in {128, 512}, head dim in {32, 64} (hidden
+Ops (fastkd.ops): the attention-score MSE from Q/K (student and teacher Q/K of one layer pair), the
+projected hidden-state MSE, MiniLM's attention-distribution KL from Q/K and MiniLMv2's relation KL
+(one of its Q-Q/K-K/V-V relations: per-head vectors of both models, R = H relation heads). Shapes: B=16, H=12, S in {128, 512}, head dim in {32, 64} (hidden
 op: student 384 -> teacher 768 wide, once per S); inputs in each of --dtypes (float32, and bfloat16
 as under --bf16 autocast; the torch reference then computes in float32 from the 16-bit values).
 
@@ -32,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_result  # noqa: E402
 
-OPS = ("attention_qk", "hidden")
+OPS = ("attention_qk", "hidden", "attention_kl", "relation_kl")
 
 
 def _inputs(op: str, B: int, H: int, S: int, dh: int, dtype: str, device):
@@ -41,9 +42,12 @@ def _inputs(op: str, B: int, H: int, S: int, dh: int, dtype: str, device):
     gen = torch.Generator(device="cpu").manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=gen).to(device, getattr(torch, dtype))  # noqa: E731
     mask = torch.ones(B, S, dtype=torch.long, device=device)
-    if op == "attention_qk":
+    if op in ("attention_qk", "attention_kl"):
         qs, ks = r(B, H, S, dh).requires_grad_(), r(B, H, S, dh).requires_grad_()
         return (qs, ks, r(B, H, S, dh), r(B, H, S, dh), mask, dh ** -0.5, dh ** -0.5), [qs, ks]
+    if op == "relation_kl":
+        xs = r(B, H, S, dh).requires_grad_()
+        return (xs, r(B, H, S, dh), mask, H), [xs]
     hs = r(B, S, 384).requires_grad_()
     proj = torch.nn.Linear(384, 768).to(device)
     return (hs, r(B, S, 768), mask, proj), [hs, *proj.parameters()]
@@ -58,7 +62,8 @@ def child(op: str, B: int, H: int, S: int, dh: int, dtype: str, backend: str, re
     from fastkd.bench import PeakMemory
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fn = {"attention_qk": ops.attention_mse.attention_mse_qk, "hidden": ops.hidden_mse.hidden_mse}[op]
+    fn = {"attention_qk": ops.attention_mse.attention_mse_qk, "hidden": ops.hidden_mse.hidden_mse,
+          "attention_kl": ops.attention_kl.attention_kl_qk, "relation_kl": ops.attention_kl.relation_kl}[op]
     if ops.unavailable(backend, device) is not None:
         return {"skipped": ops.unavailable(backend, device)}
     args, params = _inputs(op, B, H, S, dh, dtype, device)

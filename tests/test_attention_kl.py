@@ -132,3 +132,37 @@ def test_a_kl_kernel_with_a_wrong_gradient_is_caught(monkeypatch, caplog):
     monkeypatch.undo()
     monkeypatch.setattr(select, "_selected", {})
     assert ops.backend_for("attention_kl", "auto", "cpu", torch.float32) == "cpp"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,H,S,ds,dt,block", [(3, 2, 37, 16, 8, 16), (2, 1, 20, 32, 32, 16), (2, 2, 9, 4, 4, None)])
+def test_triton_matches_the_reference(dtype, B, H, S, ds, dt, block):
+    """Under the interpreter (a CPU); small blocks so the loops run over several tiles; float16 takes
+    the 16-bit tl.dot path (bfloat16 is upcast by the interpreter)."""
+    gen = torch.Generator().manual_seed(S + ds)
+    mask = _mask(B, S, gen, all_padded_row=B > 2)
+    qs, ks, qt, kt = (x.detach().to(dtype) for x in _inputs(B, H, S, ds, dt, gen, scale=1.5))
+    qs.requires_grad_(), ks.requires_grad_()
+    want = ak.reference(qs, ks, qt, kt, mask, ds ** -0.5, dt ** -0.5)
+    got = ak.triton_attention_kl(qs, ks, qt, kt, mask, ds ** -0.5, dt ** -0.5, block_m=block, block_n=block)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=1e-4)
+    torch.testing.assert_close(got, want.float(), **tol)
+    grads = torch.autograd.grad(got, (qs, ks))
+    for g, w in zip(grads, torch.autograd.grad(want, (qs, ks))):
+        assert g.dtype == dtype
+        scale = w.float().abs().max()
+        assert (g.float() - w.float()).abs().max() <= (1e-4 if dtype == torch.float32 else 2e-2) * scale
+
+
+def test_triton_relation_and_the_self_check():
+    from fastkd.ops import select
+
+    gen = torch.Generator().manual_seed(2)
+    mask = _mask(2, 21, gen, all_padded_row=False)
+    xs = torch.randn(2, 2, 21, 8, generator=gen, requires_grad=True)
+    xt = torch.randn(2, 4, 21, 8, generator=gen)
+    got = ak.relation_kl(xs, xt, mask, 2, "triton")
+    want = ak.relation_kl(xs, xt, mask, 2, "torch")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(got, xs)[0], torch.autograd.grad(want, xs)[0], rtol=1e-4, atol=1e-7)
+    assert select.check("attention_kl", "triton", torch.device("cpu"), torch.float32) is None

@@ -2,7 +2,7 @@
 
     attention_mse   TinyBERT's attention-score MSE from Q and K (never S x S on the fused backends)
     hidden_mse      the hidden-state MSE through a width projection (never the whole projection)
-    attention_kl    MiniLM's attention-distribution KL (torch reference only, so far)
+    attention_kl    MiniLM's attention-distribution KL and MiniLMv2's relations (cpp, triton; never S x S)
 
 Each op module holds its torch reference, its Triton kernels and autograd Function, the binding of
 the compiled extension (csrc/), its dispatch over backends and its self-check cases. `backends`

@@ -17,9 +17,12 @@ Backends:
          log_softmax, the KL sum, G = p_s - p_t and the student's gradients dq = scale G k,
          dk += scale G^T q (two GEMMs), computed in the forward like the other fused ops. It costs
          the eager forward's FLOPs plus the backward's, once; what it saves is memory traffic.
+  triton two flash-attention style kernels (below): rows (online log-sum-exp of both models, then the
+         KL and dQ) and cols (dK from the stored log-sum-exps); 16-bit inputs go into tl.dot as
+         they are. Tested under the interpreter here; no GPU has run it yet.
 Different head counts compare head-averaged distributions: a different quantity (a mean of
-probabilities, not of scores), which only the reference computes (said once). Triton and CUDA forms
-are future work.
+probabilities, not of scores), which only the reference computes (said once). A CUDA form is future
+work (the cuda backend runs the reference for this op).
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ import math
 import torch
 
 from . import _extension as ext
+from . import attention_mse
+from ._triton import check_device, fp32_dot_precision, interpreted, native_dot, pow2_dim, require, tl, triton
 from .attention_mse import attention_scores, pair_mask
 
 log = logging.getLogger(__name__)
 
 NAME = "attention_kl"
-FUSED: tuple[str, ...] = ("cpp",)
+FUSED: tuple[str, ...] = ("cpp", "triton")
 _said_heads = False
 
 
@@ -94,6 +99,264 @@ class ExtensionAttentionKl(torch.autograd.Function):
         return ext.scaled(dqs, scale, qs.dtype), ext.scaled(dks, scale, ks.dtype), None, None, None, None, None, None, None
 
 
+# --- Triton --------------------------------------------------------------------------------------
+# Flash-attention style, memory O(B*H*S*d), gradients computed in the forward:
+#   rows, grid (cdiv(S, BLOCK_M), B*H): a block of query rows; pass 1 over key blocks: online
+#         log-sum-exp of both models' scores; pass 2: the KL and dQ = scale_s sum_j (p_s - p_t) k_j;
+#         the row log-sum-exps are stored for
+#   cols, grid (cdiv(S, BLOCK_N), B*H): a block of keys; loop over query blocks, recompute both
+#         transposed score tiles, G^T = p_s^T - p_t^T from the stored log-sum-exps, dK += G^T Q.
+# Keys are masked to -inf before the softmax; padded queries contribute nothing.
+
+@triton.jit
+def _kl_rows_kernel(
+    qs_ptr, ks_ptr, qt_ptr, kt_ptr, mask_ptr, end_ptr,
+    partial_ptr,                         # (B*H*cdiv(S, BLOCK_M),) float32
+    lse_ptr,                             # (2, B, H, S) float32: student's, teacher's row log-sum-exps
+    dqs_ptr,                             # (B, H, S, ds) float32; scale_s * sum_j G k_j
+    S, H, DS, DT, scale_s, scale_t,
+    sqs_b, sqs_h, sqs_s, sqs_d, sks_b, sks_h, sks_s, sks_d,
+    sqt_b, sqt_h, sqt_s, sqt_d, skt_b, skt_h, skt_s, skt_d,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+    NATIVE_S: tl.constexpr, NATIVE_T: tl.constexpr, PRECISION: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ds = tl.arange(0, BLOCK_DS)
+    offs_dt = tl.arange(0, BLOCK_DT)
+    row_in = offs_m < S
+    row_real = tl.load(mask_ptr + b * S + offs_m, mask=row_in, other=0) != 0
+    end = tl.load(end_ptr + b)
+    end = tl.where(pid_m * BLOCK_M < end, end, 0)  # a block of padded queries only: nothing to do
+    ds_in = offs_ds < DS
+    dt_in = offs_dt < DT
+    qs = tl.load(qs_ptr + b * sqs_b + h * sqs_h + offs_m[:, None] * sqs_s + offs_ds[None, :] * sqs_d,
+                 mask=row_in[:, None] & ds_in[None, :], other=0.0)
+    qt = tl.load(qt_ptr + b * sqt_b + h * sqt_h + offs_m[:, None] * sqt_s + offs_dt[None, :] * sqt_d,
+                 mask=row_in[:, None] & dt_in[None, :], other=0.0)
+    if not NATIVE_S:
+        qs = qs.to(tl.float32)
+    if not NATIVE_T:
+        qt = qt.to(tl.float32)
+    ks_base = ks_ptr + b * sks_b + h * sks_h
+    kt_base = kt_ptr + b * skt_b + h * skt_h
+
+    m_s = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_t = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start_n in range(0, end, BLOCK_N):               # pass 1: both row log-sum-exps
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_in = offs_n < S
+        col_real = tl.load(mask_ptr + b * S + offs_n, mask=col_in, other=0) != 0
+        ks = tl.load(ks_base + offs_n[:, None] * sks_s + offs_ds[None, :] * sks_d,
+                     mask=col_in[:, None] & ds_in[None, :], other=0.0)
+        kt = tl.load(kt_base + offs_n[:, None] * skt_s + offs_dt[None, :] * skt_d,
+                     mask=col_in[:, None] & dt_in[None, :], other=0.0)
+        if NATIVE_S:
+            s = tl.dot(qs, tl.trans(ks)) * scale_s
+        else:
+            s = tl.dot(qs, tl.trans(ks.to(tl.float32)), input_precision=PRECISION) * scale_s
+        if NATIVE_T:
+            t = tl.dot(qt, tl.trans(kt)) * scale_t
+        else:
+            t = tl.dot(qt, tl.trans(kt.to(tl.float32)), input_precision=PRECISION) * scale_t
+        s = tl.where(col_real[None, :], s, float("-inf"))
+        t = tl.where(col_real[None, :], t, float("-inf"))
+        new_s = tl.maximum(m_s, tl.max(s, axis=1))
+        new_t = tl.maximum(m_t, tl.max(t, axis=1))
+        safe_s = tl.where(new_s == float("-inf"), 0.0, new_s)   # a block of padded keys only
+        safe_t = tl.where(new_t == float("-inf"), 0.0, new_t)
+        l_s = l_s * tl.exp(m_s - safe_s) + tl.sum(tl.exp(s - safe_s[:, None]), axis=1)
+        l_t = l_t * tl.exp(m_t - safe_t) + tl.sum(tl.exp(t - safe_t[:, None]), axis=1)
+        m_s = new_s
+        m_t = new_t
+    lse_s = m_s + tl.log(tl.maximum(l_s, 1e-30))  # l = 0 only where m = -inf (no real key): lse -inf
+    lse_t = m_t + tl.log(tl.maximum(l_t, 1e-30))
+
+    kl = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    dq = tl.zeros((BLOCK_M, BLOCK_DS), dtype=tl.float32)
+    for start_n in range(0, end, BLOCK_N):               # pass 2: the KL and dQ
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_in = offs_n < S
+        col_real = tl.load(mask_ptr + b * S + offs_n, mask=col_in, other=0) != 0
+        ks = tl.load(ks_base + offs_n[:, None] * sks_s + offs_ds[None, :] * sks_d,
+                     mask=col_in[:, None] & ds_in[None, :], other=0.0)
+        kt = tl.load(kt_base + offs_n[:, None] * skt_s + offs_dt[None, :] * skt_d,
+                     mask=col_in[:, None] & dt_in[None, :], other=0.0)
+        if NATIVE_S:
+            s = tl.dot(qs, tl.trans(ks)) * scale_s
+        else:
+            ks = ks.to(tl.float32)
+            s = tl.dot(qs, tl.trans(ks), input_precision=PRECISION) * scale_s
+        if NATIVE_T:
+            t = tl.dot(qt, tl.trans(kt)) * scale_t
+        else:
+            t = tl.dot(qt, tl.trans(kt.to(tl.float32)), input_precision=PRECISION) * scale_t
+        valid = row_real[:, None] & col_real[None, :]
+        logp_s = s - lse_s[:, None]
+        logp_t = t - lse_t[:, None]
+        p_t = tl.where(valid, tl.exp(logp_t), 0.0)
+        kl += tl.sum(tl.where(valid, p_t * (logp_t - logp_s), 0.0), axis=1)
+        if COMPUTE_GRAD:
+            g = tl.where(valid, tl.exp(logp_s) - p_t, 0.0)
+            if NATIVE_S:
+                dq += tl.dot(g.to(ks.dtype), ks)
+            else:
+                dq += tl.dot(g, ks, input_precision=PRECISION)
+
+    tl.store(partial_ptr + pid_bh * tl.num_programs(0) + pid_m, tl.sum(kl, axis=0))
+    if COMPUTE_GRAD:
+        row_off = pid_bh.to(tl.int64) * S + offs_m
+        tl.store(lse_ptr + row_off, lse_s, mask=row_in)
+        tl.store(lse_ptr + (tl.num_programs(1) * S).to(tl.int64) + row_off, lse_t, mask=row_in)
+        dq_ptrs = dqs_ptr + pid_bh.to(tl.int64) * S * DS + offs_m[:, None] * DS + offs_ds[None, :]
+        tl.store(dq_ptrs, dq * scale_s, mask=row_in[:, None] & ds_in[None, :])
+
+
+@triton.jit
+def _kl_cols_kernel(
+    qs_ptr, ks_ptr, qt_ptr, kt_ptr, mask_ptr, end_ptr, lse_ptr,
+    dks_ptr,                             # (B, H, S, ds) float32; scale_s * sum_i G_ij q_i
+    S, H, DS, DT, scale_s, scale_t,
+    sqs_b, sqs_h, sqs_s, sqs_d, sks_b, sks_h, sks_s, sks_d,
+    sqt_b, sqt_h, sqt_s, sqt_d, skt_b, skt_h, skt_s, skt_d,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+    NATIVE_S: tl.constexpr, NATIVE_T: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_ds = tl.arange(0, BLOCK_DS)
+    offs_dt = tl.arange(0, BLOCK_DT)
+    col_in = offs_n < S
+    col_real = tl.load(mask_ptr + b * S + offs_n, mask=col_in, other=0) != 0
+    end = tl.load(end_ptr + b)
+    m_end = tl.where(pid_n * BLOCK_N < end, end, 0)
+    ds_in = offs_ds < DS
+    dt_in = offs_dt < DT
+    ks = tl.load(ks_ptr + b * sks_b + h * sks_h + offs_n[:, None] * sks_s + offs_ds[None, :] * sks_d,
+                 mask=col_in[:, None] & ds_in[None, :], other=0.0)
+    kt = tl.load(kt_ptr + b * skt_b + h * skt_h + offs_n[:, None] * skt_s + offs_dt[None, :] * skt_d,
+                 mask=col_in[:, None] & dt_in[None, :], other=0.0)
+    if not NATIVE_S:
+        ks = ks.to(tl.float32)
+    if not NATIVE_T:
+        kt = kt.to(tl.float32)
+    qs_base = qs_ptr + b * sqs_b + h * sqs_h
+    qt_base = qt_ptr + b * sqt_b + h * sqt_h
+    lse_t_base = lse_ptr + (tl.num_programs(1) * S).to(tl.int64)
+
+    dk = tl.zeros((BLOCK_N, BLOCK_DS), dtype=tl.float32)
+    for start_m in range(0, m_end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_in = offs_m < S
+        row_real = tl.load(mask_ptr + b * S + offs_m, mask=row_in, other=0) != 0
+        qs = tl.load(qs_base + offs_m[:, None] * sqs_s + offs_ds[None, :] * sqs_d,
+                     mask=row_in[:, None] & ds_in[None, :], other=0.0)
+        qt = tl.load(qt_base + offs_m[:, None] * sqt_s + offs_dt[None, :] * sqt_d,
+                     mask=row_in[:, None] & dt_in[None, :], other=0.0)
+        row_off = pid_bh.to(tl.int64) * S + offs_m
+        lse_s = tl.load(lse_ptr + row_off, mask=row_in, other=0.0)
+        lse_t = tl.load(lse_t_base + row_off, mask=row_in, other=0.0)
+        if NATIVE_S:
+            s = tl.dot(ks, tl.trans(qs)) * scale_s                         # (BN, BM): transposed scores
+        else:
+            qs = qs.to(tl.float32)
+            s = tl.dot(ks, tl.trans(qs), input_precision=PRECISION) * scale_s
+        if NATIVE_T:
+            t = tl.dot(kt, tl.trans(qt)) * scale_t
+        else:
+            t = tl.dot(kt, tl.trans(qt.to(tl.float32)), input_precision=PRECISION) * scale_t
+        valid = col_real[:, None] & row_real[None, :]
+        g_t = tl.where(valid, tl.exp(s - lse_s[None, :]) - tl.exp(t - lse_t[None, :]), 0.0)
+        if NATIVE_S:
+            dk += tl.dot(g_t.to(qs.dtype), qs)
+        else:
+            dk += tl.dot(g_t, qs, input_precision=PRECISION)
+
+    dk_ptrs = dks_ptr + pid_bh.to(tl.int64) * S * DS + offs_n[:, None] * DS + offs_ds[None, :]
+    tl.store(dk_ptrs, dk * scale_s, mask=col_in[:, None] & ds_in[None, :])
+
+
+_INTERPRETED = interpreted(_kl_rows_kernel)
+
+
+def _triton_launch(qs, ks, qt, kt, mask, scale_s: float, scale_t: float, *, grad_q: bool, grad_k: bool,
+                   block_m: int | None = None, block_n: int | None = None):
+    """Returns (loss float32 0-dim, count, dqs or None, dks or None), the gradients float32 and still to
+    be multiplied by grad_output / count."""
+    require()
+    B, H, S, DS = qs.shape
+    DT = qt.shape[-1]
+    if ks.shape != qs.shape or kt.shape != qt.shape or qt.shape[:3] != qs.shape[:3] or mask.shape != (B, S):
+        raise ValueError("qs, ks (B, H, S, ds), qt, kt (B, H, S, dt) and mask (B, S) expected")
+    if B * H > 65535:
+        raise ValueError(f"B * H = {B * H} exceeds the CUDA grid's y limit (65535); split the batch")
+    check_device(_INTERPRETED, qs, ks, qt, kt, mask)
+    dev = qs.device
+    real = mask.bool()
+    count = query_count(real, H).to(dev)
+    grad = grad_q or grad_k
+    dqs = torch.zeros((B, H, S, DS), device=dev, dtype=torch.float32) if grad else None
+    dks = torch.zeros((B, H, S, DS), device=dev, dtype=torch.float32) if grad_k else None
+    if B * H * S == 0:
+        return torch.zeros((), device=dev, dtype=torch.float32), count, dqs if grad_q else None, dks
+    end = (real.to(torch.int32) * torch.arange(1, S + 1, device=dev, dtype=torch.int32)).amax(1).to(torch.int32)
+    mask8 = real.to(torch.int8).contiguous()
+    native_s = native_dot(qs.dtype, ks.dtype, _INTERPRETED)
+    native_t = native_dot(qt.dtype, kt.dtype, _INTERPRETED)
+    bds, bdt = pow2_dim(DS), pow2_dim(DT)
+    bm, bn, num_warps, num_stages = attention_mse._block_sizes(S, bds, bdt, 2 if native_s and native_t else 4,
+                                                               block_m, block_n)
+    strides = (*qs.stride(), *ks.stride(), *qt.stride(), *kt.stride())
+    precision = fp32_dot_precision()
+    lse = torch.empty((2, B, H, S), device=dev, dtype=torch.float32) if grad else None
+    grid_m = triton.cdiv(S, bm)
+    partial = torch.empty(B * H * grid_m, device=dev, dtype=torch.float32)
+    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DS=bds, BLOCK_DT=bdt, NATIVE_S=native_s, NATIVE_T=native_t,
+                  PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
+    _kl_rows_kernel[(grid_m, B * H)](
+        qs, ks, qt, kt, mask8, end, partial, lse if grad else partial, dqs if grad else partial,
+        S, H, DS, DT, float(scale_s), float(scale_t), *strides, COMPUTE_GRAD=grad, **common)
+    if grad_k:
+        _kl_cols_kernel[(triton.cdiv(S, bn), B * H)](
+            qs, ks, qt, kt, mask8, end, lse, dks, S, H, DS, DT, float(scale_s), float(scale_t), *strides, **common)
+    return partial.sum() / count, count, dqs if grad_q else None, dks
+
+
+class TritonAttentionKl(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qs, ks, qt, kt, mask, scale_s, scale_t, grad_enabled, block_m, block_n):
+        grad_q = grad_enabled and ctx.needs_input_grad[0]
+        grad_k = grad_enabled and ctx.needs_input_grad[1]
+        loss, count, dqs, dks = _triton_launch(qs, ks, qt, kt, mask, scale_s, scale_t, grad_q=grad_q, grad_k=grad_k,
+                                               block_m=block_m, block_n=block_n)
+        ctx.save_for_backward(count, dqs, dks)
+        ctx.dtypes = (qs.dtype, ks.dtype)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        count, dqs, dks = ctx.saved_tensors
+        scale = grad_output.float() / count
+        return (attention_mse._scale_grad(dqs, scale, ctx.dtypes[0]),
+                attention_mse._scale_grad(dks, scale, ctx.dtypes[1]), None, None, None, None, None, None, None, None)
+
+
+def triton_attention_kl(qs, ks, qt, kt, mask, scale_s: float, scale_t: float, *, block_m: int | None = None,
+                        block_n: int | None = None) -> torch.Tensor:
+    """The Triton op on equal head counts, any strides; float32 0-dim loss, gradients in the inputs' dtypes."""
+    return TritonAttentionKl.apply(qs, ks, qt, kt, mask, float(scale_s), float(scale_t), torch.is_grad_enabled(),
+                                   block_m, block_n)
+
+
 # --- dispatch ------------------------------------------------------------------------------------
 
 def attention_kl_qk(qs, ks, qt, kt, mask, scale_s: float, scale_t: float, backend: str) -> torch.Tensor:
@@ -101,8 +364,8 @@ def attention_kl_qk(qs, ks, qt, kt, mask, scale_s: float, scale_t: float, backen
     qs itself (a relation): the gradients of both arguments then add up in autograd."""
     if backend == "torch":
         return reference(qs, ks, qt, kt, mask, scale_s, scale_t)
-    if backend != "cpp":
-        raise ValueError(f"{NAME}: no {backend!r} backend (torch, cpp)")
+    if backend not in FUSED:
+        raise ValueError(f"{NAME}: no {backend!r} backend (torch, {', '.join(FUSED)})")
     if qs.shape[1] != qt.shape[1]:
         global _said_heads
         if not _said_heads:
@@ -110,6 +373,10 @@ def attention_kl_qk(qs, ks, qt, kt, mask, scale_s: float, scale_t: float, backen
             log.info("%s: %d student heads against %d teacher heads compare head-averaged distributions, "
                      "which only the reference computes", NAME, qs.shape[1], qt.shape[1])
         return reference(qs, ks, qt, kt, mask, scale_s, scale_t)
+    if backend == "triton":
+        if attention_mse.merged_too_wide(qs, qt, backend):  # equal heads here: a head wider than the tiles
+            return reference(qs, ks, qt, kt, mask, scale_s, scale_t)
+        return triton_attention_kl(qs, ks, qt, kt, mask, scale_s, scale_t)
     return ExtensionAttentionKl.apply(qs, ks, qt, kt, mask, scale_s, scale_t, query_count(mask, qs.shape[1]),
                                       torch.is_grad_enabled())
 
