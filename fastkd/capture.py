@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -140,28 +141,45 @@ def _scores_pre_hook(module, args):
     if layer is not None:
         mode = _FirstSoftmaxInput()
         mode.__enter__()
-        module._fastkd_scores = (mode, recorder, layer)
+        module._fastkd_scores = (mode, recorder, layer, [None, None, None])
         recorder.open_modes.append((module, mode))
+
+
+def _projection_hook(owner, index, submodule, args, output):
+    """The first output of the owner's Q (0), K (1) or V (2) projection in a recorded forward (DeBERTa
+    projects K and Q again for its relative terms: those later calls are not Q/K)."""
+    state = owner.__dict__.get("_fastkd_scores")
+    if state is not None and state[1].values and state[3][index] is None:
+        state[3][index] = output
 
 
 def _scores_post_hook(module, args, output):
     state = module.__dict__.pop("_fastkd_scores", None)
     if state is None:
         return
-    mode, recorder, layer = state
+    mode, recorder, layer, projected = state
     mode.__exit__(None, None, None)
     recorder.open_modes.remove((module, mode))
     if mode.scores is not None:  # else the guard names the layer
-        recorder.records[layer] = AttentionRecord(scores=mode.scores)
+        # Q, K, V as (B, H, S, d) for the relation terms, when asked for (values) and seen.
+        q, k, v = (None if x is None else x.view(*x.shape[:2], module.num_attention_heads, -1).transpose(1, 2)
+                   for x in projected)
+        recorder.records[layer] = AttentionRecord(query=q, key=k, scores=mode.scores, value=v)
 
 
-def hook_scores(modules) -> None:
+def hook_scores(modules, projections: tuple[str, ...] = ()) -> None:
     """Record the pre-softmax scores of each self-attention module (once per module; the hooks do
-    nothing outside `recording`). Call order numbers the layers, as for the registry."""
+    nothing outside `recording`). Call order numbers the layers, as for the registry.
+    projections: the module's Q, K and V linear submodules, whose outputs a recording with values
+    keeps too (the relation terms)."""
     for module in modules:
         if "_fastkd_hooks" not in module.__dict__:
-            module._fastkd_hooks = (module.register_forward_pre_hook(_scores_pre_hook),
-                                    module.register_forward_hook(_scores_post_hook, always_call=True))
+            handles = [module.register_forward_pre_hook(_scores_pre_hook),
+                       module.register_forward_hook(_scores_post_hook, always_call=True)]
+            for index, name in enumerate(projections):
+                handles.append(getattr(module, name).register_forward_hook(
+                    functools.partial(_projection_hook, module, index)))
+            module._fastkd_hooks = tuple(handles)
 
 
 def unhook_scores(modules) -> None:

@@ -44,15 +44,10 @@ def loss_weights(cfg) -> LossWeights:
 
 def relation_heads(weights: LossWeights, requested: int | None, teacher_config, student_hidden: int) -> int | None:
     """R for the relation terms (None when none is active): the teacher's heads unless given; both
-    models' concatenated heads (their hidden sizes) must split into R equal slices, and both must
-    record Q, K and V (a family captured by score hooks records its full scores only)."""
+    models' concatenated heads (their hidden sizes) must split into R equal slices."""
     if not (weights.value_kl or weights.relation):
         return None
     family = family_of(teacher_config)
-    if family.capture == "scores":
-        raise UserError(f"the relation terms (value_kl, relation: objectives minilm and minilmv2) need each layer's Q, "
-                        f"K and V, and fastkd records only the full attention scores of {family.name} teachers: use "
-                        "--objective tinybert, or --w-value-kl 0 --w-relation 0")
     _, t_hidden, t_heads, _ = family.sizes(teacher_config)
     heads = requested or t_heads
     for who, width in (("teacher", t_hidden), ("student", student_hidden)):

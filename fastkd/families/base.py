@@ -24,6 +24,7 @@ class Family:
     # "scores": module hooks record the family's full pre-softmax scores (the reference losses).
     capture = "registry"
     attention_path = ""  # scores capture: each layer's self-attention module, from the layer
+    projections: tuple[str, ...] = ()  # scores capture: its Q, K, V linear submodules (relation terms)
     ffn_attr = "intermediate_size"
     layers_note = ""  # appended to a mapping error: what the teacher's "layers" are
 
@@ -101,7 +102,7 @@ class Family:
         if self.capture == "registry":
             use_registry(model)
         else:
-            hook_scores(self.attention_modules(model))
+            hook_scores(self.attention_modules(model), self.projections)
 
     def disable_capture(self, model) -> None:
         """Back to the stock attention (before export: the saved config stays clean)."""

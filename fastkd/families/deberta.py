@@ -15,6 +15,7 @@ class Deberta(Family):
     model_types = ("deberta-v2",)
     capture = "scores"
     attention_path = "attention.self"
+    projections = ("query_proj", "key_proj", "value_proj")
 
 
 DEBERTA = Deberta()

@@ -11,6 +11,7 @@ class MPNet(Family):
     model_types = ("mpnet",)
     capture = "scores"
     attention_path = "attention.attn"
+    projections = ("q", "k", "v")
 
 
 MPNET = MPNet()
