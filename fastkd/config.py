@@ -35,7 +35,8 @@ OBJECTIVE_HELP = ("what the student learns: tinybert (embedding, hidden-state an
                   "(attention-distribution and value-relation KL), minilmv2 (Q-Q, K-K and V-V relation KL); the "
                   "--w-* weights override single terms")
 RELATION_HEADS_HELP = ("relation heads R of the minilm/minilmv2 relation terms: each model's concatenated heads split "
-                       "into R (default: the teacher's attention heads; MiniLMv2 uses 48 for large teachers)")
+                       "into R (default: the teacher's attention heads; MiniLMv2 uses more, e.g. 48 for base-size "
+                       "teachers); R must divide both hidden sizes")
 LOSS_BACKEND_HELP = ("loss kernels: torch (reference), cpp (CPU), triton or cuda (GPU); auto = the fastest present; a "
                      "missing one falls back with one log line (default: $FASTKD_LOSS_BACKEND or auto)")
 PROGRESS_HELP = "progress bars (--no-progress hides them)"
@@ -152,6 +153,7 @@ class DistillConfig:
             (all(w is None or (math.isfinite(w) and w >= 0) for w in (
                 self.w_embedding, self.w_hidden, self.w_attention, self.w_attention_kl, self.w_value_kl,
                 self.w_relation)), "loss weights must be finite and non-negative"),
+            (self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})"),
             (self.relation_heads is None or self.relation_heads >= 1,
              f"--relation-heads must be at least 1 (got {self.relation_heads})"),
         ]

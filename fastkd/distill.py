@@ -21,7 +21,7 @@ from .device import pick_device
 from .errors import UserError
 from .export import export_student
 from .io import atomic_write_json, check_writable_dir, is_bookkeeping, lock_output, no_space_is_one_line
-from .losses import DistillLoss, LossWeights, objective_weights
+from .losses import OBJECTIVES, DistillLoss, LossWeights, objective_weights
 from .mapping import LayerMapping, parse_mapping
 from .families import family_of, usable_positions
 from .models import (build_student, check_weight_files, load_config, load_student_dir, load_teacher, load_tokenizer,
@@ -40,6 +40,24 @@ def loss_weights(cfg) -> LossWeights:
     """The objective's weights with the --w-* given in their place."""
     return objective_weights(cfg.objective, embedding=cfg.w_embedding, hidden=cfg.w_hidden, attention=cfg.w_attention,
                              attention_kl=cfg.w_attention_kl, value_kl=cfg.w_value_kl, relation=cfg.w_relation)
+
+
+LOSS_KEYS = ("objective", "w_embedding", "w_hidden", "w_attention", "w_attention_kl", "w_value_kl", "w_relation")
+
+
+def comparable(config: dict) -> dict:
+    """A run's settings with the loss given as the weights it resolves to: `--objective minilm` and the
+    same weights spelled with --w-* are one run, and a config.json from before objectives (explicit
+    weights, no objective) still resumes."""
+    objective = config.get("objective") or "tinybert"
+    if objective not in OBJECTIVES:
+        return config  # refused by validate with one line
+    weights = objective_weights(objective, **{k[2:]: config.get(k) for k in LOSS_KEYS[1:]})
+    out = {k: v for k, v in config.items() if k not in LOSS_KEYS}
+    out["loss_weights"] = weights.as_dict()
+    if not (weights.value_kl or weights.relation):
+        out.pop("relation_heads", None)  # unused without a relation term
+    return out
 
 
 def relation_heads(weights: LossWeights, requested: int | None, teacher_config, student_hidden: int) -> int | None:
@@ -71,10 +89,10 @@ def prepare_output(cfg: DistillConfig) -> Path:
             raise UserError(f"--output {output} is not empty and holds no fastkd run: choose an empty or new directory")
         return output
     if not cfg.resume:
-        diffs = differing_settings(saved.get("config", {}), cfg.to_dict())
+        diffs = differing_settings(comparable(saved.get("config", {})), comparable(cfg.to_dict()))
         what = "a different run (" + "; ".join(diffs[:3]) + ")" if diffs else "this run already"
         raise UserError(f"--output {output} holds {what}: pass --resume to continue it, or choose another --output")
-    diffs = differing_settings(saved.get("config", {}), cfg.to_dict())
+    diffs = differing_settings(comparable(saved.get("config", {})), comparable(cfg.to_dict()))
     if diffs:
         raise UserError(f"cannot --resume {output}: settings differ from the saved run: " + "; ".join(diffs))
     identity = saved.get("resolved", {}).get("corpus_identity")

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 TERMS = ("embedding", "hidden", "attention", "attention_kl", "value_kl", "relation")
 _SAID_REFERENCE: set[tuple[str, str]] = set()
+RELATION_OP = "relation_kl"  # how ran_on reports the relation terms (the attention_kl op on relation heads)
 
 
 @dataclass(frozen=True)
@@ -152,12 +153,19 @@ class DistillLoss(nn.Module):
         return {op: {ops.select.dtype_label(s, t): ops.backend_for(op, self.backend_request, device, s, t)
                      for s, t in pairs} for op in self.active_ops()}
 
-    def _op_backend(self, op: str, student: torch.Tensor, teacher: torch.Tensor) -> str:
+    def _op_backend(self, op: str, student: torch.Tensor, teacher: torch.Tensor, report: str | None = None) -> str:
+        """The backend `op` runs on for these inputs, noted under `report` (default: the op's name) as
+        what actually ran: a fused backend that hands these inputs to the reference says so."""
         backend = ops.backend_for(op, self.backend_request, student.device, student.dtype, teacher.dtype)
         effective = backend
         if op == ops.attention_mse.NAME and ops.attention_mse.merged_too_wide(student, teacher, backend):
             effective = "torch (heads too wide for the GPU tiles)"
-        self._ran[(op, str(student.device), ops.select.dtype_label(student.dtype, teacher.dtype))] = effective
+        if op == ops.attention_kl.NAME and backend != "torch":
+            if student.shape[1] != teacher.shape[1]:
+                effective = "torch (head counts differ: head-averaged distributions)"
+            elif ops.attention_mse.merged_too_wide(student, teacher, backend):
+                effective = "torch (heads too wide for the GPU tiles)"
+        self._ran[(report or op, str(student.device), ops.select.dtype_label(student.dtype, teacher.dtype))] = effective
         return backend
 
     def _ran_reference(self, op: str, rs: AttentionRecord, rt: AttentionRecord) -> None:
@@ -181,7 +189,8 @@ class DistillLoss(nn.Module):
             if key in self._reference:
                 reference = f"torch ({self._reference[key]})"
                 backend = reference if backend is None else f"{backend}; {reference} for the other layers"
-            check = next((s["check"] for s in ops.selections() if s["op"] == op and s["device"] == device
+            checked = ops.attention_kl.NAME if op == RELATION_OP else op  # relations run the attention KL op
+            check = next((s["check"] for s in ops.selections() if s["op"] == checked and s["device"] == device
                           and s["dtype"] == dtypes and s["requested"] == ops.backends.requested(self.backend_request)),
                          None)
             out.append({"op": op, "device": device, "dtype": dtypes, "backend": backend, "check": check})
@@ -220,8 +229,10 @@ class DistillLoss(nn.Module):
             # Relations are over all real tokens of both models (a local layer's window is its own
             # business: the relation is a property of its Q, K or V, not of its attention).
             def relation(xs, xt):
-                backend = self._op_backend(ops.attention_kl.NAME, xs, xt)
-                return ops.attention_kl.relation_kl(xs, xt, mask, self.relation_heads, backend)
+                r = self.relation_heads
+                backend = self._op_backend(ops.attention_kl.NAME, ops.attention_kl.relation_heads(xs, r),
+                                           ops.attention_kl.relation_heads(xt, r), report=RELATION_OP)
+                return ops.attention_kl.relation_kl(xs, xt, mask, r, backend)
             if w.value_kl:
                 out["value_kl"] = relation(rs.value, rt.value)
             if w.relation:

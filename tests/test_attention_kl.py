@@ -84,12 +84,15 @@ def test_every_padded_row_is_zero_and_the_teacher_gets_no_gradient():
         torch.autograd.grad(ak.attention_kl_qk(qs, ks, qt, kt, torch.ones(2, 9), 0.3, 0.3, "cpp"), qt)
 
 
-def test_different_head_counts_take_the_reference_on_head_averaged_distributions(caplog):
+def test_different_head_counts_take_the_reference_on_head_averaged_distributions(caplog, monkeypatch):
+    monkeypatch.setattr(ak, "_said_heads", False)
     gen = torch.Generator().manual_seed(6)
     qs, ks = (torch.randn(2, 2, 11, 8, generator=gen) for _ in range(2))
     qt, kt = (torch.randn(2, 4, 11, 8, generator=gen) for _ in range(2))
     mask = torch.ones(2, 11)
-    got = ak.attention_kl_qk(qs, ks, qt, kt, mask, 0.3, 0.3, "cpp")
+    with caplog.at_level(logging.INFO, logger="fastkd.ops.attention_kl"):
+        got = ak.attention_kl_qk(qs, ks, qt, kt, mask, 0.3, 0.3, "cpp")
+    assert "2 student heads against 4 teacher heads compare head-averaged distributions" in caplog.text
     assert got.item() == pytest.approx(ak.reference(qs, ks, qt, kt, mask, 0.3, 0.3).item(), rel=1e-6)
 
 

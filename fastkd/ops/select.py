@@ -69,7 +69,9 @@ def _evaluate(fn, args, grad_idx, leaf):
     args = list(args)
     leaves = []
     for i in grad_idx:
-        args[i] = leaf(args[i])
+        original, args[i] = args[i], leaf(args[i])
+        # The same tensor passed twice (a relation: k = q) stays one leaf, so both gradients add up.
+        args = [args[i] if a is original else a for a in args]
         leaves.append(args[i])
     for a in args:
         if isinstance(a, nn.Module):
