@@ -3,7 +3,8 @@
 1. correctness: every fused op of fastkd.ops on `triton` and `cuda` against its torch reference on
    the same values, loss and gradients: float32, bfloat16, float16 (and float32 with TF32 allowed),
    S in {17, 128, 511, 1024}, head dims 32/64/128, equal and different head counts, padding with an
-   all-padded batch row; then the self-check every run does before first use (fastkd.ops.select).
+   all-padded batch row; the attention KL and MiniLMv2's relation KL (384 vs 768 wide, R = 12, 24);
+   then the self-check every run does before first use (fastkd.ops.select).
 2. `fastkd bench` (default teacher -> 3 layers) at S=128 and S=512, float32 and bf16, every backend.
 3. benchmarks/loss_kernels.py on the GPU: each op, eager vs fused, time and extra memory.
 
@@ -75,6 +76,12 @@ def attention_cases(seq_lens, head_dims, heads: int = 4):
     return cases
 
 
+def relation_cases(seq_lens):
+    """(name, B, S, student width, teacher width, relation heads): MiniLMv2 relations of a 384-wide
+    student against a 768-wide teacher (12 heads each side), at 12 and at 24 relation heads."""
+    return [(f"S={S} 384 vs 768, R={r}", 3, S, 384, 768, r) for S in seq_lens[-2:] for r in (12, 24)]
+
+
 def hidden_cases(seq_lens):
     """(name, B, S, Ds, Dt, projected)."""
     return [(f"S={S} 384->768", 3, S, 384, 768, True) for S in seq_lens[-2:]] + \
@@ -89,6 +96,7 @@ def correctness(device, backends, dtypes, seq_lens=(17, 128, 511, 1024), head_di
     import torch
     from torch import nn
 
+    from fastkd.ops import attention_kl as ak
     from fastkd.ops import attention_mse as am
     from fastkd.ops import hidden_mse as hm
     from fastkd.ops import select
@@ -134,6 +142,17 @@ def correctness(device, backends, dtypes, seq_lens=(17, 128, 511, 1024), head_di
             for backend in backends:
                 compare("attention_mse", name, dtype, allow_tf32, backend,
                         lambda *a, b=backend: am.attention_mse_qk(*a, b), am.reference, args, (0, 1))
+                if hs == ht:  # different head counts: the KL compares head averages, on the reference only
+                    compare("attention_kl", name, dtype, allow_tf32, backend,
+                            lambda *a, b=backend: ak.attention_kl_qk(*a, b), ak.reference, args, (0, 1))
+        for name, B, S, ds_cat, dt_cat, heads in relation_cases(list(seq_lens)):
+            mask = _mask(B, S, device)
+            xs = torch.randn(B, 12, S, ds_cat // 12, generator=gen).to(device, dtype)
+            xt = torch.randn(B, 12, S, dt_cat // 12, generator=gen).to(device, dtype)
+            for backend in backends:
+                compare("relation_kl", name, dtype, allow_tf32, backend,
+                        lambda xs_, xt_, m, b=backend, r=heads: ak.relation_kl(xs_, xt_, m, r, b),
+                        lambda xs_, xt_, m, r=heads: ak.relation_kl(xs_, xt_, m, r, "torch"), (xs, xt, mask), (0,))
         for name, B, S, Ds, Dt, projected in hidden_cases(list(seq_lens)):
             mask = _mask(B, S, device)
             projection = None
@@ -160,7 +179,7 @@ def self_checks(device, backends, dtypes) -> list[dict]:
     pairs = [(dt, dt) for dt in dtypes] + [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
     return [{"op": op, "backend": b, "dtype": select.dtype_label(s, t),
              "result": select.check(op, b, device, s, t) or "passed"}
-            for op in ("attention_mse", "hidden_mse") for b in backends for s, t in pairs]
+            for op in ("attention_mse", "attention_kl", "hidden_mse") for b in backends for s, t in pairs]
 
 
 # --- 2. and 3. speed -------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 // CUDA backend of the fused distillation losses: input checks, the row-chunk loop of the projected
 // hidden MSE (its GEMMs go to cuBLAS through ATen) and the Python bindings. The kernels are in
 // fused_loss_cuda_kernels.cu. The module exports the functions of the CPU backend (fused_loss_cpu.cpp),
-// with the same argument names, so one autograd Function per op (fastkd/ops/<op>.py) drives both, and
-// attention_mse_qk_gemm, the tensor-core formulation of the attention op for 16-bit inputs. Every function returns the *unnormalised* loss sum (a 0-dim float32 tensor) and its
+// with the same argument names (attention_kl_qk adds an optional chunk_rows), so one autograd Function per op
+// (fastkd/ops/<op>.py) drives both, and attention_mse_qk_gemm, the tensor-core formulation of the attention
+// op for 16-bit inputs. Every function returns the *unnormalised* loss sum (a 0-dim float32 tensor) and its
 // gradients, or undefined tensors (None in Python) in place of the gradients when need_grad is false.
 
 #include <torch/extension.h>
@@ -150,6 +151,69 @@ std::vector<at::Tensor> attention_mse_qk_gemm(const at::Tensor& qs, const at::Te
   return {loss_sum, dqs, dks};
 }
 
+// KL(softmax(A_t) || softmax(A_s)) summed over real query rows and heads, A = scale q k^T over real keys,
+// equal head counts; {loss_sum, dqs, dks} like the CPU backend's attention_kl_qk. By chunks of
+// chunk_rows query rows (<= 0: all rows at once): both models' raw scores from batched GEMMs with
+// float32 output (16-bit operands on tensor cores), one kernel for the rows' log-sum-exps, the KL and
+// G = p_s - p_t (in place of the student's scores when float32, else in the student's dtype for the
+// next GEMMs), then dqs rows = scale_s G ks and dks += scale_s G^T qs. The log-sum-exp of a row needs
+// all its keys, so a chunk spans every key: memory is three (B*H, chunk_rows, S) buffers, not S x S
+// per head; the Python side sizes chunk_rows (fastkd.ops.attention_mse.gemm_chunk_rows).
+std::vector<at::Tensor> attention_kl_qk(const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& qt,
+                                        const at::Tensor& kt, const at::Tensor& mask, double scale_s,
+                                        double scale_t, bool need_grad, int64_t chunk_rows) {
+  constexpr const char* op = "attention_kl_qk";
+  const at::ScalarType student = qs.scalar_type(), teacher = qt.scalar_type();
+  for (const at::ScalarType dtype : {student, teacher}) {
+    TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op,
+                ": inputs must be float16, bfloat16 or float32, got ", dtype);
+  }
+  check_dense(qs, op, "qs", 4, student);
+  check_dense(ks, op, "ks", 4, student);
+  check_dense(qt, op, "qt", 4, teacher);
+  check_dense(kt, op, "kt", 4, teacher);
+  check_mask(mask, op, "mask", 2);
+  check_same_device(ks, qs, op, "ks");
+  check_same_device(qt, qs, op, "qt");
+  check_same_device(kt, qs, op, "kt");
+  check_same_device(mask, qs, op, "mask");
+  const int64_t B = qs.size(0), H = qs.size(1), S = qs.size(2), ds = qs.size(3), dt = qt.size(3);
+  check_shape(ks, qs.sizes(), op, "ks");
+  check_shape(qt, {B, H, S, dt}, op, "qt (teacher queries: same B, H, S as qs; equal head counts)");
+  check_shape(kt, qt.sizes(), op, "kt");
+  check_shape(mask, {B, S}, op, "mask");
+  if (chunk_rows <= 0) chunk_rows = std::max<int64_t>(S, 1);
+
+  const c10::cuda::CUDAGuard guard(qs.device());
+  const at::Tensor qs3 = qs.view({B * H, S, ds}), ks3 = ks.view({B * H, S, ds});
+  const at::Tensor qt3 = qt.view({B * H, S, dt}), kt3 = kt.view({B * H, S, dt});
+  const at::Tensor ks3_t = ks3.transpose(1, 2), kt3_t = kt3.transpose(1, 2);
+  at::Tensor dqs, dks;
+  if (need_grad) {
+    dqs = at::empty({B * H, S, ds}, qs.options().dtype(at::kFloat));  // every chunk writes its rows
+    dks = at::zeros({B * H, S, ds}, qs.options().dtype(at::kFloat));
+  }
+  std::vector<at::Tensor> partials;
+  for (int64_t r0 = 0; r0 < S; r0 += chunk_rows) {
+    const int64_t rows = std::min(chunk_rows, S - r0);
+    const at::Tensor qs_c = qs3.narrow(1, r0, rows);
+    const at::Tensor s = bmm_f32(qs_c, ks3_t);  // (BH, rows, S) float32
+    const at::Tensor t = bmm_f32(qt3.narrow(1, r0, rows), kt3_t);
+    at::Tensor g;  // undefined: loss only
+    if (need_grad) g = student == at::kFloat ? s : at::empty({B * H, rows, S}, qs.options());
+    partials.push_back(fastkd::cuda::attention_kl_rows_launch(s, t, mask, r0, H, scale_s, scale_t, g));
+    if (!need_grad) continue;
+    dqs.narrow(1, r0, rows).copy_(bmm_f32(g, ks3)).mul_(scale_s);  // (BH, rows, ds)
+    dks.add_(bmm_f32(g.transpose(1, 2), qs_c), scale_s);            // (BH, S, ds)
+  }
+  at::Tensor loss_sum = partials.empty() ? at::zeros({}, qs.options().dtype(at::kFloat)) : at::cat(partials).sum();
+  if (need_grad) {
+    dqs = dqs.view({B, H, S, ds});
+    dks = dks.view({B, H, S, ds});
+  }
+  return {loss_sum, dqs, dks};
+}
+
 // hs (N,Ds), ht (N,Dt), row_mask (N,) bool, weight (Dt,Ds) or empty (identity), bias (Dt,) or empty
 // -> {loss_sum, dhs, dweight or undefined, dbias or undefined}, loss_sum = sum over masked rows of
 // |hs W^T + b - ht|^2. Rows go by chunks of chunk_rows so the projection P is never held whole.
@@ -231,6 +295,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Attention-score MSE from 16-bit Q/K on tensor cores, by query-row chunks: {loss_sum, dqs, dks}",
         py::arg("qs"), py::arg("ks"), py::arg("qt"), py::arg("kt"), py::arg("mask"), py::arg("scale_s"),
         py::arg("scale_t"), py::arg("need_grad"), py::arg("chunk_rows"));
+  m.def("attention_kl_qk", &attention_kl_qk,
+        "Attention-distribution KL from Q/K by query-row chunks, no S x S tensor per head: {loss_sum, dqs, dks}",
+        py::arg("qs"), py::arg("ks"), py::arg("qt"), py::arg("kt"), py::arg("mask"), py::arg("scale_s"),
+        py::arg("scale_t"), py::arg("need_grad"), py::arg("chunk_rows") = 0);
   m.def("projected_mse", &projected_mse,
         "Hidden-state MSE through a projection, by row chunks: {loss_sum, dhs, dweight, dbias}", py::arg("hs"),
         py::arg("ht"), py::arg("row_mask"), py::arg("weight"), py::arg("bias"), py::arg("need_grad"),

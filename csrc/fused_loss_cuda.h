@@ -35,6 +35,15 @@ at::Tensor attention_mse_qk_launch(const at::Tensor& qs, const at::Tensor& ks, c
 at::Tensor qk_chunk_residual_launch(const at::Tensor& s, const at::Tensor& t, const at::Tensor& mask, int64_t r0,
                                     int64_t heads, double scale_s, double scale_t, const at::Tensor& d);
 
+// Op 2, the row half of the attention-distribution KL of one chunk of query rows r0 .. r0 + rows - 1.
+// s, t: (B*H, rows, S) float32 raw scores of the chunk (student, teacher); mask (B, S) bool; heads = H.
+// Per real query row: KL(softmax(scale_t t) || softmax(scale_s s)) over the real keys. d: undefined (no
+// gradient) or (B*H, rows, S) float16 / bfloat16 / float32 (may be s itself when float32), written
+// with G = softmax(scale_s s) - softmax(scale_t t) at real (query, key) pairs, 0 elsewhere. Returns
+// per-block partial sums of the KL (1-D float32, possibly empty); the caller reduces them with at::sum.
+at::Tensor attention_kl_rows_launch(const at::Tensor& s, const at::Tensor& t, const at::Tensor& mask, int64_t r0,
+                                   int64_t heads, double scale_s, double scale_t, const at::Tensor& d);
+
 // Op 3, the elementwise half of one row chunk of the projected hidden MSE.
 // p: (rows, Dt) the projection P = hs W^T + b of the chunk; ht: (rows, Dt); row_mask: (rows,) bool.
 // g: undefined (no gradient) or (rows, Dt), written with G = 2 * (p - ht) * row_mask; g may be p itself

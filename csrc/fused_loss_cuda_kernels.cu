@@ -332,6 +332,83 @@ __global__ void __launch_bounds__(kThreads) qk_chunk_residual_kernel(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Op 2 (row half): the attention-distribution KL of one chunk of query rows, given both models' raw
+// scores of the chunk (cuBLAS GEMMs in the .cpp, float32 output). One warp per query row:
+//   pass 1: online log-sum-exp of a_s = scale_s s and a_t = scale_t t over the real keys (each lane
+//           its own keys j = lane + 32k, merged across the warp by shuffles);
+//   pass 2: KL += p_t (log p_t - log p_s) over real keys and, for the gradient, G = p_s - p_t
+//           (d KL / d a_s), 0 at padded keys and on padded query rows.
+// A real query row has at least one real key (itself), so both sums are positive. d may alias s
+// (float32 gradients): every lane reads s[j] before writing d[j] at the same j, and no lane reads
+// another lane's keys, so no __restrict__ on either.
+// ---------------------------------------------------------------------------------------------
+struct LogSumExp {
+  float max, sum;  // sum of exp(x - max); max = -inf, sum = 0 for an empty set
+};
+
+__device__ __forceinline__ LogSumExp lse_merge(LogSumExp a, LogSumExp b) {
+  const float m = fmaxf(a.max, b.max);
+  if (m == -INFINITY) return a;
+  return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
+}
+
+__device__ __forceinline__ LogSumExp lse_warp_merge(LogSumExp v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const LogSumExp other{__shfl_xor_sync(0xffffffffu, v.max, off), __shfl_xor_sync(0xffffffffu, v.sum, off)};
+    v = lse_merge(v, other);
+  }
+  return v;
+}
+
+template <typename out_t, bool WITH_GRAD>
+__global__ void __launch_bounds__(kThreads) attention_kl_rows_kernel(
+    const float* s,                  // (BH, rows, S) student raw scores
+    const float* __restrict__ t,     // (BH, rows, S) teacher raw scores
+    const bool* __restrict__ mask,   // (B, S)
+    out_t* d,                        // (BH, rows, S) G, or unused; may be s
+    float* __restrict__ partials,    // (gridDim.x)
+    int64_t n_rows, int64_t S, int64_t rows, int64_t r0, int64_t heads, float scale_s, float scale_t) {
+  __shared__ float scratch[kWarps];
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  float kl = 0.f;
+  if (row < n_rows) {  // uniform across the warp: the shuffles below see all 32 lanes
+    const int64_t bh = row / rows;
+    const int64_t i = r0 + (row - bh * rows);
+    const bool* m = mask + (bh / heads) * S;
+    const float* sr = s + row * S;
+    const float* tr = t + row * S;
+    out_t* dr = WITH_GRAD ? d + row * S : nullptr;
+    if (m[i]) {
+      LogSumExp ls{-INFINITY, 0.f}, lt{-INFINITY, 0.f};
+      for (int64_t j = lane; j < S; j += 32) {
+        if (!m[j]) continue;
+        ls = lse_merge(ls, {scale_s * sr[j], 1.f});
+        lt = lse_merge(lt, {scale_t * tr[j], 1.f});
+      }
+      ls = lse_warp_merge(ls);
+      lt = lse_warp_merge(lt);
+      const float lse_s = ls.max + logf(ls.sum), lse_t = lt.max + logf(lt.sum);
+      for (int64_t j = lane; j < S; j += 32) {
+        float g = 0.f;
+        if (m[j]) {
+          const float logp_s = scale_s * sr[j] - lse_s, logp_t = scale_t * tr[j] - lse_t;
+          const float p_t = expf(logp_t);
+          kl = fmaf(p_t, logp_t - logp_s, kl);
+          g = expf(logp_s) - p_t;
+        }
+        if constexpr (WITH_GRAD) dr[j] = static_cast<out_t>(g);
+      }
+    } else if constexpr (WITH_GRAD) {
+      for (int64_t j = lane; j < S; j += 32) dr[j] = static_cast<out_t>(0.f);
+    }
+  }
+  const float total = block_sum(kl, scratch);
+  if (threadIdx.x == 0) partials[blockIdx.x] = total;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Op 3 (elementwise half): given P = hs W^T + b of one row chunk (a cuBLAS GEMM in the .cpp),
 // partial sums of the masked squared error and, in the same pass, G = 2 (P - ht) row_mask.
 // g may alias p: each thread reads its pack before writing the same pack, so no __restrict__ there.
@@ -485,6 +562,35 @@ at::Tensor qk_chunk_residual_launch(const at::Tensor& s, const at::Tensor& t, co
   } else {
     TORCH_CHECK(d.scalar_type() == at::kFloat, "qk_chunk_residual: d must be float16, bfloat16 or float32");
     by_index(float{}, std::true_type{});
+  }
+  return partials;
+}
+
+at::Tensor attention_kl_rows_launch(const at::Tensor& s, const at::Tensor& t, const at::Tensor& mask, int64_t r0,
+                                   int64_t heads, double scale_s, double scale_t, const at::Tensor& d) {
+  const int64_t rows = s.size(1), S = s.size(2), n_rows = s.size(0) * rows;
+  const int64_t blocks = ceil_div(n_rows, kWarps);
+  at::Tensor partials = at::empty({blocks}, s.options());
+  if (blocks == 0) return partials;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto launch = [&](auto out_tag, auto grad_tag) {
+    using out_t = decltype(out_tag);
+    constexpr bool WITH_GRAD = decltype(grad_tag)::value;
+    out_t* dp = WITH_GRAD ? static_cast<out_t*>(d.data_ptr()) : nullptr;
+    attention_kl_rows_kernel<out_t, WITH_GRAD><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        s.data_ptr<float>(), t.data_ptr<float>(), mask.data_ptr<bool>(), dp, partials.data_ptr<float>(), n_rows, S,
+        rows, r0, heads, static_cast<float>(scale_s), static_cast<float>(scale_t));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (!d.defined()) {
+    launch(float{}, std::false_type{});
+  } else if (d.scalar_type() == at::kHalf) {
+    launch(at::Half{}, std::true_type{});
+  } else if (d.scalar_type() == at::kBFloat16) {
+    launch(at::BFloat16{}, std::true_type{});
+  } else {
+    TORCH_CHECK(d.scalar_type() == at::kFloat, "attention_kl_rows: d must be float16, bfloat16 or float32");
+    launch(float{}, std::true_type{});
   }
   return partials;
 }

@@ -64,6 +64,9 @@ def relation_heads(weights: LossWeights, requested: int | None, teacher_config, 
     """R for the relation terms (None when none is active): the teacher's heads unless given; both
     models' concatenated heads (their hidden sizes) must split into R equal slices."""
     if not (weights.value_kl or weights.relation):
+        if requested is not None:  # silently ignoring it would leave the user believing relations were learned
+            raise UserError(f"--relation-heads {requested} has no effect: these loss weights have no relation term; "
+                            "use --objective minilm or minilmv2, or set --w-relation / --w-value-kl above 0")
         return None
     family = family_of(teacher_config)
     _, t_hidden, t_heads, _ = family.sizes(teacher_config)

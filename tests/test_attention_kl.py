@@ -1,6 +1,6 @@
 """The fused attention/relation KL (cpp backend) against the torch reference on fresh random inputs:
 values and gradients, odd lengths past the 64-row tile, padded and all-padded rows, different
-widths, relations (k = q), float64 gradcheck; the self-check catches a faulty kernel."""
+widths, relations (k = q), bfloat16 inputs, float64 gradcheck; the self-check catches a faulty kernel."""
 
 import logging
 
@@ -47,6 +47,28 @@ def test_attention_kl_matches_the_reference(B, H, S, ds, dt):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
         real = mask.bool()[:, None, :, None].expand_as(g)
         assert (g[~real] == 0).all()  # padded positions get no gradient
+
+
+@pytest.mark.parametrize("student,teacher", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
+def test_16_bit_inputs_match_the_reference_on_the_same_values(student, teacher):
+    """bf16 Q/K (a bf16 run; a float32 ZeRO student against its bf16 teacher): the op computes in
+    float32 from the same values, so the loss agrees to float32 rounding and the gradients, handed
+    back in the inputs' dtype, to that dtype's precision."""
+    gen = torch.Generator().manual_seed(16)
+    B, H, S, ds, dt = 3, 4, 71, 32, 64
+    mask = _mask(B, S, gen)
+    qs, ks = (2 * torch.randn(B, H, S, ds, generator=gen)).to(student), (2 * torch.randn(B, H, S, ds, generator=gen)).to(student)
+    qt, kt = (2 * torch.randn(B, H, S, dt, generator=gen)).to(teacher), (2 * torch.randn(B, H, S, dt, generator=gen)).to(teacher)
+    qs.requires_grad_(), ks.requires_grad_()
+    got = ak.attention_kl_qk(qs, ks, qt, kt, mask, ds ** -0.5, dt ** -0.5, "cpp")
+    leaves = [x.detach().float().requires_grad_() for x in (qs, ks)]
+    want = ak.attention_kl_qk(*leaves, qt.float(), kt.float(), mask, ds ** -0.5, dt ** -0.5, "torch")
+    assert want.item() > 0.1
+    torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=1e-7)
+    eps = max(torch.finfo(student).eps, 1e-4)  # float32: summation order, as the self-check allows
+    for g, w in zip(torch.autograd.grad(got, (qs, ks)), torch.autograd.grad(want, leaves)):
+        assert g.dtype == student
+        assert (g.float() - w).abs().max() <= eps * w.abs().max()
 
 
 def test_relation_kl_with_other_head_counts_and_widths():

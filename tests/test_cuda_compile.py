@@ -3,7 +3,7 @@
 Nothing here runs on a GPU: the CPU torch wheel ships the c10/ATen CUDA headers, so the .cu is
 compiled by nvcc and the binding .cpp by the host compiler, each to an object file in a temporary
 folder, with the flags torch.utils.cpp_extension would use (plus fastkd.ops.builder's own). The
-checks: both objects exist, the .cu defines the three host launchers, the .cpp defines the module's
+checks: both objects exist, the .cu defines the four host launchers, the .cpp defines the module's
 PyInit and needs exactly launchers the .cu defines (same mangled names, so the header is consistent),
 and ptxas built every kernel for both architectures.
 """
@@ -29,8 +29,9 @@ BINDINGS = CSRC / "fused_loss_cuda.cpp"
 MODULE = "fastkd_fused_cuda"
 ARCHS = ("80", "90")
 LAUNCHERS = ("fastkd::cuda::attention_mse_qk_launch", "fastkd::cuda::qk_chunk_residual_launch",
-             "fastkd::cuda::projected_mse_residual_launch")
-KERNEL_NAMES = ("attention_mse_qk_pass_kernel", "qk_chunk_residual_kernel", "projected_mse_residual_kernel")
+             "fastkd::cuda::attention_kl_rows_launch", "fastkd::cuda::projected_mse_residual_launch")
+KERNEL_NAMES = ("attention_mse_qk_pass_kernel", "qk_chunk_residual_kernel", "attention_kl_rows_kernel",
+                "projected_mse_residual_kernel")
 TIMEOUT_S = 170  # per compiler; the two run side by side
 
 

@@ -43,7 +43,12 @@ def test_the_correctness_sweep_passes_sound_kernels_and_reports_a_faulty_one(mon
     kwargs = dict(seq_lens=(5, 17), head_dims=(16,), tf32=False)
     rows = gpu_check.correctness(cpu, ("cpp", "triton"), (torch.float32, torch.float16), **kwargs)
     # every op, case, dtype and backend, all within tolerance
-    assert len(rows) == 2 * 2 * (len(gpu_check.attention_cases([5, 17], [16])) + len(gpu_check.hidden_cases([5, 17])))
+    attention = gpu_check.attention_cases([5, 17], [16])
+    equal_heads = [c for c in attention if c[2] == c[3]]  # the KL runs fused on equal head counts only
+    per_backend_and_dtype = (len(attention) + len(equal_heads) + len(gpu_check.relation_cases([5, 17]))
+                             + len(gpu_check.hidden_cases([5, 17])))
+    assert len(rows) == 2 * 2 * per_backend_and_dtype
+    assert {r["op"] for r in rows} == {"attention_mse", "attention_kl", "relation_kl", "hidden_mse"}
     assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
     assert {r["dtype"] for r in rows} == {"float32", "float16"}
 

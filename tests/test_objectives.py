@@ -124,6 +124,9 @@ def test_bad_objective_settings_are_one_line(tmp_path, family_teacher_dirs, smal
     assert "--relation-heads 5 does not divide the teacher's hidden size 32" in line
     assert "--relation-heads must be at least 1" in one_line("--teacher", str(family_teacher_dirs["bert"]),
                                                             "--relation-heads", "0", "--output", str(tmp_path / "c"))
+    # R without a relation term would be silently ignored: refused, naming the way to get relations
+    line = one_line("--teacher", str(family_teacher_dirs["bert"]), "--relation-heads", "4", "--output", str(tmp_path / "d"))
+    assert "--relation-heads 4 has no effect" in line and "--objective minilm or minilmv2" in line
 
 
 def test_the_search_takes_the_objective(tmp_path, family_teacher_dirs, small_corpus):

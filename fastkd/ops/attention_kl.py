@@ -20,9 +20,14 @@ Backends:
   triton two flash-attention style kernels (below): rows (online log-sum-exp of both models, then the
          KL and dQ) and cols (dK from the stored log-sum-exps); 16-bit inputs go into tl.dot as
          they are. Tested under the interpreter here; no GPU has run it yet.
+  cuda   (csrc/fused_loss_cuda*.{cpp,cu}) the cpp form's shape on cuBLAS: by chunks of query rows,
+         both models' scores from batched GEMMs (float32 out, 16-bit operands on tensor cores), one
+         kernel (a warp per row) for both log-sum-exps, the KL and G in place, two GEMMs for dq, dk.
+         Three (B*H, chunk, S) buffers within attention_mse.GEMM_CHUNK_BYTES (all rows in one chunk
+         when they fit, as at short S; S x S per head is never needed). Compiled and symbol-checked here
+         (tests/test_cuda_compile.py); run by `make gpu-check` where a GPU is lent.
 Different head counts compare head-averaged distributions: a different quantity (a mean of
-probabilities, not of scores), which only the reference computes (said once). A CUDA form is future
-work (the cuda backend runs the reference for this op).
+probabilities, not of scores), which only the reference computes (said once).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from .attention_mse import attention_scores, pair_mask
 log = logging.getLogger(__name__)
 
 NAME = "attention_kl"
-FUSED: tuple[str, ...] = ("cpp", "triton")
+FUSED: tuple[str, ...] = ("cpp", "triton", "cuda")
 _said_heads = False
 
 
@@ -74,11 +79,24 @@ def query_count(mask: torch.Tensor, heads: int) -> torch.Tensor:
     return (heads * mask.to(torch.float32).sum()).clamp(min=1.0)
 
 
+def _gemm_operands(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One model's q and k for the cuda form: float16 / bfloat16 kept when both share it, else float32."""
+    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype else torch.float32
+    return q.detach().to(dtype).contiguous(), k.detach().to(dtype).contiguous()
+
+
 class ExtensionAttentionKl(torch.autograd.Function):
     @staticmethod
     def run(qs, ks, qt, kt, mask, scale_s, scale_t, need_grad):
         module = ext.module_for(qs.device)
         with ext.no_autocast(qs.device):
+            if qs.device.type == "cuda":
+                # cuBLAS takes each model's operands as they are (16-bit on tensor cores), scores in float32.
+                B, H, S, _ = qs.shape
+                student, teacher = _gemm_operands(qs, ks), _gemm_operands(qt, kt)
+                return module.attention_kl_qk(*student, *teacher, mask.bool().contiguous(), float(scale_s),
+                                              float(scale_t), need_grad,
+                                              attention_mse.gemm_chunk_rows(B, H, S, student[0].element_size()))
             return module.attention_kl_qk(ext.f32(qs), ext.f32(ks), ext.f32(qt), ext.f32(kt), mask.bool().contiguous(),
                                           float(scale_s), float(scale_t), need_grad)
 
