@@ -352,6 +352,16 @@ __device__ __forceinline__ LogSumExp lse_merge(LogSumExp a, LogSumExp b) {
   return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
 }
 
+// One more term x: one exp per term (the running sum is rescaled only when the maximum moves).
+__device__ __forceinline__ void lse_add(LogSumExp& v, float x) {
+  if (x > v.max) {
+    v.sum = v.sum * expf(v.max - x) + 1.f;  // v.max = -inf at first: 0 * 0 + 1
+    v.max = x;
+  } else {
+    v.sum += expf(x - v.max);
+  }
+}
+
 __device__ __forceinline__ LogSumExp lse_warp_merge(LogSumExp v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
@@ -384,8 +394,8 @@ __global__ void __launch_bounds__(kThreads) attention_kl_rows_kernel(
       LogSumExp ls{-INFINITY, 0.f}, lt{-INFINITY, 0.f};
       for (int64_t j = lane; j < S; j += 32) {
         if (!m[j]) continue;
-        ls = lse_merge(ls, {scale_s * sr[j], 1.f});
-        lt = lse_merge(lt, {scale_t * tr[j], 1.f});
+        lse_add(ls, scale_s * sr[j]);
+        lse_add(lt, scale_t * tr[j]);
       }
       ls = lse_warp_merge(ls);
       lt = lse_warp_merge(lt);

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,3 +59,17 @@ def test_the_correctness_sweep_passes_sound_kernels_and_reports_a_faulty_one(mon
     bad = {(r["op"], r["backend"]) for r in rows if not r["ok"]}
     assert bad == {("attention_mse", "triton")}
     assert all(r["loss_error"] > 5e-3 for r in rows if (r["op"], r["backend"]) in bad)
+
+
+def test_tiny_float16_gradients_are_judged_by_what_float16_can_hold():
+    """Gradients of a mean over B*H*S rows sit below float16's smallest normal: an exact gradient cast
+    to float16 passes, one 1% off still fails, and float32 tolerances stay as they were."""
+    from fastkd.ops import select
+
+    want = torch.linspace(-2e-5, 3e-5, 1001)
+    _, tol16 = select.tolerances(torch.device("cuda"), torch.float16)
+    exact = want.to(torch.float16).float()
+    assert select._relative_error(exact, want) > tol16  # the plain relative bound cannot be met
+    assert select._relative_error(exact, want) <= gpu_check.gradient_tolerance(tol16, torch.float16, want)
+    assert select._relative_error(want * 1.01, want) > gpu_check.gradient_tolerance(tol16, torch.float16, want)
+    assert gpu_check.gradient_tolerance(1e-4, torch.float32, want) == pytest.approx(1e-4, rel=1e-6)

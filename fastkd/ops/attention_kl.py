@@ -82,7 +82,8 @@ def query_count(mask: torch.Tensor, heads: int) -> torch.Tensor:
 def _gemm_operands(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One model's q and k for the cuda form: float16 / bfloat16 kept when both share it, else float32."""
     dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype else torch.float32
-    return q.detach().to(dtype).contiguous(), k.detach().to(dtype).contiguous()
+    q_op = q.detach().to(dtype).contiguous()
+    return q_op, q_op if k is q else k.detach().to(dtype).contiguous()  # a relation: one copy, not two
 
 
 class ExtensionAttentionKl(torch.autograd.Function):
