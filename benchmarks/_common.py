@@ -12,6 +12,17 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def quiet_logs() -> None:
+    """Warnings and errors only, no transformers progress bars: the benchmark prints its own lines."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    logging.basicConfig(level=logging.WARNING)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -13,13 +13,12 @@ paired noise against uniform. Target: the default GA rung has Spearman >= 0.8 wi
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_result  # noqa: E402
+from _common import quiet_logs, table, write_result  # noqa: E402
 from _search_measure import correlations, measure, paired_noise, proxy_args, proxy_from  # noqa: E402
 
 from fastkd.demo import BUDGETS  # noqa: E402
@@ -33,11 +32,7 @@ def main() -> None:
     p.add_argument("--rungs", default="probe,short,full")
     p.add_argument("--name", default="search_fidelity", help="results file name under benchmarks/results/")
     args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_logs()
     started = time.perf_counter()
     rungs = list(parse_ladder(args.rungs))
     cfg = proxy_from(args)

@@ -15,7 +15,6 @@ student-step time S. Target: measured >= 0.9 x ideal.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_result  # noqa: E402
+from _common import quiet_logs, table, write_result  # noqa: E402
 
 from fastkd.families import enable_capture  # noqa: E402
 from fastkd.corpus import load_corpus, sample_corpus  # noqa: E402
@@ -95,11 +94,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--only", choices=["a", "b"], default=None)
     args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_logs()
 
     tokenizer = load_tokenizer("default")
     with tempfile.TemporaryDirectory() as cache:

@@ -14,13 +14,12 @@ Targets: half-width <= 0.02 at the demo budget, <= 0.01 at the default budget.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_result  # noqa: E402
+from _common import quiet_logs, table, write_result  # noqa: E402
 from _search_measure import measure, paired_noise, proxy_from  # noqa: E402
 
 from fastkd.demo import BUDGETS  # noqa: E402
@@ -44,11 +43,7 @@ def main() -> None:
     args = p.parse_args()
     if args.seeds < 2:
         p.error("--seeds must be at least 2")
-    logging.basicConfig(level=logging.WARNING)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_logs()
     started = time.perf_counter()
     cfg = proxy_from(args)
     mappings = [",".join(m) for m in args.mappings.split(",")]

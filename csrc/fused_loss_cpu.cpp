@@ -68,10 +68,33 @@ int64_t heads_per_task(int64_t B, int64_t H, int64_t S, int64_t d) {
   return std::min({H, by_tasks, by_memory});
 }
 
-}  // namespace
+// One task of a Q/K op: one batch row b and heads h0 .. h0 + nh - 1, on the row's n real positions.
+struct QKTask {
+  int64_t b, h0, nh, n;
+  const Tensor* real;  // (n,) indices of the real positions
+  bool full;           // n == S: no gather needed
 
-std::vector<Tensor> attention_mse_qk(const Tensor& qs, const Tensor& ks, const Tensor& qt, const Tensor& kt,
-                                     const Tensor& mask, double scale_s, double scale_t, bool need_grad) {
+  // x (B, H, S, width) -> (nh, n, width): this task's heads, real rows only.
+  Tensor operator()(const Tensor& x) const {
+    const Tensor heads = x[b].narrow(0, h0, nh);
+    return full ? heads : heads.index_select(1, *real);
+  }
+};
+
+// What a task returns: its loss partial and, with need_grad, its (nh, n, ds) gradients.
+struct QKTaskResult {
+  double loss;
+  Tensor gq, gk;
+};
+
+// The frame both Q/K ops share: the input checks (equal head counts), then one task per batch row and
+// chunk of heads in parallel. A pair (i, j) is valid when both tokens are real, so each task works on
+// the real rows only and the masking is exact with no test in any loop; an all-padded row has no task.
+// Each task writes its own (b, h) slices of the gradients (no two threads write the same memory) and
+// its own loss partial (summed in float64, in a fixed order: deterministic).
+template <typename TaskFn>
+std::vector<Tensor> qk_tasks(const Tensor& qs, const Tensor& ks, const Tensor& qt, const Tensor& kt,
+                             const Tensor& mask, bool need_grad, TaskFn&& run_task) {
   check_input(qs, "qs", 4, qs);
   check_input(ks, "ks", 4, qs);
   check_input(qt, "qt", 4, qs);
@@ -79,80 +102,78 @@ std::vector<Tensor> attention_mse_qk(const Tensor& qs, const Tensor& ks, const T
   const int64_t B = qs.size(0), H = qs.size(1), S = qs.size(2), ds = qs.size(3), dt = qt.size(3);
   TORCH_CHECK(ks.sizes() == qs.sizes(), "fastkd cpp loss: ks must have the shape of qs");
   TORCH_CHECK(qt.size(0) == B && qt.size(1) == H && qt.size(2) == S && kt.sizes() == qt.sizes(),
-              "fastkd cpp loss: qt and kt must be (B, H, S, dt) with the student's B, H, S");
+              "fastkd cpp loss: qt and kt must be (B, H, S, dt) with the student's B, H, S (equal head counts)");
   check_mask(mask, B, S);
   at::NoGradGuard no_grad;
 
-  // The real positions of each batch row: every problem works on these rows only.
   std::vector<Tensor> rows(B);
   for (int64_t b = 0; b < B; ++b) rows[b] = mask[b].nonzero().squeeze(1);
 
-  const int64_t d = ds + dt;
-  const int64_t hc = heads_per_task(B, H, S, d);
+  const int64_t hc = heads_per_task(B, H, S, ds + dt);
   const int64_t chunks = (H + hc - 1) / hc;
-  Tensor partial = at::zeros({B * chunks}, qs.options().dtype(at::kDouble));  // one sum per task: deterministic
+  Tensor partial = at::zeros({B * chunks}, qs.options().dtype(at::kDouble));
   Tensor dqs = need_grad ? at::zeros_like(qs) : Tensor();
   Tensor dks = need_grad ? at::zeros_like(ks) : Tensor();
   double* partial_ptr = partial.data_ptr<double>();
 
-  // One task = one batch row and a chunk of heads; its gradients are its own (b, h) slices, so no two
-  // threads write the same memory.
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / chunks, h0 = (task % chunks) * hc, nh = std::min(hc, H - h0);
-      const Tensor& idx = rows[b];
-      const int64_t n = idx.size(0);
-      if (n == 0) continue;  // an all-padded row: no valid pair
-      const bool full = n == S;
-      auto take = [&](const Tensor& x) {  // (nh, n, width): this task's heads, real rows only
-        const Tensor heads = x[b].narrow(0, h0, nh);
-        return full ? heads : heads.index_select(1, idx);
-      };
-      const Tensor q_s = take(qs), k_s = take(ks);  // (nh, n, ds)
-      // D = A B^T with A = [ss qs | -st qt], B = [ks | kt]: one product over ds + dt per pair.
-      const Tensor A = at::cat({q_s * scale_s, take(qt) * (-scale_t)}, 2);  // (nh, n, d)
-      const Tensor Bm = at::cat({k_s, take(kt)}, 2);                         // (nh, n, d)
-      Tensor gq, gk;  // (nh, n, ds) gradients of this task's loss_sum
-      if (prefer_gram(n, d, ds, need_grad)) {
-        const Tensor Ad = A.to(at::kDouble), Bd = Bm.to(at::kDouble);
-        const Tensor GA = at::bmm(Ad.transpose(1, 2), Ad), GB = at::bmm(Bd.transpose(1, 2), Bd);  // (nh, d, d)
-        partial_ptr[task] = (GA * GB).sum().item<double>();
-        if (need_grad) {
-          // d/dA sum (A B^T)^2 = 2 A (B^T B); the student's columns of A carry the factor ss.
-          gq = at::bmm(Ad, GB.narrow(2, 0, ds)).mul_(2.0 * scale_s).to(qs.scalar_type());
-          gk = at::bmm(Bd, GA.narrow(2, 0, ds)).mul_(2.0).to(qs.scalar_type());
-        }
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / chunks, h0 = (t % chunks) * hc;
+      const QKTask task{b, h0, std::min(hc, H - h0), rows[b].size(0), &rows[b], rows[b].size(0) == S};
+      if (task.n == 0) continue;  // an all-padded row: no valid pair
+      const QKTaskResult r = run_task(task);
+      partial_ptr[t] = r.loss;
+      if (!need_grad) continue;
+      if (task.full) {
+        dqs[b].narrow(0, h0, task.nh).copy_(r.gq);
+        dks[b].narrow(0, h0, task.nh).copy_(r.gk);
       } else {
-        double acc = 0.0;
-        if (need_grad) {
-          gq = at::empty({nh, n, ds}, qs.options());
-          gk = at::zeros({nh, n, ds}, qs.options());
-        }
-        const Tensor Bt = Bm.transpose(1, 2);
-        for (int64_t i0 = 0; i0 < n; i0 += kTileRows) {
-          const int64_t m = std::min(kTileRows, n - i0);
-          const Tensor D = at::bmm(A.narrow(1, i0, m), Bt);  // (nh, m, n): one tile of score differences
-          acc += D.square().sum(at::kDouble).item<double>();
-          if (need_grad) {
-            gq.narrow(1, i0, m).copy_(at::bmm(D, k_s).mul_(2.0 * scale_s));
-            gk.baddbmm_(D.transpose(1, 2), q_s.narrow(1, i0, m), 1.0, 2.0 * scale_s);
-          }
-        }
-        partial_ptr[task] = acc;
-      }
-      if (need_grad) {
-        if (full) {
-          dqs[b].narrow(0, h0, nh).copy_(gq);
-          dks[b].narrow(0, h0, nh).copy_(gk);
-        } else {
-          dqs[b].narrow(0, h0, nh).index_copy_(1, idx, gq);
-          dks[b].narrow(0, h0, nh).index_copy_(1, idx, gk);
-        }
+        dqs[b].narrow(0, h0, task.nh).index_copy_(1, *task.real, r.gq);
+        dks[b].narrow(0, h0, task.nh).index_copy_(1, *task.real, r.gk);
       }
     }
   });
-  Tensor loss = partial.sum().to(qs.scalar_type());
-  return {loss, dqs, dks};
+  return {partial.sum().to(qs.scalar_type()), dqs, dks};
+}
+
+}  // namespace
+
+std::vector<Tensor> attention_mse_qk(const Tensor& qs, const Tensor& ks, const Tensor& qt, const Tensor& kt,
+                                     const Tensor& mask, double scale_s, double scale_t, bool need_grad) {
+  return qk_tasks(qs, ks, qt, kt, mask, need_grad, [&](const QKTask& take) {
+    const int64_t nh = take.nh, n = take.n, ds = qs.size(3), d = ds + qt.size(3);
+    const Tensor q_s = take(qs), k_s = take(ks);  // (nh, n, ds)
+    // D = A B^T with A = [ss qs | -st qt], B = [ks | kt]: one product over ds + dt per pair.
+    const Tensor A = at::cat({q_s * scale_s, take(qt) * (-scale_t)}, 2);  // (nh, n, d)
+    const Tensor Bm = at::cat({k_s, take(kt)}, 2);                         // (nh, n, d)
+    QKTaskResult r{0.0, Tensor(), Tensor()};  // gradients of this task's loss_sum
+    if (prefer_gram(n, d, ds, need_grad)) {
+      const Tensor Ad = A.to(at::kDouble), Bd = Bm.to(at::kDouble);
+      const Tensor GA = at::bmm(Ad.transpose(1, 2), Ad), GB = at::bmm(Bd.transpose(1, 2), Bd);  // (nh, d, d)
+      r.loss = (GA * GB).sum().item<double>();
+      if (need_grad) {
+        // d/dA sum (A B^T)^2 = 2 A (B^T B); the student's columns of A carry the factor ss.
+        r.gq = at::bmm(Ad, GB.narrow(2, 0, ds)).mul_(2.0 * scale_s).to(qs.scalar_type());
+        r.gk = at::bmm(Bd, GA.narrow(2, 0, ds)).mul_(2.0).to(qs.scalar_type());
+      }
+      return r;
+    }
+    if (need_grad) {
+      r.gq = at::empty({nh, n, ds}, qs.options());
+      r.gk = at::zeros({nh, n, ds}, qs.options());
+    }
+    const Tensor Bt = Bm.transpose(1, 2);
+    for (int64_t i0 = 0; i0 < n; i0 += kTileRows) {
+      const int64_t m = std::min(kTileRows, n - i0);
+      const Tensor D = at::bmm(A.narrow(1, i0, m), Bt);  // (nh, m, n): one tile of score differences
+      r.loss += D.square().sum(at::kDouble).item<double>();
+      if (need_grad) {
+        r.gq.narrow(1, i0, m).copy_(at::bmm(D, k_s).mul_(2.0 * scale_s));
+        r.gk.baddbmm_(D.transpose(1, 2), q_s.narrow(1, i0, m), 1.0, 2.0 * scale_s);
+      }
+    }
+    return r;
+  });
 }
 
 // KL(softmax(A_t) || softmax(A_s)) summed over real query rows, A = scale * q k^T per head, keys real.
@@ -163,72 +184,30 @@ std::vector<Tensor> attention_mse_qk(const Tensor& qs, const Tensor& ks, const T
 // G = p_s - p_t (d kl / d A_s), dqs = scale_s G ks, dks += scale_s G^T qs.
 std::vector<Tensor> attention_kl_qk(const Tensor& qs, const Tensor& ks, const Tensor& qt, const Tensor& kt,
                                     const Tensor& mask, double scale_s, double scale_t, bool need_grad) {
-  check_input(qs, "qs", 4, qs);
-  check_input(ks, "ks", 4, qs);
-  check_input(qt, "qt", 4, qs);
-  check_input(kt, "kt", 4, qs);
-  const int64_t B = qs.size(0), H = qs.size(1), S = qs.size(2), ds = qs.size(3);
-  TORCH_CHECK(ks.sizes() == qs.sizes(), "fastkd cpp loss: ks must have the shape of qs");
-  TORCH_CHECK(qt.size(0) == B && qt.size(1) == H && qt.size(2) == S && kt.sizes() == qt.sizes(),
-              "fastkd cpp loss: qt and kt must be (B, H, S, dt) with the student's B, H, S (equal head counts)");
-  check_mask(mask, B, S);
-  at::NoGradGuard no_grad;
-
-  std::vector<Tensor> rows(B);
-  for (int64_t b = 0; b < B; ++b) rows[b] = mask[b].nonzero().squeeze(1);
-
-  const int64_t hc = heads_per_task(B, H, S, ds + qt.size(3));
-  const int64_t chunks = (H + hc - 1) / hc;
-  Tensor partial = at::zeros({B * chunks}, qs.options().dtype(at::kDouble));
-  Tensor dqs = need_grad ? at::zeros_like(qs) : Tensor();
-  Tensor dks = need_grad ? at::zeros_like(ks) : Tensor();
-  double* partial_ptr = partial.data_ptr<double>();
-
-  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / chunks, h0 = (task % chunks) * hc, nh = std::min(hc, H - h0);
-      const Tensor& idx = rows[b];
-      const int64_t n = idx.size(0);
-      if (n == 0) continue;
-      const bool full = n == S;
-      auto take = [&](const Tensor& x) {
-        const Tensor heads = x[b].narrow(0, h0, nh);
-        return full ? heads : heads.index_select(1, idx);
-      };
-      const Tensor q_s = take(qs), k_s = take(ks), q_t = take(qt), k_t = take(kt);
-      const Tensor ks_T = k_s.transpose(1, 2), kt_T = k_t.transpose(1, 2);
-      Tensor gq, gk;
+  return qk_tasks(qs, ks, qt, kt, mask, need_grad, [&](const QKTask& take) {
+    const int64_t nh = take.nh, n = take.n, ds = qs.size(3);
+    const Tensor q_s = take(qs), k_s = take(ks), q_t = take(qt), k_t = take(kt);
+    const Tensor ks_T = k_s.transpose(1, 2), kt_T = k_t.transpose(1, 2);
+    QKTaskResult r{0.0, Tensor(), Tensor()};
+    if (need_grad) {
+      r.gq = at::empty({nh, n, ds}, qs.options());
+      r.gk = at::zeros({nh, n, ds}, qs.options());
+    }
+    for (int64_t i0 = 0; i0 < n; i0 += kTileRows) {
+      const int64_t m = std::min(kTileRows, n - i0);
+      const Tensor qs_tile = q_s.narrow(1, i0, m);
+      const Tensor logp_s = at::log_softmax(at::bmm(qs_tile, ks_T).mul_(scale_s), 2);  // (nh, m, n)
+      const Tensor logp_t = at::log_softmax(at::bmm(q_t.narrow(1, i0, m), kt_T).mul_(scale_t), 2);
+      const Tensor p_t = logp_t.exp();
+      r.loss += (p_t * (logp_t - logp_s)).sum(at::kDouble).item<double>();
       if (need_grad) {
-        gq = at::empty({nh, n, ds}, qs.options());
-        gk = at::zeros({nh, n, ds}, qs.options());
-      }
-      double acc = 0.0;
-      for (int64_t i0 = 0; i0 < n; i0 += kTileRows) {
-        const int64_t m = std::min(kTileRows, n - i0);
-        const Tensor qs_tile = q_s.narrow(1, i0, m);
-        const Tensor logp_s = at::log_softmax(at::bmm(qs_tile, ks_T).mul_(scale_s), 2);         // (nh, m, n)
-        const Tensor logp_t = at::log_softmax(at::bmm(q_t.narrow(1, i0, m), kt_T).mul_(scale_t), 2);
-        const Tensor p_t = logp_t.exp();
-        acc += (p_t * (logp_t - logp_s)).sum(at::kDouble).item<double>();
-        if (need_grad) {
-          const Tensor G = logp_s.exp().sub_(p_t);  // d kl / d A_s
-          gq.narrow(1, i0, m).copy_(at::bmm(G, k_s).mul_(scale_s));
-          gk.baddbmm_(G.transpose(1, 2), qs_tile, 1.0, scale_s);
-        }
-      }
-      partial_ptr[task] = acc;
-      if (need_grad) {
-        if (full) {
-          dqs[b].narrow(0, h0, nh).copy_(gq);
-          dks[b].narrow(0, h0, nh).copy_(gk);
-        } else {
-          dqs[b].narrow(0, h0, nh).index_copy_(1, idx, gq);
-          dks[b].narrow(0, h0, nh).index_copy_(1, idx, gk);
-        }
+        const Tensor G = logp_s.exp().sub_(p_t);  // d kl / d A_s
+        r.gq.narrow(1, i0, m).copy_(at::bmm(G, k_s).mul_(scale_s));
+        r.gk.baddbmm_(G.transpose(1, 2), qs_tile, 1.0, scale_s);
       }
     }
+    return r;
   });
-  return {partial.sum().to(qs.scalar_type()), dqs, dks};
 }
 
 std::vector<Tensor> projected_mse(const Tensor& hs, const Tensor& ht, const Tensor& row_mask, const Tensor& weight,

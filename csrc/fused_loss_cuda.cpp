@@ -54,6 +54,31 @@ void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* op, 
   TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ", t.sizes());
 }
 
+// The inputs of the cuBLAS formulations: each model's q and k share one of float16, bfloat16 and
+// float32 (the two models may differ); one device; qs, ks (B, H, S, ds), qt, kt (B, H, S, dt), mask (B, S).
+void check_qk_gemm_inputs(const char* op, const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& qt,
+                          const at::Tensor& kt, const at::Tensor& mask) {
+  for (const at::Tensor* q : {&qs, &qt}) {
+    const at::ScalarType dtype = q->scalar_type();
+    TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op,
+                ": inputs must be float16, bfloat16 or float32, got ", dtype);
+  }
+  check_dense(qs, op, "qs", 4, qs.scalar_type());
+  check_dense(ks, op, "ks", 4, qs.scalar_type());
+  check_dense(qt, op, "qt", 4, qt.scalar_type());
+  check_dense(kt, op, "kt", 4, qt.scalar_type());
+  check_mask(mask, op, "mask", 2);
+  check_same_device(ks, qs, op, "ks");
+  check_same_device(qt, qs, op, "qt");
+  check_same_device(kt, qs, op, "kt");
+  check_same_device(mask, qs, op, "mask");
+  const int64_t B = qs.size(0), H = qs.size(1), S = qs.size(2);
+  check_shape(ks, qs.sizes(), op, "ks");
+  check_shape(qt, {B, H, S, qt.size(3)}, op, "qt (teacher queries: same B, H, S as qs; equal head counts)");
+  check_shape(kt, qt.sizes(), op, "kt");
+  check_shape(mask, {B, S}, op, "mask");
+}
+
 }  // namespace
 
 // qs, ks (B,H,S,ds); qt, kt (B,H,S,dt); mask (B,S) bool -> {loss_sum, dqs, dks}.
@@ -93,101 +118,23 @@ at::Tensor bmm_f32(const at::Tensor& a, const at::Tensor& b) {
   return a.scalar_type() == at::kFloat ? at::bmm(a, b) : at::bmm(a, b, at::kFloat);
 }
 
-// Same contract as attention_mse_qk, for 16-bit inputs (or float32 with TF32): by chunks of
-// chunk_rows query rows, the raw scores of both models come from batched GEMMs with float32 output,
-// one kernel forms the masked difference, sums its square and keeps 2 D in the inputs' type, and
-// the gradients are two more GEMMs (dqs rows = scale_s 2D ks, dks += scale_s (2D)^T qs). Memory:
-// three (B*H, chunk_rows, S) buffers, never S x S per head at once.
-std::vector<at::Tensor> attention_mse_qk_gemm(const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& qt,
-                                              const at::Tensor& kt, const at::Tensor& mask, double scale_s,
-                                              double scale_t, bool need_grad, int64_t chunk_rows) {
-  constexpr const char* op = "attention_mse_qk_gemm";
-  const at::ScalarType student = qs.scalar_type(), teacher = qt.scalar_type();
-  TORCH_CHECK(student == at::kHalf || student == at::kBFloat16 || student == at::kFloat, op,
-              ": qs must be float16, bfloat16 or float32, got ", student);
-  check_dense(qs, op, "qs", 4, student);
-  check_dense(ks, op, "ks", 4, student);
-  check_dense(qt, op, "qt", 4, teacher);
-  check_dense(kt, op, "kt", 4, teacher);
-  check_mask(mask, op, "mask", 2);
-  check_same_device(ks, qs, op, "ks");
-  check_same_device(qt, qs, op, "qt");
-  check_same_device(kt, qs, op, "kt");
-  check_same_device(mask, qs, op, "mask");
+// The chunk loop of the cuBLAS formulations (attention MSE, attention KL). Per chunk of query rows
+// r0 .. r0 + rows - 1: both models' raw scores s, t (B*H, rows, S) from batched GEMMs with float32
+// output (16-bit operands on tensor cores); `elementwise(s, t, r0, g)` returns the chunk's loss
+// partials and, when g is defined, writes there G = d loss / d (scale_s s), 0 at invalid pairs; then
+// the gradients are two more GEMMs: dqs rows = scale_s G ks, dks += scale_s G^T qs. g is a buffer in the
+// student's dtype, or s itself when `g_in_scores` and the student is float32 (the kernel allows it).
+// Memory: three (B*H, chunk_rows, S) buffers, never S x S per head unless one chunk holds every row.
+template <typename Elementwise>
+std::vector<at::Tensor> qk_gemm_chunks(const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& qt,
+                                       const at::Tensor& kt, double scale_s, bool need_grad, int64_t chunk_rows,
+                                       bool g_in_scores, Elementwise&& elementwise) {
   const int64_t B = qs.size(0), H = qs.size(1), S = qs.size(2), ds = qs.size(3), dt = qt.size(3);
-  check_shape(ks, qs.sizes(), op, "ks");
-  check_shape(qt, {B, H, S, dt}, op, "qt (teacher queries: same B, H, S as qs)");
-  check_shape(kt, qt.sizes(), op, "kt");
-  check_shape(mask, {B, S}, op, "mask");
-  TORCH_CHECK(chunk_rows > 0, op, ": chunk_rows must be positive, got ", chunk_rows);
-
   const c10::cuda::CUDAGuard guard(qs.device());
   const at::Tensor qs3 = qs.view({B * H, S, ds}), ks3 = ks.view({B * H, S, ds});
   const at::Tensor qt3 = qt.view({B * H, S, dt}), kt3 = kt.view({B * H, S, dt});
   const at::Tensor ks3_t = ks3.transpose(1, 2), kt3_t = kt3.transpose(1, 2);
-  at::Tensor dqs, dks;
-  if (need_grad) {
-    dqs = at::empty({B * H, S, ds}, qs.options().dtype(at::kFloat));  // every chunk writes its rows
-    dks = at::zeros({B * H, S, ds}, qs.options().dtype(at::kFloat));
-  }
-  std::vector<at::Tensor> partials;
-  for (int64_t r0 = 0; r0 < S; r0 += chunk_rows) {
-    const int64_t rows = std::min(chunk_rows, S - r0);
-    const at::Tensor qs_c = qs3.narrow(1, r0, rows), qt_c = qt3.narrow(1, r0, rows);
-    const at::Tensor s = bmm_f32(qs_c, ks3_t);  // (BH, rows, S) float32
-    const at::Tensor t = bmm_f32(qt_c, kt3_t);
-    at::Tensor d;  // undefined: loss only
-    if (need_grad) d = at::empty({B * H, rows, S}, qs.options());
-    partials.push_back(fastkd::cuda::qk_chunk_residual_launch(s, t, mask, r0, H, scale_s, scale_t, d));
-    if (!need_grad) continue;
-    dqs.narrow(1, r0, rows).copy_(bmm_f32(d, ks3)).mul_(scale_s);  // (BH, rows, ds)
-    dks.add_(bmm_f32(d.transpose(1, 2), qs_c), scale_s);            // (BH, S, ds)
-  }
-  at::Tensor loss_sum = partials.empty() ? at::zeros({}, qs.options().dtype(at::kFloat)) : at::cat(partials).sum();
-  if (need_grad) {
-    dqs = dqs.view({B, H, S, ds});
-    dks = dks.view({B, H, S, ds});
-  }
-  return {loss_sum, dqs, dks};
-}
-
-// KL(softmax(A_t) || softmax(A_s)) summed over real query rows and heads, A = scale q k^T over real keys,
-// equal head counts; {loss_sum, dqs, dks} like the CPU backend's attention_kl_qk. By chunks of
-// chunk_rows query rows (<= 0: all rows at once): both models' raw scores from batched GEMMs with
-// float32 output (16-bit operands on tensor cores), one kernel for the rows' log-sum-exps, the KL and
-// G = p_s - p_t (in place of the student's scores when float32, else in the student's dtype for the
-// next GEMMs), then dqs rows = scale_s G ks and dks += scale_s G^T qs. The log-sum-exp of a row needs
-// all its keys, so a chunk spans every key: memory is three (B*H, chunk_rows, S) buffers, not S x S
-// per head; the Python side sizes chunk_rows (fastkd.ops.attention_mse.gemm_chunk_rows).
-std::vector<at::Tensor> attention_kl_qk(const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& qt,
-                                        const at::Tensor& kt, const at::Tensor& mask, double scale_s,
-                                        double scale_t, bool need_grad, int64_t chunk_rows) {
-  constexpr const char* op = "attention_kl_qk";
-  const at::ScalarType student = qs.scalar_type(), teacher = qt.scalar_type();
-  for (const at::ScalarType dtype : {student, teacher}) {
-    TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op,
-                ": inputs must be float16, bfloat16 or float32, got ", dtype);
-  }
-  check_dense(qs, op, "qs", 4, student);
-  check_dense(ks, op, "ks", 4, student);
-  check_dense(qt, op, "qt", 4, teacher);
-  check_dense(kt, op, "kt", 4, teacher);
-  check_mask(mask, op, "mask", 2);
-  check_same_device(ks, qs, op, "ks");
-  check_same_device(qt, qs, op, "qt");
-  check_same_device(kt, qs, op, "kt");
-  check_same_device(mask, qs, op, "mask");
-  const int64_t B = qs.size(0), H = qs.size(1), S = qs.size(2), ds = qs.size(3), dt = qt.size(3);
-  check_shape(ks, qs.sizes(), op, "ks");
-  check_shape(qt, {B, H, S, dt}, op, "qt (teacher queries: same B, H, S as qs; equal head counts)");
-  check_shape(kt, qt.sizes(), op, "kt");
-  check_shape(mask, {B, S}, op, "mask");
-  if (chunk_rows <= 0) chunk_rows = std::max<int64_t>(S, 1);
-
-  const c10::cuda::CUDAGuard guard(qs.device());
-  const at::Tensor qs3 = qs.view({B * H, S, ds}), ks3 = ks.view({B * H, S, ds});
-  const at::Tensor qt3 = qt.view({B * H, S, dt}), kt3 = kt.view({B * H, S, dt});
-  const at::Tensor ks3_t = ks3.transpose(1, 2), kt3_t = kt3.transpose(1, 2);
+  const bool in_place = g_in_scores && qs.scalar_type() == at::kFloat;
   at::Tensor dqs, dks;
   if (need_grad) {
     dqs = at::empty({B * H, S, ds}, qs.options().dtype(at::kFloat));  // every chunk writes its rows
@@ -200,8 +147,8 @@ std::vector<at::Tensor> attention_kl_qk(const at::Tensor& qs, const at::Tensor& 
     const at::Tensor s = bmm_f32(qs_c, ks3_t);  // (BH, rows, S) float32
     const at::Tensor t = bmm_f32(qt3.narrow(1, r0, rows), kt3_t);
     at::Tensor g;  // undefined: loss only
-    if (need_grad) g = student == at::kFloat ? s : at::empty({B * H, rows, S}, qs.options());
-    partials.push_back(fastkd::cuda::attention_kl_rows_launch(s, t, mask, r0, H, scale_s, scale_t, g));
+    if (need_grad) g = in_place ? s : at::empty({B * H, rows, S}, qs.options());
+    partials.push_back(elementwise(s, t, r0, g));
     if (!need_grad) continue;
     dqs.narrow(1, r0, rows).copy_(bmm_f32(g, ks3)).mul_(scale_s);  // (BH, rows, ds)
     dks.add_(bmm_f32(g.transpose(1, 2), qs_c), scale_s);            // (BH, S, ds)
@@ -212,6 +159,41 @@ std::vector<at::Tensor> attention_kl_qk(const at::Tensor& qs, const at::Tensor& 
     dks = dks.view({B, H, S, ds});
   }
   return {loss_sum, dqs, dks};
+}
+
+// Same contract as attention_mse_qk, for 16-bit inputs (or float32 with TF32), on qk_gemm_chunks: one
+// kernel per chunk forms the masked difference D = scale_s s - scale_t t, sums its square and keeps
+// G = 2 D in the inputs' type.
+std::vector<at::Tensor> attention_mse_qk_gemm(const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& qt,
+                                              const at::Tensor& kt, const at::Tensor& mask, double scale_s,
+                                              double scale_t, bool need_grad, int64_t chunk_rows) {
+  constexpr const char* op = "attention_mse_qk_gemm";
+  check_qk_gemm_inputs(op, qs, ks, qt, kt, mask);
+  TORCH_CHECK(chunk_rows > 0, op, ": chunk_rows must be positive, got ", chunk_rows);
+  const int64_t H = qs.size(1);
+  // The residual kernel's s and d are __restrict__: never in place.
+  return qk_gemm_chunks(qs, ks, qt, kt, scale_s, need_grad, chunk_rows, false,
+                        [&](const at::Tensor& s, const at::Tensor& t, int64_t r0, const at::Tensor& g) {
+                          return fastkd::cuda::qk_chunk_residual_launch(s, t, mask, r0, H, scale_s, scale_t, g);
+                        });
+}
+
+// KL(softmax(A_t) || softmax(A_s)) summed over real query rows and heads, A = scale q k^T over real keys,
+// equal head counts; {loss_sum, dqs, dks} like the CPU backend's attention_kl_qk, on qk_gemm_chunks
+// (chunk_rows <= 0: all rows at once): one kernel per chunk for the rows' log-sum-exps, the KL and
+// G = p_s - p_t, in place of the student's scores when float32. The log-sum-exp of a row needs all its
+// keys, so a chunk spans every key; the Python side sizes chunk_rows (attention_mse.gemm_chunk_rows).
+std::vector<at::Tensor> attention_kl_qk(const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& qt,
+                                        const at::Tensor& kt, const at::Tensor& mask, double scale_s,
+                                        double scale_t, bool need_grad, int64_t chunk_rows) {
+  constexpr const char* op = "attention_kl_qk";
+  check_qk_gemm_inputs(op, qs, ks, qt, kt, mask);
+  const int64_t H = qs.size(1), S = qs.size(2);
+  if (chunk_rows <= 0) chunk_rows = std::max<int64_t>(S, 1);
+  return qk_gemm_chunks(qs, ks, qt, kt, scale_s, need_grad, chunk_rows, true,
+                        [&](const at::Tensor& s, const at::Tensor& t, int64_t r0, const at::Tensor& g) {
+                          return fastkd::cuda::attention_kl_rows_launch(s, t, mask, r0, H, scale_s, scale_t, g);
+                        });
 }
 
 // hs (N,Ds), ht (N,Dt), row_mask (N,) bool, weight (Dt,Ds) or empty (identity), bias (Dt,) or empty

@@ -1,5 +1,7 @@
 import json
 
+import torch
+
 from fastkd.demo import Budget, run_demo
 from fastkd.search.proxy import ProxyConfig
 
@@ -39,3 +41,27 @@ def test_demo_pipeline_end_to_end_and_resumes(tmp_path, tiny_teacher_dir):
     assert again["glue_table"] == summary["glue_table"]
     # The zero-shot column is reused, not recomputed.
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_the_budget_drops_bf16_where_it_would_run_emulated(monkeypatch, caplog):
+    from fastkd import demo, device
+
+    full = demo.BUDGETS["full"]
+    assert full.bf16 and full.proxy.bf16
+    monkeypatch.setattr(demo, "bf16_is_native", lambda dev: True)
+    assert demo.for_this_machine(full) == full
+    monkeypatch.setattr(demo, "bf16_is_native", lambda dev: False)
+    with caplog.at_level("WARNING"):
+        plain = demo.for_this_machine(full)
+    assert not plain.bf16 and not plain.proxy.bf16 and plain.proxy.steps == full.proxy.steps
+    assert "runs in float32" in caplog.text
+    # --bf16 asked for by hand where it is emulated: kept, said once per process
+    monkeypatch.setattr(device, "bf16_is_native", lambda dev: False)
+    monkeypatch.setattr(device, "_said_bf16", False)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        device.warn_if_bf16_emulated(torch.device("cpu"))
+        device.warn_if_bf16_emulated(torch.device("cpu"))
+    assert caplog.text.count("no native bf16 kernels") == 1
+    # on this machine the answer is oneDNN's
+    assert device.bf16_is_native(torch.device("cpu")) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

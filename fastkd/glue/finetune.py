@@ -21,7 +21,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from .. import optim, rng
 from ..config import PROGRESS_HELP, seed_value
 from ..options import option
-from ..device import pick_device
+from ..device import pick_device, warn_if_bf16_emulated
 from ..errors import UserError
 from ..families import model_inputs, stock_attention, usable_positions
 from ..corpus import tokenizer_fingerprint
@@ -309,6 +309,8 @@ def finetune_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: Finet
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(rows) / cfg.batch_size))
 
     device = pick_device(cfg.device)
+    if cfg.bf16:
+        warn_if_bf16_emulated(device)
     # fastkd's RNG policy: seeded by the run's seed, the caller's generators untouched (the search
     # fine-tunes between candidates' distillation steps).
     with rng.seeded(cfg.seed, device):

@@ -51,3 +51,23 @@ def hand_over(ctx, recompute) -> list:
 
 def scaled(grad, scale, dtype):
     return None if grad is None else grad.mul_(scale).to(dtype)
+
+
+# The forward and backward of a compiled Q/K op (attention MSE, attention KL): `run(qs, ks, qt, kt,
+# mask, scale_s, scale_t, need_grad)` returns (loss_sum, dqs, dks); the loss is loss_sum / count.
+# Each op's Function passes its own `run`, looked up at call time (tests replace it).
+
+def qk_forward(ctx, run, qs, ks, qt, kt, mask, scale_s: float, scale_t: float, count: torch.Tensor, grad: bool):
+    need_grad = grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+    loss_sum, dqs, dks = run(qs, ks, qt, kt, mask, scale_s, scale_t, need_grad)
+    ctx.count, ctx.scales, ctx.grads = count, (scale_s, scale_t), (dqs, dks) if need_grad else None
+    ctx.save_for_backward(qs, ks, qt, kt, mask)
+    return loss_sum / count
+
+
+def qk_backward(ctx, run, grad_out):
+    """Gradients for (qs, ks) and None for the other seven arguments of qk_forward."""
+    qs, ks, qt, kt, mask = ctx.saved_tensors
+    dqs, dks = hand_over(ctx, lambda: run(qs, ks, qt, kt, mask, *ctx.scales, True)[1:])
+    scale = grad_out / ctx.count
+    return (scaled(dqs, scale, qs.dtype), scaled(dks, scale, ks.dtype)) + (None,) * 7

@@ -103,19 +103,12 @@ class ExtensionAttentionKl(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qs, ks, qt, kt, mask, scale_s: float, scale_t: float, count: torch.Tensor, grad: bool):
-        need_grad = grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        loss_sum, dqs, dks = ExtensionAttentionKl.run(qs, ks, qt, kt, mask, scale_s, scale_t, need_grad)
-        ctx.count, ctx.scales, ctx.grads = count, (scale_s, scale_t), (dqs, dks) if need_grad else None
-        ctx.save_for_backward(qs, ks, qt, kt, mask)
-        return loss_sum / count
+        return ext.qk_forward(ctx, ExtensionAttentionKl.run, qs, ks, qt, kt, mask, scale_s, scale_t, count, grad)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @torch.autograd.function.once_differentiable  # the gradients are not themselves differentiable
     def backward(ctx, grad_out):
-        qs, ks, qt, kt, mask = ctx.saved_tensors
-        dqs, dks = ext.hand_over(ctx, lambda: ExtensionAttentionKl.run(qs, ks, qt, kt, mask, *ctx.scales, True)[1:])
-        scale = grad_out / ctx.count
-        return ext.scaled(dqs, scale, qs.dtype), ext.scaled(dks, scale, ks.dtype), None, None, None, None, None, None, None
+        return ext.qk_backward(ctx, ExtensionAttentionKl.run, grad_out)
 
 
 # --- Triton --------------------------------------------------------------------------------------

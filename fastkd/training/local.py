@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import optim, rng
+from ..device import warn_if_bf16_emulated
 from ..errors import UserError
 from ..io import no_space_is_one_line, staging_dir
 from ..teacher import TeacherOutputs
@@ -41,6 +42,8 @@ class LocalEngine(StepEngine):
         self.optimizer = optim.adamw([student, criterion], cfg.lr, cfg.weight_decay, fused=True)
         self.scheduler = optim.warmup_then_linear(self.optimizer, cfg.warmup, cfg.max_steps)
         self.autocast_dtype = torch.bfloat16 if cfg.bf16 else None
+        if cfg.bf16:
+            warn_if_bf16_emulated(self.device)
 
     def next_inputs(self) -> tuple[dict, TeacherOutputs]:
         """The next micro-batch and the teacher's outputs for it (one teacher forward)."""
