@@ -160,11 +160,9 @@ class DistillLoss(nn.Module):
         effective = backend
         if op == ops.attention_mse.NAME and ops.attention_mse.merged_too_wide(student, teacher, backend):
             effective = "torch (heads too wide for the GPU tiles)"
-        if op == ops.attention_kl.NAME and backend != "torch":
-            if student.shape[1] != teacher.shape[1]:
-                effective = "torch (head counts differ: head-averaged distributions)"
-            elif ops.attention_mse.merged_too_wide(student, teacher, backend):
-                effective = "torch (heads too wide for the GPU tiles)"
+        why = ops.attention_kl.reference_reason(student, teacher, backend) if op == ops.attention_kl.NAME else None
+        if why:
+            effective = f"torch ({why})"
         self._ran[(report or op, str(student.device), ops.select.dtype_label(student.dtype, teacher.dtype))] = effective
         return backend
 

@@ -205,3 +205,15 @@ def test_the_cuda_form_gets_each_models_operands_in_a_dtype_cublas_takes():
     relation = ak.relation_heads(torch.randn(2, 4, 5, 6), 2)  # a transposed, non-contiguous view
     q, k = ak._gemm_operands(relation, relation)
     assert k is q and q.is_contiguous() and torch.equal(q, relation)
+
+
+def test_which_inputs_each_backend_hands_to_the_reference():
+    """Different head counts: the reference on every backend. Heads wider than the GPU tiles: only
+    Triton's (cpp and cuda take any width), so a run's report says what really ran."""
+    from fastkd.ops import attention_mse as am
+
+    narrow, wide = torch.zeros(1, 4, 3, 32), torch.zeros(1, 4, 3, am.GPU_MAX_HEAD_DIM + 64)
+    assert all(ak.reference_reason(narrow, narrow, b) is None for b in ("torch", "cpp", "triton", "cuda"))
+    assert "head counts differ" in ak.reference_reason(narrow, torch.zeros(1, 2, 3, 32), "cuda")
+    assert "too wide" in ak.reference_reason(wide, wide, "triton")
+    assert ak.reference_reason(wide, wide, "cuda") is None and ak.reference_reason(wide, wide, "cpp") is None

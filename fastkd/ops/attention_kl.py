@@ -23,8 +23,8 @@ Backends:
   cuda   (csrc/fused_loss_cuda*.{cpp,cu}) the cpp form's shape on cuBLAS: by chunks of query rows,
          both models' scores from batched GEMMs (float32 out, 16-bit operands on tensor cores), one
          kernel (a warp per row) for both log-sum-exps, the KL and G in place, two GEMMs for dq, dk.
-         Three (B*H, chunk, S) buffers within attention_mse.GEMM_CHUNK_BYTES (all rows in one chunk
-         when they fit, as at short S; S x S per head is never needed). Compiled and symbol-checked here
+         Three (B*H, chunk, S) buffers within attention_mse.GEMM_CHUNK_BYTES, or of 16 rows at least
+         (all rows in one chunk when they fit, as at short S). Compiled and symbol-checked here
          (tests/test_cuda_compile.py); run by `make gpu-check` where a GPU is lent.
 Different head counts compare head-averaged distributions: a different quantity (a mean of
 probabilities, not of scores), which only the reference computes (said once).
@@ -371,23 +371,32 @@ def triton_attention_kl(qs, ks, qt, kt, mask, scale_s: float, scale_t: float, *,
 
 # --- dispatch ------------------------------------------------------------------------------------
 
+def reference_reason(qs, qt, backend: str) -> str | None:
+    """Why `backend` hands these inputs to the reference, or None when it runs them itself."""
+    if backend == "torch":
+        return None
+    if qs.shape[1] != qt.shape[1]:
+        return "head counts differ: head-averaged distributions"
+    if backend == "triton" and attention_mse.merged_too_wide(qs, qt, backend):  # cpp and cuda take any width
+        return "heads too wide for the GPU tiles"
+    return None
+
+
 def attention_kl_qk(qs, ks, qt, kt, mask, scale_s: float, scale_t: float, backend: str) -> torch.Tensor:
     """The term on `backend`. qs, ks: (B, Hs, S, ds); qt, kt: (B, Ht, S, dt); mask (B, S). ks may be
     qs itself (a relation): the gradients of both arguments then add up in autograd."""
-    if backend == "torch":
-        return reference(qs, ks, qt, kt, mask, scale_s, scale_t)
-    if backend not in FUSED:
+    if backend != "torch" and backend not in FUSED:
         raise ValueError(f"{NAME}: no {backend!r} backend (torch, {', '.join(FUSED)})")
-    if qs.shape[1] != qt.shape[1]:
-        global _said_heads
-        if not _said_heads:
-            _said_heads = True
-            log.info("%s: %d student heads against %d teacher heads compare head-averaged distributions, "
-                     "which only the reference computes", NAME, qs.shape[1], qt.shape[1])
+    why = reference_reason(qs, qt, backend)
+    if backend == "torch" or why is not None:
+        if qs.shape[1] != qt.shape[1]:
+            global _said_heads
+            if not _said_heads:
+                _said_heads = True
+                log.info("%s: %d student heads against %d teacher heads compare head-averaged distributions, "
+                         "which only the reference computes", NAME, qs.shape[1], qt.shape[1])
         return reference(qs, ks, qt, kt, mask, scale_s, scale_t)
     if backend == "triton":
-        if attention_mse.merged_too_wide(qs, qt, backend):  # equal heads here: a head wider than the tiles
-            return reference(qs, ks, qt, kt, mask, scale_s, scale_t)
         return triton_attention_kl(qs, ks, qt, kt, mask, scale_s, scale_t)
     return ExtensionAttentionKl.apply(qs, ks, qt, kt, mask, scale_s, scale_t, query_count(mask, qs.shape[1]),
                                       torch.is_grad_enabled())
