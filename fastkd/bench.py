@@ -49,7 +49,7 @@ class BenchConfig:
     student_hidden: int | None = option(None, "student hidden size")
     student_heads: int | None = option(None, "student heads")
     student_ffn: int | None = option(None, "student FFN size")
-    mapping: str = option("uniform", "layer mapping, as for distill")
+    mapping: str = option("uniform", "layer mapping, as for distill", dash_value=True)
     batch_size: int = option(32, "sequences per step")
     seq_len: int = option(128, "tokens per sequence (all real: the losses' worst case)")
     steps: int = option(10, "timed steps (the median is reported)")

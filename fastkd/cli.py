@@ -18,7 +18,8 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse prints usage plus the error; fastkd prints one line naming the fix."""
 
     def error(self, message):
-        self.exit(2, f"fastkd {self.prog.split()[-1]}: error: {message} (see --help)\n")
+        words = self.prog.split()  # "fastkd" or "fastkd distill"
+        self.exit(2, f"{' '.join(words[:1] + words[1:][-1:])}: error: {message} (see --help)\n")
 
 
 def _add_config_flag(p) -> None:
@@ -191,9 +192,10 @@ def _add_bench(sub) -> None:
 
 def _cmd_bench(args) -> int:
     from .bench import markdown, run_bench
-    from .io import atomic_write_json
+    from .io import atomic_write_json, check_writable_file
 
     cfg = _config(args)
+    check_writable_file(cfg.output)  # before the models are loaded and timed, not after
     result = run_bench(cfg)
     env = result["environment"]
     print(f"{env.get('gpu') or env['cpu']}, torch {env['torch']}, {env['threads']} threads; "
@@ -228,9 +230,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dash_values_joined(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Values that may begin with '-' (--mapping -,-,12) joined to their flag, for every command."""
+    commands = parser._subparsers._group_actions[0].choices
+    flags, known = set(), set(parser._option_string_actions)
+    for command_parser in commands.values():
+        known |= set(command_parser._option_string_actions)
+        for spec in command_parser.get_default("_specs") or []:
+            if spec.meta.get("dash_value"):
+                flags |= {spec.flag, *spec.meta.get("aliases", ())}
+    return options.join_dash_values(argv, flags, known)
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The parsed command line, --config FILE's settings under the flags given."""
     parser = build_parser()
+    argv = _dash_values_joined(parser, list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     path = getattr(args, "config", None)
     if path is not None:

@@ -18,14 +18,26 @@ NON_DETERMINING = frozenset({"output", "resume", "log_every", "keep_checkpoints"
 REPORT_TO = ("none", "tensorboard")
 
 
+MAX_SEED = 2 ** 32 - 1  # numpy's legacy generator (np.random.seed, fastkd.rng) takes seeds in [0, 2**32 - 1]
+
+
+def seed_problem(seed: int, what: str = "--seed") -> str | None:
+    """Why `seed` cannot seed every generator, or None. Checked where a seed enters (the parser, a
+    config file) and where one is derived from another (seed + k), before any work."""
+    if seed < 0 or seed > MAX_SEED:
+        return f"{what} {seed} is out of range: seeds are integers from 0 to {MAX_SEED} (numpy takes 32-bit seeds)"
+    return None
+
+
 def seed_value(text: str) -> int:
-    """A seed: an integer >= 0 (torch and numpy refuse negative ones, after the work has begun)."""
+    """A seed: an integer in [0, 2**32 - 1] (numpy refuses others, and torch negative ones, after the
+    work has begun)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give an integer >= 0") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"invalid seed {value}: give an integer >= 0")
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give an integer from 0 to {MAX_SEED}") from None
+    if seed_problem(value) is not None:
+        raise argparse.ArgumentTypeError(f"invalid seed {value}: give an integer from 0 to {MAX_SEED}")
     return value
 
 
@@ -72,7 +84,7 @@ class DistillConfig:
                                   "truncated), or random", group="models", choices=("teacher", "random"))
     mapping: str = option("uniform", "teacher layer for each student layer: uniform, last, first, random:SEED, or "
                                      "explicit like '2,4,6' ('-' = no supervision for that student layer)",
-                          group="models")
+                          group="models", dash_value=True)
     corpus_sample: str | None = option(None, "use a deterministic sample: a fraction like 0.1 or a number of "
                                              "sequences like 5000", group="data")
     max_seq_len: int = option(128, "tokens per packed sequence", group="data")
@@ -137,7 +149,7 @@ class DistillConfig:
              f"--weight-decay must be a finite number >= 0 (got {self.weight_decay})"),
             (math.isfinite(self.clip_grad) and self.clip_grad >= 0,
              f"--clip-grad must be a finite number >= 0, 0 = off (got {self.clip_grad})"),
-            (self.seed >= 0, f"--seed must be >= 0 (got {self.seed})"),
+            (seed_problem(self.seed) is None, seed_problem(self.seed)),
             (self.num_proc is None or self.num_proc >= 1, f"--num-proc must be at least 1 (got {self.num_proc})"),
             (self.report_to in REPORT_TO, f"--report-to must be one of {', '.join(REPORT_TO)} (got {self.report_to!r})"),
             (0 <= self.warmup < 1, f"--warmup is a fraction of the steps in [0, 1) (got {self.warmup})"),

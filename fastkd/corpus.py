@@ -38,10 +38,12 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .io import no_space_is_one_line
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 3  # bump when the packing changes (3: long paragraphs tokenized in pieces)
+CACHE_FORMAT = 4  # bump when the packing changes (3: long paragraphs tokenized in pieces; 4: checksums)
+CHECKSUMS = "fastkd-checksums.json"  # in each cache entry: its files' sizes and SHA-256, checked on load
 PACK_BATCH = 1000  # paragraphs per packing block (the tail of each block is one padded sequence)
 PIECE_CHARS = 8192  # longer paragraphs are tokenized in pieces of at most this many characters
 PIECES_PER_CALL = 256  # pieces per tokenizer call: bounds the tokenizer's working memory
@@ -53,6 +55,17 @@ _WIKITEXT_ESCAPES = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("FASTKD_CACHE", Path.home() / ".cache" / "fastkd"))
+
+
+def check_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
+    """The corpus cache's folder, proven writable before any work (a file in its place, /proc, a
+    read-only disk are one line naming where the setting came from)."""
+    from .io import check_writable_dir
+
+    if cache_dir:
+        return check_writable_dir(cache_dir, "--cache-dir")
+    flag = "$FASTKD_CACHE" if os.environ.get("FASTKD_CACHE") else "the default cache (set FASTKD_CACHE or --cache-dir)"
+    return check_writable_dir(default_cache_dir(), flag)
 
 
 def clean_paragraph(line: str) -> str | None:
@@ -226,10 +239,10 @@ def _hub_texts(source: str):
 
 
 def load_corpus(source: str, tokenizer, max_seq_len: int, cache_dir: str | os.PathLike | None = None,
-                num_proc: int | None = None):
+                num_proc: int | None = None, progress: bool = True):
     """The packed corpus as a datasets.Dataset with input_ids and attention_mask (int32 lists).
     `num_proc`: tokenizing processes (None: the machine's cores, at most MAX_NUM_PROC, and one for a
-    small corpus); the result is the same whatever it is."""
+    small corpus); the result is the same whatever it is. `progress`: the tokenize and pack bars."""
     import datasets
 
     if num_proc is not None and num_proc < 1:
@@ -251,6 +264,18 @@ def load_corpus(source: str, tokenizer, max_seq_len: int, cache_dir: str | os.Pa
         files = corpus_files(source)
         if next(read_paragraphs(files), None) is None:
             raise UserError(f"corpus {source} holds no text (only blank lines or headings): give a non-empty corpus")
+
+    with no_space_is_one_line(target, "free some space, or give --cache-dir (or $FASTKD_CACHE) on a larger disk"), \
+            (contextlib.nullcontext() if progress else _quiet_datasets()):
+        _build(source, text_ds, files if text_ds is None else None, tokenizer, max_seq_len, num_proc, target)
+    log.info("corpus: packed sequences cached at %s", target)
+    return datasets.load_from_disk(str(target))
+
+
+def _build(source: str, text_ds, files, tokenizer, max_seq_len: int, num_proc: int | None, target: Path) -> None:
+    """Tokenize and pack into a build folder beside `target`, then rename it into place with its
+    checksums (a cache entry is whole or absent)."""
+    import datasets
 
     target.parent.mkdir(parents=True, exist_ok=True)
     build_dir = Path(tempfile.mkdtemp(prefix=f".build-{_host()}-{os.getpid()}-", dir=target.parent))
@@ -287,6 +312,7 @@ def load_corpus(source: str, tokenizer, max_seq_len: int, cache_dir: str | os.Pa
         with _quiet_datasets():
             packed.save_to_disk(str(staged))
         del packed
+        (staged / CHECKSUMS).write_text(json.dumps(_checksums(staged), indent=1) + "\n")
         try:
             os.replace(staged, target)  # atomic: a cache entry is whole or absent
         except OSError:
@@ -294,8 +320,33 @@ def load_corpus(source: str, tokenizer, max_seq_len: int, cache_dir: str | os.Pa
                 raise
     finally:
         shutil.rmtree(build_dir, ignore_errors=True)
-    log.info("corpus: packed sequences cached at %s", target)
-    return datasets.load_from_disk(str(target))
+
+
+def _checksums(folder: Path) -> dict:
+    """Size and SHA-256 of every file of a cache entry (but the checksum file itself): damage that
+    leaves the Arrow header and length intact (a bad sector, a partial overwrite) shows here, where
+    datasets would hand out the damaged token ids."""
+    out = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS):
+        digest = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+        out[f.relative_to(folder).as_posix()] = {"bytes": f.stat().st_size, "sha256": digest.hexdigest()}
+    return {"files": out}
+
+
+def _verify(target: Path) -> None:
+    """Raise ValueError naming the first file of a cache entry that is not as it was written."""
+    path = target / CHECKSUMS
+    if not path.is_file():
+        raise ValueError(f"{CHECKSUMS} is missing")
+    want = json.loads(path.read_text())["files"]
+    got = _checksums(target)["files"]
+    for name in sorted(set(want) | set(got)):
+        if want.get(name) != got.get(name):
+            what = "missing" if name not in got else "not listed" if name not in want else "changed since it was written"
+            raise ValueError(f"{name} is {what}")
 
 
 def _host() -> str:
@@ -333,6 +384,7 @@ def _load_cached(target: Path):
     import datasets
 
     try:
+        _verify(target)
         ds = datasets.load_from_disk(str(target))
         if len(ds):  # arrow files are memory-mapped: touch the first and last records too
             ds[0], ds[len(ds) - 1]

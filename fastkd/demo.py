@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import PROGRESS_HELP, DistillConfig, seed_value
+from .config import MAX_SEED, PROGRESS_HELP, DistillConfig, seed_problem, seed_value
 from .device import bf16_absence, bf16_is_native, pick_device
 from .distill import run_distill
 from .errors import UserError
@@ -22,13 +22,13 @@ from .glue.finetune import FinetuneConfig, TaskCache
 from .glue.report import _HEADERS, _SHOWN, collapsed
 from .glue.run import run_glue
 from .glue.tasks import TASKS
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, check_writable_dir
 from .mapping import LayerMapping, heuristic
 from .models import load_config
 from .options import option
 from .search.proxy import ProxyConfig
 from .search.report import verdict_lines
-from .search.run import Search, SearchConfig
+from .search.run import SEED_STRIDE, Search, SearchConfig
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +120,16 @@ def run_demo(data_dir: str, output: str, quick: bool = False, teacher: str = "de
     if not corpus.is_dir() or not glue.is_dir():
         raise UserError(f"--data-dir {data} needs corpus/ and glue/ folders (as ../shared/data has): pass --data-dir")
     b = for_this_machine(budget or BUDGETS["quick" if quick else "full"])
+    # Seeds derived from --seed (verdict seeds seed + k*1000, fine-tuning seeds seed + k) must seed numpy
+    # too: said now, not after the search has run.
+    largest = seed + max(b.verdict_seeds * SEED_STRIDE, b.glue_seeds - 1)
+    if seed_problem(largest) is not None:
+        raise UserError(f"--seed {seed}: the demo derives seeds up to {largest}, past {MAX_SEED}, the largest seed "
+                        f"numpy takes: choose a --seed below {MAX_SEED - (largest - seed) + 1}")
     # Each budget has its own folder: a --quick run and a full run never refuse each other's stages.
     out = Path(output) / ("custom" if budget is not None else "quick" if quick else "full")
     corpus, glue = corpus.resolve(), glue.resolve()
+    check_writable_dir(out)  # before the search, not when its first file is written
     n_teacher = load_config(teacher).num_hidden_layers
     if resolved is not None:
         out.mkdir(parents=True, exist_ok=True)

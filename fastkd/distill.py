@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .config import DistillConfig, differing_settings, read_run_config
-from .corpus import BatchStream, corpus_identity, load_corpus, parse_sample, sample_corpus
+from .corpus import BatchStream, check_cache_dir, corpus_identity, load_corpus, parse_sample, sample_corpus
 from .device import pick_device
 from .errors import UserError
 from .export import export_student
@@ -87,6 +87,7 @@ def prepare_output(cfg: DistillConfig) -> Path:
         raise UserError(f"--output {output} is a file: give a directory")
     saved = read_run_config(output)
     check_writable_dir(output)  # before the corpus and the teacher are loaded, not after
+    check_cache_dir(cfg.cache_dir)
     if saved is None:
         if output.exists() and any(not is_bookkeeping(p.name) for p in output.iterdir()):
             raise UserError(f"--output {output} is not empty and holds no fastkd run: choose an empty or new directory")
@@ -206,7 +207,7 @@ def build_local_run(cfg: DistillConfig) -> Run:
     teacher = Teacher(teacher_model, criterion.teacher_hidden_layers(), criterion.teacher_attention_layers(),
                       autocast_dtype=torch.bfloat16 if cfg.bf16 else None, values=criterion.needs_values())
 
-    corpus = load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir, cfg.num_proc)
+    corpus = load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir, cfg.num_proc, cfg.progress)
     corpus = sample_corpus(corpus, cfg.corpus_sample, cfg.seed)
     engine = LocalEngine(cfg, teacher, student, criterion, BatchStream(corpus, cfg.batch_size, cfg.seed))
     return Run(cfg, engine, tokenizer, mapping, shape, len(corpus), output)

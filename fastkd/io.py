@@ -47,22 +47,71 @@ def check_writable_dir(path: str | os.PathLike, flag: str = "--output") -> Path:
     return path
 
 
+def check_writable_file(path: str | os.PathLike, flag: str = "--output") -> Path:
+    """A file `path` can be written (atomically, beside itself): not a directory, and its folder can
+    be made and written in. Checked before any work."""
+    from .errors import UserError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory: give a file name (e.g. {path / 'result.json'})")
+    parent = path.parent
+    for above in (parent, *parent.parents):  # a regular file in the way: "under a file"
+        if above.exists():
+            if not above.is_dir():
+                raise UserError(f"{flag} {path} cannot be written: {above} is a file, not a directory")
+            break
+    try:
+        check_writable_dir(parent, flag)
+    except UserError:
+        raise UserError(f"{flag} {path} cannot be written (its folder {parent} is not writable): choose a file "
+                        "in a directory you can write to") from None
+    return path
+
+
+NEARLY_FULL_BYTES = 1 << 20  # what a writer that failed may have left free on a disk it filled
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes an unprivileged writer may still use on the file system holding `path` (its nearest
+    existing folder), or None where that cannot be asked."""
+    p = Path(path)
+    for above in (p, *p.parents):
+        if above.exists():
+            try:
+                st = os.statvfs(above)
+            except OSError:
+                return None
+            return st.f_bavail * st.f_frsize
+    return None
+
+
+def is_full_disk(exc: BaseException, where: str | os.PathLike) -> bool:
+    """Whether `exc`, raised writing under `where`, is a full disk. Writers report it in their own
+    words: OSError ENOSPC/EDQUOT from Python, "os error 28" from safetensors, and from torch.save's
+    zip writer only "unexpected pos N vs M", so a write that failed while the disk holds (almost)
+    nothing free counts too."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+        return True
+    free = free_bytes(where)
+    return free is not None and free < NEARLY_FULL_BYTES
+
+
 @contextlib.contextmanager
-def no_space_is_one_line(what: Path):
-    """ENOSPC while writing `what` becomes one user-facing line (the caller removes its staging)."""
+def no_space_is_one_line(what: Path, advice: str = "free some space (or choose another --output) and --resume"):
+    """A full disk while writing `what` becomes one user-facing line (the caller removes its staging)."""
     from .errors import UserError
 
     try:
         yield
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"no space left on device writing {what}: free some space (or choose another "
-                            "--output) and --resume") from None
+    except (UserError, KeyboardInterrupt):
         raise
-    except Exception as exc:  # torch.save (RuntimeError) and safetensors (SafetensorError) wrap the OS error
-        if "No space left on device" in str(exc) or "os error 28" in str(exc):
-            raise UserError(f"no space left on device writing {what}: free some space (or choose another "
-                            "--output) and --resume") from None
+    except Exception as exc:  # noqa: BLE001 (re-raised unless the disk is full)
+        if is_full_disk(exc, what):
+            raise UserError(f"no space left on device writing {what}: {advice}") from None
         raise
 
 

@@ -27,13 +27,16 @@ MISSING = dataclasses.MISSING
 
 def option(default=MISSING, help: str = "", *, factory=MISSING, group: str | None = None, choices=None,
            parse=None, metavar: str | None = None, flag: str | None = None, aliases: tuple[str, ...] = (),
-           required: bool = False, cli: bool = True, action: str | None = None, prefix: str | None = None):
+           required: bool = False, cli: bool = True, action: str | None = None, prefix: str | None = None,
+           dash_value: bool = False):
     """A config field with what its flag needs. `parse`: str -> value (default: from the annotation);
     `flag`: the flag when not derived from the name; `cli=False`: set by fastkd, never by a user;
     `required`: the command cannot run without it (from the command line or the file); `prefix` (a
-    nested dataclass): the flags' prefix, default the field name."""
+    nested dataclass): the flags' prefix, default the field name; `dash_value`: a value may begin
+    with '-' (a mapping like -,-,12), which argparse would otherwise read as an option."""
     meta = {"help": help, "group": group, "choices": choices, "parse": parse, "metavar": metavar, "flag": flag,
-            "aliases": aliases, "required": required, "cli": cli, "action": action, "prefix": prefix}
+            "aliases": aliases, "required": required, "cli": cli, "action": action, "prefix": prefix,
+            "dash_value": dash_value}
     if factory is not MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -201,6 +204,23 @@ def _argparse_type(spec: Spec):
     return convert
 
 
+def join_dash_values(argv: list[str], flags: set[str], known: set[str]) -> list[str]:
+    """`--mapping -,-,12` -> `--mapping=-,-,12` for the flags whose values may begin with '-' (argparse
+    takes such a value for an option and says "expected one argument"); a known option after the
+    flag is left alone (the flag's value is then missing, and argparse says so)."""
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token in flags and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] not in known \
+                and not argv[i + 1].startswith("--"):
+            out.append(f"{token}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
 def build(cls, values: dict, path: tuple[str, ...] = ()):
     """The dataclass from parsed values keyed by dest (nested dataclasses from their prefixed dests);
     fields fastkd sets itself keep their defaults."""
@@ -246,7 +266,9 @@ def read_config_file(path: str, command: str) -> dict:
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_no_alias_loader())  # noqa: S506 (a SafeLoader)
+        except _AliasRefused as exc:
+            raise UserError(f"{where}: {exc}") from None
         except yaml.YAMLError as exc:
             first = " ".join(str(exc).split())[:160]
             raise UserError(f"{where}: not valid YAML ({first})") from None
@@ -267,6 +289,28 @@ def read_config_file(path: str, command: str) -> dict:
                             f"`fastkd {written_by} --config`")
         data = data["config"]
     return _flatten(data, where)
+
+
+class _AliasRefused(Exception):
+    pass
+
+
+def _no_alias_loader():
+    """yaml's SafeLoader with aliases (*name) refused: a config file may come from someone else, and a
+    few nested aliases expand to billions of keys (the "billion laughs" file) once read. Settings are
+    flat values; nothing in them needs an alias."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                line = event.start_mark.line + 1 if event.start_mark else "?"
+                raise _AliasRefused(f"YAML aliases (*{event.anchor}, line {line}) are not accepted in a config "
+                                    "file: write each setting out")
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
 
 
 def _flatten(data: dict, where: str, prefix: str = "") -> dict:

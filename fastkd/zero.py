@@ -134,7 +134,9 @@ def init_distributed() -> tuple[int, int, int]:
         # Ranks on one CPU share its cores: one thread pool each would oversubscribe it.
         # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE: ranks on this node.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+        # The cores this process may use (a cgroup/affinity-limited job sees fewer than os.cpu_count()).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // max(local_world, 1)))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if not torch.cuda.is_available():
         _unlink_shm_buffers(rank)
@@ -201,9 +203,9 @@ def build_zero_run(cfg: DistillConfig) -> Run:
 
     # Rank 0 tokenizes and caches the corpus first; the others read the cache. A bad corpus is rank 0's
     # finding, passed to every rank so all of them stop with the same line instead of waiting.
-    corpus = on_rank0(rank, lambda: load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir, cfg.num_proc))
+    corpus = on_rank0(rank, lambda: load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir, cfg.num_proc, cfg.progress))
     if rank != 0:
-        corpus = load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir, cfg.num_proc)
+        corpus = load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir, cfg.num_proc, cfg.progress)
     corpus = sample_corpus(corpus, cfg.corpus_sample, cfg.seed)
     stream = BatchStream(corpus, cfg.batch_size, cfg.seed, rank=rank, world_size=world)
     engine = ZeroEngine(cfg, ds_engine, teacher, stream, world, rank, ds_config)

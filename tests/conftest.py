@@ -30,6 +30,14 @@ def _isolated_cache(tmp_path_factory):
         os.environ["FASTKD_CACHE"] = old
 
 
+@pytest.fixture(autouse=True)
+def _no_user_overrides(monkeypatch):
+    """A user's own switches never reach a test: the loss backend and the self-check are what the
+    code picks unless a test sets them."""
+    for name in ("FASTKD_LOSS_BACKEND", "FASTKD_SELF_CHECK"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def wikitext() -> Path:
     assert WIKITEXT.is_file(), f"the shared corpus is missing: {WIKITEXT}"

@@ -1,4 +1,5 @@
 import json
+import os
 
 import torch
 
@@ -63,5 +64,23 @@ def test_the_budget_drops_bf16_where_it_would_run_emulated(monkeypatch, caplog):
         device.warn_if_bf16_emulated(torch.device("cpu"))
         device.warn_if_bf16_emulated(torch.device("cpu"))
     assert caplog.text.count("has no oneDNN bf16 kernels") == 1
-    # on this machine the answer is oneDNN's
-    assert device.bf16_is_native(torch.device("cpu")) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def test_bf16_detection_follows_onednn_both_ways(monkeypatch):
+    """The CPU answer is oneDNN's, checked on both branches by injection (the real answer depends on
+    the CPU), and on the real machine under a cap every x86 CPU can honour: oneDNN held to AVX2 (what
+    an AVX2-only CPU runs) has no bf16 kernels, whatever this CPU has."""
+    import subprocess
+    import sys
+
+    from fastkd import device
+
+    real = device.bf16_is_native  # the function itself, never a replaced one
+    for answer in (True, False):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda answer=answer: answer)
+        assert real(torch.device("cpu")) is answer
+    monkeypatch.undo()
+    code = "import torch; from fastkd.device import bf16_is_native; print(bf16_is_native(torch.device('cpu')))"
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+    capped = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert capped.returncode == 0 and capped.stdout.split()[-1] == "False", capped.stdout + capped.stderr

@@ -80,10 +80,14 @@ def test_glue_scores_sentence_models_zero_shot_on_stsb(tmp_path, pipeline_studen
     stsb = report["models"][0]["zeroshot"]["stsb"]
     assert stsb["split"] == "dev" and stsb["dev_examples"] == 8
     assert stsb["pipeline"] == "Transformer -> Pooling (mean) -> Normalize"
-    # Mean pooling then unit length: the same cosines as fastkd's own mean-pooled zero-shot score.
+    # Mean pooling then unit length: the cosines of fastkd's own mean-pooled zero-shot score (the
+    # embeddings themselves are compared in test_the_student_runs_the_teachers_pipeline). The two
+    # paths' cosines differ by float rounding (other GEMM kernels, batches): Pearson moves by about
+    # that; Spearman over 8 pairs with near-ties may swap one adjacent rank (6 * 2 / (8 * 63) = 0.024).
     own = zero_shot_similarity(str(pipeline_student), load_tokenizer(str(pipeline_student)), TaskCache(str(GLUE_FIXTURES)),
                                FinetuneConfig(heldout=0, max_seq_len=128, progress=False))
-    assert stsb["spearman"] == pytest.approx(own.metrics["spearman"], abs=1e-9)
+    assert stsb["pearson"] == pytest.approx(own.metrics["pearson"], abs=1e-4)
+    assert stsb["spearman"] == pytest.approx(own.metrics["spearman"], abs=0.03)
     assert "STS-B zero-shot (S)" in (out / "glue.md").read_text()
     # A resume that runs only the other model keeps the first one's zero-shot result.
     assert main(["glue", "--model", str(tiny_teacher_dir), "--output", str(out), *common, "--resume"]) == 0

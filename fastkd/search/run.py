@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import LOSS_BACKEND_HELP, LOSS_BACKENDS, PROGRESS_HELP, REPORT_TO, seed_value
-from ..corpus import corpus_identity, load_corpus, sample_corpus
+from ..config import LOSS_BACKEND_HELP, LOSS_BACKENDS, MAX_SEED, PROGRESS_HELP, REPORT_TO, seed_problem, seed_value
+from ..corpus import check_cache_dir, corpus_identity, load_corpus, sample_corpus
 from ..errors import UserError
 from ..glue import TaskCache, parse_tasks, task_spec
 from ..glue.finetune import heldout_rows
@@ -77,7 +77,12 @@ def verdict_seeds_value(text: str):
         raise argparse.ArgumentTypeError(f"{text!r} is neither a count nor a comma-separated list of seeds") from None
     if not values or any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: give a count >= 0 or non-negative seeds")
-    return values[0] if len(values) == 1 and "," not in text else tuple(values)
+    if len(values) > 1 or "," in text:
+        bad = next((v for v in values if seed_problem(v) is not None), None)
+        if bad is not None:
+            raise argparse.ArgumentTypeError(f"{text!r}: seed {bad} is out of range (0 to {MAX_SEED})")
+        return tuple(values)
+    return values[0]
 
 
 SEARCH_GROUPS = {"models": "models", "data": "data", "proxy": "proxy setting (what a fitness value means)",
@@ -171,6 +176,13 @@ class SearchConfig:
                             f"{self.seed}: verdict seeds must be held out from selection; choose other seeds")
         if any(s < 0 for s in self.verdict_seed_list()):
             raise UserError("--verdict-seeds must be non-negative")
+        if seed_problem(self.seed) is not None:
+            raise UserError(seed_problem(self.seed))
+        past = [s for s in self.verdict_seed_list() if seed_problem(s) is not None]
+        if past:  # derived seeds (SEED + k * 1000) or a list from a config file
+            raise UserError(f"--verdict-seeds: held-out seed {past[0]} is past {MAX_SEED}, the largest seed numpy takes "
+                            f"(a count N uses --seed + 1000, ..., --seed + N*1000): choose a smaller --seed or list "
+                            "the seeds")
         if self.proxy.heldout < 0:
             raise UserError(f"--proxy-heldout must be 0 (score on dev) or a number of rows (got {self.proxy.heldout})")
         if self.proxy.heldout == 0 and any(r.name == "zeroshot" for r in self.rungs()):
@@ -214,6 +226,7 @@ class Search:
     def __init__(self, cfg: SearchConfig):
         cfg.validate()
         check_writable_dir(cfg.output)  # before the teacher, corpus and tasks are loaded
+        check_cache_dir(cfg.cache_dir)
         self.cfg = cfg
         self.started = time.perf_counter()
         self.rungs = cfg.rungs()
@@ -252,7 +265,8 @@ class Search:
         t0 = time.perf_counter()
         self.tokenizer = load_tokenizer(cfg.teacher)
         self.teacher = load_teacher(cfg.teacher).to(self.comm.device())
-        corpus = load_corpus(cfg.corpus, self.tokenizer, cfg.proxy.max_seq_len, cfg.cache_dir, cfg.num_proc)
+        corpus = load_corpus(cfg.corpus, self.tokenizer, cfg.proxy.max_seq_len, cfg.cache_dir, cfg.num_proc,
+                             cfg.progress)
         self.corpus = sample_corpus(corpus, cfg.proxy.sequences, cfg.seed)
         self.timings = {"load teacher and corpus (tokenization)": time.perf_counter() - t0}
         self.ga = GeneticSearch(self.shape.layers, self.N, cfg.ga_config())

@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import rng
 from ..errors import UserError
+from ..io import no_space_is_one_line
 from ..losses import DistillLoss
 from .engine import COMPLETE, NonFiniteAbort, StepEngine, StepResult, student_loss
 
@@ -204,10 +205,11 @@ class ZeroEngine(StepEngine):
         target.mkdir(parents=True, exist_ok=True)
         rng_file = target / f"rng-rank{self.rank}.pt"
         tmp = rng_file.with_suffix(".tmp")
-        torch.save(rng.capture(self.device), tmp)
-        os.replace(tmp, rng_file)
-        client_state = {"fastkd": {**self.bookkeeping(), "world": self.world}}
-        self.ds_engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+        with no_space_is_one_line(target):  # this rank's line; the launcher then stops the others
+            torch.save(rng.capture(self.device), tmp)
+            os.replace(tmp, rng_file)
+            client_state = {"fastkd": {**self.bookkeeping(), "world": self.world}}
+            self.ds_engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
         torch.distributed.barrier()  # every rank's shards are on disk
         if self.rank == 0:
             marker = {"step": self.step, "engine": "zero", "world": self.world, "stage": self.stage}

@@ -1,0 +1,209 @@
+"""Inputs a fault sweep found answered by tracebacks: each is one line on stderr and exit 2, before
+any work (seeds numpy cannot take, paths no command can write, a mapping that begins with '-', a
+hostile YAML file, a decoder given to glue), or a damage that is found and repaired (a corpus
+cache corrupted inside its Arrow data, a full disk as a real small file system fills it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastkd.cli import main, parse
+
+BEYOND = str(2 ** 32)  # numpy's legacy seeds end at 2**32 - 1
+
+
+def _run(capfd, *argv):
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # refused by the parser itself
+        code = exc.code
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip() and " INFO " not in line
+           and " WARNING " not in line and "it/s]" not in line]
+    return code, err
+
+
+def _distill(out, teacher, corpus, *extra):
+    return ["distill", "--output", str(out), "--teacher", str(teacher), "--corpus", str(corpus), "--max-steps", "2",
+            "--batch-size", "2", "--max-seq-len", "32", "--no-progress", *extra]
+
+
+# --- seeds -------------------------------------------------------------------------------------------
+
+def test_seeds_numpy_cannot_take_are_one_line_wherever_they_come_from(capfd, tmp_path, tiny_teacher_dir, small_corpus):
+    search = ["search", "--output", str(tmp_path / "s"), "--corpus", str(small_corpus), "--data-dir", str(tmp_path),
+              "--teacher", str(tiny_teacher_dir), "--no-progress"]
+    config = tmp_path / "seed.yaml"
+    config.write_text(f"seed: {BEYOND}\n")
+    cases = [
+        (_distill(tmp_path / "d", tiny_teacher_dir, small_corpus, "--seed", BEYOND), "invalid seed"),
+        (["glue", "--model", str(tiny_teacher_dir), "--output", str(tmp_path / "g"), "--seed", BEYOND], "invalid seed"),
+        (search + ["--seed", BEYOND], "invalid seed"),
+        (["bench", "--seed", BEYOND], "invalid seed"),
+        (["demo", "--data-dir", str(tmp_path), "--seed", BEYOND], "invalid seed"),
+        (_distill(tmp_path / "d", tiny_teacher_dir, small_corpus, "--config", str(config)), "invalid seed"),
+        (search + ["--verdict-seeds", f"5,{BEYOND}"], f"seed {BEYOND} is out of range"),
+        # derived seeds: SEED + k * 1000 for k = 1, 2
+        (search + ["--seed", str(2 ** 32 - 1296), "--verdict-seeds", "2"], "held-out seed 4294968000 is past"),
+    ]
+    for argv, message in cases:
+        code, err = _run(capfd, *argv)
+        assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "d").exists()
+    # the largest seed is taken
+    assert parse(_distill(tmp_path / "d", tiny_teacher_dir, small_corpus, "--seed", str(2 ** 32 - 1))).seed == 2 ** 32 - 1
+
+
+def test_the_demo_refuses_a_seed_whose_derived_seeds_overflow(capfd, tmp_path):
+    data = tmp_path / "data"
+    (data / "corpus").mkdir(parents=True)
+    (data / "glue").mkdir()
+    code, err = _run(capfd, "demo", "--data-dir", str(data), "--output", str(tmp_path / "demo"),
+                     "--seed", str(2 ** 32 - 10), "--no-progress")
+    assert code == 2 and len(err) == 1 and "the demo derives seeds up to" in err[0], err
+    assert not (tmp_path / "demo").exists()
+
+
+# --- paths -------------------------------------------------------------------------------------------
+
+def test_every_path_a_command_writes_is_checked_first(capfd, tmp_path, tiny_teacher_dir, small_corpus):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    a_dir = tmp_path / "a-dir"
+    a_dir.mkdir()
+    cases = [
+        (["bench", "--teacher", str(tiny_teacher_dir), "--output", "/proc/fastkd-bench.json"], "cannot be written"),
+        (["bench", "--teacher", str(tiny_teacher_dir), "--output", str(a_dir)], "is a directory"),
+        (["bench", "--teacher", str(tiny_teacher_dir), "--output", str(blocker / "bench.json")], "is a file"),
+        (_distill(tmp_path / "d1", tiny_teacher_dir, small_corpus, "--cache-dir", str(blocker)), "--cache-dir"),
+        (_distill(tmp_path / "d2", tiny_teacher_dir, small_corpus, "--cache-dir", "/proc/fastkd-cache"), "--cache-dir"),
+        (["search", "--output", str(tmp_path / "s"), "--corpus", str(small_corpus), "--data-dir", str(tmp_path),
+          "--teacher", str(tiny_teacher_dir), "--cache-dir", str(blocker), "--no-progress"], "--cache-dir"),
+    ]
+    for argv, message in cases:
+        code, err = _run(capfd, *argv)
+        assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
+    assert blocker.read_text() == "x" and list(a_dir.iterdir()) == []
+
+
+# --- a mapping that begins with '-' --------------------------------------------------------------------
+
+def test_a_mapping_beginning_with_a_dash_is_taken_as_its_value(capfd, tmp_path, tiny_teacher_dir, small_corpus):
+    for argv in (["--mapping", "-,-,4"], ["--mapping=-,-,4"]):
+        assert parse(_distill(tmp_path / "d", tiny_teacher_dir, small_corpus, "--student-layers", "3", *argv)).mapping \
+            == "-,-,4"
+    assert parse(["bench", "--mapping", "-,2"]).mapping == "-,2"
+    # ... and runs, supervising only the last student layer
+    assert main(_distill(tmp_path / "run", tiny_teacher_dir, small_corpus, "--student-layers", "3",
+                         "--mapping", "-,-,4")) == 0
+    assert json.loads((tmp_path / "run" / "student" / "fastkd.json").read_text())["mapping"] == "-,-,4"
+    # a flag where the value should be is still argparse's one line
+    code, err = _run(capfd, *_distill(tmp_path / "x", tiny_teacher_dir, small_corpus, "--mapping", "--seed", "1"))
+    assert code == 2 and len(err) == 1 and "--mapping: expected one argument" in err[0], err
+
+
+# --- a hostile config file ------------------------------------------------------------------------------
+
+def test_yaml_aliases_are_refused_before_they_expand(capfd, tmp_path):
+    laughs = tmp_path / "laughs.yaml"
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    laughs.write_text("\n".join(lines) + "\n")  # 9**9 strings once expanded
+    code, err = _run(capfd, "distill", "--config", str(laughs))
+    assert code == 2 and len(err) == 1 and "YAML aliases (*a, line 2) are not accepted" in err[0], err
+    plain = tmp_path / "plain.yaml"  # anchors without aliases are plain YAML
+    plain.write_text("batch_size: &b 4\nmax_steps: 3\n")
+    args = parse(["distill", "--config", str(plain)])
+    assert (args.batch_size, args.max_steps) == (4, 3)
+
+
+# --- a decoder given to glue ----------------------------------------------------------------------------
+
+def test_glue_refuses_a_model_outside_the_encoder_families_in_one_line(capfd, tmp_path, tiny_teacher_dir):
+    from transformers import GPT2Config, GPT2Model
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=2)).save_pretrained(gpt2)
+    shutil.copy(tiny_teacher_dir / "tokenizer.json", gpt2)
+    code, err = _run(capfd, "glue", "--model", str(gpt2), "--tasks", "rte", "--data-dir", str(tmp_path),
+                     "--output", str(tmp_path / "g"), "--no-progress")
+    assert code == 2 and len(err) == 1, err
+    assert "is a gpt2 model: fastkd glue fine-tunes encoders of these families" in err[0]
+
+
+# --- a corpus cache damaged inside its data -------------------------------------------------------------
+
+def test_a_corpus_cache_damaged_inside_its_arrow_data_is_rebuilt(tmp_path, tiny_teacher_dir, small_corpus, caplog):
+    from fastkd.corpus import load_corpus
+    from fastkd.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_teacher_dir))
+    first = load_corpus(str(small_corpus), tok, 32, tmp_path)
+    rows = [first[i]["input_ids"] for i in range(len(first))]
+    del first
+    (arrow,) = (tmp_path / "corpus").glob("*/*.arrow")
+    size = arrow.stat().st_size
+    with open(arrow, "r+b") as f:  # header and length intact: 0xFF over the middle of the token ids
+        f.seek(size // 3)
+        f.write(b"\xff" * min(20_000, size // 3))
+    with caplog.at_level("WARNING"):
+        again = load_corpus(str(small_corpus), tok, 32, tmp_path)
+    assert any("is damaged" in r.getMessage() and "changed since it was written" in r.getMessage()
+               for r in caplog.records), caplog.text
+    assert [again[i]["input_ids"] for i in range(len(again))] == rows
+    assert max(max(r) for r in rows) < tok.vocab_size
+
+
+# --- a real full disk -------------------------------------------------------------------------------------
+
+def _on_a_small_disk(tmp_path: Path, size_kib: int, fill_kib: int, argv: list[str]) -> tuple[int, str, list[str]]:
+    """Run `fastkd ARGV` with a tmpfs of `size_kib` mounted at tmp_path/disk, `fill_kib` of it taken by
+    a filler file; the mount lives in a mount namespace of its own (unshare), so the test needs no
+    privileges beyond what unshare grants and leaves no mount behind. Returns (exit code, stderr,
+    what the disk held afterwards)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed: no small real file system can be made here")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    listing = tmp_path / "listing.txt"
+    script = (f'mount -t tmpfs -o size={size_kib}k tmpfs "$1" || exit 90; '
+              f'head -c {fill_kib * 1024} /dev/zero > "$1/filler"; shift; '
+              f'"$@"; rc=$?; (cd "{disk}" && find . -mindepth 1 | sort) > "{listing}"; exit $rc')
+    namespace = ["unshare", "--mount"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
+    proc = subprocess.run([*namespace, "sh", "-c", script, "sh", str(disk), sys.executable, "-m", "fastkd", *argv],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode == 90 or "unshare failed" in proc.stderr:
+        pytest.skip(f"no tmpfs can be mounted here: {proc.stderr.strip()[-200:]}")
+    return proc.returncode, proc.stderr, listing.read_text().split()
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.strip() and " INFO " not in line and " WARNING " not in line]
+
+
+def test_a_real_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_staging(tmp_path, tiny_teacher_dir,
+                                                                                small_corpus):
+    # The checkpoint (student, Adam moments: ~12 MB) meets a 4 MB disk; config.json still fits.
+    out = tmp_path / "disk" / "run"
+    code, stderr, left = _on_a_small_disk(tmp_path, 4096, 3000, _distill(
+        out, tiny_teacher_dir, small_corpus, "--checkpoint-every", "1", "--cache-dir", str(tmp_path / "cache")))
+    err = _error_lines(stderr)
+    assert code == 2 and len(err) == 1 and "no space left on device writing" in err[0], stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert not [p for p in left if "tmp" in p or p.endswith("state.pt")], left  # no half-written checkpoint
+
+
+def test_a_real_full_disk_under_the_corpus_cache_is_one_line(tmp_path, tiny_teacher_dir, small_corpus):
+    code, stderr, left = _on_a_small_disk(tmp_path, 1024, 1020, _distill(
+        tmp_path / "out", tiny_teacher_dir, small_corpus, "--cache-dir", str(tmp_path / "disk" / "cache")))
+    err = _error_lines(stderr)
+    assert code == 2 and len(err) == 1 and "no space left on device writing" in err[0] and "--cache-dir" in err[0], \
+        stderr[-3000:]
+    assert not [p for p in left if ".build-" in p], left  # the build folder went with the failure
