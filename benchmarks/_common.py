@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import time
 from pathlib import Path
@@ -24,24 +23,16 @@ def quiet_logs() -> None:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from fastkd.machine import cpu_name as name
+
+    return name()
 
 
 def machine() -> dict:
-    import torch
-    import transformers
+    """The CPU and its kernel-deciding flags, the torch build and the libraries (fastkd.machine)."""
+    from fastkd.machine import describe
 
-    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
+    return describe()
 
 
 def _status_kib(field: str) -> float | None:

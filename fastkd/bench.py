@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -200,27 +199,16 @@ def measure_backend(backend: str, teacher_model, tokenizer, cfg: BenchConfig, de
 
 
 def environment(device: torch.device) -> dict:
-    import transformers
+    """The machine (fastkd.machine: CPU, its kernel-deciding flags, torch build, library versions)
+    and the device the numbers were taken on."""
+    from .machine import describe
 
-    info = {"device": device.type, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    info = describe()
+    info.update({"device": device.type, "torch": torch.__version__, "transformers": info["versions"]["transformers"],
+                 "threads": torch.get_num_threads(), "triton": info["versions"]["triton"]})
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
     return info
 
 

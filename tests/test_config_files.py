@@ -88,7 +88,7 @@ def test_a_distill_run_reruns_from_its_own_config_json(tmp_path, tiny_teacher_di
     ('{"bf16": "yes"}', ".json", "bf16 must be true or false (got 'yes')"),
     ('{"lr": null}', ".json", "lr may not be null"),
     ('{"init": "zeros"}', ".json", "init must be one of teacher, random (got 'zeros')"),
-    ('{"seed": -1}', ".json", "seed: invalid seed -1: give an integer >= 0"),
+    ('{"seed": -1}', ".json", "seed: invalid seed -1: give an integer from 0 to 4294967295"),
     ('{"batch_size": 8,', ".json", "not valid JSON"),
     ('{"batch-size": 8, "batch_size": 4}', ".json", "batch_size is given twice"),
     ("batch_size: [1, 2", ".yaml", "not valid YAML"),

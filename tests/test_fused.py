@@ -5,6 +5,7 @@ rather than falling back, because CI has the toolchain.
 """
 
 import logging
+import os
 
 import pytest
 import torch
@@ -251,10 +252,57 @@ def test_a_failed_build_falls_back_to_torch_with_one_line(monkeypatch, caplog, f
     assert lines == ["loss backend auto on cpu: cpp: no C++ compiler (c++) on PATH; using torch"]
 
 
-# --- the self-check before first use: faults injected into a backend, never into the check --------
-
 def _warnings(caplog):
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_damaged_cached_extension_is_built_again_before_it_is_loaded(tmp_path):
+    """A library cut short in the cache (a full disk, a killed copy): dlopen would kill the process
+    (SIGBUS) and ninja, seeing it newer than its sources, would keep it. Its SHA-256, recorded after
+    the build, is checked first: one warning, the folder cleared, built again. An intact copy loads
+    as it is. Each in a fresh process, as a later run meets it."""
+    import shutil
+    import subprocess
+    import sys
+
+    built = builder.cache_root() / f"fastkd_fused_cpu-{builder._build_key('cpu')}"
+    assert (built / builder.LIBRARY_RECORD).is_file(), "the module fixture built and recorded the extension"
+    script = (
+        "import logging\n"
+        "from pathlib import Path\n"
+        "from torch.utils import cpp_extension\n"
+        "from fastkd.ops import builder\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "real, calls = cpp_extension.load, []\n"
+        "def load(**kwargs):\n"
+        "    calls.append(sorted(p.name for p in Path(kwargs['build_directory']).iterdir()))\n"
+        "    return real(**kwargs) if any(n.endswith('.so') for n in calls[-1]) else 'rebuilt'  # (a build: 20 s)\n"
+        "cpp_extension.load = load\n"
+        "module = builder.load('cpu')\n"
+        "print(module if isinstance(module, str) else 'loaded', len(calls), calls[-1] == [])\n")
+
+    def later_run(cache):
+        out = subprocess.run([sys.executable, "-c", script], env={**os.environ, "FASTKD_CACHE": str(cache)},
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+        return out.stdout.split(), out.stderr
+
+    for case in ("intact", "cut"):
+        copy = tmp_path / case / "extensions" / built.name
+        shutil.copytree(built, copy)
+        if case == "cut":
+            (so,) = copy.glob("*.so")
+            so.write_bytes(so.read_bytes()[:4096])
+        (result, calls, empty), err = later_run(tmp_path / case)
+        if case == "intact":
+            assert (result, calls, empty) == ("loaded", "1", "False") and "damaged" not in err, err
+        else:
+            assert (result, calls, empty) == ("rebuilt", "1", "True"), err  # started from an empty folder
+            assert f"is damaged ({so.name} changed since it was built); building it again" in err, err
+
+
+# --- the self-check before first use: faults injected into a backend, never into the check --------
+
 
 
 def test_a_backend_that_raises_falls_back_with_one_line(monkeypatch, caplog, fresh_selection):

