@@ -32,8 +32,8 @@ $(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 test: install
 	$(PY) -m pytest -q
 
-# A fresh resolve within pyproject.toml's ranges (a new venv, no lock), its exact versions written to
-# $(LOCK), then the whole suite on them: commit $(LOCK) when it is green.
+# A fresh resolve within pyproject.toml's ranges (a new venv, no lock), then the whole suite on it;
+# only a green suite replaces $(LOCK) with the versions it ran (commit it then).
 lock:
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
@@ -43,11 +43,11 @@ lock:
 	{ echo "# Exact versions of a green \`make test\` (written by \`make lock\` on $$(date -u +%F), $$($(PY) -c \
 		'from fastkd.machine import cpu_name; print(cpu_name())')); read by make install as pip -c."; \
 	  echo "# Upgrading: \`make lock\` (a fresh resolve within pyproject.toml's ranges, then the tests)."; \
-	  $(PY) -m pip freeze --all --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > $(LOCK).tmp
-	mv $(LOCK).tmp $(LOCK)
+	  $(PY) -m pip freeze --all --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > $(LOCK).new
+	$(PY) -m pytest -q || { echo "make lock: the tests failed on the new versions; $(LOCK) is unchanged ($(LOCK).new holds them)"; exit 1; }
+	mv $(LOCK).new $(LOCK)
 	cp $(LOCK) $(VENV)/lock.txt
 	touch $(VENV)/.installed
-	$(PY) -m pytest -q
 
 # The CPU, its kernel-deciding flags, the torch build and the libraries (what CI prints first).
 machine: install

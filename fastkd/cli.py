@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         if is_full_disk(exc):  # a writer no `no_space_is_one_line` wraps: the OS's, SQLite's words
             filename = getattr(exc, "filename", None)
             where = f" writing {filename}" if filename else ""
-            print(f"fastkd {args.command}: error: no space left on device{where}: free some space and --resume",
+            again = {"bench": "run it again", "demo": "run the same command again"}.get(args.command, "--resume")
+            print(f"fastkd {args.command}: error: no space left on device{where}: free some space and {again}",
                   file=sys.stderr)
             return 2
         if isinstance(exc, Preempted):

@@ -56,15 +56,22 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FASTKD_CACHE", Path.home() / ".cache" / "fastkd"))
 
 
+def _cache_flag(cache_dir) -> str:
+    if cache_dir:
+        return "--cache-dir"
+    return "$FASTKD_CACHE" if os.environ.get("FASTKD_CACHE") else "the default cache (set FASTKD_CACHE or --cache-dir)"
+
+
 def check_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
-    """The corpus cache's folder, proven writable before any work (a file in its place, /proc, a
-    read-only disk are one line naming where the setting came from)."""
+    """The corpus cache's folder, usable before any work: a file in its place, or a folder that cannot
+    be made (under /proc, under a file), is one line naming where the setting came from. An existing
+    read-only cache is fine: its entries are read; building a missing one is checked when it happens."""
     from .io import check_writable_dir
 
-    if cache_dir:
-        return check_writable_dir(cache_dir, "--cache-dir")
-    flag = "$FASTKD_CACHE" if os.environ.get("FASTKD_CACHE") else "the default cache (set FASTKD_CACHE or --cache-dir)"
-    return check_writable_dir(default_cache_dir(), flag)
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    if root.is_dir():
+        return root
+    return check_writable_dir(root, _cache_flag(cache_dir))
 
 
 def clean_paragraph(line: str) -> str | None:
@@ -264,6 +271,9 @@ def load_corpus(source: str, tokenizer, max_seq_len: int, cache_dir: str | os.Pa
         if next(read_paragraphs(files), None) is None:
             raise UserError(f"corpus {source} holds no text (only blank lines or headings): give a non-empty corpus")
 
+    from .io import check_writable_dir
+
+    check_writable_dir(target.parent, _cache_flag(cache_dir))  # a read-only cache without this entry
     with no_space_is_one_line(target, "free some space, or give --cache-dir (or $FASTKD_CACHE) on a larger disk"), \
             (contextlib.nullcontext() if progress else _quiet_datasets()):
         _build(source, text_ds, files if text_ds is None else None, tokenizer, max_seq_len, num_proc, target)

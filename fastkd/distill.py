@@ -86,8 +86,8 @@ def prepare_output(cfg: DistillConfig) -> Path:
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file: give a directory")
     saved = read_run_config(output)
+    check_cache_dir(cfg.cache_dir)  # first: a refusal leaves no new output folder behind
     check_writable_dir(output)  # before the corpus and the teacher are loaded, not after
-    check_cache_dir(cfg.cache_dir)
     if saved is None:
         if output.exists() and any(not is_bookkeeping(p.name) for p in output.iterdir()):
             raise UserError(f"--output {output} is not empty and holds no fastkd run: choose an empty or new directory")

