@@ -112,7 +112,22 @@ def test_every_flag_is_explained():
                 assert action.help and len(action.help) > 10, (name, action.dest)
 
 
-def test_console_script_end_to_end(tmp_path, tiny_teacher_dir, small_corpus):
+def runpy_main(argv: list[str]) -> int:
+    """`python -m fastkd ARGV` in this process: fastkd/__main__.py run as __main__, its exit status."""
+    import runpy
+
+    old = sys.argv
+    sys.argv = ["fastkd", *argv]
+    try:
+        runpy.run_module("fastkd", run_name="__main__")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = old
+    return 0
+
+
+def test_console_script_end_to_end(tmp_path, tiny_teacher_dir, small_corpus, capfd):
     """The installed entry point: a real run that AutoModel loads, and a bad flag as one line."""
     exe = [sys.executable, "-m", "fastkd"]
     out = tmp_path / "run"
@@ -124,11 +139,14 @@ def test_console_script_end_to_end(tmp_path, tiny_teacher_dir, small_corpus):
     from transformers import AutoModel
 
     assert AutoModel.from_pretrained(out / "student").config.num_hidden_layers == 2
-    bad = subprocess.run(exe + ["distill", "--corpus", str(small_corpus), "--output", str(tmp_path / "x"),
-                                "--mapping", "9,9,9"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2
-    assert bad.stderr.strip().count("\n") == 0 and "teacher has layers 1..6" in bad.stderr
-    help_text = subprocess.run(exe + ["distill", "--help"], capture_output=True, text=True, timeout=300).stdout
+    # A refusal and the help through the same entry point, in this process (each start costs ~6 s of imports).
+    capfd.readouterr()
+    assert runpy_main(["distill", "--corpus", str(small_corpus), "--output", str(tmp_path / "x"),
+                       "--mapping", "9,9,9"]) == 2
+    err = capfd.readouterr().err
+    assert err.strip().count("\n") == 0 and "teacher has layers 1..6" in err
+    assert runpy_main(["distill", "--help"]) == 0
+    help_text = capfd.readouterr().out
     assert "--mapping" in help_text and "random:SEED" in help_text
 
 

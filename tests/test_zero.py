@@ -86,7 +86,7 @@ def _metrics(run: Path) -> list[dict]:
 
 FAMILIES = ("distilbert", "albert", "modernbert", "deberta-v2", "mpnet")  # BERT: the other runs
 EXPORT_CASES = [(2, False, False), (3, False, True), (2, True, True)]
-STRAIGHT = dict(max_steps=10, checkpoint_every=2, keep_checkpoints=2)  # the kill test's uninterrupted run
+STRAIGHT = dict(max_steps=16, checkpoint_every=2, keep_checkpoints=2)  # the kill test's uninterrupted run
 
 
 class Batch:
@@ -196,73 +196,59 @@ def _rank_pids(launcher: subprocess.Popen) -> list[int]:
             if any("fastkd_entry.py" in part for part in p.cmdline()) and "--local_rank=1" in " ".join(p.cmdline())]
 
 
-def test_kill_9_or_sigterm_of_a_rank_then_resume_reaches_the_uninterrupted_parameters(tmp_path, zero_batch,
-                                                                                      tiny_teacher_dir):
-    common = STRAIGHT
+def _complete_steps(out: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*/fastkd-complete"))
+
+
+def test_kill_9_then_sigterm_of_a_rank_then_resume_reaches_the_uninterrupted_parameters(tmp_path, zero_batch,
+                                                                                        tiny_teacher_dir):
+    """One run, interrupted twice as a cluster does it: kill -9 of rank 1, then --resume, whose rank 1
+    gets SIGTERM (what a scheduler sends: every rank checkpoints at the same step and stops with one
+    line), then --resume to the end: the weights are bit-identical to the uninterrupted run's."""
     straight = zero_batch.output("straight")
-    small_corpus = zero_batch.root / "wiki-small.txt"
+    corpus = zero_batch.root / "wiki-small.txt"
+    out = tmp_path / "interrupted"
+    flags = _flags(tiny_teacher_dir, corpus, out, **STRAIGHT)
+    last = STRAIGHT["max_steps"]
 
-    out = tmp_path / "killed"
-    job = _launch(tmp_path, DS / "zero2.json", _flags(tiny_teacher_dir, small_corpus, out, **common), wait=False,
-                  port_offset=1)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:  # wait for a whole checkpoint past the first, then kill rank 1
-            done = sorted((out / "checkpoints").glob("step-*/fastkd-complete"))
-            if len(done) >= 2 or job.poll() is not None:
-                break
-            time.sleep(0.2)
-        assert job.poll() is None, "the run finished before it could be killed: " + job.stdout.read()[-2000:]
-        victims = _rank_pids(job)
-        assert victims, "rank 1 not found among the launcher's children"
-        os.kill(victims[0], signal.SIGKILL)
-        job.wait(timeout=120)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-    assert job.returncode != 0
-    rows_before = _metrics(out)
-    assert not (out / "student").exists() and rows_before[-1]["step"] < 10
+    def interrupt(job, sig, after: int) -> str:
+        """Send `sig` to rank 1 once a checkpoint past step `after` is complete; the launcher's log."""
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and job.poll() is None:
+                if any(step > after for step in _complete_steps(out)):
+                    break
+                time.sleep(0.1)
+            victims = _rank_pids(job)
+            assert job.poll() is None and victims, "the run ended before the signal: " + (job.stdout.read() or "")[-2000:]
+            os.kill(victims[0], sig)
+            return job.communicate(timeout=300)[0]
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
 
-    resumed = _launch(tmp_path, DS / "zero2.json", _flags(tiny_teacher_dir, small_corpus, out, resume=True, **common),
-                      port_offset=2)
-    assert "resumed from" in resumed.stdout + resumed.stderr  # continued from a checkpoint, not from step 0
-    assert [r["step"] for r in _metrics(out)] == list(range(1, 11))
+    job = _launch(tmp_path, DS / "zero2.json", flags, wait=False, port_offset=1)
+    interrupt(job, signal.SIGKILL, after=2)  # a whole checkpoint past the first
+    assert job.returncode != 0 and not (out / "student").exists() and _metrics(out)[-1]["step"] < last
+    resumed_from = _complete_steps(out)[-1]
+
+    job = _launch(tmp_path, DS / "zero2.json", flags + ["--resume"], wait=False, port_offset=2)
+    log = interrupt(job, signal.SIGTERM, after=resumed_from)
+    assert "resumed from" in log, log[-3000:]  # continued from a checkpoint, not from step 0
+    # Both ranks write the line at once: they may share one line of the launcher's merged output.
+    stops = re.findall(r"fastkd distill: stopped by SIGTERM after step (\d+):", log)
+    assert len(stops) == 2 and len(set(stops)) == 1, log[-3000:]  # both ranks, one step
+    stopped_at = int(stops[0])
+    assert resumed_from < stopped_at < last and stopped_at in _complete_steps(out)
+    assert not (out / "student").exists()
+
+    _launch(tmp_path, DS / "zero2.json", flags + ["--resume"], port_offset=3)
+    assert [r["step"] for r in _metrics(out)] == list(range(1, last + 1))
     a = load_file(straight / "student" / "model.safetensors")
     b = load_file(out / "student" / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-
-    # SIGTERM (what a scheduler sends) to rank 1 alone: every rank checkpoints at the same step and
-    # stops with one line; --resume then reaches the uninterrupted parameters too.
-    out = tmp_path / "sigterm"
-    job = _launch(tmp_path, DS / "zero2.json", _flags(tiny_teacher_dir, small_corpus, out, **common), wait=False,
-                  port_offset=3)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and job.poll() is None:
-            if list((out / "checkpoints").glob("step-*/fastkd-complete")):
-                break
-            time.sleep(0.1)
-        victims = _rank_pids(job)
-        assert job.poll() is None and victims, "the run ended before the signal: " + (job.stdout.read() or "")[-2000:]
-        os.kill(victims[0], signal.SIGTERM)
-        log = job.communicate(timeout=300)[0]
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-    # Both ranks write the line at once: they may share one line of the launcher's merged output.
-    stops = re.findall(r"fastkd distill: stopped by SIGTERM after step (\d+):", log)
-    assert len(stops) == 2 and len(set(stops)) == 1, log[-3000:]  # both ranks, one step
-    stopped_at = int(stops[0])
-    assert stopped_at < 10 and (out / "checkpoints" / f"step-{stopped_at:08d}" / "fastkd-complete").is_file()
-    assert not (out / "student").exists()
-    _launch(tmp_path, DS / "zero2.json", _flags(tiny_teacher_dir, small_corpus, out, resume=True, **common),
-            port_offset=4)
-    c = load_file(out / "student" / "model.safetensors")
-    for key in a:
-        assert torch.equal(a[key], c[key]), key
 
 
 def test_a_bad_corpus_stops_every_rank_with_one_line(tmp_path, tiny_teacher_dir):
@@ -279,16 +265,21 @@ def test_a_bad_corpus_stops_every_rank_with_one_line(tmp_path, tiny_teacher_dir)
     assert "Traceback" not in text
 
 
-def test_a_config_whose_batch_disagrees_with_the_flags_is_one_line(tmp_path, tiny_teacher_dir, small_corpus):
+def test_a_config_whose_batch_disagrees_with_the_flags_is_one_line(tmp_path, tiny_teacher_dir, small_corpus, capfd,
+                                                                     monkeypatch):
+    # Refused before any process group exists (in this process: nothing distributed is started).
+    from fastkd.cli import main
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
-    cmd = [sys.executable, "-m", "fastkd", "distill", "--deepspeed", str(bad)] + _flags(
-        tiny_teacher_dir, small_corpus, tmp_path / "out", batch_size=4)
-    out = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2, out.stderr[-2000:]
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    capfd.readouterr()
+    assert main(["distill", "--deepspeed", str(bad)] + _flags(tiny_teacher_dir, small_corpus, tmp_path / "out",
+                                                               batch_size=4)) == 2
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
     assert lines[-1].startswith("fastkd distill: error: --deepspeed") and "train_micro_batch_size_per_gpu" in lines[-1]
-    assert "Traceback" not in out.stderr
+    assert "Traceback" not in err and not torch.distributed.is_initialized()
     assert not (tmp_path / "out").exists()
 
 
