@@ -136,3 +136,17 @@ def small_corpus(tmp_path, wikitext) -> Path:
     path = tmp_path / "wiki-small.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def run_cli(capfd, *argv) -> tuple[int, list[str]]:
+    """`fastkd ARGV` in this process: its exit code and its stderr lines, logging and progress bars
+    left out (what a user reads as the command's own words)."""
+    from fastkd.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # refused by the parser itself
+        code = exc.code
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip() and " INFO " not in line
+           and " WARNING " not in line and "it/s]" not in line and "examples/s]" not in line]
+    return code, err

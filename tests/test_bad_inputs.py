@@ -18,15 +18,7 @@ from fastkd.cli import main, parse
 
 BEYOND = str(2 ** 32)  # numpy's legacy seeds end at 2**32 - 1
 
-
-def _run(capfd, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # refused by the parser itself
-        code = exc.code
-    err = [line for line in capfd.readouterr().err.splitlines() if line.strip() and " INFO " not in line
-           and " WARNING " not in line and "it/s]" not in line]
-    return code, err
+from conftest import run_cli
 
 
 def _distill(out, teacher, corpus, *extra):
@@ -54,7 +46,7 @@ def test_seeds_numpy_cannot_take_are_one_line_wherever_they_come_from(capfd, tmp
         (search + ["--verdict-seeds", str(10 ** 10)], "is past 4294967295"),  # refused before the list is made
     ]
     for argv, message in cases:
-        code, err = _run(capfd, *argv)
+        code, err = run_cli(capfd, *argv)
         assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
     assert not (tmp_path / "s").exists() and not (tmp_path / "d").exists()
     # the largest seed is taken
@@ -65,7 +57,7 @@ def test_the_demo_refuses_a_seed_whose_derived_seeds_overflow(capfd, tmp_path):
     data = tmp_path / "data"
     (data / "corpus").mkdir(parents=True)
     (data / "glue").mkdir()
-    code, err = _run(capfd, "demo", "--data-dir", str(data), "--output", str(tmp_path / "demo"),
+    code, err = run_cli(capfd, "demo", "--data-dir", str(data), "--output", str(tmp_path / "demo"),
                      "--seed", str(2 ** 32 - 10), "--no-progress")
     assert code == 2 and len(err) == 1 and "the demo derives seeds up to" in err[0], err
     assert not (tmp_path / "demo").exists()
@@ -88,7 +80,7 @@ def test_every_path_a_command_writes_is_checked_first(capfd, tmp_path, tiny_teac
           "--teacher", str(tiny_teacher_dir), "--cache-dir", str(blocker), "--no-progress"], "--cache-dir"),
     ]
     for argv, message in cases:
-        code, err = _run(capfd, *argv)
+        code, err = run_cli(capfd, *argv)
         assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
     assert blocker.read_text() == "x" and list(a_dir.iterdir()) == []
     assert not [p.name for p in tmp_path.iterdir() if p.name in ("d1", "d2", "s")]  # no output made for nothing
@@ -106,7 +98,7 @@ def test_a_mapping_beginning_with_a_dash_is_taken_as_its_value(capfd, tmp_path, 
                          "--mapping", "-,-,4")) == 0
     assert json.loads((tmp_path / "run" / "student" / "fastkd.json").read_text())["mapping"] == "-,-,4"
     # a flag where the value should be is still argparse's one line
-    code, err = _run(capfd, *_distill(tmp_path / "x", tiny_teacher_dir, small_corpus, "--mapping", "--seed", "1"))
+    code, err = run_cli(capfd, *_distill(tmp_path / "x", tiny_teacher_dir, small_corpus, "--mapping", "--seed", "1"))
     assert code == 2 and len(err) == 1 and "--mapping: expected one argument" in err[0], err
 
 
@@ -118,12 +110,12 @@ def test_yaml_aliases_are_refused_before_they_expand(capfd, tmp_path):
     for prev, name in zip("abcdefgh", "bcdefghi"):
         lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
     laughs.write_text("\n".join(lines) + "\n")  # 9**9 strings once expanded
-    code, err = _run(capfd, "distill", "--config", str(laughs))
+    code, err = run_cli(capfd, "distill", "--config", str(laughs))
     assert code == 2 and len(err) == 1 and "YAML aliases (*a, line 2) are not accepted" in err[0], err
     for name, text in (("deep.yaml", "[" * 20_000), ("deep.json", "[" * 100_000 + "]" * 100_000),
                        ("sections.json", '{"a": ' * 5_000 + "1" + "}" * 5_000)):
         (tmp_path / name).write_text(text)
-        code, err = _run(capfd, "distill", "--config", str(tmp_path / name))
+        code, err = run_cli(capfd, "distill", "--config", str(tmp_path / name))
         assert code == 2 and len(err) == 1 and "nested too deeply" in err[0], (name, err)
     plain = tmp_path / "plain.yaml"  # anchors without aliases are plain YAML
     plain.write_text("batch_size: &b 4\nmax_steps: 3\n")
@@ -139,7 +131,7 @@ def test_glue_refuses_a_model_outside_the_encoder_families_in_one_line(capfd, tm
     gpt2 = tmp_path / "gpt2"
     GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=2)).save_pretrained(gpt2)
     shutil.copy(tiny_teacher_dir / "tokenizer.json", gpt2)
-    code, err = _run(capfd, "glue", "--model", str(gpt2), "--tasks", "rte", "--data-dir", str(tmp_path),
+    code, err = run_cli(capfd, "glue", "--model", str(gpt2), "--tasks", "rte", "--data-dir", str(tmp_path),
                      "--output", str(tmp_path / "g"), "--no-progress")
     assert code == 2 and len(err) == 1, err
     assert "is a gpt2 model: fastkd glue fine-tunes encoders of these families" in err[0]

@@ -18,21 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastkd.cli import main
 from fastkd.config import DistillConfig
 from fastkd.distill import build_run, run_distill
 from fastkd.training import Preempted, train
 from fastkd.errors import UserError
 
-
-def _run(capfd, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # refused by the parser itself
-        code = exc.code
-    err = [line for line in capfd.readouterr().err.splitlines() if line.strip() and " INFO " not in line
-           and " WARNING " not in line and "it/s]" not in line and "examples/s]" not in line]
-    return code, err
+from conftest import run_cli
 
 
 def _distill_argv(out, teacher, corpus, *extra):
@@ -55,7 +46,7 @@ def test_an_unwritable_output_is_one_line_before_any_work(capfd, tmp_path, tiny_
     for argv in (_distill_argv(out, tiny_teacher_dir, small_corpus),
                  ["glue", "--model", str(tiny_teacher_dir), "--tasks", "rte", "--data-dir", str(tmp_path),
                   "--output", str(out), "--no-progress"]):
-        code, err = _run(capfd, *argv)
+        code, err = run_cli(capfd, *argv)
         assert code == 2 and len(err) == 1, err
         assert "cannot be written" in err[0] and str(out) in err[0], err
 
@@ -67,14 +58,14 @@ def test_damaged_weights_and_foreign_models_are_one_line(capfd, tmp_path, tiny_t
         weights = bad / "model.safetensors"
         data = weights.read_bytes()
         weights.write_bytes(content if content is not None else data[: len(data) // 2])
-        code, err = _run(capfd, *_distill_argv(tmp_path / "out", bad, small_corpus))
+        code, err = run_cli(capfd, *_distill_argv(tmp_path / "out", bad, small_corpus))
         assert code == 2 and len(err) == 1 and "model.safetensors is damaged" in err[0], err
     gpt2 = tmp_path / "gpt2"
     from transformers import GPT2Config
 
     GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(gpt2)
     shutil.copy(tiny_teacher_dir / "tokenizer.json", gpt2)
-    code, err = _run(capfd, *_distill_argv(tmp_path / "out2", gpt2, small_corpus))
+    code, err = run_cli(capfd, *_distill_argv(tmp_path / "out2", gpt2, small_corpus))
     assert code == 2 and len(err) == 1 and "is a gpt2 model; fastkd distills these encoder families" in err[0], err
 
 
@@ -84,13 +75,13 @@ def test_damaged_weights_and_foreign_models_are_one_line(capfd, tmp_path, tiny_t
     (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
 ])
 def test_bad_values_are_refused(capfd, tmp_path, tiny_teacher_dir, small_corpus, flags, message):
-    code, err = _run(capfd, *_distill_argv(tmp_path / "out", tiny_teacher_dir, small_corpus, *flags))
+    code, err = run_cli(capfd, *_distill_argv(tmp_path / "out", tiny_teacher_dir, small_corpus, *flags))
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out" / "config.json").exists()
 
 
 def test_dev_null_as_corpus_and_empty_proxy_tasks(capfd, tmp_path, tiny_teacher_dir):
-    code, err = _run(capfd, *_distill_argv(tmp_path / "out", tiny_teacher_dir, "/dev/null"))
+    code, err = run_cli(capfd, *_distill_argv(tmp_path / "out", tiny_teacher_dir, "/dev/null"))
     assert code == 2 and "is not a regular file or directory" in err[0], err
     from fastkd.glue.tasks import parse_tasks
 
@@ -280,7 +271,7 @@ def test_resume_checks_the_corpus_files_not_only_their_path(capfd, tmp_path, tin
 def test_the_launcher_may_put_local_rank_before_the_command(capfd, monkeypatch, tmp_path):
     """`deepspeed $(which fastkd) distill ...` runs `fastkd --local_rank=N distill ...`."""
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    code, err = _run(capfd, "--local_rank=1", "distill", "--corpus", str(tmp_path / "missing.txt"),
+    code, err = run_cli(capfd, "--local_rank=1", "distill", "--corpus", str(tmp_path / "missing.txt"),
                      "--output", str(tmp_path / "o"), "--no-progress")
     assert code == 2 and "not found" in err[0], err  # parsed as distill's own flags, refused for the corpus
     assert os.environ["LOCAL_RANK"] == "1"

@@ -34,8 +34,10 @@ def _split_zip(model_dir, tmp_path, parts=5) -> list:
     return paths
 
 
-def test_the_split_teacher_is_assembled_once_into_the_cache(tmp_path, tiny_teacher_dir, monkeypatch):
-    parts = _split_zip(tiny_teacher_dir, tmp_path)
+def _serve_split_teacher(monkeypatch, tmp_path, model_dir) -> list:
+    """fastkd.zoo reads the parts of a tiny model split like the real packages, into tmp_path/cache;
+    the returned list grows by one each time the parts are read (one assembly)."""
+    parts = _split_zip(model_dir, tmp_path)
     calls = []
 
     def readers(tmp):
@@ -45,6 +47,11 @@ def test_the_split_teacher_is_assembled_once_into_the_cache(tmp_path, tiny_teach
     monkeypatch.setattr(zoo, "_part_readers", readers)
     monkeypatch.setattr(zoo, "MPNET_SHA256", _sha(parts))
     monkeypatch.setenv("FASTKD_CACHE", str(tmp_path / "cache"))
+    return calls
+
+
+def test_the_split_teacher_is_assembled_once_into_the_cache(tmp_path, tiny_teacher_dir, monkeypatch):
+    calls = _serve_split_teacher(monkeypatch, tmp_path, tiny_teacher_dir)
     stale = tmp_path / "cache" / "teachers" / ".all-mpnet-base-v2-killed"  # a killed assembly's staging
     stale.mkdir(parents=True)
     (stale / "model.zip").write_bytes(b"half")
@@ -105,10 +112,7 @@ def test_a_download_killed_half_way_is_removed_by_the_next_start(tmp_path, tiny_
         proc.wait(timeout=60)
     assert [p.name.startswith(".download-") for p in teachers.iterdir() if p.is_dir()] == [True]
 
-    parts = _split_zip(tiny_teacher_dir, tmp_path)
-    monkeypatch.setattr(zoo, "_part_readers", lambda tmp: [lambda p=p: open(p, "rb") for p in parts])
-    monkeypatch.setattr(zoo, "MPNET_SHA256", _sha(parts))
-    monkeypatch.setenv("FASTKD_CACHE", str(cache))
+    _serve_split_teacher(monkeypatch, tmp_path, tiny_teacher_dir)  # (its cache: tmp_path/cache)
     resolve_model_path("mpnet-base")
     assert sorted(p.name for p in teachers.iterdir()) == [".all-mpnet-base-v2.lock", "all-mpnet-base-v2"]
     # An assembly killed after another had finished: the next start finds the teacher and the leftovers.
@@ -120,16 +124,7 @@ def test_a_download_killed_half_way_is_removed_by_the_next_start(tmp_path, tiny_
 
 def test_a_damaged_assembled_teacher_is_assembled_again_with_one_warning(tmp_path, tiny_teacher_dir, monkeypatch,
                                                                           caplog):
-    parts = _split_zip(tiny_teacher_dir, tmp_path)
-    calls = []
-
-    def readers(tmp):
-        calls.append(tmp)
-        return [lambda p=p: open(p, "rb") for p in parts]
-
-    monkeypatch.setattr(zoo, "_part_readers", readers)
-    monkeypatch.setattr(zoo, "MPNET_SHA256", _sha(parts))
-    monkeypatch.setenv("FASTKD_CACHE", str(tmp_path / "cache"))
+    calls = _serve_split_teacher(monkeypatch, tmp_path, tiny_teacher_dir)
     path = resolve_model_path("mpnet-base")
     weights = next(p for p in (tmp_path / "cache" / "teachers" / "all-mpnet-base-v2").iterdir()
                    if p.suffix == ".safetensors")
