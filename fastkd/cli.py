@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -294,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
             again = {"bench": "run it again", "demo": "run the same command again"}.get(args.command, "--resume")
             print(f"fastkd {args.command}: error: no space left on device{where}: free some space and {again}",
                   file=sys.stderr)
+            return 2
+        if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:  # any path a user gave, wherever used
+            name = str(exc.filename or "")
+            print(f"fastkd {args.command}: error: a path is longer than the file system takes "
+                  f"({name[:60]}{'...' if len(name) > 60 else ''}): give a shorter one", file=sys.stderr)
             return 2
         if isinstance(exc, Preempted):
             if args.command == "demo":

@@ -78,26 +78,30 @@ PROBE_BYTES = 1 << 16
 
 
 def _cannot_write_more(folder: Path) -> bool:
-    """Whether a small write (and its fsync) into `folder`, or its nearest existing parent, fails for
-    want of space or quota: asked of the disk itself, so a quota counts as well as a full disk."""
+    """Whether a small write (and its fsync) into `folder`, or its nearest existing parent, fails or
+    comes back short for want of space or quota: asked of the disk itself, so a quota counts as well
+    as a full disk. Never raises."""
     for above in (folder, *folder.parents):
-        if above.is_dir():
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".fastkd-space-probe-", dir=above)
             break
+        except FileNotFoundError:
+            continue  # (removed meanwhile, or never made): the next folder up is on the same disk
+        except OSError as exc:
+            return exc.errno in (errno.ENOSPC, errno.EDQUOT)
     else:
         return False
     try:
-        fd, probe = tempfile.mkstemp(prefix=".fastkd-space-probe-", dir=above)
-    except OSError as exc:
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    try:
-        os.write(fd, b"\0" * PROBE_BYTES)
+        written = os.write(fd, b"\0" * PROBE_BYTES)
         os.fsync(fd)
-        return False
+        return written < PROBE_BYTES
     except OSError as exc:
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
     finally:
-        os.close(fd)
-        os.unlink(probe)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
 
 
 def is_full_disk(exc: BaseException, where: str | os.PathLike | None = None) -> bool:
@@ -113,7 +117,8 @@ def is_full_disk(exc: BaseException, where: str | os.PathLike | None = None) -> 
             return True
         if any(words in str(cause) for words in FULL_DISK_WORDS):
             return True
-        cause = cause.__cause__ or cause.__context__
+        # (a context the code chose to hide, `raise ... from None`, was dealt with: not this error's cause)
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
     text = str(exc)
     if where is None or not isinstance(exc, RuntimeError) or not any(w in text for w in TORCH_SHORT_WRITE):
         return False

@@ -66,6 +66,11 @@ def _is_hub_id(name: str) -> bool:
 
 def load_config(name: str | None, what: str = "teacher"):
     path = resolve_model_path(name)
+    try:
+        Path(path).exists()
+    except OSError as exc:  # a name no file system takes (ENAMETOOLONG): Path.is_dir re-raises it
+        raise UserError(f"{what} {path[:60]}...: not a usable path or hub name ({exc.strerror}); pass a model "
+                        "directory, a hub name, or 'default'") from None
     if Path(path).is_dir():
         if not (Path(path) / "config.json").is_file():
             raise UserError(f"{what} directory {path} has no config.json: point at a saved Hugging Face model")

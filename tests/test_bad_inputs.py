@@ -86,6 +86,17 @@ def test_every_path_a_command_writes_is_checked_first(capfd, tmp_path, tiny_teac
     assert not [p.name for p in tmp_path.iterdir() if p.name in ("d1", "d2", "s")]  # no output made for nothing
 
 
+def test_paths_longer_than_the_file_system_takes_are_one_line(capfd, tmp_path, tiny_teacher_dir, small_corpus):
+    long = "x" * 300  # past NAME_MAX (255)
+    for argv, message in (
+        (_distill(tmp_path / long, tiny_teacher_dir, small_corpus), "a path is longer than the file system takes"),
+        (_distill(tmp_path / "d", tiny_teacher_dir, tmp_path / long), "a path is longer than the file system takes"),
+        (_distill(tmp_path / "d", long, small_corpus), "not a usable path or hub name"),
+    ):
+        code, err = run_cli(capfd, *argv)
+        assert code == 2 and len(err) == 1 and message in err[0], (argv[:4], err)
+
+
 # --- a mapping that begins with '-' --------------------------------------------------------------------
 
 def test_a_mapping_beginning_with_a_dash_is_taken_as_its_value(capfd, tmp_path, tiny_teacher_dir, small_corpus):

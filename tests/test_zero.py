@@ -219,8 +219,11 @@ def test_kill_9_then_sigterm_of_a_rank_then_resume_reaches_the_uninterrupted_par
                 if any(step > after for step in _complete_steps(out)):
                     break
                 time.sleep(0.1)
+            if job.poll() is not None:
+                raise AssertionError("the run ended before the signal: " + job.communicate()[0][-2000:])
+            assert any(step > after for step in _complete_steps(out)), f"no checkpoint past step {after} in 300 s"
             victims = _rank_pids(job)
-            assert job.poll() is None and victims, "the run ended before the signal: " + (job.stdout.read() or "")[-2000:]
+            assert victims, "rank 1 not found among the launcher's children"
             os.kill(victims[0], sig)
             return job.communicate(timeout=300)[0]
         finally:
@@ -234,7 +237,7 @@ def test_kill_9_then_sigterm_of_a_rank_then_resume_reaches_the_uninterrupted_par
 
     job = _launch(tmp_path, DS / "zero2.json", flags + ["--resume"], wait=False, port_offset=2)
     log = interrupt(job, signal.SIGTERM, after=resumed_from)
-    assert "resumed from" in log, log[-3000:]  # continued from a checkpoint, not from step 0
+    assert f"(step {resumed_from})" in log, log[-3000:]  # continued from the kill's checkpoint, not from 0
     # Both ranks write the line at once: they may share one line of the launcher's merged output.
     stops = re.findall(r"fastkd distill: stopped by SIGTERM after step (\d+):", log)
     assert len(stops) == 2 and len(set(stops)) == 1, log[-3000:]  # both ranks, one step
@@ -242,7 +245,8 @@ def test_kill_9_then_sigterm_of_a_rank_then_resume_reaches_the_uninterrupted_par
     assert resumed_from < stopped_at < last and stopped_at in _complete_steps(out)
     assert not (out / "student").exists()
 
-    _launch(tmp_path, DS / "zero2.json", flags + ["--resume"], port_offset=3)
+    final = _launch(tmp_path, DS / "zero2.json", flags + ["--resume"], port_offset=3)
+    assert f"(step {stopped_at})" in final.stdout + final.stderr  # from the SIGTERM's checkpoint, not from 0
     assert [r["step"] for r in _metrics(out)] == list(range(1, last + 1))
     a = load_file(straight / "student" / "model.safetensors")
     b = load_file(out / "student" / "model.safetensors")

@@ -111,18 +111,19 @@ def load(kind: str):
 
         key = _build_key(kind)
         build_dir = cache_root() / f"fastkd_fused_{kind}-{key}"
-        build_dir.mkdir(parents=True, exist_ok=True)
         cflags, ldflags, cuda = _flags(kind)
-        if not any(build_dir.glob("*.so")):
-            lock = build_dir / "lock"
-            # torch waits on this file without a timeout; a build killed half-way leaves it behind.
-            if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
-                log.warning("removing a stale build lock left by an interrupted build: %s", lock)
-                lock.unlink(missing_ok=True)
-            log.info("building the %s loss extension (first use, about a minute) in %s", kind, build_dir)
+        try:
+            build_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            reason = (f"the extension cache {build_dir.parent} cannot be written ({exc.strerror or exc}); set "
+                      "FASTKD_CACHE to a writable directory")
+    if reason is None:
         try:
             # One process at a time checks, clears, builds and records (the ranks of a launch arrive together).
-            with _build_lock(build_dir):
+            with _build_lock(build_dir) as locked:
+                _remove_stale_torch_lock(build_dir, locked)
+                if not any(build_dir.glob("*.so")):
+                    log.info("building the %s loss extension (first use, about a minute) in %s", kind, build_dir)
                 problem = _cached_library_problem(build_dir)
                 if problem is not None:
                     # dlopen of a damaged library kills the process (SIGBUS), and ninja, seeing it newer
@@ -164,19 +165,34 @@ def _library_digest(path: Path) -> str:
 
 @contextlib.contextmanager
 def _build_lock(build_dir: Path):
-    """An flock beside the build folder (released when the process ends, however it ends); none where
-    the cache is read-only (nothing is built or recorded there then)."""
+    """An flock beside the build folder (released when the process ends, however it ends); yields
+    whether it is held (not where the file system takes no locks: torch's own lock file still
+    serialises the build there)."""
     try:
         f = open(build_dir.parent / f".{build_dir.name}.lock", "a")
     except OSError:
-        yield
+        yield False
         return
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX)
         except OSError:
-            pass  # a file system without locks: torch's own build lock still serialises the build
-        yield
+            yield False
+            return
+        yield True
+
+
+def _remove_stale_torch_lock(build_dir: Path, locked: bool) -> None:
+    """torch waits on build_dir/lock without a timeout, and a build killed half-way (SIGKILL, a
+    scheduler's SIGTERM) leaves it behind. Holding the flock, no fastkd build can be inside torch's
+    lock: it goes. Without the flock, only one old enough to belong to a dead build goes."""
+    lock = build_dir / "lock"
+    try:
+        if lock.exists() and (locked or time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS):
+            log.warning("removing a build lock left by an interrupted build: %s", lock)
+            lock.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _record_library(build_dir: Path) -> None:

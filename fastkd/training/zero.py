@@ -11,6 +11,7 @@ barrier: a tag without it (a rank killed half-way) is never resumed from and is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -212,11 +213,12 @@ class ZeroEngine(StepEngine):
                 client_state = {"fastkd": {**self.bookkeeping(), "world": self.world}}
                 self.ds_engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
         except UserError:
-            # A full disk: this tag never gets its marker, so nothing of it is ever read; its shards
-            # go now rather than keep the disk full (every rank removes what it finds).
-            tmp.unlink(missing_ok=True)
-            if not (target / COMPLETE).exists():
-                shutil.rmtree(target, ignore_errors=True)
+            # A full disk: this tag never gets its marker, so nothing of it is ever read. Each rank
+            # removes the files it names itself (another may still be writing beside them); DeepSpeed's
+            # shards of the torn tag go at the next checkpoint written (its sweep of unfinished tags).
+            for own in (tmp, rng_file):
+                with contextlib.suppress(OSError):
+                    own.unlink()
             raise
         torch.distributed.barrier()  # every rank's shards are on disk
         if self.rank == 0:
