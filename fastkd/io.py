@@ -266,6 +266,23 @@ def is_bookkeeping(name: str) -> bool:
     return name in (".gitkeep", ".lock") or name.startswith(".fastkd-write-probe-") or _is_staging(name)
 
 
+def refuse_foreign_output(output: str | os.PathLike, records: tuple[str, ...], command: str,
+                          flag: str = "--output") -> None:
+    """An output folder must be new, empty, or hold a run of this command (one of its `records`):
+    anything else (a user's notes, another command's run) would be overwritten or mixed with this
+    run's files. Read-only, so every rank of a launch decides alike, before anything is written."""
+    from .errors import UserError
+
+    output = Path(output)
+    if not output.is_dir():
+        return
+    names = sorted(p.name for p in output.iterdir() if not is_bookkeeping(p.name))
+    if names and not any((output / record).exists() for record in records):
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise UserError(f"{flag} {output} holds files that are not a fastkd {command} run ({shown}): choose an "
+                        "empty or new directory")
+
+
 def remove_stale_staging(folder: Path) -> list[Path]:
     """Staging folders and temporary files left in `folder` by a process killed while writing. Only
     call it while holding the folder's run lock: nothing else can be writing there then."""

@@ -131,6 +131,23 @@ def check_weight_files(name: str, what: str = "model") -> None:
             raise UserError(f"{f} is damaged ({exc}): re-save or re-download the {what}") from None
 
 
+def check_finite_weights(name: str, what: str = "model") -> None:
+    """Every floating weight of a local model finite, one tensor at a time (safetensors files): a model
+    whose training diverged is one line, not a score that looks like the majority class."""
+    path = Path(resolve_model_path(name))
+    if not path.is_dir():
+        return
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as weights:
+            for key in weights.keys():
+                t = weights.get_tensor(key)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise UserError(f"{what}: weight {key} in {f.name} holds non-finite values (NaN or inf): the "
+                                    "model diverged in training; give a model that trained to finite weights")
+
+
 def _from_pretrained(path: str, what: str, **kwargs) -> PreTrainedModel:
     # Seeded: weights a checkpoint lacks (a pooler, say) are initialised the same way every time.
     with torch.random.fork_rng(devices=[]):

@@ -236,3 +236,41 @@ def test_what_counts_as_a_full_disk(tmp_path, monkeypatch):
     assert io.is_full_disk(short, tmp_path / "state.pt")
     assert not io.is_full_disk(RuntimeError("a bug in the exporter"), tmp_path / "state.pt")
     assert not io.is_full_disk(ValueError("unexpected pos"), tmp_path / "state.pt")
+
+
+# --- issue 22: outputs never overwritten, diverged models never scored ---------------------------------
+
+def test_search_and_glue_refuse_an_output_that_holds_something_else(capfd, tmp_path, tiny_teacher_dir, small_corpus):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "report.md").write_text("my notes")
+    (notes / "glue.md").write_text("my table")
+    distilled = tmp_path / "distilled"
+    assert main(_distill(distilled, tiny_teacher_dir, small_corpus)) == 0
+    searched = tmp_path / "searched"
+    searched.mkdir()
+    (searched / "search.sqlite").write_bytes(b"")  # what marks a search run's folder
+    search = ["search", "--corpus", str(small_corpus), "--data-dir", str(tmp_path), "--teacher", str(tiny_teacher_dir),
+              "--no-progress", "--output"]
+    glue = ["glue", "--model", str(tiny_teacher_dir), "--tasks", "rte", "--data-dir", str(tmp_path), "--no-progress",
+            "--output"]
+    for argv in (search + [str(notes)], glue + [str(notes)], search + [str(distilled)], glue + [str(searched)]):
+        code, err = run_cli(capfd, *argv)
+        assert code == 2 and len(err) == 1 and "holds files that are not a fastkd" in err[0], (argv[0], err)
+    assert (notes / "report.md").read_text() == "my notes" and (notes / "glue.md").read_text() == "my table"
+    assert sorted(p.name for p in notes.iterdir()) == ["glue.md", "report.md"]  # not even a lock was left
+
+
+def test_glue_refuses_a_model_with_non_finite_weights(capfd, tmp_path, default_tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    from conftest import make_tiny_bert
+
+    model = make_tiny_bert(tmp_path / "nan-model", default_tokenizer)
+    weights = load_file(model / "model.safetensors")
+    key = next(k for k in sorted(weights) if "encoder.layer.1" in k and weights[k].dim() == 2)
+    weights[key][0, 0] = float("nan")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    code, err = run_cli(capfd, "glue", "--model", str(model), "--tasks", "rte", "--data-dir", str(tmp_path),
+                        "--output", str(tmp_path / "g"), "--no-progress")
+    assert code == 2 and len(err) == 1 and f"weight {key} in model.safetensors holds non-finite values" in err[0], err

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from ..config import differing_settings
 from ..errors import UserError
-from ..io import atomic_write_json, check_writable_dir, lock_output
+from ..io import atomic_write_json, check_writable_dir, lock_output, refuse_foreign_output
 from ..device import pick_device
 from ..families import is_encoder, supported, usable_positions
 from ..options import option
 from ..sentence import describe_pipeline, has_pipeline, zeroshot_stsb
-from ..models import check_weight_files, load_config, load_tokenizer, resolve_model_path
+from ..models import check_finite_weights, check_weight_files, load_config, load_tokenizer, resolve_model_path
 from .finetune import FinetuneConfig, TaskCache, finetune_task
 from .report import build_report, read_report, write_reports
 from .tasks import parse_tasks, task_spec
@@ -90,6 +90,7 @@ def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg
     """`resolved`: the command's resolved config, written as OUTPUT/glue-config.json once the run may begin."""
     cfg.validate()
     tasks = parse_tasks(tasks_text)
+    refuse_foreign_output(output, ("glue.json", "glue-config.json"), "glue")  # never overwrite what is not ours
     out = check_writable_dir(output)  # before any fine-tuning, not after all of it
     lock_output(out)
     # Everything that can fail is checked before the first hour of training, not after it.
@@ -104,6 +105,7 @@ def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg
                             f"embeddings of {model} take")
         tokenizers[model] = load_tokenizer(model, "model")
         check_weight_files(model, "model")
+        check_finite_weights(model, f"--model {model}")  # a diverged model would score as the majority class
         if zeroshot_stsb and has_pipeline(resolve_model_path(model)):
             describe_pipeline(resolve_model_path(model))  # a damaged modules.json is one line now
     cache = TaskCache(data_dir, skip_bad_rows)

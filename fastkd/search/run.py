@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..glue import TaskCache, parse_tasks, task_spec
 from ..glue.finetune import heldout_rows
 from ..glue.probe import ZERO_SHOT_TASK
-from ..io import atomic_write_json, check_writable_dir, lock_output
+from ..io import atomic_write_json, check_writable_dir, lock_output, refuse_foreign_output
 from ..mapping import LayerMapping, heuristic
 from ..options import option, resolved_config
 from ..distill import relation_heads
@@ -231,6 +231,7 @@ class Search:
     def __init__(self, cfg: SearchConfig):
         cfg.validate()
         check_cache_dir(cfg.cache_dir)  # first: a refusal leaves no new output folder behind
+        refuse_foreign_output(cfg.output, ("search.sqlite", "search-config.json"), "search")
         check_writable_dir(cfg.output)  # before the teacher, corpus and tasks are loaded
         self.cfg = cfg
         self.started = time.perf_counter()
