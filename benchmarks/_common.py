@@ -22,12 +22,6 @@ def quiet_logs() -> None:
     hf_logging.disable_progress_bar()
 
 
-def cpu_name() -> str:
-    from fastkd.machine import cpu_name as name
-
-    return name()
-
-
 def machine() -> dict:
     """The CPU and its kernel-deciding flags, the torch build and the libraries (fastkd.machine)."""
     from fastkd.machine import describe

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .io import no_space_is_one_line, verify_checksums, write_checksums
+from .io import check_writable_dir, no_space_is_one_line, verify_checksums, write_checksums
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,6 @@ def check_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
     """The corpus cache's folder, usable before any work: a file in its place, or a folder that cannot
     be made (under /proc, under a file), is one line naming where the setting came from. An existing
     read-only cache is fine: its entries are read; building a missing one is checked when it happens."""
-    from .io import check_writable_dir
-
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     if root.is_dir():
         return root
@@ -270,8 +268,6 @@ def load_corpus(source: str, tokenizer, max_seq_len: int, cache_dir: str | os.Pa
         files = corpus_files(source)
         if next(read_paragraphs(files), None) is None:
             raise UserError(f"corpus {source} holds no text (only blank lines or headings): give a non-empty corpus")
-
-    from .io import check_writable_dir
 
     check_writable_dir(target.parent, _cache_flag(cache_dir))  # a read-only cache without this entry
     with no_space_is_one_line(target, "free some space, or give --cache-dir (or $FASTKD_CACHE) on a larger disk"), \

@@ -299,15 +299,17 @@ def remove_stale_staging(folder: Path) -> list[Path]:
 CHECKSUMS = "fastkd-checksums.json"  # in a cached folder: its files' sizes and SHA-256, checked when read back
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _digests(folder: Path) -> dict:
-    out = {}
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS):
-        digest = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(chunk)
-        out[f.relative_to(folder).as_posix()] = {"bytes": f.stat().st_size, "sha256": digest.hexdigest()}
-    return out
+    return {f.relative_to(folder).as_posix(): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+            for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)}
 
 
 def write_checksums(folder: str | os.PathLike) -> None:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ..io import file_sha256
+
 log = logging.getLogger(__name__)
 
 SOURCES = {
@@ -155,14 +157,6 @@ def load(kind: str):
 LIBRARY_RECORD = "fastkd-library.sha256"  # the built library's name and SHA-256, written after a good load
 
 
-def _library_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @contextlib.contextmanager
 def _build_lock(build_dir: Path):
     """An flock beside the build folder (released when the process ends, however it ends); yields
@@ -202,7 +196,7 @@ def _record_library(build_dir: Path) -> None:
     if not libraries:
         return
     record = build_dir / LIBRARY_RECORD
-    text = f"{libraries[-1].name} {_library_digest(libraries[-1])}\n"
+    text = f"{libraries[-1].name} {file_sha256(libraries[-1])}\n"
     try:
         if record.is_file() and record.read_text() == text:
             return
@@ -223,7 +217,7 @@ def _cached_library_problem(build_dir: Path) -> str | None:
     name, _, digest = record.read_text().strip().partition(" ")
     if not (build_dir / name).is_file():
         return f"{name} is missing"
-    if _library_digest(build_dir / name) != digest:
+    if file_sha256(build_dir / name) != digest:
         return f"{name} changed since it was built"
     return None
 

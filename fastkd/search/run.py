@@ -165,8 +165,6 @@ class SearchConfig:
         if not (isinstance(self.promote, (int, float)) and 0 < self.promote <= 1):
             raise UserError(f"--promote is the fraction of a rung's mappings promoted to the next rung: give a "
                             f"number in (0, 1] (got {self.promote})")
-        if self.seed < 0:
-            raise UserError(f"--seed must be non-negative (got {self.seed})")
         if self.num_proc is not None and self.num_proc < 1:
             raise UserError(f"--num-proc must be at least 1 (got {self.num_proc})")
         if isinstance(self.verdict_seeds, int) and self.verdict_seeds < 0:
