@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 from . import ops
-from .config import OBJECTIVE_HELP, OBJECTIVES, RELATION_HEADS_HELP, DistillConfig, seed_value
+from .config import OBJECTIVE_HELP, OBJECTIVES, RELATION_HEADS_HELP, DistillConfig, loss_weight_problem, seed_value
 from .device import pick_device
 from .distill import loss_weights, relation_heads
 from .training import LocalEngine
 from .errors import UserError
-from .losses import DistillLoss
+from .losses import DistillLoss, objective_weights
 from .mapping import parse_mapping
+from .memory import check_step_fits, step_memory
 from .options import option, resolved_config
 from .families import usable_positions
 from .models import build_student, load_config, load_teacher, load_tokenizer, student_shape
@@ -36,7 +37,13 @@ log = logging.getLogger(__name__)
 
 
 def backend_list(text: str) -> list[str]:
-    return [b.strip().lower() for b in text.split(",") if b.strip()]
+    """'torch,cpp' -> ['torch', 'cpp']. Empty items are kept for `validate` to refuse ('' or 'torch,,cpp'
+    is a slip, not "torch only"), but for one trailing comma: a one-item list from a config file
+    reaches here as 'cpp,' (options.Spec.from_file)."""
+    items = [b.strip().lower() for b in text.split(",")]
+    if len(items) > 1 and items[-1] == "":
+        items.pop()
+    return items
 
 
 @dataclass
@@ -68,9 +75,16 @@ class BenchConfig:
                                  ("--steps", self.steps, 1), ("--warmup", self.warmup, 0)):
             if value < low:
                 raise UserError(f"{name} must be at least {low} (got {value})")
+        choices = ", ".join(("all",) + ops.BACKENDS)
+        if not self.backends or "" in self.backends:
+            raise UserError(f"--backends {','.join(self.backends)!r} names no backend or has an empty item: give a "
+                            f"comma-separated list from {choices}")
         unknown = [b for b in self.backends if b not in ("all",) + ops.BACKENDS]
         if unknown:
-            raise UserError(f"--backends: unknown {', '.join(unknown)}; choose from all, {', '.join(ops.BACKENDS)}")
+            raise UserError(f"--backends: unknown {', '.join(unknown)}; choose from {choices}")
+        problem = loss_weight_problem(self)  # distill's check, so both refuse the same weights
+        if problem is not None:
+            raise UserError(problem)
 
 
 # --- memory ---------------------------------------------------------------------------------
@@ -212,12 +226,25 @@ def environment(device: torch.device) -> dict:
     return info
 
 
+def check_memory(cfg: BenchConfig, teacher_config, device: torch.device) -> None:
+    """Refuse a step that cannot fit the machine (fastkd.memory) before the teacher is loaded: one
+    backend's step is alive at a time, so that is the peak."""
+    shape = student_shape(teacher_config, cfg.student_layers, cfg.student_hidden, cfg.student_heads, cfg.student_ffn)
+    mapping = parse_mapping(cfg.mapping, shape.layers, teacher_config.num_hidden_layers)
+    weights = objective_weights(cfg.objective, attention_kl=cfg.w_attention_kl)
+    memory = step_memory(teacher_config, shape, len(mapping.pairs()), cfg.seq_len, weights, bf16=cfg.bf16,
+                         relation_heads=cfg.relation_heads)
+    check_step_fits(memory, cfg.batch_size, cfg.seq_len, device, seq_flag="--seq-len", what="a bench step")
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     cfg.validate()
     device = pick_device(cfg.device)
-    limit = usable_positions(load_config(cfg.teacher, "teacher"))
+    teacher_config = load_config(cfg.teacher, "teacher")
+    limit = usable_positions(teacher_config)
     if cfg.seq_len > limit:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds the {limit} tokens the teacher's position embeddings take")
+    check_memory(cfg, teacher_config, device)
     present, missing = present_backends(cfg.backends, device)
     for name, why in missing.items():
         log.info("backend %s not measured: %s", name, why)

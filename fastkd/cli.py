@@ -10,6 +10,7 @@ import sys
 
 from . import options
 from .errors import UserError
+from .processes import Stopped, stopped_in
 
 # Offline machines: never let transformers/datasets phone home for things that are local.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -23,8 +24,20 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{' '.join(words[:1] + words[1:][-1:])}: error: {message} (see --help)\n")
 
 
+class _OneConfig(argparse.Action):
+    """--config FILE, once: with two, argparse would keep the last and silently drop the first file's
+    settings (fastkd does not merge files)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        earlier = getattr(namespace, self.dest, None)
+        if earlier is not None:
+            raise UserError(f"--config given twice ({earlier} and {values}): give one file (merge the two, or "
+                            "give the other's settings as flags, which override the file)")
+        setattr(namespace, self.dest, values)
+
+
 def _add_config_flag(p) -> None:
-    p.add_argument("--config", metavar="FILE", default=None,
+    p.add_argument("--config", metavar="FILE", default=None, action=_OneConfig,
                    help="settings from a JSON or YAML (.yaml/.yml) file, by name (batch_size: 16; a section like "
                         "proxy: {steps: 50} for prefixed ones); flags given here override it; a run's own resolved "
                         "config (OUTPUT/config.json, OUTPUT/<command>-config.json) is such a file")
@@ -71,11 +84,21 @@ def _cmd_distill(args) -> int:
         import json
 
         info = json.loads((student_dir / "fastkd.json").read_text())
-        losses = ", ".join(f"{k} {v:.4f}" for k, v in info["final_losses"].items())
-        print(f"distilled {info['steps']} steps in {info['seconds']:.0f} s with mapping {info['mapping']}; "
-              f"final losses (last window): {losses}")
+        print(_distilled_summary(info))
         print(f"student exported to {student_dir} (load with transformers.AutoModel.from_pretrained)")
     return 0
+
+
+def _distilled_summary(info: dict) -> str:
+    """What a finished distillation did, in one line: its steps, the skipped ones, and which steps the
+    final losses are the mean of (after skipped steps, not the last ones)."""
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in info["final_losses"].items())
+    first, last = info.get("final_losses_steps") or (None, None)
+    window = "the last window" if last is None else f"steps {first}-{last}" if first != last else f"step {last}"
+    skipped = info.get("skipped_steps", 0)
+    return (f"distilled {info['steps']} steps in {info['seconds']:.0f} s with mapping {info['mapping']}"
+            + (f"; {skipped} skipped as non-finite" if skipped else "")
+            + (f"; final losses (mean of {window}): {losses}" if losses else "; no finite loss to report"))
 
 
 def _add_glue(sub) -> None:
@@ -271,6 +294,39 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.launcher_local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.launcher_local_rank))
+    from .io import end_of_command
+    from .processes import children_die_with_this_process, stop_signals_raise
+
+    children_die_with_this_process()  # no tokenizing worker outlives a killed fastkd
+    code = 1
+    try:
+        with stop_signals_raise():  # a scheduler's SIGTERM outside the training loop still ends in one line
+            code = _run(args)
+    finally:
+        end_of_command(failed=code != 0)  # a refused run leaves no output folder holding only its lock
+    return code
+
+
+# What a command stopped by a signal outside its training loop keeps, and how the user goes on.
+_AFTER_STOP = {"distill": "every finished checkpoint is kept; continue with --resume",
+               "search": "every finished evaluation is kept; continue with --resume",
+               "glue": "every finished (model, task) result is kept; continue with --resume",
+               "demo": "every finished stage is kept; run the same fastkd demo command again",
+               "bench": "nothing was written; run it again"}
+
+
+def _say_stopped(command: str, stopped: Stopped) -> int:
+    from .io import made_nothing_yet
+    from .processes import end_children
+
+    end_children()
+    kept = "nothing was written yet; run the same command again" if made_nothing_yet() else \
+        _AFTER_STOP.get(command, "run it again")
+    print(f"fastkd {command}: stopped by {stopped.name}: {kept}", file=sys.stderr)
+    return 128 + stopped.signum
+
+
+def _run(args) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "datasets", "httpx", "huggingface_hub", "filelock", "urllib3"):
@@ -288,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from .io import is_full_disk
         from .training import Preempted
+
+        stopped = stopped_in(exc)  # (a library's cleanup may raise its own error on the way out)
+        if stopped is not None:
+            return _say_stopped(args.command, stopped)
 
         if is_full_disk(exc):  # a writer no `no_space_is_one_line` wraps: the OS's, SQLite's words
             filename = getattr(exc, "filename", None)
@@ -307,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fastkd {args.command}: {exc}", file=sys.stderr)
             return 128 + int(exc.signum)
         raise
+    except Stopped as exc:
+        return _say_stopped(args.command, exc)
     except KeyboardInterrupt:
         print(f"fastkd {args.command}: interrupted; continue with --resume", file=sys.stderr)
         return 130

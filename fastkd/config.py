@@ -29,6 +29,20 @@ def seed_problem(seed: int, what: str = "--seed") -> str | None:
     return None
 
 
+LOSS_WEIGHTS = ("w_embedding", "w_hidden", "w_attention", "w_attention_kl", "w_value_kl", "w_relation")
+
+
+def loss_weight_problem(cfg) -> str | None:
+    """Why one of the --w-* loss weights `cfg` has is unusable, or None. The one check of every
+    command that takes weights (distill, bench): a negative weight rewards the student for moving away
+    from the teacher, a non-finite one makes every step non-finite."""
+    for name in LOSS_WEIGHTS:
+        value = getattr(cfg, name, None)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            return f"--{name.replace('_', '-')} must be a finite number >= 0 (got {value})"
+    return None
+
+
 def seed_value(text: str) -> int:
     """A seed: an integer in [0, 2**32 - 1] (numpy refuses others, and torch negative ones, after the
     work has begun)."""
@@ -162,9 +176,7 @@ class DistillConfig:
             (self.student is None or not any(v is not None for v in (self.student_layers, self.student_hidden,
                                                                       self.student_heads, self.student_ffn)),
              "--student DIR fixes the student's shape: drop --student-layers/-hidden/-heads/-ffn"),
-            (all(w is None or (math.isfinite(w) and w >= 0) for w in (
-                self.w_embedding, self.w_hidden, self.w_attention, self.w_attention_kl, self.w_value_kl,
-                self.w_relation)), "loss weights must be finite and non-negative"),
+            (loss_weight_problem(self) is None, loss_weight_problem(self)),
             (self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})"),
             (self.relation_heads is None or self.relation_heads >= 1,
              f"--relation-heads must be at least 1 (got {self.relation_heads})"),

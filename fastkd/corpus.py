@@ -84,10 +84,14 @@ def clean_paragraph(line: str) -> str | None:
 
 def corpus_files(source: str) -> list[Path]:
     path = Path(source).expanduser()
-    if path.is_file():
+    if path.is_file() or path.is_symlink() and not path.exists():
+        _check_readable(path)
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        # rglob lists dangling symlinks too (exists() False), which is_file() alone would skip silently.
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file() or not p.exists())
+        for p in files:
+            _check_readable(p)
         if not files:
             raise UserError(f"corpus directory {path} holds no .txt files: give a text file or a directory of them")
         return files
@@ -95,6 +99,39 @@ def corpus_files(source: str) -> list[Path]:
         raise UserError(f"corpus {source} is not a regular file or directory: give a text file or a directory "
                         "of .txt files")
     raise UserError(f"corpus {source} not found: give a text file, a directory of .txt files, or a hub dataset NAME[:CONFIG]")
+
+
+def _check_readable(path: Path) -> None:
+    """A corpus file (a .txt of a corpus directory) that cannot be read is one line, never skipped: a dangling
+    symlink (a moved or unmounted target, a loop) or a file without read permission is almost surely
+    a mistake, and training on part of a corpus without a word would be a silently different run."""
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"corpus file {path} is a broken symlink (to {os.readlink(path)}): point the link at "
+                        "an existing file, or remove it")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise UserError(f"corpus file {path} cannot be read ({exc.strerror or exc}): make it readable "
+                        "(chmod a+r), or leave it out of the corpus") from None
+
+
+def _iconv_advice(path: Path) -> str:
+    """The iconv line that converts `path`, guessed from its first bytes: a UTF-16/32 byte-order mark,
+    or NULs between letters (UTF-16 without one); else the legacy single-byte encodings."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        source = "utf-32"
+    elif head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        source = "utf-16"
+    elif head[1::2].count(0) > len(head) // 4:
+        source = "utf-16le"
+    elif head[0::2].count(0) > len(head) // 4:
+        source = "utf-16be"
+    else:
+        source = "cp1252"  # (latin1's superset, what most non-UTF-8 text on disk is)
+    return f"iconv -f {source} -t utf-8 {path.name} > {path.stem}.utf8 && mv {path.stem}.utf8 {path.name}"
 
 
 def read_paragraphs(files: list[Path]) -> Iterator[str]:
@@ -109,8 +146,11 @@ def read_paragraphs(files: list[Path]) -> Iterator[str]:
                 except UnicodeDecodeError as exc:
                     raise UserError(
                         f"{path}:{lineno}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}): "
-                        "convert the corpus to UTF-8, e.g. iconv -f latin1 -t utf-8"
+                        f"convert the corpus to UTF-8, e.g. {_iconv_advice(path)}"
                     ) from None
+                if "\x00" in line:  # UTF-16 without a byte-order mark decodes as UTF-8 with NULs between letters
+                    raise UserError(f"{path}:{lineno}: holds NUL bytes, which text does not: convert the corpus to "
+                                    f"UTF-8, e.g. {_iconv_advice(path)}")
                 text = clean_paragraph(line)
                 if text is not None:
                     yield text
@@ -501,6 +541,11 @@ class BatchStream:
     def next(self) -> dict[str, torch.Tensor]:
         rows = self.dataset[self.indices(self.state.batches_done)]
         self.state.batches_done += 1
+        return {"input_ids": rows["input_ids"].long(), "attention_mask": rows["attention_mask"].long()}
+
+    def sample(self, count: int = 8) -> dict[str, torch.Tensor]:
+        """The corpus's first `count` sequences, as a batch; the stream's position is left alone."""
+        rows = self.dataset[list(range(min(count, self.n)))]
         return {"input_ids": rows["input_ids"].long(), "attention_mask": rows["attention_mask"].long()}
 
     def state_dict(self) -> dict:

@@ -20,9 +20,11 @@ from .corpus import BatchStream, check_cache_dir, corpus_identity, load_corpus, 
 from .device import pick_device
 from .errors import UserError
 from .export import export_student
-from .io import atomic_write_json, check_writable_dir, is_bookkeeping, lock_output, no_space_is_one_line
+from .io import (atomic_write_json, check_writable_dir, lock_output, no_space_is_one_line, refuse_busy_output,
+                 refuse_foreign_output)
 from .losses import OBJECTIVES, DistillLoss, LossWeights, objective_weights
 from .mapping import LayerMapping, parse_mapping
+from .memory import check_step_fits, step_memory
 from .families import family_of, usable_positions
 from .models import (build_student, check_weight_files, load_config, load_student_dir, load_teacher, load_tokenizer,
                      require_teacher_family, resolve_model_path, student_shape)
@@ -85,12 +87,12 @@ def prepare_output(cfg: DistillConfig) -> Path:
     output = Path(cfg.output)
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file: give a directory")
+    refuse_busy_output(output)  # first: neither --resume nor another folder's advice helps while a run works there
     saved = read_run_config(output)
-    check_cache_dir(cfg.cache_dir)  # first: a refusal leaves no new output folder behind
+    check_cache_dir(cfg.cache_dir)  # a refusal leaves no new output folder behind
     check_writable_dir(output)  # before the corpus and the teacher are loaded, not after
     if saved is None:
-        if output.exists() and any(not is_bookkeeping(p.name) for p in output.iterdir()):
-            raise UserError(f"--output {output} is not empty and holds no fastkd run: choose an empty or new directory")
+        refuse_foreign_output(output, "distill")
         return output
     if not cfg.resume:
         diffs = differing_settings(comparable(saved.get("config", {})), comparable(cfg.to_dict()))
@@ -193,11 +195,22 @@ def build_run(cfg: DistillConfig) -> Run:
     return run
 
 
+def check_memory(cfg: DistillConfig, teacher_config, shape, mapping: LayerMapping, device: torch.device,
+                 sharing: int = 1, partitions: int = 1) -> None:
+    """Refuse a micro-batch whose step cannot fit the machine (fastkd.memory), from the shapes alone:
+    before the output is touched and anything is loaded, not after minutes of swapping. `sharing`:
+    ranks holding their step in the same memory; `partitions`: ranks ZeRO splits the optimizer over."""
+    memory = step_memory(teacher_config, shape, len(mapping.pairs()), cfg.max_seq_len, loss_weights(cfg),
+                         bf16=cfg.bf16, relation_heads=cfg.relation_heads, partitions=partitions)
+    check_step_fits(memory, cfg.batch_size, cfg.max_seq_len, device, sharing=sharing)
+
+
 def build_local_run(cfg: DistillConfig) -> Run:
     teacher_config, shape, mapping = resolve(cfg)
-    output = prepare_output(cfg)
-    lock_output(output)  # one run per output directory; leftovers of a killed one are removed
     device = pick_device(cfg.device)
+    check_memory(cfg, teacher_config, shape, mapping, device)
+    output = prepare_output(cfg)
+    lock_output(output, "distill")  # one run per output directory; leftovers of a killed one are removed
     seed_everything(cfg.seed)
 
     tokenizer, teacher_model, student, criterion = build_models(cfg, shape, mapping)
@@ -284,7 +297,7 @@ def export_run(run: Run, student) -> Path:
         "bf16": cfg.bf16, "loss_backend": engine.criterion.backend(engine.device),
         "loss_ops": engine.criterion.ran_on(),  # what each op ran on, after its self-check
         "skipped_steps": engine.bad_steps, "seconds": round(engine.elapsed, 1),
-        "final_losses": engine.final_losses(), **engine.describe(),
+        "final_losses": engine.final_losses(), "final_losses_steps": engine.final_steps(), **engine.describe(),
     }
     return export_student(student, run.tokenizer, run.output / "student", info,
-                          pipeline_from=resolve_model_path(cfg.teacher))
+                          pipeline_from=resolve_model_path(cfg.teacher), probe=engine.stream.sample())

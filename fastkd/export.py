@@ -18,15 +18,48 @@ from .io import follow_umask, no_space_is_one_line, replace_dir, staging_dir
 log = logging.getLogger(__name__)
 
 
-def export_student(student, tokenizer, target: Path, info: dict, pipeline_from=None) -> Path:
+def _skipped(info: dict) -> str:
+    skipped = info.get("skipped_steps", 0)
+    return f"; {skipped} of {info['steps']} steps were skipped as non-finite" if skipped and "steps" in info else ""
+
+
+def refuse_diverged(student, target: Path, info: dict, probe: dict[str, torch.Tensor] | None) -> None:
+    """Never ship a broken model (an --lr that diverged, say): every weight finite, and the outputs on
+    a real batch too (weights of 1e30 are finite, the attention scores they make are not)."""
+    bad = [name for name, t in student.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise UserError(f"not exporting {target}: {len(bad)} weight tensors hold non-finite values (first: "
+                        f"{bad[0]}){_skipped(info)}: the run diverged; lower --lr and distill again")
+    if probe is None:
+        return
+    device = next(student.parameters()).device
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad():
+            out = student(**{k: v.to(device) for k, v in probe.items()}, output_hidden_states=True)
+    finally:
+        student.train(was_training)
+    # Beyond float16's range is as broken as inf: no trained encoder's hidden states come near it, and
+    # the model could not run in half precision (an --lr of 1e6 leaves finite outputs of 1e6).
+    broken = [i for i, h in enumerate(out.hidden_states)
+              if not torch.isfinite(h).all() or h.abs().max().item() > torch.finfo(torch.float16).max]
+    if broken:
+        largest = max(t.abs().max().item() for t in student.state_dict().values() if t.is_floating_point())
+        raise UserError(f"not exporting {target}: the student's hidden states on a corpus batch are not finite or "
+                        f"beyond float16's range from layer {broken[0]} on (its largest weight is {largest:.3g})"
+                        f"{_skipped(info)}: the run diverged; lower --lr (and keep --clip-grad above 0) and distill "
+                        "again")
+
+
+def export_student(student, tokenizer, target: Path, info: dict, pipeline_from=None,
+                   probe: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `target` (e.g. OUTPUT/student) atomically; `info` becomes fastkd.json and the card.
 
     pipeline_from: the teacher's directory; when it is a sentence-transformers model, its pipeline
-    (pooling, normalisation) is exported with the student (fastkd.sentence)."""
-    bad = [name for name, t in student.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:  # never ship a broken model (an --lr that diverged, say)
-        raise UserError(f"not exporting {target}: {len(bad)} weight tensors hold non-finite values (first: "
-                        f"{bad[0]}); lower --lr and distill again")
+    (pooling, normalisation) is exported with the student (fastkd.sentence). probe: a batch of real
+    input the student's outputs must be finite on."""
+    refuse_diverged(student, target, info, probe)
     staged = staging_dir(target)
     try:
         with no_space_is_one_line(target):

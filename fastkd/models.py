@@ -80,6 +80,9 @@ def load_config(name: str | None, what: str = "teacher"):
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if Path(path).is_dir():  # a local directory: its config.json is what failed, not the hub
+            raise UserError(f"{what} directory {path}: its config.json cannot be read ({first[:160]}): re-save the "
+                            "model (save_pretrained) or restore config.json") from None
         raise UserError(f"cannot load {what} {path!r}: not a local model directory and the hub did not serve it ({first})") from None
     if what in ("teacher", "student"):
         family_of(config, f"{what} {path}")
@@ -180,8 +183,11 @@ def load_teacher(name: str | None = DEFAULT_TEACHER, dtype: torch.dtype = torch.
     # classification fine-tuning; the pooler costs one small matmul per forward.
     model = _from_pretrained(path, "teacher", config=config, dtype=dtype)
     model.eval()
-    for p in model.parameters():
+    for key, p in model.named_parameters():
         p.requires_grad_(False)
+        if not torch.isfinite(p).all():  # else every step is skipped, and the advice is to lower --lr
+            raise UserError(f"teacher {name}: weight {key} holds non-finite values (NaN or inf): give a teacher "
+                            "with finite weights")
     family_of(model).enable_capture(model)
     return model
 

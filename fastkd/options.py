@@ -255,13 +255,15 @@ def _parse_config_text(text: str, p: Path, where: str):
 
         try:
             return yaml.load(text, Loader=_no_alias_loader())  # noqa: S506 (a SafeLoader)
-        except _AliasRefused as exc:
+        except (_AliasRefused, _KeyGivenTwice) as exc:
             raise UserError(f"{where}: {exc}") from None
         except yaml.YAMLError as exc:
             first = " ".join(str(exc).split())[:160]
             raise UserError(f"{where}: not valid YAML ({first})") from None
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_refuse_keys_given_twice)
+    except _KeyGivenTwice as exc:
+        raise UserError(f"{where}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{where}: not valid JSON ({exc}); YAML files end in .yaml or .yml") from None
 
@@ -305,6 +307,25 @@ class _AliasRefused(Exception):
     pass
 
 
+class _KeyGivenTwice(Exception):
+    pass
+
+
+def _given_twice(key, lines: str = "") -> _KeyGivenTwice:
+    # JSON and YAML parsers keep the last value of a repeated key without a word: the user meant one.
+    return _KeyGivenTwice(f"{key} is given twice{lines}: keep one (the last would silently win)")
+
+
+def _refuse_keys_given_twice(pairs: list[tuple]) -> dict:
+    """json's object_pairs_hook: every object (nested sections too) as a dict, a repeated key refused."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _given_twice(key)
+        out[key] = value
+    return out
+
+
 def _no_alias_loader():
     """yaml's SafeLoader with aliases (*name) refused: a config file may come from someone else, and a
     few nested aliases expand to billions of keys (the "billion laughs" file) once read. Settings are
@@ -319,6 +340,19 @@ def _no_alias_loader():
                 raise _AliasRefused(f"YAML aliases (*{event.anchor}, line {line}) are not accepted in a config "
                                     "file: write each setting out")
             return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            # Every mapping, nested sections too; keys that are not scalars are yaml's own error.
+            first_line = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # a merge key (<<) may override what it merges: YAML's rule, not a repeat
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    raise _given_twice(key, f" (lines {first_line[key]} and {line})")
+                first_line[key] = line
+            return super().construct_mapping(node, deep)
 
     return NoAliasLoader
 

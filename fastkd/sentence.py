@@ -6,7 +6,8 @@ the modules applied to its output: Pooling (1_Pooling/config.json: which pooling
 dims) and often Normalize (no files). A student exported with the teacher's modules (Pooling resized
 to the student's width) runs the teacher's pipeline under `SentenceTransformer(student_dir)`, instead
 of a guessed mean pooling without the normalisation. Modules with weights of the teacher's width
-(Dense, say) cannot be carried to a narrower student: the pipeline is then left out, said in one line.
+(Dense, say) are copied for a student of the teacher's width; they cannot be carried to a narrower
+student: the pipeline is then left out, said in one line.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 PIPELINE_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 _CARRIED = {"Transformer", "Pooling", "Normalize"}
+_SAME_WIDTH_ONLY = {"Dense"}  # weights of the teacher's width: they take a student of that width only
 
 
 def has_pipeline(path) -> bool:
@@ -43,8 +45,15 @@ def copy_pipeline(teacher_dir, target: Path, hidden: int) -> str | None:
         kinds = {m["type"].rsplit(".", 1)[-1] for m in modules}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"its modules.json is unreadable ({exc})"
-    if not kinds <= _CARRIED:
-        return f"its {', '.join(sorted(kinds - _CARRIED))} module(s) hold weights of the teacher's width"
+    teacher_width = _encoder_width(teacher_dir)
+    carried = _CARRIED | (_SAME_WIDTH_ONLY if teacher_width == hidden else set())
+    left = kinds - carried
+    if left and left <= _SAME_WIDTH_ONLY:
+        widths = f" ({teacher_width}), not the student's ({hidden})" if teacher_width is not None else ""
+        return f"its {', '.join(sorted(left))} module(s) hold weights of the teacher's width{widths}"
+    if left:
+        return (f"fastkd does not carry its {', '.join(sorted(left))} module(s) (only Pooling, Normalize, and Dense "
+                "to a student of the teacher's width)")
     if any(m["type"].endswith("Transformer") and m.get("path", "") != "" for m in modules):
         return "its encoder is not at the directory's root"
     for name in PIPELINE_FILES:
@@ -66,6 +75,19 @@ def copy_pipeline(teacher_dir, target: Path, hidden: int) -> str | None:
             config["word_embedding_dimension"] = hidden
             config_path.write_text(json.dumps(config, indent=2) + "\n")
     return None
+
+
+def _encoder_width(model_dir: Path) -> int | None:
+    """The hidden size of the encoder in `model_dir` (its config.json), or None when it cannot be read."""
+    from transformers import AutoConfig
+
+    from .families import family_of
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        return family_of(config).sizes(config)[1]
+    except (OSError, ValueError, UserError):
+        return None
 
 
 def describe_pipeline(path) -> str:

@@ -28,7 +28,7 @@ import torch
 from . import optim
 from .config import DistillConfig
 from .corpus import BatchStream, load_corpus, sample_corpus
-from .distill import Run, build_models, prepare_output, resolve
+from .distill import Run, build_models, check_memory, prepare_output, resolve
 from .errors import UserError
 from .io import lock_output
 from .rng import seed_everything
@@ -132,8 +132,7 @@ def init_distributed() -> tuple[int, int, int]:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     else:
         # Ranks on one CPU share its cores: one thread pool each would oversubscribe it.
-        # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE: ranks on this node.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+        local_world = local_ranks(world)
         # The cores this process may use (a cgroup/affinity-limited job sees fewer than os.cpu_count()).
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // max(local_world, 1)))
@@ -141,6 +140,18 @@ def init_distributed() -> tuple[int, int, int]:
     if not torch.cuda.is_available():
         _unlink_shm_buffers(rank)
     return rank, world, local_rank
+
+
+def local_ranks(world: int) -> int:
+    """The ranks on this node: torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+
+
+def ranks_sharing_memory(world: int) -> int:
+    """How many ranks hold their step in the same memory: all of this node's on a CPU (one RAM); on
+    GPUs each rank is taken to have its own (a launcher that shows each rank one GPU, as Slurm's
+    --gpus-per-task does, would make a count by device_count() wrong by the number of ranks)."""
+    return 1 if torch.cuda.is_available() else local_ranks(world)
 
 
 def _unlink_shm_buffers(rank: int) -> None:
@@ -178,9 +189,12 @@ def build_zero_run(cfg: DistillConfig) -> Run:
     rank, world, _ = init_distributed()
     import deepspeed
 
-    on_rank0(rank, lambda: lock_output(output))  # rank 0 holds the lock; a refusal is every rank's
-
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    # Rank 0 judges whether each rank's micro-batch fits, for every rank (the same verdict everywhere,
+    # though each reads the free memory at its own moment), before the lock and any weights.
+    on_rank0(rank, lambda: check_memory(cfg, teacher_config, shape, mapping, device, ranks_sharing_memory(world),
+                                        partitions=world))
+    on_rank0(rank, lambda: lock_output(output, "distill"))  # rank 0 holds the lock; a refusal is every rank's
     seed_everything(cfg.seed)
 
     tokenizer, teacher_model, student, criterion = build_models(cfg, shape, mapping)

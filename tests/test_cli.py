@@ -100,7 +100,8 @@ def test_output_holding_another_run(capfd, tmp_path, tiny_teacher_dir, corpus):
 def test_non_empty_foreign_output(capfd, tmp_path, tiny_teacher_dir, corpus):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    assert "not empty" in _bad(capfd, tmp_path, "--corpus", corpus, teacher=tiny_teacher_dir)
+    assert "holds files that are not a fastkd distill run (notes.txt)" in _bad(capfd, tmp_path, "--corpus", corpus,
+                                                                             teacher=tiny_teacher_dir)
 
 
 def test_every_flag_is_explained():
@@ -168,4 +169,5 @@ def test_student_dir_fixes_the_shape(capfd, tmp_path, tiny_teacher_dir, corpus):
 def test_resume_into_a_foreign_directory(capfd, tmp_path, tiny_teacher_dir, corpus):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    assert "not empty" in _bad(capfd, tmp_path, "--corpus", corpus, "--resume", teacher=tiny_teacher_dir)
+    assert "holds files that are not a fastkd distill run" in _bad(capfd, tmp_path, "--corpus", corpus, "--resume",
+                                                                  teacher=tiny_teacher_dir)

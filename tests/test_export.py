@@ -49,3 +49,45 @@ def test_export_replaces_atomically(tmp_path, tiny_teacher_dir, default_tokenize
     export_student(student, default_tokenizer, target, {"mapping": "2,4", "steps": 7})
     assert json.loads((target / "fastkd.json").read_text())["steps"] == 7
     assert [p.name for p in tmp_path.iterdir()] == ["student"]  # no staging or old copies left behind
+
+
+# --- issue 22 item 7: a full-width student keeps the teacher's Dense module --------------------------------
+
+def _dense_pipeline_teacher(path, tiny_teacher_dir):
+    """The tiny teacher as a real sentence-transformers model: Transformer -> mean Pooling -> Dense 32 -> 8
+    -> Normalize, saved by sentence-transformers itself."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+
+    torch.manual_seed(0)
+    modules = [Transformer(str(tiny_teacher_dir)), Pooling(32), Dense(32, 8), Normalize()]
+    SentenceTransformer(modules=modules, device="cpu").save(str(path))
+    return path
+
+
+def test_a_full_width_student_keeps_the_teachers_dense_module(tmp_path, tiny_teacher_dir, default_tokenizer, caplog):
+    import logging
+
+    from sentence_transformers import SentenceTransformer
+
+    teacher_dir = _dense_pipeline_teacher(tmp_path / "teacher", tiny_teacher_dir)
+    modules = json.loads((teacher_dir / "modules.json").read_text())
+    dense = next(m["path"] for m in modules if m["type"].endswith("Dense"))
+    student = _student(teacher_dir)
+    assert student.config.hidden_size == 32  # the teacher's width
+    target = export_student(student, default_tokenizer, tmp_path / "student", {}, pipeline_from=teacher_dir)
+    assert json.loads((target / "modules.json").read_text()) == modules
+    assert sorted(p.name for p in (target / dense).iterdir()) == sorted(p.name for p in (teacher_dir / dense).iterdir())
+    for f in (teacher_dir / dense).iterdir():  # the teacher's projection, copied byte for byte
+        assert (target / dense / f.name).read_bytes() == f.read_bytes()
+    assert "Dense" in json.loads((target / "fastkd.json").read_text())["sentence_pipeline"]
+    embeddings = SentenceTransformer(str(target), device="cpu").encode(["a short sentence", "another one"])
+    assert embeddings.shape == (2, 8)  # the teacher's output dimension, through its Dense
+
+    # A narrower student cannot take it: the pipeline is left out, said in one line.
+    teacher = load_teacher(str(teacher_dir))
+    narrow = build_student(teacher, student_shape(teacher.config, 2, hidden=16), "teacher", LayerMapping((2, 4), 4))
+    with caplog.at_level(logging.WARNING, logger="fastkd.export"):
+        target = export_student(narrow, default_tokenizer, tmp_path / "narrow", {}, pipeline_from=teacher_dir)
+    assert "Dense module(s) hold weights of the teacher's width (32), not the student's (16)" in caplog.text
+    assert not (target / "modules.json").exists()

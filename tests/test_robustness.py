@@ -207,16 +207,16 @@ def test_a_second_run_on_the_same_output_is_refused_naming_the_holder(tmp_path):
 
     out = tmp_path / "busy"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fastkd.io import lock_output; "
-                               f"lock_output({str(out)!r}); print('held', flush=True); time.sleep(60)"],
+                               f"lock_output({str(out)!r}, 'search'); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(UserError, match=rf"in use by another fastkd run \(pid {holder.pid}\)"):
-            lock_output(out)
+        with pytest.raises(UserError, match=rf"in use by a running fastkd run \(pid {holder.pid}, fastkd search\)"):
+            lock_output(out, "distill")
     finally:
         holder.kill()
         holder.wait()
-    lock_output(out)  # released by the kernel when the holder died (kill -9 included)
+    lock_output(out, "distill")  # released by the kernel when the holder died (kill -9 included)
 
 
 def test_sigterm_checkpoints_and_resume_is_bit_identical(tmp_path, tiny_teacher_dropout_dir, small_corpus):

@@ -44,6 +44,10 @@ def test_search_writes_every_output(tmp_path, tiny_teacher_dropout_dir, small_co
     for part in ("search space: 16 mappings", "| uniform |", "Signal check", "Fidelity ladder", "paired differences",
                  "Where the time went"):
         assert part in report, part
+    # The fixtures' tasks are scored on a handful of dev rows: the report says the ranking means little.
+    rows_scored = {t["task"]: t["dev_examples"] for t in search.signal["teacher"].values()}
+    assert all(n < 100 for n in rows_scored.values()) and "**The ranking below means little:**" in report
+    assert all(f"{task} is scored on {n} rows" in report for task, n in rows_scored.items())
     for png in ("fitness.png", "layers.png", "ladder.png", "verdict.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The resolved settings, in the form --config reads back: the same search.

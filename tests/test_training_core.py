@@ -73,6 +73,22 @@ def test_the_loop_logs_checkpoints_and_counts_skips_through_the_interface(tmp_pa
     assert [r["skipped_steps"] for r in rows] == [0, 1, 1]  # step 3 was non-finite, read at step 4
     assert engine.saved == [(4, 1, 4), (6, 1, 6)]  # checkpoint_every and the last step
     assert engine.final_losses()["loss"] == pytest.approx(5.5)  # the window (log_every=2) holds steps 5-6
+    assert engine.final_steps() == [5, 6]
+
+
+def test_after_skipped_last_steps_the_final_losses_say_which_steps_they_are(tmp_path):
+    """Issue 22 item 3: 4 of 6 steps non-finite at the end; the final losses are step 1-2's, and the
+    summary says so and counts the skipped steps (not "final losses" as if they were the last)."""
+    from fastkd.cli import _distilled_summary
+
+    nan = float("nan")
+    engine = ScriptedEngine(_cfg(tmp_path, max_bad_steps=10), [1.0, 2.0, nan, nan, nan, nan])
+    train(engine, tmp_path, tmp_path / "metrics.jsonl")
+    assert engine.bad_steps == 4 and engine.final_steps() == [1, 2]
+    info = {"steps": engine.step, "seconds": 1.0, "mapping": "1,2", "skipped_steps": engine.bad_steps,
+            "final_losses": engine.final_losses(), "final_losses_steps": engine.final_steps()}
+    said = _distilled_summary(info)
+    assert "6 steps" in said and "4 skipped as non-finite" in said and "(mean of steps 1-2): loss 1.5000" in said
 
 
 def test_a_stop_signal_checkpoints_that_step_and_raises_preempted(tmp_path):

@@ -90,9 +90,9 @@ def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg
     """`resolved`: the command's resolved config, written as OUTPUT/glue-config.json once the run may begin."""
     cfg.validate()
     tasks = parse_tasks(tasks_text)
-    refuse_foreign_output(output, ("glue.json", "glue-config.json"), "glue")  # never overwrite what is not ours
+    refuse_foreign_output(output, "glue")  # never overwrite what is not ours
     out = check_writable_dir(output)  # before any fine-tuning, not after all of it
-    lock_output(out)
+    lock_output(out, "glue")
     # Everything that can fail is checked before the first hour of training, not after it.
     tokenizers = {}
     for model in models:

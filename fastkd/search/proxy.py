@@ -44,6 +44,12 @@ def proxy_tasks(text: str) -> tuple[str, ...]:
     return tuple(t.key for t in parse_tasks(text, "--proxy-tasks"))
 
 
+# Held-out rows a proxy score is taken on: below MIN_HELDOUT a task's metric is degenerate (refused);
+# below MEANINGFUL_HELDOUT its sampling error (about 50/sqrt(n) points) exceeds the 1-2 points mappings
+# differ by (the report says so).
+MIN_HELDOUT = 4
+MEANINGFUL_HELDOUT = 100
+
 @dataclass(frozen=True)
 class ProxyConfig:
     """Everything that determines a candidate's fitness besides its mapping and seed (the search's

@@ -9,6 +9,7 @@ import time
 from ..io import atomic_write_json, atomic_write_text
 from ..mapping import search_space_size
 from .ga import genome_key
+from .proxy import MEANINGFUL_HELDOUT
 from .verdict import CONFIDENCE, overall, sentence
 
 TOP_FRACTION = 0.25  # layers.png: the top quarter of evaluated mappings (at least 3)
@@ -158,6 +159,13 @@ def markdown(search, result: dict, seconds: float) -> str:
         lines.append(f"| {t['task']} | {t.get('eval_split', 'dev')} | {100 * t['score']:.1f} | {100 * t['baseline_score']:.1f} | "
                      f"{100 * margin:+.1f} | {verdict} |")
     lines.append("")
+    few = {t["task"]: t["dev_examples"] for t in sig.get("teacher", {}).values()
+           if 0 < t.get("dev_examples", 0) < MEANINGFUL_HELDOUT}
+    if few:
+        lines += [f"**The ranking below means little:** {', '.join(f'{k} is scored on {n} rows' for k, n in few.items())}; "
+                  f"a score on n rows has a sampling error of about 50/sqrt(n) points (±{50 / min(few.values()) ** 0.5:.0f} "
+                  f"here), more than the 1-2 points mappings differ by. Score on at least {MEANINGFUL_HELDOUT} rows "
+                  "(--proxy-heldout, or tasks with larger dev sets).", ""]
 
     lines += ["## Every evaluated mapping (selection seed)", "",
               "Fitness per rung with the selection seed (biased upwards for the best: the verdict above uses held-out "

@@ -35,7 +35,7 @@ from ..models import load_config, load_teacher, load_tokenizer, resolve_model_pa
 from ..training.loop import Preempted, add_scalars, stop_signals, tensorboard_writer
 from .dist import Comm
 from .ga import GAConfig, GeneticSearch, genome_key
-from .proxy import CandidateResult, ProxyConfig, ProxyEvaluator, task_collapsed
+from .proxy import MEANINGFUL_HELDOUT, MIN_HELDOUT, CandidateResult, ProxyConfig, ProxyEvaluator, task_collapsed
 from .rungs import Rung, parse_ladder, successive_halving
 from .store import Evaluation, Store
 from .verdict import PairedInterval, paired_interval
@@ -188,6 +188,10 @@ class SearchConfig:
                             "takes: list smaller seeds")
         if self.proxy.heldout < 0:
             raise UserError(f"--proxy-heldout must be 0 (score on dev) or a number of rows (got {self.proxy.heldout})")
+        if 0 < self.proxy.heldout < MIN_HELDOUT:  # correlations and MCC are 0 or +-1 there: every fitness ties
+            raise UserError(f"--proxy-heldout {self.proxy.heldout} is too few rows to score a task on (Pearson, "
+                            f"Spearman and MCC mean nothing below {MIN_HELDOUT}): give at least "
+                            f"{MEANINGFUL_HELDOUT} rows (or 0 to score on dev)")
         if self.proxy.heldout == 0 and any(r.name == "zeroshot" for r in self.rungs()):
             raise UserError("--ladder zeroshot needs held-out STS-B training rows (--proxy-heldout > 0): with 0 it would "
                             "select on the STS-B dev set that final tables report")
@@ -229,7 +233,7 @@ class Search:
     def __init__(self, cfg: SearchConfig):
         cfg.validate()
         check_cache_dir(cfg.cache_dir)  # first: a refusal leaves no new output folder behind
-        refuse_foreign_output(cfg.output, ("search.sqlite", "search-config.json"), "search")
+        refuse_foreign_output(cfg.output, "search")
         check_writable_dir(cfg.output)  # before the teacher, corpus and tasks are loaded
         self.cfg = cfg
         self.started = time.perf_counter()
@@ -262,7 +266,7 @@ class Search:
         if self.comm.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             if self.comm.world == 1:  # (a refusal on one rank of many would leave the others waiting)
-                lock_output(self.output)
+                lock_output(self.output, "search")
             self.store = Store(self.output / "search.sqlite", cfg.fitness_settings(), cfg.resume)
             # The resolved settings, in the form --config reads (fastkd search --config it reruns this search).
             atomic_write_json(self.output / "search-config.json", resolved_config("search", cfg))
@@ -400,6 +404,12 @@ class Search:
             log.warning("proxy task %s is too weak: the teacher scores %.1f vs majority %.1f (< %d points)%s",
                         t["task"], 100 * t["score"], 100 * t["baseline_score"], round(100 * WEAK_TASK_MARGIN),
                         "; dropped (--drop-weak-tasks)" if self.cfg.drop_weak_tasks else "")
+        for t in row.tasks.values():
+            if 0 < t.get("dev_examples", 0) < MEANINGFUL_HELDOUT:
+                log.warning("proxy task %s is scored on %d rows (%s): its sampling error, about %.0f points, exceeds "
+                            "the 1-2 points mappings differ by; the ranking means little (score on at least %d rows)",
+                            t["task"], t["dev_examples"], t.get("eval_split", "dev"), 50 / t["dev_examples"] ** 0.5,
+                            MEANINGFUL_HELDOUT)
         if self.cfg.drop_weak_tasks and weak:
             kept = [t for t in self.tasks if t.key not in weak]
             if not kept:

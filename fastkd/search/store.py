@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..io import is_full_disk
 
 SCHEMA_VERSION = 2  # 2: the rung is part of a row's key
 MARKER = "fastkd-search-store"
@@ -72,6 +73,9 @@ class Store:
                 else:
                     self._create()
         except sqlite3.DatabaseError as exc:
+            if is_full_disk(exc):  # SQLite's "database or disk is full": the store is fine, the disk is not
+                raise UserError(f"no space left on device for the search store {self.path}: free some space and run "
+                                "the same command again") from None
             raise UserError(f"{self.path} is not a usable fastkd search store ({exc}): remove it or choose another --output") from None
 
     def _create(self) -> None:

@@ -84,7 +84,7 @@ def read_steps(pending: list[tuple[int, StepResult]], reduce=None) -> list[StepR
 
 def window_means(window) -> dict[str, float]:
     """Mean of each logged quantity over the last window of steps (less noisy than the last step)."""
-    keys = list(window[-1]) if window else []
+    keys = [k for k in (window[-1] if window else {}) if k != "step"]
     return {k: float(np.mean([row[k] for row in window if k in row])) for k in keys}
 
 
@@ -192,11 +192,18 @@ class StepEngine(abc.ABC):
             if r.skipped:
                 self.count_bad_step(r.step)
             else:
-                self.window.append({"loss": r.loss, **r.terms})
+                self.window.append({"step": r.step, "loss": r.loss, **r.terms})
         return records[-1] if records else None
 
     def final_losses(self) -> dict[str, float]:
         return window_means(self.window)
+
+    def final_steps(self) -> list[int] | None:
+        """The first and last step the final losses average over (skipped steps are not in the
+        window: after a run of them, the window is older than the last step, and says so)."""
+        if not self.window or not all("step" in row for row in self.window):  # (a checkpoint's rows from before)
+            return None
+        return [self.window[0]["step"], self.window[-1]["step"]]
 
     def bookkeeping(self) -> dict:
         """The loop's state in a checkpoint (besides weights, optimizer and RNG)."""

@@ -16,11 +16,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_text
+from ..processes import STOP_SIGNALS
 from .engine import StepEngine
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Preempted(Exception):

@@ -1,0 +1,161 @@
+"""A step that cannot fit the machine is refused in one line before anything is allocated (issue 22,
+item 5: `--batch-size 10**30` from a config file sat in one step for 10 minutes and was OOM-killed at
+23.7 GB; `bench --batch-size 100000000` was OOM-killed in 20 s with no message). The refusal rests
+on fastkd.memory's estimate of a step from the shapes, checked here against measured steps."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastkd.bench import BenchConfig, measure_backend
+from fastkd.errors import UserError
+from fastkd.losses import objective_weights
+from fastkd.memory import StepMemory, check_step_fits, size_text, step_memory, teacher_shape
+from fastkd.models import load_teacher, load_tokenizer, student_shape
+
+MIB = 2 ** 20
+ABSURD = 100_000_000  # sequences per batch: petabytes
+UNREPRESENTABLE = 10 ** 30  # a literal integer in a config file: no float, no tensor dimension holds it
+
+
+# --- the estimate against real steps ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def default_teacher():
+    return load_teacher("default"), load_tokenizer("default")
+
+
+def _measured_step_mib(teacher, tokenizer, batch: int, seq_len: int) -> float:
+    """What one step adds at its peak over the weights and optimizer state (bench's own measure: the
+    resident-set high-water mark over the level before the timed step, on the torch reference). The
+    smaller of two: a one-off allocation can only raise a peak."""
+    cfg = BenchConfig(batch_size=batch, seq_len=seq_len, steps=1, warmup=1, backends=["torch"])
+    return min(measure_backend("torch", teacher, tokenizer, cfg, torch.device("cpu"))["peak_extra_mib"]
+               for _ in range(2))
+
+
+def test_the_estimate_bounds_a_measured_step_within_a_sane_factor(default_teacher):
+    teacher, tokenizer = default_teacher
+    shape = student_shape(teacher.config, 3)
+    estimate = step_memory(teacher.config, shape, pairs=3, seq_len=128, weights=objective_weights("tinybert"))
+    measured = {b: _measured_step_mib(teacher, tokenizer, b, 128) for b in (8, 16)}
+    for batch, real in measured.items():
+        predicted = estimate.per_sequence * batch / MIB
+        # An upper bound, but not a wild one: a looser one would refuse batches that fit.
+        assert 0.9 * real <= predicted <= 2.5 * real, (batch, predicted, real)
+    # Doubling the batch adds about what the estimate says a batch's activations take.
+    grown = measured[16] - measured[8]
+    assert 0.5 <= estimate.per_sequence * 8 / MIB / grown <= 2.0, (estimate, measured)
+
+
+def test_the_counted_parameters_are_the_models_own(default_teacher):
+    teacher, _ = default_teacher
+    real = sum(p.numel() for p in teacher.parameters())
+    assert abs(teacher_shape(teacher.config).parameters() - real) <= 0.02 * real
+
+
+def test_the_fitting_batch_and_the_refusal_agree(monkeypatch):
+    monkeypatch.delenv("FASTKD_MEMORY_CHECK", raising=False)
+    memory = StepMemory(fixed=100 * MIB, per_sequence=10 * MIB)
+    available = 1000 * MIB
+    monkeypatch.setattr("fastkd.memory.available_memory", lambda device: (available, "of RAM available"))
+    fits = memory.max_batch(available)
+    assert memory.total(fits) <= available < memory.total(fits + 1)
+    check_step_fits(memory, fits, 128, torch.device("cpu"))  # the largest batch said to fit is taken
+    with pytest.raises(UserError, match=rf"at most about {fits} fits"):
+        check_step_fits(memory, fits + 1, 128, torch.device("cpu"))
+    # Two ranks on one machine share its RAM: each has half.
+    with pytest.raises(UserError, match=rf"per rank .* 2 ranks\): lower --batch-size \(at most about "
+                                        rf"{memory.max_batch(available // 2)} fits"):
+        check_step_fits(memory, fits, 128, torch.device("cpu"), sharing=2)
+    with pytest.raises(UserError, match="even --batch-size 1 does not fit: lower --max-seq-len"):
+        check_step_fits(StepMemory(fixed=2 * available, per_sequence=1), 1, 128, torch.device("cpu"))
+    monkeypatch.setenv("FASTKD_MEMORY_CHECK", "0")  # the way past an estimate that errs high
+    check_step_fits(memory, fits + 1, 128, torch.device("cpu"))
+    assert size_text(1536 * MIB) == "1.5 GiB"
+    assert re.fullmatch(r"\d\.\d\de\+390 GiB", size_text(10 ** 400))  # a size no float holds is still said
+
+
+# --- the commands refuse before allocating ----------------------------------------------------------
+
+# The command in a child process that says how far its resident set grew: a command that allocates
+# for such a batch is stopped by the address-space limit (or the timeout) instead of filling the machine.
+CHILD = """
+import resource, sys, time
+import torch, transformers  # the interpreter's own size, before the command
+from fastkd.cli import main
+start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.monotonic()
+try:
+    code = main(sys.argv[1:])
+finally:
+    grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start
+    print(f"grew_kib={grew} seconds={time.monotonic() - t0:.1f}")
+sys.exit(code)
+"""
+
+
+def _limit_address_space():
+    # 6 GiB of address space: far above a refused command's (about 1.4 GiB), far below the machine.
+    resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+
+def _run_refused(*argv) -> tuple[list[str], float, float]:
+    """`fastkd ARGV` in a child: asserts exit 2 and one line; returns that line, the seconds the
+    command took and how far the child's resident set grew (MiB)."""
+    limit = None if torch.cuda.is_available() else _limit_address_space  # CUDA reserves address space
+    env = {**os.environ, "FASTKD_MEMORY_CHECK": "1"}  # a user's own switch never reaches the test
+    proc = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True, timeout=180,
+                          preexec_fn=limit, env=env)
+    said = [line for line in proc.stderr.splitlines() if line.strip() and " INFO " not in line
+            and " WARNING " not in line and "it/s]" not in line]
+    assert proc.returncode == 2 and len(said) == 1, (proc.returncode, proc.stderr[-3000:])
+    numbers = dict(re.findall(r"(grew_kib|seconds)=([\d.]+)", proc.stdout))
+    return said[0], float(numbers["seconds"]), float(numbers["grew_kib"]) / 1024
+
+
+def _assert_refused_without_allocating(line: str, seconds: float, grew_mib: float, batch: int, flag: str) -> None:
+    assert f"--batch-size {batch} and {flag}" in line and "GiB" in line, line
+    fits = int(re.search(r"at most about (\d+) fits", line).group(1))
+    assert 1 <= fits < ABSURD, line
+    assert seconds < 60, line  # before loading weights or data, not after minutes of swapping
+    assert grew_mib < 256, (grew_mib, line)  # a tokenizer and a config, never a batch
+
+
+def test_distill_refuses_a_batch_that_cannot_fit_in_one_line(tmp_path, tiny_teacher_dir, small_corpus):
+    out = tmp_path / "out"
+    common = ["distill", "--output", str(out), "--teacher", str(tiny_teacher_dir), "--corpus", str(small_corpus),
+              "--max-steps", "1", "--max-seq-len", "64", "--no-progress"]
+    line, seconds, grew = _run_refused(*common, "--batch-size", str(ABSURD))
+    _assert_refused_without_allocating(line, seconds, grew, ABSURD, "--max-seq-len 64")
+    assert line.startswith("fastkd distill: error: a distillation step"), line
+    assert not out.exists()  # refused before the output is made or locked
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_distill_refuses_an_unrepresentable_batch_from_a_config_file(tmp_path, tiny_teacher_dir, small_corpus, suffix):
+    # A literal integer: both parsers take it as an int (1e30 would be a float or a string, refused as such).
+    config = tmp_path / f"huge{suffix}"
+    config.write_text(f"batch_size: {UNREPRESENTABLE}\n" if suffix == ".yaml" else
+                      f'{{"batch_size": {UNREPRESENTABLE}}}')
+    out = tmp_path / "out"
+    line, seconds, grew = _run_refused("distill", "--config", str(config), "--output", str(out), "--teacher",
+                                       str(tiny_teacher_dir), "--corpus", str(small_corpus), "--no-progress")
+    _assert_refused_without_allocating(line, seconds, grew, UNREPRESENTABLE, "--max-seq-len 128")
+    assert not out.exists()
+
+
+def test_bench_refuses_a_batch_that_cannot_fit_in_one_line(tmp_path, tiny_teacher_dir):
+    output = tmp_path / "bench.json"
+    line, seconds, grew = _run_refused("bench", "--teacher", str(tiny_teacher_dir), "--batch-size", str(ABSURD),
+                                       "--seq-len", "64", "--output", str(output))
+    _assert_refused_without_allocating(line, seconds, grew, ABSURD, "--seq-len 64")
+    assert line.startswith("fastkd bench: error: a bench step"), line
+    assert not output.exists()
