@@ -22,7 +22,7 @@ import torch
 from . import ops
 from .config import OBJECTIVE_HELP, OBJECTIVES, RELATION_HEADS_HELP, DistillConfig, loss_weight_problem, seed_value
 from .device import pick_device
-from .distill import loss_weights, relation_heads
+from .distill import loss_weights, relation_heads, sentence_pooling
 from .training import LocalEngine
 from .errors import UserError
 from .losses import DistillLoss, objective_weights
@@ -180,7 +180,9 @@ def measure_backend(backend: str, teacher_model, tokenizer, cfg: BenchConfig, de
     weights = loss_weights(dcfg)
     criterion = DistillLoss(mapping, shape.hidden, teacher_model.config.hidden_size, weights, backend=backend,
                             relation_heads=relation_heads(weights, cfg.relation_heads, teacher_model.config,
-                                                          shape.hidden)).to(device)
+                                                          shape.hidden),
+                            pooling=sentence_pooling(cfg.teacher, weights, shape.hidden,
+                                                     teacher_model.config.hidden_size)).to(device)
     student = build_student(teacher_model, shape, "teacher", mapping, seed=cfg.seed).to(device)
     teacher = Teacher(teacher_model, criterion.teacher_hidden_layers(), criterion.teacher_attention_layers(),
                       autocast_dtype=torch.bfloat16 if cfg.bf16 else None, values=criterion.needs_values())

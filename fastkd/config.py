@@ -29,7 +29,7 @@ def seed_problem(seed: int, what: str = "--seed") -> str | None:
     return None
 
 
-LOSS_WEIGHTS = ("w_embedding", "w_hidden", "w_attention", "w_attention_kl", "w_value_kl", "w_relation")
+LOSS_WEIGHTS = ("w_embedding", "w_hidden", "w_attention", "w_attention_kl", "w_value_kl", "w_relation", "w_sentence")
 
 
 def loss_weight_problem(cfg) -> str | None:
@@ -56,10 +56,11 @@ def seed_value(text: str) -> int:
 
 
 LOSS_BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
-OBJECTIVES = ("tinybert", "minilm", "minilmv2")
+OBJECTIVES = ("tinybert", "minilm", "minilmv2", "sentence")
 OBJECTIVE_HELP = ("what the student learns: tinybert (embedding, hidden-state and attention-score MSE), minilm "
-                  "(attention-distribution and value-relation KL), minilmv2 (Q-Q, K-K and V-V relation KL); the "
-                  "--w-* weights override single terms")
+                  "(attention-distribution and value-relation KL), minilmv2 (Q-Q, K-K and V-V relation KL), sentence "
+                  "(the teacher pipeline's sentence embedding alone: sentence-transformers' layer reduction); the "
+                  "--w-* weights override single terms (--w-sentence adds the embedding to any objective)")
 RELATION_HEADS_HELP = ("relation heads R of the minilm/minilmv2 relation terms: each model's concatenated heads split "
                        "into R (default: the teacher's attention heads; MiniLMv2 uses more, e.g. 48 for base-size "
                        "teachers); R must divide both hidden sizes")
@@ -130,6 +131,9 @@ class DistillConfig:
     w_value_kl: float | None = option(None, "MiniLM value-relation KL weight (default: the objective's)", group="losses")
     w_relation: float | None = option(None, "MiniLMv2 Q-Q, K-K and V-V relation KL weight (default: the objective's)",
                                       group="losses")
+    w_sentence: float | None = option(None, "sentence-embedding weight: the squared distance of both models' last layers "
+                                            "pooled (and normalised) as the teacher's sentence-transformers pipeline "
+                                            "does, mean pooling without one (default: the objective's)", group="losses")
     loss_backend: str | None = option(None, LOSS_BACKEND_HELP, group="losses", choices=LOSS_BACKENDS)
     resume: bool = option(False, "continue the run in --output from its latest checkpoint", group="output")
     stop_at_step: int | None = option(None, "checkpoint and exit after step N (for job time limits); --resume "

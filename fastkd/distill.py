@@ -24,6 +24,7 @@ from .io import (atomic_write_json, check_writable_dir, lock_output, no_space_is
                  refuse_foreign_output)
 from .losses import OBJECTIVES, DistillLoss, LossWeights, objective_weights
 from .mapping import LayerMapping, parse_mapping
+from .sentence import read_pooling
 from .memory import check_step_fits, step_memory
 from .families import family_of, usable_positions
 from .models import (build_student, check_weight_files, load_config, load_student_dir, load_teacher, load_tokenizer,
@@ -41,10 +42,12 @@ DEFAULT_STUDENT_LAYERS = 3
 def loss_weights(cfg) -> LossWeights:
     """The objective's weights with the --w-* given in their place."""
     return objective_weights(cfg.objective, embedding=cfg.w_embedding, hidden=cfg.w_hidden, attention=cfg.w_attention,
-                             attention_kl=cfg.w_attention_kl, value_kl=cfg.w_value_kl, relation=cfg.w_relation)
+                             attention_kl=cfg.w_attention_kl, value_kl=cfg.w_value_kl, relation=cfg.w_relation,
+                             sentence=getattr(cfg, "w_sentence", None))
 
 
-LOSS_KEYS = ("objective", "w_embedding", "w_hidden", "w_attention", "w_attention_kl", "w_value_kl", "w_relation")
+LOSS_KEYS = ("objective", "w_embedding", "w_hidden", "w_attention", "w_attention_kl", "w_value_kl", "w_relation",
+             "w_sentence")
 
 
 def comparable(config: dict) -> dict:
@@ -137,9 +140,22 @@ def resolve(cfg: DistillConfig):
     weights = loss_weights(cfg)
     relation_heads(weights, cfg.relation_heads, teacher_config, shape.hidden)
     layer_terms = (weights.hidden, weights.attention, weights.attention_kl, weights.value_kl, weights.relation)
-    if not (weights.embedding or (any(layer_terms) and mapping.pairs())):
+    if not (weights.embedding or weights.sentence or (any(layer_terms) and mapping.pairs())):
         raise UserError("nothing to distill: every loss weight is zero or the mapping supervises no layer")
+    sentence_pooling(cfg.teacher, weights, shape.hidden, teacher_config.hidden_size)  # a bad pipeline: one line now
     return teacher_config, shape, mapping
+
+
+def sentence_pooling(teacher: str, weights: LossWeights, student_hidden: int, teacher_hidden: int):
+    """How the sentence term pools (the teacher's pipeline), or None without one; refused in one line
+    for a student narrower than the teacher or a pipeline fastkd cannot read."""
+    if not weights.sentence:
+        return None
+    if student_hidden != teacher_hidden:  # (a learned projection would train an embedding no export carries)
+        raise UserError(f"the sentence term compares the student's sentence embedding with the teacher's directly: "
+                        f"the student must be as wide as the teacher ({teacher_hidden}, not {student_hidden}); drop "
+                        "--student-hidden or set --w-sentence 0")
+    return read_pooling(resolve_model_path(teacher))
 
 
 
@@ -177,7 +193,9 @@ def build_models(cfg: DistillConfig, shape, mapping):
     criterion = DistillLoss(mapping, student.config.hidden_size, teacher_model.config.hidden_size, weights,
                             backend=cfg.loss_backend,
                             relation_heads=relation_heads(weights, cfg.relation_heads, teacher_model.config,
-                                                          student.config.hidden_size))
+                                                          student.config.hidden_size),
+                            pooling=sentence_pooling(cfg.teacher, weights, student.config.hidden_size,
+                                                     teacher_model.config.hidden_size))
     return tokenizer, teacher_model, student, criterion
 
 
@@ -291,6 +309,7 @@ def export_run(run: Run, student) -> Path:
         "student": {**run.shape.__dict__, "parameters": run.parameters},
         "objective": cfg.objective, "relation_heads": engine.criterion.relation_heads,
         "loss_weights": loss_weights(cfg).as_dict(),
+        **({"sentence_pooling": engine.criterion.pooling.describe()} if loss_weights(cfg).sentence else {}),
         "corpus": {"source": cfg.corpus, "sequences": run.corpus_sequences, "max_seq_len": cfg.max_seq_len,
                    "sample": cfg.corpus_sample},
         "steps": engine.step, "global_batch": engine.seqs_per_step, "lr": cfg.lr, "seed": cfg.seed,

@@ -11,6 +11,10 @@ Conventions (TinyBERT for MSE terms, MiniLM for the KL term):
   relative bias) record their full scores, and a local-attention layer (ModernBERT) its window: such
   pairs run the torch reference on the (B, H, S, S) scores, valid pairs being the window's as well as
   real tokens (the narrower window where a local and a global layer meet), and ran_on says so;
+- sentence embedding (sentence-transformers' layer-reduction recipe, arXiv 2004.09813): both models'
+  last layers pooled (and normalised) as the teacher's pipeline does; the term is the squared L2
+  distance of the two embeddings, mean over the batch (sentence-transformers' MSELoss x D, so its
+  scale sits beside the other terms); a student narrower than the teacher is not compared (refused);
 - each term is the mean over the mapped layer pairs, logged unweighted; total = sum of w * term.
 
 The terms themselves are ops (fastkd.ops: one module each, with the torch reference and the fused
@@ -28,10 +32,11 @@ from torch import nn
 from . import ops
 from .capture import AttentionRecord
 from .mapping import LayerMapping
+from .sentence import SentencePooling, sentence_embedding
 
 log = logging.getLogger(__name__)
 
-TERMS = ("embedding", "hidden", "attention", "attention_kl", "value_kl", "relation")
+TERMS = ("embedding", "hidden", "attention", "attention_kl", "value_kl", "relation", "sentence")
 _SAID_REFERENCE: set[tuple[str, str]] = set()
 RELATION_OP = "relation_kl"  # how ran_on reports the relation terms (the attention_kl op on relation heads)
 
@@ -44,6 +49,7 @@ class LossWeights:
     attention_kl: float = 0.0
     value_kl: float = 0.0  # MiniLM: KL of the value relations softmax(V V^T / sqrt(d)), per relation head
     relation: float = 0.0  # MiniLMv2: Q-Q + K-K + V-V relation KLs over R relation heads
+    sentence: float = 0.0  # the teacher pipeline's sentence embedding of the last layers (squared L2 distance)
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -53,10 +59,12 @@ class LossWeights:
 #   tinybert  TinyBERT: embedding and hidden-state MSE, pre-softmax attention-score MSE
 #   minilm    MiniLM (arXiv 2002.10957): attention-distribution KL and value-relation KL
 #   minilmv2  MiniLMv2 (arXiv 2012.15828): Q-Q, K-K and V-V self-attention relation KL
+#   sentence  sentence-transformers' layer reduction: the sentence embedding alone
 OBJECTIVES = {
     "tinybert": LossWeights(),
     "minilm": LossWeights(embedding=0.0, hidden=0.0, attention=0.0, attention_kl=1.0, value_kl=1.0),
     "minilmv2": LossWeights(embedding=0.0, hidden=0.0, attention=0.0, relation=1.0),
+    "sentence": LossWeights(embedding=0.0, hidden=0.0, attention=0.0, sentence=1.0),
 }
 
 
@@ -94,10 +102,15 @@ class DistillLoss(nn.Module):
     """Holds the mapping, the term weights and the learned width projections (trained with the student)."""
 
     def __init__(self, mapping: LayerMapping, student_hidden: int, teacher_hidden: int,
-                 weights: LossWeights = LossWeights(), backend: str | None = None, relation_heads: int | None = None):
+                 weights: LossWeights = LossWeights(), backend: str | None = None, relation_heads: int | None = None,
+                 pooling: SentencePooling | None = None):
         super().__init__()
         self.mapping = mapping
         self.weights = weights
+        self.pooling = pooling or SentencePooling()  # how the sentence term pools (the teacher's pipeline)
+        if weights.sentence and student_hidden != teacher_hidden:  # (distill.sentence_pooling says it to a user)
+            raise ValueError(f"the sentence term needs a student as wide as the teacher ({student_hidden} != "
+                             f"{teacher_hidden})")
         self.relation_heads = relation_heads  # R of the relation terms (value_kl, relation); None: each side's heads
         if (weights.value_kl or weights.relation) and relation_heads is None:
             raise ValueError("the relation terms need relation_heads")
@@ -112,10 +125,12 @@ class DistillLoss(nn.Module):
 
     # Which layers each side must expose, so nothing else is kept in memory.
     def student_hidden_layers(self) -> list[int]:
-        return ([0] if self.weights.embedding else []) + ([m for m, _ in self.mapping.pairs()] if self.weights.hidden else [])
+        return sorted(set(([0] if self.weights.embedding else []) + ([m for m, _ in self.mapping.pairs()]
+                          if self.weights.hidden else []) + ([self.mapping.student_layers] if self.weights.sentence else [])))
 
     def teacher_hidden_layers(self) -> list[int]:
-        return ([0] if self.weights.embedding else []) + ([g for _, g in self.mapping.pairs()] if self.weights.hidden else [])
+        return sorted(set(([0] if self.weights.embedding else []) + ([g for _, g in self.mapping.pairs()]
+                          if self.weights.hidden else []) + ([self.mapping.teacher_layers] if self.weights.sentence else [])))
 
     def _uses_attention(self) -> bool:
         w = self.weights
@@ -255,6 +270,10 @@ class DistillLoss(nn.Module):
                 for name, value in self._attention_terms(student_attention[m], teacher.attention[g], mask).items():
                     per_pair.setdefault(name, []).append(value)
             terms.update({name: torch.stack(values).mean() for name, values in per_pair.items()})
+        if w.sentence:  # the last layers, whatever the mapping: the embedding the pipelines put out
+            embed = (sentence_embedding(h, mask, self.pooling)
+                     for h in (student_hidden[self.mapping.student_layers], teacher.hidden[self.mapping.teacher_layers]))
+            terms["sentence"] = (next(embed) - next(embed)).pow(2).sum(-1).mean()
         if not terms:
             raise ValueError("no active loss term: every weight is zero or the mapping supervises nothing")
         total = sum(getattr(w, name) * value for name, value in terms.items())

@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .errors import UserError
 
@@ -124,3 +126,62 @@ def zeroshot_stsb(model_path, dev, device="cpu", batch_size: int = 64, max_seq_l
     gold = np.asarray(dev.labels, dtype=np.float64)
     return {"spearman": float(spearmanr(cosine, gold).statistic), "pearson": float(pearsonr(cosine, gold).statistic),
             "dev_examples": len(gold), "split": dev.name, "pipeline": describe_pipeline(model_path)}
+
+
+# --- the sentence embedding as a distillation target ------------------------------------------------
+
+POOLING_MODES = ("mean", "cls", "max")  # what the sentence term pools like (sentence-transformers' names)
+
+
+@dataclass(frozen=True)
+class SentencePooling:
+    """How a teacher turns token states into its sentence embedding, as the sentence term reproduces
+    it: the pooling of its pipeline, then Normalize when that follows it directly. A teacher without
+    a pipeline pools by mean (the field's default for encoders never trained for it)."""
+
+    mode: str = "mean"
+    normalize: bool = False
+    source: str = "no sentence-transformers pipeline"
+
+    def describe(self) -> str:
+        return f"{self.mode} pooling" + (" -> Normalize" if self.normalize else "") + f" ({self.source})"
+
+
+def read_pooling(teacher_dir) -> SentencePooling:
+    """The SentencePooling of a teacher directory (a hub name or a plain encoder: mean, unnormalised).
+    A pipeline fastkd cannot read, or a pooling mode it does not know, is one line (UserError)."""
+    if teacher_dir is None or not has_pipeline(teacher_dir):
+        return SentencePooling()
+    path = Path(teacher_dir)
+    try:
+        kinds = [(m["type"].rsplit(".", 1)[-1], m.get("path", "")) for m in _modules(path)]
+        pooling = next(((i, sub) for i, (kind, sub) in enumerate(kinds) if kind == "Pooling"), None)
+        if pooling is None:
+            return SentencePooling(source=f"{path}'s pipeline has no Pooling module: mean")
+        config_path = path / pooling[1] / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {"pooling_mode_mean_tokens": True}
+        modes = [k for k, v in config.items() if k.startswith("pooling_mode_") and v is True]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"the sentence-transformers pipeline of {path} is damaged ({type(exc).__name__}: {exc}): "
+                        "repair its modules.json and Pooling config, or set --w-sentence 0") from None
+    known = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
+    if len(modes) != 1 or modes[0] not in known:
+        raise UserError(f"{path}: the sentence term pools as the teacher's pipeline does, and fastkd knows "
+                        f"{', '.join(POOLING_MODES)} pooling, one at a time (the pipeline sets {', '.join(modes) or 'none'}):"
+                        " set --w-sentence 0")
+    after = [kind for kind, _ in kinds[pooling[0] + 1:]]
+    return SentencePooling(known[modes[0]], normalize=after[:1] == ["Normalize"],
+                           source=f"{path.name}'s pipeline: " + " -> ".join(kind for kind, _ in kinds))
+
+
+def sentence_embedding(hidden: torch.Tensor, mask: torch.Tensor, pooling: SentencePooling) -> torch.Tensor:
+    """(B, D) sentence embeddings of token states `hidden` (B, S, D) over the real tokens of `mask`
+    (B, S), pooled and normalised as the teacher's pipeline does (in float32)."""
+    hidden, real = hidden.float(), mask.unsqueeze(-1).to(torch.float32)
+    if pooling.mode == "cls":
+        pooled = hidden[:, 0]
+    elif pooling.mode == "max":
+        pooled = hidden.masked_fill(real == 0, float("-inf")).amax(1)
+    else:
+        pooled = (hidden * real).sum(1) / real.sum(1).clamp_min(1.0)
+    return torch.nn.functional.normalize(pooled, dim=-1) if pooling.normalize else pooled

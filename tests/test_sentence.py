@@ -106,3 +106,110 @@ def test_glue_scores_sentence_models_zero_shot_on_stsb(tmp_path, pipeline_studen
     assert main(["glue", "--model", str(damaged), "--output", str(tmp_path / "bad"), *common]) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sentence-transformers pipeline" in err[0] and "damaged" in err[0], err
+
+
+# --- the sentence embedding as a distillation target (issue 23) ----------------------------------
+
+def test_the_sentence_term_pools_exactly_as_the_teachers_pipeline():
+    """sentence_embedding of the teacher's last layer = sentence-transformers' own encode of it."""
+    from fastkd.sentence import read_pooling, sentence_embedding
+
+    path = default_teacher_path()
+    pooling = read_pooling(path)
+    assert (pooling.mode, pooling.normalize) == ("mean", True)
+    tokenizer = load_tokenizer("default")
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")  # the short one is padded
+    with torch.no_grad():
+        last = AutoModel.from_pretrained(str(path))(**batch).last_hidden_state
+    ours = sentence_embedding(last, batch["attention_mask"], pooling)
+    theirs = SentenceTransformer(str(path), device="cpu").encode(SENTENCES, convert_to_tensor=True)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_each_pooling_mode_against_a_hand_computation():
+    from fastkd.sentence import SentencePooling, sentence_embedding
+
+    torch.manual_seed(0)
+    hidden, mask = torch.randn(2, 5, 4), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    mean0 = hidden[0, :3].mean(0)
+    assert torch.allclose(sentence_embedding(hidden, mask, SentencePooling("mean"))[0], mean0)
+    assert torch.allclose(sentence_embedding(hidden, mask, SentencePooling("max"))[0], hidden[0, :3].amax(0))
+    assert torch.allclose(sentence_embedding(hidden, mask, SentencePooling("cls"))[0], hidden[0, 0])
+    normed = sentence_embedding(hidden, mask, SentencePooling("mean", normalize=True))[0]
+    assert torch.allclose(normed, mean0 / mean0.norm())
+
+
+@pytest.mark.parametrize("modules, pooling, said", [
+    ("not json", None, "pipeline of"),
+    ('[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}, '
+     '{"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]',
+     {"pooling_mode_weightedmean_tokens": True}, "fastkd knows mean, cls, max pooling"),
+])
+def test_a_pipeline_the_sentence_term_cannot_read_is_one_line(tmp_path, tiny_teacher_dir, small_corpus, capfd,
+                                                              modules, pooling, said):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, teacher)
+    (teacher / "modules.json").write_text(modules)
+    if pooling is not None:
+        (teacher / "1_Pooling").mkdir()
+        (teacher / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    code = main(["distill", "--teacher", str(teacher), "--corpus", str(small_corpus), "--objective", "sentence",
+                 "--max-steps", "1", "--max-seq-len", "32", "--output", str(tmp_path / "o"), "--no-progress"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and said in err[0], err
+
+
+def test_the_sentence_term_is_zero_for_the_teacher_itself_and_trains_a_student(default_tokenizer, tiny_teacher_dir):
+    from fastkd.losses import DistillLoss, objective_weights
+    from fastkd.sentence import SentencePooling
+    from fastkd.teacher import Teacher
+
+    teacher_model = load_teacher(str(tiny_teacher_dir))
+    weights = objective_weights("sentence")
+    batch = default_tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    pooling = SentencePooling("mean", normalize=True)
+
+    def term(student, mapping):
+        loss = DistillLoss(mapping, student.config.hidden_size, 32, weights, backend="torch", pooling=pooling)
+        teacher = Teacher(teacher_model, loss.teacher_hidden_layers(), [])
+        out = student(**batch, output_hidden_states=True)
+        return loss(out.hidden_states, {}, teacher(batch["input_ids"], batch["attention_mask"]))
+
+    same = build_student(teacher_model, student_shape(teacher_model.config, 4), "teacher", LayerMapping((1, 2, 3, 4), 4))
+    assert term(same, LayerMapping((1, 2, 3, 4), 4)).terms["sentence"].item() < 1e-10
+    mapping = LayerMapping((2, 4), 4)
+    small = build_student(teacher_model, student_shape(teacher_model.config, 2), "teacher", mapping)
+    out = term(small, mapping)
+    assert set(out.terms) == {"sentence"} and out.total.item() > 1e-6
+    out.total.backward()
+    assert small.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+
+
+def test_distill_and_search_take_the_sentence_objective(tmp_path, tiny_teacher_dir, small_corpus, capfd):
+    common = ["--teacher", str(tiny_teacher_dir), "--corpus", str(small_corpus), "--no-progress"]
+    out = tmp_path / "d"
+    assert main(["distill", *common, "--objective", "tinybert", "--w-sentence", "2", "--max-steps", "3",
+                 "--batch-size", "4", "--max-seq-len", "32", "--output", str(out)]) == 0
+    info = json.loads((out / "student" / "fastkd.json").read_text())
+    assert info["loss_weights"]["sentence"] == 2.0 and "sentence" in info["final_losses"]
+    assert info["sentence_pooling"] == "mean pooling (no sentence-transformers pipeline)"
+    capfd.readouterr()
+    # A narrower student's embedding cannot be compared without a projection no export would carry.
+    assert main(["distill", *common, "--objective", "sentence", "--student-hidden", "16", "--output",
+                 str(tmp_path / "narrow")]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the student must be as wide as the teacher (32, not 16)" in err[0], err
+    from fastkd.cli import parse_config
+    from fastkd.search.run import Search
+
+    argv = ["search", *common, "--student-layers", "2", "--data-dir", str(GLUE_FIXTURES), "--proxy-tasks", "wnli",
+            "--proxy-sequences", "16", "--proxy-seq-len", "32", "--proxy-steps", "2", "--proxy-batch-size", "4",
+            "--proxy-finetune-steps", "1", "--proxy-finetune-examples", "8", "--proxy-finetune-batch-size", "4",
+            "--proxy-finetune-seq-len", "32", "--population", "2", "--generations", "1", "--ladder", "full",
+            "--verdict-seeds", "0", "--proxy-heldout", "4", "--objective", "sentence", "--output", str(tmp_path / "s")]
+    search = Search(parse_config(argv)[1])
+    search.run()
+    trained = list(search._ev._students.values())
+    assert trained and all(set(losses) == {"loss", "sentence"} for _, losses, _ in trained), trained

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..config import OBJECTIVE_HELP, OBJECTIVES, RELATION_HEADS_HELP, DistillConfig
 from ..corpus import BatchStream
 from .. import rng
-from ..distill import relation_heads
+from ..distill import relation_heads, sentence_pooling
 from ..training import LocalEngine, NonFiniteAbort
 from ..glue import FinetuneConfig, TaskCache, parse_tasks
 from ..glue.report import COLLAPSE_FRACTION
@@ -138,6 +138,8 @@ class ProxyEvaluator:
         self.weights = weights or objective_weights(cfg.objective)
         # validated by the search before any work (one line for a bad R or a family without Q/K/V)
         self.relation_heads = relation_heads(self.weights, cfg.relation_heads, teacher_model.config, shape.hidden)
+        self.pooling = sentence_pooling(teacher_model.name_or_path, self.weights, shape.hidden,
+                                        teacher_model.config.hidden_size)
         self.progress = progress
         self.loss_backend = loss_backend  # changes rounding only, so not part of what a fitness means
         self.counters = Counters()
@@ -168,7 +170,7 @@ class ProxyEvaluator:
                 torch.manual_seed(seed)
                 criteria.append(DistillLoss(mapping, self.shape.hidden, self.teacher_model.config.hidden_size,
                                             self.weights, backend=self.loss_backend,
-                                            relation_heads=self.relation_heads).to(self.device))
+                                            relation_heads=self.relation_heads, pooling=self.pooling).to(self.device))
                 students.append(build_student(self.teacher_model, self.shape, cfg.init, mapping, seed=seed).to(self.device))
                 rng_states.append(rng.capture(self.device))
             self.counters.build_seconds += time.perf_counter() - built
