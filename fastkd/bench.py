@@ -247,6 +247,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     if cfg.seq_len > limit:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds the {limit} tokens the teacher's position embeddings take")
     check_memory(cfg, teacher_config, device)
+    shape = student_shape(teacher_config, cfg.student_layers, cfg.student_hidden, cfg.student_heads, cfg.student_ffn)
+    sentence_pooling(cfg.teacher, objective_weights(cfg.objective), shape.hidden, teacher_config.hidden_size)
     present, missing = present_backends(cfg.backends, device)
     for name, why in missing.items():
         log.info("backend %s not measured: %s", name, why)

@@ -60,7 +60,7 @@ OBJECTIVES = ("tinybert", "minilm", "minilmv2", "sentence")
 OBJECTIVE_HELP = ("what the student learns: tinybert (embedding, hidden-state and attention-score MSE), minilm "
                   "(attention-distribution and value-relation KL), minilmv2 (Q-Q, K-K and V-V relation KL), sentence "
                   "(the teacher pipeline's sentence embedding alone: sentence-transformers' layer reduction); the "
-                  "--w-* weights override single terms (--w-sentence adds the embedding to any objective)")
+                  "--w-* weights override single terms (distill's --w-sentence adds the embedding to any objective)")
 RELATION_HEADS_HELP = ("relation heads R of the minilm/minilmv2 relation terms: each model's concatenated heads split "
                        "into R (default: the teacher's attention heads; MiniLMv2 uses more, e.g. 48 for base-size "
                        "teachers); R must divide both hidden sizes")

@@ -134,7 +134,9 @@ def _loss_terms(s: Shape, t: Shape, seq: int, pairs: int, weights, relation_head
     relation = relations * 4 * r * seq * seq * FLOAT32
     hidden = 2 * seq * t.hidden * FLOAT32 if weight("hidden") else 0
     embedding = 2 * seq * t.hidden * FLOAT32 if weight("embedding") else 0
-    return pairs * (attention + relation + hidden) + embedding
+    # The sentence term: both last layers in float32 and the masked product kept for the backward.
+    sentence = 3 * seq * t.hidden * FLOAT32 if weight("sentence") else 0
+    return pairs * (attention + relation + hidden) + embedding + sentence
 
 
 def _batch(seq: int) -> int:

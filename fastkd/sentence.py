@@ -74,7 +74,8 @@ def copy_pipeline(teacher_dir, target: Path, hidden: int) -> str | None:
         if kind == "Pooling":
             config_path = target / sub / "config.json"
             config = json.loads(config_path.read_text()) if config_path.is_file() else {"pooling_mode_mean_tokens": True}
-            config["word_embedding_dimension"] = hidden
+            # (sentence-transformers 5+ writes `embedding_dimension`; older versions the longer name)
+            config["embedding_dimension" if "embedding_dimension" in config else "word_embedding_dimension"] = hidden
             config_path.write_text(json.dumps(config, indent=2) + "\n")
     return None
 
@@ -102,9 +103,7 @@ def describe_pipeline(path) -> str:
             if kind == "Pooling":
                 config_path = path / module.get("path", "") / "config.json"
                 config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-                modes = [k[len("pooling_mode_"):].replace("_tokens", "").replace("_token", "")
-                         for k, v in config.items() if k.startswith("pooling_mode_") and v is True]
-                kind += f" ({', '.join(modes)})" if modes else ""
+                kind += f" ({', '.join(pooling_modes(config))})"
             parts.append(kind)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"the sentence-transformers pipeline of {path} is damaged ({type(exc).__name__}: {exc}): "
@@ -147,31 +146,48 @@ class SentencePooling:
         return f"{self.mode} pooling" + (" -> Normalize" if self.normalize else "") + f" ({self.source})"
 
 
+def pooling_modes(config: dict) -> list[str]:
+    """The pooling modes a Pooling config sets, in sentence-transformers' names: the current format's
+    `pooling_mode` (a name or a list of them), or the older `pooling_mode_<x>_token(s): true` keys;
+    an old config that sets none pools by mean, as sentence-transformers reads it."""
+    if "pooling_mode" in config:
+        mode = config["pooling_mode"]
+        return [mode] if isinstance(mode, str) else list(mode)
+    legacy = [k[len("pooling_mode_"):].replace("_tokens", "").replace("_token", "")
+              for k, v in config.items() if k.startswith("pooling_mode_") and v is True]
+    return legacy or ["mean"]
+
+
 def read_pooling(teacher_dir) -> SentencePooling:
-    """The SentencePooling of a teacher directory (a hub name or a plain encoder: mean, unnormalised).
-    A pipeline fastkd cannot read, or a pooling mode it does not know, is one line (UserError)."""
-    if teacher_dir is None or not has_pipeline(teacher_dir):
+    """The SentencePooling of a teacher directory (a plain encoder: mean, unnormalised). The term
+    reproduces Transformer -> Pooling [-> Normalize] pipelines; another shape (a Dense after the
+    pooling, a module before it), a pipeline fastkd cannot read, or a pooling mode it does not know is
+    one line (UserError)."""
+    if teacher_dir is None or not Path(teacher_dir).is_dir():
+        return SentencePooling(source=f"{teacher_dir} is a hub name: its pipeline is not read here; mean")
+    if not has_pipeline(teacher_dir):
         return SentencePooling()
     path = Path(teacher_dir)
     try:
         kinds = [(m["type"].rsplit(".", 1)[-1], m.get("path", "")) for m in _modules(path)]
-        pooling = next(((i, sub) for i, (kind, sub) in enumerate(kinds) if kind == "Pooling"), None)
-        if pooling is None:
-            return SentencePooling(source=f"{path}'s pipeline has no Pooling module: mean")
-        config_path = path / pooling[1] / "config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {"pooling_mode_mean_tokens": True}
-        modes = [k for k, v in config.items() if k.startswith("pooling_mode_") and v is True]
+        names = [kind for kind, _ in kinds]
+        if "Pooling" not in names:
+            return SentencePooling(source=f"{path.name}'s pipeline has no Pooling module; mean")
+        config_path = path / kinds[names.index("Pooling")][1] / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        modes = pooling_modes(config)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"the sentence-transformers pipeline of {path} is damaged ({type(exc).__name__}: {exc}): "
                         "repair its modules.json and Pooling config, or set --w-sentence 0") from None
-    known = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
-    if len(modes) != 1 or modes[0] not in known:
+    if len(modes) != 1 or modes[0] not in POOLING_MODES:
         raise UserError(f"{path}: the sentence term pools as the teacher's pipeline does, and fastkd knows "
-                        f"{', '.join(POOLING_MODES)} pooling, one at a time (the pipeline sets {', '.join(modes) or 'none'}):"
+                        f"{', '.join(POOLING_MODES)} pooling, one at a time (the pipeline sets {', '.join(modes)}):"
                         " set --w-sentence 0")
-    after = [kind for kind, _ in kinds[pooling[0] + 1:]]
-    return SentencePooling(known[modes[0]], normalize=after[:1] == ["Normalize"],
-                           source=f"{path.name}'s pipeline: " + " -> ".join(kind for kind, _ in kinds))
+    if names not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+        raise UserError(f"{path}: the sentence term reproduces Transformer -> Pooling [-> Normalize] pipelines, and "
+                        f"this one is {' -> '.join(names)}: set --w-sentence 0")
+    return SentencePooling(modes[0], normalize=names[-1] == "Normalize",
+                           source=f"{path.name}'s pipeline: " + " -> ".join(names))
 
 
 def sentence_embedding(hidden: torch.Tensor, mask: torch.Tensor, pooling: SentencePooling) -> torch.Tensor:

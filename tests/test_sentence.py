@@ -213,3 +213,35 @@ def test_distill_and_search_take_the_sentence_objective(tmp_path, tiny_teacher_d
     search.run()
     trained = list(search._ev._students.values())
     assert trained and all(set(losses) == {"loss", "sentence"} for _, losses, _ in trained), trained
+
+
+def test_read_pooling_reads_what_the_installed_sentence_transformers_saves(tmp_path):
+    """The current Pooling format (`pooling_mode`), the older `pooling_mode_*_tokens` keys, and a
+    pipeline shape the term does not reproduce (a Dense after the pooling): refused in one line."""
+    try:
+        from sentence_transformers.sentence_transformer.modules import Pooling
+    except ImportError:  # (sentence-transformers before 5.x)
+        from sentence_transformers.models import Pooling
+
+    from fastkd.errors import UserError
+    from fastkd.sentence import read_pooling
+
+    def pipeline(folder, *modules):
+        folder.mkdir()
+        (folder / "modules.json").write_text(json.dumps(
+            [{"idx": i, "name": str(i), "path": sub, "type": f"sentence_transformers.models.{kind}"}
+             for i, (kind, sub) in enumerate((("Transformer", ""),) + modules)]))
+        return folder
+
+    new = pipeline(tmp_path / "new", ("Pooling", "1_Pooling"), ("Normalize", "2_Normalize"))
+    (new / "1_Pooling").mkdir()
+    Pooling(32, pooling_mode="cls").save(str(new / "1_Pooling"))
+    assert (read_pooling(new).mode, read_pooling(new).normalize) == ("cls", True)
+    old = pipeline(tmp_path / "old", ("Pooling", "1_Pooling"))
+    (old / "1_Pooling").mkdir()
+    (old / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    assert (read_pooling(old).mode, read_pooling(old).normalize) == ("max", False)
+    dense = pipeline(tmp_path / "dense", ("Pooling", "1_Pooling"), ("Dense", "2_Dense"), ("Normalize", "3_Normalize"))
+    with pytest.raises(UserError, match="reproduces Transformer -> Pooling \\[-> Normalize\\] pipelines, and this "
+                                        "one is Transformer -> Pooling -> Dense -> Normalize"):
+        read_pooling(dense)

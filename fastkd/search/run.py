@@ -28,9 +28,10 @@ from ..glue.probe import ZERO_SHOT_TASK
 from ..io import atomic_write_json, check_writable_dir, lock_output, refuse_foreign_output
 from ..mapping import LayerMapping, heuristic
 from ..options import option, resolved_config
-from ..distill import relation_heads
+from ..distill import relation_heads, sentence_pooling
 from ..families import usable_positions
 from ..losses import objective_weights
+from ..sentence import read_pooling
 from ..models import load_config, load_teacher, load_tokenizer, resolve_model_path, student_shape
 from ..training.loop import Preempted, add_scalars, stop_signals, tensorboard_writer
 from .dist import Comm
@@ -157,7 +158,10 @@ class SearchConfig:
                 "student": [self.student_layers, self.student_hidden, self.student_heads, self.student_ffn],
                 "corpus": corpus_identity(self.corpus), "data_dir": _resolved(self.data_dir), "task_files": task_files,
                 "proxy": self.proxy.as_dict(), "drop_weak_tasks": self.drop_weak_tasks, "sample_seed": self.seed,
-                "ladder": [r.name for r in self.rungs()]}
+                "ladder": [r.name for r in self.rungs()],
+                # how the sentence term pools is part of what a fitness means (only where it runs: older keys stay)
+                **({"sentence_pooling": read_pooling(resolve_model_path(self.teacher)).describe()}
+                   if objective_weights(self.proxy.objective).sentence else {})}
 
     def validate(self) -> None:
         self.ga_config().validate()
@@ -248,6 +252,8 @@ class Search:
         # the objective's relation heads fit both models, and the family records what it needs
         relation_heads(objective_weights(cfg.proxy.objective), cfg.proxy.relation_heads, teacher_config,
                        self.shape.hidden)
+        sentence_pooling(cfg.teacher, objective_weights(cfg.proxy.objective), self.shape.hidden,
+                         teacher_config.hidden_size)  # a narrower student or an unreadable pipeline: one line now
         if cfg.proxy.max_seq_len > usable_positions(teacher_config):
             raise UserError(f"--proxy-seq-len {cfg.proxy.max_seq_len} exceeds the {usable_positions(teacher_config)} "
                             "tokens the teacher's position embeddings take")
