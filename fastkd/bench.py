@@ -228,12 +228,13 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def check_memory(cfg: BenchConfig, teacher_config, device: torch.device) -> None:
-    """Refuse a step that cannot fit the machine (fastkd.memory) before the teacher is loaded: one
-    backend's step is alive at a time, so that is the peak."""
+def check_before_loading(cfg: BenchConfig, teacher_config, device: torch.device) -> None:
+    """Refuse before the teacher is loaded: a step that cannot fit the machine (fastkd.memory; one
+    backend's step is alive at a time, so that is the peak), a sentence term it cannot run."""
     shape = student_shape(teacher_config, cfg.student_layers, cfg.student_hidden, cfg.student_heads, cfg.student_ffn)
     mapping = parse_mapping(cfg.mapping, shape.layers, teacher_config.num_hidden_layers)
     weights = objective_weights(cfg.objective, attention_kl=cfg.w_attention_kl)
+    sentence_pooling(cfg.teacher, weights, shape.hidden, teacher_config.hidden_size)
     memory = step_memory(teacher_config, shape, len(mapping.pairs()), cfg.seq_len, weights, bf16=cfg.bf16,
                          relation_heads=cfg.relation_heads)
     check_step_fits(memory, cfg.batch_size, cfg.seq_len, device, seq_flag="--seq-len", what="a bench step")
@@ -246,9 +247,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     limit = usable_positions(teacher_config)
     if cfg.seq_len > limit:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds the {limit} tokens the teacher's position embeddings take")
-    check_memory(cfg, teacher_config, device)
-    shape = student_shape(teacher_config, cfg.student_layers, cfg.student_hidden, cfg.student_heads, cfg.student_ffn)
-    sentence_pooling(cfg.teacher, objective_weights(cfg.objective), shape.hidden, teacher_config.hidden_size)
+    check_before_loading(cfg, teacher_config, device)
     present, missing = present_backends(cfg.backends, device)
     for name, why in missing.items():
         log.info("backend %s not measured: %s", name, why)

@@ -10,7 +10,7 @@ import sys
 
 from . import options
 from .errors import UserError
-from .processes import Stopped, stopped_in
+from .processes import Stopped, children_die_with_this_process, end_children, stop_signals_raise, stopped_in
 
 # Offline machines: never let transformers/datasets phone home for things that are local.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -295,7 +295,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.launcher_local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.launcher_local_rank))
     from .io import end_of_command
-    from .processes import children_die_with_this_process, stop_signals_raise
 
     children_die_with_this_process()  # no tokenizing worker outlives a killed fastkd
     code = 1
@@ -317,7 +316,6 @@ _AFTER_STOP = {"distill": "every finished checkpoint is kept; continue with --re
 
 def _say_stopped(command: str, stopped: Stopped) -> int:
     from .io import made_nothing_yet
-    from .processes import end_children
 
     end_children()
     kept = "nothing was written yet; run the same command again" if made_nothing_yet() else \

@@ -273,12 +273,16 @@ def _holder(f, pid: int | None = None) -> str:
 def refuse_busy_output(output: str | os.PathLike, flag: str = "--output") -> None:
     """Refuse, first of all, an output a live fastkd run works in: whatever else the folder holds,
     the user must wait for that run or choose another folder (not --resume, not remove it)."""
-    from .errors import UserError
-
     holder = in_use_by(output)
     if holder is not None:
-        raise UserError(f"{flag} {output} is in use by a running fastkd run ({holder}): wait for it to finish, "
-                        "or choose another directory")
+        raise _busy(output, holder, flag)
+
+
+def _busy(output, holder: str, flag: str):
+    from .errors import UserError
+
+    return UserError(f"{flag} {output} is in use by a running fastkd run ({holder}): wait for it to finish, or "
+                     "choose another directory")
 
 
 def _take_lock(output: Path, command: str, flag: str) -> None:
@@ -295,8 +299,7 @@ def _take_lock(output: Path, command: str, flag: str) -> None:
     except (BlockingIOError, PermissionError):  # (EAGAIN or EACCES, as the system reports a held lock)
         holder = _holder(f)
         f.close()
-        raise UserError(f"{flag} {output} is in use by a running fastkd run ({holder}): wait for it to finish, "
-                        "or choose another directory") from None
+        raise _busy(output, holder, flag) from None
     except OSError as exc:  # Lustre mounted noflock (ENOSYS), NFS without lockd (ENOLCK), ...
         if exc.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
             raise

@@ -271,9 +271,9 @@ class DistillLoss(nn.Module):
                     per_pair.setdefault(name, []).append(value)
             terms.update({name: torch.stack(values).mean() for name, values in per_pair.items()})
         if w.sentence:  # the last layers, whatever the mapping: the embedding the pipelines put out
-            embed = (sentence_embedding(h, mask, self.pooling)
-                     for h in (student_hidden[self.mapping.student_layers], teacher.hidden[self.mapping.teacher_layers]))
-            terms["sentence"] = (next(embed) - next(embed)).pow(2).sum(-1).mean()
+            s_embedding = sentence_embedding(student_hidden[self.mapping.student_layers], mask, self.pooling)
+            t_embedding = sentence_embedding(teacher.hidden[self.mapping.teacher_layers], mask, self.pooling)
+            terms["sentence"] = (s_embedding - t_embedding).pow(2).sum(-1).mean()
         if not terms:
             raise ValueError("no active loss term: every weight is zero or the mapping supervises nothing")
         total = sum(getattr(w, name) * value for name, value in terms.items())
