@@ -96,7 +96,7 @@ def main() -> None:
                 cfg = DistillConfig(output=out, corpus=args.corpus, teacher=args.teacher,
                                     student_layers=args.student_layers, max_seq_len=args.seq_len,
                                     batch_size=args.batch_size, max_steps=args.steps + args.warmup + 1, bf16=bf16,
-                                    progress=False, loss_backend=backend)
+                                    progress=False, loss_backend=backend, objective="tinybert", corpus_mode="packed")
                 row = measure(cfg, args.steps, args.warmup)
             reference = reference or row
             row["speedup_vs_torch"] = round(reference["step_s"] / row["step_s"], 3)

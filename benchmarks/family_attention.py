@@ -57,7 +57,7 @@ def main() -> None:
                         cfg = DistillConfig(output=out, corpus=str(DEFAULT_CORPUS), teacher=str(teacher), student_layers=4,
                                             max_seq_len=seq_len, batch_size=args.batch_size,
                                             max_steps=args.steps + args.warmup + 1, w_attention=w_attention,
-                                            progress=False)
+                                            progress=False, objective="tinybert", corpus_mode="packed")
                         times[w_attention] = measure(cfg, args.steps, args.warmup)
                 on, off = times[1.0], times[0.0]
                 rows.append({"family": model_type, "batch": args.batch_size, "seq_len": seq_len,

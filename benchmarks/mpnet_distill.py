@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--objective", default="auto", help="as distill's (auto: sentence for this teacher)")
+    p.add_argument("--corpus-mode", default="auto", help="as distill's (auto: sentences for the sentence objective)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     dev = TaskCache(str(GLUE)).data(task_spec("stsb")).dev[0]
@@ -48,7 +50,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         common = dict(corpus=str(DEFAULT_CORPUS), teacher="mpnet-base", student_layers=args.layers,
                       max_seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, log_every=5,
-                      checkpoint_every=10 ** 6, progress=False)
+                      checkpoint_every=10 ** 6, progress=False, objective=args.objective, corpus_mode=args.corpus_mode)
         # The teacher-initialised student exactly as distill builds it, exported with the pipeline.
         teacher = load_teacher("mpnet-base")
         built = build_student(teacher, student_shape(teacher.config, args.layers), "teacher",

@@ -74,7 +74,7 @@ def worker(args) -> None:
 
     cfg = DistillConfig(output=args.output, corpus=args.corpus, teacher=args.teacher, student_layers=args.student_layers,
                         max_seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps + 2,
-                        progress=False, deepspeed=args.config)
+                        progress=False, deepspeed=args.config, objective="tinybert", corpus_mode="packed")
     run = build_run(cfg)
     d = run.engine
     engine = d.ds_engine
@@ -112,7 +112,8 @@ def single_process(args) -> float:
     with tempfile.TemporaryDirectory() as out:
         run = build_run(DistillConfig(output=out, corpus=args.corpus, teacher=args.teacher,
                                       student_layers=args.student_layers, max_seq_len=args.seq_len,
-                                      batch_size=args.batch_size, max_steps=args.steps + 2, progress=False))
+                                      batch_size=args.batch_size, max_steps=args.steps + 2, progress=False,
+                                      objective="tinybert", corpus_mode="packed"))
         run.engine.train_step()
         times = []
         for _ in range(args.steps):

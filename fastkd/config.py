@@ -11,6 +11,11 @@ from .errors import UserError
 from .io import read_json
 from .options import option
 
+CORPUS_MODES = ("packed", "sentences", "lines")
+CORPUS_MODE_HELP = ("packed: running text packed into sequences of exactly --max-seq-len tokens; sentences: one "
+                    "sentence per sequence; lines: one line per sequence (both in length-bucketed batches; a "
+                    "sentence or line longer than --max-seq-len is left out)")
+
 # Settings that do not change what is computed: they may differ between a run and its resume.
 NON_DETERMINING = frozenset({"output", "resume", "log_every", "keep_checkpoints", "cache_dir", "progress", "num_proc",
                              "stop_at_step", "checkpoint_every", "max_bad_steps", "device", "loss_backend",
@@ -61,6 +66,8 @@ OBJECTIVE_HELP = ("what the student learns: tinybert (embedding, hidden-state an
                   "(attention-distribution and value-relation KL), minilmv2 (Q-Q, K-K and V-V relation KL), sentence "
                   "(the teacher pipeline's sentence embedding alone: sentence-transformers' layer reduction); the "
                   "--w-* weights override single terms (distill's --w-sentence adds the embedding to any objective)")
+AUTO_OBJECTIVE_HELP = ("sentence for a teacher with a sentence-transformers pipeline (modules.json) and a student as "
+                       "wide as it, tinybert otherwise")
 RELATION_HEADS_HELP = ("relation heads R of the minilm/minilmv2 relation terms: each model's concatenated heads split "
                        "into R (default: the teacher's attention heads; MiniLMv2 uses more, e.g. 48 for base-size "
                        "teachers); R must divide both hidden sizes")
@@ -102,7 +109,10 @@ class DistillConfig:
                           group="models", dash_value=True)
     corpus_sample: str | None = option(None, "use a deterministic sample: a fraction like 0.1 or a number of "
                                              "sequences like 5000", group="data")
-    max_seq_len: int = option(128, "tokens per packed sequence", group="data")
+    corpus_mode: str = option("auto", CORPUS_MODE_HELP + "; auto: sentences for the sentence objective, else packed",
+                              group="data", choices=("auto", *CORPUS_MODES))
+    max_seq_len: int = option(128, "tokens per packed sequence (the longest sentence or line kept, in those modes)",
+                              group="data")
     cache_dir: str | None = option(None, "where tokenized corpora are cached (default: $FASTKD_CACHE or "
                                          "~/.cache/fastkd)", group="data")
     num_proc: int | None = option(None, "processes tokenizing the corpus (default: the machine's cores, at most "
@@ -119,7 +129,8 @@ class DistillConfig:
     bf16: bool = option(False, "bf16 autocast for teacher and student forward", group="training")
     max_bad_steps: int = option(20, "abort after this many steps with a non-finite loss or gradient (each is "
                                     "skipped)", group="training")
-    objective: str = option("tinybert", OBJECTIVE_HELP, group="losses", choices=OBJECTIVES)
+    objective: str = option("auto", OBJECTIVE_HELP + "; auto: " + AUTO_OBJECTIVE_HELP, group="losses",
+                            choices=("auto", *OBJECTIVES))
     relation_heads: int | None = option(None, RELATION_HEADS_HELP, group="losses")
     w_embedding: float | None = option(None, "embedding-output MSE weight (default: the objective's)", group="losses")
     w_hidden: float | None = option(None, "hidden-state MSE weight, through a learned projection when widths differ "
@@ -181,7 +192,10 @@ class DistillConfig:
                                                                       self.student_heads, self.student_ffn)),
              "--student DIR fixes the student's shape: drop --student-layers/-hidden/-heads/-ffn"),
             (loss_weight_problem(self) is None, loss_weight_problem(self)),
-            (self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})"),
+            (self.objective in ("auto", *OBJECTIVES),
+             f"--objective must be auto or one of {', '.join(OBJECTIVES)} (got {self.objective!r})"),
+            (self.corpus_mode in ("auto", *CORPUS_MODES),
+             f"--corpus-mode must be auto or one of {', '.join(CORPUS_MODES)} (got {self.corpus_mode!r})"),
             (self.relation_heads is None or self.relation_heads >= 1,
              f"--relation-heads must be at least 1 (got {self.relation_heads})"),
         ]

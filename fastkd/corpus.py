@@ -15,6 +15,12 @@ PIECE_CHARS characters is tokenized in pieces cut before a space, so one 50 MB l
 gigabytes of tokenizer state (for WordPiece and byte-level BPE the tokens are those of one call;
 a SentencePiece tokenizer may differ at a cut, and so may any tokenizer where PIECE_CHARS
 characters hold no space at all: there the cut is hard).
+
+Two more corpus modes keep one unit of text per sequence instead of packing, the shape sentence
+embeddings are used on (STS, retrieval): `sentences` (paragraphs split into sentences) and `lines`
+(one line each). A unit is stored unpadded with its length; one that does not fit max_seq_len is
+dropped, not cut. BatchStream then draws length-bucketed batches (padded to their own longest), still
+one integer of state, so a resume continues at the exact sentence.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .config import CORPUS_MODES
 from .errors import UserError
 from .io import check_writable_dir, no_space_is_one_line, verify_checksums, write_checksums
 
@@ -48,6 +55,9 @@ PIECE_CHARS = 8192  # longer paragraphs are tokenized in pieces of at most this 
 PIECES_PER_CALL = 256  # pieces per tokenizer call: bounds the tokenizer's working memory
 MAX_NUM_PROC = 8
 SMALL_CORPUS_BYTES = 16 * 2 ** 20  # below this, starting worker processes costs more than it saves
+MIN_SENTENCE_WORDS = 3  # shorter "sentences" are list items, captions, a split's debris: not what STS inputs look like
+UNIT_CHARS_PER_TOKEN = 64  # a unit longer than this many characters per allowed token cannot fit: skip tokenizing it
+BUCKET_BATCHES = 64  # global batches whose sequences are length-sorted together (then the batches are shuffled)
 _HEADING = re.compile(r"^\s*=(\s*=)*\s.*\s=(\s*=)*\s*$")
 _WIKITEXT_ESCAPES = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
 
@@ -80,6 +90,38 @@ def clean_paragraph(line: str) -> str | None:
     for escaped, plain in _WIKITEXT_ESCAPES:
         text = text.replace(escaped, plain)
     return text
+
+
+# A sentence ends at . ! or ? (WikiText writes them apart: "the series . Next"), before a capital, a digit
+# or an opening quote or bracket, after any closing brackets ("2003 . )"); not after an initial ("J. K.") or a
+# common abbreviation.
+_SENTENCE_END = re.compile(r"""[.!?](?:\s?[)\]]|["'])*\s+(?=["'(\[]?\s?[A-Z0-9])""")
+_ABBREVIATIONS = frozenset("mr mrs ms dr prof st jr sr vs etc no nos vol fig gen col lt sgt capt rev hon inc ltd co "
+                           "corp jan feb mar apr jun jul aug sep sept oct nov dec e.g i.e u.s u.k a.m p.m c ca".split())
+
+
+def split_sentences(paragraph: str) -> list[str]:
+    """A cleaned paragraph's sentences, in order (rule-based: fast, deterministic, good on encyclopedic text)."""
+    sentences, start = [], 0
+    for m in _SENTENCE_END.finditer(paragraph):
+        before = paragraph[start:m.start()].rstrip()
+        word = before.rsplit(None, 1)[-1] if before else ""
+        if (len(word) == 1 and word.isupper()) or word.lower() in _ABBREVIATIONS:
+            continue  # "J. K. Rowling", "Mr. Smith": the period ends a word, not the sentence
+        sentences.append(paragraph[start:m.end()].strip())
+        start = m.end()
+    tail = paragraph[start:].strip()
+    if tail:
+        sentences.append(tail)
+    return sentences
+
+
+def text_units(paragraph: str, mode: str) -> list[str]:
+    """What one sequence holds in a unit mode: the paragraph's sentences of MIN_SENTENCE_WORDS words or more,
+    or the whole line."""
+    if mode == "lines":
+        return [paragraph]
+    return [t for t in split_sentences(paragraph) if len(t.split()) >= MIN_SENTENCE_WORDS]
 
 
 def corpus_files(source: str) -> list[Path]:
@@ -187,9 +229,11 @@ def corpus_identity(source: str) -> dict:
     return _source_fingerprint(source) if _is_local(source) else {"hub": source}
 
 
-def cache_key(source: str, tokenizer, max_seq_len: int, hub_dataset=None) -> str:
+def cache_key(source: str, tokenizer, max_seq_len: int, hub_dataset=None, mode: str = "packed") -> str:
     ident = {"source": _source_fingerprint(source, hub_dataset), "tokenizer": tokenizer_fingerprint(tokenizer),
              "max_seq_len": max_seq_len, "format": CACHE_FORMAT}
+    if mode != "packed":  # (packed keeps the key it always had: existing caches stay valid)
+        ident["mode"] = mode
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -262,6 +306,58 @@ def _pack_batch(batch, cls: int, sep: int, pad: int, max_seq_len: int):
     return {"input_ids": list(input_ids), "attention_mask": list(attention_mask)}
 
 
+def _unit_batch(batch, tokenizer, mode: str, max_seq_len: int):
+    """datasets.map function for the unit modes: paragraphs -> one row per sentence (or line) that fits,
+    [CLS] ids [SEP] unpadded with its length; a unit that does not fit is a row of length -1 (counted, then
+    filtered out), so the cache can say how much of the corpus was left out."""
+    units = []
+    for raw in batch["text"]:
+        text = clean_paragraph(raw) if raw else None
+        units += text_units(text, mode) if text else []
+    body = max_seq_len - 2
+    input_ids, lengths = [], []
+    for start in range(0, len(units), PIECES_PER_CALL):
+        chunk = units[start:start + PIECES_PER_CALL]
+        fits = [len(u) <= body * UNIT_CHARS_PER_TOKEN for u in chunk]
+        ids = iter(tokenizer([u for u, f in zip(chunk, fits) if f], add_special_tokens=False, verbose=False,
+                             return_attention_mask=False, return_token_type_ids=False)["input_ids"] if any(fits) else [])
+        for fit in fits:
+            unit_ids = next(ids) if fit else None
+            if unit_ids is None or len(unit_ids) > body or not unit_ids:
+                input_ids.append(np.zeros(0, dtype=np.int32))
+                lengths.append(-1)
+            else:
+                input_ids.append(np.asarray([tokenizer.cls_token_id, *unit_ids, tokenizer.sep_token_id], dtype=np.int32))
+                lengths.append(len(unit_ids) + 2)
+    return {"input_ids": input_ids, "length": lengths}
+
+
+def unit_features():
+    import datasets
+
+    return datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")), "length": datasets.Value("int32")})
+
+
+def corpus_layout(dataset) -> dict:
+    """How a loaded corpus is laid out: {"mode": "packed"}, or a unit mode's {"mode", "pad_id", "units",
+    "too_long", "max_seq_len"} (kept in the dataset's description, so it travels with the cache entry)."""
+    try:
+        layout = json.loads(dataset.info.description or "{}")
+    except (TypeError, ValueError):
+        layout = {}
+    return layout if isinstance(layout, dict) and layout.get("mode") in CORPUS_MODES else {"mode": "packed"}
+
+
+def describe_corpus(dataset, max_seq_len: int) -> str:
+    """"1,234 sequences of 128 tokens" or "9,263 sentences of at most 128 tokens (mean 31)", for summaries."""
+    layout = corpus_layout(dataset)
+    if layout["mode"] == "packed":
+        return f"{len(dataset):,} sequences of {max_seq_len} tokens"
+    unit = "sentences" if layout["mode"] == "sentences" else "lines"
+    mean = float(np.mean(dataset["length"])) if len(dataset) else 0.0
+    return f"{len(dataset):,} {unit} of at most {max_seq_len} tokens (mean {mean:.0f})"
+
+
 def _corpus_bytes(source: str, text_ds) -> int:
     if text_ds is not None:
         return int(text_ds.data.nbytes)
@@ -283,20 +379,25 @@ def _hub_texts(source: str):
 
 
 def load_corpus(source: str, tokenizer, max_seq_len: int, cache_dir: str | os.PathLike | None = None,
-                num_proc: int | None = None, progress: bool = True):
-    """The packed corpus as a datasets.Dataset with input_ids and attention_mask (int32 lists).
+                num_proc: int | None = None, progress: bool = True, mode: str = "packed",
+                length_flag: str = "--max-seq-len"):
+    """The corpus as a datasets.Dataset: packed, input_ids and attention_mask (int32 lists of max_seq_len);
+    in a unit mode ("sentences", "lines"), unpadded input_ids and their length (see corpus_layout).
     `num_proc`: tokenizing processes (None: the machine's cores, at most MAX_NUM_PROC, and one for a
-    small corpus); the result is the same whatever it is. `progress`: the tokenize and pack bars."""
+    small corpus); the result is the same whatever it is. `progress`: the tokenize and pack bars.
+    `length_flag`: the flag that set max_seq_len, for messages (the search's is --proxy-seq-len)."""
     import datasets
 
     if num_proc is not None and num_proc < 1:
         raise UserError(f"--num-proc must be at least 1 (got {num_proc})")
+    if mode not in CORPUS_MODES:
+        raise UserError(f"--corpus-mode {mode!r} is not one of {', '.join(CORPUS_MODES)}")
 
     if max_seq_len < 8:
-        raise UserError(f"--max-seq-len {max_seq_len} is too short: use at least 8 tokens")
+        raise UserError(f"{length_flag} {max_seq_len} is too short: use at least 8 tokens")
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
     text_ds = None if _is_local(source) else _hub_texts(source)
-    target = cache_root / "corpus" / cache_key(source, tokenizer, max_seq_len, text_ds)
+    target = cache_root / "corpus" / cache_key(source, tokenizer, max_seq_len, text_ds, mode)
     _remove_dead_builds(target.parent)
     if (target / "dataset_info.json").exists():
         cached = _load_cached(target)
@@ -312,12 +413,14 @@ def load_corpus(source: str, tokenizer, max_seq_len: int, cache_dir: str | os.Pa
     check_writable_dir(target.parent, _cache_flag(cache_dir))  # a read-only cache without this entry
     with no_space_is_one_line(target, "free some space, or give --cache-dir (or $FASTKD_CACHE) on a larger disk"), \
             (contextlib.nullcontext() if progress else _quiet_datasets()):
-        _build(source, text_ds, files if text_ds is None else None, tokenizer, max_seq_len, num_proc, target)
-    log.info("corpus: packed sequences cached at %s", target)
+        _build(source, text_ds, files if text_ds is None else None, tokenizer, max_seq_len, num_proc, target, mode,
+               length_flag)
+    log.info("corpus: %s cached at %s", "packed sequences" if mode == "packed" else mode, target)
     return datasets.load_from_disk(str(target))
 
 
-def _build(source: str, text_ds, files, tokenizer, max_seq_len: int, num_proc: int | None, target: Path) -> None:
+def _build(source: str, text_ds, files, tokenizer, max_seq_len: int, num_proc: int | None, target: Path,
+           mode: str = "packed", length_flag: str = "--max-seq-len") -> None:
     """Tokenize and pack into a build folder beside `target`, then rename it into place with its
     checksums (a cache entry is whole or absent)."""
     import datasets
@@ -337,20 +440,10 @@ def _build(source: str, text_ds, files, tokenizer, max_seq_len: int, num_proc: i
                     raise
         procs = num_proc or (default_num_proc() if _corpus_bytes(source, text_ds) >= SMALL_CORPUS_BYTES else 1)
         procs = min(procs, max(1, len(text_ds)))
-        with _tokenizer_threads(procs == 1):
-            tokenized = text_ds.map(
-                _tokenize_batch, batched=True, batch_size=PACK_BATCH, remove_columns=text_ds.column_names,
-                fn_kwargs={"tokenizer": tokenizer}, num_proc=procs if procs > 1 else None,
-                features=datasets.Features({"ids": datasets.Sequence(datasets.Value("int32"))}),
-                desc=f"tokenize ({procs} process{'es' if procs > 1 else ''})", new_fingerprint=target.name + "-ids",
-                cache_file_name=str(build_dir / "ids.arrow"))
-        packed = tokenized.map(
-            _pack_batch, batched=True, batch_size=PACK_BATCH, remove_columns=tokenized.column_names,
-            fn_kwargs={"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id,
-                       "max_seq_len": max_seq_len},
-            features=packed_features(), desc="pack", new_fingerprint=target.name,
-            cache_file_name=str(build_dir / "packed.arrow"))
-        del tokenized
+        if mode != "packed":
+            packed = _build_units(source, text_ds, tokenizer, max_seq_len, procs, target, build_dir, mode, length_flag)
+        else:
+            packed = _build_packed(text_ds, tokenizer, max_seq_len, procs, target, build_dir)
         if len(packed) == 0:
             raise UserError(f"corpus {source} produced no sequences: give a non-empty corpus")
         staged = build_dir / "dataset"
@@ -365,6 +458,55 @@ def _build(source: str, text_ds, files, tokenizer, max_seq_len: int, num_proc: i
                 raise
     finally:
         shutil.rmtree(build_dir, ignore_errors=True)
+
+
+def _build_packed(text_ds, tokenizer, max_seq_len: int, procs: int, target: Path, build_dir: Path):
+    import datasets
+
+    with _tokenizer_threads(procs == 1):
+        tokenized = text_ds.map(
+            _tokenize_batch, batched=True, batch_size=PACK_BATCH, remove_columns=text_ds.column_names,
+            fn_kwargs={"tokenizer": tokenizer}, num_proc=procs if procs > 1 else None,
+            features=datasets.Features({"ids": datasets.Sequence(datasets.Value("int32"))}),
+            desc=f"tokenize ({procs} process{'es' if procs > 1 else ''})", new_fingerprint=target.name + "-ids",
+            cache_file_name=str(build_dir / "ids.arrow"))
+    packed = tokenized.map(
+        _pack_batch, batched=True, batch_size=PACK_BATCH, remove_columns=tokenized.column_names,
+        fn_kwargs={"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id,
+                   "max_seq_len": max_seq_len},
+        features=packed_features(), desc="pack", new_fingerprint=target.name,
+        cache_file_name=str(build_dir / "packed.arrow"))
+    return packed
+
+
+def _build_units(source: str, text_ds, tokenizer, max_seq_len: int, procs: int, target: Path, build_dir: Path,
+                 mode: str, length_flag: str):
+    """One row per sentence (or line) that fits max_seq_len, in corpus order whatever `procs`; the count left
+    out as too long goes into the layout. None fitting is a user error naming both numbers."""
+    with _tokenizer_threads(procs == 1):
+        units = text_ds.map(
+            _unit_batch, batched=True, batch_size=PACK_BATCH, remove_columns=text_ds.column_names,
+            fn_kwargs={"tokenizer": tokenizer, "mode": mode, "max_seq_len": max_seq_len},
+            num_proc=procs if procs > 1 else None, features=unit_features(),
+            desc=f"tokenize {mode} ({procs} process{'es' if procs > 1 else ''})", new_fingerprint=target.name + "-units",
+            cache_file_name=str(build_dir / "units.arrow"))
+    lengths = np.asarray(units["length"])
+    too_long = int((lengths < 0).sum())
+    kind = "sentence" if mode == "sentences" else "line"
+    if too_long == len(lengths):
+        found = (f"all {len(lengths):,} of its {kind}s are longer than {max_seq_len - 2} tokens" if len(lengths)
+                 else f"it holds no {kind} of {MIN_SENTENCE_WORDS} words or more")
+        raise UserError(f"corpus {source} has no {kind} that fits {length_flag} {max_seq_len}: {found}; raise "
+                        f"{length_flag}, or use --corpus-mode packed")
+    with _quiet_datasets():
+        kept = units.select(np.flatnonzero(lengths > 0)).flatten_indices(
+            cache_file_name=str(build_dir / "kept.arrow"), new_fingerprint=target.name)
+    if too_long:
+        log.info("corpus: %d of %d %ss are longer than %s %d and are left out", too_long, len(lengths),
+                 kind, length_flag, max_seq_len)
+    kept.info.description = json.dumps({"mode": mode, "pad_id": tokenizer.pad_token_id, "units": len(kept),
+                                         "too_long": too_long, "max_seq_len": max_seq_len})
+    return kept
 
 
 def _host() -> str:
@@ -499,18 +641,29 @@ def sample_corpus(dataset, spec, seed: int):
 @dataclass
 class StreamState:
     batches_done: int = 0
+    tokens_served: int = 0  # this rank's real (unpadded) tokens since the process started: a rate, not state
 
 
 class BatchStream:
-    """Endless deterministic batches: epoch e visits the sequences in permutation(seed, e).
+    """Endless deterministic batches: epoch e visits the sequences in order_e, a permutation of them.
 
-    Position p of the global stream is sequence perm_{p // n}[p % n]; global batch k covers
+    Position p of the global stream is sequence order_{p // n}[p % n]; global batch k covers
     positions [k*G, (k+1)*G) with G = batch_size * world_size, and rank r takes its own
     batch_size slice. So the state is one integer, and a resume continues at the exact sequence.
+
+    Packed corpora: order_e = permutation(seed, e). Unit corpora (sentences, lines): that permutation
+    cut into chunks of BUCKET_BATCHES global batches, each chunk sorted by length and its batches
+    shuffled (the chunks aligned to the global batch boundaries), so a batch holds sentences of
+    similar length, padded to its own longest.
     """
 
     def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.dataset = dataset.with_format("torch")
+        layout = corpus_layout(dataset)
+        self.mode = layout["mode"]
+        self.bucketed = self.mode != "packed"
+        self.pad_id = layout.get("pad_id") or 0
+        self.lengths = np.asarray(dataset["length"], dtype=np.int64) if self.bucketed else None
+        self.dataset = dataset if self.bucketed else dataset.with_format("torch")
         self.n = len(dataset)
         if self.n < batch_size * world_size:
             log.warning("the corpus holds %d sequence(s), fewer than one global batch (%d): every batch repeats "
@@ -526,9 +679,32 @@ class BatchStream:
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._perm = self._bucket(perm, epoch) if self.bucketed else perm
             self._perm_epoch = epoch
         return self._perm
+
+    def _bucket(self, perm: np.ndarray, epoch: int) -> np.ndarray:
+        """`perm` with each chunk of BUCKET_BATCHES global batches sorted by length, its whole batches shuffled."""
+        size = self.batch_size * self.world_size
+        first = (-epoch * self.n) % size  # this epoch's positions before the first global batch boundary
+        bounds = sorted({0, self.n, *range(first, self.n, size)})
+        blocks = list(zip(bounds[:-1], bounds[1:]))
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        out = perm.copy()
+        for c in range(0, len(blocks), BUCKET_BATCHES):
+            chunk = blocks[c:c + BUCKET_BATCHES]
+            lo, hi = chunk[0][0], chunk[-1][1]
+            rows = perm[lo:hi]
+            rows = rows[np.argsort(self.lengths[rows], kind="stable")]
+            pieces = np.split(rows, np.cumsum([b - a for a, b in chunk])[:-1])
+            whole = [i for i, (a, b) in enumerate(chunk) if b - a == size]  # a part batch keeps its place
+            for slot, src in zip(whole, rng.permutation(whole)):
+                out[chunk[slot][0]:chunk[slot][1]] = pieces[src]
+            for i, (a, b) in enumerate(chunk):
+                if b - a != size:
+                    out[a:b] = pieces[i]
+        return out
 
     def indices(self, batch: int) -> list[int]:
         global_size = self.batch_size * self.world_size
@@ -538,21 +714,38 @@ class BatchStream:
             out.append(int(self._permutation(p // self.n)[p % self.n]))
         return out
 
+    def _rows(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        if not self.bucketed:
+            rows = self.dataset[indices]
+            return {"input_ids": rows["input_ids"].long(), "attention_mask": rows["attention_mask"].long()}
+        units = self.dataset[indices]["input_ids"]
+        width = max(len(u) for u in units)
+        input_ids = torch.full((len(units), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(units), width), dtype=torch.long)
+        for r, unit in enumerate(units):
+            input_ids[r, :len(unit)] = torch.as_tensor(unit, dtype=torch.long)
+            attention_mask[r, :len(unit)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
     def next(self) -> dict[str, torch.Tensor]:
-        rows = self.dataset[self.indices(self.state.batches_done)]
+        batch = self._rows(self.indices(self.state.batches_done))
         self.state.batches_done += 1
-        return {"input_ids": rows["input_ids"].long(), "attention_mask": rows["attention_mask"].long()}
+        self.state.tokens_served += int(batch["attention_mask"].sum())
+        return batch
 
     def sample(self, count: int = 8) -> dict[str, torch.Tensor]:
         """The corpus's first `count` sequences, as a batch; the stream's position is left alone."""
-        rows = self.dataset[list(range(min(count, self.n)))]
-        return {"input_ids": rows["input_ids"].long(), "attention_mask": rows["attention_mask"].long()}
+        return self._rows(list(range(min(count, self.n))))
 
     def state_dict(self) -> dict:
         return {"batches_done": self.state.batches_done, "seed": self.seed, "n": self.n,
-                "batch_size": self.batch_size, "world_size": self.world_size}
+                "batch_size": self.batch_size, "world_size": self.world_size, "corpus_mode": self.mode}
 
     def load_state_dict(self, state: dict) -> None:
+        state = {"corpus_mode": "packed", **state}  # (checkpoints from before the unit modes)
+        if state["corpus_mode"] != self.mode:
+            raise UserError(f"cannot resume: the checkpoint's run read its corpus as {state['corpus_mode']}, this run as "
+                            f"{self.mode}: give --corpus-mode {state['corpus_mode']}")
         for key in ("seed", "n", "batch_size", "world_size"):
             if state[key] != getattr(self, key):
                 raise UserError(f"cannot resume: the checkpoint's data stream had {key}={state[key]}, this run has {getattr(self, key)}")

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from . import __version__
 from .config import DistillConfig, differing_settings, read_run_config
-from .corpus import BatchStream, check_cache_dir, corpus_identity, load_corpus, parse_sample, sample_corpus
+from .corpus import (BatchStream, check_cache_dir, corpus_identity, describe_corpus, load_corpus, parse_sample,
+                     sample_corpus)
 from .device import pick_device
 from .errors import UserError
 from .export import export_student
@@ -199,10 +200,34 @@ def build_models(cfg: DistillConfig, shape, mapping):
     return tokenizer, teacher_model, student, criterion
 
 
+def resolve_auto(cfg: DistillConfig) -> DistillConfig:
+    """`--objective auto` and `--corpus-mode auto` made concrete (config.json records what they became).
+
+    A teacher with a sentence-transformers pipeline exists for its sentence embedding: its student learns
+    that embedding (the sentence objective) from one sentence per sequence, which measured best on STS-B
+    (benchmarks/sentence_objective.py, README). Any other teacher, and a student narrower than the teacher
+    (whose embedding the term cannot compare), keep tinybert on packed text."""
+    if "auto" not in (cfg.objective, cfg.corpus_mode):
+        return cfg
+    objective = cfg.objective
+    if objective == "auto":
+        teacher_config = load_config(cfg.teacher, "teacher")
+        hidden = (load_config(cfg.student, "student").hidden_size if cfg.student is not None
+                  else cfg.student_hidden or teacher_config.hidden_size)
+        pipeline = (Path(resolve_model_path(cfg.teacher)) / "modules.json").is_file()
+        objective = "sentence" if pipeline and hidden == teacher_config.hidden_size else "tinybert"
+    mode = cfg.corpus_mode
+    if mode == "auto":
+        mode = "sentences" if objective == "sentence" else "packed"
+    return replace(cfg, objective=objective, corpus_mode=mode)
+
+
 def build_run(cfg: DistillConfig) -> Run:
     """Validate, lock the output, load teacher, student and corpus, build the step engine (DeepSpeed
     ZeRO with --deepspeed: every rank builds its own; else one process), then resume or start over
     and write the run's resolved config."""
+    cfg.validate()
+    cfg = resolve_auto(cfg)
     if cfg.deepspeed is not None:
         from .zero import build_zero_run
 
@@ -238,7 +263,8 @@ def build_local_run(cfg: DistillConfig) -> Run:
     teacher = Teacher(teacher_model, criterion.teacher_hidden_layers(), criterion.teacher_attention_layers(),
                       autocast_dtype=torch.bfloat16 if cfg.bf16 else None, values=criterion.needs_values())
 
-    corpus = load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir, cfg.num_proc, cfg.progress)
+    corpus = load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir, cfg.num_proc, cfg.progress,
+                         cfg.corpus_mode)
     corpus = sample_corpus(corpus, cfg.corpus_sample, cfg.seed)
     engine = LocalEngine(cfg, teacher, student, criterion, BatchStream(corpus, cfg.batch_size, cfg.seed))
     return Run(cfg, engine, tokenizer, mapping, shape, len(corpus), output)
@@ -265,9 +291,9 @@ def _start_outputs(run: Run, resumed_from: Path | None) -> None:
         metrics_path.unlink(missing_ok=True)
     with no_space_is_one_line(output / "config.json"):
         _write_run_config(run)
-    log.info("student: %s (%.1fM parameters), mapping %s, %d sequences of %d tokens, global batch %d, %s loss "
-             "backend%s", run.shape.describe(), run.parameters / 1e6, run.mapping.text, run.corpus_sequences,
-             cfg.max_seq_len, engine.seqs_per_step, engine.criterion.backend(engine.device),
+    log.info("student: %s (%.1fM parameters), mapping %s, %s, global batch %d, %s loss "
+             "backend%s", run.shape.describe(), run.parameters / 1e6, run.mapping.text,
+             describe_corpus(engine.stream.dataset, cfg.max_seq_len), engine.seqs_per_step, engine.criterion.backend(engine.device),
              "".join(f"; {k}: {v}" for k, v in engine.describe().items()))
 
 
@@ -310,8 +336,8 @@ def export_run(run: Run, student) -> Path:
         "objective": cfg.objective, "relation_heads": engine.criterion.relation_heads,
         "loss_weights": loss_weights(cfg).as_dict(),
         **({"sentence_pooling": engine.criterion.pooling.describe()} if loss_weights(cfg).sentence else {}),
-        "corpus": {"source": cfg.corpus, "sequences": run.corpus_sequences, "max_seq_len": cfg.max_seq_len,
-                   "sample": cfg.corpus_sample},
+        "corpus": {"source": cfg.corpus, "mode": cfg.corpus_mode, "sequences": run.corpus_sequences,
+                   "max_seq_len": cfg.max_seq_len, "sample": cfg.corpus_sample},
         "steps": engine.step, "global_batch": engine.seqs_per_step, "lr": cfg.lr, "seed": cfg.seed,
         "bf16": cfg.bf16, "loss_backend": engine.criterion.backend(engine.device),
         "loss_ops": engine.criterion.ran_on(),  # what each op ran on, after its self-check

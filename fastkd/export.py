@@ -136,7 +136,10 @@ def model_card(info: dict) -> str:
         "",
         "## Distillation",
         "",
-        f"- corpus: `{corpus.get('source')}`, {corpus.get('sequences', '?')} sequences of {corpus.get('max_seq_len', '?')} tokens"
+        f"- corpus: `{corpus.get('source')}`, " + (
+            f"{corpus.get('sequences', '?')} sequences of {corpus.get('max_seq_len', '?')} tokens"
+            if corpus.get("mode", "packed") == "packed" else
+            f"{corpus.get('sequences', '?')} {corpus['mode']} of at most {corpus.get('max_seq_len', '?')} tokens")
         + (f" (sample {corpus.get('sample')})" if corpus.get("sample") else ""),
         f"- steps: {info.get('steps')} at batch {info.get('global_batch')}, lr {info.get('lr')}, seed {info.get('seed')}",
         f"- objective: {info.get('objective', 'tinybert')}"

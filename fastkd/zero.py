@@ -217,9 +217,13 @@ def build_zero_run(cfg: DistillConfig) -> Run:
 
     # Rank 0 tokenizes and caches the corpus first; the others read the cache. A bad corpus is rank 0's
     # finding, passed to every rank so all of them stop with the same line instead of waiting.
-    corpus = on_rank0(rank, lambda: load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir, cfg.num_proc, cfg.progress))
+    def corpus_of_this_run():
+        return load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir, cfg.num_proc, cfg.progress,
+                           cfg.corpus_mode)
+
+    corpus = on_rank0(rank, corpus_of_this_run)
     if rank != 0:
-        corpus = load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir, cfg.num_proc, cfg.progress)
+        corpus = corpus_of_this_run()
     corpus = sample_corpus(corpus, cfg.corpus_sample, cfg.seed)
     stream = BatchStream(corpus, cfg.batch_size, cfg.seed, rank=rank, world_size=world)
     engine = ZeroEngine(cfg, ds_engine, teacher, stream, world, rank, ds_config)

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from fastkd import corpus as corpus_mod
 from fastkd.corpus import BatchStream, clean_paragraph, load_corpus, parse_sample, read_paragraphs, sample_corpus
@@ -166,3 +167,81 @@ def test_parse_sample_edge_cases():
     for bad in ("nan", "inf", "1.5", "0.0"):
         with pytest.raises(UserError):
             parse_sample(bad)
+
+
+# --- one sentence (or line) per sequence -------------------------------------------------------------
+
+def test_sentences_are_split_where_they_end_not_at_initials_or_abbreviations():
+    text = ("The play was written by J. K. Rowling in 2001 . Mr. Smith said it was good ! Was it ? "
+            "It ran at the St. Martin theatre . ( It closed in 2003 . ) 3 actors left")
+    assert corpus_mod.split_sentences(text) == [
+        "The play was written by J. K. Rowling in 2001 .", "Mr. Smith said it was good !", "Was it ?",
+        "It ran at the St. Martin theatre .", "( It closed in 2003 . )", "3 actors left"]
+    assert corpus_mod.split_sentences("no end mark at all") == ["no end mark at all"]
+    # fewer than MIN_SENTENCE_WORDS words is debris, not a sentence; a line is kept whole
+    assert corpus_mod.text_units("Yes . It was a long night .", "sentences") == ["It was a long night ."]
+    assert corpus_mod.text_units("Yes . It was a long night .", "lines") == ["Yes . It was a long night ."]
+
+
+def test_sentences_mode_keeps_each_sentence_that_fits_whole_and_counts_the_rest(small_corpus, default_tokenizer,
+                                                                                 tmp_path):
+    ds = load_corpus(str(small_corpus), default_tokenizer, 40, tmp_path / "c", mode="sentences")
+    units = [u for par in read_paragraphs([small_corpus]) for u in corpus_mod.text_units(par, "sentences")]
+    ids = [default_tokenizer(u, add_special_tokens=False)["input_ids"] for u in units]
+    fits = [[default_tokenizer.cls_token_id, *i, default_tokenizer.sep_token_id] for i in ids if len(i) <= 38]
+    assert ds["input_ids"] == fits  # corpus order, unpadded, nothing cut
+    assert ds["length"] == [len(f) for f in fits]
+    layout = corpus_mod.corpus_layout(ds)
+    assert layout == {"mode": "sentences", "pad_id": default_tokenizer.pad_token_id, "units": len(fits),
+                      "too_long": len(ids) - len(fits), "max_seq_len": 40}
+    assert 0 < layout["too_long"] < len(ids) // 2
+    # the layout travels with the cache entry and a sample; two processes build the same rows; packed keeps its key
+    again = load_corpus(str(small_corpus), default_tokenizer, 40, tmp_path / "c", mode="sentences", num_proc=2)
+    assert corpus_mod.corpus_layout(sample_corpus(again, "0.5", 0)) == layout and again[:] == ds[:]
+    two = load_corpus(str(small_corpus), default_tokenizer, 40, tmp_path / "two", mode="sentences", num_proc=2)
+    assert two[:] == ds[:]
+    assert corpus_mod.corpus_layout(load_corpus(str(small_corpus), default_tokenizer, 40, tmp_path / "c")) == {
+        "mode": "packed"}
+    assert len(list((tmp_path / "c" / "corpus").iterdir())) == 2
+    lines = load_corpus(str(small_corpus), default_tokenizer, 512, tmp_path / "c", mode="lines")
+    assert len(lines) == sum(1 for _ in read_paragraphs([small_corpus])) - corpus_mod.corpus_layout(lines)["too_long"]
+
+
+def test_a_corpus_without_a_sentence_that_fits_is_one_line(tmp_path, default_tokenizer):
+    text = tmp_path / "long.txt"
+    text.write_text("A sentence that is plainly far too long for eight tokens . Another one that is too long too .\n")
+    with pytest.raises(UserError, match=r"no sentence that fits --max-seq-len 8: all 2 of its sentences are longer "
+                                        r"than 6 tokens; raise --max-seq-len, or use --corpus-mode packed"):
+        load_corpus(str(text), default_tokenizer, 8, tmp_path / "c", mode="sentences")
+    text.write_text("Yes . No .\n")
+    with pytest.raises(UserError, match="holds no sentence of 3 words or more"):
+        load_corpus(str(text), default_tokenizer, 8, tmp_path / "c", mode="sentences")
+    with pytest.raises(UserError, match="--corpus-mode 'words' is not one of packed, sentences, lines"):
+        load_corpus(str(text), default_tokenizer, 8, tmp_path / "c", mode="words")
+
+
+def test_bucketed_stream_visits_each_sentence_once_per_epoch_in_batches_of_similar_length(
+        small_corpus, default_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_mod, "BUCKET_BATCHES", 4)  # several chunks in this small corpus
+    ds = load_corpus(str(small_corpus), default_tokenizer, 64, tmp_path / "c", mode="sentences")
+    n, lengths = len(ds), np.asarray(ds["length"])
+    stream = BatchStream(ds, batch_size=3, seed=5, world_size=2)
+    assert n % 6 and n > 6 * 4 * 3  # epochs end inside a global batch; several chunks per epoch
+    for epoch in range(3):  # each epoch a permutation, wherever its global batches begin
+        assert sorted(stream._permutation(epoch)) == list(range(n))
+    padding = lambda batches: np.mean([1 - lengths[b].sum() / (len(b) * lengths[b].max()) for b in batches])  # noqa: E731
+    bucketed = [stream.indices(k) + BatchStream(ds, 3, 5, rank=1, world_size=2).indices(k) for k in range(60)]
+    random = [list(np.random.default_rng(k).choice(n, 6, replace=False)) for k in range(60)]
+    assert padding(bucketed) < 0.5 * padding(random)
+    first = BatchStream(ds, 6, seed=5).next()
+    assert first["input_ids"].shape[1] == first["attention_mask"].sum(1).max()  # padded to its own longest
+    assert (first["input_ids"][first["attention_mask"] == 0] == default_tokenizer.pad_token_id).all()
+    # a resume continues at the exact sentence
+    for _ in range(7):
+        stream.next()
+    other = BatchStream(ds, batch_size=3, seed=5, world_size=2)
+    other.load_state_dict(stream.state_dict())
+    assert torch.equal(other.next()["input_ids"], stream.next()["input_ids"])
+    packed = load_corpus(str(small_corpus), default_tokenizer, 64, tmp_path / "c")
+    with pytest.raises(UserError, match="read its corpus as sentences, this run as packed: give --corpus-mode sentences"):
+        BatchStream(packed, 3, seed=5, world_size=2).load_state_dict(stream.state_dict())

@@ -7,6 +7,7 @@ import torch
 
 from fastkd.config import DistillConfig
 from fastkd.distill import build_run, run_distill
+from fastkd.errors import UserError
 from fastkd.training import NonFiniteAbort, latest_checkpoint
 from fastkd.losses import LossOutput
 from safetensors.torch import load_file
@@ -26,7 +27,7 @@ def _metrics(path):
 
 def test_real_teacher_short_distillation_loss_falls(tmp_path, wikitext):
     cfg = _cfg(tmp_path, "real", "default", wikitext, student_layers=3, max_seq_len=64, batch_size=8,
-               max_steps=24, lr=5e-4, checkpoint_every=100)
+               max_steps=24, lr=5e-4, checkpoint_every=100, objective="tinybert")
     student_dir = run_distill(cfg)
     rows = _metrics(tmp_path / "real")
     assert [r["step"] for r in rows] == list(range(1, 25))
@@ -39,8 +40,10 @@ def test_real_teacher_short_distillation_loss_falls(tmp_path, wikitext):
     assert info["mapping"] == "2,4,6" and info["steps"] == 24 and info["teacher_layers"] == 6
 
 
-def test_resume_continues_exactly(tmp_path, tiny_teacher_dropout_dir, small_corpus):
-    common = dict(teacher=tiny_teacher_dropout_dir, corpus=small_corpus, max_steps=20, checkpoint_every=5)
+@pytest.mark.parametrize("corpus_mode", ["packed", "sentences"])
+def test_resume_continues_exactly(tmp_path, tiny_teacher_dropout_dir, small_corpus, corpus_mode):
+    common = dict(teacher=tiny_teacher_dropout_dir, corpus=small_corpus, max_steps=20, checkpoint_every=5,
+                  corpus_mode=corpus_mode)
     straight = run_distill(_cfg(tmp_path, "straight", **common))
     assert run_distill(_cfg(tmp_path, "split", stop_at_step=10, **common)) is None
     assert latest_checkpoint(tmp_path / "split").name == "step-00000010"
@@ -53,6 +56,15 @@ def test_resume_continues_exactly(tmp_path, tiny_teacher_dropout_dir, small_corp
     assert losses(tmp_path / "straight") == losses(tmp_path / "split")
     # A resume changes nothing but the data position: it must not be mistaken for a different run.
     assert len(list((tmp_path / "split" / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
+    info = json.loads((resumed / "fastkd.json").read_text())["corpus"]
+    assert info["mode"] == corpus_mode
+    if corpus_mode == "sentences":  # batches as long as their longest sentence, the rate counts real tokens
+        rows = _metrics(tmp_path / "straight")
+        per_seq = [r["tokens_per_s"] / r["seq_per_s"] for r in rows]
+        assert all(0 < t <= 32.01 for t in per_seq) and min(per_seq) < 30, per_seq
+        assert "sentences of at most 32 tokens" in (resumed / "README.md").read_text()
+        with pytest.raises(UserError, match=r"corpus_mode \(saved 'sentences', now 'packed'\)"):
+            run_distill(_cfg(tmp_path, "split", resume=True, **{**common, "corpus_mode": "packed", "max_steps": 25}))
 
 
 def test_grad_accumulation_matches_one_large_batch(tmp_path, tiny_teacher_dir, small_corpus):

@@ -11,6 +11,7 @@ from sentence_transformers import SentenceTransformer
 from transformers import AutoModel
 
 from fastkd.cli import main
+from fastkd.corpus import corpus_layout
 from fastkd.export import export_student
 from fastkd.glue.finetune import FinetuneConfig, TaskCache
 from fastkd.glue.probe import zero_shot_similarity
@@ -208,11 +209,14 @@ def test_distill_and_search_take_the_sentence_objective(tmp_path, tiny_teacher_d
             "--proxy-sequences", "16", "--proxy-seq-len", "32", "--proxy-steps", "2", "--proxy-batch-size", "4",
             "--proxy-finetune-steps", "1", "--proxy-finetune-examples", "8", "--proxy-finetune-batch-size", "4",
             "--proxy-finetune-seq-len", "32", "--population", "2", "--generations", "1", "--ladder", "full",
-            "--verdict-seeds", "0", "--proxy-heldout", "4", "--objective", "sentence", "--output", str(tmp_path / "s")]
+            "--verdict-seeds", "0", "--proxy-heldout", "4", "--objective", "sentence", "--corpus-mode", "sentences",
+            "--output", str(tmp_path / "s")]
     search = Search(parse_config(argv)[1])
     search.run()
     trained = list(search._ev._students.values())
     assert trained and all(set(losses) == {"loss", "sentence"} for _, losses, _ in trained), trained
+    assert corpus_layout(search.corpus)["mode"] == "sentences" and len(search.corpus) == 16
+    assert "- proxy: 16 sentences of at most 32 tokens" in (tmp_path / "s" / "report.md").read_text()
 
 
 def test_read_pooling_reads_what_the_installed_sentence_transformers_saves(tmp_path):
@@ -245,3 +249,44 @@ def test_read_pooling_reads_what_the_installed_sentence_transformers_saves(tmp_p
     with pytest.raises(UserError, match="reproduces Transformer -> Pooling \\[-> Normalize\\] pipelines, and this "
                                         "one is Transformer -> Pooling -> Dense -> Normalize"):
         read_pooling(dense)
+
+
+def test_a_sentence_corpus_with_no_sentence_that_fits_is_one_line_and_leaves_nothing(tmp_path, tiny_teacher_dir,
+                                                                                      capfd):
+    corpus = tmp_path / "long.txt"
+    corpus.write_text("This one sentence is far longer than the eight tokens that the run allows for it .\n")
+    out = tmp_path / "o"
+    search = ["search", "--data-dir", str(GLUE_FIXTURES), "--proxy-tasks", "wnli", "--ladder", "full",
+              "--proxy-heldout", "4"]
+    for command, flag in ((["distill"], "--max-seq-len"), (search, "--proxy-seq-len")):
+        code = main([*command, "--teacher", str(tiny_teacher_dir), "--corpus", str(corpus), "--corpus-mode",
+                     "sentences", flag, "8", "--cache-dir", str(tmp_path / "cache"), "--output", str(out),
+                     "--no-progress"])
+        err = capfd.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert (f"has no sentence that fits {flag} 8: all 1 of its sentences are longer than 6 tokens; raise {flag}, "
+                "or use --corpus-mode packed") in err[0]
+        assert not out.exists()
+
+
+def test_auto_distils_a_sentence_model_for_its_embedding_on_sentences_and_anything_else_as_before(tiny_teacher_dir,
+                                                                                                  tmp_path):
+    from dataclasses import replace
+
+    from fastkd.config import DistillConfig
+    from fastkd.distill import resolve_auto
+
+    base = DistillConfig(output=str(tmp_path / "o"), corpus="unused.txt")
+    assert (base.objective, base.corpus_mode) == ("auto", "auto")
+
+    def chosen(**kw):
+        cfg = resolve_auto(replace(base, **kw))
+        return cfg.objective, cfg.corpus_mode
+
+    assert chosen() == ("sentence", "sentences")  # all-MiniLM-L6-v2: a sentence-transformers pipeline
+    assert chosen(student_hidden=192) == ("tinybert", "packed")  # narrower: the embedding cannot be compared
+    assert chosen(teacher=str(tiny_teacher_dir)) == ("tinybert", "packed")  # a plain BERT: no pipeline
+    assert chosen(objective="minilmv2") == ("minilmv2", "packed")
+    assert chosen(objective="sentence", teacher=str(tiny_teacher_dir)) == ("sentence", "sentences")
+    assert chosen(corpus_mode="lines") == ("sentence", "lines")
+    assert chosen(objective="tinybert", corpus_mode="sentences") == ("tinybert", "sentences")

@@ -124,7 +124,7 @@ def zero_batch(tmp_path_factory, tiny_teacher_dir, default_tokenizer, wikitext) 
         add(f"family-{model_type}", "zero3.json", make_tiny_encoder(model_type, root / f"teacher-{model_type}",
                                                                      default_tokenizer), max_steps=2)
     add("minilmv2", "zero3.json", max_steps=2, objective="minilmv2", relation_heads=8)
-    add("sentence", "zero2.json", max_steps=2, objective="tinybert", w_sentence=1.0)
+    add("sentence", "zero2.json", max_steps=2, objective="tinybert", w_sentence=1.0, corpus_mode="sentences")
     spec = root / "runs.json"
     spec.write_text(json.dumps([{"name": k, "argv": argv} for k, (_, argv) in runs.items()]))
     env = _env(root)
@@ -302,14 +302,17 @@ def test_zero3_distils_every_family(zero_batch, model_type):
     assert model.config.model_type == model_type and model.config.num_hidden_layers == 2
 
 
-def test_zero_distils_with_the_sentence_term(zero_batch):
-    """The sentence embedding (the last layers, pooled) beside the layer-wise terms, over 2 ranks."""
+def test_zero_distils_with_the_sentence_term_on_one_sentence_per_sequence(zero_batch):
+    """The sentence embedding (the last layers, pooled) beside the layer-wise terms, over 2 ranks, each rank
+    reading its own slice of length-bucketed sentences (padded to its own longest)."""
     out = zero_batch.output("sentence")
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["sentence"]) and r["sentence"] > 0
                                                         for r in rows)
+    assert all(r["tokens_per_s"] < 32 * r["seq_per_s"] for r in rows)  # sentences, not 32-token packed sequences
     info = json.loads((out / "student" / "fastkd.json").read_text())
     assert info["loss_weights"]["sentence"] == 1.0 and info["deepspeed"]["world_size"] == 2
+    assert info["corpus"]["mode"] == "sentences"
 
 
 def test_zero_distils_with_the_minilmv2_objective(zero_batch):

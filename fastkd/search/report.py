@@ -131,6 +131,7 @@ def markdown(search, result: dict, seconds: float) -> str:
 
     space = search_space_size(M, N, monotone=cfg.monotone)
     evaluations = len(runs)
+    packed = cfg.corpus_mode_used() == "packed"
     lines += ["## Search", "",
               f"- search space: {space:,} mappings ({'non-decreasing' if cfg.monotone else 'any order'}); "
               f"{len({g for g, _ in search.results})} distinct mappings evaluated ({evaluations} evaluations, "
@@ -138,7 +139,8 @@ def markdown(search, result: dict, seconds: float) -> str:
               f"- GA: population {cfg.population}, generations {len(search.generations)}/{cfg.generations}, selection "
               f"seed {seed}; ladder {' -> '.join(r.name for r in search.rungs)}, promote {cfg.promote:g}; verdict seeds "
               f"{', '.join(map(str, search.verdict_seeds)) or 'none'}",
-              f"- proxy: {cfg.proxy.sequences} sequences of {cfg.proxy.max_seq_len} tokens, {cfg.proxy.steps} distillation steps "
+              f"- proxy: {cfg.proxy.sequences} {'sequences' if packed else cfg.corpus_mode_used()} of "
+              f"{'' if packed else 'at most '}{cfg.proxy.max_seq_len} tokens, {cfg.proxy.steps} distillation steps "
               f"at batch {cfg.proxy.batch_size}, lr {cfg.proxy.lr:g}, init {cfg.proxy.init}; fine-tuning "
               f"{cfg.proxy.finetune_steps} steps on {cfg.proxy.finetune_examples} examples per task, lr {cfg.proxy.finetune_lr:g}; "
               f"held-out slice {cfg.proxy.heldout} rows",

@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import LOSS_BACKEND_HELP, LOSS_BACKENDS, MAX_SEED, PROGRESS_HELP, REPORT_TO, seed_problem, seed_value
+from ..config import (CORPUS_MODE_HELP, CORPUS_MODES, LOSS_BACKEND_HELP, LOSS_BACKENDS, MAX_SEED, PROGRESS_HELP, REPORT_TO,
+                      seed_problem, seed_value)
 from ..corpus import check_cache_dir, corpus_identity, load_corpus, sample_corpus
 from ..errors import UserError
 from ..glue import TaskCache, parse_tasks, task_spec
@@ -126,6 +127,8 @@ class SearchConfig:
     report_to: str = option("none", "also write each generation's numbers as TensorBoard scalars under "
                                     "OUTPUT/tensorboard", group="output", choices=REPORT_TO)
     progress: bool = option(True, PROGRESS_HELP, group="output")
+    corpus_mode: str = option("auto", CORPUS_MODE_HELP + "; auto: sentences for the sentence objective, else packed",
+                              group="data", choices=("auto", *CORPUS_MODES))
     cache_dir: str | None = option(None, "tokenized corpus cache (default $FASTKD_CACHE or ~/.cache/fastkd)",
                                    group="data")
     num_proc: int | None = option(None, "processes tokenizing the corpus (default: the machine's cores, at most 8)",
@@ -159,9 +162,16 @@ class SearchConfig:
                 "corpus": corpus_identity(self.corpus), "data_dir": _resolved(self.data_dir), "task_files": task_files,
                 "proxy": self.proxy.as_dict(), "drop_weak_tasks": self.drop_weak_tasks, "sample_seed": self.seed,
                 "ladder": [r.name for r in self.rungs()],
+                **({"corpus_mode": self.corpus_mode_used()} if self.corpus_mode_used() != "packed" else {}),  # (older keys stay)
                 # how the sentence term pools is part of what a fitness means (only where it runs: older keys stay)
                 **({"sentence_pooling": read_pooling(resolve_model_path(self.teacher)).describe()}
                    if objective_weights(self.proxy.objective).sentence else {})}
+
+    def corpus_mode_used(self) -> str:
+        """--corpus-mode, `auto` made concrete as distill makes it: sentences for the sentence objective."""
+        if self.corpus_mode != "auto":
+            return self.corpus_mode
+        return "sentences" if self.proxy.objective == "sentence" else "packed"
 
     def validate(self) -> None:
         self.ga_config().validate()
@@ -266,6 +276,12 @@ class Search:
                 raise UserError(f"--ladder zeroshot needs 2 x --proxy-heldout ({cfg.proxy.heldout}) STS-B training rows "
                                 f"and {stsb.train.source or 'STS-B train'} has {len(stsb.train)}: lower --proxy-heldout "
                                 "(else the search would select on the STS-B dev set final tables report)")
+        t0 = time.perf_counter()
+        # The corpus before the output folder: a corpus it cannot use leaves nothing behind.
+        self.tokenizer = load_tokenizer(cfg.teacher)
+        corpus = load_corpus(cfg.corpus, self.tokenizer, cfg.proxy.max_seq_len, cfg.cache_dir, cfg.num_proc,
+                             cfg.progress, cfg.corpus_mode_used(), "--proxy-seq-len")
+        self.corpus = sample_corpus(corpus, cfg.proxy.sequences, cfg.seed)
         self.comm = Comm()
         self.output = Path(cfg.output)
         self.store = None
@@ -276,12 +292,7 @@ class Search:
             self.store = Store(self.output / "search.sqlite", cfg.fitness_settings(), cfg.resume)
             # The resolved settings, in the form --config reads (fastkd search --config it reruns this search).
             atomic_write_json(self.output / "search-config.json", resolved_config("search", cfg))
-        t0 = time.perf_counter()
-        self.tokenizer = load_tokenizer(cfg.teacher)
         self.teacher = load_teacher(cfg.teacher).to(self.comm.device())
-        corpus = load_corpus(cfg.corpus, self.tokenizer, cfg.proxy.max_seq_len, cfg.cache_dir, cfg.num_proc,
-                             cfg.progress)
-        self.corpus = sample_corpus(corpus, cfg.proxy.sequences, cfg.seed)
         self.timings = {"load teacher and corpus (tokenization)": time.perf_counter() - t0}
         self.ga = GeneticSearch(self.shape.layers, self.N, cfg.ga_config())
         # (genome, rung name) -> {seed: Evaluation}
