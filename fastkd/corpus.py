@@ -714,7 +714,8 @@ class BatchStream:
             out.append(int(self._permutation(p // self.n)[p % self.n]))
         return out
 
-    def _rows(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def rows(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The sequences at `indices` as one batch (unit corpora padded to their longest)."""
         if not self.bucketed:
             rows = self.dataset[indices]
             return {"input_ids": rows["input_ids"].long(), "attention_mask": rows["attention_mask"].long()}
@@ -728,14 +729,14 @@ class BatchStream:
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def next(self) -> dict[str, torch.Tensor]:
-        batch = self._rows(self.indices(self.state.batches_done))
+        batch = self.rows(self.indices(self.state.batches_done))
         self.state.batches_done += 1
         self.state.tokens_served += int(batch["attention_mask"].sum())
         return batch
 
     def sample(self, count: int = 8) -> dict[str, torch.Tensor]:
         """The corpus's first `count` sequences, as a batch; the stream's position is left alone."""
-        return self._rows(list(range(min(count, self.n))))
+        return self.rows(list(range(min(count, self.n))))
 
     def state_dict(self) -> dict:
         return {"batches_done": self.state.batches_done, "seed": self.seed, "n": self.n,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from .families import family_of, usable_positions
 from .models import (build_student, check_weight_files, load_config, load_student_dir, load_teacher, load_tokenizer,
                      require_teacher_family, resolve_model_path, student_shape)
 from .rng import seed_everything
-from .teacher import Teacher
+from .teacher import SentenceLabels, Teacher, labels_pay_off
 from .training import LocalEngine, StepEngine, train
 from .training.loop import truncate_metrics
 
@@ -266,7 +267,17 @@ def build_local_run(cfg: DistillConfig) -> Run:
     corpus = load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir, cfg.num_proc, cfg.progress,
                          cfg.corpus_mode)
     corpus = sample_corpus(corpus, cfg.corpus_sample, cfg.seed)
-    engine = LocalEngine(cfg, teacher, student, criterion, BatchStream(corpus, cfg.batch_size, cfg.seed))
+    stream = BatchStream(corpus, cfg.batch_size, cfg.seed)
+    labels = None
+    if labels_pay_off(criterion.weights, cfg.max_steps * cfg.batch_size * cfg.grad_accum, len(corpus),
+                      teacher_model.config.hidden_size):
+        t0 = time.perf_counter()
+        labels = SentenceLabels(teacher, stream, criterion.pooling, criterion.mapping.teacher_layers, device,
+                                cfg.progress)
+        log.info("teacher: the sentence embeddings of all %d corpus rows computed once in %.0f s, reused for the "
+                 "run's %.1f passes (no teacher forward per step)", len(corpus), time.perf_counter() - t0,
+                 cfg.max_steps * cfg.batch_size * cfg.grad_accum / len(corpus))
+    engine = LocalEngine(cfg, teacher, student, criterion, stream, labels)
     return Run(cfg, engine, tokenizer, mapping, shape, len(corpus), output)
 
 

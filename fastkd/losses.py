@@ -272,7 +272,8 @@ class DistillLoss(nn.Module):
             terms.update({name: torch.stack(values).mean() for name, values in per_pair.items()})
         if w.sentence:  # the last layers, whatever the mapping: the embedding the pipelines put out
             s_embedding = sentence_embedding(student_hidden[self.mapping.student_layers], mask, self.pooling)
-            t_embedding = sentence_embedding(teacher.hidden[self.mapping.teacher_layers], mask, self.pooling)
+            t_embedding = (teacher.sentence if teacher.sentence is not None else  # (labelled once: SentenceLabels)
+                           sentence_embedding(teacher.hidden[self.mapping.teacher_layers], mask, self.pooling))
             terms["sentence"] = (s_embedding - t_embedding).pow(2).sum(-1).mean()
         if not terms:
             raise ValueError("no active loss term: every weight is zero or the mapping supervises nothing")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .capture import AttentionRecord, check_recorded, recording
@@ -21,6 +22,7 @@ class TeacherOutputs:
     hidden: dict[int, torch.Tensor]
     attention: dict[int, AttentionRecord]
     attention_mask: torch.Tensor  # (B, S), 1 = real token
+    sentence: torch.Tensor | None = None  # (B, D): the pipeline's sentence embeddings, where labelled once (below)
 
 
 class Teacher:
@@ -57,3 +59,47 @@ class Teacher:
         hidden = {l: h.clone() for l, h in hidden.items()}
         attention = {l: r.clone() for l, r in records.items()}
         return TeacherOutputs(hidden, attention, attention_mask)
+
+
+LABEL_BATCH = 64  # rows per teacher forward while labelling (length-sorted, so little padding)
+LABELS_MAX_BYTES = 2 * 2 ** 30  # above this, the labels would crowd out the run: the teacher runs per batch
+LABELS_MIN_EPOCHS = 1.5  # labelling costs one pass over the corpus: worth it where a run reads it more often
+
+
+class SentenceLabels:
+    """The teacher's sentence embedding of every corpus row, computed once and reused every epoch.
+
+    For an objective that reads nothing of the teacher but its sentence embedding (`sentence`), a
+    teacher forward per batch is wasted after the first epoch; sentence-transformers' recipe labels its
+    sentences once for the same reason. The rows are labelled in a fixed order (length-sorted batches of
+    LABEL_BATCH), whatever the seed or the stream's position, so a resumed run reads the very same labels.
+    """
+
+    def __init__(self, teacher: Teacher, stream, pooling, layer: int, device: torch.device, progress: bool = False):
+        from tqdm.auto import tqdm
+
+        from .sentence import sentence_embedding
+
+        order = np.argsort(stream.lengths, kind="stable") if stream.lengths is not None else np.arange(stream.n)
+        self.labels = None
+        for start in tqdm(range(0, stream.n, LABEL_BATCH), desc="teacher labels", unit="batch", leave=False,
+                          disable=not progress):
+            rows = order[start:start + LABEL_BATCH].tolist()
+            batch = {k: v.to(device) for k, v in stream.rows(rows).items()}
+            out = teacher(batch["input_ids"], batch["attention_mask"])
+            embedding = sentence_embedding(out.hidden[layer], batch["attention_mask"], pooling)
+            if self.labels is None:
+                self.labels = torch.empty((stream.n, embedding.shape[-1]), dtype=torch.float32, device=device)
+            self.labels[torch.as_tensor(rows, device=device)] = embedding.float()
+
+    def outputs(self, rows: list[int], attention_mask: torch.Tensor) -> TeacherOutputs:
+        return TeacherOutputs({}, {}, attention_mask, self.labels[torch.as_tensor(rows, device=self.labels.device)])
+
+
+def labels_pay_off(weights, rows_read: int, corpus_rows: int, width: int) -> bool:
+    """Whether a run should label its corpus once instead of running the teacher per batch: its objective
+    reads only the sentence embedding, it reads the corpus LABELS_MIN_EPOCHS times or more, and the labels
+    (float32) stay under LABELS_MAX_BYTES."""
+    only_sentence = weights.sentence and not any(v for k, v in weights.as_dict().items() if k != "sentence")
+    return bool(only_sentence and rows_read >= LABELS_MIN_EPOCHS * corpus_rows
+                and corpus_rows * width * 4 <= LABELS_MAX_BYTES)

@@ -290,3 +290,40 @@ def test_auto_distils_a_sentence_model_for_its_embedding_on_sentences_and_anythi
     assert chosen(objective="sentence", teacher=str(tiny_teacher_dir)) == ("sentence", "sentences")
     assert chosen(corpus_mode="lines") == ("sentence", "lines")
     assert chosen(objective="tinybert", corpus_mode="sentences") == ("tinybert", "sentences")
+
+
+def test_sentence_labels_computed_once_equal_the_teachers_per_batch_embeddings(tmp_path, tiny_teacher_dir,
+                                                                               small_corpus, monkeypatch):
+    from fastkd import teacher as teacher_mod
+    from fastkd.corpus import BatchStream, load_corpus
+    from fastkd.models import load_teacher, load_tokenizer
+    from fastkd.sentence import SentencePooling, sentence_embedding
+    from fastkd.teacher import SentenceLabels, Teacher
+
+    corpus = load_corpus(str(small_corpus), load_tokenizer(str(tiny_teacher_dir)), 32, tmp_path / "c", mode="sentences")
+    stream = BatchStream(corpus, 8, seed=1)
+    teacher = Teacher(load_teacher(str(tiny_teacher_dir)), [4], [])
+    labels = SentenceLabels(teacher, stream, SentencePooling(), 4, torch.device("cpu"))
+    assert teacher.forwards == -(-len(corpus) // 64)  # one pass over the corpus, in batches of 64
+    for _ in range(3):  # the stream's batches, padded otherwise than when labelled
+        rows = stream.indices(stream.state.batches_done)
+        batch = stream.next()
+        direct = sentence_embedding(teacher(batch["input_ids"], batch["attention_mask"]).hidden[4],
+                                    batch["attention_mask"], SentencePooling())
+        torch.testing.assert_close(labels.outputs(rows, batch["attention_mask"]).sentence, direct, atol=1e-5, rtol=1e-4)
+    # A distillation reading its corpus twice labels it once, then trains as the per-batch teacher would.
+    def distill(name):
+        argv = ["distill", "--teacher", str(tiny_teacher_dir), "--corpus", str(small_corpus), "--objective", "sentence",
+                "--max-seq-len", "32", "--batch-size", "8", "--max-steps", "10", "--corpus-sample", "40",
+                "--cache-dir", str(tmp_path / "c"), "--output", str(tmp_path / name), "--no-progress", "--log-every", "1"]
+        assert main(argv) == 0
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return json.loads((tmp_path / name / "student" / "fastkd.json").read_text()), [r["sentence"] for r in rows]
+
+    info, labelled = distill("labelled")
+    assert info["teacher_labels"] == "sentence embeddings of all 40 corpus rows, computed once"
+    assert info["corpus"]["mode"] == "sentences"  # auto, for the sentence objective
+    monkeypatch.setattr(teacher_mod, "LABELS_MIN_EPOCHS", 10.0)  # 10 steps x 8 rows read 40 rows twice: no labels
+    info, per_batch = distill("per-batch")
+    assert "teacher_labels" not in info
+    assert labelled == pytest.approx(per_batch, rel=1e-3)

@@ -34,8 +34,9 @@ FORMAT = 1  # of state.pt, recorded in the marker
 class LocalEngine(StepEngine):
     """One student, its loss projections and its optimizer in this process."""
 
-    def __init__(self, cfg, teacher, student, criterion, stream):
+    def __init__(self, cfg, teacher, student, criterion, stream, labels=None):
         super().__init__(cfg, teacher, student, criterion, stream, next(student.parameters()).device)
+        self.labels = labels  # SentenceLabels: the teacher's embeddings of every row, computed once
         self.params = [p for m in (student, criterion) for p in m.parameters() if p.requires_grad]
         # fused: one kernel per parameter group, and it skips a non-finite step on the device
         # (found_inf, see train_step) without the host ever looking at the gradient norm.
@@ -45,9 +46,17 @@ class LocalEngine(StepEngine):
         if cfg.bf16:
             warn_if_bf16_emulated(self.device)
 
+    def describe(self) -> dict:
+        if self.labels is None:
+            return {}
+        return {"teacher_labels": f"sentence embeddings of all {len(self.labels.labels)} corpus rows, computed once"}
+
     def next_inputs(self) -> tuple[dict, TeacherOutputs]:
-        """The next micro-batch and the teacher's outputs for it (one teacher forward)."""
+        """The next micro-batch and the teacher's outputs for it (one teacher forward, or its labels)."""
+        rows = self.stream.indices(self.stream.state.batches_done) if self.labels is not None else None
         batch = {k: v.to(self.device, non_blocking=True) for k, v in self.stream.next().items()}
+        if self.labels is not None:
+            return batch, self.labels.outputs(rows, batch["attention_mask"])
         return batch, self.teacher(batch["input_ids"], batch["attention_mask"])
 
     def train_step(self, shared=None) -> StepResult:
