@@ -323,7 +323,9 @@ def _unit_batch(batch, tokenizer, mode: str, max_seq_len: int):
                              return_attention_mask=False, return_token_type_ids=False)["input_ids"] if any(fits) else [])
         for fit in fits:
             unit_ids = next(ids) if fit else None
-            if unit_ids is None or len(unit_ids) > body or not unit_ids:
+            if unit_ids is not None and not unit_ids:
+                continue  # nothing the tokenizer keeps (control characters): not a unit at all
+            if unit_ids is None or len(unit_ids) > body:
                 input_ids.append(np.zeros(0, dtype=np.int32))
                 lengths.append(-1)
             else:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -271,11 +270,10 @@ def build_local_run(cfg: DistillConfig) -> Run:
     labels = None
     if labels_pay_off(criterion.weights, cfg.max_steps * cfg.batch_size * cfg.grad_accum, len(corpus),
                       teacher_model.config.hidden_size):
-        t0 = time.perf_counter()
         labels = SentenceLabels(teacher, stream, criterion.pooling, criterion.mapping.teacher_layers, device,
                                 cfg.progress)
         log.info("teacher: the sentence embeddings of all %d corpus rows computed once in %.0f s, reused for the "
-                 "run's %.1f passes (no teacher forward per step)", len(corpus), time.perf_counter() - t0,
+                 "run's %.1f passes (no teacher forward per step)", len(corpus), labels.seconds,
                  cfg.max_steps * cfg.batch_size * cfg.grad_accum / len(corpus))
     engine = LocalEngine(cfg, teacher, student, criterion, stream, labels)
     return Run(cfg, engine, tokenizer, mapping, shape, len(corpus), output)

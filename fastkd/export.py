@@ -95,6 +95,15 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+# How the student learned, by objective: the model card's first sentence.
+_HOW = {
+    "tinybert": "by layer-wise knowledge distillation (hidden states and pre-softmax attention scores)",
+    "minilm": "by MiniLM-style distillation (attention distributions and value relations)",
+    "minilmv2": "by MiniLMv2-style distillation (query, key and value relations)",
+    "sentence": "by learning to reproduce the teacher's sentence embeddings (sentence-transformers' layer reduction)",
+}
+
+
 def model_card(info: dict) -> str:
     shape = info.get("student", {})
     losses = info.get("final_losses", {})
@@ -112,8 +121,7 @@ def model_card(info: dict) -> str:
         f"# Distilled {info.get('family', 'BERT')} student ({shape.get('layers', '?')} layers)",
         "",
         f"Distilled task-agnostically with fastkd {info.get('fastkd_version', '')} from teacher "
-        f"`{info.get('teacher', '?')}` by layer-wise knowledge distillation (hidden states and "
-        "pre-softmax attention scores).",
+        f"`{info.get('teacher', '?')}` {_HOW.get(info.get('objective', 'tinybert'), _HOW['tinybert'])}.",
         "",
         "## Student",
         "",
@@ -145,6 +153,7 @@ def model_card(info: dict) -> str:
         f"- objective: {info.get('objective', 'tinybert')}"
         + (f" ({info['relation_heads']} relation heads)" if info.get("relation_heads") else ""),
         "- loss weights: " + ", ".join(f"{k} {_fmt(v)}" for k, v in weights.items()),
+        *([f"- teacher: {info['teacher_labels']} (no teacher forward per step)"] if info.get("teacher_labels") else []),
         "- final losses (mean of the last logged window): " + ", ".join(f"{k} {_fmt(v)}" for k, v in losses.items()),
         "",
         "## Use",

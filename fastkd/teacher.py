@@ -7,6 +7,7 @@ ordinary tensors; everything else is freed with the inference context.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,6 +81,7 @@ class SentenceLabels:
 
         from .sentence import sentence_embedding
 
+        started = time.perf_counter()
         order = np.argsort(stream.lengths, kind="stable") if stream.lengths is not None else np.arange(stream.n)
         self.labels = None
         for start in tqdm(range(0, stream.n, LABEL_BATCH), desc="teacher labels", unit="batch", leave=False,
@@ -91,6 +93,7 @@ class SentenceLabels:
             if self.labels is None:
                 self.labels = torch.empty((stream.n, embedding.shape[-1]), dtype=torch.float32, device=device)
             self.labels[torch.as_tensor(rows, device=device)] = embedding.float()
+        self.seconds = time.perf_counter() - started
 
     def outputs(self, rows: list[int], attention_mask: torch.Tensor) -> TeacherOutputs:
         return TeacherOutputs({}, {}, attention_mask, self.labels[torch.as_tensor(rows, device=self.labels.device)])

@@ -323,6 +323,9 @@ def test_sentence_labels_computed_once_equal_the_teachers_per_batch_embeddings(t
     info, labelled = distill("labelled")
     assert info["teacher_labels"] == "sentence embeddings of all 40 corpus rows, computed once"
     assert info["corpus"]["mode"] == "sentences"  # auto, for the sentence objective
+    card = (tmp_path / "labelled" / "student" / "README.md").read_text()
+    assert "by learning to reproduce the teacher's sentence embeddings" in card
+    assert "- teacher: sentence embeddings of all 40 corpus rows, computed once (no teacher forward per step)" in card
     monkeypatch.setattr(teacher_mod, "LABELS_MIN_EPOCHS", 10.0)  # 10 steps x 8 rows read 40 rows twice: no labels
     info, per_batch = distill("per-batch")
     assert "teacher_labels" not in info
