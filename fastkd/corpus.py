@@ -50,6 +50,7 @@ from .io import check_writable_dir, no_space_is_one_line, verify_checksums, writ
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 4  # bump when the packing changes (3: long paragraphs tokenized in pieces; 4: checksums)
+UNITS_FORMAT = 1  # bump when the sentence split or the unit rows change (their cache entries are then rebuilt)
 PACK_BATCH = 1000  # paragraphs per packing block (the tail of each block is one padded sequence)
 PIECE_CHARS = 8192  # longer paragraphs are tokenized in pieces of at most this many characters
 PIECES_PER_CALL = 256  # pieces per tokenizer call: bounds the tokenizer's working memory
@@ -233,7 +234,7 @@ def cache_key(source: str, tokenizer, max_seq_len: int, hub_dataset=None, mode: 
     ident = {"source": _source_fingerprint(source, hub_dataset), "tokenizer": tokenizer_fingerprint(tokenizer),
              "max_seq_len": max_seq_len, "format": CACHE_FORMAT}
     if mode != "packed":  # (packed keeps the key it always had: existing caches stay valid)
-        ident["mode"] = mode
+        ident.update(mode=mode, units_format=UNITS_FORMAT)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -733,7 +734,8 @@ class BatchStream:
     def next(self) -> dict[str, torch.Tensor]:
         batch = self.rows(self.indices(self.state.batches_done))
         self.state.batches_done += 1
-        self.state.tokens_served += int(batch["attention_mask"].sum())
+        # (host memory, before the engine moves it: counting its tokens never waits for a device)
+        self.state.tokens_served += int(batch["attention_mask"].numpy().sum())
         return batch
 
     def sample(self, count: int = 8) -> dict[str, torch.Tensor]:

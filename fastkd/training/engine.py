@@ -158,6 +158,11 @@ class StepEngine(abc.ABC):
         """The same question asked once after the last step."""
         return local
 
+    def tokens_seen(self) -> int | None:
+        """Real (unpadded) tokens this rank has read, for the logged rate; None where its stream does not
+        count them (the rate then assumes full-length sequences)."""
+        return getattr(getattr(self.stream, "state", None), "tokens_served", None)
+
     def describe(self) -> dict:
         """Engine-specific facts for the run's config and the model card (empty for one process)."""
         return {}

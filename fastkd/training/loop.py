@@ -94,7 +94,7 @@ def train(engine: StepEngine, output: Path, metrics_path: Path) -> None:
     is_main = engine.is_main
     bar = tqdm(total=cfg.max_steps, initial=engine.step, desc="distill", unit="step",
                disable=not (cfg.progress and is_main), dynamic_ncols=True)
-    last_time, last_step, last_tokens = time.perf_counter(), engine.step, engine.stream.state.tokens_served
+    last_time, last_step, last_tokens = time.perf_counter(), engine.step, engine.tokens_seen()
     last = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
     board = tensorboard_writer(cfg, output, engine.step) if is_main else None
     with open(metrics_path if is_main else os.devnull, "a", encoding="utf-8") as metrics, stop_signals() as caught, \
@@ -115,8 +115,9 @@ def train(engine: StepEngine, output: Path, metrics_path: Path) -> None:
                 now = time.perf_counter()
                 rate = (step - last_step) * engine.seqs_per_step / max(now - last_time, 1e-9)
                 # Real tokens (padding not counted), from this rank's share of the global batch.
-                served = engine.stream.state.tokens_served
-                per_seq = (served - last_tokens) / max(1, (step - last_step) * cfg.batch_size * cfg.grad_accum)
+                served = engine.tokens_seen()
+                per_seq = (cfg.max_seq_len if served is None else
+                           (served - last_tokens) / max(1, (step - last_step) * cfg.batch_size * cfg.grad_accum))
                 last_time, last_step, last_tokens = now, step, served
                 row = {"step": step, "loss": result.loss, **result.terms, "lr": engine.lr(),
                        "grad_norm": result.grad_norm, "seq_per_s": round(rate, 2),
