@@ -266,9 +266,10 @@ def main() -> None:
                         labelled = int((budget - lab["first_s"] - lab["label_s"]) / lab["step_s"])
                         if labelled * BATCH >= 1.5 * len(sentences):
                             steps = labelled
+                    route = None if lab is None else steps == labelled  # the calibrated route, no other
                     t0 = time.perf_counter()
                     student, info, rows = fastkd_train(args, teacher, mapping, v, steps, seed,
-                                                       f"{tmp}/{v}-{budget:g}-{seed}")
+                                                       f"{tmp}/{v}-{budget:g}-{seed}", labels=route)
                     runs.append({"side": v, "budget_s": budget, "seed": seed, "steps": steps,
                                  "sentences_seen": steps * BATCH, "train_s": info["seconds"],
                                  "label_s": info.get("teacher_labels_s", 0.0),

@@ -58,8 +58,9 @@ def _add_distill(sub) -> None:
 
     p = sub.add_parser(
         "distill", help="distill a teacher into a smaller student with a given layer mapping",
-        description="Task-agnostic layer-wise distillation: the student learns the teacher's embedding output, "
-                    "hidden states and pre-softmax attention scores of the mapped layers, on a text corpus. "
+        description="Task-agnostic distillation on a text corpus: the student learns the teacher's sentence "
+                    "embedding (a sentence-transformers teacher, by default on one sentence per sequence) or, "
+                    "layer by layer, its embedding output, hidden states and attention of the mapped layers. "
                     "Writes OUTPUT/config.json (the resolved settings: --config OUTPUT/config.json reruns it), "
                     "metrics.jsonl, checkpoints/ and the exported OUTPUT/student/.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -50,7 +50,7 @@ from .io import check_writable_dir, no_space_is_one_line, verify_checksums, writ
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 4  # bump when the packing changes (3: long paragraphs tokenized in pieces; 4: checksums)
-UNITS_FORMAT = 1  # bump when the sentence split or the unit rows change (their cache entries are then rebuilt)
+UNITS_FORMAT = 2  # bump when the sentence split or the unit rows change (their cache entries are then rebuilt)
 PACK_BATCH = 1000  # paragraphs per packing block (the tail of each block is one padded sequence)
 PIECE_CHARS = 8192  # longer paragraphs are tokenized in pieces of at most this many characters
 PIECES_PER_CALL = 256  # pieces per tokenizer call: bounds the tokenizer's working memory
@@ -95,7 +95,7 @@ def clean_paragraph(line: str) -> str | None:
 
 # A sentence ends at . ! or ? (WikiText writes them apart: "the series . Next"), before a capital, a digit
 # or an opening quote or bracket, after any closing brackets ("2003 . )"); not after an initial ("J. K.") or a
-# common abbreviation.
+# common abbreviation the period is attached to (a period written apart always ends one: "World War I .").
 _SENTENCE_END = re.compile(r"""[.!?](?:\s?[)\]]|["'])*\s+(?=["'(\[]?\s?[A-Z0-9])""")
 _ABBREVIATIONS = frozenset("mr mrs ms dr prof st jr sr vs etc no nos vol fig gen col lt sgt capt rev hon inc ltd co "
                            "corp jan feb mar apr jun jul aug sep sept oct nov dec e.g i.e u.s u.k a.m p.m c ca".split())
@@ -105,9 +105,10 @@ def split_sentences(paragraph: str) -> list[str]:
     """A cleaned paragraph's sentences, in order (rule-based: fast, deterministic, good on encyclopedic text)."""
     sentences, start = [], 0
     for m in _SENTENCE_END.finditer(paragraph):
-        before = paragraph[start:m.start()].rstrip()
-        word = before.rsplit(None, 1)[-1] if before else ""
-        if (len(word) == 1 and word.isupper()) or word.lower() in _ABBREVIATIONS:
+        before = paragraph[start:m.start()]
+        word = before.rsplit(None, 1)[-1] if before.strip() else ""
+        attached = bool(before) and not before[-1].isspace()  # "Mr." vs WikiText's "World War I ."
+        if attached and ((len(word) == 1 and word.isupper()) or word.lower() in _ABBREVIATIONS):
             continue  # "J. K. Rowling", "Mr. Smith": the period ends a word, not the sentence
         sentences.append(paragraph[start:m.end()].strip())
         start = m.end()
@@ -341,6 +342,12 @@ def unit_features():
     return datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")), "length": datasets.Value("int32")})
 
 
+def unit_lengths(dataset) -> np.ndarray:
+    """A unit corpus's `length` column as numpy, read through Arrow (a Python list of millions of rows would
+    take seconds, on every rank and every resume)."""
+    return dataset.with_format("arrow")["length"].to_numpy().astype(np.int64)
+
+
 def corpus_layout(dataset) -> dict:
     """How a loaded corpus is laid out: {"mode": "packed"}, or a unit mode's {"mode", "pad_id", "units",
     "too_long", "max_seq_len"} (kept in the dataset's description, so it travels with the cache entry)."""
@@ -357,7 +364,7 @@ def describe_corpus(dataset, max_seq_len: int) -> str:
     if layout["mode"] == "packed":
         return f"{len(dataset):,} sequences of {max_seq_len} tokens"
     unit = "sentences" if layout["mode"] == "sentences" else "lines"
-    mean = float(np.mean(dataset["length"])) if len(dataset) else 0.0
+    mean = float(unit_lengths(dataset).mean()) if len(dataset) else 0.0
     return f"{len(dataset):,} {unit} of at most {max_seq_len} tokens (mean {mean:.0f})"
 
 
@@ -493,12 +500,13 @@ def _build_units(source: str, text_ds, tokenizer, max_seq_len: int, procs: int, 
             num_proc=procs if procs > 1 else None, features=unit_features(),
             desc=f"tokenize {mode} ({procs} process{'es' if procs > 1 else ''})", new_fingerprint=target.name + "-units",
             cache_file_name=str(build_dir / "units.arrow"))
-    lengths = np.asarray(units["length"])
+    lengths = unit_lengths(units)
     too_long = int((lengths < 0).sum())
     kind = "sentence" if mode == "sentences" else "line"
     if too_long == len(lengths):
         found = (f"all {len(lengths):,} of its {kind}s are longer than {max_seq_len - 2} tokens" if len(lengths)
-                 else f"it holds no {kind} of {MIN_SENTENCE_WORDS} words or more")
+                 else f"it holds no sentence of {MIN_SENTENCE_WORDS} words or more" if mode == "sentences"
+                 else "it holds no line with a token the tokenizer keeps")
         raise UserError(f"corpus {source} has no {kind} that fits {length_flag} {max_seq_len}: {found}; raise "
                         f"{length_flag}, or use --corpus-mode packed")
     with _quiet_datasets():
@@ -665,7 +673,7 @@ class BatchStream:
         self.mode = layout["mode"]
         self.bucketed = self.mode != "packed"
         self.pad_id = layout.get("pad_id") or 0
-        self.lengths = np.asarray(dataset["length"], dtype=np.int64) if self.bucketed else None
+        self.lengths = unit_lengths(dataset) if self.bucketed else None
         self.dataset = dataset if self.bucketed else dataset.with_format("torch")
         self.n = len(dataset)
         if self.n < batch_size * world_size:

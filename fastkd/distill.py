@@ -61,6 +61,7 @@ def comparable(config: dict) -> dict:
     weights = objective_weights(objective, **{k[2:]: config.get(k) for k in LOSS_KEYS[1:]})
     out = {k: v for k, v in config.items() if k not in LOSS_KEYS}
     out["loss_weights"] = weights.as_dict()
+    out["corpus_mode"] = config.get("corpus_mode") or "packed"  # (a config.json from before the corpus modes)
     if not (weights.value_kl or weights.relation):
         out.pop("relation_heads", None)  # unused without a relation term
     return out
@@ -209,17 +210,38 @@ def resolve_auto(cfg: DistillConfig) -> DistillConfig:
     (whose embedding the term cannot compare), keep tinybert on packed text."""
     if "auto" not in (cfg.objective, cfg.corpus_mode):
         return cfg
+    if cfg.resume and cfg.output and Path(cfg.output).is_dir():
+        # --resume continues what the run became: a run saved before `auto` (tinybert on packed text,
+        # the defaults then) resumes as it began, whatever `auto` would pick today.
+        saved = (read_run_config(Path(cfg.output)) or {}).get("config")
+        if saved is not None:
+            return replace(cfg, **{k: saved.get(k) or ("tinybert" if k == "objective" else "packed")
+                                   for k in ("objective", "corpus_mode") if getattr(cfg, k) == "auto"})
     objective = cfg.objective
     if objective == "auto":
-        teacher_config = load_config(cfg.teacher, "teacher")
-        hidden = (load_config(cfg.student, "student").hidden_size if cfg.student is not None
-                  else cfg.student_hidden or teacher_config.hidden_size)
-        pipeline = (Path(resolve_model_path(cfg.teacher)) / "modules.json").is_file()
-        objective = "sentence" if pipeline and hidden == teacher_config.hidden_size else "tinybert"
+        objective = "sentence" if _sentence_teacher(cfg) else "tinybert"
     mode = cfg.corpus_mode
     if mode == "auto":
         mode = "sentences" if objective == "sentence" else "packed"
     return replace(cfg, objective=objective, corpus_mode=mode)
+
+
+def _sentence_teacher(cfg: DistillConfig) -> bool:
+    """A local teacher whose sentence-transformers pipeline the sentence term can read, and a student as wide."""
+    teacher_path = Path(resolve_model_path(cfg.teacher))
+    if not (teacher_path / "modules.json").is_file():
+        return False  # (a hub name is not looked up: it would need the network; pass --objective sentence)
+    teacher_config = load_config(cfg.teacher, "teacher")
+    hidden = (load_config(cfg.student, "student").hidden_size if cfg.student is not None
+              else cfg.student_hidden or teacher_config.hidden_size)
+    if hidden != teacher_config.hidden_size:
+        return False
+    try:
+        read_pooling(teacher_path)
+    except UserError as exc:  # a Dense after the pooling, a pooling mode fastkd does not know
+        log.info("--objective auto: tinybert, since the sentence term cannot use this teacher's pipeline (%s)", exc)
+        return False
+    return True
 
 
 def build_run(cfg: DistillConfig) -> Run:
@@ -271,7 +293,9 @@ def build_local_run(cfg: DistillConfig) -> Run:
     if labels_pay_off(criterion.weights, cfg.max_steps * cfg.batch_size * cfg.grad_accum, len(corpus),
                       teacher_model.config.hidden_size):
         labels = SentenceLabels(teacher, stream, criterion.pooling, criterion.mapping.teacher_layers, device,
-                                cfg.progress)
+                                cfg.progress, batch_size=cfg.batch_size)
+        if device.type != "cpu":
+            teacher_model.to("cpu")  # never runs again: its device memory goes to the student
         log.info("teacher: the sentence embeddings of all %d corpus rows computed once in %.0f s, reused for the "
                  "run's %.1f passes (no teacher forward per step)", len(corpus), labels.seconds,
                  cfg.max_steps * cfg.batch_size * cfg.grad_accum / len(corpus))

@@ -73,10 +73,12 @@ class SentenceLabels:
     For an objective that reads nothing of the teacher but its sentence embedding (`sentence`), a
     teacher forward per batch is wasted after the first epoch; sentence-transformers' recipe labels its
     sentences once for the same reason. The rows are labelled in a fixed order (length-sorted batches of
-    LABEL_BATCH), whatever the seed or the stream's position, so a resumed run reads the very same labels.
+    LABEL_BATCH, or the run's batch if smaller), whatever the seed or the stream's position, so a resumed run
+    reads the very same labels.
     """
 
-    def __init__(self, teacher: Teacher, stream, pooling, layer: int, device: torch.device, progress: bool = False):
+    def __init__(self, teacher: Teacher, stream, pooling, layer: int, device: torch.device, progress: bool = False,
+                 batch_size: int = LABEL_BATCH):
         from tqdm.auto import tqdm
 
         from .sentence import sentence_embedding
@@ -84,9 +86,10 @@ class SentenceLabels:
         started = time.perf_counter()
         order = np.argsort(stream.lengths, kind="stable") if stream.lengths is not None else np.arange(stream.n)
         self.labels = None
-        for start in tqdm(range(0, stream.n, LABEL_BATCH), desc="teacher labels", unit="batch", leave=False,
+        size = min(LABEL_BATCH, batch_size)  # (the run's memory check allowed its own batch, not more)
+        for start in tqdm(range(0, stream.n, size), desc="teacher labels", unit="batch", leave=False,
                           disable=not progress):
-            rows = order[start:start + LABEL_BATCH].tolist()
+            rows = order[start:start + size].tolist()
             batch = {k: v.to(device) for k, v in stream.rows(rows).items()}
             out = teacher(batch["input_ids"], batch["attention_mask"])
             embedding = sentence_embedding(out.hidden[layer], batch["attention_mask"], pooling)

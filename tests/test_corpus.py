@@ -178,6 +178,9 @@ def test_sentences_are_split_where_they_end_not_at_initials_or_abbreviations():
         "The play was written by J. K. Rowling in 2001 .", "Mr. Smith said it was good !", "Was it ?",
         "It ran at the St. Martin theatre .", "( It closed in 2003 . )", "3 actors left"]
     assert corpus_mod.split_sentences("no end mark at all") == ["no end mark at all"]
+    # a period written apart (WikiText) ends a sentence even after a capital or an abbreviation's letters
+    assert corpus_mod.split_sentences("He fought in World War I . The war ended . It said no . Then") == [
+        "He fought in World War I .", "The war ended .", "It said no .", "Then"]
     # fewer than MIN_SENTENCE_WORDS words is debris, not a sentence; a line is kept whole
     assert corpus_mod.text_units("Yes . It was a long night .", "sentences") == ["It was a long night ."]
     assert corpus_mod.text_units("Yes . It was a long night .", "lines") == ["Yes . It was a long night ."]

@@ -47,6 +47,11 @@ def test_resume_continues_exactly(tmp_path, tiny_teacher_dropout_dir, small_corp
     straight = run_distill(_cfg(tmp_path, "straight", **common))
     assert run_distill(_cfg(tmp_path, "split", stop_at_step=10, **common)) is None
     assert latest_checkpoint(tmp_path / "split").name == "step-00000010"
+    if corpus_mode == "packed":  # a run saved before the corpus modes (no corpus_mode key) resumes as packed
+        saved = json.loads((tmp_path / "split" / "config.json").read_text())
+        del saved["config"]["corpus_mode"]
+        (tmp_path / "split" / "config.json").write_text(json.dumps(saved))
+        common["corpus_mode"] = "auto"
     resumed = run_distill(_cfg(tmp_path, "split", resume=True, **common))
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys()

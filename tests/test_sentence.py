@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 from transformers import AutoModel
 
@@ -290,6 +291,27 @@ def test_auto_distils_a_sentence_model_for_its_embedding_on_sentences_and_anythi
     assert chosen(objective="sentence", teacher=str(tiny_teacher_dir)) == ("sentence", "sentences")
     assert chosen(corpus_mode="lines") == ("sentence", "lines")
     assert chosen(objective="tinybert", corpus_mode="sentences") == ("tinybert", "sentences")
+    # a pipeline the term cannot use (a pooling mode fastkd does not know) falls back, it is no refusal
+    import shutil
+
+    odd = tmp_path / "odd-pipeline"
+    shutil.copytree(tiny_teacher_dir, odd)
+    (odd / "modules.json").write_text(
+        '[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}, '
+        '{"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]')
+    (odd / "1_Pooling").mkdir()
+    (odd / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_weightedmean_tokens": True}))
+    assert chosen(teacher=str(odd)) == ("tinybert", "packed")
+    (odd / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    assert chosen(teacher=str(odd)) == ("sentence", "sentences")
+    # --resume continues what the run became, not what auto would pick today
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"command": "distill", "config": {"teacher": "default"}}))
+    assert chosen(resume=True) == ("tinybert", "packed")  # saved before objectives and corpus modes
+    (out / "config.json").write_text(json.dumps({"command": "distill", "config": {
+        "objective": "minilm", "corpus_mode": "lines"}}))
+    assert chosen(resume=True) == ("minilm", "lines")
 
 
 def test_sentence_labels_computed_once_equal_the_teachers_per_batch_embeddings(tmp_path, tiny_teacher_dir,
@@ -330,3 +352,14 @@ def test_sentence_labels_computed_once_equal_the_teachers_per_batch_embeddings(t
     info, per_batch = distill("per-batch")
     assert "teacher_labels" not in info
     assert labelled == pytest.approx(per_batch, rel=1e-3)
+    # stopped and resumed, a labelled run (labelled again, in the same order) ends where the straight one did
+    monkeypatch.setattr(teacher_mod, "LABELS_MIN_EPOCHS", 1.5)
+    common = ["--teacher", str(tiny_teacher_dir), "--corpus", str(small_corpus), "--objective", "sentence",
+              "--max-seq-len", "32", "--batch-size", "4", "--grad-accum", "2", "--max-steps", "10", "--corpus-sample",
+              "40", "--cache-dir", str(tmp_path / "c"), "--no-progress", "--checkpoint-every", "5"]
+    assert main(["distill", *common, "--output", str(tmp_path / "straight")]) == 0
+    assert main(["distill", *common, "--output", str(tmp_path / "split"), "--stop-at-step", "5"]) == 0
+    assert main(["distill", *common, "--output", str(tmp_path / "split"), "--resume"]) == 0
+    a, b = (load_file(tmp_path / name / "student" / "model.safetensors") for name in ("straight", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "teacher_labels" in json.loads((tmp_path / "split" / "student" / "fastkd.json").read_text())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import statistics
 import time
@@ -26,7 +27,7 @@ from ..errors import UserError
 from ..glue import TaskCache, parse_tasks, task_spec
 from ..glue.finetune import heldout_rows
 from ..glue.probe import ZERO_SHOT_TASK
-from ..io import atomic_write_json, check_writable_dir, lock_output, refuse_foreign_output
+from ..io import atomic_write_json, check_writable_dir, lock_output, refuse_busy_output, refuse_foreign_output
 from ..mapping import LayerMapping, heuristic
 from ..options import option, resolved_config
 from ..distill import relation_heads, sentence_pooling
@@ -247,6 +248,8 @@ class Search:
     def __init__(self, cfg: SearchConfig):
         cfg.validate()
         check_cache_dir(cfg.cache_dir)  # first: a refusal leaves no new output folder behind
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # (ranks of one search share its output)
+            refuse_busy_output(cfg.output)  # before a corpus is tokenized, not after
         refuse_foreign_output(cfg.output, "search")
         check_writable_dir(cfg.output)  # before the teacher, corpus and tasks are loaded
         self.cfg = cfg
