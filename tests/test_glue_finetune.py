@@ -11,7 +11,7 @@ from fastkd.glue import run as glue_run
 from fastkd.mapping import LayerMapping
 from fastkd.models import build_student, load_teacher, student_shape
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, run_cli
 
 GLUE = SHARED_DATA / "glue"
 FIXTURES = Path(__file__).parent / "fixtures" / "glue"
@@ -175,3 +175,164 @@ def test_token_cache_is_shared_by_equal_tokenizers(tiny_teacher_dir):
     a = cache.encoded(split, load_tokenizer(str(tiny_teacher_dir)), 32)
     b = cache.encoded(split, load_tokenizer(str(tiny_teacher_dir)), 32)  # another object, same tokenizer
     assert a is b
+
+
+# --- task heads (--head) -------------------------------------------------------------------------
+
+def _tiny_batch(tokenizer):
+    enc = tokenizer(["a cat sat on the mat today", "dogs"], ["it did", "bark loudly at night"], padding=True,
+                    return_tensors="pt", return_token_type_ids=True)
+    assert (enc["attention_mask"] == 0).any()  # the second row is padded: the mean must skip the pads
+    return dict(enc)
+
+
+@pytest.mark.parametrize("head", ["pooler", "pooler-reinit", "mean", "pipeline"])
+def test_each_head_trains_and_predicts(head, tiny_teacher_dir, default_tokenizer, tmp_path):
+    from fastkd.glue.finetune import make_classifier
+    from fastkd.glue.tasks import task_spec
+
+    cache = TaskCache(str(FIXTURES))
+    cfg = FinetuneConfig(max_steps=2, batch_size=8, max_seq_len=48, progress=False, head=head, lr=1e-3)
+    result = evaluate(str(tiny_teacher_dir), default_tokenizer, parse_tasks("stsb"), cache, cfg)["stsb"]
+    assert set(result.metrics) == {"pearson", "spearman"} and result.steps == 2
+    assert result.predictions["dev"]["prediction_variance"] > 0  # a real regression output per row
+    # Training moves the head's loss on a fixed batch down (the gradient reaches the head and the encoder).
+    torch.manual_seed(0)
+    clf = make_classifier(str(tiny_teacher_dir), task_spec("stsb"), seed=0, head=head)
+    clf.train()
+    batch, labels = _tiny_batch(default_tokenizer), torch.tensor([4.0, 1.0])
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(3):
+        out = clf(**batch, labels=labels)
+        losses.append(out.loss.item())
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < losses[0]
+
+
+def test_mean_head_is_a_masked_mean_and_one_linear_layer(tiny_teacher_dir, default_tokenizer):
+    from fastkd.glue.finetune import make_classifier
+    from fastkd.glue.tasks import task_spec
+    from fastkd.models import load_encoder
+
+    clf = make_classifier(str(tiny_teacher_dir), task_spec("mnli"), seed=5, head="mean").eval()
+    batch = _tiny_batch(default_tokenizer)
+    with torch.no_grad():
+        hidden = load_encoder(str(tiny_teacher_dir)).eval()(**batch).last_hidden_state
+        mask = batch["attention_mask"]
+        pooled = torch.stack([hidden[i, mask[i].bool()].mean(0) for i in range(len(mask))])
+        expected = pooled @ clf.classifier.weight.T + clf.classifier.bias
+        got = clf(**batch).logits
+    assert got.shape == (2, 3)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # The head is drawn from the seed: the same seed the same head, another seed another.
+    again = make_classifier(str(tiny_teacher_dir), task_spec("mnli"), seed=5, head="mean")
+    other = make_classifier(str(tiny_teacher_dir), task_spec("mnli"), seed=6, head="mean")
+    assert torch.equal(again.classifier.weight, clf.classifier.weight)
+    assert not torch.equal(other.classifier.weight, clf.classifier.weight)
+
+
+def test_pooler_reinit_replaces_the_copied_pooler(tiny_teacher_dir):
+    from fastkd.glue.finetune import make_classifier
+    from fastkd.glue.tasks import task_spec
+    from fastkd.models import load_encoder
+
+    copied = load_encoder(str(tiny_teacher_dir)).pooler.dense.weight
+    kept = make_classifier(str(tiny_teacher_dir), task_spec("rte"), seed=0, head="pooler")
+    fresh = make_classifier(str(tiny_teacher_dir), task_spec("rte"), seed=0, head="pooler-reinit")
+    assert torch.equal(kept.bert.pooler.dense.weight, copied)
+    assert not torch.allclose(fresh.bert.pooler.dense.weight, copied)
+    assert torch.equal(fresh.bert.pooler.dense.weight,  # seeded
+                       make_classifier(str(tiny_teacher_dir), task_spec("rte"), seed=0, head="pooler-reinit")
+                       .bert.pooler.dense.weight)
+    assert torch.equal(fresh.bert.encoder.layer[0].attention.self.query.weight,
+                       kept.bert.encoder.layer[0].attention.self.query.weight)  # the encoder is copied unchanged
+
+
+def test_pipeline_head_pools_as_the_pipeline(tmp_path, tiny_teacher_dir, default_tokenizer, caplog):
+    import logging
+    import shutil
+
+    from fastkd.glue.finetune import make_classifier
+    from fastkd.glue.tasks import task_spec
+    from fastkd.models import load_encoder
+
+    model = tmp_path / "cls-pipeline"
+    shutil.copytree(tiny_teacher_dir, model)
+    (model / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (model / "1_Pooling").mkdir()
+    (model / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
+                                                                  "pooling_mode_cls_token": True}))
+    clf = make_classifier(str(model), task_spec("stsb"), seed=0, head="pipeline").eval()
+    assert clf.pooling.mode == "cls" and not clf.pooling.normalize  # the pooling, not the Normalize (see HEADS)
+    batch = _tiny_batch(default_tokenizer)
+    with torch.no_grad():
+        hidden = load_encoder(str(model)).eval()(**batch).last_hidden_state
+        torch.testing.assert_close(clf(**batch).logits, hidden[:, 0] @ clf.classifier.weight.T + clf.classifier.bias)
+    # A model without a pipeline pools by mean, said in one line.
+    from fastkd.glue import finetune
+
+    finetune._HEAD_TOLD.discard(str(tiny_teacher_dir))  # said once per process: an earlier test may have
+    with caplog.at_level(logging.INFO, logger="fastkd.glue.finetune"):
+        plain = make_classifier(str(tiny_teacher_dir), task_spec("stsb"), seed=0, head="pipeline")
+    assert plain.pooling.mode == "mean"
+    assert [r.message for r in caplog.records if "no sentence-transformers pipeline" in r.message]
+    # A Pooling mode the head cannot reproduce is one line naming the way out.
+    (model / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "weightedmean"}))
+    with pytest.raises(UserError, match="choose --head mean"):
+        make_classifier(str(model), task_spec("stsb"), seed=0, head="pipeline")
+
+
+def test_unknown_head_is_one_line_and_a_resume_keeps_its_head(tmp_path, tiny_teacher_dir, capfd):
+    with pytest.raises(UserError, match="--head must be one of"):
+        FinetuneConfig(head="cls").validate()
+    config = tmp_path / "glue.json"
+    config.write_text(json.dumps({"model": [str(tiny_teacher_dir)], "tasks": "wnli", "data_dir": str(FIXTURES),
+                                  "output": str(tmp_path / "o"), "head": "cls"}))
+    assert "head" in _one_line_error(capfd, ["glue", "--config", str(config)])
+    code, err = run_cli(capfd, "glue", "--model", str(tiny_teacher_dir), "--tasks", "wnli", "--data-dir",
+                        str(FIXTURES), "--output", str(tmp_path / "o"), "--head", "cls")
+    assert code == 2 and len(err) == 1 and "--head: invalid choice: 'cls'" in err[0], err
+    args = ["glue", "--model", str(tiny_teacher_dir), "--tasks", "wnli", "--data-dir", str(FIXTURES),
+            "--output", str(tmp_path / "o"), *QUICK, "--head", "mean"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "o" / "glue.json").read_text())
+    assert report["settings"]["head"] == "mean" and "head mean" in (tmp_path / "o" / "glue.md").read_text()
+    assert "head (saved 'mean', now 'pooler')" in _one_line_error(capfd, args[:-1] + ["pooler", "--resume"])
+    # A glue.json from before --head and --regression-bias: the copied pooler and a bias from 0; it
+    # resumes as that, and only that.
+    report["settings"].pop("head")
+    report["settings"].pop("regression_bias")
+    (tmp_path / "o" / "glue.json").write_text(json.dumps(report))
+    assert "head (saved 'pooler', now 'mean')" in _one_line_error(capfd, args + ["--resume"])
+    assert "regression_bias (saved 'zero', now 'label-mean')" in _one_line_error(
+        capfd, args[:-1] + ["pooler", "--resume", "--regression-bias", "label-mean"])
+    assert main(args[:-1] + ["pooler", "--resume", "--regression-bias", "zero"]) == 0
+
+
+@pytest.mark.parametrize("head", ["pooler", "mean"])
+def test_regression_bias_starts_at_the_mean_label(head, tiny_teacher_dir, default_tokenizer, monkeypatch):
+    from fastkd.glue import finetune
+    from fastkd.glue.tasks import task_spec
+
+    clf = finetune.make_classifier(str(tiny_teacher_dir), task_spec("stsb"), seed=0, head=head, label_mean=2.5)
+    assert clf.classifier.bias.tolist() == [2.5]
+    assert finetune.make_classifier(str(tiny_teacher_dir), task_spec("stsb"), 0, head).classifier.bias.tolist() == [0]
+    assert not finetune.make_classifier(str(tiny_teacher_dir), task_spec("rte"), 0, head,
+                                        label_mean=2.5).classifier.bias.any()  # classification: untouched
+    seen = []
+    real = finetune.make_classifier
+    monkeypatch.setattr(finetune, "make_classifier", lambda *a: seen.append(a[-1]) or real(*a))
+    cache = TaskCache(str(FIXTURES))
+    for bias in ("label-mean", "zero"):
+        cfg = FinetuneConfig(max_steps=1, max_train_examples=8, batch_size=4, max_seq_len=32, progress=False,
+                             head=head, regression_bias=bias)
+        finetune.finetune_task(str(tiny_teacher_dir), default_tokenizer, task_spec("stsb"), cache, cfg)
+    labels = cache.data(task_spec("stsb")).train.labels
+    rows = finetune.subsample(len(labels), 8, 0)
+    assert seen[0] == pytest.approx(sum(labels[i] for i in rows) / 8) and seen[1] is None

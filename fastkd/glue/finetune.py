@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from torch import nn
+from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .. import optim, rng
 from ..config import PROGRESS_HELP, seed_value
@@ -25,11 +27,43 @@ from ..device import pick_device, warn_if_bf16_emulated
 from ..errors import UserError
 from ..families import model_inputs, stock_attention, usable_positions
 from ..corpus import tokenizer_fingerprint
-from ..models import load_encoder
+from ..models import load_encoder, resolve_model_path
+from ..sentence import SentencePooling, has_pipeline, read_pooling, sentence_embedding
 from .metrics import compute_metrics, majority_baseline, prediction_summary, task_score
 from .tasks import Split, TaskData, TaskSpec, load_task
 
 log = logging.getLogger(__name__)
+
+# What the task head reads:
+#   pooler          the copied CLS pooler (dense + tanh) and the family's classifier, as
+#                   AutoModelForSequenceClassification builds it
+#   pooler-reinit   the same, the pooler re-initialised (seeded)
+#   mean            masked mean of the last hidden states -> dropout -> one linear layer
+#   pipeline        the pooling mode (mean, cls or max) of the model's sentence-transformers pipeline
+#                   (modules.json) -> dropout -> one linear layer; mean for a model without one. Without
+#                   the pipeline's Normalize: unit-length features left the teacher's STS-B regression
+#                   collapsed (6.5 and 0.0 at lr 1.5e-4 and 5e-4, where mean reached 76.5 and 74.4)
+# Measured (benchmarks/glue_heads.py, results/glue_heads.json: the default teacher and two distilled
+# 3-layer students, the demo's budget, 2 seeds): what held the students' fine-tuned STS-B near 15 was
+# not the head but where the regression bias starts (below). With the bias at the mean label, pooler
+# and mean are within seed noise (STS-B at lr 5e-4: students 63.4 and 49.2 with pooler, 54.1 and 47.3
+# with mean, seed SDs up to 11; the teacher 79.3 and 82.3; SST-2 within 2 points, one seed), so the
+# default stays the pooler.
+HEADS = ("pooler", "pooler-reinit", "mean", "pipeline")
+DEFAULT_HEAD = "pooler"
+HEAD_HELP = ("what the task head reads: pooler (the checkpoint's CLS pooler and the family's classifier, as "
+             "transformers builds it), pooler-reinit (the same with a fresh pooler), mean (masked mean of the last "
+             "hidden states, then one linear layer) or pipeline (the pooling mode of the model's sentence-transformers "
+             "pipeline, mean without one)")
+
+# Where a regression head's output bias starts. At lr 1.5e-4 the bias moves about 0.01 in 80 steps,
+# far from STS-B's mean label (2.7): from 0, the short budget went into moving every prediction up,
+# and the students' STS-B stayed at 8-19 with every head (the teacher's pooler collapsed at lr 5e-4:
+# 11.5 and 4.0). Started at the mean label of the fine-tuning examples: students 44-46 and 32 at lr
+# 1.5e-4 and 54-63 and 47-49 at 5e-4, the teacher 79-82 (2 seeds, benchmarks/glue_heads.py).
+REGRESSION_BIASES = ("label-mean", "zero")
+REGRESSION_BIAS_HELP = ("where a regression task's (STS-B's) output bias starts: label-mean (the mean label of the "
+                        "fine-tuning examples) or zero (transformers' default)")
 
 
 @dataclass
@@ -50,6 +84,8 @@ class FinetuneConfig:
     eval_batch_size: int = option(128, "evaluation batch size")
     progress: bool = option(True, PROGRESS_HELP)
     device: str = option("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    head: str = option(DEFAULT_HEAD, HEAD_HELP, choices=HEADS)
+    regression_bias: str = option("label-mean", REGRESSION_BIAS_HELP, choices=REGRESSION_BIASES)
     # > 0: score on this many held-out *training* rows (disjoint from the fine-tuning examples, the
     # same rows for every seed and model) instead of dev, where the training set is large enough.
     heldout: int = option(0, cli=False)
@@ -77,6 +113,11 @@ class FinetuneConfig:
             raise UserError(f"--max-train-examples must be at least 1 (got {self.max_train_examples})")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"--lr must be positive (got {self.lr})")
+        if self.head not in HEADS:
+            raise UserError(f"--head must be one of {', '.join(HEADS)} (got {self.head!r})")
+        if self.regression_bias not in REGRESSION_BIASES:
+            raise UserError(f"--regression-bias must be one of {', '.join(REGRESSION_BIASES)} "
+                            f"(got {self.regression_bias!r})")
         if self.heldout < 0:
             raise UserError(f"the held-out slice must be 0 (score on dev) or a number of rows (got {self.heldout})")
         if self.heldout_part not in HELDOUT_PARTS:
@@ -258,13 +299,21 @@ def _batch(enc: Encoded, rows, pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
 
 
-def make_classifier(model: str | PreTrainedModel, spec: TaskSpec, seed: int) -> PreTrainedModel:
+def make_classifier(model: str | PreTrainedModel, spec: TaskSpec, seed: int, head: str = "pooler",
+                    label_mean: float | None = None) -> nn.Module:
     """A fresh float32 classifier for the task: the encoder's weights and a new head seeded by `seed`.
 
     One path for a directory, `default` and an in-memory encoder: a checkpoint that already has a
-    task head (even one with another label count) contributes only its encoder.
+    task head (even one with another label count) contributes only its encoder. `head`: one of HEADS
+    (pooler and pooler-reinit: the family's AutoModelForSequenceClassification; mean and pipeline: a
+    PooledClassifier). `label_mean`: a regression head's output bias starts there (None: at 0).
     """
+    if head not in HEADS:
+        raise UserError(f"--head must be one of {', '.join(HEADS)} (got {head!r})")
     encoder = model if isinstance(model, PreTrainedModel) else load_encoder(model)
+    if head in ("mean", "pipeline"):
+        pooling = head_pooling(model) if head == "pipeline" else SentencePooling(source="--head mean")
+        return _start_bias(PooledClassifier(_fresh_encoder(encoder), spec, pooling, seed), spec, label_mean)
     config = copy.deepcopy(encoder.config)
     config.num_labels = spec.num_labels
     config.problem_type = "regression" if spec.is_regression else "single_label_classification"
@@ -279,7 +328,112 @@ def make_classifier(model: str | PreTrainedModel, spec: TaskSpec, seed: int) -> 
     # A pooler may be on one side only: MPNet's and RoBERTa's classifiers bring their own head instead.
     if [k for k in unexpected + missing if not k.startswith("pooler.")]:
         raise ValueError(f"encoder weights do not fit the classifier: missing {missing}, unexpected {unexpected}")
+    if head == "pooler-reinit":
+        # Families whose classifier has no pooler in the encoder (DistilBERT, MPNet, RoBERTa, DeBERTa,
+        # ModernBERT) bring a fresh head of their own: nothing copied to re-initialise.
+        pooler = getattr(classifier.base_model, "pooler", None)
+        if pooler is not None:
+            torch.manual_seed(seed + 1)  # not the classifier's draw again
+            _reinit(pooler, getattr(config, "initializer_range", 0.02))
+    return _start_bias(classifier, spec, label_mean)
+
+
+def _start_bias(classifier: nn.Module, spec: TaskSpec, label_mean: float | None) -> nn.Module:
+    """A regression head's output bias set to `label_mean` (its output layer: the last linear layer
+    with one output, whatever the family calls it)."""
+    if spec.is_regression and label_mean is not None:
+        out = [m for m in classifier.modules() if isinstance(m, nn.Linear) and m.out_features == spec.num_labels][-1]
+        with torch.no_grad():
+            out.bias.fill_(label_mean)
     return classifier
+
+
+def _reinit(module: nn.Module, std: float) -> None:
+    """BERT's initialisation: linear weights N(0, std), biases 0, LayerNorm 1 and 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _fresh_encoder(encoder: PreTrainedModel) -> PreTrainedModel:
+    """A float32 copy of the encoder's weights in a stock model of its family, without its pooler
+    (the caller's encoder, maybe the search's capture-enabled student, is left untouched)."""
+    fresh = AutoModel.from_config(copy.deepcopy(encoder.config), attn_implementation=stock_attention(type(encoder)),
+                                  dtype=torch.float32)
+    state = {k: v.float() for k, v in encoder.state_dict().items()}
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    if [k for k in unexpected + missing if not k.startswith("pooler.")]:
+        raise ValueError(f"encoder weights do not fit the encoder: missing {missing}, unexpected {unexpected}")
+    if getattr(fresh, "pooler", None) is not None:
+        fresh.pooler = None  # unused by a pooled head: no forward cost, no parameters without gradients
+    return fresh
+
+
+_HEAD_TOLD: set = set()
+
+
+def head_pooling(model) -> SentencePooling:
+    """The pooling `--head pipeline` uses for `model`: its sentence-transformers pipeline's pooling
+    mode (not its Normalize: see HEADS), or mean for a model without one (said once per model)."""
+    if isinstance(model, PreTrainedModel):
+        return SentencePooling(source="an in-memory encoder has no pipeline; mean")
+    path = resolve_model_path(model)
+    if not has_pipeline(path):
+        pooling = SentencePooling(source="no sentence-transformers pipeline (modules.json); mean")
+    else:
+        try:
+            pooling = read_pooling(path)
+            pooling = SentencePooling(pooling.mode, normalize=False, source=pooling.source + ", Normalize left out")
+        except UserError as exc:  # read_pooling's advice is the sentence term's: say this command's
+            reason = str(exc).replace("or set --w-sentence 0", "or choose --head mean").replace(
+                "set --w-sentence 0", "choose --head mean").replace("the sentence term", "--head pipeline")
+            raise UserError(reason) from None
+    if str(model) not in _HEAD_TOLD:
+        _HEAD_TOLD.add(str(model))
+        log.info("--head pipeline: %s: %s", model, pooling.describe())
+    return pooling
+
+
+class PooledClassifier(nn.Module):
+    """encoder -> pooled last hidden states (mean, cls or max) -> dropout -> one linear layer; MSE for
+    regression, cross-entropy otherwise. Called like a transformers classifier (input_ids,
+    attention_mask, token_type_ids, labels -> .loss, .logits)."""
+
+    def __init__(self, encoder: PreTrainedModel, spec: TaskSpec, pooling: SentencePooling, seed: int):
+        super().__init__()
+        self.encoder, self.pooling = encoder, pooling
+        self.config = encoder.config
+        self.is_regression = spec.is_regression
+        p = getattr(encoder.config, "hidden_dropout_prob", None)
+        self.dropout = nn.Dropout(0.1 if p is None else p)
+        hidden = encoder.config.hidden_size
+        self.classifier = nn.Linear(hidden, spec.num_labels)
+        gen = torch.Generator().manual_seed(seed)  # the head's own draw: the same head for a seed, any model
+        with torch.no_grad():
+            self.classifier.weight.normal_(0.0, getattr(encoder.config, "initializer_range", 0.02), generator=gen)
+            self.classifier.bias.zero_()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> SequenceClassifierOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            batch["token_type_ids"] = token_type_ids
+        inputs = model_inputs(self.encoder, batch)  # without token_type_ids for a family that takes none
+        hidden = self.encoder(**inputs).last_hidden_state
+        logits = self.classifier(self.dropout(sentence_embedding(hidden, attention_mask, self.pooling)))
+        loss = None
+        if labels is not None:
+            if self.is_regression:
+                loss = nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = nn.functional.cross_entropy(logits.float(), labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 @torch.no_grad()
@@ -314,7 +468,9 @@ def finetune_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: Finet
     # fastkd's RNG policy: seeded by the run's seed, the caller's generators untouched (the search
     # fine-tunes between candidates' distillation steps).
     with rng.seeded(cfg.seed, device):
-        classifier = make_classifier(model, spec, cfg.seed).to(device)
+        label_mean = (float(train_enc.labels[rows].mean()) if spec.is_regression and cfg.regression_bias == "label-mean"
+                      else None)
+        classifier = make_classifier(model, spec, cfg.seed, cfg.head, label_mean).to(device)
         limit = usable_positions(classifier.config)
         if cfg.max_seq_len > limit:
             raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the {limit} tokens the model's position "

@@ -65,7 +65,8 @@ def markdown(report: dict) -> str:
     s = report["settings"]
     budget = f"{s['max_steps']} steps" if s.get("max_steps") else f"{s['epochs']:g} epochs"
     subsample = f", train subsampled to {s['max_train_examples']}" if s.get("max_train_examples") else ""
-    lines += ["", f"Dev-set scores x100. Fine-tuning: {budget}, batch {s['batch_size']}, lr {s['lr']:g}, "
+    head = f", head {s.get('head', 'pooler')}"
+    lines += ["", f"Dev-set scores x100. Fine-tuning: {budget}, batch {s['batch_size']}, lr {s['lr']:g}{head}, "
                   f"max length {s['max_seq_len']}, seed {s['seed']}{subsample}. GLUE avg = mean of task scores "
                   "(a task's score is the mean of its metrics).",
               f"† collapsed: one class predicted for at least {COLLAPSE_FRACTION:.0%} of dev examples. "

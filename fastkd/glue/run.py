@@ -15,7 +15,7 @@ from ..families import is_encoder, supported, usable_positions
 from ..options import option
 from ..sentence import describe_pipeline, has_pipeline, zeroshot_stsb
 from ..models import check_finite_weights, check_weight_files, load_config, load_tokenizer, resolve_model_path
-from .finetune import FinetuneConfig, TaskCache, finetune_task
+from .finetune import FinetuneConfig, TaskCache, finetune_task, head_pooling
 from .report import build_report, read_report, write_reports
 from .tasks import parse_tasks, task_spec
 
@@ -108,6 +108,8 @@ def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg
         check_finite_weights(model, f"--model {model}")  # a diverged model would score as the majority class
         if zeroshot_stsb and has_pipeline(resolve_model_path(model)):
             describe_pipeline(resolve_model_path(model))  # a damaged modules.json is one line now
+        if cfg.head == "pipeline":
+            head_pooling(model)  # an unreadable pipeline is one line now; says what the head pools like
     cache = TaskCache(data_dir, skip_bad_rows)
     for spec in tasks:
         cache.data(spec)
@@ -123,7 +125,9 @@ def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg
                         "or choose another --output")
     done: dict[tuple[str, str], dict] = {}
     if previous is not None:
-        changed = differing_settings(previous.get("settings", {}), settings)
+        # Results from before --head and --regression-bias existed: the copied pooler, a bias from 0.
+        changed = differing_settings({"head": "pooler", "regression_bias": "zero", **previous.get("settings", {})},
+                                     settings)
         if changed:
             raise UserError(f"cannot --resume {out}: fine-tuning settings differ: {'; '.join(changed)}; "
                             "choose another --output")

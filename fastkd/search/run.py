@@ -45,7 +45,8 @@ from .verdict import PairedInterval, paired_interval
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 2  # bump when proxy training changes what a fitness value means (2: held-out slices)
+RECIPE_VERSION = 3  # bump when proxy training changes what a fitness value means (2: held-out slices;
+#                    3: a regression head's bias starts at the mean label)
 WEAK_TASK_MARGIN = 0.05  # the teacher must beat the majority class by this much on a proxy task
 TEACHER_ROW = "teacher"  # the store row holding the teacher's proxy fine-tuning (signal check)
 SEED_STRIDE = 1000  # verdict seeds: seed + k * SEED_STRIDE, k = 1..n
