@@ -228,10 +228,10 @@ def resolve_auto(cfg: DistillConfig) -> DistillConfig:
 
 def _sentence_teacher(cfg: DistillConfig) -> bool:
     """A local teacher whose sentence-transformers pipeline the sentence term can read, and a student as wide."""
+    teacher_config = load_config(cfg.teacher, "teacher")  # first: a teacher that is not one is its own line
     teacher_path = Path(resolve_model_path(cfg.teacher))
     if not (teacher_path / "modules.json").is_file():
         return False  # (a hub name is not looked up: it would need the network; pass --objective sentence)
-    teacher_config = load_config(cfg.teacher, "teacher")
     hidden = (load_config(cfg.student, "student").hidden_size if cfg.student is not None
               else cfg.student_hidden or teacher_config.hidden_size)
     if hidden != teacher_config.hidden_size:

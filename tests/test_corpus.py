@@ -228,13 +228,13 @@ def test_bucketed_stream_visits_each_sentence_once_per_epoch_in_batches_of_simil
     monkeypatch.setattr(corpus_mod, "BUCKET_BATCHES", 4)  # several chunks in this small corpus
     ds = load_corpus(str(small_corpus), default_tokenizer, 64, tmp_path / "c", mode="sentences")
     n, lengths = len(ds), np.asarray(ds["length"])
-    stream = BatchStream(ds, batch_size=3, seed=5, world_size=2)
-    assert n % 6 and n > 6 * 4 * 3  # epochs end inside a global batch; several chunks per epoch
+    stream = BatchStream(ds, batch_size=4, seed=5, world_size=2)
+    assert n % 8 and n > 8 * 4 * 3  # epochs end inside a global batch; several chunks per epoch
     for epoch in range(3):  # each epoch a permutation, wherever its global batches begin
         assert sorted(stream._permutation(epoch)) == list(range(n))
     padding = lambda batches: np.mean([1 - lengths[b].sum() / (len(b) * lengths[b].max()) for b in batches])  # noqa: E731
-    bucketed = [stream.indices(k) + BatchStream(ds, 3, 5, rank=1, world_size=2).indices(k) for k in range(60)]
-    random = [list(np.random.default_rng(k).choice(n, 6, replace=False)) for k in range(60)]
+    bucketed = [stream.indices(k) + BatchStream(ds, 4, 5, rank=1, world_size=2).indices(k) for k in range(60)]
+    random = [list(np.random.default_rng(k).choice(n, 8, replace=False)) for k in range(60)]
     assert padding(bucketed) < 0.5 * padding(random)
     first = BatchStream(ds, 6, seed=5).next()
     assert first["input_ids"].shape[1] == first["attention_mask"].sum(1).max()  # padded to its own longest
@@ -242,9 +242,9 @@ def test_bucketed_stream_visits_each_sentence_once_per_epoch_in_batches_of_simil
     # a resume continues at the exact sentence
     for _ in range(7):
         stream.next()
-    other = BatchStream(ds, batch_size=3, seed=5, world_size=2)
+    other = BatchStream(ds, batch_size=4, seed=5, world_size=2)
     other.load_state_dict(stream.state_dict())
     assert torch.equal(other.next()["input_ids"], stream.next()["input_ids"])
     packed = load_corpus(str(small_corpus), default_tokenizer, 64, tmp_path / "c")
     with pytest.raises(UserError, match="read its corpus as sentences, this run as packed: give --corpus-mode sentences"):
-        BatchStream(packed, 3, seed=5, world_size=2).load_state_dict(stream.state_dict())
+        BatchStream(packed, 4, seed=5, world_size=2).load_state_dict(stream.state_dict())
