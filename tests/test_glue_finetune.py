@@ -294,7 +294,8 @@ def test_unknown_head_is_one_line_and_a_resume_keeps_its_head(tmp_path, tiny_tea
     config = tmp_path / "glue.json"
     config.write_text(json.dumps({"model": [str(tiny_teacher_dir)], "tasks": "wnli", "data_dir": str(FIXTURES),
                                   "output": str(tmp_path / "o"), "head": "cls"}))
-    assert "head" in _one_line_error(capfd, ["glue", "--config", str(config)])
+    assert "head must be one of pooler, pooler-reinit, mean, pipeline (got 'cls')" in _one_line_error(
+        capfd, ["glue", "--config", str(config)])
     code, err = run_cli(capfd, "glue", "--model", str(tiny_teacher_dir), "--tasks", "wnli", "--data-dir",
                         str(FIXTURES), "--output", str(tmp_path / "o"), "--head", "cls")
     assert code == 2 and len(err) == 1 and "--head: invalid choice: 'cls'" in err[0], err
@@ -310,9 +311,14 @@ def test_unknown_head_is_one_line_and_a_resume_keeps_its_head(tmp_path, tiny_tea
     report["settings"].pop("regression_bias")
     (tmp_path / "o" / "glue.json").write_text(json.dumps(report))
     assert "head (saved 'pooler', now 'mean')" in _one_line_error(capfd, args + ["--resume"])
+    # WNLI is no regression task: the bias never mattered, so any --regression-bias resumes it
+    assert main(args[:-1] + ["pooler", "--resume", "--regression-bias", "label-mean"]) == 0
+    # STS-B is: a resume with another bias start is refused
+    stsb = ["glue", "--model", str(tiny_teacher_dir), "--tasks", "stsb", "--data-dir", str(FIXTURES),
+            "--output", str(tmp_path / "s"), *QUICK, "--regression-bias", "zero"]
+    assert main(stsb) == 0
     assert "regression_bias (saved 'zero', now 'label-mean')" in _one_line_error(
-        capfd, args[:-1] + ["pooler", "--resume", "--regression-bias", "label-mean"])
-    assert main(args[:-1] + ["pooler", "--resume", "--regression-bias", "zero"]) == 0
+        capfd, stsb[:-1] + ["label-mean", "--resume"])
 
 
 @pytest.mark.parametrize("head", ["pooler", "mean"])

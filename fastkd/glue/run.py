@@ -17,7 +17,7 @@ from ..sentence import describe_pipeline, has_pipeline, zeroshot_stsb
 from ..models import check_finite_weights, check_weight_files, load_config, load_tokenizer, resolve_model_path
 from .finetune import FinetuneConfig, TaskCache, finetune_task, head_pooling
 from .report import build_report, read_report, write_reports
-from .tasks import parse_tasks, task_spec
+from .tasks import TASKS, parse_tasks, task_spec
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,14 @@ def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg
     done: dict[tuple[str, str], dict] = {}
     if previous is not None:
         # Results from before --head and --regression-bias existed: the copied pooler, a bias from 0.
-        changed = differing_settings({"head": "pooler", "regression_bias": "zero", **previous.get("settings", {})},
-                                     settings)
+        before = {"head": "pooler", "regression_bias": "zero", **previous.get("settings", {})}
+        now = dict(settings)
+        regression = any(t.is_regression for t in tasks) or any(
+            task_spec(k).is_regression for m in previous["models"] for k in m["tasks"] if k in TASKS)
+        if not regression:  # the bias is never used: it cannot make two runs differ
+            before.pop("regression_bias", None)
+            now.pop("regression_bias", None)
+        changed = differing_settings(before, now)
         if changed:
             raise UserError(f"cannot --resume {out}: fine-tuning settings differ: {'; '.join(changed)}; "
                             "choose another --output")

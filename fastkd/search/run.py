@@ -159,7 +159,9 @@ class SearchConfig:
         data = Path(self.data_dir)
         task_files = [] if str(self.data_dir) == "hub" else [
             _identity(p) for t in tasks for p in sorted((data / t.name).glob("*.tsv"))]
-        return {"recipe": RECIPE_VERSION, "teacher": self.teacher, "teacher_files": _model_identity(self.teacher),
+        # (recipe 3 changed only how a regression task is fine-tuned: other stores keep their key, and resume)
+        recipe = RECIPE_VERSION if any(t.is_regression for t in parse_tasks(",".join(self.proxy.tasks))) else 2
+        return {"recipe": recipe, "teacher": self.teacher, "teacher_files": _model_identity(self.teacher),
                 "student": [self.student_layers, self.student_hidden, self.student_heads, self.student_ffn],
                 "corpus": corpus_identity(self.corpus), "data_dir": _resolved(self.data_dir), "task_files": task_files,
                 "proxy": self.proxy.as_dict(), "drop_weak_tasks": self.drop_weak_tasks, "sample_seed": self.seed,
