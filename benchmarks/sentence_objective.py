@@ -17,6 +17,8 @@ there are >= 2 seeds. --reuse FILE takes the runs of an earlier result with the 
 of running them again.
 
     python benchmarks/sentence_objective.py [--steps 200 --seq-len 64 --seeds 2]
+    python benchmarks/sentence_objective.py --student-hidden 192 --name sentence_objective_narrow \
+        --variants tinybert,sentence@sentences,tinybert+sentence@sentences
     python benchmarks/sentence_objective.py --variants sentence@sentences,tinybert+sentence@sentences \
         --reuse benchmarks/results/sentence_objective.json --name sentence_objective_modes
 """
@@ -52,6 +54,9 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=64, help="tokens per packed sequence")
     p.add_argument("--unit-seq-len", type=int, default=128, help="the longest sentence kept, in the sentences mode")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--student-hidden", type=int, default=None,
+                   help="a narrower student (teacher-initialised from the first rows; the sentence term learns a "
+                        "projection to the teacher's width, exported as its pipeline's Dense)")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--corpus", default=str(SHARED / "corpus" / "wikitext-2-raw-test.txt"))
@@ -76,6 +81,7 @@ def main() -> None:
                                     max_steps=args.steps, batch_size=args.batch_size,
                                     max_seq_len=args.unit_seq_len if mode else args.seq_len, corpus_mode=mode or "packed",
                                     lr=args.lr, seed=seed, progress=False, checkpoint_every=10 ** 9,
+                                    student_hidden=args.student_hidden,
                                     **VARIANTS[recipe])
                 t0 = time.perf_counter()
                 student = run_distill(cfg)
@@ -114,7 +120,7 @@ def reused_runs(args) -> tuple[list, dict]:
     import json
 
     earlier = json.loads(Path(args.reuse).read_text())
-    decisive = ("steps", "batch_size", "seq_len", "lr", "corpus")
+    decisive = ("steps", "batch_size", "seq_len", "lr", "corpus", "student_hidden")
     differ = [k for k in decisive if earlier["settings"].get(k) != getattr(args, k)]
     if differ:
         raise SystemExit(f"--reuse {args.reuse}: its runs differ in {', '.join(differ)}; run them again instead")

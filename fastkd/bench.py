@@ -181,8 +181,7 @@ def measure_backend(backend: str, teacher_model, tokenizer, cfg: BenchConfig, de
     criterion = DistillLoss(mapping, shape.hidden, teacher_model.config.hidden_size, weights, backend=backend,
                             relation_heads=relation_heads(weights, cfg.relation_heads, teacher_model.config,
                                                           shape.hidden),
-                            pooling=sentence_pooling(cfg.teacher, weights, shape.hidden,
-                                                     teacher_model.config.hidden_size)).to(device)
+                            pooling=sentence_pooling(cfg.teacher, weights)).to(device)
     student = build_student(teacher_model, shape, "teacher", mapping, seed=cfg.seed).to(device)
     teacher = Teacher(teacher_model, criterion.teacher_hidden_layers(), criterion.teacher_attention_layers(),
                       autocast_dtype=torch.bfloat16 if cfg.bf16 else None, values=criterion.needs_values())
@@ -234,7 +233,7 @@ def check_before_loading(cfg: BenchConfig, teacher_config, device: torch.device)
     shape = student_shape(teacher_config, cfg.student_layers, cfg.student_hidden, cfg.student_heads, cfg.student_ffn)
     mapping = parse_mapping(cfg.mapping, shape.layers, teacher_config.num_hidden_layers)
     weights = objective_weights(cfg.objective, attention_kl=cfg.w_attention_kl)
-    sentence_pooling(cfg.teacher, weights, shape.hidden, teacher_config.hidden_size)
+    sentence_pooling(cfg.teacher, weights)
     memory = step_memory(teacher_config, shape, len(mapping.pairs()), cfg.seq_len, weights, bf16=cfg.bf16,
                          relation_heads=cfg.relation_heads)
     check_step_fits(memory, cfg.batch_size, cfg.seq_len, device, seq_flag="--seq-len", what="a bench step")

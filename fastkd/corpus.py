@@ -46,6 +46,7 @@ import torch
 from .config import CORPUS_MODES
 from .errors import UserError
 from .io import check_writable_dir, no_space_is_one_line, verify_checksums, write_checksums
+from .padding import pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -730,21 +731,23 @@ class BatchStream:
         if not self.bucketed:
             rows = self.dataset[indices]
             return {"input_ids": rows["input_ids"].long(), "attention_mask": rows["attention_mask"].long()}
-        units = self.dataset[indices]["input_ids"]
-        width = max(len(u) for u in units)
-        input_ids = torch.full((len(units), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(units), width), dtype=torch.long)
-        for r, unit in enumerate(units):
-            input_ids[r, :len(unit)] = torch.as_tensor(unit, dtype=torch.long)
-            attention_mask[r, :len(unit)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return pad_batch(self.dataset[indices]["input_ids"], self.pad_id)
 
-    def next(self) -> dict[str, torch.Tensor]:
-        batch = self.rows(self.indices(self.state.batches_done))
+    def take(self) -> tuple[list[int], dict[str, torch.Tensor]]:
+        """The next batch and the corpus rows it holds (for a run that reads the teacher's labels of them)."""
+        rows = self.indices(self.state.batches_done)
+        batch = self.rows(rows)
         self.state.batches_done += 1
         # (host memory, before the engine moves it: counting its tokens never waits for a device)
         self.state.tokens_served += int(batch["attention_mask"].numpy().sum())
-        return batch
+        return rows, batch
+
+    def next(self) -> dict[str, torch.Tensor]:
+        return self.take()[1]
+
+    def real_tokens(self) -> int:
+        """Real (unpadded) tokens this rank has served since the process started."""
+        return self.state.tokens_served
 
     def sample(self, count: int = 8) -> dict[str, torch.Tensor]:
         """The corpus's first `count` sequences, as a batch; the stream's position is left alone."""

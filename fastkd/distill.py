@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import __version__
 from .config import DistillConfig, differing_settings, read_run_config
@@ -25,8 +26,8 @@ from .io import (atomic_write_json, check_writable_dir, lock_output, no_space_is
                  refuse_foreign_output)
 from .losses import OBJECTIVES, DistillLoss, LossWeights, objective_weights
 from .mapping import LayerMapping, parse_mapping
-from .sentence import read_pooling
-from .memory import check_step_fits, step_memory
+from .sentence import has_pipeline, read_pooling
+from .memory import StepMemory, available_memory, check_step_fits, step_memory
 from .families import family_of, usable_positions
 from .models import (build_student, check_weight_files, load_config, load_student_dir, load_teacher, load_tokenizer,
                      require_teacher_family, resolve_model_path, student_shape)
@@ -144,19 +145,21 @@ def resolve(cfg: DistillConfig):
     layer_terms = (weights.hidden, weights.attention, weights.attention_kl, weights.value_kl, weights.relation)
     if not (weights.embedding or weights.sentence or (any(layer_terms) and mapping.pairs())):
         raise UserError("nothing to distill: every loss weight is zero or the mapping supervises no layer")
-    sentence_pooling(cfg.teacher, weights, shape.hidden, teacher_config.hidden_size)  # a bad pipeline: one line now
+    sentence_pooling(cfg.teacher, weights)  # a bad pipeline: one line now
+    if weights.sentence and shape.hidden != teacher_config.hidden_size and not has_pipeline(
+            resolve_model_path(cfg.teacher)):  # (refused now, not after a run whose projection no export carries)
+        raise UserError(f"the sentence term of a student {shape.hidden} wide under a {teacher_config.hidden_size}-wide "
+                        "teacher trains a projection only the teacher's sentence-transformers pipeline carries into "
+                        f"the export, and the teacher {cfg.teacher} has none here (no local modules.json): distill "
+                        "from a local sentence-transformers teacher, keep the teacher's width, or set --w-sentence 0")
     return teacher_config, shape, mapping
 
 
-def sentence_pooling(teacher: str, weights: LossWeights, student_hidden: int, teacher_hidden: int):
-    """How the sentence term pools (the teacher's pipeline), or None without one; refused in one line
-    for a student narrower than the teacher or a pipeline fastkd cannot read."""
+def sentence_pooling(teacher: str, weights: LossWeights):
+    """How the sentence term pools (the teacher's pipeline), or None without the term; a pipeline fastkd
+    cannot read is refused in one line. (A narrower student learns a projection: losses.DistillLoss.)"""
     if not weights.sentence:
         return None
-    if student_hidden != teacher_hidden:  # (a learned projection would train an embedding no export carries)
-        raise UserError(f"the sentence term compares the student's sentence embedding with the teacher's directly: "
-                        f"the student must be as wide as the teacher ({teacher_hidden}, not {student_hidden}); drop "
-                        "--student-hidden or set --w-sentence 0")
     return read_pooling(resolve_model_path(teacher))
 
 
@@ -196,8 +199,7 @@ def build_models(cfg: DistillConfig, shape, mapping):
                             backend=cfg.loss_backend,
                             relation_heads=relation_heads(weights, cfg.relation_heads, teacher_model.config,
                                                           student.config.hidden_size),
-                            pooling=sentence_pooling(cfg.teacher, weights, student.config.hidden_size,
-                                                     teacher_model.config.hidden_size))
+                            pooling=sentence_pooling(cfg.teacher, weights))
     return tokenizer, teacher_model, student, criterion
 
 
@@ -234,7 +236,7 @@ def _sentence_teacher(cfg: DistillConfig) -> bool:
         return False  # (a hub name is not looked up: it would need the network; pass --objective sentence)
     hidden = (load_config(cfg.student, "student").hidden_size if cfg.student is not None
               else cfg.student_hidden or teacher_config.hidden_size)
-    if hidden != teacher_config.hidden_size:
+    if hidden != teacher_config.hidden_size:  # (the learned projection a narrower one needs is not measured yet)
         return False
     try:
         read_pooling(teacher_path)
@@ -261,19 +263,20 @@ def build_run(cfg: DistillConfig) -> Run:
 
 
 def check_memory(cfg: DistillConfig, teacher_config, shape, mapping: LayerMapping, device: torch.device,
-                 sharing: int = 1, partitions: int = 1) -> None:
+                 sharing: int = 1, partitions: int = 1) -> StepMemory:
     """Refuse a micro-batch whose step cannot fit the machine (fastkd.memory), from the shapes alone:
     before the output is touched and anything is loaded, not after minutes of swapping. `sharing`:
     ranks holding their step in the same memory; `partitions`: ranks ZeRO splits the optimizer over."""
     memory = step_memory(teacher_config, shape, len(mapping.pairs()), cfg.max_seq_len, loss_weights(cfg),
                          bf16=cfg.bf16, relation_heads=cfg.relation_heads, partitions=partitions)
     check_step_fits(memory, cfg.batch_size, cfg.max_seq_len, device, sharing=sharing)
+    return memory
 
 
 def build_local_run(cfg: DistillConfig) -> Run:
     teacher_config, shape, mapping = resolve(cfg)
     device = pick_device(cfg.device)
-    check_memory(cfg, teacher_config, shape, mapping, device)
+    memory = check_memory(cfg, teacher_config, shape, mapping, device)
     output = prepare_output(cfg)
     lock_output(output, "distill")  # one run per output directory; leftovers of a killed one are removed
     seed_everything(cfg.seed)
@@ -290,8 +293,8 @@ def build_local_run(cfg: DistillConfig) -> Run:
     corpus = sample_corpus(corpus, cfg.corpus_sample, cfg.seed)
     stream = BatchStream(corpus, cfg.batch_size, cfg.seed)
     labels = None
-    if labels_pay_off(criterion.weights, cfg.max_steps * cfg.batch_size * cfg.grad_accum, len(corpus),
-                      teacher_model.config.hidden_size):
+    if _label_once(cfg, output, criterion, len(corpus), teacher_model.config.hidden_size,
+                   _room_beside_step(memory, cfg.batch_size, device, teacher_model, student, criterion)):
         labels = SentenceLabels(teacher, stream, criterion.pooling, criterion.mapping.teacher_layers, device,
                                 cfg.progress, batch_size=cfg.batch_size)
         if device.type != "cpu":
@@ -300,7 +303,26 @@ def build_local_run(cfg: DistillConfig) -> Run:
                  "run's %.1f passes (no teacher forward per step)", len(corpus), labels.seconds,
                  cfg.max_steps * cfg.batch_size * cfg.grad_accum / len(corpus))
     engine = LocalEngine(cfg, teacher, student, criterion, stream, labels)
-    return Run(cfg, engine, tokenizer, mapping, shape, len(corpus), output)
+    return Run(cfg, engine, tokenizer, mapping, shape, len(corpus), output,
+               resolved={"teacher_labels": labels is not None})
+
+
+def _room_beside_step(memory: StepMemory, batch: int, device: torch.device, *models: nn.Module) -> int:
+    """Bytes the device has left once the step is whole: the estimate's, less the weights already
+    resident (the models are on the device by now; gradients, optimizer state and activations are not)."""
+    resident = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+    return available_memory(device)[0] - (memory.total(batch) - resident)
+
+
+def _label_once(cfg: DistillConfig, output: Path, criterion: DistillLoss, corpus_rows: int, width: int,
+                room: int) -> bool:
+    """Whether the teacher labels the corpus once (teacher.labels_pay_off); a resumed run keeps the choice
+    its start made (config.json), so it continues exactly whatever the memory free now or --max-steps."""
+    saved = read_run_config(output) if cfg.resume else None
+    if saved is not None and "teacher_labels" in saved.get("resolved", {}):
+        return bool(saved["resolved"]["teacher_labels"])
+    return labels_pay_off(criterion.weights, cfg.max_steps * cfg.batch_size * cfg.grad_accum, corpus_rows, width,
+                          room)
 
 
 def start(run: Run) -> None:
@@ -356,11 +378,13 @@ def run_distill(cfg: DistillConfig) -> Path | None:
             log.info("stopped at step %d of %d; continue with --resume", engine.step, cfg.max_steps)
         return None
     student = engine.trained_student()  # a collective under ZeRO (gathers the partitions)
-    return engine.on_main(lambda: export_run(run, student))
+    dense = engine.trained_sentence_dense()  # (also a collective)
+    return engine.on_main(lambda: export_run(run, student, dense))
 
 
-def export_run(run: Run, student) -> Path:
-    """Export `student` (the engine's trained student, float32) with its fastkd.json and model card."""
+def export_run(run: Run, student, sentence_dense: dict | None = None) -> Path:
+    """Export `student` (the engine's trained student, float32) with its fastkd.json and model card;
+    `sentence_dense`: a narrower student's learned projection (engine.trained_sentence_dense)."""
     cfg, engine, mapping = run.cfg, run.engine, run.mapping
     info = {
         "teacher": cfg.teacher, "teacher_layers": mapping.teacher_layers, "mapping": mapping.text,
@@ -378,4 +402,5 @@ def export_run(run: Run, student) -> Path:
         "final_losses": engine.final_losses(), "final_losses_steps": engine.final_steps(), **engine.describe(),
     }
     return export_student(student, run.tokenizer, run.output / "student", info,
-                          pipeline_from=resolve_model_path(cfg.teacher), probe=engine.stream.sample())
+                          pipeline_from=resolve_model_path(cfg.teacher), probe=engine.stream.sample(),
+                          sentence_dense=sentence_dense)

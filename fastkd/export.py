@@ -53,13 +53,17 @@ def refuse_diverged(student, target: Path, info: dict, probe: dict[str, torch.Te
 
 
 def export_student(student, tokenizer, target: Path, info: dict, pipeline_from=None,
-                   probe: dict[str, torch.Tensor] | None = None) -> Path:
+                   probe: dict[str, torch.Tensor] | None = None, sentence_dense: dict | None = None) -> Path:
     """Write `target` (e.g. OUTPUT/student) atomically; `info` becomes fastkd.json and the card.
 
     pipeline_from: the teacher's directory; when it is a sentence-transformers model, its pipeline
     (pooling, normalisation) is exported with the student (fastkd.sentence). probe: a batch of real
-    input the student's outputs must be finite on."""
+    input the student's outputs must be finite on. sentence_dense: a narrower student's learned
+    projection to the teacher's width (the sentence term's), a Dense module of that pipeline."""
     refuse_diverged(student, target, info, probe)
+    if sentence_dense is not None and not all(torch.isfinite(t).all() for t in sentence_dense.values()):
+        raise UserError(f"not exporting {target}: the sentence term's learned projection holds non-finite values"
+                        f"{_skipped(info)}: the run diverged; lower --lr and distill again")
     staged = staging_dir(target)
     try:
         with no_space_is_one_line(target):
@@ -71,16 +75,26 @@ def export_student(student, tokenizer, target: Path, info: dict, pipeline_from=N
                 enable_capture(student)
             tokenizer.save_pretrained(staged)
             info = {"fastkd_version": __version__, "family": family_of(student).name, **info}
+            carried = False
             if pipeline_from is not None and not Path(pipeline_from).is_dir():
                 log.info("the teacher %s is a hub name: its sentence-transformers pipeline (if any) is not exported "
                          "with the student; distill from its local directory to keep it", pipeline_from)
             elif has_pipeline(pipeline_from):
-                skipped = copy_pipeline(pipeline_from, staged, student.config.hidden_size)
+                skipped = copy_pipeline(pipeline_from, staged, student.config.hidden_size, sentence_dense)
                 if skipped:
                     log.warning("the teacher's sentence-transformers pipeline is not exported with the student: %s",
                                 skipped)
                 else:
+                    carried = True
                     info["sentence_pipeline"] = describe_pipeline(staged)
+            if sentence_dense is not None:
+                width = tuple(sentence_dense["weight"].shape[::-1])
+                if carried:
+                    info["sentence_dense"] = f"{width[0]} -> {width[1]}, learned with the sentence term"
+                else:
+                    log.warning("the sentence term's learned projection (%d -> %d) is not exported: it lives in the "
+                                "teacher's sentence-transformers pipeline, which the student did not get; the "
+                                "student's own embeddings are %d wide", *width, width[0])
             (staged / "fastkd.json").write_text(json.dumps(info, indent=2) + "\n")
             (staged / "README.md").write_text(model_card(info))
         follow_umask(staged)  # other users of a shared machine can load it, as the umask says

@@ -14,7 +14,8 @@ Conventions (TinyBERT for MSE terms, MiniLM for the KL term):
 - sentence embedding (sentence-transformers' layer-reduction recipe, arXiv 2004.09813): both models'
   last layers pooled (and normalised) as the teacher's pipeline does; the term is the squared L2
   distance of the two embeddings, mean over the batch (sentence-transformers' MSELoss x D, so its
-  scale sits beside the other terms); a student narrower than the teacher is not compared (refused);
+  scale sits beside the other terms); a narrower student's pooled embedding goes through a learned
+  linear projection to the teacher's width first (its pipeline's Dense after export);
 - each term is the mean over the mapped layer pairs, logged unweighted; total = sum of w * term.
 
 The terms themselves are ops (fastkd.ops: one module each, with the torch reference and the fused
@@ -32,7 +33,7 @@ from torch import nn
 from . import ops
 from .capture import AttentionRecord
 from .mapping import LayerMapping
-from .sentence import SentencePooling, sentence_embedding
+from .sentence import SentencePooling, SentenceProjection, sentence_embedding
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,11 @@ class DistillLoss(nn.Module):
         self.mapping = mapping
         self.weights = weights
         self.pooling = pooling or SentencePooling()  # how the sentence term pools (the teacher's pipeline)
-        if weights.sentence and student_hidden != teacher_hidden:  # (distill.sentence_pooling says it to a user)
-            raise ValueError(f"the sentence term needs a student as wide as the teacher ({student_hidden} != "
-                             f"{teacher_hidden})")
+        # A narrower student's sentence embedding reaches the teacher's width through a learned linear
+        # projection (sentence-transformers' recipe for students of another width): trained with the
+        # student, exported as a Dense module of its pipeline (fastkd.sentence.copy_pipeline).
+        self.sentence_projection = (SentenceProjection(student_hidden, teacher_hidden)
+                                    if weights.sentence and student_hidden != teacher_hidden else None)
         self.relation_heads = relation_heads  # R of the relation terms (value_kl, relation); None: each side's heads
         if (weights.value_kl or weights.relation) and relation_heads is None:
             raise ValueError("the relation terms need relation_heads")
@@ -271,7 +274,8 @@ class DistillLoss(nn.Module):
                     per_pair.setdefault(name, []).append(value)
             terms.update({name: torch.stack(values).mean() for name, values in per_pair.items()})
         if w.sentence:  # the last layers, whatever the mapping: the embedding the pipelines put out
-            s_embedding = sentence_embedding(student_hidden[self.mapping.student_layers], mask, self.pooling)
+            s_embedding = sentence_embedding(student_hidden[self.mapping.student_layers], mask, self.pooling,
+                                             self.sentence_projection)
             t_embedding = (teacher.sentence if teacher.sentence is not None else  # (labelled once: SentenceLabels)
                            sentence_embedding(teacher.hidden[self.mapping.teacher_layers], mask, self.pooling))
             terms["sentence"] = (s_embedding - t_embedding).pow(2).sum(-1).mean()

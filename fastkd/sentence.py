@@ -7,7 +7,9 @@ dims) and often Normalize (no files). A student exported with the teacher's modu
 to the student's width) runs the teacher's pipeline under `SentenceTransformer(student_dir)`, instead
 of a guessed mean pooling without the normalisation. Modules with weights of the teacher's width
 (Dense, say) are copied for a student of the teacher's width; they cannot be carried to a narrower
-student: the pipeline is then left out, said in one line.
+student: the pipeline is then left out, said in one line. A narrower student distilled with the
+sentence term learns a projection to the teacher's width instead; its pipeline carries it as a Dense
+after the Pooling (sentence-transformers' own recipe for students of another width).
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ def _modules(path: Path) -> list[dict]:
     return json.loads((path / "modules.json").read_text())
 
 
-def copy_pipeline(teacher_dir, target: Path, hidden: int) -> str | None:
+def copy_pipeline(teacher_dir, target: Path, hidden: int, dense: dict | None = None) -> str | None:
     """Write the teacher's sentence-transformers modules into `target` (a staged export) for a
-    student of width `hidden`. Returns None when done, or why the pipeline was left out."""
+    student of width `hidden`. Returns None when done, or why the pipeline was left out. `dense`: the
+    sentence term's learned projection of a narrower student ({"weight", "bias"}, float32), written as
+    a Dense module right after the Pooling, so the pipeline puts out embeddings of the teacher's width."""
     teacher_dir = Path(teacher_dir)
     try:
         modules = _modules(teacher_dir)
@@ -58,14 +62,23 @@ def copy_pipeline(teacher_dir, target: Path, hidden: int) -> str | None:
                 "to a student of the teacher's width)")
     if any(m["type"].endswith("Transformer") and m.get("path", "") != "" for m in modules):
         return "its encoder is not at the directory's root"
+    if dense is not None:
+        modules = _with_dense(modules)
+        if modules is None:
+            return "its pipeline has no Pooling module for the learned projection (a Dense) to follow"
     for name in PIPELINE_FILES:
         if (teacher_dir / name).is_file():
             shutil.copy2(teacher_dir / name, target / name)
+    if dense is not None:
+        (target / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
     for module in modules:
         kind, sub = module["type"].rsplit(".", 1)[-1], module.get("path", "")
         if kind == "Transformer" or not sub:
             continue
         (target / sub).mkdir(parents=True, exist_ok=True)
+        if kind == "Dense" and dense is not None and sub == DENSE_PATH:
+            _write_dense(target / sub, dense)
+            continue
         source = teacher_dir / sub
         if source.is_dir():
             for f in source.iterdir():
@@ -78,6 +91,39 @@ def copy_pipeline(teacher_dir, target: Path, hidden: int) -> str | None:
             config["embedding_dimension" if "embedding_dimension" in config else "word_embedding_dimension"] = hidden
             config_path.write_text(json.dumps(config, indent=2) + "\n")
     return None
+
+
+DENSE_PATH = "sentence_dense"  # the learned projection's module folder in a student's pipeline
+
+
+# The name every sentence-transformers release imports (6.x maps it to its own module path); a name
+# built from the teacher's Pooling entry would not be (6.x writes ...modules.pooling.Pooling).
+DENSE_TYPE = "sentence_transformers.models.Dense"
+
+
+def _with_dense(modules: list[dict]) -> list[dict] | None:
+    """The teacher's modules with a Dense right after its Pooling (renumbered: a module's `name` is its
+    key), or None when it has no Pooling to follow."""
+    out = []
+    for module in modules:
+        out.append(dict(module))
+        if module["type"].endswith("Pooling"):
+            out.append({"path": DENSE_PATH, "type": DENSE_TYPE})
+    if len(out) == len(modules):
+        return None
+    return [{**m, "idx": i, "name": str(i)} for i, m in enumerate(out)]
+
+
+def _write_dense(folder: Path, dense: dict) -> None:
+    """sentence-transformers' Dense module files: a linear layer without activation (Identity)."""
+    from safetensors.torch import save_file
+
+    out_features, in_features = dense["weight"].shape
+    (folder / "config.json").write_text(json.dumps(
+        {"in_features": in_features, "out_features": out_features, "bias": True,
+         "activation_function": "torch.nn.modules.linear.Identity"}, indent=2) + "\n")
+    save_file({"linear.weight": dense["weight"].contiguous(), "linear.bias": dense["bias"].contiguous()},
+              str(folder / "model.safetensors"))
 
 
 def _encoder_width(model_dir: Path) -> int | None:
@@ -158,11 +204,12 @@ def pooling_modes(config: dict) -> list[str]:
     return legacy or ["mean"]
 
 
-def read_pooling(teacher_dir) -> SentencePooling:
+def read_pooling(teacher_dir, pooling_only: bool = False) -> SentencePooling:
     """The SentencePooling of a teacher directory (a plain encoder: mean, unnormalised). The term
     reproduces Transformer -> Pooling [-> Normalize] pipelines; another shape (a Dense after the
     pooling, a module before it), a pipeline fastkd cannot read, or a pooling mode it does not know is
-    one line (UserError)."""
+    one line (UserError). pooling_only: just the Pooling's mode, whatever follows it (GLUE's pipeline
+    head pools there and ignores the rest)."""
     if teacher_dir is None or not Path(teacher_dir).is_dir():
         return SentencePooling(source=f"{teacher_dir} is a hub name: its pipeline is not read here; mean")
     if not has_pipeline(teacher_dir):
@@ -183,6 +230,8 @@ def read_pooling(teacher_dir) -> SentencePooling:
         raise UserError(f"{path}: the sentence term pools as the teacher's pipeline does, and fastkd knows "
                         f"{', '.join(POOLING_MODES)} pooling, one at a time (the pipeline sets {', '.join(modes)}):"
                         " set --w-sentence 0")
+    if pooling_only:
+        return SentencePooling(modes[0], source=f"{path.name}'s pipeline: " + " -> ".join(names))
     if names not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
         raise UserError(f"{path}: the sentence term reproduces Transformer -> Pooling [-> Normalize] pipelines, and "
                         f"this one is {' -> '.join(names)}: set --w-sentence 0")
@@ -190,9 +239,22 @@ def read_pooling(teacher_dir) -> SentencePooling:
                            source=f"{path.name}'s pipeline: " + " -> ".join(names))
 
 
-def sentence_embedding(hidden: torch.Tensor, mask: torch.Tensor, pooling: SentencePooling) -> torch.Tensor:
+class SentenceProjection(torch.nn.Linear):
+    """A narrower student's learned projection of its pooled sentence embedding to the teacher's width,
+    computed in float32 as its exported Dense computes it (not in autocast's or DeepSpeed's bf16). Called
+    as a module, so ZeRO-3 gathers its partitioned weight around the call."""
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(pooled.device.type, enabled=False):
+            return torch.nn.functional.linear(pooled.float(), self.weight.float(), self.bias.float())
+
+
+def sentence_embedding(hidden: torch.Tensor, mask: torch.Tensor, pooling: SentencePooling,
+                       dense: torch.nn.Module | None = None) -> torch.Tensor:
     """(B, D) sentence embeddings of token states `hidden` (B, S, D) over the real tokens of `mask`
-    (B, S), pooled and normalised as the teacher's pipeline does (in float32)."""
+    (B, S), pooled and normalised as the teacher's pipeline does (in float32). `dense`: a narrower
+    student's learned projection to the teacher's width, applied between the pooling and Normalize,
+    where its exported pipeline's Dense module applies it."""
     hidden, real = hidden.float(), mask.unsqueeze(-1).to(torch.float32)
     if pooling.mode == "cls":
         pooled = hidden[:, 0]
@@ -200,4 +262,6 @@ def sentence_embedding(hidden: torch.Tensor, mask: torch.Tensor, pooling: Senten
         pooled = hidden.masked_fill(real == 0, float("-inf")).amax(1)
     else:
         pooled = (hidden * real).sum(1) / real.sum(1).clamp_min(1.0)
+    if dense is not None:
+        pooled = dense(pooled)
     return torch.nn.functional.normalize(pooled, dim=-1) if pooling.normalize else pooled

@@ -102,10 +102,12 @@ class SentenceLabels:
         return TeacherOutputs({}, {}, attention_mask, self.labels[torch.as_tensor(rows, device=self.labels.device)])
 
 
-def labels_pay_off(weights, rows_read: int, corpus_rows: int, width: int) -> bool:
+def labels_pay_off(weights, rows_read: int, corpus_rows: int, width: int, room: int | None = None) -> bool:
     """Whether a run should label its corpus once instead of running the teacher per batch: its objective
     reads only the sentence embedding, it reads the corpus LABELS_MIN_EPOCHS times or more, and the labels
-    (float32) stay under LABELS_MAX_BYTES."""
+    (float32, kept on the run's device) stay under LABELS_MAX_BYTES and under `room`, the bytes the device
+    has left beside the step (None: not known)."""
     only_sentence = weights.sentence and not any(v for k, v in weights.as_dict().items() if k != "sentence")
+    size = corpus_rows * width * 4
     return bool(only_sentence and rows_read >= LABELS_MIN_EPOCHS * corpus_rows
-                and corpus_rows * width * 4 <= LABELS_MAX_BYTES)
+                and size <= LABELS_MAX_BYTES and (room is None or size <= room))

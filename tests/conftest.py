@@ -112,6 +112,24 @@ def make_tiny_encoder(model_type: str, path: Path, tokenizer, layers=4, hidden=3
     return path
 
 
+def make_pipeline_teacher(path: Path, encoder_dir: Path, pooling: str = "mean") -> Path:
+    """A copy of `encoder_dir` with a sentence-transformers pipeline written by hand:
+    Transformer -> Pooling (`pooling`, the older config keys) -> Normalize."""
+    import json
+    import shutil
+
+    shutil.copytree(encoder_dir, path)
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (path / "1_Pooling").mkdir()
+    width = json.loads((encoder_dir / "config.json").read_text())["hidden_size"]
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": width, f"pooling_mode_{pooling}_token{'s' if pooling == 'mean' else ''}": True}))
+    return path
+
+
 @pytest.fixture(scope="session")
 def family_teacher_dirs(tmp_path_factory, default_tokenizer) -> dict[str, Path]:
     """One tiny random teacher per family (4 layers, hidden 32, 4 heads)."""

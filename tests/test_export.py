@@ -91,3 +91,31 @@ def test_a_full_width_student_keeps_the_teachers_dense_module(tmp_path, tiny_tea
         target = export_student(narrow, default_tokenizer, tmp_path / "narrow", {}, pipeline_from=teacher_dir)
     assert "Dense module(s) hold weights of the teacher's width (32), not the student's (16)" in caplog.text
     assert not (target / "modules.json").exists()
+
+
+def test_a_narrower_students_learned_projection_loads_under_the_pipeline_sentence_transformers_saved(
+        tmp_path, tiny_teacher_dir, default_tokenizer):
+    """A teacher saved by the installed sentence-transformers (its own module type names) and a narrower
+    student with a learned projection: the exported pipeline loads and applies it, between Pooling and
+    Normalize."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    teacher_dir = tmp_path / "teacher"
+    SentenceTransformer(modules=[Transformer(str(tiny_teacher_dir)), Pooling(32), Normalize()],
+                        device="cpu").save(str(teacher_dir))
+    teacher = load_teacher(str(teacher_dir))
+    narrow = build_student(teacher, student_shape(teacher.config, 2, hidden=16), "teacher", LayerMapping((2, 4), 4))
+    torch.manual_seed(1)
+    dense = {"weight": torch.randn(32, 16), "bias": torch.randn(32)}
+    target = export_student(narrow, default_tokenizer, tmp_path / "narrow", {}, pipeline_from=teacher_dir,
+                            sentence_dense=dense)
+    model = SentenceTransformer(str(target), device="cpu")
+    assert [type(m).__name__ for m in model] == ["Transformer", "Pooling", "Dense", "Normalize"]
+    got = torch.from_numpy(model.encode(["a short sentence", "another one"], convert_to_numpy=True))
+    features = model.tokenize(["a short sentence", "another one"])
+    with torch.no_grad():
+        pooled = model[1](model[0](dict(features)))["sentence_embedding"]
+    want = torch.nn.functional.normalize(pooled @ dense["weight"].T + dense["bias"], dim=-1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert json.loads((target / "fastkd.json").read_text())["sentence_dense"] == "16 -> 32, learned with the sentence term"

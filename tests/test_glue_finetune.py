@@ -11,7 +11,7 @@ from fastkd.glue import run as glue_run
 from fastkd.mapping import LayerMapping
 from fastkd.models import build_student, load_teacher, student_shape
 
-from conftest import SHARED_DATA, run_cli
+from conftest import SHARED_DATA, make_pipeline_teacher, run_cli
 
 GLUE = SHARED_DATA / "glue"
 FIXTURES = Path(__file__).parent / "fixtures" / "glue"
@@ -253,21 +253,12 @@ def test_pooler_reinit_replaces_the_copied_pooler(tiny_teacher_dir):
 
 def test_pipeline_head_pools_as_the_pipeline(tmp_path, tiny_teacher_dir, default_tokenizer, caplog):
     import logging
-    import shutil
 
     from fastkd.glue.finetune import make_classifier
     from fastkd.glue.tasks import task_spec
     from fastkd.models import load_encoder
 
-    model = tmp_path / "cls-pipeline"
-    shutil.copytree(tiny_teacher_dir, model)
-    (model / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
-    (model / "1_Pooling").mkdir()
-    (model / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
-                                                                  "pooling_mode_cls_token": True}))
+    model = make_pipeline_teacher(tmp_path / "cls-pipeline", tiny_teacher_dir, pooling="cls")
     clf = make_classifier(str(model), task_spec("stsb"), seed=0, head="pipeline").eval()
     assert clf.pooling.mode == "cls" and not clf.pooling.normalize  # the pooling, not the Normalize (see HEADS)
     batch = _tiny_batch(default_tokenizer)

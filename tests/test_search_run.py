@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fastkd.cli import main, parse_config
+from fastkd.search import run as search_run
 from fastkd.search.run import Search
 
 FIXTURES = Path(__file__).parent / "fixtures" / "glue"
@@ -127,7 +128,7 @@ def _one_line(capfd, argv):
     return err[0]
 
 
-def test_bad_inputs(tmp_path, tiny_teacher_dir, small_corpus, capfd):
+def test_bad_inputs(tmp_path, tiny_teacher_dir, small_corpus, capfd, monkeypatch):
     argv = lambda out, *extra: _argv(tiny_teacher_dir, small_corpus, tmp_path / out, *extra)  # noqa: E731
     assert "--population must be at least 2" in _one_line(capfd, argv("a", "--population", "1"))
     assert "--generations must be at least 1" in _one_line(capfd, argv("b", "--generations", "0"))
@@ -143,6 +144,11 @@ def test_bad_inputs(tmp_path, tiny_teacher_dir, small_corpus, capfd):
         main(argv("c", "--verdict-seeds", "two"))
     assert exit_info.value.code == 2 and "neither a count nor" in capfd.readouterr().err
     assert main(argv("d", "--generations", "1", "--verdict-seeds", "1")) == 0
+
+    def no_tokenizing(*_, **__):
+        raise AssertionError("the corpus was loaded before the store's settings were checked")
+
+    monkeypatch.setattr(search_run, "load_corpus", no_tokenizing)  # each refusal below comes before it
     line = _one_line(capfd, argv("d", "--generations", "1", "--verdict-seeds", "1", "--proxy-steps", "4", "--resume"))
     assert "other settings" in line and "proxy" in line
     line = _one_line(capfd, argv("d", "--generations", "1", "--verdict-seeds", "1", "--ladder", "full", "--resume"))

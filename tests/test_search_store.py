@@ -74,6 +74,9 @@ def test_two_processes_writing_one_store(tmp_path):
 def test_empty_file_left_by_a_kill_is_new_and_refusal_names_the_nested_setting(tmp_path):
     path = tmp_path / "search.sqlite"
     sqlite3.connect(path).execute("PRAGMA journal_mode=WAL").fetchone()  # a file with no tables yet
+    Store(path, {"proxy": {"steps": 3, "lr": 1e-3}}, resume=False, create=False).close()  # a check writes nothing
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
     Store(path, {"proxy": {"steps": 3, "lr": 1e-3}}, resume=False).close()
     with pytest.raises(UserError, match=r"proxy\.steps \(store 3, now 4\)"):
         Store(path, {"proxy": {"steps": 4, "lr": 1e-3}}, resume=True)

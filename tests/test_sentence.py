@@ -16,8 +16,11 @@ from fastkd.corpus import corpus_layout
 from fastkd.export import export_student
 from fastkd.glue.finetune import FinetuneConfig, TaskCache
 from fastkd.glue.probe import zero_shot_similarity
+from fastkd.losses import objective_weights
 from fastkd.mapping import LayerMapping
 from fastkd.models import build_student, default_teacher_path, load_teacher, load_tokenizer, student_shape
+
+from conftest import make_pipeline_teacher
 
 GLUE_FIXTURES = Path(__file__).parent / "fixtures" / "glue"
 SENTENCES = ["A chef is playing a guitar.", "The cat sat on the mat while it rained outside all day long."]
@@ -164,7 +167,7 @@ def test_a_pipeline_the_sentence_term_cannot_read_is_one_line(tmp_path, tiny_tea
 
 
 def test_the_sentence_term_is_zero_for_the_teacher_itself_and_trains_a_student(default_tokenizer, tiny_teacher_dir):
-    from fastkd.losses import DistillLoss, objective_weights
+    from fastkd.losses import DistillLoss
     from fastkd.sentence import SentencePooling
     from fastkd.teacher import Teacher
 
@@ -197,12 +200,6 @@ def test_distill_and_search_take_the_sentence_objective(tmp_path, tiny_teacher_d
     info = json.loads((out / "student" / "fastkd.json").read_text())
     assert info["loss_weights"]["sentence"] == 2.0 and "sentence" in info["final_losses"]
     assert info["sentence_pooling"] == "mean pooling (no sentence-transformers pipeline)"
-    capfd.readouterr()
-    # A narrower student's embedding cannot be compared without a projection no export would carry.
-    assert main(["distill", *common, "--objective", "sentence", "--student-hidden", "16", "--output",
-                 str(tmp_path / "narrow")]) == 2
-    err = capfd.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "the student must be as wide as the teacher (32, not 16)" in err[0], err
     from fastkd.cli import parse_config
     from fastkd.search.run import Search
 
@@ -218,6 +215,50 @@ def test_distill_and_search_take_the_sentence_objective(tmp_path, tiny_teacher_d
     assert trained and all(set(losses) == {"loss", "sentence"} for _, losses, _ in trained), trained
     assert corpus_layout(search.corpus)["mode"] == "sentences" and len(search.corpus) == 16
     assert "- proxy: 16 sentences of at most 32 tokens" in (tmp_path / "s" / "report.md").read_text()
+
+
+def test_a_narrower_student_learns_a_projection_its_pipeline_carries_as_a_dense(tmp_path, tiny_teacher_dir,
+                                                                                small_corpus):
+    """--student-hidden 16 under a 32-wide teacher with a pipeline: the sentence term compares through a
+    learned 16 -> 32 projection, exported as a Dense between the Pooling and Normalize, so the student's
+    pipeline puts out embeddings in the teacher's space, as sentence-transformers reads them."""
+    teacher = make_pipeline_teacher(tmp_path / "teacher", tiny_teacher_dir)
+    out = tmp_path / "narrow"
+    assert main(["distill", "--teacher", str(teacher), "--corpus", str(small_corpus), "--objective", "sentence",
+                 "--student-hidden", "16", "--max-steps", "4", "--batch-size", "4", "--max-seq-len", "32",
+                 "--checkpoint-every", "2", "--output", str(out), "--no-progress"]) == 0
+    info = json.loads((out / "student" / "fastkd.json").read_text())
+    assert info["sentence_pipeline"] == "Transformer -> Pooling (mean) -> Dense -> Normalize"
+    assert info["sentence_dense"] == "16 -> 32, learned with the sentence term" and info["student"]["hidden"] == 16
+    # the exported Dense is the projection the run trained (its last checkpoint's), which training moves
+    state, earlier = (torch.load(out / "checkpoints" / f"step-0000000{k}" / "state.pt", weights_only=False)["criterion"]
+                      for k in (4, 2))
+    assert not torch.equal(state["sentence_projection.weight"], earlier["sentence_projection.weight"])
+    dense = load_file(out / "student" / "sentence_dense" / "model.safetensors")
+    torch.testing.assert_close(dense["linear.weight"], state["sentence_projection.weight"].float(), rtol=0, atol=0)
+    torch.testing.assert_close(dense["linear.bias"], state["sentence_projection.bias"].float(), rtol=0, atol=0)
+    # sentence-transformers runs the pipeline: mean over real tokens, the projection, unit length
+    model = SentenceTransformer(str(out / "student"), device="cpu")
+    assert [type(m).__name__ for m in model] == ["Transformer", "Pooling", "Dense", "Normalize"]
+    got = torch.from_numpy(model.encode(SENTENCES, convert_to_numpy=True))
+    tokenizer = load_tokenizer(str(out / "student"))
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = AutoModel.from_pretrained(out / "student")(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    want = torch.nn.functional.normalize(pooled @ dense["linear.weight"].T + dense["linear.bias"], dim=-1)
+    assert got.shape == (2, 32)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # GLUE's pipeline head reads the Pooling of that pipeline, whatever follows it
+    from fastkd.glue.finetune import make_classifier
+    from fastkd.glue.tasks import task_spec
+
+    assert make_classifier(str(out / "student"), task_spec("sst2"), seed=0, head="pipeline").pooling.mode == "mean"
+    # a narrower student under a teacher without a pipeline: its projection could not be exported, refused now
+    code = main(["distill", "--teacher", str(tiny_teacher_dir), "--corpus", str(small_corpus), "--objective",
+                 "sentence", "--student-hidden", "16", "--output", str(tmp_path / "lost"), "--no-progress"])
+    assert code == 2 and not (tmp_path / "lost").exists()
 
 
 def test_read_pooling_reads_what_the_installed_sentence_transformers_saves(tmp_path):
@@ -328,11 +369,18 @@ def test_sentence_labels_computed_once_equal_the_teachers_per_batch_embeddings(t
     labels = SentenceLabels(teacher, stream, SentencePooling(), 4, torch.device("cpu"))
     assert teacher.forwards == -(-len(corpus) // 64)  # one pass over the corpus, in batches of 64
     for _ in range(3):  # the stream's batches, padded otherwise than when labelled
-        rows = stream.indices(stream.state.batches_done)
-        batch = stream.next()
+        rows, batch = stream.take()
+        assert rows == stream.indices(stream.state.batches_done - 1)
         direct = sentence_embedding(teacher(batch["input_ids"], batch["attention_mask"]).hidden[4],
                                     batch["attention_mask"], SentencePooling())
         torch.testing.assert_close(labels.outputs(rows, batch["attention_mask"]).sentence, direct, atol=1e-5, rtol=1e-4)
+    # labelling needs the objective to read only the sentence, 1.5 passes or more, and room for the labels
+    only, both = objective_weights("sentence"), objective_weights("tinybert", sentence=1.0)
+    size = len(corpus) * 32 * 4
+    assert teacher_mod.labels_pay_off(only, 2 * len(corpus), len(corpus), 32, room=size)
+    assert not teacher_mod.labels_pay_off(only, 2 * len(corpus), len(corpus), 32, room=size - 1)
+    assert not teacher_mod.labels_pay_off(only, len(corpus), len(corpus), 32)
+    assert not teacher_mod.labels_pay_off(both, 2 * len(corpus), len(corpus), 32)
     # A distillation reading its corpus twice labels it once, then trains as the per-batch teacher would.
     def distill(name):
         argv = ["distill", "--teacher", str(tiny_teacher_dir), "--corpus", str(small_corpus), "--objective", "sentence",
@@ -359,7 +407,10 @@ def test_sentence_labels_computed_once_equal_the_teachers_per_batch_embeddings(t
               "40", "--cache-dir", str(tmp_path / "c"), "--no-progress", "--checkpoint-every", "5"]
     assert main(["distill", *common, "--output", str(tmp_path / "straight")]) == 0
     assert main(["distill", *common, "--output", str(tmp_path / "split"), "--stop-at-step", "5"]) == 0
+    # the resume keeps the choice its start made, even where a fresh start would now choose otherwise
+    monkeypatch.setattr(teacher_mod, "LABELS_MIN_EPOCHS", 10.0)
     assert main(["distill", *common, "--output", str(tmp_path / "split"), "--resume"]) == 0
+    assert json.loads((tmp_path / "split" / "config.json").read_text())["resolved"]["teacher_labels"] is True
     a, b = (load_file(tmp_path / name / "student" / "model.safetensors") for name in ("straight", "split"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "teacher_labels" in json.loads((tmp_path / "split" / "student" / "fastkd.json").read_text())

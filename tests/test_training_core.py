@@ -24,6 +24,9 @@ class ScriptedStream:
     def load_state_dict(self, state):
         self.position = state["position"]
 
+    def real_tokens(self):
+        return None  # a stream that does not count its tokens: the rate assumes full-length sequences
+
 
 class ScriptedEngine(StepEngine):
     """A StepEngine that is neither the local nor the ZeRO one: the loop must need nothing else."""

@@ -104,7 +104,7 @@ class Batch:
 
 @pytest.fixture(scope="module")
 def zero_batch(tmp_path_factory, tiny_teacher_dir, default_tokenizer, wikitext) -> Batch:
-    from conftest import make_tiny_encoder
+    from conftest import make_pipeline_teacher, make_tiny_encoder
 
     root = tmp_path_factory.mktemp("zero-batch")
     corpus = root / "wiki-small.txt"  # the small_corpus fixture's text
@@ -125,6 +125,9 @@ def zero_batch(tmp_path_factory, tiny_teacher_dir, default_tokenizer, wikitext) 
                                                                      default_tokenizer), max_steps=2)
     add("minilmv2", "zero3.json", max_steps=2, objective="minilmv2", relation_heads=8)
     add("sentence", "zero2.json", max_steps=2, objective="tinybert", w_sentence=1.0, corpus_mode="sentences")
+    # a narrower student's learned projection: partitioned by ZeRO-3, its float32 master gathered for the export
+    add("sentence-narrow", "zero3.json", make_pipeline_teacher(root / "pipeline-teacher", tiny_teacher_dir),
+        max_steps=2, objective="sentence", corpus_mode="sentences", bf16=True, student_hidden=24, student_heads=2)
     spec = root / "runs.json"
     spec.write_text(json.dumps([{"name": k, "argv": argv} for k, (_, argv) in runs.items()]))
     env = _env(root)
@@ -313,6 +316,21 @@ def test_zero_distils_with_the_sentence_term_on_one_sentence_per_sequence(zero_b
     info = json.loads((out / "student" / "fastkd.json").read_text())
     assert info["loss_weights"]["sentence"] == 1.0 and info["deepspeed"]["world_size"] == 2
     assert info["corpus"]["mode"] == "sentences"
+
+
+def test_zero_exports_a_narrower_students_sentence_projection_as_its_pipelines_dense(zero_batch):
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+
+    out = zero_batch.output("sentence-narrow")
+    info = json.loads((out / "student" / "fastkd.json").read_text())
+    assert info["sentence_dense"] == "24 -> 32, learned with the sentence term"
+    assert info["sentence_pipeline"] == "Transformer -> Pooling (mean) -> Dense -> Normalize"
+    weight = load_file(out / "student" / "sentence_dense" / "model.safetensors")["linear.weight"]
+    # whole (not a rank's partition) and the optimizer's float32 master, not the module's bf16 copy
+    assert weight.shape == (32, 24) and (weight != weight.to(torch.bfloat16).float()).any()
+    model = SentenceTransformer(str(out / "student"), device="cpu")
+    assert model.encode(["A chef is playing a guitar."], convert_to_numpy=True).shape == (1, 32)
 
 
 def test_zero_distils_with_the_minilmv2_objective(zero_batch):

@@ -28,6 +28,7 @@ from ..errors import UserError
 from ..families import model_inputs, stock_attention, usable_positions
 from ..corpus import tokenizer_fingerprint
 from ..models import load_encoder, resolve_model_path
+from ..padding import pad_batch
 from ..sentence import SentencePooling, has_pipeline, read_pooling, sentence_embedding
 from .metrics import compute_metrics, majority_baseline, prediction_summary, task_score
 from .tasks import Split, TaskData, TaskSpec, load_task
@@ -287,16 +288,7 @@ def _score(spec: TaskSpec, data: TaskData, scoring: Scoring, predict_fn, by_name
 
 
 def _batch(enc: Encoded, rows, pad_id: int) -> dict[str, torch.Tensor]:
-    length = max(len(enc.input_ids[i]) for i in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    types = torch.zeros((len(rows), length), dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for r, i in enumerate(rows):
-        n = len(enc.input_ids[i])
-        ids[r, :n] = torch.tensor(enc.input_ids[i])
-        types[r, :n] = torch.tensor(enc.token_type_ids[i])
-        mask[r, :n] = 1
-    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
+    return pad_batch([enc.input_ids[i] for i in rows], pad_id, [enc.token_type_ids[i] for i in rows])
 
 
 def make_classifier(model: str | PreTrainedModel, spec: TaskSpec, seed: int, head: str = "pooler",
@@ -323,11 +315,7 @@ def make_classifier(model: str | PreTrainedModel, spec: TaskSpec, seed: int, hea
     torch.manual_seed(seed)
     classifier = AutoModelForSequenceClassification.from_config(
         config, attn_implementation=stock_attention(type(encoder)), dtype=torch.float32)
-    state = {k: v.float() for k, v in encoder.state_dict().items()}
-    missing, unexpected = classifier.base_model.load_state_dict(state, strict=False)
-    # A pooler may be on one side only: MPNet's and RoBERTa's classifiers bring their own head instead.
-    if [k for k in unexpected + missing if not k.startswith("pooler.")]:
-        raise ValueError(f"encoder weights do not fit the classifier: missing {missing}, unexpected {unexpected}")
+    _copy_encoder_weights(encoder, classifier.base_model, "the classifier")
     if head == "pooler-reinit":
         # Families whose classifier has no pooler in the encoder (DistilBERT, MPNet, RoBERTa, DeBERTa,
         # ModernBERT) bring a fresh head of their own: nothing copied to re-initialise.
@@ -360,15 +348,22 @@ def _reinit(module: nn.Module, std: float) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _copy_encoder_weights(encoder: PreTrainedModel, target: nn.Module, what: str) -> None:
+    """`encoder`'s weights, as float32, into `target` (a stock encoder of its family). A pooler may be on
+    one side only (MPNet's and RoBERTa's classifiers bring their own head instead); anything else that
+    does not fit is a bug, not a user's mistake."""
+    state = {k: v.float() for k, v in encoder.state_dict().items()}
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    if [k for k in unexpected + missing if not k.startswith("pooler.")]:
+        raise ValueError(f"encoder weights do not fit {what}: missing {missing}, unexpected {unexpected}")
+
+
 def _fresh_encoder(encoder: PreTrainedModel) -> PreTrainedModel:
     """A float32 copy of the encoder's weights in a stock model of its family, without its pooler
     (the caller's encoder, maybe the search's capture-enabled student, is left untouched)."""
     fresh = AutoModel.from_config(copy.deepcopy(encoder.config), attn_implementation=stock_attention(type(encoder)),
                                   dtype=torch.float32)
-    state = {k: v.float() for k, v in encoder.state_dict().items()}
-    missing, unexpected = fresh.load_state_dict(state, strict=False)
-    if [k for k in unexpected + missing if not k.startswith("pooler.")]:
-        raise ValueError(f"encoder weights do not fit the encoder: missing {missing}, unexpected {unexpected}")
+    _copy_encoder_weights(encoder, fresh, "the encoder")
     if getattr(fresh, "pooler", None) is not None:
         fresh.pooler = None  # unused by a pooled head: no forward cost, no parameters without gradients
     return fresh
@@ -387,8 +382,8 @@ def head_pooling(model) -> SentencePooling:
         pooling = SentencePooling(source="no sentence-transformers pipeline (modules.json); mean")
     else:
         try:
-            pooling = read_pooling(path)
-            pooling = SentencePooling(pooling.mode, normalize=False, source=pooling.source + ", Normalize left out")
+            pooling = read_pooling(path, pooling_only=True)
+            pooling = SentencePooling(pooling.mode, source=pooling.source + ", only its pooling")
         except UserError as exc:  # read_pooling's advice is the sentence term's: say this command's
             reason = str(exc).replace("or set --w-sentence 0", "or choose --head mean").replace(
                 "set --w-sentence 0", "choose --head mean").replace("the sentence term", "--head pipeline")

@@ -138,8 +138,7 @@ class ProxyEvaluator:
         self.weights = weights or objective_weights(cfg.objective)
         # validated by the search before any work (one line for a bad R or a family without Q/K/V)
         self.relation_heads = relation_heads(self.weights, cfg.relation_heads, teacher_model.config, shape.hidden)
-        self.pooling = sentence_pooling(teacher_model.name_or_path, self.weights, shape.hidden,
-                                        teacher_model.config.hidden_size)
+        self.pooling = sentence_pooling(teacher_model.name_or_path, self.weights)
         self.progress = progress
         self.loss_backend = loss_backend  # changes rounding only, so not part of what a fitness means
         self.counters = Counters()

@@ -268,8 +268,7 @@ class Search:
         # the objective's relation heads fit both models, and the family records what it needs
         relation_heads(objective_weights(cfg.proxy.objective), cfg.proxy.relation_heads, teacher_config,
                        self.shape.hidden)
-        sentence_pooling(cfg.teacher, objective_weights(cfg.proxy.objective), self.shape.hidden,
-                         teacher_config.hidden_size)  # a narrower student or an unreadable pipeline: one line now
+        sentence_pooling(cfg.teacher, objective_weights(cfg.proxy.objective))  # an unreadable pipeline: one line now
         if cfg.proxy.max_seq_len > usable_positions(teacher_config):
             raise UserError(f"--proxy-seq-len {cfg.proxy.max_seq_len} exceeds the {usable_positions(teacher_config)} "
                             "tokens the teacher's position embeddings take")
@@ -282,6 +281,10 @@ class Search:
                 raise UserError(f"--ladder zeroshot needs 2 x --proxy-heldout ({cfg.proxy.heldout}) STS-B training rows "
                                 f"and {stsb.train.source or 'STS-B train'} has {len(stsb.train)}: lower --proxy-heldout "
                                 "(else the search would select on the STS-B dev set final tables report)")
+        store_path = Path(cfg.output) / "search.sqlite"
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1 and store_path.exists():
+            # a store of other settings (or one --resume should continue) is refused now, not after the tokenizing
+            Store(store_path, cfg.fitness_settings(), cfg.resume, create=False).close()
         t0 = time.perf_counter()
         # The corpus before the output folder: a corpus it cannot use leaves nothing behind.
         self.tokenizer = load_tokenizer(cfg.teacher)

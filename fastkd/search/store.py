@@ -56,7 +56,9 @@ class Evaluation:
 
 
 class Store:
-    def __init__(self, path: str | Path, settings: dict, resume: bool):
+    def __init__(self, path: str | Path, settings: dict, resume: bool, create: bool = True):
+        """create=False: only check an existing store (its refusals), writing nothing: an empty file, left
+        by a kill during creation, is left for the search that creates it."""
         self.path = Path(path)
         self.settings = json.loads(json.dumps(settings, sort_keys=True))  # as stored: tuples become lists
         self.key = settings_hash(self.settings)
@@ -70,7 +72,7 @@ class Store:
                 tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
                 if tables:
                     self._check_existing(tables, resume)
-                else:
+                elif create:
                     self._create()
         except sqlite3.DatabaseError as exc:
             if is_full_disk(exc):  # SQLite's "database or disk is full": the store is fine, the disk is not

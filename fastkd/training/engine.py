@@ -136,6 +136,15 @@ class StepEngine(abc.ABC):
         """The student as float32 weights for export, on the main process; None on the others. A
         collective where there are several ranks."""
 
+    def trained_sentence_dense(self) -> dict | None:
+        """The sentence term's learned projection of a narrower student (losses.DistillLoss), as float32
+        {"weight", "bias"} for its pipeline's Dense, on the main process; None without one and on the
+        other processes. A collective where there are several ranks."""
+        projection = None if self.criterion is None else self.criterion.sentence_projection
+        if projection is None:
+            return None
+        return {k: v.detach().float().cpu().clone() for k, v in projection.state_dict().items()}
+
     @property
     def seqs_per_step(self) -> int:
         """Sequences one optimizer step learns from (over every rank)."""
@@ -161,7 +170,7 @@ class StepEngine(abc.ABC):
     def tokens_seen(self) -> int | None:
         """Real (unpadded) tokens this rank has read, for the logged rate; None where its stream does not
         count them (the rate then assumes full-length sequences)."""
-        return getattr(getattr(self.stream, "state", None), "tokens_served", None)
+        return None if self.stream is None else self.stream.real_tokens()
 
     def describe(self) -> dict:
         """Engine-specific facts for the run's config and the model card (empty for one process)."""

@@ -54,8 +54,8 @@ class LocalEngine(StepEngine):
 
     def next_inputs(self) -> tuple[dict, TeacherOutputs]:
         """The next micro-batch and the teacher's outputs for it (one teacher forward, or its labels)."""
-        rows = self.stream.indices(self.stream.state.batches_done) if self.labels is not None else None
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in self.stream.next().items()}
+        rows, batch = self.stream.take()
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         if self.labels is not None:
             return batch, self.labels.outputs(rows, batch["attention_mask"])
         return batch, self.teacher(batch["input_ids"], batch["attention_mask"])

@@ -257,28 +257,40 @@ class ZeroEngine(StepEngine):
     def trained_student(self):
         """Collective: gather the student (ZeRO-3 partitions included) with its float32 weights (the
         optimizer's masters under bf16/fp16) into a plain module on rank 0; None on the others."""
+        state = self._float32_state(self.student)
+        if self.rank != 0:
+            return None
+        student = type(self.student)(self.student.config)
+        student.load_state_dict(state)
+        return student.to(torch.float32)
+
+    def trained_sentence_dense(self) -> dict | None:
+        projection = self.criterion.sentence_projection
+        if projection is None:
+            return None
+        return self._float32_state(projection)  # (every rank asks: a collective under ZeRO-3)
+
+    def _float32_state(self, module: nn.Module) -> dict | None:
+        """Collective: `module`'s whole state as float32 CPU tensors on rank 0 (None on the others): its
+        ZeRO-3 partitions gathered, and under bf16/fp16 the optimizer's float32 masters in place of the
+        module's 16-bit copies."""
         import deepspeed
 
-        params = list(self.student.parameters())
+        params = list(module.parameters())
         stage3 = zero_stage(self.ds_config) == 3
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=stage3):
-            state = ({k: v.detach().float().cpu().clone() for k, v in self.student.state_dict().items()}
+            state = ({k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
                      if self.rank == 0 else None)
         if self.ds_config["bf16"].get("enabled") or self.ds_config["fp16"].get("enabled"):
-            # The module holds 16-bit copies; the float32 weights are the optimizer's masters (a collective
-            # under ZeRO-3, so every rank asks for every parameter in the same order).
-            for name, p in self.student.named_parameters():
+            # (a collective under ZeRO-3, so every rank asks for every parameter in the same order)
+            for name, p in module.named_parameters():
                 full = deepspeed.utils.safe_get_full_fp32_param(p)
                 if self.rank == 0:
                     if full is None:
                         log.warning("no float32 master for %s: exported from its 16-bit copy", name)
                     else:
                         state[name] = full.detach().float().cpu().clone()
-        if self.rank != 0:
-            return None
-        student = type(self.student)(self.student.config)
-        student.load_state_dict(state)
-        return student.to(torch.float32)
+        return state
 
 
 def checkpoint_root(output: Path) -> Path:
