@@ -320,6 +320,8 @@ def ci_text(d: dict | None) -> str:
         return "-"
     if d["n"] < 2:
         return f"{d['mean']:+.2f} (1 seed)"
+    if d["low"] == d["high"]:  # the same difference on every seed: a t interval of width 0 claims too much
+        return f"{d['mean']:+.2f} (the same on all {d['n']} seeds)"
     return f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
 
 

@@ -413,7 +413,7 @@ def load_corpus(source: str, tokenizer, max_seq_len: int, cache_dir: str | os.Pa
     if (target / "dataset_info.json").exists():
         cached = _load_cached(target)
         if cached is not None:
-            log.info("corpus: cached packed sequences at %s", target)
+            log.info("corpus: cached %s at %s", "packed sequences" if mode == "packed" else mode, target)
             return cached
 
     if text_ds is None:

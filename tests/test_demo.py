@@ -21,8 +21,8 @@ def test_demo_pipeline_end_to_end_and_resumes(tmp_path, tiny_teacher_dir):
                        budget=TINY)
     assert summary["students"]["uniform"] == "2,4" and summary["students"]["last"] == "3,4"
     for seed in (0, 1):  # the final table's fine-tuning seeds, each its own resumable GLUE run
-        report = json.loads((out / "custom" / "glue" / f"seed-{seed}" / "glue.json").read_text())
-        assert report["settings"]["seed"] == seed
+        report = json.loads((out / "custom" / "glue" / "biencoder-2steps" / f"seed-{seed}" / "glue.json").read_text())
+        assert report["settings"]["seed"] == seed and report["settings"]["head"] == "biencoder"  # (the budget's)
         paths = [m["path"] for m in report["models"]]
         assert paths[-1] == str(tiny_teacher_dir) and len(paths) == len(set(summary["students"].values())) + 1
         assert all(set(m["tasks"]) == {"sst2", "mrpc", "rte"} for m in report["models"])

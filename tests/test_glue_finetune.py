@@ -234,6 +234,48 @@ def test_mean_head_is_a_masked_mean_and_one_linear_layer(tiny_teacher_dir, defau
     assert not torch.equal(other.classifier.weight, clf.classifier.weight)
 
 
+def test_biencoder_head_encodes_each_sentence_alone_as_sentence_transformers_fine_tunes(tiny_teacher_dir,
+                                                                                        default_tokenizer):
+    from fastkd.glue.finetune import BiEncoderClassifier, PooledClassifier, _batch, _subset, make_classifier
+    from fastkd.glue.tasks import task_spec
+    from fastkd.models import load_encoder
+
+    cache = TaskCache(str(FIXTURES))
+    spec = task_spec("stsb")
+    train = cache.data(spec).train
+    assert cache.encoded(train, default_tokenizer, 48).a_ids is None  # only where the head asks for them
+    enc = cache.encoded(train, default_tokenizer, 48, apart=True)
+    assert _subset(enc, [3, 1]).b_ids == [enc.b_ids[3], enc.b_ids[1]]  # (held-out scoring keeps them)
+    assert enc.a_ids[3] == default_tokenizer(train.text_a[3], truncation=True, max_length=48)["input_ids"]
+    assert enc.b_ids[3] == default_tokenizer(train.text_b[3], truncation=True, max_length=48)["input_ids"]
+    rows = [0, 1, 2, 3]
+    batch = _batch(enc, rows, default_tokenizer.pad_token_id, apart=True)
+    assert set(batch) == {"input_ids", "attention_mask", "input_ids_b", "attention_mask_b"}
+    clf = make_classifier(str(tiny_teacher_dir), spec, seed=0, head="biencoder", label_max=5.0).eval()
+    assert isinstance(clf, BiEncoderClassifier)
+    encoder = load_encoder(str(tiny_teacher_dir)).eval()
+
+    def mean_pooled(ids, mask):
+        hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+    labels = enc.labels[rows]
+    with torch.no_grad():
+        cosine = torch.nn.functional.cosine_similarity(mean_pooled(batch["input_ids"], batch["attention_mask"]),
+                                                       mean_pooled(batch["input_ids_b"], batch["attention_mask_b"]))
+        out = clf(**batch, labels=labels)
+    torch.testing.assert_close(out.logits[:, 0], 5.0 * cosine, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(cosine, labels / 5.0), rtol=1e-5, atol=1e-6)
+    # a pair class: one linear layer on (u, v, |u - v|); a single sentence: the pipeline head
+    assert make_classifier(str(tiny_teacher_dir), task_spec("mnli"), 0, "biencoder").classifier.in_features == 96
+    assert isinstance(make_classifier(str(tiny_teacher_dir), task_spec("sst2"), 0, "biencoder"), PooledClassifier)
+    # fine-tuned end to end, regression and pair classes, each sentence encoded alone at train and dev time
+    cfg = FinetuneConfig(max_steps=3, batch_size=8, max_seq_len=48, progress=False, head="biencoder", lr=1e-3)
+    results = evaluate(str(tiny_teacher_dir), default_tokenizer, parse_tasks("stsb,wnli"), cache, cfg)
+    assert results["stsb"].predictions["dev"]["prediction_variance"] > 0 and results["stsb"].steps == 3
+    assert set(results["wnli"].metrics) == {"accuracy"}
+
+
 def test_pooler_reinit_replaces_the_copied_pooler(tiny_teacher_dir):
     from fastkd.glue.finetune import make_classifier
     from fastkd.glue.tasks import task_spec
@@ -285,7 +327,7 @@ def test_unknown_head_is_one_line_and_a_resume_keeps_its_head(tmp_path, tiny_tea
     config = tmp_path / "glue.json"
     config.write_text(json.dumps({"model": [str(tiny_teacher_dir)], "tasks": "wnli", "data_dir": str(FIXTURES),
                                   "output": str(tmp_path / "o"), "head": "cls"}))
-    assert "head must be one of pooler, pooler-reinit, mean, pipeline (got 'cls')" in _one_line_error(
+    assert "head must be one of pooler, pooler-reinit, mean, pipeline, biencoder (got 'cls')" in _one_line_error(
         capfd, ["glue", "--config", str(config)])
     code, err = run_cli(capfd, "glue", "--model", str(tiny_teacher_dir), "--tasks", "wnli", "--data-dir",
                         str(FIXTURES), "--output", str(tmp_path / "o"), "--head", "cls")
@@ -324,7 +366,7 @@ def test_regression_bias_starts_at_the_mean_label(head, tiny_teacher_dir, defaul
                                         label_mean=2.5).classifier.bias.any()  # classification: untouched
     seen = []
     real = finetune.make_classifier
-    monkeypatch.setattr(finetune, "make_classifier", lambda *a: seen.append(a[-1]) or real(*a))
+    monkeypatch.setattr(finetune, "make_classifier", lambda *a: seen.append(a[4:]) or real(*a))  # (label_mean, label_max)
     cache = TaskCache(str(FIXTURES))
     for bias in ("label-mean", "zero"):
         cfg = FinetuneConfig(max_steps=1, max_train_examples=8, batch_size=4, max_seq_len=32, progress=False,
@@ -332,4 +374,5 @@ def test_regression_bias_starts_at_the_mean_label(head, tiny_teacher_dir, defaul
         finetune.finetune_task(str(tiny_teacher_dir), default_tokenizer, task_spec("stsb"), cache, cfg)
     labels = cache.data(task_spec("stsb")).train.labels
     rows = finetune.subsample(len(labels), 8, 0)
-    assert seen[0] == pytest.approx(sum(labels[i] for i in rows) / 8) and seen[1] is None
+    assert seen[0][0] == pytest.approx(sum(labels[i] for i in rows) / 8) and seen[1][0] is None
+    assert seen[0][1] == pytest.approx(max(abs(labels[i]) for i in rows))  # the biencoder's similarity scale

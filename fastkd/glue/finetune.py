@@ -50,12 +50,14 @@ log = logging.getLogger(__name__)
 # and mean are within seed noise (STS-B at lr 5e-4: students 63.4 and 49.2 with pooler, 54.1 and 47.3
 # with mean, seed SDs up to 12; the teacher 79.3 and 82.3; SST-2 within 2.3 points, one seed), so the
 # default stays the pooler.
-HEADS = ("pooler", "pooler-reinit", "mean", "pipeline")
+HEADS = ("pooler", "pooler-reinit", "mean", "pipeline", "biencoder")
 DEFAULT_HEAD = "pooler"
 HEAD_HELP = ("what the task head reads: pooler (the checkpoint's CLS pooler and the family's classifier, as "
              "transformers builds it), pooler-reinit (the same with a fresh pooler), mean (masked mean of the last "
-             "hidden states, then one linear layer) or pipeline (the pooling mode of the model's sentence-transformers "
-             "pipeline, mean without one)")
+             "hidden states, then one linear layer), pipeline (the pooling mode of the model's sentence-transformers "
+             "pipeline, mean without one) or biencoder (sentence-transformers' fine-tuning: each sentence of a pair "
+             "encoded alone and pooled as pipeline does; the cosine regressed on a similarity label, a linear layer "
+             "on (u, v, |u-v|) for a pair class; single sentences as pipeline)")
 
 # Where a regression head's output bias starts. At lr 1.5e-4 the bias moves about 0.01 in 80 steps,
 # far from STS-B's mean label (2.7): from 0, the short budget went into moving every prediction up,
@@ -132,6 +134,9 @@ class Encoded:
     input_ids: list[list[int]]
     token_type_ids: list[list[int]]
     labels: torch.Tensor
+    # A pair task's two sentences tokenized apart ([CLS] a [SEP], [CLS] b [SEP]), for the biencoder head.
+    a_ids: list[list[int]] | None = None
+    b_ids: list[list[int]] | None = None
 
 
 @dataclass
@@ -174,14 +179,19 @@ class TaskCache:
             self._fingerprints[id(tokenizer)] = (tokenizer, tokenizer_fingerprint(tokenizer))
         return self._fingerprints[id(tokenizer)][1]
 
-    def encoded(self, split: Split, tokenizer, max_seq_len: int) -> Encoded:
+    def encoded(self, split: Split, tokenizer, max_seq_len: int, apart: bool = False) -> Encoded:
+        """`apart`: also each sentence of a pair on its own (the biencoder head), tokenized once when first asked."""
         key = (split.task.key, split.name, split.source, self.fingerprint(tokenizer), max_seq_len)
         if key not in self._encoded:
             enc = tokenizer(split.text_a, split.text_b, truncation=True, max_length=max_seq_len,
                             return_token_type_ids=True)
             dtype = torch.float32 if split.task.is_regression else torch.long
             self._encoded[key] = Encoded(enc["input_ids"], enc["token_type_ids"], torch.tensor(split.labels, dtype=dtype))
-        return self._encoded[key]
+        enc = self._encoded[key]
+        if apart and split.text_b is not None and enc.a_ids is None:
+            enc.a_ids, enc.b_ids = (tokenizer(texts, truncation=True, max_length=max_seq_len)["input_ids"]
+                                    for texts in (split.text_a, split.text_b))
+        return enc
 
 
 def subsample(n: int, k: int | None, seed: int) -> np.ndarray:
@@ -231,13 +241,15 @@ def _texts(split: Split, rows) -> set:
 
 
 def _subset(enc: Encoded, rows) -> Encoded:
-    return Encoded([enc.input_ids[i] for i in rows], [enc.token_type_ids[i] for i in rows], enc.labels[rows])
+    pick = (lambda ids: None if ids is None else [ids[i] for i in rows])  # noqa: E731
+    return Encoded(pick(enc.input_ids), pick(enc.token_type_ids), enc.labels[rows], pick(enc.a_ids), pick(enc.b_ids))
 
 
 def scoring_rows(data: TaskData, tokenizer, cache: "TaskCache", cfg: FinetuneConfig,
                  min_left: int = MIN_TRAIN_LEFT) -> Scoring:
     """min_left: training rows that must remain beside the slices (0 where nothing is trained)."""
-    train_enc = cache.encoded(data.train, tokenizer, cfg.max_seq_len)
+    apart = cfg.head == "biencoder"
+    train_enc = cache.encoded(data.train, tokenizer, cfg.max_seq_len, apart)
     held = heldout_rows(len(data.train), cfg.heldout, cfg.max_train_examples, cfg.heldout_part, min_left)
     if held is None:
         if cfg.heldout > 0 and (data.task.key, len(data.train), cfg.heldout) not in _TOLD:
@@ -245,7 +257,7 @@ def scoring_rows(data: TaskData, tokenizer, cache: "TaskCache", cfg: FinetuneCon
             log.warning("%s: %d training rows are too few to hold out 2 x %d; scoring on dev (selection and "
                         "verdict then share its rows)", data.task.name, len(data.train), cfg.heldout)
         rows = subsample(len(data.train), cfg.max_train_examples, cfg.seed)
-        evals = [(dev.name, cache.encoded(dev, tokenizer, cfg.max_seq_len), dev.labels) for dev in data.dev]
+        evals = [(dev.name, cache.encoded(dev, tokenizer, cfg.max_seq_len, apart), dev.labels) for dev in data.dev]
         return Scoring(rows, evals, "dev")
     both = np.concatenate([heldout_rows(len(data.train), cfg.heldout, cfg.max_train_examples, part, min_left)
                            for part in HELDOUT_PARTS])
@@ -287,24 +299,33 @@ def _score(spec: TaskSpec, data: TaskData, scoring: Scoring, predict_fn, by_name
     return metrics, baseline, predictions, examples
 
 
-def _batch(enc: Encoded, rows, pad_id: int) -> dict[str, torch.Tensor]:
+def _batch(enc: Encoded, rows, pad_id: int, apart: bool = False) -> dict[str, torch.Tensor]:
+    """The rows as one padded batch; apart (the biencoder head on a pair task): each sentence its own
+    batch, the second one's keys ending in _b."""
+    if apart and enc.a_ids is not None:
+        first, second = (pad_batch([ids[i] for i in rows], pad_id) for ids in (enc.a_ids, enc.b_ids))
+        return {**first, **{f"{k}_b": v for k, v in second.items()}}
     return pad_batch([enc.input_ids[i] for i in rows], pad_id, [enc.token_type_ids[i] for i in rows])
 
 
 def make_classifier(model: str | PreTrainedModel, spec: TaskSpec, seed: int, head: str = "pooler",
-                    label_mean: float | None = None) -> nn.Module:
+                    label_mean: float | None = None, label_max: float | None = None) -> nn.Module:
     """A fresh float32 classifier for the task: the encoder's weights and a new head seeded by `seed`.
 
     One path for a directory, `default` and an in-memory encoder: a checkpoint that already has a
     task head (even one with another label count) contributes only its encoder. `head`: one of HEADS
     (pooler and pooler-reinit: the family's AutoModelForSequenceClassification; mean and pipeline: a
-    PooledClassifier). `label_mean`: a regression head's output bias starts there (None: at 0).
+    PooledClassifier; biencoder: a BiEncoderClassifier for a pair task, else as pipeline). `label_mean`: a
+    regression head's output bias starts there (None: at 0). `label_max`: the biencoder's similarity
+    scale (a cosine of 1 predicts it; the largest |label| of the fine-tuning rows).
     """
     if head not in HEADS:
         raise UserError(f"--head must be one of {', '.join(HEADS)} (got {head!r})")
     encoder = model if isinstance(model, PreTrainedModel) else load_encoder(model)
-    if head in ("mean", "pipeline"):
-        pooling = head_pooling(model) if head == "pipeline" else SentencePooling(source="--head mean")
+    if head == "biencoder" and spec.text_b is not None:
+        return BiEncoderClassifier(_fresh_encoder(encoder), spec, head_pooling(model), seed, label_max)
+    if head in ("mean", "pipeline", "biencoder"):
+        pooling = head_pooling(model) if head != "mean" else SentencePooling(source="--head mean")
         return _start_bias(PooledClassifier(_fresh_encoder(encoder), spec, pooling, seed), spec, label_mean)
     config = copy.deepcopy(encoder.config)
     config.num_labels = spec.num_labels
@@ -433,15 +454,54 @@ class PooledClassifier(nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
+class BiEncoderClassifier(nn.Module):
+    """sentence-transformers' way to fine-tune a sentence model on a pair task: each sentence encoded
+    alone and pooled (u, v). A similarity label (regression): the prediction is label_max * cos(u, v)
+    and the loss the MSE of cos(u, v) against label / label_max (its CosineSimilarityLoss). A pair
+    class: one linear layer on (u, v, |u - v|), cross-entropy (its SoftmaxLoss). The same encoder
+    reads both sentences; called with input_ids/attention_mask and input_ids_b/attention_mask_b."""
+
+    def __init__(self, encoder: PreTrainedModel, spec: TaskSpec, pooling: SentencePooling, seed: int,
+                 label_max: float | None):
+        super().__init__()
+        self.encoder, self.pooling = encoder, pooling
+        self.config = encoder.config
+        self.is_regression = spec.is_regression
+        self.label_max = float(label_max or 1.0)
+        self.classifier = None if spec.is_regression else nn.Linear(3 * encoder.config.hidden_size, spec.num_labels)
+        if self.classifier is not None:
+            gen = torch.Generator().manual_seed(seed)  # the head's own draw, as PooledClassifier's
+            with torch.no_grad():
+                self.classifier.weight.normal_(0.0, getattr(encoder.config, "initializer_range", 0.02), generator=gen)
+                self.classifier.bias.zero_()
+
+    def _embed(self, input_ids, attention_mask) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return sentence_embedding(hidden, attention_mask, self.pooling)  # float32
+
+    def forward(self, input_ids, attention_mask, input_ids_b, attention_mask_b, labels=None) -> SequenceClassifierOutput:
+        u, v = self._embed(input_ids, attention_mask), self._embed(input_ids_b, attention_mask_b)
+        with torch.autocast(u.device.type, enabled=False):
+            if self.is_regression:
+                cosine = nn.functional.cosine_similarity(u, v, dim=-1)
+                logits = (self.label_max * cosine).unsqueeze(-1)
+                loss = None if labels is None else nn.functional.mse_loss(cosine, labels.float() / self.label_max)
+            else:
+                logits = self.classifier(torch.cat([u, v, (u - v).abs()], dim=-1))
+                loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
 @torch.no_grad()
 def predict(classifier, enc: Encoded, pad_id: int, batch_size: int, bf16: bool = False) -> np.ndarray:
     classifier.eval()
     device = next(classifier.parameters()).device
+    apart = isinstance(classifier, BiEncoderClassifier)
     order = np.argsort([len(x) for x in enc.input_ids])  # length-sorted: less padding
     out = np.empty(len(order), dtype=np.float64)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in _batch(enc, rows, pad_id).items()}
+        batch = {k: v.to(device) for k, v in _batch(enc, rows, pad_id, apart).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = classifier(**model_inputs(classifier, batch)).logits.float().cpu()
         out[rows] = logits[:, 0].numpy() if logits.shape[-1] == 1 else logits.argmax(-1).numpy()
@@ -454,7 +514,7 @@ def finetune_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: Finet
     started = time.perf_counter()
     data = cache.data(spec)
     pad_id = tokenizer.pad_token_id or 0
-    train_enc = cache.encoded(data.train, tokenizer, cfg.max_seq_len)
+    train_enc = cache.encoded(data.train, tokenizer, cfg.max_seq_len, cfg.head == "biencoder")
     scoring = scoring_rows(data, tokenizer, cache, cfg)
     rows = scoring.train_rows
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(rows) / cfg.batch_size))
@@ -467,7 +527,9 @@ def finetune_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: Finet
     with rng.seeded(cfg.seed, device):
         label_mean = (float(train_enc.labels[rows].mean()) if spec.is_regression and cfg.regression_bias == "label-mean"
                       else None)
-        classifier = make_classifier(model, spec, cfg.seed, cfg.head, label_mean).to(device)
+        label_max = float(train_enc.labels[rows].abs().max()) if spec.is_regression else None
+        classifier = make_classifier(model, spec, cfg.seed, cfg.head, label_mean, label_max).to(device)
+        apart = isinstance(classifier, BiEncoderClassifier)
         limit = usable_positions(classifier.config)
         if cfg.max_seq_len > limit:
             raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the {limit} tokens the model's position "
@@ -483,7 +545,7 @@ def finetune_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: Finet
             if len(order) < cfg.batch_size:  # next epoch (the tail of an epoch joins the next one)
                 order += rows[torch.randperm(len(rows), generator=gen).numpy()].tolist()
             batch_rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
-            batch = {k: v.to(device) for k, v in _batch(train_enc, batch_rows, pad_id).items()}
+            batch = {k: v.to(device) for k, v in _batch(train_enc, batch_rows, pad_id, apart).items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 out = classifier(**model_inputs(classifier, batch), labels=train_enc.labels[batch_rows].to(device))
             out.loss.backward()

@@ -108,7 +108,7 @@ def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg
         check_finite_weights(model, f"--model {model}")  # a diverged model would score as the majority class
         if zeroshot_stsb and has_pipeline(resolve_model_path(model)):
             describe_pipeline(resolve_model_path(model))  # a damaged modules.json is one line now
-        if cfg.head == "pipeline":
+        if cfg.head in ("pipeline", "biencoder"):
             head_pooling(model)  # an unreadable pipeline is one line now; says what the head pools like
     cache = TaskCache(data_dir, skip_bad_rows)
     for spec in tasks:
