@@ -10,9 +10,8 @@ sentence per sequence, the teacher labelling the corpus once) on WikiText-2 test
 for the teacher and every student, side by side:
   - STS-B dev zero-shot: Spearman x 100 of the cosine of the exported pipeline's embeddings
     (sentence-transformers' own encode), and its share of the teacher's;
-  - SST-2 and STS-B dev after fastkd glue's fine-tune (the demo's validated recipe: pooler head, a
-    regression bias started at the mean label, lr 5e-4; --glue-steps x 32 on --glue-examples rows),
-    mean over --glue-seeds seeds;
+  - SST-2 and STS-B dev after fastkd glue's fine-tune (the demo's recipe for sentence models: the
+    biencoder head, lr 5e-4; --glue-steps x 32 on --glue-examples rows), mean over --glue-seeds seeds;
   - parameters, and encoding speed: sentences/s of `SentenceTransformer.encode` over the STS-B
     dev sentences, each once (batch 64, float32, this CPU's threads), after a warm-up, median of
     --speed-repeats.
@@ -45,7 +44,7 @@ from fastkd.sentence import zeroshot_stsb  # noqa: E402
 
 GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 DECISIVE = ("teacher", "steps", "batch_size", "lr", "warmup", "seq_len", "corpus", "glue_steps", "glue_examples",
-            "glue_lr", "glue_seq_len", "glue_seeds")  # what a kept row must share with this run
+            "glue_lr", "glue_seq_len", "glue_seeds", "glue_head")  # what a kept row must share with this run
 
 
 def encoding_speed(path, sentences: list[str], repeats: int) -> float:
@@ -79,11 +78,12 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128, help="the longest sentence kept, in tokens")
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     p.add_argument("--data-dir", default=str(GLUE))
-    p.add_argument("--glue-steps", type=int, default=80)
+    p.add_argument("--glue-steps", type=int, default=72)
     p.add_argument("--glue-examples", type=int, default=1920)
     p.add_argument("--glue-lr", type=float, default=5e-4)
     p.add_argument("--glue-seq-len", type=int, default=64)
     p.add_argument("--glue-seeds", type=int, default=2)
+    p.add_argument("--glue-head", default="biencoder", help="as fastkd glue's --head")
     p.add_argument("--speed-repeats", type=int, default=3)
     p.add_argument("--resume", action="store_true", help="keep the rows of results/NAME.json with the same settings")
     p.add_argument("--name", default="mpnet_distill", help="results/NAME.json")
@@ -96,6 +96,9 @@ def main() -> None:
     if args.resume and (RESULTS / f"{args.name}.json").is_file():
         earlier = json.loads((RESULTS / f"{args.name}.json").read_text())
         differ = [k for k in DECISIVE if earlier.get("settings", {}).get(k) != settings[k]]
+        here = {k: machine()[k] for k in ("cpu", "cores", "isa")}
+        if {k: earlier.get("machine", {}).get(k) for k in here} != here:
+            differ.append("machine (encode speeds are compared on one machine only)")
         if differ:
             raise SystemExit(f"--resume: results/{args.name}.json differs in {', '.join(differ)}; choose another --name")
         rows = {r["model"]: r for r in earlier.get("rows", [])}
@@ -111,7 +114,7 @@ def main() -> None:
             scores = []
             for seed in range(args.glue_seeds):
                 cfg = FinetuneConfig(max_steps=args.glue_steps, max_train_examples=args.glue_examples, lr=args.glue_lr,
-                                     max_seq_len=args.glue_seq_len, seed=seed, progress=False)
+                                     max_seq_len=args.glue_seq_len, seed=seed, progress=False, head=args.glue_head)
                 result = evaluate(str(path), load_tokenizer(str(path), "model"), [task_spec(task)], cache, cfg)
                 scores.append(100 * next(iter(result.values())).score)
             glue[task] = scores
