@@ -14,10 +14,12 @@ for the teacher and every student, side by side:
     biencoder head, lr 5e-4; --glue-steps x 32 on --glue-examples rows), mean over --glue-seeds seeds;
   - parameters, and encoding speed: sentences/s of `SentenceTransformer.encode` over the STS-B
     dev sentences, each once (batch 64, float32, this CPU's threads), after a warm-up, median of
-    --speed-repeats.
+    --speed-repeats; measured at the end for every model side by side, in interleaved rounds, so the
+    speeds compare within one quiet stretch of the machine rather than hours apart.
 One distillation seed per student (an hour each on 2 cores): differences between students within
 about a point are not resolved by this table. Each measured row is saved at once; --resume keeps the
-rows of an earlier run with the same settings, so the table can be completed over several sessions.
+rows of an earlier run with the same settings (the students stay in --work), so the table can be
+completed over several sessions.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import json
 import logging
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from _common import RESULTS, machine, quiet_logs, table, write_result  # noqa: E
 from distill_step import DEFAULT_CORPUS  # noqa: E402
 
 from fastkd.config import DistillConfig  # noqa: E402
+from fastkd.corpus import default_cache_dir  # noqa: E402
 from fastkd.distill import run_distill  # noqa: E402
 from fastkd.glue.finetune import FinetuneConfig, TaskCache, evaluate  # noqa: E402
 from fastkd.glue.tasks import task_spec  # noqa: E402
@@ -47,18 +49,22 @@ DECISIVE = ("teacher", "steps", "batch_size", "lr", "warmup", "seq_len", "corpus
             "glue_lr", "glue_seq_len", "glue_seeds", "glue_head")  # what a kept row must share with this run
 
 
-def encoding_speed(path, sentences: list[str], repeats: int) -> float:
-    """Sentences per second of the pipeline's encode over `sentences` (median of `repeats`, after a warm-up)."""
+def encoding_speeds(paths: dict[str, Path], sentences: list[str], repeats: int) -> dict[str, float]:
+    """Sentences per second of each pipeline's encode over `sentences`: every model warmed up, then
+    `repeats` interleaved rounds (one encode of each model per round), the median per model. Interleaving
+    spreads any drift in the machine's speed over all models alike."""
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(path), device="cpu")
-    model.encode(sentences[:128], batch_size=64, show_progress_bar=False)
-    times = []
+    models = {name: SentenceTransformer(str(path), device="cpu") for name, path in paths.items()}
+    for model in models.values():
+        model.encode(sentences[:128], batch_size=64, show_progress_bar=False)
+    times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        model.encode(sentences, batch_size=64, show_progress_bar=False)
-        times.append(time.perf_counter() - t0)
-    return len(sentences) / statistics.median(times)
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            model.encode(sentences, batch_size=64, show_progress_bar=False)
+            times[name].append(time.perf_counter() - t0)
+    return {name: len(sentences) / statistics.median(t) for name, t in times.items()}
 
 
 def parameters(path) -> int:
@@ -87,6 +93,8 @@ def main() -> None:
     p.add_argument("--speed-repeats", type=int, default=3)
     p.add_argument("--resume", action="store_true", help="keep the rows of results/NAME.json with the same settings")
     p.add_argument("--name", default="mpnet_distill", help="results/NAME.json")
+    p.add_argument("--work", default=None, help="where the students are kept (default: the fastkd cache's "
+                                                "bench/NAME); the speed pass and --resume read them there")
     args = p.parse_args()
     quiet_logs()
     logging.getLogger("fastkd").setLevel(logging.WARNING)
@@ -118,9 +126,8 @@ def main() -> None:
                 result = evaluate(str(path), load_tokenizer(str(path), "model"), [task_spec(task)], cache, cfg)
                 scores.append(100 * next(iter(result.values())).score)
             glue[task] = scores
-        rows[name] = {"model": name, **extra, "parameters": parameters(path), "stsb_zeroshot": zero,
-                      "sst2_finetuned": glue["sst2"], "stsb_finetuned": glue["stsb"],
-                      "sentences_per_s": encoding_speed(path, sentences, args.speed_repeats)}
+        rows[name] = {"model": name, **extra, "path": str(path), "parameters": parameters(path),
+                      "stsb_zeroshot": zero, "sst2_finetuned": glue["sst2"], "stsb_finetuned": glue["stsb"]}
         print(json.dumps(rows[name]), flush=True)
         save()
 
@@ -133,20 +140,26 @@ def main() -> None:
 
     if "teacher" not in rows:
         judge("teacher", teacher, {"layers": None})
-    with tempfile.TemporaryDirectory() as tmp:
-        for layers in (int(x) for x in args.layers.split(",")):
-            name = f"{layers} layers"
-            if name in rows:
-                continue
-            cfg = DistillConfig(output=f"{tmp}/{layers}", corpus=args.corpus, teacher=args.teacher,
-                                student_layers=layers, max_seq_len=args.seq_len, max_steps=args.steps,
-                                batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=0, progress=False,
-                                checkpoint_every=10 ** 9, log_every=max(1, args.steps // 20))
+    work = Path(args.work) if args.work else default_cache_dir() / "bench" / args.name
+    for layers in (int(x) for x in args.layers.split(",")):
+        name = f"{layers} layers"
+        if name in rows and Path(rows[name]["path"], "fastkd.json").is_file():
+            continue
+        output = work / f"{layers}-layers"
+        student = output / "student"
+        if not (student / "fastkd.json").is_file():  # an interrupted distillation resumes from its checkpoint
+            cfg = DistillConfig(output=str(output), corpus=args.corpus, teacher=args.teacher, student_layers=layers,
+                                max_seq_len=args.seq_len, max_steps=args.steps, batch_size=args.batch_size,
+                                lr=args.lr, warmup=args.warmup, seed=0, progress=False, resume=output.exists(),
+                                checkpoint_every=max(1, args.steps // 6), log_every=max(1, args.steps // 20))
             student = run_distill(cfg)
-            info = json.loads((student / "fastkd.json").read_text())
-            judge(name, student, {"layers": layers, "mapping": info["mapping"], "objective": info["objective"],
-                                  "corpus_mode": info["corpus"]["mode"], "steps": info["steps"],
-                                  "distill_s": info["seconds"], "teacher_labels_s": info.get("teacher_labels_s")})
+        info = json.loads((student / "fastkd.json").read_text())
+        judge(name, student, {"layers": layers, "mapping": info["mapping"], "objective": info["objective"],
+                              "corpus_mode": info["corpus"]["mode"], "steps": info["steps"],
+                              "distill_s": info["seconds"], "teacher_labels_s": info.get("teacher_labels_s")})
+    speeds = encoding_speeds({name: Path(r["path"]) for name, r in rows.items()}, sentences, args.speed_repeats)
+    for name, speed in speeds.items():
+        rows[name]["sentences_per_s"] = speed
     save(final=True)
     ref = rows["teacher"]
     shown = [{"model": r["model"], "mapping": r.get("mapping") or "-", "parameters": f"{r['parameters'] / 1e6:.1f}M",

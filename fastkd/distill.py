@@ -88,8 +88,9 @@ def relation_heads(weights: LossWeights, requested: int | None, teacher_config, 
 
 # --- before any weights or data ------------------------------------------------------------------
 
-def prepare_output(cfg: DistillConfig) -> Path:
-    """Refuse to mix runs: an existing run needs --resume with the same settings."""
+def prepare_output(cfg: DistillConfig) -> tuple[Path, dict | None]:
+    """Refuse to mix runs: an existing run needs --resume with the same settings. Returns the output
+    folder and the run config saved there (None for a new run)."""
     output = Path(cfg.output)
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file: give a directory")
@@ -99,7 +100,7 @@ def prepare_output(cfg: DistillConfig) -> Path:
     check_writable_dir(output)  # before the corpus and the teacher are loaded, not after
     if saved is None:
         refuse_foreign_output(output, "distill")
-        return output
+        return output, None
     if not cfg.resume:
         diffs = differing_settings(comparable(saved.get("config", {})), comparable(cfg.to_dict()))
         what = "a different run (" + "; ".join(diffs[:3]) + ")" if diffs else "this run already"
@@ -111,7 +112,7 @@ def prepare_output(cfg: DistillConfig) -> Path:
     if identity is not None and identity != json.loads(json.dumps(corpus_identity(cfg.corpus))):  # as saved
         raise UserError(f"cannot --resume {output}: the corpus {cfg.corpus} changed since the run began (its files' "
                         "size or modification time): restore it, or start a new run in another --output")
-    return output
+    return output, saved
 
 
 def resolve(cfg: DistillConfig):
@@ -277,7 +278,7 @@ def build_local_run(cfg: DistillConfig) -> Run:
     teacher_config, shape, mapping = resolve(cfg)
     device = pick_device(cfg.device)
     memory = check_memory(cfg, teacher_config, shape, mapping, device)
-    output = prepare_output(cfg)
+    output, saved = prepare_output(cfg)
     lock_output(output, "distill")  # one run per output directory; leftovers of a killed one are removed
     seed_everything(cfg.seed)
 
@@ -293,7 +294,7 @@ def build_local_run(cfg: DistillConfig) -> Run:
     corpus = sample_corpus(corpus, cfg.corpus_sample, cfg.seed)
     stream = BatchStream(corpus, cfg.batch_size, cfg.seed)
     labels = None
-    if _label_once(cfg, output, criterion, len(corpus), teacher_model.config.hidden_size,
+    if _label_once(cfg, saved, criterion, len(corpus), teacher_model.config.hidden_size,
                    _room_beside_step(memory, cfg.batch_size, device, teacher_model, student, criterion)):
         labels = SentenceLabels(teacher, stream, criterion.pooling, criterion.mapping.teacher_layers, device,
                                 cfg.progress, batch_size=cfg.batch_size)
@@ -314,11 +315,11 @@ def _room_beside_step(memory: StepMemory, batch: int, device: torch.device, *mod
     return available_memory(device)[0] - (memory.total(batch) - resident)
 
 
-def _label_once(cfg: DistillConfig, output: Path, criterion: DistillLoss, corpus_rows: int, width: int,
+def _label_once(cfg: DistillConfig, saved: dict | None, criterion: DistillLoss, corpus_rows: int, width: int,
                 room: int) -> bool:
     """Whether the teacher labels the corpus once (teacher.labels_pay_off); a resumed run keeps the choice
-    its start made (config.json), so it continues exactly whatever the memory free now or --max-steps."""
-    saved = read_run_config(output) if cfg.resume else None
+    its start made (`saved`: its config.json), so it continues exactly whatever the memory free now or
+    --max-steps."""
     if saved is not None and "teacher_labels" in saved.get("resolved", {}):
         return bool(saved["resolved"]["teacher_labels"])
     return labels_pay_off(criterion.weights, cfg.max_steps * cfg.batch_size * cfg.grad_accum, corpus_rows, width,

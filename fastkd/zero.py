@@ -185,7 +185,7 @@ def build_zero_run(cfg: DistillConfig) -> Run:
     if cfg.device != "auto":
         raise UserError("--device does not apply with --deepspeed: each rank takes its own GPU (LOCAL_RANK), or the CPU")
     ds_config = load_ds_config(cfg.deepspeed, cfg, int(os.environ.get("WORLD_SIZE", "1")), shape.hidden)
-    output = prepare_output(cfg)  # read-only, so every rank checks and refuses alike (no rank left waiting)
+    output, _ = prepare_output(cfg)  # read-only, so every rank checks and refuses alike (no rank left waiting)
     rank, world, _ = init_distributed()
     import deepspeed
 

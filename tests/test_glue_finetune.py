@@ -310,7 +310,7 @@ def test_pipeline_head_pools_as_the_pipeline(tmp_path, tiny_teacher_dir, default
     # A model without a pipeline pools by mean, said in one line.
     from fastkd.glue import finetune
 
-    finetune._HEAD_TOLD.discard(str(tiny_teacher_dir))  # said once per process: an earlier test may have
+    finetune._HEAD_TOLD.discard((str(tiny_teacher_dir), "pipeline"))  # said once per process: an earlier test may have
     with caplog.at_level(logging.INFO, logger="fastkd.glue.finetune"):
         plain = make_classifier(str(tiny_teacher_dir), task_spec("stsb"), seed=0, head="pipeline")
     assert plain.pooling.mode == "mean"

@@ -323,9 +323,9 @@ def make_classifier(model: str | PreTrainedModel, spec: TaskSpec, seed: int, hea
         raise UserError(f"--head must be one of {', '.join(HEADS)} (got {head!r})")
     encoder = model if isinstance(model, PreTrainedModel) else load_encoder(model)
     if head == "biencoder" and spec.text_b is not None:
-        return BiEncoderClassifier(_fresh_encoder(encoder), spec, head_pooling(model), seed, label_max)
+        return BiEncoderClassifier(_fresh_encoder(encoder), spec, head_pooling(model, head), seed, label_max)
     if head in ("mean", "pipeline", "biencoder"):
-        pooling = head_pooling(model) if head != "mean" else SentencePooling(source="--head mean")
+        pooling = head_pooling(model, head) if head != "mean" else SentencePooling(source="--head mean")
         return _start_bias(PooledClassifier(_fresh_encoder(encoder), spec, pooling, seed), spec, label_mean)
     config = copy.deepcopy(encoder.config)
     config.num_labels = spec.num_labels
@@ -393,9 +393,10 @@ def _fresh_encoder(encoder: PreTrainedModel) -> PreTrainedModel:
 _HEAD_TOLD: set = set()
 
 
-def head_pooling(model) -> SentencePooling:
-    """The pooling `--head pipeline` uses for `model`: its sentence-transformers pipeline's pooling
-    mode (not its Normalize: see HEADS), or mean for a model without one (said once per model)."""
+def head_pooling(model, head: str = "pipeline") -> SentencePooling:
+    """The pooling `--head pipeline` (or `biencoder`, named by `head` in what is said) uses for `model`:
+    its sentence-transformers pipeline's pooling mode (not its Normalize: see HEADS), or mean for a
+    model without one (said once per model and head)."""
     if isinstance(model, PreTrainedModel):
         return SentencePooling(source="an in-memory encoder has no pipeline; mean")
     path = resolve_model_path(model)
@@ -407,12 +408,23 @@ def head_pooling(model) -> SentencePooling:
             pooling = SentencePooling(pooling.mode, source=pooling.source + ", only its pooling")
         except UserError as exc:  # read_pooling's advice is the sentence term's: say this command's
             reason = str(exc).replace("or set --w-sentence 0", "or choose --head mean").replace(
-                "set --w-sentence 0", "choose --head mean").replace("the sentence term", "--head pipeline")
+                "set --w-sentence 0", "choose --head mean").replace("the sentence term", f"--head {head}")
             raise UserError(reason) from None
-    if str(model) not in _HEAD_TOLD:
-        _HEAD_TOLD.add(str(model))
-        log.info("--head pipeline: %s: %s", model, pooling.describe())
+    if (str(model), head) not in _HEAD_TOLD:
+        _HEAD_TOLD.add((str(model), head))
+        log.info("--head %s: %s: %s", head, model, pooling.describe())
     return pooling
+
+
+def _seeded_linear(inputs: int, outputs: int, config, seed: int) -> nn.Linear:
+    """A task head drawn from its own generator: the same head for a seed whatever the model (and
+    whatever else drew from the global RNG), weights N(0, the family's initializer_range), bias 0."""
+    head = nn.Linear(inputs, outputs)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.normal_(0.0, getattr(config, "initializer_range", 0.02), generator=gen)
+        head.bias.zero_()
+    return head
 
 
 class PooledClassifier(nn.Module):
@@ -427,12 +439,7 @@ class PooledClassifier(nn.Module):
         self.is_regression = spec.is_regression
         p = getattr(encoder.config, "hidden_dropout_prob", None)
         self.dropout = nn.Dropout(0.1 if p is None else p)
-        hidden = encoder.config.hidden_size
-        self.classifier = nn.Linear(hidden, spec.num_labels)
-        gen = torch.Generator().manual_seed(seed)  # the head's own draw: the same head for a seed, any model
-        with torch.no_grad():
-            self.classifier.weight.normal_(0.0, getattr(encoder.config, "initializer_range", 0.02), generator=gen)
-            self.classifier.bias.zero_()
+        self.classifier = _seeded_linear(encoder.config.hidden_size, spec.num_labels, encoder.config, seed)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> SequenceClassifierOutput:
         if attention_mask is None:
@@ -468,12 +475,8 @@ class BiEncoderClassifier(nn.Module):
         self.config = encoder.config
         self.is_regression = spec.is_regression
         self.label_max = float(label_max or 1.0)
-        self.classifier = None if spec.is_regression else nn.Linear(3 * encoder.config.hidden_size, spec.num_labels)
-        if self.classifier is not None:
-            gen = torch.Generator().manual_seed(seed)  # the head's own draw, as PooledClassifier's
-            with torch.no_grad():
-                self.classifier.weight.normal_(0.0, getattr(encoder.config, "initializer_range", 0.02), generator=gen)
-                self.classifier.bias.zero_()
+        self.classifier = (None if spec.is_regression else
+                           _seeded_linear(3 * encoder.config.hidden_size, spec.num_labels, encoder.config, seed))
 
     def _embed(self, input_ids, attention_mask) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -496,8 +499,11 @@ class BiEncoderClassifier(nn.Module):
 def predict(classifier, enc: Encoded, pad_id: int, batch_size: int, bf16: bool = False) -> np.ndarray:
     classifier.eval()
     device = next(classifier.parameters()).device
-    apart = isinstance(classifier, BiEncoderClassifier)
-    order = np.argsort([len(x) for x in enc.input_ids])  # length-sorted: less padding
+    apart = isinstance(classifier, BiEncoderClassifier) and enc.a_ids is not None
+    # length-sorted, less padding: apart, each sentence is padded to its own side's longest
+    lengths = ([max(len(a), len(b)) for a, b in zip(enc.a_ids, enc.b_ids)] if apart else
+               [len(x) for x in enc.input_ids])
+    order = np.argsort(lengths, kind="stable")
     out = np.empty(len(order), dtype=np.float64)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
