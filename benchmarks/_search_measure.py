@@ -18,7 +18,8 @@ from fastkd.corpus import load_corpus, sample_corpus
 from fastkd.glue import TaskCache, parse_tasks
 from fastkd.mapping import LayerMapping
 from fastkd.models import load_teacher, load_tokenizer, student_shape
-from fastkd.search.proxy import ProxyConfig, ProxyEvaluator, task_collapsed
+from fastkd.search.config import ProxyConfig
+from fastkd.search.proxy import ProxyEvaluator, task_collapsed
 from fastkd.search.rungs import Rung
 from fastkd.search.verdict import paired_interval
 

@@ -207,7 +207,8 @@ def bench(seq_lens=(128, 512), quick: bool = False) -> list[dict]:
     """`fastkd bench` at each S, float32 and bf16, every backend present (torch is the reference)."""
     import torch
 
-    from fastkd.bench import BenchConfig, run_bench
+    from fastkd.bench import run_bench
+    from fastkd.config import BenchConfig
 
     teacher = "default"
     try:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import quiet_logs, table, write_result  # noqa: E402
 from _search_measure import measure, proxy_args, proxy_from  # noqa: E402
 
-from fastkd.search.proxy import ProxyConfig  # noqa: E402
+from fastkd.search.config import ProxyConfig  # noqa: E402
 from fastkd.search.rungs import Rung  # noqa: E402
 from fastkd.search.verdict import paired_interval  # noqa: E402
 

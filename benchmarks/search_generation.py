@@ -30,7 +30,8 @@ from fastkd.corpus import load_corpus, sample_corpus  # noqa: E402
 from fastkd.mapping import heuristic  # noqa: E402
 from fastkd.models import load_teacher, load_tokenizer, student_shape  # noqa: E402
 from fastkd.search.ga import GAConfig, GeneticSearch  # noqa: E402
-from fastkd.search.proxy import ProxyConfig, ProxyEvaluator  # noqa: E402
+from fastkd.search.config import ProxyConfig  # noqa: E402
+from fastkd.search.proxy import ProxyEvaluator  # noqa: E402
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "corpus"
 

@@ -23,7 +23,7 @@ from _common import quiet_logs, table, write_result  # noqa: E402
 from _search_measure import measure, paired_noise, proxy_from  # noqa: E402
 
 from fastkd.demo import BUDGETS  # noqa: E402
-from fastkd.search.proxy import ProxyConfig  # noqa: E402
+from fastkd.search.config import ProxyConfig  # noqa: E402
 from fastkd.search.rungs import Rung  # noqa: E402
 from _search_measure import proxy_args  # noqa: E402
 

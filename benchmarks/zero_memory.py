@@ -1,7 +1,7 @@
 """Per-rank memory of ZeRO stages 0-3 on 2 ranks, and distillation throughput per rank vs one process.
 
 For each stage, a 2-rank job (`deepspeed --num_gpus 2`, DS_ACCELERATOR=cpu on a CPU) builds the real
-distillation engine (fastkd.zero), runs a few steps, and after the backward of the last one counts
+distillation engine (fastkd.distill.zero), runs a few steps, and after the backward of the last one counts
 every live tensor of the rank once (by storage): the student's parameters (their ZeRO-3 partitions),
 ZeRO's fp32 master slice of them, the optimizer states (Adam's moments), and the rest that training
 keeps: gradients and communication buckets. The teacher's copy is reported apart. Then the peak of one whole step

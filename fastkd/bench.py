@@ -14,77 +14,25 @@ import ctypes
 import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from . import ops
-from .config import OBJECTIVE_HELP, OBJECTIVES, RELATION_HEADS_HELP, DistillConfig, loss_weight_problem, seed_value
+from .config import BenchConfig, DistillConfig
 from .device import pick_device
-from .distill import loss_weights, relation_heads, sentence_pooling
 from .training import LocalEngine
 from .errors import UserError
-from .losses import DistillLoss, objective_weights
+from .losses import DistillLoss, loss_weights, objective_weights, relation_heads, sentence_pooling
 from .mapping import parse_mapping
 from .memory import check_step_fits, step_memory
-from .options import option, resolved_config
+from .options import resolved_config
 from .families import usable_positions
 from .models import build_student, load_config, load_teacher, load_tokenizer, student_shape
 from .teacher import Teacher
 
 log = logging.getLogger(__name__)
-
-
-def backend_list(text: str) -> list[str]:
-    """'torch,cpp' -> ['torch', 'cpp']. Empty items are kept for `validate` to refuse ('' or 'torch,,cpp'
-    is a slip, not "torch only"), but for one trailing comma: a one-item list from a config file
-    reaches here as 'cpp,' (options.Spec.from_file)."""
-    items = [b.strip().lower() for b in text.split(",")]
-    if len(items) > 1 and items[-1] == "":
-        items.pop()
-    return items
-
-
-@dataclass
-class BenchConfig:
-    """`fastkd bench`: what is timed (its flags are generated from this)."""
-
-    teacher: str = option("default", "teacher directory, hub name, 'default' or 'mpnet-base'")
-    student_layers: int = option(3, "student layers")
-    student_hidden: int | None = option(None, "student hidden size")
-    student_heads: int | None = option(None, "student heads")
-    student_ffn: int | None = option(None, "student FFN size")
-    mapping: str = option("uniform", "layer mapping, as for distill", dash_value=True)
-    batch_size: int = option(32, "sequences per step")
-    seq_len: int = option(128, "tokens per sequence (all real: the losses' worst case)")
-    steps: int = option(10, "timed steps (the median is reported)")
-    warmup: int = option(2, "untimed steps first")
-    bf16: bool = option(False, "bf16 autocast")
-    backends: list[str] = option(factory=lambda: ["all"], help="comma-separated: all, torch, cpp, triton, cuda",
-                                 parse=backend_list)
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    objective: str = option("tinybert", OBJECTIVE_HELP, choices=OBJECTIVES)
-    relation_heads: int | None = option(None, RELATION_HEADS_HELP)
-    w_attention_kl: float | None = option(None, "the attention KL term's weight (default: the objective's)")
-    seed: int = option(0, "seeds the students and the batch", parse=seed_value)
-    output: str = option("runs/bench/bench.json", "JSON file to write")
-
-    def validate(self) -> None:
-        for name, value, low in (("--batch-size", self.batch_size, 1), ("--seq-len", self.seq_len, 8),
-                                 ("--steps", self.steps, 1), ("--warmup", self.warmup, 0)):
-            if value < low:
-                raise UserError(f"{name} must be at least {low} (got {value})")
-        choices = ", ".join(("all",) + ops.BACKENDS)
-        if not self.backends or "" in self.backends:
-            raise UserError(f"--backends {','.join(self.backends)!r} names no backend or has an empty item: give a "
-                            f"comma-separated list from {choices}")
-        unknown = [b for b in self.backends if b not in ("all",) + ops.BACKENDS]
-        if unknown:
-            raise UserError(f"--backends: unknown {', '.join(unknown)}; choose from {choices}")
-        problem = loss_weight_problem(self)  # distill's check, so both refuse the same weights
-        if problem is not None:
-            raise UserError(problem)
 
 
 # --- memory ---------------------------------------------------------------------------------

@@ -53,6 +53,29 @@ def _config(args):
     return options.build(args._cls, values)
 
 
+def _command_config(args):
+    """The config a command runs with, checked (its validate()) before anything heavy is imported: a
+    mistaken value is one line in well under a second, not after torch and transformers load. Then
+    the libraries' own chatter is turned down, as they are about to be imported anyway."""
+    cfg = _config(args)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    _quiet_libraries()
+    return cfg
+
+
+def _quiet_libraries() -> None:
+    for noisy in ("transformers", "datasets", "httpx", "huggingface_hub", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # weight-loading bars; fastkd's own bars stay
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # offline retries would otherwise print a dozen lines
+
+
 def _add_distill(sub) -> None:
     from .config import DISTILL_GROUPS, DistillConfig
 
@@ -71,9 +94,9 @@ def _add_distill(sub) -> None:
 
 
 def _cmd_distill(args) -> int:
+    cfg = _command_config(args)
     from .distill import run_distill
 
-    cfg = _config(args)
     if cfg.deepspeed is not None and args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))  # the deepspeed launcher passes it
     student_dir = run_distill(cfg)
@@ -103,7 +126,7 @@ def _distilled_summary(info: dict) -> str:
 
 
 def _add_glue(sub) -> None:
-    from .glue.run import GlueConfig
+    from .glue.config import GlueConfig
 
     p = sub.add_parser(
         "glue", help="fine-tune and evaluate models on GLUE tasks (official metrics, one table)",
@@ -118,10 +141,10 @@ def _add_glue(sub) -> None:
 
 
 def _cmd_glue(args) -> int:
+    cfg = _command_config(args)
     from .glue.report import markdown
     from .glue.run import run_glue
 
-    cfg = _config(args)
     report = run_glue(cfg.model, cfg.tasks, cfg.data_dir, cfg.output, cfg.finetune, cfg.resume, cfg.skip_bad_rows,
                       resolved=options.resolved_config("glue", cfg), zeroshot_stsb=cfg.zeroshot_stsb)
     print(markdown(report))
@@ -130,7 +153,7 @@ def _cmd_glue(args) -> int:
 
 
 def _add_search(sub) -> None:
-    from .search.run import SEARCH_GROUPS, SearchConfig
+    from .search.config import SEARCH_GROUPS, SearchConfig
 
     p = sub.add_parser(
         "search", help="search the best layer mapping with a genetic algorithm in a cheap proxy setting",
@@ -151,12 +174,12 @@ def _add_search(sub) -> None:
 
 
 def _cmd_search(args) -> int:
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    cfg = _command_config(args)
     from .search.report import verdict_lines
     from .search.run import Search
 
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    cfg = _config(args)
     search = Search(cfg)
     result = search.run()
     if search.comm.is_main:
@@ -166,7 +189,7 @@ def _cmd_search(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    from .demo import DemoConfig
+    from .config import DemoConfig
 
     p = sub.add_parser(
         "demo", help="the whole pipeline: search, distill the winner and the heuristics, GLUE table",
@@ -182,9 +205,9 @@ def _add_demo(sub) -> None:
 
 
 def _cmd_demo(args) -> int:
+    cfg = _command_config(args)
     from .demo import run_demo
 
-    cfg = _config(args)
     if cfg.data_dir is None:
         shared = os.path.join("..", "shared", "data")
         if not os.path.isdir(shared):
@@ -201,7 +224,7 @@ def _cmd_demo(args) -> int:
 
 
 def _add_bench(sub) -> None:
-    from .bench import BenchConfig
+    from .config import BenchConfig
 
     p = sub.add_parser(
         "bench", help="distillation-step throughput and memory of each loss backend on this machine",
@@ -216,11 +239,12 @@ def _add_bench(sub) -> None:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import markdown, run_bench
     from .io import atomic_write_json, check_writable_file
 
-    cfg = _config(args)
+    cfg = _command_config(args)
     check_writable_file(cfg.output)  # before the models are loaded and timed, not after
+    from .bench import markdown, run_bench
+
     result = run_bench(cfg)
     env = result["environment"]
     print(f"{env.get('gpu') or env['cpu']}, torch {env['torch']}, {env['threads']} threads; "
@@ -328,14 +352,7 @@ def _say_stopped(command: str, stopped: Stopped) -> int:
 def _run(args) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("transformers", "datasets", "httpx", "huggingface_hub", "filelock", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()  # weight-loading bars; fastkd's own bars stay
-        from huggingface_hub.utils import logging as hub_logging
-        hub_logging.set_verbosity_error()  # offline retries would otherwise print a dozen lines
         return args.func(args)
     except UserError as exc:
         print(f"fastkd {args.command}: error: {exc}", file=sys.stderr)

@@ -1,4 +1,6 @@
-"""The resolved settings of a distillation run: written beside its outputs, checked on resume."""
+"""The settings of `fastkd distill` (written beside a run's outputs, checked on resume), `demo` and `bench`,
+and the option vocabulary they share with `glue` (glue/config.py) and `search` (search/config.py).
+Light on purpose: the CLI builds its parser from these dataclasses without importing torch."""
 
 from __future__ import annotations
 
@@ -60,7 +62,8 @@ def seed_value(text: str) -> int:
     return value
 
 
-LOSS_BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
+BACKENDS = ("torch", "cpp", "triton", "cuda")  # the fused-loss backends (fastkd.ops), reference first
+LOSS_BACKENDS = ("auto",) + BACKENDS
 OBJECTIVES = ("tinybert", "minilm", "minilmv2", "sentence")
 OBJECTIVE_HELP = ("what the student learns: tinybert (embedding, hidden-state and attention-score MSE), minilm "
                   "(attention-distribution and value-relation KL), minilmv2 (Q-Q, K-K and V-V relation KL), sentence "
@@ -212,3 +215,68 @@ def differing_settings(saved: dict, current: dict) -> list[str]:
 
 def read_run_config(output: Path) -> dict | None:
     return read_json(output / "config.json", "run")
+
+
+@dataclass
+class DemoConfig:
+    """`fastkd demo`: the whole pipeline's few settings (its flags are generated from this)."""
+
+    data_dir: str | None = option(None, "folder with corpus/ (text) and glue/ (glue_data layout); default "
+                                        "../shared/data where it exists")
+    output: str = option("runs/demo", "demo directory")
+    quick: bool = option(False, "a much smaller budget (a smoke run, noisier verdict)")
+    teacher: str = option("default", "teacher (the default is the packaged all-MiniLM-L6-v2)")
+    student_layers: int = option(3, "student layers")
+    seed: int = option(0, "seed of the whole pipeline", parse=seed_value)
+    progress: bool = option(True, PROGRESS_HELP)
+
+
+def backend_list(text: str) -> list[str]:
+    """'torch,cpp' -> ['torch', 'cpp']. Empty items are kept for `validate` to refuse ('' or 'torch,,cpp'
+    is a slip, not "torch only"), but for one trailing comma: a one-item list from a config file
+    reaches here as 'cpp,' (options.Spec.from_file)."""
+    items = [b.strip().lower() for b in text.split(",")]
+    if len(items) > 1 and items[-1] == "":
+        items.pop()
+    return items
+
+
+@dataclass
+class BenchConfig:
+    """`fastkd bench`: what is timed (its flags are generated from this)."""
+
+    teacher: str = option("default", "teacher directory, hub name, 'default' or 'mpnet-base'")
+    student_layers: int = option(3, "student layers")
+    student_hidden: int | None = option(None, "student hidden size")
+    student_heads: int | None = option(None, "student heads")
+    student_ffn: int | None = option(None, "student FFN size")
+    mapping: str = option("uniform", "layer mapping, as for distill", dash_value=True)
+    batch_size: int = option(32, "sequences per step")
+    seq_len: int = option(128, "tokens per sequence (all real: the losses' worst case)")
+    steps: int = option(10, "timed steps (the median is reported)")
+    warmup: int = option(2, "untimed steps first")
+    bf16: bool = option(False, "bf16 autocast")
+    backends: list[str] = option(factory=lambda: ["all"], help="comma-separated: all, torch, cpp, triton, cuda",
+                                 parse=backend_list)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    objective: str = option("tinybert", OBJECTIVE_HELP, choices=OBJECTIVES)
+    relation_heads: int | None = option(None, RELATION_HEADS_HELP)
+    w_attention_kl: float | None = option(None, "the attention KL term's weight (default: the objective's)")
+    seed: int = option(0, "seeds the students and the batch", parse=seed_value)
+    output: str = option("runs/bench/bench.json", "JSON file to write")
+
+    def validate(self) -> None:
+        for name, value, low in (("--batch-size", self.batch_size, 1), ("--seq-len", self.seq_len, 8),
+                                 ("--steps", self.steps, 1), ("--warmup", self.warmup, 0)):
+            if value < low:
+                raise UserError(f"{name} must be at least {low} (got {value})")
+        choices = ", ".join(("all",) + BACKENDS)
+        if not self.backends or "" in self.backends:
+            raise UserError(f"--backends {','.join(self.backends)!r} names no backend or has an empty item: give a "
+                            f"comma-separated list from {choices}")
+        unknown = [b for b in self.backends if b not in ("all",) + BACKENDS]
+        if unknown:
+            raise UserError(f"--backends: unknown {', '.join(unknown)}; choose from {choices}")
+        problem = loss_weight_problem(self)  # distill's check, so both refuse the same weights
+        if problem is not None:
+            raise UserError(problem)

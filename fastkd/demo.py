@@ -14,39 +14,24 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import MAX_SEED, PROGRESS_HELP, DistillConfig, seed_problem, seed_value
+from .config import MAX_SEED, DistillConfig, seed_problem
 from .device import bf16_absence, bf16_is_native, pick_device
 from .distill import run_distill
 from .errors import UserError
 from .glue.finetune import FinetuneConfig, TaskCache
-from .glue.report import _HEADERS, _SHOWN, collapsed
+from .glue.report import HEADERS, SHOWN, collapsed
 from .glue.run import run_glue
 from .glue.tasks import TASKS
 from .io import atomic_write_json, atomic_write_text, check_writable_dir
 from .mapping import LayerMapping, heuristic
 from .models import load_config
-from .options import option
-from .search.proxy import ProxyConfig
 from .search.report import verdict_lines
-from .search.run import SEED_STRIDE, Search, SearchConfig
+from .search.config import SEED_STRIDE, ProxyConfig, SearchConfig
+from .search.run import Search
 
 log = logging.getLogger(__name__)
 
 TEACHER_MARGIN = 0.05  # a final-table task must let the teacher beat the majority class by this much
-
-
-@dataclass
-class DemoConfig:
-    """`fastkd demo`: the whole pipeline's few settings (its flags are generated from this)."""
-
-    data_dir: str | None = option(None, "folder with corpus/ (text) and glue/ (glue_data layout); default "
-                                        "../shared/data where it exists")
-    output: str = option("runs/demo", "demo directory")
-    quick: bool = option(False, "a much smaller budget (a smoke run, noisier verdict)")
-    teacher: str = option("default", "teacher (the default is the packaged all-MiniLM-L6-v2)")
-    student_layers: int = option(3, "student layers")
-    seed: int = option(0, "seed of the whole pipeline", parse=seed_value)
-    progress: bool = option(True, PROGRESS_HELP)
 
 
 @dataclass(frozen=True)
@@ -254,7 +239,7 @@ def seeds_table(reports: list[dict], students: list[str], teacher: str, zero_sho
     marks = {(p, k): any(collapsed(entry[(i, p)]["tasks"][k]) for i in range(len(reports))) for p in models for k in keys}
     baseline = {k: reports[0]["majority_baseline"][k]["score"] for k in keys}
     apart = {k: statistics.fmean(scores[(teacher, k)]) - baseline[k] >= TEACHER_MARGIN for k in keys}
-    header = [f"{_HEADERS[k].split(' (')[0]} ({'/'.join(_SHOWN[k])}, mean)" for k in keys]
+    header = [f"{HEADERS[k].split(' (')[0]} ({'/'.join(SHOWN[k])}, mean)" for k in keys]
     zs = zero_shot or {}
     extra = " STS-B zero-shot (P/S) |" if zs else ""
     lines = ["| Model | " + " | ".join(header) + " | avg |" + extra, "| --- |" + " --- |" * (len(keys) + 1 + bool(zs))]

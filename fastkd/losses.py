@@ -33,7 +33,9 @@ from torch import nn
 from . import ops
 from .capture import AttentionRecord
 from .mapping import LayerMapping
-from .sentence import SentencePooling, SentenceProjection, sentence_embedding
+from .errors import UserError
+from .families import family_of
+from .sentence import SentencePooling, SentenceProjection, read_pooling, sentence_embedding
 
 log = logging.getLogger(__name__)
 
@@ -283,3 +285,40 @@ class DistillLoss(nn.Module):
             raise ValueError("no active loss term: every weight is zero or the mapping supervises nothing")
         total = sum(getattr(w, name) * value for name, value in terms.items())
         return LossOutput(total, terms)
+
+
+# --- the weights and settings a run's loss resolves to (distill, ZeRO, the search's proxy, bench) ---
+
+def loss_weights(cfg) -> LossWeights:
+    """The objective's weights with the --w-* given in their place."""
+    return objective_weights(cfg.objective, embedding=cfg.w_embedding, hidden=cfg.w_hidden, attention=cfg.w_attention,
+                             attention_kl=cfg.w_attention_kl, value_kl=cfg.w_value_kl, relation=cfg.w_relation,
+                             sentence=getattr(cfg, "w_sentence", None))
+
+
+def relation_heads(weights: LossWeights, requested: int | None, teacher_config, student_hidden: int) -> int | None:
+    """R for the relation terms (None when none is active): the teacher's heads unless given; both
+    models' concatenated heads (their hidden sizes) must split into R equal slices."""
+    if not (weights.value_kl or weights.relation):
+        if requested is not None:  # silently ignoring it would leave the user believing relations were learned
+            raise UserError(f"--relation-heads {requested} has no effect: these loss weights have no relation term; "
+                            "use --objective minilm or minilmv2, or set --w-relation / --w-value-kl above 0")
+        return None
+    family = family_of(teacher_config)
+    _, t_hidden, t_heads, _ = family.sizes(teacher_config)
+    heads = requested or t_heads
+    for who, width in (("teacher", t_hidden), ("student", student_hidden)):
+        if width % heads:
+            raise UserError(f"--relation-heads {heads} does not divide the {who}'s hidden size {width}: pick R so "
+                            f"that both {t_hidden} and {student_hidden} split into R equal slices")
+    return heads
+
+
+def sentence_pooling(teacher: str, weights: LossWeights):
+    """How the sentence term pools (the teacher's pipeline), or None without the term; a pipeline fastkd
+    cannot read is refused in one line. (A narrower student learns a projection: losses.DistillLoss.)"""
+    if not weights.sentence:
+        return None
+    from .models import resolve_model_path  # (models builds students from the teacher; nothing there needs the losses)
+
+    return read_pooling(resolve_model_path(teacher))

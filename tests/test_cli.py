@@ -113,6 +113,33 @@ def test_every_flag_is_explained():
                 assert action.help and len(action.help) > 10, (name, action.dest)
 
 
+_HEAVY = ("torch", "transformers", "datasets", "deepspeed", "numpy")
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--help"], None),
+    (["distill", "--help"], None),
+    (["search", "--help"], None),
+    (["distill", "--corpus", "c", "--output", "o", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["search", "--corpus", "c", "--data-dir", "d", "--output", "o", "--promote", "2"], "--promote"),
+    (["glue", "--model", "m", "--tasks", "sst2", "--data-dir", "d", "--output", "o", "--lr", "-1"], "--lr must be"),
+    (["bench", "--steps", "0"], "--steps must be at least 1"),
+    (["distill", "--corpus", "c", "--output", "o", "--no-such-flag"], "unrecognized arguments"),
+])
+def test_help_and_mistaken_values_never_import_the_heavy_libraries(tmp_path, argv, expect):
+    """--help, and a flag or value mistake, answer before torch/transformers load (the parser is built from
+    light config modules; each command validates its config first): under a second, not eight."""
+    probe = ("import sys\nfrom fastkd.cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n"
+             "    code = e.code\nheavy = [m for m in %r if m in sys.modules]\nprint('HEAVY', heavy, 'CODE', code)\n" % (_HEAVY,))
+    done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert "HEAVY [] CODE" in done.stdout, (done.stdout[-500:], done.stderr[-2000:])
+    if expect is None:
+        assert "CODE 0" in done.stdout and "usage" in done.stdout
+    else:
+        assert "CODE 2" in done.stdout and expect in done.stderr, done.stderr[-2000:]
+        assert len([line for line in done.stderr.splitlines() if line.strip()]) == 1
+
+
 def runpy_main(argv: list[str]) -> int:
     """`python -m fastkd ARGV` in this process: fastkd/__main__.py run as __main__, its exit status."""
     import runpy

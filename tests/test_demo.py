@@ -4,7 +4,7 @@ import os
 import torch
 
 from fastkd.demo import Budget, run_demo
-from fastkd.search.proxy import ProxyConfig
+from fastkd.search.config import ProxyConfig
 
 from conftest import SHARED_DATA
 

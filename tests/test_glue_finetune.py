@@ -236,7 +236,7 @@ def test_mean_head_is_a_masked_mean_and_one_linear_layer(tiny_teacher_dir, defau
 
 def test_biencoder_head_encodes_each_sentence_alone_as_sentence_transformers_fine_tunes(tiny_teacher_dir,
                                                                                         default_tokenizer):
-    from fastkd.glue.finetune import BiEncoderClassifier, PooledClassifier, _batch, _subset, make_classifier
+    from fastkd.glue.finetune import BiEncoderClassifier, PooledClassifier, padded_batch, subset_rows, make_classifier
     from fastkd.glue.tasks import task_spec
     from fastkd.models import load_encoder
 
@@ -245,11 +245,11 @@ def test_biencoder_head_encodes_each_sentence_alone_as_sentence_transformers_fin
     train = cache.data(spec).train
     assert cache.encoded(train, default_tokenizer, 48).a_ids is None  # only where the head asks for them
     enc = cache.encoded(train, default_tokenizer, 48, apart=True)
-    assert _subset(enc, [3, 1]).b_ids == [enc.b_ids[3], enc.b_ids[1]]  # (held-out scoring keeps them)
+    assert subset_rows(enc, [3, 1]).b_ids == [enc.b_ids[3], enc.b_ids[1]]  # (held-out scoring keeps them)
     assert enc.a_ids[3] == default_tokenizer(train.text_a[3], truncation=True, max_length=48)["input_ids"]
     assert enc.b_ids[3] == default_tokenizer(train.text_b[3], truncation=True, max_length=48)["input_ids"]
     rows = [0, 1, 2, 3]
-    batch = _batch(enc, rows, default_tokenizer.pad_token_id, apart=True)
+    batch = padded_batch(enc, rows, default_tokenizer.pad_token_id, apart=True)
     assert set(batch) == {"input_ids", "attention_mask", "input_ids_b", "attention_mask_b"}
     clf = make_classifier(str(tiny_teacher_dir), spec, seed=0, head="biencoder", label_max=5.0).eval()
     assert isinstance(clf, BiEncoderClassifier)

@@ -14,7 +14,8 @@ import sys
 import pytest
 import torch
 
-from fastkd.bench import BenchConfig, measure_backend
+from fastkd.bench import measure_backend
+from fastkd.config import BenchConfig
 from fastkd.errors import UserError
 from fastkd.losses import objective_weights
 from fastkd.memory import StepMemory, check_step_fits, size_text, step_memory, teacher_shape

@@ -90,7 +90,7 @@ def test_dev_null_as_corpus_and_empty_proxy_tasks(capfd, tmp_path, tiny_teacher_
 
 
 def test_a_ds_config_with_an_unknown_stage(tmp_path, tiny_teacher_dir, small_corpus):
-    from fastkd.zero import load_ds_config
+    from fastkd.distill.zero import load_ds_config
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 7}}))

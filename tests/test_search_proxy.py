@@ -6,7 +6,8 @@ from fastkd.corpus import load_corpus, sample_corpus
 from fastkd.glue import TaskCache, parse_tasks
 from fastkd.mapping import LayerMapping
 from fastkd.models import load_teacher, student_shape
-from fastkd.search.proxy import ProxyConfig, ProxyEvaluator
+from fastkd.search.config import ProxyConfig
+from fastkd.search.proxy import ProxyEvaluator
 
 FIXTURES = Path(__file__).parent / "fixtures" / "glue"
 PROXY = ProxyConfig(sequences=64, steps=4, batch_size=4, max_seq_len=32, tasks=("wnli", "qnli"),

@@ -6,9 +6,9 @@ import pytest
 from scipy import stats
 
 from fastkd.errors import UserError
-from fastkd.search.proxy import ProxyConfig
+from fastkd.search.config import ProxyConfig
 from fastkd.search.rungs import Rung, parse_ladder, successive_halving
-from fastkd.search.run import SearchConfig
+from fastkd.search.config import SearchConfig
 from fastkd.search.verdict import paired_interval, sentence
 
 WINNER = [0.812, 0.797, 0.820, 0.805, 0.811]

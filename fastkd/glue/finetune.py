@@ -21,8 +21,6 @@ from transformers import AutoModel, AutoModelForSequenceClassification, PreTrain
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .. import optim, rng
-from ..config import PROGRESS_HELP, seed_value
-from ..options import option
 from ..device import pick_device, warn_if_bf16_emulated
 from ..errors import UserError
 from ..families import model_inputs, stock_attention, usable_positions
@@ -30,102 +28,11 @@ from ..corpus import tokenizer_fingerprint
 from ..models import load_encoder, resolve_model_path
 from ..padding import pad_batch
 from ..sentence import SentencePooling, has_pipeline, read_pooling, sentence_embedding
+from .config import DEFAULT_HEAD, HEADS, HELDOUT_PARTS, FinetuneConfig  # noqa: F401  (the search's names)
 from .metrics import compute_metrics, majority_baseline, prediction_summary, task_score
 from .tasks import Split, TaskData, TaskSpec, load_task
 
 log = logging.getLogger(__name__)
-
-# What the task head reads:
-#   pooler          the copied CLS pooler (dense + tanh) and the family's classifier, as
-#                   AutoModelForSequenceClassification builds it
-#   pooler-reinit   the same, the pooler re-initialised (seeded)
-#   mean            masked mean of the last hidden states -> dropout -> one linear layer
-#   pipeline        the pooling mode (mean, cls or max) of the model's sentence-transformers pipeline
-#                   (modules.json) -> dropout -> one linear layer; mean for a model without one. Without
-#                   the pipeline's Normalize: unit-length features left the teacher's STS-B regression
-#                   collapsed (6.5 and 0.0 at lr 1.5e-4 and 5e-4, where mean reached 76.5 and 74.4)
-# Measured (benchmarks/glue_heads.py, results/glue_heads.json: the default teacher and two distilled
-# 3-layer students, the demo's budget, 2 seeds): what held the students' fine-tuned STS-B near 15 was
-# not the head but where the regression bias starts (below). With the bias at the mean label, pooler
-# and mean are within seed noise (STS-B at lr 5e-4: students 63.4 and 49.2 with pooler, 54.1 and 47.3
-# with mean, seed SDs up to 12; the teacher 79.3 and 82.3; SST-2 within 2.3 points, one seed), so the
-# default stays the pooler.
-HEADS = ("pooler", "pooler-reinit", "mean", "pipeline", "biencoder")
-DEFAULT_HEAD = "pooler"
-HEAD_HELP = ("what the task head reads: pooler (the checkpoint's CLS pooler and the family's classifier, as "
-             "transformers builds it), pooler-reinit (the same with a fresh pooler), mean (masked mean of the last "
-             "hidden states, then one linear layer), pipeline (the pooling mode of the model's sentence-transformers "
-             "pipeline, mean without one) or biencoder (sentence-transformers' fine-tuning: each sentence of a pair "
-             "encoded alone and pooled as pipeline does; the cosine regressed on a similarity label, a linear layer "
-             "on (u, v, |u-v|) for a pair class; single sentences as pipeline)")
-
-# Where a regression head's output bias starts. At lr 1.5e-4 the bias moves about 0.01 in 80 steps,
-# far from STS-B's mean label (2.7): from 0, the short budget went into moving every prediction up,
-# and the students' STS-B stayed at 8-19 with every head (the teacher's pooler collapsed at lr 5e-4:
-# 11.5 and 4.0). Started at the mean label of the fine-tuning examples: students 44-46 and 32 at lr
-# 1.5e-4 and 54-63 and 47-49 at 5e-4, the teacher 79-82 (2 seeds, benchmarks/glue_heads.py).
-REGRESSION_BIASES = ("label-mean", "zero")
-REGRESSION_BIAS_HELP = ("where a regression task's (STS-B's) output bias starts: label-mean (the mean label of the "
-                        "fine-tuning examples) or zero (transformers' default)")
-
-
-@dataclass
-class FinetuneConfig:
-    """How each (model, task) is fine-tuned and scored (`fastkd glue`'s flags are generated from it)."""
-
-    epochs: float = option(3.0, "training epochs (ignored with --max-steps)")
-    max_steps: int | None = option(None, "optimizer steps per task (overrides --epochs)")
-    max_train_examples: int | None = option(None, "fine-tune on a deterministic subsample of this many training "
-                                                  "examples")
-    batch_size: int = option(32, "training batch size")
-    lr: float = option(5e-5, "peak AdamW learning rate")
-    warmup: float = option(0.1, "linear warmup, as a fraction of the steps")
-    weight_decay: float = option(0.01, "AdamW weight decay (not biases/LayerNorm)")
-    max_seq_len: int = option(128, "truncate each example to this many tokens")
-    seed: int = option(0, "seeds the head, data order and subsample", parse=seed_value)
-    bf16: bool = option(False, "bf16 autocast")
-    eval_batch_size: int = option(128, "evaluation batch size")
-    progress: bool = option(True, PROGRESS_HELP)
-    device: str = option("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N")
-    head: str = option(DEFAULT_HEAD, HEAD_HELP, choices=HEADS)
-    regression_bias: str = option("label-mean", REGRESSION_BIAS_HELP, choices=REGRESSION_BIASES)
-    # > 0: score on this many held-out *training* rows (disjoint from the fine-tuning examples, the
-    # same rows for every seed and model) instead of dev, where the training set is large enough.
-    heldout: int = option(0, cli=False)
-    # Which of the two disjoint held-out slices scores: "selection" (a search choosing its winner)
-    # or "verdict" (the held-out seeds judging it), so the winner is never judged on the rows that
-    # chose it. Both slices are always kept out of the fine-tuning rows.
-    heldout_part: str = option("selection", cli=False)
-
-    def validate(self) -> None:
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
-        if self.eval_batch_size < 1:
-            raise UserError(f"--eval-batch-size must be at least 1 (got {self.eval_batch_size})")
-        if self.max_steps is None and not (math.isfinite(self.epochs) and self.epochs > 0):
-            raise UserError(f"--epochs must be a positive number (got {self.epochs})")
-        if self.max_seq_len < 8:
-            raise UserError(f"--max-seq-len must be at least 8 (got {self.max_seq_len})")
-        if not 0 <= self.warmup < 1:
-            raise UserError(f"--warmup is a fraction of the steps in [0, 1) (got {self.warmup})")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise UserError(f"--weight-decay must be non-negative (got {self.weight_decay})")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise UserError(f"--max-steps must be at least 1 (got {self.max_steps})")
-        if self.max_train_examples is not None and self.max_train_examples < 1:
-            raise UserError(f"--max-train-examples must be at least 1 (got {self.max_train_examples})")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UserError(f"--lr must be positive (got {self.lr})")
-        if self.head not in HEADS:
-            raise UserError(f"--head must be one of {', '.join(HEADS)} (got {self.head!r})")
-        if self.regression_bias not in REGRESSION_BIASES:
-            raise UserError(f"--regression-bias must be one of {', '.join(REGRESSION_BIASES)} "
-                            f"(got {self.regression_bias!r})")
-        if self.heldout < 0:
-            raise UserError(f"the held-out slice must be 0 (score on dev) or a number of rows (got {self.heldout})")
-        if self.heldout_part not in HELDOUT_PARTS:
-            raise ValueError(f"heldout_part must be one of {HELDOUT_PARTS} (got {self.heldout_part!r})")
-
 
 @dataclass
 class Encoded:
@@ -201,7 +108,6 @@ def subsample(n: int, k: int | None, seed: int) -> np.ndarray:
 
 
 HELDOUT_SEED = 7919  # fixed, not the run's seed: every seed and model is scored on the same rows
-HELDOUT_PARTS = ("selection", "verdict")  # two disjoint slices of one fixed permutation
 MIN_TRAIN_LEFT = 1000  # held-out slices are cut only when at least this many training rows remain
 _TOLD: set = set()
 
@@ -240,7 +146,7 @@ def _texts(split: Split, rows) -> set:
     return {(split.text_a[i], None if b is None else b[i]) for i in rows}
 
 
-def _subset(enc: Encoded, rows) -> Encoded:
+def subset_rows(enc: Encoded, rows) -> Encoded:
     pick = (lambda ids: None if ids is None else [ids[i] for i in rows])  # noqa: E731
     return Encoded(pick(enc.input_ids), pick(enc.token_type_ids), enc.labels[rows], pick(enc.a_ids), pick(enc.b_ids))
 
@@ -272,11 +178,11 @@ def scoring_rows(data: TaskData, tokenizer, cache: "TaskCache", cfg: FinetuneCon
                                                  min_left))
         held = np.array([i for i in held if _text(data.train, i) not in chosen], dtype=np.int64)
     labels = [data.train.labels[i] for i in held]
-    return Scoring(rows, [("heldout", _subset(train_enc, held), labels)],
+    return Scoring(rows, [("heldout", subset_rows(train_enc, held), labels)],
                    f"train-heldout-{cfg.heldout_part}[{len(held)}]", held, rest)
 
 
-def _score(spec: TaskSpec, data: TaskData, scoring: Scoring, predict_fn, by_name: bool = False) -> tuple:
+def score_splits(spec: TaskSpec, data: TaskData, scoring: Scoring, predict_fn, by_name: bool = False) -> tuple:
     """Metrics of predict_fn on every scoring split (suffixed like GLUE), the majority baseline, spreads.
 
     predict_fn takes the split's Encoded rows, or its name with by_name (the probe encodes its own way).
@@ -299,7 +205,7 @@ def _score(spec: TaskSpec, data: TaskData, scoring: Scoring, predict_fn, by_name
     return metrics, baseline, predictions, examples
 
 
-def _batch(enc: Encoded, rows, pad_id: int, apart: bool = False) -> dict[str, torch.Tensor]:
+def padded_batch(enc: Encoded, rows, pad_id: int, apart: bool = False) -> dict[str, torch.Tensor]:
     """The rows as one padded batch; apart (the biencoder head on a pair task): each sentence its own
     batch, the second one's keys ending in _b."""
     if apart and enc.a_ids is not None:
@@ -507,7 +413,7 @@ def predict(classifier, enc: Encoded, pad_id: int, batch_size: int, bf16: bool =
     out = np.empty(len(order), dtype=np.float64)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in _batch(enc, rows, pad_id, apart).items()}
+        batch = {k: v.to(device) for k, v in padded_batch(enc, rows, pad_id, apart).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = classifier(**model_inputs(classifier, batch)).logits.float().cpu()
         out[rows] = logits[:, 0].numpy() if logits.shape[-1] == 1 else logits.argmax(-1).numpy()
@@ -551,7 +457,7 @@ def finetune_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: Finet
             if len(order) < cfg.batch_size:  # next epoch (the tail of an epoch joins the next one)
                 order += rows[torch.randperm(len(rows), generator=gen).numpy()].tolist()
             batch_rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
-            batch = {k: v.to(device) for k, v in _batch(train_enc, batch_rows, pad_id, apart).items()}
+            batch = {k: v.to(device) for k, v in padded_batch(train_enc, batch_rows, pad_id, apart).items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 out = classifier(**model_inputs(classifier, batch), labels=train_enc.labels[batch_rows].to(device))
             out.loss.backward()
@@ -564,7 +470,7 @@ def finetune_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: Finet
                 bar.set_postfix(loss=f"{out.loss.item():.3f}")
         bar.close()
 
-    metrics, baseline, predictions, examples = _score(
+    metrics, baseline, predictions, examples = score_splits(
         spec, data, scoring, lambda enc: predict(classifier, enc, pad_id, cfg.eval_batch_size, cfg.bf16))
     return TaskResult(spec.name, metrics, task_score(metrics), baseline, task_score(baseline), predictions,
                       len(rows), examples, total_steps, round(time.perf_counter() - started, 2),

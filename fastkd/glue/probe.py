@@ -25,9 +25,9 @@ from sklearn.preprocessing import StandardScaler
 from ..device import pick_device
 from ..families import model_inputs
 from ..models import load_encoder
-from .finetune import Encoded, FinetuneConfig, TaskCache, TaskResult, _batch, _score, _subset, scoring_rows
+from .finetune import Encoded, FinetuneConfig, TaskCache, TaskResult, padded_batch, score_splits, subset_rows, scoring_rows
 from .metrics import task_score
-from .tasks import TaskSpec, task_spec
+from .tasks import ZERO_SHOT_TASK, TaskSpec, task_spec  # noqa: F401  (ZERO_SHOT_TASK: the search reads it here too)
 
 PROBE_C = 1.0  # inverse L2 strength of the logistic probe (standardised features)
 PROBE_ALPHA = 1.0  # ridge strength for regression tasks
@@ -43,7 +43,7 @@ def mean_pooled(encoder, enc: Encoded, pad_id: int, batch_size: int, bf16: bool 
     out = np.empty((len(order), encoder.config.hidden_size), dtype=np.float64)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in _batch(enc, rows, pad_id).items()}
+        batch = {k: v.to(device) for k, v in padded_batch(enc, rows, pad_id).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             hidden = encoder(**model_inputs(encoder, batch)).last_hidden_state.float()
         mask = batch["attention_mask"].unsqueeze(-1).float()
@@ -78,9 +78,9 @@ def probe_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: Finetune
     def features(split, which) -> np.ndarray:
         """Features of rows `which` of `split` (a Split of the task)."""
         if not pair:
-            return pool(_subset(cache.encoded(split, tokenizer, cfg.max_seq_len), which))
-        u = pool(_subset(_sentences(cache, split, "text_a", tokenizer, cfg.max_seq_len), which))
-        v = pool(_subset(_sentences(cache, split, "text_b", tokenizer, cfg.max_seq_len), which))
+            return pool(subset_rows(cache.encoded(split, tokenizer, cfg.max_seq_len), which))
+        u = pool(subset_rows(_sentences(cache, split, "text_a", tokenizer, cfg.max_seq_len), which))
+        v = pool(subset_rows(_sentences(cache, split, "text_b", tokenizer, cfg.max_seq_len), which))
         return np.concatenate([np.abs(u - v), u * v], axis=1)
 
     x = features(data.train, rows)
@@ -102,13 +102,12 @@ def probe_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: Finetune
             return np.full(len(which), int(y[0]))
         return head.predict(features(split, which))
 
-    metrics, baseline, predictions, examples = _score(spec, data, scoring, predict_fn, by_name=True)
+    metrics, baseline, predictions, examples = score_splits(spec, data, scoring, predict_fn, by_name=True)
     return TaskResult(spec.name, metrics, task_score(metrics), baseline, task_score(baseline), predictions,
                       len(rows), examples, 0, round(time.perf_counter() - started, 2),
                       data.train.skipped_rows + sum(d.skipped_rows for d in data.dev), scoring.eval_split, "probe")
 
 
-ZERO_SHOT_TASK = "stsb"
 
 
 def zero_shot_similarity(model, tokenizer, cache: TaskCache, cfg: FinetuneConfig) -> TaskResult:
@@ -130,10 +129,10 @@ def zero_shot_similarity(model, tokenizer, cache: TaskCache, cfg: FinetuneConfig
     def cosine(name: str) -> np.ndarray:
         split, which = ((data.train, scoring.held) if name == "heldout"
                         else (dev_by_name[name], np.arange(len(dev_by_name[name]))))
-        u, v = (mean_pooled(encoder, _subset(_sentences(cache, split, side, tokenizer, cfg.max_seq_len), which), pad_id,
+        u, v = (mean_pooled(encoder, subset_rows(_sentences(cache, split, side, tokenizer, cfg.max_seq_len), which), pad_id,
                             cfg.eval_batch_size, cfg.bf16) for side in ("text_a", "text_b"))
         return (u * v).sum(1) / np.maximum(np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1), 1e-12)
 
-    metrics, baseline, predictions, examples = _score(spec, data, scoring, cosine, by_name=True)
+    metrics, baseline, predictions, examples = score_splits(spec, data, scoring, cosine, by_name=True)
     return TaskResult(f"{spec.name} zero-shot", metrics, task_score(metrics), baseline, task_score(baseline), predictions,
                       0, examples, 0, round(time.perf_counter() - started, 2), 0, scoring.eval_split, "zero-shot")

@@ -13,9 +13,9 @@ from .tasks import TASKS
 COLLAPSE_FRACTION = 0.95  # a classifier predicting one class this often has learned nothing
 
 # GLUE's column headers: the metrics shown per task, in leaderboard order.
-_HEADERS = {"cola": "CoLA (MCC)", "sst2": "SST-2 (acc)", "mrpc": "MRPC (F1/acc)", "stsb": "STS-B (P/S)",
+HEADERS = {"cola": "CoLA (MCC)", "sst2": "SST-2 (acc)", "mrpc": "MRPC (F1/acc)", "stsb": "STS-B (P/S)",
             "qqp": "QQP (F1/acc)", "mnli": "MNLI (m/mm)", "qnli": "QNLI (acc)", "rte": "RTE (acc)", "wnli": "WNLI (acc)"}
-_SHOWN = {"cola": ["mcc"], "sst2": ["accuracy"], "mrpc": ["f1", "accuracy"], "stsb": ["pearson", "spearman"],
+SHOWN = {"cola": ["mcc"], "sst2": ["accuracy"], "mrpc": ["f1", "accuracy"], "stsb": ["pearson", "spearman"],
           "qqp": ["f1", "accuracy"], "mnli": ["accuracy_m", "accuracy_mm"], "qnli": ["accuracy"], "rte": ["accuracy"],
           "wnli": ["accuracy"]}
 
@@ -41,14 +41,14 @@ def build_report(settings: dict, models: list[dict]) -> dict:
 
 
 def _cell(key: str, metrics: dict, mark: str = "") -> str:
-    return "/".join(f"{100 * metrics[m]:.1f}" for m in _SHOWN[key] if m in metrics) + mark
+    return "/".join(f"{100 * metrics[m]:.1f}" for m in SHOWN[key] if m in metrics) + mark
 
 
 def markdown(report: dict) -> str:
     keys = [k for k in TASKS if any(k in m["tasks"] for m in report["models"])]
     zeroshot = any("zeroshot" in m for m in report["models"])
     extra = " STS-B zero-shot (S) |" if zeroshot else ""
-    lines = ["| Model | " + " | ".join(_HEADERS[k] for k in keys) + " | GLUE avg |" + extra,
+    lines = ["| Model | " + " | ".join(HEADERS[k] for k in keys) + " | GLUE avg |" + extra,
              "| --- | " + " | ".join("---" for _ in keys) + " | --- |" + (" --- |" if zeroshot else "")]
     for entry in report["models"]:
         cells = []

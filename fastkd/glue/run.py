@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from ..config import differing_settings
@@ -12,34 +12,14 @@ from ..errors import UserError
 from ..io import atomic_write_json, check_writable_dir, lock_output, refuse_foreign_output
 from ..device import pick_device
 from ..families import is_encoder, supported, usable_positions
-from ..options import option
 from ..sentence import describe_pipeline, has_pipeline, zeroshot_stsb
 from ..models import check_finite_weights, check_weight_files, load_config, load_tokenizer, resolve_model_path
-from .finetune import FinetuneConfig, TaskCache, finetune_task, head_pooling
+from .config import FinetuneConfig
+from .finetune import TaskCache, finetune_task, head_pooling
 from .report import build_report, read_report, write_reports
 from .tasks import TASKS, parse_tasks, task_spec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GlueConfig:
-    """`fastkd glue`: which models on which tasks, and how each is fine-tuned (flags generated from it)."""
-
-    model: list[str] | None = option(None, "an exported student, any Hugging Face model directory or hub name, or "
-                                           "'default' (the teacher); repeat for several models in one table",
-                                     action="append", required=True, metavar="DIR|default")
-    tasks: str | None = option(None, "comma-separated tasks (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli; any "
-                                     "case, dashes optional) or 'all'", required=True)
-    data_dir: str | None = option(None, "glue_data-style directory (TASK/train.tsv, TASK/dev.tsv), or 'hub' for "
-                                        "nyu-mll/glue", required=True)
-    finetune: FinetuneConfig = option(factory=FinetuneConfig, prefix="")
-    skip_bad_rows: bool = option(False, "skip (and count) malformed TSV rows instead of stopping at the first")
-    zeroshot_stsb: bool = option(True, "also score each sentence-embedding model (a sentence-transformers pipeline: "
-                                       "modules.json) zero-shot on STS-B dev: Spearman of the cosine of its embeddings, "
-                                       "no training; needs STS-B under --data-dir and the sentence-transformers package")
-    output: str | None = option(None, "directory for glue.json and glue.md", required=True)
-    resume: bool = option(False, "reuse finished (model, task) results in --output")
 
 
 def display_name(model: str) -> str:
@@ -109,7 +89,7 @@ def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg
         if zeroshot_stsb and has_pipeline(resolve_model_path(model)):
             describe_pipeline(resolve_model_path(model))  # a damaged modules.json is one line now
         if cfg.head in ("pipeline", "biencoder"):
-            head_pooling(model)  # an unreadable pipeline is one line now; says what the head pools like
+            head_pooling(model, cfg.head)  # an unreadable pipeline is one line now; says what the head pools like
     cache = TaskCache(data_dir, skip_bad_rows)
     for spec in tasks:
         cache.data(spec)

@@ -19,6 +19,9 @@ from ..errors import UserError
 log = logging.getLogger(__name__)
 
 
+ZERO_SHOT_TASK = "stsb"  # what the search's zero-shot rung scores
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str  # display name, e.g. "SST-2"

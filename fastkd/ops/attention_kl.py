@@ -324,7 +324,7 @@ def _triton_launch(qs, ks, qt, kt, mask, scale_s: float, scale_t: float, *, grad
     native_s = native_dot(qs.dtype, ks.dtype, _INTERPRETED)
     native_t = native_dot(qt.dtype, kt.dtype, _INTERPRETED)
     bds, bdt = pow2_dim(DS), pow2_dim(DT)
-    bm, bn, num_warps, num_stages = attention_mse._block_sizes(S, bds, bdt, 2 if native_s and native_t else 4,
+    bm, bn, num_warps, num_stages = attention_mse.block_sizes(S, bds, bdt, 2 if native_s and native_t else 4,
                                                                block_m, block_n)
     strides = (*qs.stride(), *ks.stride(), *qt.stride(), *kt.stride())
     precision = fp32_dot_precision()
@@ -358,8 +358,8 @@ class TritonAttentionKl(torch.autograd.Function):
     def backward(ctx, grad_output):
         count, dqs, dks = ctx.saved_tensors
         scale = grad_output.float() / count
-        return (attention_mse._scale_grad(dqs, scale, ctx.dtypes[0]),
-                attention_mse._scale_grad(dks, scale, ctx.dtypes[1]), None, None, None, None, None, None, None, None)
+        return (attention_mse.scale_grad(dqs, scale, ctx.dtypes[0]),
+                attention_mse.scale_grad(dks, scale, ctx.dtypes[1]), None, None, None, None, None, None, None, None)
 
 
 def triton_attention_kl(qs, ks, qt, kt, mask, scale_s: float, scale_t: float, *, block_m: int | None = None,

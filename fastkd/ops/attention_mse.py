@@ -268,7 +268,7 @@ def _qk_mse_cols_kernel(
 _INTERPRETED = interpreted(_qk_mse_rows_kernel)
 
 
-def _block_sizes(S: int, bds: int, bdt: int, elt_bytes: int, block_m: int | None,
+def block_sizes(S: int, bds: int, bdt: int, elt_bytes: int, block_m: int | None,
                  block_n: int | None) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the GPU (untuned guesses, see below).
 
@@ -327,7 +327,7 @@ def _triton_launch(qs, ks, qt, kt, mask, scale_s: float, scale_t: float, *, grad
     native_s = native_dot(qs.dtype, ks.dtype, _INTERPRETED)
     native_t = native_dot(qt.dtype, kt.dtype, _INTERPRETED)
     bds, bdt = pow2_dim(DS), pow2_dim(DT)
-    bm, bn, num_warps, num_stages = _block_sizes(S, bds, bdt, 2 if native_s and native_t else 4,
+    bm, bn, num_warps, num_stages = block_sizes(S, bds, bdt, 2 if native_s and native_t else 4,
                                                  block_m, block_n)
     strides = (*qs.stride(), *ks.stride(), *qt.stride(), *kt.stride())
     precision = fp32_dot_precision()
@@ -348,7 +348,7 @@ def _triton_launch(qs, ks, qt, kt, mask, scale_s: float, scale_t: float, *, grad
     return partial.sum() / count, count, dqs, dks
 
 
-def _scale_grad(buf: torch.Tensor | None, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+def scale_grad(buf: torch.Tensor | None, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """buf * scale computed in fp32 and rounded once into `dtype` (no fp32 temporary for 16-bit)."""
     if buf is None:
         return None
@@ -372,7 +372,7 @@ class TritonAttentionMse(torch.autograd.Function):
     def backward(ctx, grad_output):
         count, dqs, dks = ctx.saved_tensors
         scale = grad_output.float() / count
-        return (_scale_grad(dqs, scale, ctx.dtypes[0]), _scale_grad(dks, scale, ctx.dtypes[1]),
+        return (scale_grad(dqs, scale, ctx.dtypes[0]), scale_grad(dks, scale, ctx.dtypes[1]),
                 None, None, None, None, None, None, None, None)
 
 

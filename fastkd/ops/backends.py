@@ -23,8 +23,7 @@ from . import _triton, builder
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "cpp", "triton", "cuda")
-CHOICES = ("auto",) + BACKENDS
+from ..config import BACKENDS, LOSS_BACKENDS as CHOICES  # noqa: E402,F401  (one list of names, for the CLI too)
 ENV = "FASTKD_LOSS_BACKEND"
 
 _chains: dict[tuple[str, str], list[str]] = {}

@@ -14,86 +14,28 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import OBJECTIVE_HELP, OBJECTIVES, RELATION_HEADS_HELP, DistillConfig
+from ..config import DistillConfig
 from ..corpus import BatchStream
 from .. import rng
-from ..distill import relation_heads, sentence_pooling
 from ..training import LocalEngine, NonFiniteAbort
-from ..glue import FinetuneConfig, TaskCache, parse_tasks
+from ..glue import TaskCache
 from ..glue.report import COLLAPSE_FRACTION
-from ..losses import DistillLoss, objective_weights
+from ..losses import DistillLoss, objective_weights, relation_heads, sentence_pooling
 from ..mapping import LayerMapping
-from ..options import option
 from ..models import StudentShape, build_student
 from ..teacher import Teacher
+from .config import ProxyConfig
 from .rungs import Rung
 
 log = logging.getLogger(__name__)
 
 FAILED_FITNESS = -1.0  # a candidate whose distillation diverged
-
-
-def proxy_tasks(text: str) -> tuple[str, ...]:
-    """--proxy-tasks: task keys, normalised ('SST-2' -> 'sst2'), so equal settings key the store alike."""
-    return tuple(t.key for t in parse_tasks(text, "--proxy-tasks"))
-
-
-# Held-out rows a proxy score is taken on: below MIN_HELDOUT a task's metric is degenerate (refused);
-# below MEANINGFUL_HELDOUT its sampling error (about 50/sqrt(n) points) exceeds the 1-2 points mappings
-# differ by (the report says so).
-MIN_HELDOUT = 4
-MEANINGFUL_HELDOUT = 100
-
-@dataclass(frozen=True)
-class ProxyConfig:
-    """Everything that determines a candidate's fitness besides its mapping and seed (the search's
-    --proxy-* flags are generated from it)."""
-
-    sequences: int = option(1024, "corpus sequences sampled for proxy distillation (deterministic, by --seed)")
-    steps: int = option(100, "distillation steps per candidate")
-    batch_size: int = option(16, "distillation batch size")
-    max_seq_len: int = option(64, "tokens per proxy sequence", flag="--proxy-seq-len")
-    lr: float = option(5e-4, "distillation learning rate")
-    init: str = option("teacher", "proxy students start from their mapped teacher layers, or random",
-                       choices=("teacher", "random"))
-    tasks: tuple[str, ...] = option(("sst2", "mrpc", "rte"), "GLUE tasks whose mean score is the fitness",
-                                    parse=proxy_tasks)
-    finetune_steps: int = option(100, "fine-tuning steps per proxy task")
-    finetune_examples: int = option(1000, "training examples per proxy task")
-    finetune_batch: int = option(32, "fine-tuning batch size", flag="--proxy-finetune-batch-size")
-    finetune_lr: float = option(1e-4, "fine-tuning learning rate (small students like it high)")
-    finetune_seq_len: int = option(128, "fine-tuning max length")
-    # autocast for proxy distillation (teacher and students) and fine-tuning
-    bf16: bool = option(False, "bf16 autocast for proxy distillation and fine-tuning (faster on CPUs with "
-                               "AVX512-BF16/AMX and on GPUs)")
-    # Score on this many held-out training rows (disjoint from the fine-tuning examples, the same for
-    # every mapping and seed) where a task's train set can spare them; dev otherwise. 0 = dev always.
-    heldout: int = option(2000, "score each proxy task on this many held-out training rows (disjoint from the "
-                                "fine-tuning examples) where its train set can spare them, else on dev; 0 = always dev")
-    # What the proxy students learn: the objective whose mapping is searched (MiniLMv2 found an
-    # upper-middle teacher layer better than the last: the search can find that).
-    objective: str = option("tinybert", OBJECTIVE_HELP, flag="--objective", choices=OBJECTIVES)
-    relation_heads: int | None = option(None, RELATION_HEADS_HELP, flag="--relation-heads")
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d["tasks"] = list(self.tasks)
-        if self.objective == "tinybert" and self.relation_heads is None:  # stores from before objectives resume
-            d.pop("objective")
-            d.pop("relation_heads")
-        return d
-
-    def finetune_config(self, seed: int, progress: bool = False, part: str = "selection") -> FinetuneConfig:
-        """part: which held-out slice scores ("selection" for the GA and the ladder, "verdict" for the verdict)."""
-        return FinetuneConfig(max_steps=self.finetune_steps, max_train_examples=self.finetune_examples,
-                              batch_size=self.finetune_batch, lr=self.finetune_lr, max_seq_len=self.finetune_seq_len,
-                              seed=seed, bf16=self.bf16, progress=progress, heldout=self.heldout, heldout_part=part)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import time
 from ..io import atomic_write_json, atomic_write_text
 from ..mapping import search_space_size
 from .ga import genome_key
-from .proxy import MEANINGFUL_HELDOUT
+from .config import MEANINGFUL_HELDOUT
 from .verdict import CONFIDENCE, overall, sentence
 
 TOP_FRACTION = 0.25  # layers.png: the top quarter of evaluated mappings (at least 3)

@@ -11,7 +11,6 @@ of the differences (fastkd.search.verdict). Every finished evaluation is stored 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -20,211 +19,31 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import (CORPUS_MODE_HELP, CORPUS_MODES, LOSS_BACKEND_HELP, LOSS_BACKENDS, MAX_SEED, PROGRESS_HELP, REPORT_TO,
-                      seed_problem, seed_value)
-from ..corpus import check_cache_dir, corpus_identity, load_corpus, sample_corpus
+from ..corpus import check_cache_dir, load_corpus, sample_corpus
 from ..errors import UserError
 from ..glue import TaskCache, parse_tasks, task_spec
 from ..glue.finetune import heldout_rows
 from ..glue.probe import ZERO_SHOT_TASK
 from ..io import atomic_write_json, check_writable_dir, lock_output, refuse_busy_output, refuse_foreign_output
 from ..mapping import LayerMapping, heuristic
-from ..options import option, resolved_config
-from ..distill import relation_heads, sentence_pooling
+from ..options import resolved_config
 from ..families import usable_positions
-from ..losses import objective_weights
-from ..sentence import read_pooling
-from ..models import load_config, load_teacher, load_tokenizer, resolve_model_path, student_shape
+from ..losses import objective_weights, relation_heads, sentence_pooling
+from ..models import load_config, load_teacher, load_tokenizer, student_shape
 from ..training.loop import Preempted, add_scalars, stop_signals, tensorboard_writer
 from .dist import Comm
-from .ga import GAConfig, GeneticSearch, genome_key
-from .proxy import MEANINGFUL_HELDOUT, MIN_HELDOUT, CandidateResult, ProxyConfig, ProxyEvaluator, task_collapsed
-from .rungs import Rung, parse_ladder, successive_halving
+from .ga import GeneticSearch, genome_key
+from .config import MEANINGFUL_HELDOUT, SearchConfig
+from .proxy import CandidateResult, ProxyEvaluator, task_collapsed
+from .rungs import Rung, successive_halving
 from .store import Evaluation, Store
 from .verdict import PairedInterval, paired_interval
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 3  # bump when proxy training changes what a fitness value means (2: held-out slices;
-#                    3: a regression head's bias starts at the mean label)
 WEAK_TASK_MARGIN = 0.05  # the teacher must beat the majority class by this much on a proxy task
 TEACHER_ROW = "teacher"  # the store row holding the teacher's proxy fine-tuning (signal check)
-SEED_STRIDE = 1000  # verdict seeds: seed + k * SEED_STRIDE, k = 1..n
 SIGNAL_GENERATION, PROMOTION_GENERATION, VERDICT_GENERATION = -1, -3, -2  # the `generation` of non-GA rows
-_FINETUNE_FLAGS = {"--batch-size": "--proxy-finetune-batch-size", "--max-seq-len": "--proxy-finetune-seq-len",
-                   "--max-steps": "--proxy-finetune-steps", "--max-train-examples": "--proxy-finetune-examples",
-                   "--lr ": "--proxy-finetune-lr "}
-
-
-def _resolved(path: str) -> str:
-    return path if path == "hub" or not Path(path).exists() else str(Path(path).resolve())
-
-
-def _identity(path: Path) -> list:
-    st = path.stat()
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
-
-
-def _model_identity(name: str) -> list:
-    path = Path(resolve_model_path(name))
-    if not path.is_dir():
-        return [name]  # a hub name: its revision is the hub's business
-    return [_identity(p) for p in sorted(path.iterdir()) if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".txt")]
-
-
-def verdict_seeds_value(text: str):
-    """'4' -> 4 (a count); '11,12' -> (11, 12); '11,' -> (11,); anything else is refused in one line."""
-    parts = [t.strip() for t in text.split(",") if t.strip()]
-    try:
-        values = [int(t) for t in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a count nor a comma-separated list of seeds") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give a count >= 0 or non-negative seeds")
-    if len(values) > 1 or "," in text:
-        bad = next((v for v in values if seed_problem(v) is not None), None)
-        if bad is not None:
-            raise argparse.ArgumentTypeError(f"{text!r}: seed {bad} is out of range (0 to {MAX_SEED})")
-        return tuple(values)
-    return values[0]
-
-
-SEARCH_GROUPS = {"models": "models", "data": "data", "proxy": "proxy setting (what a fitness value means)",
-                 "ga": "genetic algorithm, fidelity ladder and verdict", "output": "output"}
-
-
-@dataclass
-class SearchConfig:
-    """`fastkd search`: every setting, its flag and its help (the CLI is generated from this)."""
-
-    output: str = option(None, "search directory", group="output", required=True)
-    corpus: str = option(None, "text file/directory or hub dataset, as for distill", group="data", required=True)
-    data_dir: str = option(None, "glue_data-style directory with the proxy tasks, or 'hub'", group="data",
-                           required=True)
-    teacher: str = option("default", "teacher directory, hub name, 'default' (all-MiniLM-L6-v2) or 'mpnet-base' (all-mpnet-base-v2)", group="models")
-    student_layers: int = option(3, "number of student layers M", group="models")
-    student_hidden: int | None = option(None, "student hidden size (default: the teacher's)", group="models")
-    student_heads: int | None = option(None, "student heads (default: keep the head width)", group="models")
-    student_ffn: int | None = option(None, "student FFN size", group="models")
-    proxy: ProxyConfig = option(factory=ProxyConfig, group="proxy")
-    drop_weak_tasks: bool = option(False, "drop a proxy task on which the teacher itself does not beat the majority "
-                                          "class by 5 points", group="proxy")
-    population: int = option(8, "mappings per generation (P)", group="ga")
-    generations: int = option(4, "generations (G)", group="ga")
-    monotone: bool = option(False, "only non-decreasing mappings", group="ga")
-    ladder: str = option("zeroshot,full", "rungs from cheap to faithful, ending in full: zeroshot (STS-B similarity "
-                                          "of mean-pooled embeddings, no training), probe (frozen features + a linear "
-                                          "model per proxy task), short (a quarter of the fine-tuning steps), full "
-                                          "(the proxy fine-tuning); the GA runs on the first", group="ga")
-    promote: float = option(0.5, "fraction of a rung's mappings scored on the next rung", group="ga")
-    verdict_seeds: int | tuple[int, ...] = option(
-        4, "held-out seeds judging the winner against uniform and last: a count N (seeds SEED+1000, ..., "
-           "SEED+N*1000) or a list like 11,12,13 (one explicit seed: '11,'); fewer than 2 means no claim",
-        group="ga", parse=verdict_seeds_value)
-    chunk: int = option(8, "candidates distilled together (lower it to save memory)", group="ga",
-                        flag="--proxy-chunk")
-    loss_backend: str | None = option(None, LOSS_BACKEND_HELP, group="ga", choices=LOSS_BACKENDS)  # rounding only
-    seed: int = option(0, "seeds the GA, the corpus sample and the evaluations", group="ga", parse=seed_value)
-    resume: bool = option(False, "continue an interrupted search; finished evaluations are reused", group="output")
-    report_to: str = option("none", "also write each generation's numbers as TensorBoard scalars under "
-                                    "OUTPUT/tensorboard", group="output", choices=REPORT_TO)
-    progress: bool = option(True, PROGRESS_HELP, group="output")
-    corpus_mode: str = option("auto", CORPUS_MODE_HELP + "; auto: sentences for the sentence objective, else packed",
-                              group="data", choices=("auto", *CORPUS_MODES))
-    cache_dir: str | None = option(None, "tokenized corpus cache (default $FASTKD_CACHE or ~/.cache/fastkd)",
-                                   group="data")
-    num_proc: int | None = option(None, "processes tokenizing the corpus (default: the machine's cores, at most 8)",
-                                  group="data")
-
-    def ga_config(self) -> GAConfig:
-        return GAConfig(population=self.population, generations=self.generations, monotone=self.monotone,
-                        seed=self.seed)
-
-    def rungs(self) -> tuple[Rung, ...]:
-        return parse_ladder(self.ladder)
-
-    def verdict_seed_list(self) -> list[int]:
-        """Held-out seeds for the verdict; never the selection seed (the GA chose the winner on it)."""
-        if isinstance(self.verdict_seeds, int):
-            return [self.seed + k * SEED_STRIDE for k in range(1, self.verdict_seeds + 1)]
-        return list(dict.fromkeys(int(s) for s in self.verdict_seeds))
-
-    def fitness_settings(self) -> dict:
-        """What determines a fitness value (the store key), apart from the mapping and the seed:
-        the settings, and the identity (path, size, mtime) of the teacher, corpus and task files,
-        so a re-exported teacher or edited data is not mistaken for the old one."""
-        tasks = parse_tasks(",".join(self.proxy.tasks))
-        if any(r.name == "zeroshot" for r in self.rungs()):
-            tasks = list(dict.fromkeys(tasks + [task_spec(ZERO_SHOT_TASK)]))  # its files matter too
-        data = Path(self.data_dir)
-        task_files = [] if str(self.data_dir) == "hub" else [
-            _identity(p) for t in tasks for p in sorted((data / t.name).glob("*.tsv"))]
-        # (recipe 3 changed only how a regression task is fine-tuned: other stores keep their key, and resume)
-        recipe = RECIPE_VERSION if any(t.is_regression for t in parse_tasks(",".join(self.proxy.tasks))) else 2
-        return {"recipe": recipe, "teacher": self.teacher, "teacher_files": _model_identity(self.teacher),
-                "student": [self.student_layers, self.student_hidden, self.student_heads, self.student_ffn],
-                "corpus": corpus_identity(self.corpus), "data_dir": _resolved(self.data_dir), "task_files": task_files,
-                "proxy": self.proxy.as_dict(), "drop_weak_tasks": self.drop_weak_tasks, "sample_seed": self.seed,
-                "ladder": [r.name for r in self.rungs()],
-                **({"corpus_mode": self.corpus_mode_used()} if self.corpus_mode_used() != "packed" else {}),  # (older keys stay)
-                # how the sentence term pools is part of what a fitness means (only where it runs: older keys stay)
-                **({"sentence_pooling": read_pooling(resolve_model_path(self.teacher)).describe()}
-                   if objective_weights(self.proxy.objective).sentence else {})}
-
-    def corpus_mode_used(self) -> str:
-        """--corpus-mode, `auto` made concrete as distill makes it: sentences for the sentence objective."""
-        if self.corpus_mode != "auto":
-            return self.corpus_mode
-        return "sentences" if self.proxy.objective == "sentence" else "packed"
-
-    def validate(self) -> None:
-        self.ga_config().validate()
-        self.rungs()
-        if not (isinstance(self.promote, (int, float)) and 0 < self.promote <= 1):
-            raise UserError(f"--promote is the fraction of a rung's mappings promoted to the next rung: give a "
-                            f"number in (0, 1] (got {self.promote})")
-        if self.num_proc is not None and self.num_proc < 1:
-            raise UserError(f"--num-proc must be at least 1 (got {self.num_proc})")
-        if isinstance(self.verdict_seeds, int) and self.verdict_seeds < 0:
-            raise UserError(f"--verdict-seeds must be a count >= 0 or a list of seeds (got {self.verdict_seeds})")
-        if seed_problem(self.seed) is not None:
-            raise UserError(seed_problem(self.seed))
-        if isinstance(self.verdict_seeds, int) and self.seed + self.verdict_seeds * SEED_STRIDE > MAX_SEED:
-            # (said before the list is made: a count of 10**10 would take the machine's memory first)
-            raise UserError(f"--verdict-seeds {self.verdict_seeds}: held-out seed "
-                            f"{self.seed + self.verdict_seeds * SEED_STRIDE} is past {MAX_SEED}, the largest seed "
-                            f"numpy takes (a count N uses --seed + 1000, ..., --seed + N*1000): choose a smaller "
-                            "--seed or count, or list the seeds")
-        if self.seed in self.verdict_seed_list():
-            raise UserError(f"--verdict-seeds {','.join(map(str, self.verdict_seed_list()))} include the selection seed "
-                            f"{self.seed}: verdict seeds must be held out from selection; choose other seeds")
-        if any(s < 0 for s in self.verdict_seed_list()):
-            raise UserError("--verdict-seeds must be non-negative")
-        past = [s for s in self.verdict_seed_list() if seed_problem(s) is not None]
-        if past:  # a list from a config file
-            raise UserError(f"--verdict-seeds: held-out seed {past[0]} is past {MAX_SEED}, the largest seed numpy "
-                            "takes: list smaller seeds")
-        if self.proxy.heldout < 0:
-            raise UserError(f"--proxy-heldout must be 0 (score on dev) or a number of rows (got {self.proxy.heldout})")
-        if 0 < self.proxy.heldout < MIN_HELDOUT:  # correlations and MCC are 0 or +-1 there: every fitness ties
-            raise UserError(f"--proxy-heldout {self.proxy.heldout} is too few rows to score a task on (Pearson, "
-                            f"Spearman and MCC mean nothing below {MIN_HELDOUT}): give at least "
-                            f"{MEANINGFUL_HELDOUT} rows (or 0 to score on dev)")
-        if self.proxy.heldout == 0 and any(r.name == "zeroshot" for r in self.rungs()):
-            raise UserError("--ladder zeroshot needs held-out STS-B training rows (--proxy-heldout > 0): with 0 it would "
-                            "select on the STS-B dev set that final tables report")
-        try:
-            self.proxy.finetune_config(self.seed).validate()
-        except UserError as exc:  # name the search's own flag, not the GLUE one
-            message = str(exc)
-            for glue_flag, search_flag in _FINETUNE_FLAGS.items():
-                message = message.replace(glue_flag, search_flag)
-            raise UserError(message) from None
-        for name, value, low in (("--proxy-chunk", self.chunk, 1), ("--proxy-steps", self.proxy.steps, 1),
-                                 ("--proxy-sequences", self.proxy.sequences, 1),
-                                 ("--proxy-finetune-steps", self.proxy.finetune_steps, 1)):
-            if value < low:
-                raise UserError(f"{name} must be at least {low} (got {value})")
 
 
 def _evaluation(result: CandidateResult, generation: int) -> Evaluation:

@@ -23,8 +23,6 @@ import math
 from dataclasses import dataclass, replace
 
 from ..errors import UserError
-from ..glue import FinetuneConfig, TaskCache, finetune_task
-from ..glue.probe import probe_task, zero_shot_similarity
 
 RUNG_ORDER = ("zeroshot", "probe", "short", "full")  # cheap to faithful
 SHORT_FRACTION = 0.25  # the short rung's share of the proxy fine-tuning steps
@@ -46,8 +44,11 @@ class Rung:
             return "frozen-feature probe (mean-pooled features, linear model)"
         return f"fine-tuning, {self.finetune_steps(proxy.finetune_steps)} steps per task"
 
-    def score(self, model, tokenizer, task_specs, cache: TaskCache, cfg: FinetuneConfig) -> dict:
-        """task key -> TaskResult dict for one model."""
+    def score(self, model, tokenizer, task_specs, cache, cfg) -> dict:
+        """task key -> TaskResult dict for one model (cache: a glue TaskCache; cfg: a FinetuneConfig)."""
+        from ..glue.finetune import finetune_task  # (heavy: not for the CLI's parser, which parses ladders)
+        from ..glue.probe import probe_task, zero_shot_similarity
+
         if self.name == "zeroshot":
             return {"stsb-zeroshot": zero_shot_similarity(model, tokenizer, cache, cfg).to_dict()}
         out = {}
