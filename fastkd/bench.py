@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from . import ops
-from .config import BenchConfig, DistillConfig
+from .config import BenchConfig
 from .device import pick_device
-from .training import LocalEngine
+from .training import LocalEngine, TrainConfig
 from .errors import UserError
-from .losses import DistillLoss, loss_weights, objective_weights, relation_heads, sentence_pooling
+from .losses import DistillLoss, objective_weights, sentence_pooling
 from .mapping import parse_mapping
 from .memory import check_step_fits, step_memory
 from .options import resolved_config
@@ -120,20 +120,15 @@ def measure_backend(backend: str, teacher_model, tokenizer, cfg: BenchConfig, de
     shape = student_shape(teacher_model.config, cfg.student_layers, cfg.student_hidden, cfg.student_heads,
                           cfg.student_ffn)
     mapping = parse_mapping(cfg.mapping, shape.layers, teacher_model.config.num_hidden_layers)
-    dcfg = DistillConfig(output="", corpus="", max_steps=cfg.steps + cfg.warmup, batch_size=cfg.batch_size,
-                         max_seq_len=cfg.seq_len, bf16=cfg.bf16, w_attention_kl=cfg.w_attention_kl, seed=cfg.seed,
-                         objective=cfg.objective, relation_heads=cfg.relation_heads,
-                         progress=False, loss_backend=backend)
+    train = TrainConfig(max_steps=cfg.steps + cfg.warmup, batch_size=cfg.batch_size, bf16=cfg.bf16, progress=False,
+                        max_seq_len=cfg.seq_len)
     torch.manual_seed(cfg.seed)
-    weights = loss_weights(dcfg)
-    criterion = DistillLoss(mapping, shape.hidden, teacher_model.config.hidden_size, weights, backend=backend,
-                            relation_heads=relation_heads(weights, cfg.relation_heads, teacher_model.config,
-                                                          shape.hidden),
-                            pooling=sentence_pooling(cfg.teacher, weights)).to(device)
+    weights = objective_weights(cfg.objective, attention_kl=cfg.w_attention_kl)
+    criterion = DistillLoss.for_teacher(mapping, shape.hidden, teacher_model, weights, backend,
+                                        cfg.relation_heads).to(device)
     student = build_student(teacher_model, shape, "teacher", mapping, seed=cfg.seed).to(device)
-    teacher = Teacher(teacher_model, criterion.teacher_hidden_layers(), criterion.teacher_attention_layers(),
-                      autocast_dtype=torch.bfloat16 if cfg.bf16 else None, values=criterion.needs_values())
-    engine = LocalEngine(dcfg, teacher, student, criterion, stream=None)
+    teacher = Teacher.serving(teacher_model, [criterion], cfg.bf16)
+    engine = LocalEngine(train, teacher, student, criterion, stream=None)
     batch = _batch(tokenizer, cfg, device)
 
     def step() -> float:

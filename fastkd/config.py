@@ -171,6 +171,12 @@ class DistillConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    def train_config(self):
+        """The training core's share of these settings (fastkd.training.TrainConfig)."""
+        from .training.config import TrainConfig  # (here: the fastkd.training package loads torch)
+
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
+
     def validate(self) -> None:
         checks = [
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),

@@ -45,6 +45,7 @@ import torch
 
 from .config import CORPUS_MODES
 from .errors import UserError
+from .tokenizer_identity import tokenizer_fingerprint
 from .io import check_writable_dir, no_space_is_one_line, verify_checksums, write_checksums
 from .padding import pad_batch
 
@@ -203,22 +204,6 @@ def read_paragraphs(files: list[Path]) -> Iterator[str]:
 
 def _is_local(source: str) -> bool:
     return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.endswith(".txt")
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Identity of a tokenizer's behaviour: class, vocabulary, casing, backend pipeline."""
-    h = hashlib.sha256()
-    h.update(type(tokenizer).__name__.encode())
-    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(repr(getattr(tokenizer, "do_lower_case", None)).encode())
-    if getattr(tokenizer, "backend_tokenizer", None) is not None:
-        # Without the truncation/padding settings: each call of the tokenizer sets them on the
-        # backend, so they would change the key between two loads of one corpus in one process.
-        backend = json.loads(tokenizer.backend_tokenizer.to_str())
-        backend.pop("truncation", None)
-        backend.pop("padding", None)
-        h.update(json.dumps(backend, sort_keys=True).encode())
-    return h.hexdigest()[:16]
 
 
 def _source_fingerprint(source: str, hub_dataset=None) -> dict:

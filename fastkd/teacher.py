@@ -38,6 +38,14 @@ class Teacher:
         self.autocast_dtype = autocast_dtype
         self.forwards = 0
 
+    @classmethod
+    def serving(cls, model, criteria, bf16: bool = False) -> "Teacher":
+        """The teacher one forward of which serves every loss in `criteria` (DistillLoss-like: the layers
+        each reads, and whether it needs V): one student's run, or a whole search generation's."""
+        return cls(model, sorted({l for c in criteria for l in c.teacher_hidden_layers()}),
+                   sorted({l for c in criteria for l in c.teacher_attention_layers()}),
+                   autocast_dtype=torch.bfloat16 if bf16 else None, values=any(c.needs_values() for c in criteria))
+
     @property
     def num_layers(self) -> int:
         return self.model.config.num_hidden_layers

@@ -2,13 +2,14 @@
 engine's checkpoint format is told apart by its completeness marker."""
 
 import json
+from dataclasses import MISSING, fields
 import signal
 
 import pytest
 import torch
 
 from fastkd.config import DistillConfig
-from fastkd.training import Preempted, StepEngine, StepResult, train
+from fastkd.training import Preempted, StepEngine, StepResult, TrainConfig, train
 from fastkd.training.engine import COMPLETE
 from fastkd.training.local import checkpoints
 from fastkd.training.zero import complete_tags
@@ -62,8 +63,20 @@ class ScriptedEngine(StepEngine):
 
 
 def _cfg(tmp_path, **kw):
-    return DistillConfig(output=str(tmp_path), corpus="", max_steps=6, log_every=2, checkpoint_every=4,
-                         progress=False, **kw)
+    return TrainConfig(max_steps=6, batch_size=32, log_every=2, checkpoint_every=4, progress=False, **kw)
+
+
+def test_the_core_defaults_are_distills_and_distill_hands_its_settings_over():
+    """The proxy and bench build a TrainConfig with the defaults: they must train as a distillation would."""
+    distill = {f.name: f.default for f in fields(DistillConfig)}
+    core = [f for f in fields(TrainConfig) if f.default is not MISSING]
+    assert core and all(f.name in distill for f in fields(TrainConfig))
+    assert {f.name: f.default for f in core} == {f.name: distill[f.name] for f in core}
+    cfg = DistillConfig(output="o", corpus="c", max_steps=7, batch_size=3, lr=1e-3, warmup=0.2, grad_accum=2,
+                        clip_grad=0.5, bf16=True, log_every=4, stop_at_step=5, report_to="tensorboard")
+    train_cfg = cfg.train_config()
+    assert [getattr(train_cfg, f.name) for f in fields(TrainConfig)] == [getattr(cfg, f.name) for f in fields(TrainConfig)]
+    assert train_cfg.grad_accum == 2 and train_cfg.report_to == "tensorboard"
 
 
 def test_the_loop_logs_checkpoints_and_counts_skips_through_the_interface(tmp_path):

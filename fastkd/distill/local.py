@@ -34,8 +34,7 @@ def build_local_run(cfg: DistillConfig) -> Run:
     teacher_model.to(device)
     student.to(device)
     criterion.to(device)
-    teacher = Teacher(teacher_model, criterion.teacher_hidden_layers(), criterion.teacher_attention_layers(),
-                      autocast_dtype=torch.bfloat16 if cfg.bf16 else None, values=criterion.needs_values())
+    teacher = Teacher.serving(teacher_model, [criterion], cfg.bf16)
 
     corpus = load_corpus(cfg.corpus, tokenizer, cfg.max_seq_len, cfg.cache_dir, cfg.num_proc, cfg.progress,
                          cfg.corpus_mode)
@@ -51,7 +50,7 @@ def build_local_run(cfg: DistillConfig) -> Run:
         log.info("teacher: the sentence embeddings of all %d corpus rows computed once in %.0f s, reused for the "
                  "run's %.1f passes (no teacher forward per step)", len(corpus), labels.seconds,
                  cfg.max_steps * cfg.batch_size * cfg.grad_accum / len(corpus))
-    engine = LocalEngine(cfg, teacher, student, criterion, stream, labels)
+    engine = LocalEngine(cfg.train_config(), teacher, student, criterion, stream, labels)
     return Run(cfg, engine, tokenizer, mapping, shape, len(corpus), output,
                resolved={"teacher_labels": labels is not None})
 

@@ -204,9 +204,6 @@ def build_models(cfg: DistillConfig, shape, mapping):
     else:
         student = build_student(teacher_model, shape, cfg.init, mapping, seed=cfg.seed)
     weights = loss_weights(cfg)
-    criterion = DistillLoss(mapping, student.config.hidden_size, teacher_model.config.hidden_size, weights,
-                            backend=cfg.loss_backend,
-                            relation_heads=relation_heads(weights, cfg.relation_heads, teacher_model.config,
-                                                          student.config.hidden_size),
-                            pooling=sentence_pooling(cfg.teacher, weights))
+    criterion = DistillLoss.for_teacher(mapping, student.config.hidden_size, teacher_model, weights,
+                                        cfg.loss_backend, cfg.relation_heads)
     return tokenizer, teacher_model, student, criterion

@@ -200,9 +200,7 @@ def build_zero_run(cfg: DistillConfig) -> Run:
     tokenizer, teacher_model, student, criterion = build_models(cfg, shape, mapping)
     half = _teacher_dtype(ds_config)
     teacher_model = teacher_model.to(device=device, dtype=half) if half is not None else teacher_model.to(device)
-    teacher = Teacher(teacher_model, criterion.teacher_hidden_layers(), criterion.teacher_attention_layers(),
-                      autocast_dtype=torch.bfloat16 if cfg.bf16 and half is None else None,
-                      values=criterion.needs_values())
+    teacher = Teacher.serving(teacher_model, [criterion], cfg.bf16 and half is None)
 
     module = DistillModule(student, criterion)
     client_optimizer, client_scheduler = None, None
@@ -226,7 +224,7 @@ def build_zero_run(cfg: DistillConfig) -> Run:
         corpus = corpus_of_this_run()
     corpus = sample_corpus(corpus, cfg.corpus_sample, cfg.seed)
     stream = BatchStream(corpus, cfg.batch_size, cfg.seed, rank=rank, world_size=world)
-    engine = ZeroEngine(cfg, ds_engine, teacher, stream, world, rank, ds_config)
+    engine = ZeroEngine(cfg.train_config(), ds_engine, teacher, stream, world, rank, ds_config)
     resolved = {"deepspeed": {"world_size": world, "zero_stage": zero_stage(ds_config), "config": ds_config}}
     return Run(cfg, engine, tokenizer, mapping, shape, len(corpus), output, resolved)
 

@@ -24,7 +24,7 @@ from .. import optim, rng
 from ..device import pick_device, warn_if_bf16_emulated
 from ..errors import UserError
 from ..families import model_inputs, stock_attention, usable_positions
-from ..corpus import tokenizer_fingerprint
+from ..tokenizer_identity import tokenizer_fingerprint
 from ..models import load_encoder, resolve_model_path
 from ..padding import pad_batch
 from ..sentence import SentencePooling, has_pipeline, read_pooling, sentence_embedding

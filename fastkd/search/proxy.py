@@ -20,10 +20,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import DistillConfig
 from ..corpus import BatchStream
 from .. import rng
-from ..training import LocalEngine, NonFiniteAbort
+from ..training import LocalEngine, NonFiniteAbort, TrainConfig
 from ..glue import TaskCache
 from ..glue.report import COLLAPSE_FRACTION
 from ..losses import DistillLoss, objective_weights, relation_heads, sentence_pooling
@@ -91,10 +90,10 @@ class ProxyEvaluator:
         # has stored yet. None: never (on several ranks the stop is agreed per stored result, in keep).
         self.interrupt = None
 
-    def _distill_config(self, seed: int) -> DistillConfig:
-        return DistillConfig(output="", corpus="", max_steps=self.cfg.steps, batch_size=self.cfg.batch_size,
-                             max_seq_len=self.cfg.max_seq_len, lr=self.cfg.lr, init=self.cfg.init, seed=seed,
-                             bf16=self.cfg.bf16, log_every=max(1, min(10, self.cfg.steps)), progress=False)
+    def _train_config(self) -> TrainConfig:
+        return TrainConfig(max_steps=self.cfg.steps, batch_size=self.cfg.batch_size, lr=self.cfg.lr,
+                           bf16=self.cfg.bf16, log_every=max(1, min(10, self.cfg.steps)), progress=False,
+                           max_seq_len=self.cfg.max_seq_len)
 
     def distill(self, mappings: list[LayerMapping], seed: int, desc: str = "proxy distill") -> list[tuple]:
         """Distill every mapping in lockstep; returns [(student, final_losses, seconds)].
@@ -103,22 +102,18 @@ class ProxyEvaluator:
         its step), so its result depends only on (mapping, seed): not on which other candidates share
         the generation, their order, or the chunking. Lockstep therefore equals sequential exactly.
         """
-        cfg = self._distill_config(seed)
+        cfg = self._train_config()
         with rng.isolated(self.device):  # the caller's streams go on as if this had not run
             criteria, students, rng_states = [], [], []
             built = time.perf_counter()
             for mapping in mappings:
                 torch.manual_seed(seed)
-                criteria.append(DistillLoss(mapping, self.shape.hidden, self.teacher_model.config.hidden_size,
-                                            self.weights, backend=self.loss_backend,
-                                            relation_heads=self.relation_heads, pooling=self.pooling).to(self.device))
-                students.append(build_student(self.teacher_model, self.shape, cfg.init, mapping, seed=seed).to(self.device))
+                criteria.append(DistillLoss.for_teacher(mapping, self.shape.hidden, self.teacher_model, self.weights,
+                                                        self.loss_backend, self.relation_heads).to(self.device))
+                students.append(build_student(self.teacher_model, self.shape, self.cfg.init, mapping, seed=seed).to(self.device))
                 rng_states.append(rng.capture(self.device))
             self.counters.build_seconds += time.perf_counter() - built
-            teacher = Teacher(self.teacher_model, sorted({l for c in criteria for l in c.teacher_hidden_layers()}),
-                              sorted({l for c in criteria for l in c.teacher_attention_layers()}),
-                              autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
-                              values=any(c.needs_values() for c in criteria))
+            teacher = Teacher.serving(self.teacher_model, criteria, cfg.bf16)
             stream = BatchStream(self.corpus, cfg.batch_size, seed)
             engines = [LocalEngine(cfg, teacher, s, c, stream) for s, c in zip(students, criteria)]
             student_seconds = [0.0] * len(engines)
