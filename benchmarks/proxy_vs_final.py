@@ -1,0 +1,355 @@
+"""Does the search's proxy rank layer mappings the way the student a user ships does? (issue 24)
+
+Ten fixed 3-layer mappings of the default teacher (uniform, last, first and seven others: those of
+search_fidelity.py), each on --seeds seeds, measured twice:
+
+final (the truth): `fastkd distill` with its defaults for this teacher (`auto`: the sentence objective
+  on one sentence per sequence, the teacher labelling the corpus once) on the whole corpus,
+  --final-steps x --final-batch sentences (at least 10x the proxy's tokens), lr 1e-4, warmup 0.1, the
+  mapping given (it chooses the teacher layers the student starts from and, for layer-wise
+  objectives, the ones that supervise it). Then judged the way a user judges the student: STS-B dev
+  zero-shot (the exported pipeline's embeddings), and SST-2, STS-B and MRPC dev after `fastkd glue`'s
+  fine-tune with the recipe validated for sentence students (the biencoder head, 72 steps, lr 5e-4;
+  the fine-tuning seed is the distillation seed). The final score is the mean of the fine-tuned tasks
+  (x100). A mapping and its seed share the batches of every other mapping at that seed (the same
+  data order): the design is paired over seeds.
+proxy (what the search sees): the demo's proxy budget (fastkd.demo.BUDGETS["full"].proxy, in float32
+  where this CPU has no native bf16), with --proxy-objective; all mappings of a seed distilled in
+  lockstep as the search distils them, each student scored by every rung of the search's ladder
+  (zeroshot, probe, short, full: the held-out train slices the search selects on), by the short and
+  full fine-tunes with the biencoder recipe, by its teacher likeness on held-out sentences (CoLA train
+  sentences, no labels: fastkd.search.likeness) and by minus its final distillation loss.
+
+Reported: per proxy measure, Spearman and Kendall of its per-mapping means with the final means (both
+the fine-tuned score and zero-shot STS-B), 95% percentile bootstrap intervals (mappings, proxy seeds
+and final seeds resampled), and its seconds per evaluation beside the proxy distillation; and the
+final spread between mappings against its noise (a two-way mapping x seed ANOVA F test of the
+mapping effect; paired t intervals of each mapping against uniform): does the mapping matter at this
+scale, and how much.
+
+    python benchmarks/proxy_vs_final.py --stages final            # about 5 min per mapping and seed
+    python benchmarks/proxy_vs_final.py --stages proxy --proxy-objective tinybert --resume
+    python benchmarks/proxy_vs_final.py --stages proxy --proxy-objective sentence --resume
+    python benchmarks/proxy_vs_final.py --stages report --resume  # the tables from what is measured
+
+Each measured row is saved at once; --resume keeps the rows of an earlier run with the same settings
+(the table can be completed over several sessions; the cost columns then mix machines, and say so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, machine, quiet_logs, table, write_result  # noqa: E402
+from _search_measure import MAPPINGS  # noqa: E402
+from distill_step import DEFAULT_CORPUS  # noqa: E402
+
+from fastkd.config import DistillConfig  # noqa: E402
+from fastkd.corpus import default_cache_dir, load_corpus, sample_corpus  # noqa: E402
+from fastkd.demo import BUDGETS, for_this_machine  # noqa: E402
+from fastkd.distill import run_distill  # noqa: E402
+from fastkd.glue import TaskCache, parse_tasks  # noqa: E402
+from fastkd.glue.finetune import FinetuneConfig, evaluate  # noqa: E402
+from fastkd.glue.tasks import task_spec  # noqa: E402
+from fastkd.mapping import LayerMapping  # noqa: E402
+from fastkd.models import load_teacher, load_tokenizer, resolve_model_path, student_shape  # noqa: E402
+from fastkd.search.likeness import TeacherReference  # noqa: E402
+from fastkd.search.proxy import ProxyEvaluator, task_collapsed  # noqa: E402
+from fastkd.search.rungs import RUNG_ORDER, Rung  # noqa: E402
+from fastkd.search.verdict import paired_interval  # noqa: E402
+from fastkd.sentence import read_pooling, zeroshot_stsb  # noqa: E402
+
+GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
+LIKENESS = ("embedding_cosine", "cka_embedding", "cka_mapped")
+BIENCODER_RUNGS = ("short", "full")  # also scored with the biencoder head (named short-biencoder, ...)
+# what a kept row must share with this run
+PROXY_DECISIVE = ("teacher", "corpus", "data_dir", "mappings", "likeness_sentences")
+FINAL_DECISIVE = ("teacher", "corpus", "final_steps", "final_batch", "final_lr", "final_warmup", "final_seq_len",
+                  "judge_tasks", "judge_steps", "judge_examples", "judge_lr", "judge_seq_len", "judge_head")
+BOOTSTRAP = 2000
+
+
+def final_row(args, mapping: str, seed: int, work: Path, cache: TaskCache, stsb_dev) -> dict:
+    """Distill one (mapping, seed) as a user would, judge it, and remove the student."""
+    output = work / f"{mapping.replace(',', '')}-seed{seed}"
+    if output.exists():
+        shutil.rmtree(output)  # an interrupted row starts over (it is not saved until judged)
+    cfg = DistillConfig(output=str(output), corpus=args.corpus, teacher=args.teacher,
+                        student_layers=len(mapping.split(",")), mapping=mapping, max_seq_len=args.final_seq_len,
+                        max_steps=args.final_steps, batch_size=args.final_batch, lr=args.final_lr,
+                        warmup=args.final_warmup, seed=seed, progress=False, checkpoint_every=10 ** 9,
+                        log_every=max(1, args.final_steps // 20))
+    started = time.perf_counter()
+    student = run_distill(cfg)
+    distill_s = time.perf_counter() - started
+    info = json.loads((student / "fastkd.json").read_text())
+    started = time.perf_counter()
+    zeroshot = 100 * zeroshot_stsb(student, stsb_dev, max_seq_len=args.final_seq_len)["spearman"]
+    judge = FinetuneConfig(max_steps=args.judge_steps, max_train_examples=args.judge_examples, lr=args.judge_lr,
+                           max_seq_len=args.judge_seq_len, seed=seed, progress=False, head=args.judge_head)
+    results = evaluate(str(student), load_tokenizer(str(student), "model"), parse_tasks(args.judge_tasks), cache, judge)
+    row = {"mapping": mapping, "seed": seed, "objective": info["objective"], "corpus_mode": info["corpus"]["mode"],
+           "steps": info["steps"], "final_losses": info["final_losses"], "zeroshot": zeroshot,
+           "tasks": {k: 100 * r.score for k, r in results.items()},
+           "collapsed": {k: task_collapsed(r.to_dict()) for k, r in results.items()},
+           "finetuned": statistics.fmean(100 * r.score for r in results.values()),
+           "distill_s": round(distill_s, 1), "judge_s": round(time.perf_counter() - started, 1)}
+    shutil.rmtree(output)
+    return row
+
+
+def proxy_stage(args, results: dict, save) -> None:
+    proxy = replace(for_this_machine(BUDGETS["full"]).proxy, objective=args.proxy_objective,
+                    **{k: v for k, v in (("steps", args.proxy_steps), ("finetune_steps", args.proxy_finetune_steps))
+                       if v is not None})
+    key = args.proxy_objective
+    earlier = results["proxy"].get(key)
+    if earlier is not None and earlier["config"] != json.loads(json.dumps(proxy.as_dict())):
+        raise SystemExit(f"--resume: the saved {key} proxy ran another proxy budget ({earlier['config']}); "
+                         "choose another --name")
+    stage = results["proxy"].setdefault(key, {"config": proxy.as_dict(), "fitness": {}, "seconds": {},
+                                              "distill_seconds": [], "machine": machine()})
+    tokenizer, teacher = load_tokenizer(args.teacher), load_teacher(args.teacher)
+    mode = "sentences" if proxy.objective == "sentence" else "packed"  # as the search's corpus_mode auto
+    corpus = sample_corpus(load_corpus(args.corpus, tokenizer, proxy.max_seq_len, progress=False, mode=mode),
+                           proxy.sequences, 0)
+    cache = TaskCache(args.data_dir)
+    tasks = parse_tasks(",".join(proxy.tasks))
+    mappings = [LayerMapping(tuple(int(x) for x in m.split(",")), teacher.config.num_hidden_layers)
+                for m in args.mappings]
+    ev = ProxyEvaluator(teacher, tokenizer, corpus, student_shape(teacher.config, len(mappings[0].layers)), proxy,
+                        cache, tasks, progress=False)
+    held = cache.data(task_spec("cola")).train.text_a[:args.likeness_sentences]
+    # the likeness is judged by the teacher's own sentence embedding, whatever the proxy objective trains
+    reference = TeacherReference(teacher, tokenizer, held, read_pooling(resolve_model_path(args.teacher)),
+                                 max_seq_len=proxy.max_seq_len)
+    measures = ([*RUNG_ORDER, *(f"{r}-biencoder" for r in BIENCODER_RUNGS), *LIKENESS, "neg_final_loss"])
+    fitness = stage["fitness"]
+    for seed in args.seed_list:
+        if all(str(seed) in fitness.get(m, {}).get(mp.text, {}) for m in measures for mp in mappings):
+            continue
+        started = time.perf_counter()
+        distilled = ev.distill(mappings, seed, desc=f"seed {seed}")
+        stage["distill_seconds"].append((time.perf_counter() - started) / len(mappings))
+        for mapping, (student, losses, _) in zip(mappings, distilled):
+            student.eval()
+            scores, seconds = {}, {}
+            if "failed" in losses:  # a diverged proxy student: no measure (the report leaves such measures out)
+                print(f"proxy {key} seed {seed} {mapping.text}: {losses['failed']}", flush=True)
+                scores = {name: None for name in measures}
+                seconds = {}
+            for name in (measures if "failed" not in losses else ()):
+                started = time.perf_counter()
+                if name in LIKENESS:  # one pass gives all three; each is charged that pass's time
+                    if name == LIKENESS[0]:
+                        likeness = reference.likeness(student, mapping)
+                        likeness_s = time.perf_counter() - started
+                    scores[name] = likeness[name]
+                    seconds[name] = likeness_s
+                    continue
+                elif name == "neg_final_loss":
+                    scores[name] = -float(sum(v for k, v in losses.items() if k != "loss") if "loss" not in losses
+                                          else losses["loss"])
+                else:
+                    rung, _, head = name.partition("-")
+                    cfg = proxy.finetune_config(seed)
+                    out = Rung(rung).score(student, tokenizer, tasks, cache, replace(cfg, head=head or cfg.head))
+                    scores[name] = 100 * statistics.fmean(t["score"] for t in out.values())
+                seconds[name] = time.perf_counter() - started
+            for name in measures:
+                fitness.setdefault(name, {}).setdefault(mapping.text, {})[str(seed)] = scores[name]
+                if name in seconds:
+                    stage["seconds"].setdefault(name, []).append(seconds[name])
+            print(f"proxy {key} seed {seed} {mapping.text}: " + ", ".join(
+                f"{n} {scores[n]:.3f}" for n in measures if scores[n] is not None), flush=True)
+        save()
+
+
+def bootstrap_rank(proxy: np.ndarray, final: np.ndarray, rng: np.random.Generator) -> dict:
+    """Spearman and Kendall of per-mapping means (rows: mappings, columns: seeds), with 95% percentile
+    intervals from resampling mappings, proxy seeds and final seeds (each with replacement)."""
+    point = {"spearman": float(stats.spearmanr(proxy.mean(1), final.mean(1)).statistic),
+             "kendall": float(stats.kendalltau(proxy.mean(1), final.mean(1)).statistic)}
+    draws = {"spearman": [], "kendall": []}
+    m = proxy.shape[0]
+    for _ in range(BOOTSTRAP):
+        rows = rng.integers(0, m, m)
+        if len(set(rows.tolist())) < 3:
+            continue
+        p = proxy[rows][:, rng.integers(0, proxy.shape[1], proxy.shape[1])].mean(1)
+        f = final[rows][:, rng.integers(0, final.shape[1], final.shape[1])].mean(1)
+        if np.ptp(p) == 0 or np.ptp(f) == 0:
+            continue
+        draws["spearman"].append(stats.spearmanr(p, f).statistic)
+        draws["kendall"].append(stats.kendalltau(p, f).statistic)
+    return {k: {"point": v, "low": float(np.percentile(draws[k], 2.5)), "high": float(np.percentile(draws[k], 97.5))}
+            for k, v in point.items()}
+
+
+def mapping_effect(scores: np.ndarray) -> dict:
+    """Two-way (mapping x seed) ANOVA without replication: F test of the mapping effect against the
+    mapping-by-seed residual; the residual SD is the noise of one (mapping, seed) run."""
+    m, s = scores.shape
+    grand = scores.mean()
+    ss_map = s * ((scores.mean(1) - grand) ** 2).sum()
+    ss_seed = m * ((scores.mean(0) - grand) ** 2).sum()
+    ss_res = ((scores - grand) ** 2).sum() - ss_map - ss_seed
+    df_map, df_res = m - 1, (m - 1) * (s - 1)
+    f = (ss_map / df_map) / (ss_res / df_res) if ss_res > 0 else float("inf")
+    return {"F": float(f), "df": [df_map, df_res], "p": float(stats.f.sf(f, df_map, df_res)),
+            "residual_sd": float(np.sqrt(ss_res / df_res)), "spread": float(np.ptp(scores.mean(1)))}
+
+
+def report(args, results: dict) -> list[dict]:
+    final = results["final"]
+    seeds = sorted({int(s) for rows in final.values() for s in rows})
+    complete = [m for m in args.mappings if all(str(s) in final.get(m, {}) for s in seeds)]
+    if len(complete) < 3 or len(seeds) < 2:
+        print(f"final: {len(complete)} mappings on {len(seeds)} seeds measured: too few to rank (3 mappings, "
+              "2 seeds at least)")
+        return []
+    targets = {"finetuned": np.array([[final[m][str(s)]["finetuned"] for s in seeds] for m in complete]),
+               "zeroshot": np.array([[final[m][str(s)]["zeroshot"] for s in seeds] for m in complete])}
+    effect, versus = {}, {}
+    for target, scores in targets.items():
+        effect[target] = mapping_effect(scores)
+        versus[target] = {m: paired_interval(list(scores[i]), list(scores[0])) for i, m in enumerate(complete)}
+        effect[target]["vs_uniform"] = {m: iv.as_dict() for m, iv in versus[target].items() if m != complete[0]}
+
+    def against_uniform(target: str, m: str) -> str:
+        iv = versus[target][m]
+        return "-" if m == complete[0] or not iv.measured else f"{iv.mean:+.2f} [{iv.low:+.2f}, {iv.high:+.2f}]"
+
+    means = [{"mapping": m, "fine-tuned": f"{targets['finetuned'][i].mean():.2f}",
+              f"- {complete[0]}, 95% t": against_uniform("finetuned", m),
+              "zero-shot": f"{targets['zeroshot'][i].mean():.2f}",
+              f"- {complete[0]}, 95% t ": against_uniform("zeroshot", m),
+              **{t: f"{statistics.fmean(final[m][str(s)]['tasks'][t] for s in seeds):.1f}"
+                 for t in final[m][str(seeds[0])]["tasks"]}} for i, m in enumerate(complete)]
+    print(f"final, {len(seeds)} seeds, dev (x100):")
+    print(table(means, list(means[0])))
+    for target, e in effect.items():
+        print(f"{target}: spread of the mapping means {e['spread']:.2f}, one run's noise (residual SD) "
+              f"{e['residual_sd']:.2f}; mapping effect F({e['df'][0]}, {e['df'][1]}) = {e['F']:.2f}, p = {e['p']:.3g}")
+    rows = []
+    rng = np.random.default_rng(0)
+    distill_cost = statistics.fmean(s for st in results["proxy"].values() for s in st["distill_seconds"]) if any(
+        st["distill_seconds"] for st in results["proxy"].values()) else float("nan")
+    for objective, stage in results["proxy"].items():
+        for name, by_mapping in stage["fitness"].items():
+            if not all(m in by_mapping and all(str(s) in by_mapping[m] for s in seeds) for m in complete):
+                continue
+            values = np.array([[np.nan if by_mapping[m][str(s)] is None else by_mapping[m][str(s)] for s in seeds]
+                               for m in complete], dtype=float)
+            if np.isnan(values).any():
+                print(f"{objective} {name}: left out (a proxy student diverged, or the measure is undefined for a mapping)")
+                continue
+            row = {"proxy objective": objective, "measure": name,
+                   "s/eval": f"{statistics.fmean(stage['seconds'][name]):.1f}"}
+            for target, scores in targets.items():
+                r = bootstrap_rank(values, scores, rng)
+                row[f"Spearman vs {target}"] = (f"{r['spearman']['point']:+.2f} "
+                                                f"[{r['spearman']['low']:+.2f}, {r['spearman']['high']:+.2f}]")
+                row[f"Kendall vs {target}"] = f"{r['kendall']['point']:+.2f}"
+                results.setdefault("correlations", {}).setdefault(objective, {}).setdefault(name, {})[target] = r
+            rows.append(row)
+    if rows:
+        print(f"proxy measures against the final outcome ({len(complete)} mappings, seeds {seeds}; proxy "
+              f"distillation {distill_cost:.1f} s per mapping and seed, shared by every measure):")
+        print(table(rows, list(rows[0])))
+    results["effect"] = effect
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", default="final,proxy,report", help="final, proxy and/or report, comma-separated")
+    p.add_argument("--teacher", default="default")
+    p.add_argument("--corpus", default=str(DEFAULT_CORPUS))
+    p.add_argument("--data-dir", default=str(GLUE))
+    p.add_argument("--mappings", default=",".join(m.replace(",", "") for m in MAPPINGS),
+                   help="digit strings, uniform first, e.g. 246,456,123")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--final-steps", type=int, default=400)
+    p.add_argument("--final-batch", type=int, default=64)
+    p.add_argument("--final-lr", type=float, default=1e-4)
+    p.add_argument("--final-warmup", type=float, default=0.1)
+    p.add_argument("--final-seq-len", type=int, default=128, help="the longest sentence kept, in tokens")
+    p.add_argument("--judge-tasks", default="sst2,stsb,mrpc")
+    p.add_argument("--judge-steps", type=int, default=72)
+    p.add_argument("--judge-examples", type=int, default=1920)
+    p.add_argument("--judge-lr", type=float, default=5e-4)
+    p.add_argument("--judge-seq-len", type=int, default=64)
+    p.add_argument("--judge-head", default="biencoder")
+    p.add_argument("--proxy-objective", default=BUDGETS["full"].proxy.objective,
+                   help="the objective proxy students learn (the search's --objective)")
+    p.add_argument("--proxy-steps", type=int, default=None, help="the proxy's distillation steps (default: the demo's)")
+    p.add_argument("--proxy-finetune-steps", type=int, default=None,
+                   help="the proxy's fine-tuning steps, the full rung's (default: the demo's)")
+    p.add_argument("--likeness-sentences", type=int, default=2000,
+                   help="held-out sentences the likeness measures read (linear CKA is biased upwards when few)")
+    p.add_argument("--work", default=None, help="where final students are distilled (default: the fastkd cache)")
+    p.add_argument("--resume", action="store_true", help="keep the rows of results/NAME.json with the same settings")
+    p.add_argument("--name", default="proxy_vs_final", help="results/NAME.json")
+    args = p.parse_args()
+    args.mappings = [",".join(m) for m in args.mappings.split(",")]
+    args.seed_list = list(range(args.seeds))
+    stages = {s.strip() for s in args.stages.split(",") if s.strip()}
+    quiet_logs()
+    logging.getLogger("fastkd").setLevel(logging.WARNING)
+    started = time.perf_counter()
+    settings = {k: v for k, v in vars(args).items() if k not in ("stages", "resume", "work", "seed_list")}
+    results = {"final": {}, "proxy": {}}
+    if args.resume and (RESULTS / f"{args.name}.json").is_file():
+        earlier = json.loads((RESULTS / f"{args.name}.json").read_text())
+        differ = [k for k in FINAL_DECISIVE if earlier["settings"].get(k) != settings[k]] if earlier["final"] else []
+        differ += [k for k in PROXY_DECISIVE if earlier["settings"].get(k) != settings[k] and earlier["proxy"]]
+        if differ:
+            raise SystemExit(f"--resume: results/{args.name}.json differs in {', '.join(dict.fromkeys(differ))}; "
+                             "choose another --name")
+        results = {k: earlier[k] for k in ("final", "proxy", "machines") if k in earlier}
+    machines = results.setdefault("machines", [])
+    if machine() not in machines:
+        machines.append(machine())
+
+    def save() -> Path:
+        return write_result(args.name, {
+            "settings": settings, **results, "machine": machine(),
+            "note": "final: dev scores x100 (fine-tuned: mean of the judge tasks); proxy: the search's held-out "
+                    "train slices (x100 for task rungs); cost columns may mix machines (see machines)",
+            "minutes_this_run": round((time.perf_counter() - started) / 60, 1)})
+
+    if "final" in stages:
+        cache = TaskCache(args.data_dir)
+        stsb_dev = cache.data(task_spec("stsb")).dev[0]
+        work = Path(args.work) if args.work else default_cache_dir() / "bench" / args.name
+        for seed in args.seed_list:  # seed-major: a partial table has every mapping at the first seeds
+            for mapping in args.mappings:
+                if str(seed) in results["final"].get(mapping, {}):
+                    continue
+                row = final_row(args, mapping, seed, work, cache, stsb_dev)
+                results["final"].setdefault(mapping, {})[str(seed)] = row
+                print(f"final {mapping} seed {seed}: fine-tuned {row['finetuned']:.2f} {row['tasks']}, zero-shot "
+                      f"{row['zeroshot']:.2f} ({row['distill_s']:.0f} s + {row['judge_s']:.0f} s)", flush=True)
+                save()
+    if "proxy" in stages:
+        proxy_stage(args, results, save)
+    if "report" in stages:
+        report(args, results)
+    save()
+
+
+if __name__ == "__main__":
+    main()
