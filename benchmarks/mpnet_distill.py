@@ -130,7 +130,7 @@ def main() -> None:
                 result = evaluate(str(path), load_tokenizer(str(path), "model"), [task_spec(task)], cache, cfg)
                 scores.append(100 * next(iter(result.values())).score)
             glue[task] = scores
-        rows[name] = {"model": name, **extra, "path": str(path), "measured_on": machine()["cpu"],
+        rows[name] = {"model": name, **extra, "path": str(path), "measured_on": {k: machine()[k] for k in ("cpu", "cores", "isa")},
                       "parameters": parameters(path),
                       "stsb_zeroshot": zero, "sst2_finetuned": glue["sst2"], "stsb_finetuned": glue["stsb"]}
         print(json.dumps(rows[name]), flush=True)
@@ -145,6 +145,7 @@ def main() -> None:
 
     if "teacher" not in rows:
         judge("teacher", teacher, {"layers": None})
+    rows["teacher"]["path"] = str(teacher)  # (a kept row may name another machine's cache)
     work = Path(args.work) if args.work else default_cache_dir() / "bench" / args.name
     for layers in (int(x) for x in args.layers.split(",")):
         name = f"{layers} layers"

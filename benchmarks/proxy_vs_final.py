@@ -18,7 +18,9 @@ proxy (what the search sees): the demo's proxy budget (fastkd.demo.BUDGETS["full
   lockstep as the search distils them, each student scored by every rung of the search's ladder
   (zeroshot, probe, short, full: the held-out train slices the search selects on), by the short and
   full fine-tunes with the biencoder recipe, by its teacher likeness on held-out sentences (CoLA train
-  sentences, no labels: fastkd.search.likeness) and by minus its final distillation loss.
+  sentences, no labels: fastkd.search.likeness) and by minus its final distillation loss. A proxy
+  student that diverges is ranked last by the rungs (as the search ranks it); it leaves the likeness
+  and loss measures of its objective out of the table.
 
 Reported: per proxy measure, Spearman and Kendall of its per-mapping means with the final means (both
 the fine-tuned score and zero-shot STS-B), 95% percentile bootstrap intervals (mappings, proxy seeds
@@ -66,7 +68,7 @@ from fastkd.glue.tasks import task_spec  # noqa: E402
 from fastkd.mapping import LayerMapping  # noqa: E402
 from fastkd.models import load_teacher, load_tokenizer, resolve_model_path, student_shape  # noqa: E402
 from fastkd.search.likeness import TeacherReference  # noqa: E402
-from fastkd.search.proxy import ProxyEvaluator, task_collapsed  # noqa: E402
+from fastkd.search.proxy import FAILED_FITNESS, ProxyEvaluator, task_collapsed  # noqa: E402
 from fastkd.search.rungs import RUNG_ORDER, Rung  # noqa: E402
 from fastkd.search.verdict import paired_interval  # noqa: E402
 from fastkd.sentence import read_pooling, zeroshot_stsb  # noqa: E402
@@ -76,7 +78,7 @@ LIKENESS = ("embedding_cosine", "cka_embedding", "cka_mapped")
 BIENCODER_RUNGS = ("short", "full")  # also scored with the biencoder head (named short-biencoder, ...)
 # what a kept row must share with this run
 PROXY_DECISIVE = ("teacher", "corpus", "data_dir", "mappings", "likeness_sentences")
-FINAL_DECISIVE = ("teacher", "corpus", "final_steps", "final_batch", "final_lr", "final_warmup", "final_seq_len",
+FINAL_DECISIVE = ("teacher", "corpus", "data_dir", "final_steps", "final_batch", "final_lr", "final_warmup", "final_seq_len",
                   "judge_tasks", "judge_steps", "judge_examples", "judge_lr", "judge_seq_len", "judge_head")
 BOOTSTRAP = 2000
 
@@ -119,8 +121,11 @@ def proxy_stage(args, results: dict, save) -> None:
     if earlier is not None and earlier["config"] != json.loads(json.dumps(proxy.as_dict())):
         raise SystemExit(f"--resume: the saved {key} proxy ran another proxy budget ({earlier['config']}); "
                          "choose another --name")
+    if proxy.steps < 1 or proxy.finetune_steps < 1:
+        raise SystemExit("--proxy-steps and --proxy-finetune-steps must be at least 1")
+    # seconds are kept per (measure, mapping, seed) and distillation per seed: a seed run again replaces its own
     stage = results["proxy"].setdefault(key, {"config": proxy.as_dict(), "fitness": {}, "seconds": {},
-                                              "distill_seconds": [], "machine": machine()})
+                                              "distill_seconds": {}, "machine": machine()})
     tokenizer, teacher = load_tokenizer(args.teacher), load_teacher(args.teacher)
     mode = "sentences" if proxy.objective == "sentence" else "packed"  # as the search's corpus_mode auto
     corpus = sample_corpus(load_corpus(args.corpus, tokenizer, proxy.max_seq_len, progress=False, mode=mode),
@@ -142,14 +147,14 @@ def proxy_stage(args, results: dict, save) -> None:
             continue
         started = time.perf_counter()
         distilled = ev.distill(mappings, seed, desc=f"seed {seed}")
-        stage["distill_seconds"].append((time.perf_counter() - started) / len(mappings))
+        stage["distill_seconds"][str(seed)] = (time.perf_counter() - started) / len(mappings)
         for mapping, (student, losses, _) in zip(mappings, distilled):
             student.eval()
             scores, seconds = {}, {}
-            if "failed" in losses:  # a diverged proxy student: no measure (the report leaves such measures out)
-                print(f"proxy {key} seed {seed} {mapping.text}: {losses['failed']}", flush=True)
-                scores = {name: None for name in measures}
-                seconds = {}
+            if "failed" in losses:  # a diverged proxy student: ranked last by the rungs, as the search ranks it;
+                print(f"proxy {key} seed {seed} {mapping.text}: {losses['failed']}", flush=True)  # no likeness
+                scores = {name: (None if name in (*LIKENESS, "neg_final_loss") else 100 * FAILED_FITNESS)
+                          for name in measures}
             for name in (measures if "failed" not in losses else ()):
                 started = time.perf_counter()
                 if name in LIKENESS:  # one pass gives all three; each is charged that pass's time
@@ -171,7 +176,7 @@ def proxy_stage(args, results: dict, save) -> None:
             for name in measures:
                 fitness.setdefault(name, {}).setdefault(mapping.text, {})[str(seed)] = scores[name]
                 if name in seconds:
-                    stage["seconds"].setdefault(name, []).append(seconds[name])
+                    stage["seconds"].setdefault(name, {}).setdefault(mapping.text, {})[str(seed)] = seconds[name]
             print(f"proxy {key} seed {seed} {mapping.text}: " + ", ".join(
                 f"{n} {scores[n]:.3f}" for n in measures if scores[n] is not None), flush=True)
         save()
@@ -245,7 +250,7 @@ def report(args, results: dict) -> list[dict]:
               f"{e['residual_sd']:.2f}; mapping effect F({e['df'][0]}, {e['df'][1]}) = {e['F']:.2f}, p = {e['p']:.3g}")
     rows = []
     rng = np.random.default_rng(0)
-    distill_cost = statistics.fmean(s for st in results["proxy"].values() for s in st["distill_seconds"]) if any(
+    distill_cost = statistics.fmean(s for st in results["proxy"].values() for s in st["distill_seconds"].values()) if any(
         st["distill_seconds"] for st in results["proxy"].values()) else float("nan")
     for objective, stage in results["proxy"].items():
         for name, by_mapping in stage["fitness"].items():
@@ -257,7 +262,7 @@ def report(args, results: dict) -> list[dict]:
                 print(f"{objective} {name}: left out (a proxy student diverged, or the measure is undefined for a mapping)")
                 continue
             row = {"proxy objective": objective, "measure": name,
-                   "s/eval": f"{statistics.fmean(stage['seconds'][name]):.1f}"}
+                   "s/eval": f"{statistics.fmean(s for by_seed in stage['seconds'][name].values() for s in by_seed.values()):.1f}"}
             for target, scores in targets.items():
                 r = bootstrap_rank(values, scores, rng)
                 row[f"Spearman vs {target}"] = (f"{r['spearman']['point']:+.2f} "

@@ -9,6 +9,7 @@ import os
 import sys
 
 from . import options
+from .config_files import apply_config_file
 from .errors import UserError
 from .processes import Stopped, children_die_with_this_process, end_children, stop_signals_raise, stopped_in
 
@@ -299,7 +300,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     path = getattr(args, "config", None)
     if path is not None:
         command_parser = parser._subparsers._group_actions[0].choices[args.command]
-        options.apply_config_file(command_parser, path, args.command)
+        apply_config_file(command_parser, path, args.command)
         args = parser.parse_args(argv)  # flags on the command line now override the file's values
     return args
 

@@ -4,14 +4,13 @@ Light on purpose: the CLI builds its parser from these dataclasses without impor
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import UserError
 from .io import read_json
-from .options import option
+from .options import PROGRESS_HELP, option, seed_problem, seed_value
 
 CORPUS_MODES = ("packed", "sentences", "lines")
 CORPUS_MODE_HELP = ("packed: running text packed into sequences of exactly --max-seq-len tokens; sentences: one "
@@ -23,17 +22,6 @@ NON_DETERMINING = frozenset({"output", "resume", "log_every", "keep_checkpoints"
                              "stop_at_step", "checkpoint_every", "max_bad_steps", "device", "loss_backend",
                              "report_to"})
 REPORT_TO = ("none", "tensorboard")
-
-
-MAX_SEED = 2 ** 32 - 1  # numpy's legacy generator (np.random.seed, fastkd.rng) takes seeds in [0, 2**32 - 1]
-
-
-def seed_problem(seed: int, what: str = "--seed") -> str | None:
-    """Why `seed` cannot seed every generator, or None. Checked where a seed enters (the parser, a
-    config file) and where one is derived from another (seed + k), before any work."""
-    if seed < 0 or seed > MAX_SEED:
-        return f"{what} {seed} is out of range: seeds are integers from 0 to {MAX_SEED} (numpy takes 32-bit seeds)"
-    return None
 
 
 LOSS_WEIGHTS = ("w_embedding", "w_hidden", "w_attention", "w_attention_kl", "w_value_kl", "w_relation", "w_sentence")
@@ -50,18 +38,6 @@ def loss_weight_problem(cfg) -> str | None:
     return None
 
 
-def seed_value(text: str) -> int:
-    """A seed: an integer in [0, 2**32 - 1] (numpy refuses others, and torch negative ones, after the
-    work has begun)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give an integer from 0 to {MAX_SEED}") from None
-    if seed_problem(value) is not None:
-        raise argparse.ArgumentTypeError(f"invalid seed {value}: give an integer from 0 to {MAX_SEED}")
-    return value
-
-
 BACKENDS = ("torch", "cpp", "triton", "cuda")  # the fused-loss backends (fastkd.ops), reference first
 LOSS_BACKENDS = ("auto",) + BACKENDS
 OBJECTIVES = ("tinybert", "minilm", "minilmv2", "sentence")
@@ -76,8 +52,6 @@ RELATION_HEADS_HELP = ("relation heads R of the minilm/minilmv2 relation terms: 
                        "teachers); R must divide both hidden sizes")
 LOSS_BACKEND_HELP = ("loss kernels: torch (reference), cpp (CPU), triton or cuda (GPU); auto = the fastest present; a "
                      "missing one falls back with one log line (default: $FASTKD_LOSS_BACKEND or auto)")
-PROGRESS_HELP = "progress bars (--no-progress hides them)"
-
 DISTILL_GROUPS = {"models": "models", "data": "data", "training": "training",
                   "losses": "losses (each term is logged separately; total = sum of weight x term)",
                   "output": "output",

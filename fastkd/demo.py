@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import MAX_SEED, DistillConfig, seed_problem
+from .config import DistillConfig
+from .options import MAX_SEED, seed_problem
 from .device import bf16_absence, bf16_is_native, pick_device
 from .distill import run_distill
 from .errors import UserError

@@ -195,8 +195,12 @@ def read_all(d):
 
 
 def test_bf16_autocast_runs(tmp_path, tiny_teacher_dir, small_corpus):
-    run_distill(_cfg(tmp_path, "bf16", tiny_teacher_dir, small_corpus, bf16=True, max_steps=3))
-    assert all(math.isfinite(r["loss"]) for r in _metrics(tmp_path / "bf16"))
+    student = run_distill(_cfg(tmp_path, "bf16", tiny_teacher_dir, small_corpus, bf16=True, max_steps=3))
+    rows = _metrics(tmp_path / "bf16")
+    assert rows and all(math.isfinite(r["loss"]) for r in rows), rows
+    info = json.loads((student / "fastkd.json").read_text())
+    # the loss ops saw bf16 operands: autocast really ran (not a float32 run with a bf16 label)
+    assert info["bf16"] is True and any("bfloat16" in str(op["dtype"]) for op in info["loss_ops"]), info["loss_ops"]
 
 
 def test_narrow_student_with_projections_and_kl(tmp_path, tiny_teacher_dir, small_corpus):

@@ -206,13 +206,16 @@ def test_distill_loss_uses_the_backend_and_matches_the_reference():
     rec = lambda d, g=True: AttentionRecord(*_qk(B, H, S, d, gen, grad=g), d ** -0.5)  # noqa: E731
     student_att = {1: rec(4), 2: rec(4)}
     teacher_att = {2: rec(6, False), 4: rec(6, False)}
-    out = {}
+    out, ran = {}, {}
     for backend in ("torch", "cpp"):
         torch.manual_seed(0)
         criterion = DistillLoss(LayerMapping((2, 4), 4), 8, 12, weights, backend=backend)
         result = criterion(student_hidden, student_att, TeacherOutputs(teacher_hidden, teacher_att, mask))
         grads = torch.autograd.grad(result.total, student_hidden + [student_att[1].query, student_att[2].key])
         out[backend] = (result.scalars(), grads)
+        ran[backend] = {r["op"]: r["backend"] for r in criterion.ran_on()}
+    # the comparison is fused against torch, not torch against torch after a silent fallback
+    assert set(ran["cpp"]) == {"hidden_mse", "attention_mse", "attention_kl"} and set(ran["cpp"].values()) == {"cpp"}, ran
     assert set(out["cpp"][0]) == {"embedding", "hidden", "attention", "attention_kl"}
     for k, v in out["torch"][0].items():
         assert out["cpp"][0][k] == pytest.approx(v, rel=1e-5)

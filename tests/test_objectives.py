@@ -57,6 +57,8 @@ def test_the_relation_terms_match_a_computation_by_hand_on_every_backend():
             result = loss(hidden_s, student, TeacherOutputs(hidden_t, teacher, mask))
             inputs = [student[1].query, student[1].key, student[1].value, student[2].value]
             out[backend, objective] = (result.scalars(), torch.autograd.grad(result.total, inputs, allow_unused=True))
+            ran = {r["op"]: r["backend"] for r in loss.ran_on()}
+            assert ran and set(ran.values()) == {backend}, (objective, ran)  # no silent fallback to torch
     pairs = [(student[1], teacher[3]), (student[2], teacher[4])]
     v2 = sum(_relation_by_hand(s.query, t.query, mask, 4) + _relation_by_hand(s.key, t.key, mask, 4)
              + _relation_by_hand(s.value, t.value, mask, 4) for s, t in pairs) / 2

@@ -7,9 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..config import PROGRESS_HELP, seed_value
 from ..errors import UserError
-from ..options import option
+from ..options import PROGRESS_HELP, option, seed_value
 
 # What the task head reads:
 #   pooler          the copied CLS pooler (dense + tanh) and the family's classifier, as
