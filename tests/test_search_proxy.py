@@ -95,3 +95,16 @@ def test_the_held_out_part_reaches_the_scoring(evaluator_factory, monkeypatch):
     ev.evaluate(MAPPINGS[:2], seed=0, chunk=1, rung=Rung("full"))
     ev.evaluate(MAPPINGS[:2], seed=1000, chunk=2, rung=Rung("full"), part="verdict")
     assert seen == ["selection", "selection", "verdict", "verdict"]
+
+
+def test_a_mapping_that_leaves_a_layer_unsupervised_is_distilled_and_scored(evaluator_factory):
+    """--unsupervised lets the GA propose '-' genes: such a candidate trains only its mapped layers."""
+    from fastkd.search.config import SearchConfig
+
+    assert SearchConfig(output="o", corpus="c", data_dir="d", unsupervised=True).ga_config().allow_none
+    assert not SearchConfig(output="o", corpus="c", data_dir="d").ga_config().allow_none
+    ev = evaluator_factory()
+    partial, full = ev.evaluate([LayerMapping((None, 4), 4), LayerMapping((2, 4), 4)], seed=0, chunk=2)
+    assert partial.mapping.text == "-,4" and "failed" not in partial.losses and set(partial.tasks) == {"wnli", "qnli"}
+    assert partial.losses["hidden"] != full.losses["hidden"]  # one supervised layer's hidden loss, not two
+

@@ -146,6 +146,9 @@ class SearchConfig:
     population: int = option(8, "mappings per generation (P)", group="ga")
     generations: int = option(4, "generations (G)", group="ga")
     monotone: bool = option(False, "only non-decreasing mappings", group="ga")
+    unsupervised: bool = option(False, "also propose mappings that leave some student layers without a teacher layer "
+                                       "(MiniLM-style, '-' in the mapping: such a layer is not supervised and starts "
+                                       "from the uniform mapping's teacher layer)", group="ga")
     ladder: str = option("zeroshot,full", "rungs from cheap to faithful, ending in full: zeroshot (STS-B similarity "
                                           "of mean-pooled embeddings, no training), probe (frozen features + a linear "
                                           "model per proxy task), short (a quarter of the fine-tuning steps), full "
@@ -172,7 +175,7 @@ class SearchConfig:
 
     def ga_config(self) -> GAConfig:
         return GAConfig(population=self.population, generations=self.generations, monotone=self.monotone,
-                        seed=self.seed)
+                        allow_none=self.unsupervised, seed=self.seed)
 
     def rungs(self) -> tuple[Rung, ...]:
         return parse_ladder(self.ladder)
