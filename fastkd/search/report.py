@@ -1,10 +1,10 @@
-"""Search outputs: best_mapping.json, report.md, fitness.png, layers.png, ladder.png, verdict.png."""
+"""Search outputs: best_mapping.json, report.md, fitness.png, layers.png, ladder.png, verdict.png, written
+from a SearchSummary (fastkd.search.summary), never from the live search."""
 
 from __future__ import annotations
 
 import math
 import statistics
-import time
 
 from ..io import atomic_write_json, atomic_write_text
 from ..mapping import search_space_size
@@ -19,8 +19,8 @@ def _pm(mean: float, sd: float | None) -> str:
     return f"{mean:.4f}" if sd is None or math.isnan(sd) else f"{mean:.4f} ± {sd:.4f}"
 
 
-def _runs(search, genome, rung, seeds) -> list:
-    return [search.results[(genome, rung.name)][s] for s in seeds if s in search.results.get((genome, rung.name), {})]
+def _runs(summary, genome, rung, seeds) -> list:
+    return [summary.results[(genome, rung.name)][s] for s in seeds if s in summary.results.get((genome, rung.name), {})]
 
 
 def _task_means(runs) -> dict[str, dict]:
@@ -45,26 +45,26 @@ def verdict_lines(result: dict) -> list[str]:
     return lines
 
 
-def _splits(search) -> str:
-    teacher = search.signal.get("teacher", {})
+def _splits(summary) -> str:
+    teacher = summary.signal.get("teacher", {})
     return ", ".join(f"{t['task']} on {t.get('eval_split', 'dev')}" for t in teacher.values())
 
 
-def markdown(search, result: dict, seconds: float) -> str:
-    cfg = search.cfg
-    M, N = search.shape.layers, search.N
-    counters = search._ev.counters if hasattr(search, "_ev") else None
+def markdown(summary, result: dict, seconds: float) -> str:
+    cfg = summary.cfg
+    M, N = summary.shape.layers, summary.N
+    counters = summary.counters
     names = result["heuristic_names"]
     seed = cfg.seed
-    lines = [f"# Layer-mapping search: {cfg.teacher} ({N} layers) -> {search.shape.describe()}", ""]
+    lines = [f"# Layer-mapping search: {cfg.teacher} ({N} layers) -> {summary.shape.describe()}", ""]
     lines += verdict_lines(result) + [""]
-    runs = [r for rows in search.results.values() for r in rows.values()]
+    runs = [r for rows in summary.results.values() for r in rows.values()]
     failed = sum("failed" in r.losses for r in runs)
     if failed:
         lines.append(f"- {failed} evaluation(s) diverged during proxy distillation (non-finite losses) and were "
                      "scored -1 (the floor); lower --proxy-lr if that is frequent.")
-    heldout = any(t.get("eval_split", "dev") != "dev" for t in search.signal.get("teacher", {}).values())
-    lines += [f"Scores come from: {_splits(search)}" + (
+    heldout = any(t.get("eval_split", "dev") != "dev" for t in summary.signal.get("teacher", {}).values())
+    lines += [f"Scores come from: {_splits(summary)}" + (
         " (train-heldout = a slice of the training set, disjoint from the fine-tuning examples and the same for "
         "every mapping and seed; the official dev sets stay for final tables)" if heldout else "")
         + ". Fitness = mean task score, in [0, 1].", ""]
@@ -82,19 +82,19 @@ def markdown(search, result: dict, seconds: float) -> str:
         hw = "-" if math.isnan(iv.half_width) else f"{iv.half_width:.4f}"
         mean = "-" if math.isnan(iv.mean) else f"{iv.mean:+.4f}"
         lines.append(f"| {name} | {v.mapping} | {mean} | {hw} | {iv.n} | {diffs or '-'} |")
-    group = list(dict.fromkeys([result["winner_genome"], search.heuristics["uniform"], search.heuristics["last"]]))
+    group = list(dict.fromkeys([result["winner_genome"], summary.heuristics["uniform"], summary.heuristics["last"]]))
     lines += ["", "| mapping | role | top-rung fitness, verdict seeds (mean ± SD) | " +
-              " | ".join(t.name for t in search.tasks) + " |", "|" + " --- |" * (3 + len(search.tasks))]
+              " | ".join(t.name for t in summary.tasks) + " |", "|" + " --- |" * (3 + len(summary.tasks))]
     for g in group:
-        vr = _runs(search, g, search.top, search.verdict_seeds)
+        vr = _runs(summary, g, summary.top, summary.verdict_seeds)
         fits = [r.fitness for r in vr]
         sd = statistics.stdev(fits) if len(fits) > 1 else None
         role = "winner" if g == result["winner_genome"] else names.get(g, "")
         if g == result["winner_genome"] and g in names:
             role = f"winner = {names[g]}"
         tasks = _task_means(vr)
-        cells = [("-" if t.key not in tasks else f"{100 * tasks[t.key]['score']:.1f}") for t in search.tasks]
-        lines.append(f"| {search.mapping_text(g)} | {role} | {_pm(statistics.fmean(fits), sd) if fits else '-'} | "
+        cells = [("-" if t.key not in tasks else f"{100 * tasks[t.key]['score']:.1f}") for t in summary.tasks]
+        lines.append(f"| {summary.mapping_text(g)} | {role} | {_pm(statistics.fmean(fits), sd) if fits else '-'} | "
                      + " | ".join(cells) + " |")
     lines.append("")
 
@@ -106,20 +106,20 @@ def markdown(search, result: dict, seconds: float) -> str:
               "| rung | what | evaluations | seconds scoring | Spearman vs top | Kendall vs top | n |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     corr = result["rank_correlations"]
-    for rung in search.rungs:
-        count = sum(1 for (g, r), rows in search.results.items() if r == rung.name for _ in rows)
+    for rung in summary.rungs:
+        count = sum(1 for (g, r), rows in summary.results.items() if r == rung.name for _ in rows)
         secs = counters.scoring_seconds.get(rung.name, 0.0) if counters else 0.0
         c = corr.get(rung.name)
-        sp = "1 (itself)" if rung is search.top else ("-" if c is None or c["spearman"] is None else f"{c['spearman']:.2f}")
-        kd = "1 (itself)" if rung is search.top else ("-" if c is None or c["kendall"] is None else f"{c['kendall']:.2f}")
-        n = "-" if rung is search.top or c is None else str(c["n"])
+        sp = "1 (itself)" if rung is summary.top else ("-" if c is None or c["spearman"] is None else f"{c['spearman']:.2f}")
+        kd = "1 (itself)" if rung is summary.top else ("-" if c is None or c["kendall"] is None else f"{c['kendall']:.2f}")
+        n = "-" if rung is summary.top or c is None else str(c["n"])
         lines.append(f"| {rung.name} | {rung.describe(cfg.proxy)} | {count} | {secs:.0f} | {sp} | {kd} | {n} |")
     lines.append("")
 
     lines += ["## Where the time went", "", "Phases, then what they spent it on (this invocation; a resumed "
               "search reads finished evaluations back and spends nothing on them).", "",
               "| part | seconds |", "| --- | --- |"]
-    parts = dict(search.timings)
+    parts = dict(summary.timings)
     if counters is not None:
         parts.update({"of which: teacher forwards (proxy distillation)": counters.teacher_seconds,
                       "of which: student steps (proxy distillation)": counters.student_seconds,
@@ -134,25 +134,25 @@ def markdown(search, result: dict, seconds: float) -> str:
     packed = cfg.corpus_mode_used() == "packed"
     lines += ["## Search", "",
               f"- search space: {space:,} mappings ({'non-decreasing' if cfg.monotone else 'any order'}); "
-              f"{len({g for g, _ in search.results})} distinct mappings evaluated ({evaluations} evaluations, "
-              f"{search.reused} read back from the store)",
-              f"- GA: population {cfg.population}, generations {len(search.generations)}/{cfg.generations}, selection "
-              f"seed {seed}; ladder {' -> '.join(r.name for r in search.rungs)}, promote {cfg.promote:g}; verdict seeds "
-              f"{', '.join(map(str, search.verdict_seeds)) or 'none'}",
+              f"{len({g for g, _ in summary.results})} distinct mappings evaluated ({evaluations} evaluations, "
+              f"{summary.reused} read back from the store)",
+              f"- GA: population {cfg.population}, generations {len(summary.generations)}/{cfg.generations}, selection "
+              f"seed {seed}; ladder {' -> '.join(r.name for r in summary.rungs)}, promote {cfg.promote:g}; verdict seeds "
+              f"{', '.join(map(str, summary.verdict_seeds)) or 'none'}",
               f"- proxy: {cfg.proxy.sequences} {'sequences' if packed else cfg.corpus_mode_used()} of "
               f"{'' if packed else 'at most '}{cfg.proxy.max_seq_len} tokens, {cfg.proxy.steps} distillation steps "
               f"at batch {cfg.proxy.batch_size}, lr {cfg.proxy.lr:g}, init {cfg.proxy.init}; fine-tuning "
               f"{cfg.proxy.finetune_steps} steps on {cfg.proxy.finetune_examples} examples per task, lr {cfg.proxy.finetune_lr:g}; "
               f"held-out slice {cfg.proxy.heldout} rows",
-              f"- proxy tasks: {', '.join(t.name for t in search.tasks)}"]
+              f"- proxy tasks: {', '.join(t.name for t in summary.tasks)}"]
     if counters is not None:
         lines.append(f"- this invocation: {counters.teacher_forwards} teacher forwards for {counters.student_steps} student "
                      f"steps; {counters.distilled} students distilled, {counters.reused_students} promoted students "
                      "scored again without distilling again")
     lines.append("")
 
-    sig = search.signal
-    lines += [f"## Signal check (teacher, rung {search.top.name}, selection seed)", "",
+    sig = summary.signal
+    lines += [f"## Signal check (teacher, rung {summary.top.name}, selection seed)", "",
               "| task | split | teacher | majority class | margin | verdict |", "| --- | --- | --- | --- | --- | --- |"]
     for key, t in sig.get("teacher", {}).items():
         margin = t["score"] - t["baseline_score"]
@@ -172,27 +172,27 @@ def markdown(search, result: dict, seconds: float) -> str:
     lines += ["## Every evaluated mapping (selection seed)", "",
               "Fitness per rung with the selection seed (biased upwards for the best: the verdict above uses held-out "
               "seeds only); † = collapsed (one class for >= 95% of the scored rows) on some task.", "",
-              "| rank | mapping | heuristic | " + " | ".join(r.name for r in search.rungs) + " |",
-              "|" + " --- |" * (3 + len(search.rungs))]
-    genomes = {g for g, _ in search.results if (g, search.rungs[0].name) in search.results}
+              "| rank | mapping | heuristic | " + " | ".join(r.name for r in summary.rungs) + " |",
+              "|" + " --- |" * (3 + len(summary.rungs))]
+    genomes = {g for g, _ in summary.results if (g, summary.rungs[0].name) in summary.results}
 
     def best_rung_key(g):
-        for depth in range(len(search.rungs) - 1, -1, -1):
-            f = search.fitness(g, search.rungs[depth], seed)
+        for depth in range(len(summary.rungs) - 1, -1, -1):
+            f = summary.fitness(g, summary.rungs[depth], seed)
             if f is not None:
                 return (-depth, -f, genome_key(g))
         return (1, 0.0, genome_key(g))
 
     for rank, g in enumerate(sorted(genomes, key=best_rung_key), start=1):
         cells = []
-        for rung in search.rungs:
-            row = search.results.get((g, rung.name), {}).get(seed)
+        for rung in summary.rungs:
+            row = summary.results.get((g, rung.name), {}).get(seed)
             cells.append("-" if row is None else f"{row.fitness:.4f}" + (" †" if any(t.get("collapsed") for t in row.tasks.values()) else ""))
-        text = f"**{search.mapping_text(g)}**" if g == result["winner_genome"] else search.mapping_text(g)
+        text = f"**{summary.mapping_text(g)}**" if g == result["winner_genome"] else summary.mapping_text(g)
         lines.append(f"| {rank} | {text} | {names.get(g, '')} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Generations (rung {search.rungs[0].name})", "",
+    lines += ["", f"## Generations (rung {summary.rungs[0].name})", "",
               "| generation | best | mean | best so far | teacher forwards |", "| --- | --- | --- | --- | --- |"]
-    for g in search.generations:
+    for g in summary.generations:
         lines.append(f"| {g['generation']} | {g['best']:.4f} | {g['mean']:.4f} | {g['best_so_far']:.4f} | {g['teacher_forwards']} |")
     return "\n".join(lines) + "\n"
 
@@ -206,19 +206,19 @@ def _pyplot():
     return plt
 
 
-def plot_fitness(search, result: dict, path) -> None:
+def plot_fitness(summary, result: dict, path) -> None:
     plt = _pyplot()
-    rung0 = search.rungs[0]
-    gens = [g["generation"] for g in search.generations]
+    rung0 = summary.rungs[0]
+    gens = [g["generation"] for g in summary.generations]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    ax.plot(gens, [g["best"] for g in search.generations], "o-", label="best of generation")
-    ax.plot(gens, [g["mean"] for g in search.generations], "s--", label="mean of generation")
-    ax.plot(gens, [g["best_so_far"] for g in search.generations], ":", color="black", label="best so far")
+    ax.plot(gens, [g["best"] for g in summary.generations], "o-", label="best of generation")
+    ax.plot(gens, [g["mean"] for g in summary.generations], "s--", label="mean of generation")
+    ax.plot(gens, [g["best_so_far"] for g in summary.generations], ":", color="black", label="best so far")
     colors = {"uniform": "tab:green", "last": "tab:red", "first": "tab:purple"}
     for genome, name in result["heuristic_names"].items():
-        f = search.fitness(genome, rung0, search.cfg.seed)
+        f = summary.fitness(genome, rung0, summary.cfg.seed)
         if f is not None:
-            ax.axhline(f, color=colors[name], alpha=0.7, linewidth=1, label=f"{name} ({search.mapping_text(genome)})")
+            ax.axhline(f, color=colors[name], alpha=0.7, linewidth=1, label=f"{name} ({summary.mapping_text(genome)})")
     ax.set_xlabel("generation")
     ax.set_ylabel(f"fitness on rung {rung0.name} (selection seed)")
     ax.set_xticks(gens)
@@ -229,15 +229,15 @@ def plot_fitness(search, result: dict, path) -> None:
     plt.close(fig)
 
 
-def plot_ladder(search, result: dict, path) -> None:
+def plot_ladder(summary, result: dict, path) -> None:
     """Each lower rung's fitness against the top rung's, per mapping scored on both (selection seed)."""
     plt = _pyplot()
-    lower = search.rungs[:-1]
+    lower = summary.rungs[:-1]
     fig, axes = plt.subplots(1, max(1, len(lower)), figsize=(4.2 * max(1, len(lower)), 3.8), dpi=120, squeeze=False)
-    seed = search.cfg.seed
-    for ax, rung in zip(axes[0], lower or [search.top]):
-        pts = [(search.fitness(g, rung, seed), search.fitness(g, search.top, seed), g)
-               for (g, r) in search.results if r == rung.name]
+    seed = summary.cfg.seed
+    for ax, rung in zip(axes[0], lower or [summary.top]):
+        pts = [(summary.fitness(g, rung, seed), summary.fitness(g, summary.top, seed), g)
+               for (g, r) in summary.results if r == rung.name]
         pts = [p for p in pts if p[0] is not None and p[1] is not None]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18)
         for x, y, g in pts:
@@ -245,18 +245,18 @@ def plot_ladder(search, result: dict, path) -> None:
             if label or g == result["winner_genome"]:
                 ax.annotate(label or "winner", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         c = result["rank_correlations"].get(rung.name, {})
-        title = f"rung {rung.name} vs {search.top.name}"
+        title = f"rung {rung.name} vs {summary.top.name}"
         if c.get("spearman") is not None:
             title += f" (Spearman {c['spearman']:.2f}, n={c['n']})"
         ax.set_title(title, fontsize=8)
         ax.set_xlabel(f"{rung.name} fitness")
-        ax.set_ylabel(f"{search.top.name} fitness")
+        ax.set_ylabel(f"{summary.top.name} fitness")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def plot_verdict(search, result: dict, path) -> None:
+def plot_verdict(summary, result: dict, path) -> None:
     """The winner minus uniform and minus last on the verdict seeds: mean, 95% interval, each seed."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 2.8), dpi=120)
@@ -279,15 +279,15 @@ def plot_verdict(search, result: dict, path) -> None:
     plt.close(fig)
 
 
-def plot_layers(search, result: dict, path) -> None:
+def plot_layers(summary, result: dict, path) -> None:
     plt = _pyplot()
     import numpy as np
 
-    rung0, seed = search.rungs[0], search.cfg.seed
-    genomes = [g for (g, r) in search.results if r == rung0.name and search.fitness(g, rung0, seed) is not None]
-    ranking = sorted(genomes, key=lambda g: (-search.fitness(g, rung0, seed), genome_key(g)))
+    rung0, seed = summary.rungs[0], summary.cfg.seed
+    genomes = [g for (g, r) in summary.results if r == rung0.name and summary.fitness(g, rung0, seed) is not None]
+    ranking = sorted(genomes, key=lambda g: (-summary.fitness(g, rung0, seed), genome_key(g)))
     top = ranking[: max(3, math.ceil(TOP_FRACTION * len(ranking)))]
-    M, N = search.shape.layers, search.N
+    M, N = summary.shape.layers, summary.N
     counts = np.zeros((M, N))
     for g in top:
         for m, layer in enumerate(g):
@@ -313,28 +313,28 @@ def plot_layers(search, result: dict, path) -> None:
 PLOTS = {"fitness.png": plot_fitness, "layers.png": plot_layers, "ladder.png": plot_ladder, "verdict.png": plot_verdict}
 
 
-def write_outputs(search, result: dict) -> None:
-    out = search.output
-    seconds = time.perf_counter() - search.started
+def write_outputs(summary, result: dict) -> None:
+    out = summary.output
+    seconds = summary.seconds
     w = result["winner_genome"]
-    top_runs = _runs(search, w, search.top, search.verdict_seeds)
+    top_runs = _runs(summary, w, summary.top, summary.verdict_seeds)
     fits = [r.fitness for r in top_runs]
     # No verdict seeds: the per-task numbers fall back to the selection run, and say so.
     tasks_from = "verdict seeds" if top_runs else "selection seed"
     if not top_runs:
-        top_runs = _runs(search, w, search.top, [search.cfg.seed])
+        top_runs = _runs(summary, w, summary.top, [summary.cfg.seed])
     atomic_write_json(out / "best_mapping.json", {
-        "mapping": list(w), "text": result["winner"], "teacher_layers": search.N,
-        "selection_seed": search.cfg.seed, "selection_fitness": search.fitness(w, search.top, search.cfg.seed),
-        "ladder": [r.name for r in search.rungs], "verdict_seeds": search.verdict_seeds,
+        "mapping": list(w), "text": result["winner"], "teacher_layers": summary.N,
+        "selection_seed": summary.cfg.seed, "selection_fitness": summary.fitness(w, summary.top, summary.cfg.seed),
+        "ladder": [r.name for r in summary.rungs], "verdict_seeds": summary.verdict_seeds,
         "verdict_fitness": statistics.fmean(fits) if fits else None,
         "verdict_fitness_sd": statistics.stdev(fits) if len(fits) > 1 else None,
         "tasks": _task_means(top_runs), "tasks_from": tasks_from, "verdicts": {k: v.as_dict() for k, v in result["verdicts"].items()},
         "verdict": verdict_lines(result), "rank_correlations": result["rank_correlations"],
-        "weak_tasks": search.signal.get("weak_tasks", []), "timings_seconds": {k: round(v, 1) for k, v in search.timings.items()},
+        "weak_tasks": summary.signal.get("weak_tasks", []), "timings_seconds": {k: round(v, 1) for k, v in summary.timings.items()},
     })
-    atomic_write_text(out / "report.md", markdown(search, result, seconds))
+    atomic_write_text(out / "report.md", markdown(summary, result, seconds))
     for name, plot in PLOTS.items():
         tmp = out / f".{name}.tmp.png"
-        plot(search, result, tmp)
+        plot(summary, result, tmp)
         tmp.replace(out / name)

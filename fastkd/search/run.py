@@ -37,6 +37,7 @@ from .config import MEANINGFUL_HELDOUT, SearchConfig
 from .proxy import CandidateResult, ProxyEvaluator, task_collapsed
 from .rungs import Rung, successive_halving
 from .store import Evaluation, Store
+from .summary import SearchSummary, fitness_of
 from .verdict import PairedInterval, paired_interval
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,14 @@ class Search:
         return self._ev
 
     def fitness(self, genome: tuple, rung: Rung, seed: int) -> float | None:
-        row = self.results.get((genome, rung.name), {}).get(seed)
-        return None if row is None else row.fitness
+        return fitness_of(self.results, genome, rung, seed)
+
+    def for_report(self) -> SearchSummary:
+        """What the report reads, apart from the live search (its evaluator, store and ranks)."""
+        return SearchSummary(self.cfg, self.output, self.shape, self.N, self.rungs, self.top, list(self.tasks),
+                             list(self.verdict_seeds), dict(self.heuristics), self.results, list(self.generations),
+                             self.signal, dict(self.timings), self.reused,
+                             self._ev.counters if hasattr(self, "_ev") else None, time.perf_counter() - self.started)
 
     def evaluate(self, genomes: list[tuple], seed: int, generation: int, label: str,
                  rung: Rung, part: str = "selection") -> dict[tuple, Evaluation]:
@@ -400,5 +407,5 @@ class Search:
         if self.comm.is_main:
             from .report import write_outputs  # matplotlib only when there is something to draw
 
-            write_outputs(self, result)
+            write_outputs(self.for_report(), result)
         return result
