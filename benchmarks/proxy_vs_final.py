@@ -199,8 +199,8 @@ def bootstrap_rank(proxy: np.ndarray, final: np.ndarray, rng: np.random.Generato
             continue
         draws["spearman"].append(stats.spearmanr(p, f).statistic)
         draws["kendall"].append(stats.kendalltau(p, f).statistic)
-    return {k: {"point": v, "low": float(np.percentile(draws[k], 2.5)), "high": float(np.percentile(draws[k], 97.5))}
-            for k, v in point.items()}
+    return {k: {"point": v, "low": float(np.percentile(draws[k], 2.5)) if draws[k] else float("nan"),
+                "high": float(np.percentile(draws[k], 97.5)) if draws[k] else float("nan")} for k, v in point.items()}
 
 
 def mapping_effect(scores: np.ndarray) -> dict:
@@ -261,8 +261,9 @@ def report(args, results: dict) -> list[dict]:
             if np.isnan(values).any():
                 print(f"{objective} {name}: left out (a proxy student diverged, or the measure is undefined for a mapping)")
                 continue
+            secs = [s for by_seed in stage["seconds"].get(name, {}).values() for s in by_seed.values()]
             row = {"proxy objective": objective, "measure": name,
-                   "s/eval": f"{statistics.fmean(s for by_seed in stage['seconds'][name].values() for s in by_seed.values()):.1f}"}
+                   "s/eval": f"{statistics.fmean(secs):.1f}" if secs else "-"}
             for target, scores in targets.items():
                 r = bootstrap_rank(values, scores, rng)
                 row[f"Spearman vs {target}"] = (f"{r['spearman']['point']:+.2f} "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .errors import UserError
 
+
 def _parse_config_text(text: str, p: Path, where: str):
     """The file's data: YAML by its suffix (aliases refused), JSON otherwise."""
     if p.suffix.lower() in (".yaml", ".yml"):

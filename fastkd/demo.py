@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import DistillConfig
-from .options import MAX_SEED, seed_problem
 from .device import bf16_absence, bf16_is_native, pick_device
 from .distill import run_distill
 from .errors import UserError
@@ -26,6 +25,7 @@ from .glue.tasks import TASKS
 from .io import atomic_write_json, atomic_write_text, check_writable_dir
 from .mapping import LayerMapping, heuristic
 from .models import load_config
+from .options import MAX_SEED, seed_problem
 from .search.report import verdict_lines
 from .search.config import SEED_STRIDE, ProxyConfig, SearchConfig
 from .search.run import Search

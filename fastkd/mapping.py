@@ -115,14 +115,15 @@ def parse_mapping(text: str, student_layers: int, teacher_layers: int) -> LayerM
 
 def search_space_size(student_layers: int, teacher_layers: int, allow_none: bool = False,
                       monotone: bool = False) -> int:
-    """Number of distinct mappings: N^M, (N+1)^M with None, C(N+M-1, M) when non-decreasing.
+    """Number of distinct mappings that supervise at least one layer: N^M, (N+1)^M - 1 with None,
+    C(N+M-1, M) when non-decreasing.
 
-    With monotone and None, the non-None entries must be non-decreasing: choose which k positions
+    With monotone and None, the non-None entries must be non-decreasing: choose which k >= 1 positions
     are supervised, then a non-decreasing k-sequence over N layers.
     """
     M, N = student_layers, teacher_layers
     if not monotone:
-        return (N + 1) ** M if allow_none else N ** M
+        return (N + 1) ** M - 1 if allow_none else N ** M
     if not allow_none:
         return math.comb(N + M - 1, M)
-    return sum(math.comb(M, k) * math.comb(N + k - 1, k) for k in range(M + 1))
+    return sum(math.comb(M, k) * math.comb(N + k - 1, k) for k in range(1, M + 1))

@@ -4,6 +4,7 @@ loss falls, the search and ZeRO taking the objective, bad input one line."""
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -50,7 +51,10 @@ def test_the_relation_terms_match_a_computation_by_hand_on_every_backend():
     hidden_t = {i: torch.randn(B, S, 32, generator=gen) for i in range(5)}
     hidden_s = [torch.randn(B, S, 16, generator=gen) for _ in range(3)]
     out = {}
-    for backend in ("torch", "cpp", "triton"):  # triton under the interpreter here
+    # triton under the interpreter on a CPU (conftest sets it where there is no GPU); with a GPU the CPU
+    # tensors here cannot run it, and asserting what ran would rightly fail
+    backends = ("torch", "cpp") + (("triton",) if os.environ.get("TRITON_INTERPRET") == "1" else ())
+    for backend in backends:
         for objective in ("minilm", "minilmv2"):
             loss = DistillLoss(LayerMapping((3, 4), 4), 16, 32, objective_weights(objective), backend=backend,
                                relation_heads=4)
@@ -65,11 +69,11 @@ def test_the_relation_terms_match_a_computation_by_hand_on_every_backend():
     value = sum(_relation_by_hand(s.value, t.value, mask, 4) for s, t in pairs) / 2
     assert set(out["torch", "minilmv2"][0]) == {"relation"}
     assert set(out["torch", "minilm"][0]) == {"attention_kl", "value_kl"}
-    for backend in ("torch", "cpp", "triton"):
+    for backend in backends:
         assert out[backend, "minilmv2"][0]["relation"] == pytest.approx(v2.item(), rel=1e-5)
         assert out[backend, "minilm"][0]["value_kl"] == pytest.approx(value.item(), rel=1e-5)
         assert out[backend, "minilm"][0]["attention_kl"] == pytest.approx(out["torch", "minilm"][0]["attention_kl"], rel=1e-5)
-    for backend, objective in [(b, o) for b in ("cpp", "triton") for o in ("minilm", "minilmv2")]:
+    for backend, objective in [(b, o) for b in backends[1:] for o in ("minilm", "minilmv2")]:
         for g, r in zip(out[backend, objective][1], out["torch", objective][1]):
             assert (g is None) == (r is None)
             if g is not None:

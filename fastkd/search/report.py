@@ -129,11 +129,12 @@ def markdown(summary, result: dict, seconds: float) -> str:
         lines.append(f"| {k} | {v:.0f} |")
     lines += [f"| wall time, this invocation | {seconds:.0f} |", ""]
 
-    space = search_space_size(M, N, monotone=cfg.monotone)
+    space = search_space_size(M, N, allow_none=cfg.unsupervised, monotone=cfg.monotone)
     evaluations = len(runs)
     packed = cfg.corpus_mode_used() == "packed"
     lines += ["## Search", "",
-              f"- search space: {space:,} mappings ({'non-decreasing' if cfg.monotone else 'any order'}); "
+              f"- search space: {space:,} mappings ({'non-decreasing' if cfg.monotone else 'any order'}"
+              f"{', unsupervised layers (-) allowed' if cfg.unsupervised else ''}); "
               f"{len({g for g, _ in summary.results})} distinct mappings evaluated ({evaluations} evaluations, "
               f"{summary.reused} read back from the store)",
               f"- GA: population {cfg.population}, generations {len(summary.generations)}/{cfg.generations}, selection "
