@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine, quiet_logs, table, write_result  # noqa: E402
 
 from fastkd.device import bf16_is_native, pick_device  # noqa: E402
-from fastkd.glue.finetune import HEADS, FinetuneConfig, TaskCache, finetune_task  # noqa: E402
+from fastkd.glue.config import HEADS, FinetuneConfig  # noqa: E402
+from fastkd.glue.finetune import TaskCache, finetune_task  # noqa: E402
 from fastkd.glue.probe import zero_shot_similarity  # noqa: E402
 from fastkd.glue.tasks import task_spec  # noqa: E402
 from fastkd.models import load_encoder, load_tokenizer  # noqa: E402

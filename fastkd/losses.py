@@ -130,14 +130,16 @@ class DistillLoss(nn.Module):
 
     @classmethod
     def for_teacher(cls, mapping: LayerMapping, student_hidden: int, teacher_model, weights: LossWeights,
-                    backend: str | None = None, requested_relation_heads: int | None = None) -> "DistillLoss":
+                    backend: str | None = None, requested_relation_heads: int | None = None,
+                    pooling: SentencePooling | None = None) -> "DistillLoss":
         """The loss of a student under `teacher_model` as every run builds it (distill, ZeRO, the search's
         proxy, bench): R for the relation terms resolved against both widths, the sentence term pooling
-        as the teacher's pipeline does. Draws its projections' initialisation from the global RNG."""
+        as the teacher's pipeline does (`pooling`: already read, as the search reads it once for all its
+        candidates). Draws its projections' initialisation from the global RNG."""
         return cls(mapping, student_hidden, teacher_model.config.hidden_size, weights, backend=backend,
                    relation_heads=relation_heads(weights, requested_relation_heads, teacher_model.config,
                                                  student_hidden),
-                   pooling=sentence_pooling(teacher_model.name_or_path, weights))
+                   pooling=pooling or sentence_pooling(teacher_model.name_or_path, weights))
 
     # Which layers each side must expose, so nothing else is kept in memory.
     def student_hidden_layers(self) -> list[int]:

@@ -204,12 +204,13 @@ def pooling_modes(config: dict) -> list[str]:
     return legacy or ["mean"]
 
 
-def read_pooling(teacher_dir, pooling_only: bool = False) -> SentencePooling:
+def read_pooling(teacher_dir, head: str | None = None) -> SentencePooling:
     """The SentencePooling of a teacher directory (a plain encoder: mean, unnormalised). The term
     reproduces Transformer -> Pooling [-> Normalize] pipelines; another shape (a Dense after the
     pooling, a module before it), a pipeline fastkd cannot read, or a pooling mode it does not know is
-    one line (UserError). pooling_only: just the Pooling's mode, whatever follows it (GLUE's pipeline
-    head pools there and ignores the rest)."""
+    one line (UserError). head: the GLUE head that reads it (e.g. "--head pipeline"): just the Pooling's
+    mode, whatever follows it (the head pools there and ignores the rest), and a refusal names that flag."""
+    user, fix = (head, "choose --head mean") if head else ("the sentence term", "set --w-sentence 0")
     if teacher_dir is None or not Path(teacher_dir).is_dir():
         return SentencePooling(source=f"{teacher_dir} is a hub name: its pipeline is not read here; mean")
     if not has_pipeline(teacher_dir):
@@ -225,12 +226,12 @@ def read_pooling(teacher_dir, pooling_only: bool = False) -> SentencePooling:
         modes = pooling_modes(config)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"the sentence-transformers pipeline of {path} is damaged ({type(exc).__name__}: {exc}): "
-                        "repair its modules.json and Pooling config, or set --w-sentence 0") from None
+                        f"repair its modules.json and Pooling config, or {fix}") from None
     if len(modes) != 1 or modes[0] not in POOLING_MODES:
-        raise UserError(f"{path}: the sentence term pools as the teacher's pipeline does, and fastkd knows "
+        raise UserError(f"{path}: {user} pools as the model's pipeline does, and fastkd knows "
                         f"{', '.join(POOLING_MODES)} pooling, one at a time (the pipeline sets {', '.join(modes)}):"
-                        " set --w-sentence 0")
-    if pooling_only:
+                        f" {fix}")
+    if head:
         return SentencePooling(modes[0], source=f"{path.name}'s pipeline: " + " -> ".join(names))
     if names not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
         raise UserError(f"{path}: the sentence term reproduces Transformer -> Pooling [-> Normalize] pipelines, and "

@@ -28,7 +28,7 @@ from ..tokenizer_identity import tokenizer_fingerprint
 from ..models import load_encoder, resolve_model_path
 from ..padding import pad_batch
 from ..sentence import SentencePooling, has_pipeline, read_pooling, sentence_embedding
-from .config import DEFAULT_HEAD, HEADS, HELDOUT_PARTS, FinetuneConfig  # noqa: F401  (the search's names)
+from .config import HEADS, HELDOUT_PARTS, FinetuneConfig
 from .metrics import compute_metrics, majority_baseline, prediction_summary, task_score
 from .tasks import Split, TaskData, TaskSpec, load_task
 
@@ -309,13 +309,8 @@ def head_pooling(model, head: str = "pipeline") -> SentencePooling:
     if not has_pipeline(path):
         pooling = SentencePooling(source="no sentence-transformers pipeline (modules.json); mean")
     else:
-        try:
-            pooling = read_pooling(path, pooling_only=True)
-            pooling = SentencePooling(pooling.mode, source=pooling.source + ", only its pooling")
-        except UserError as exc:  # read_pooling's advice is the sentence term's: say this command's
-            reason = str(exc).replace("or set --w-sentence 0", "or choose --head mean").replace(
-                "set --w-sentence 0", "choose --head mean").replace("the sentence term", f"--head {head}")
-            raise UserError(reason) from None
+        pooling = read_pooling(path, head=f"--head {head}")
+        pooling = SentencePooling(pooling.mode, source=pooling.source + ", only its pooling")
     if (str(model), head) not in _HEAD_TOLD:
         _HEAD_TOLD.add((str(model), head))
         log.info("--head %s: %s: %s", head, model, pooling.describe())

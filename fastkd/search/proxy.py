@@ -79,7 +79,7 @@ class ProxyEvaluator:
         self.weights = weights or objective_weights(cfg.objective)
         # validated by the search before any work (one line for a bad R or a family without Q/K/V)
         self.relation_heads = relation_heads(self.weights, cfg.relation_heads, teacher_model.config, shape.hidden)
-        self.pooling = sentence_pooling(teacher_model.name_or_path, self.weights)
+        self.pooling = sentence_pooling(teacher_model.name_or_path, self.weights)  # read once, for every candidate
         self.progress = progress
         self.loss_backend = loss_backend  # changes rounding only, so not part of what a fitness means
         self.counters = Counters()
@@ -109,7 +109,8 @@ class ProxyEvaluator:
             for mapping in mappings:
                 torch.manual_seed(seed)
                 criteria.append(DistillLoss.for_teacher(mapping, self.shape.hidden, self.teacher_model, self.weights,
-                                                        self.loss_backend, self.relation_heads).to(self.device))
+                                                        self.loss_backend, self.relation_heads,
+                                                        self.pooling).to(self.device))
                 students.append(build_student(self.teacher_model, self.shape, self.cfg.init, mapping, seed=seed).to(self.device))
                 rng_states.append(rng.capture(self.device))
             self.counters.build_seconds += time.perf_counter() - built

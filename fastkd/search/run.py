@@ -23,7 +23,7 @@ from ..corpus import check_cache_dir, load_corpus, sample_corpus
 from ..errors import UserError
 from ..glue import TaskCache, parse_tasks, task_spec
 from ..glue.finetune import heldout_rows
-from ..glue.probe import ZERO_SHOT_TASK
+from ..glue.tasks import ZERO_SHOT_TASK
 from ..io import atomic_write_json, check_writable_dir, lock_output, refuse_busy_output, refuse_foreign_output
 from ..mapping import LayerMapping, heuristic
 from ..options import resolved_config
