@@ -6,8 +6,9 @@ compression table (issue 23, item 5; reported, not asserted).
 
 Per student: `fastkd distill` with its defaults for this teacher (`auto`: the sentence objective on one
 sentence per sequence, the teacher labelling the corpus once) on WikiText-2 test, the uniform mapping
-(teacher-initialised layers), batch 64, lr 1e-4, warmup 0.1 (sentence-transformers' recipe). Then,
-for the teacher and every student, side by side:
+(teacher-initialised layers), batch 64, lr 1e-4, warmup 0.1 (sentence-transformers' recipe). The
+teacher's and each student's zero-shot score comes as soon as it exists (--zero-shot-only stops there);
+the GLUE fine-tunes of every model follow, then the speeds. For the teacher and every student:
   - STS-B dev zero-shot: Spearman x 100 of the cosine of the exported pipeline's embeddings
     (sentence-transformers' own encode), and its share of the teacher's;
   - SST-2 and STS-B dev after fastkd glue's fine-tune (the demo's recipe for sentence models, the
@@ -18,7 +19,7 @@ for the teacher and every student, side by side:
     --speed-repeats; measured at the end for every model side by side, in interleaved rounds, so the
     speeds compare within one quiet stretch of the machine rather than hours apart.
 One distillation seed per student (an hour each on 2 cores): differences between students within
-about a point are not resolved by this table. Each measured row is saved at once; --resume keeps the
+about a point are not resolved by this table. Each zero-shot score and each fine-tune is saved at once; --resume keeps the
 rows of an earlier run with the same settings (the students stay in --work; an interrupted
 distillation resumes from its last checkpoint), so the table can be completed over several sessions,
 on other machines too: the scores are float32 and the speeds are all timed by the run that completes
@@ -49,7 +50,7 @@ from fastkd.sentence import zeroshot_stsb  # noqa: E402
 
 GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 DECISIVE = ("teacher", "steps", "batch_size", "lr", "warmup", "seq_len", "corpus", "glue_steps", "glue_examples",
-            "glue_lr", "glue_seq_len", "glue_seeds", "glue_head")  # what a kept row must share with this run
+            "glue_lr", "glue_seq_len", "glue_head")  # what a kept row must share with this run (more --glue-seeds add seeds)
 
 
 def encoding_speeds(paths: dict[str, Path], sentences: list[str], repeats: int) -> dict[str, float]:
@@ -96,6 +97,8 @@ def main() -> None:
     p.add_argument("--glue-seeds", type=int, default=2)
     p.add_argument("--glue-head", default="biencoder", help="as fastkd glue's --head")
     p.add_argument("--speed-repeats", type=int, default=3)
+    p.add_argument("--zero-shot-only", action="store_true",
+                   help="distil and score zero-shot STS-B, then stop (the fine-tunes and speeds follow with --resume)")
     p.add_argument("--resume", action="store_true", help="keep the rows of results/NAME.json with the same settings")
     p.add_argument("--name", default="mpnet_distill", help="results/NAME.json")
     p.add_argument("--work", default=None, help="where the students are kept (default: the fastkd cache's "
@@ -119,32 +122,40 @@ def main() -> None:
     sentences = list(dict.fromkeys(s for pair in zip(dev.text_a, dev.text_b) for s in pair))
     teacher = resolve_model_path(args.teacher)
 
-    def judge(name: str, path, extra: dict) -> None:
+    def zero_shot(name: str, path, extra: dict) -> None:
+        if name in rows and rows[name].get("stsb_zeroshot") is not None and Path(rows[name]["path"]).exists():
+            return
         zero = 100 * zeroshot_stsb(path, dev, max_seq_len=args.seq_len)["spearman"]
-        glue = {}
-        for task in ("sst2", "stsb"):
-            scores = []
-            for seed in range(args.glue_seeds):
-                cfg = FinetuneConfig(max_steps=args.glue_steps, max_train_examples=args.glue_examples, lr=args.glue_lr,
-                                     max_seq_len=args.glue_seq_len, seed=seed, progress=False, head=args.glue_head)
-                result = evaluate(str(path), load_tokenizer(str(path), "model"), [task_spec(task)], cache, cfg)
-                scores.append(100 * next(iter(result.values())).score)
-            glue[task] = scores
         rows[name] = {"model": name, **extra, "path": str(path), "measured_on": {k: machine()[k] for k in ("cpu", "cores", "isa")},
-                      "parameters": parameters(path),
-                      "stsb_zeroshot": zero, "sst2_finetuned": glue["sst2"], "stsb_finetuned": glue["stsb"]}
+                      "parameters": parameters(path), "stsb_zeroshot": zero, "glue": {}}
         print(json.dumps(rows[name]), flush=True)
         save()
+
+    def fine_tuned(name: str) -> None:
+        """Every (task, seed) fine-tune of one model not yet in its row, each saved as it finishes (a 12-layer
+        fine-tune takes about 15 minutes here)."""
+        row = rows[name]
+        for task in ("sst2", "stsb"):
+            scores = row["glue"].setdefault(task, [])
+            for seed in range(len(scores), args.glue_seeds):
+                cfg = FinetuneConfig(max_steps=args.glue_steps, max_train_examples=args.glue_examples, lr=args.glue_lr,
+                                     max_seq_len=args.glue_seq_len, seed=seed, progress=False, head=args.glue_head)
+                result = evaluate(row["path"], load_tokenizer(row["path"], "model"), [task_spec(task)], cache, cfg)
+                scores.append(100 * next(iter(result.values())).score)
+                print(f"{name} {task} seed {seed}: {scores[-1]:.2f}", flush=True)
+                save()
 
     def save(final: bool = False) -> Path:
         return write_result(args.name, {
             "machine": machine(), "machines": machines, "settings": settings, "complete": final,
             "judges": "STS-B dev zero-shot Spearman x100 (pipeline encode); SST-2 accuracy and STS-B Spearman x100 "
-                      "on dev after fastkd glue's fine-tune; encode sentences/s on STS-B dev",
+                      "on dev after fastkd glue's fine-tune (glue: task -> one score per seed); encode sentences/s "
+                      "on STS-B dev",
             "rows": list(rows.values()), "minutes": round((time.perf_counter() - started) / 60, 1)})
 
-    if "teacher" not in rows:
-        judge("teacher", teacher, {"layers": None})
+    # Zero-shot STS-B (the issue's targets) for every model first, the GLUE fine-tunes (an hour for the teacher
+    # alone) after: a table completed over several sessions has its headline numbers early.
+    zero_shot("teacher", teacher, {"layers": None})
     rows["teacher"]["path"] = str(teacher)  # (a kept row may name another machine's cache)
     work = Path(args.work) if args.work else default_cache_dir() / "bench" / args.name
     for layers in (int(x) for x in args.layers.split(",")):
@@ -160,9 +171,14 @@ def main() -> None:
                                 checkpoint_every=max(1, args.steps // 6), log_every=max(1, args.steps // 20))
             student = run_distill(cfg)
         info = json.loads((student / "fastkd.json").read_text())
-        judge(name, student, {"layers": layers, "mapping": info["mapping"], "objective": info["objective"],
-                              "corpus_mode": info["corpus"]["mode"], "steps": info["steps"],
-                              "distill_s": info["seconds"], "teacher_labels_s": info.get("teacher_labels_s")})
+        zero_shot(name, student, {"layers": layers, "mapping": info["mapping"], "objective": info["objective"],
+                                  "corpus_mode": info["corpus"]["mode"], "steps": info["steps"],
+                                  "distill_s": info["seconds"], "teacher_labels_s": info.get("teacher_labels_s")})
+    if args.zero_shot_only:
+        print(f"zero-shot rows saved in results/{args.name}.json; rerun with --resume for the fine-tunes")
+        return
+    for name in rows:
+        fine_tuned(name)
     speeds = encoding_speeds({name: Path(r["path"]) for name, r in rows.items()}, sentences, args.speed_repeats)
     for name, speed in speeds.items():
         rows[name]["sentences_per_s"] = speed
@@ -170,8 +186,8 @@ def main() -> None:
     ref = rows["teacher"]
     shown = [{"model": r["model"], "mapping": r.get("mapping") or "-", "parameters": f"{r['parameters'] / 1e6:.1f}M",
               "STS-B zero-shot": f"{r['stsb_zeroshot']:.2f} ({100 * r['stsb_zeroshot'] / ref['stsb_zeroshot']:.1f}%)",
-              "SST-2 fine-tuned": f"{statistics.fmean(r['sst2_finetuned']):.1f}",
-              "STS-B fine-tuned": f"{statistics.fmean(r['stsb_finetuned']):.1f}",
+              "SST-2 fine-tuned": f"{statistics.fmean(r['glue']['sst2']):.1f}",
+              "STS-B fine-tuned": f"{statistics.fmean(r['glue']['stsb']):.1f}",
               "sentences/s": f"{r['sentences_per_s']:.0f} ({r['sentences_per_s'] / ref['sentences_per_s']:.1f}x)",
               "distill min": "-" if r.get("distill_s") is None else f"{(r['distill_s'] + (r.get('teacher_labels_s') or 0)) / 60:.0f}"}
              for r in rows.values()]
