@@ -1,6 +1,7 @@
 # make test: create .venv if missing, install everything at the locked versions (constraints.txt), run the tests.
 # make lock: resolve the newest versions pyproject.toml allows, write constraints.txt, run the tests.
 # make demo: the main job (see README).
+# make docs: the documentation site (docs/, mkdocs) served at http://127.0.0.1:8000; make test builds it strictly.
 # make gpu-check: on a machine with an NVIDIA GPU, every fused kernel checked and timed there
 #   (benchmarks/gpu_check.py, about 8 minutes); anywhere else one line, exit 0.
 PYTHON ?= python3
@@ -14,7 +15,7 @@ TORCH_SPEC ?= $(DEFAULT_TORCH)
 # The exact versions of the last green run (make lock writes it); pyproject.toml keeps the ranges.
 LOCK ?= constraints.txt
 
-.PHONY: install test lock machine demo bench gpu-check clean
+.PHONY: install test lock machine demo bench docs gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -60,10 +61,13 @@ demo: install
 bench: install
 	$(VENV)/bin/fastkd bench
 
+docs: install
+	$(PY) -m mkdocs serve
+
 GPU_CHECK_ARGS ?=
 gpu-check:
 	@if $(PYTHON) benchmarks/gpu_check.py --probe; then \
 		$(MAKE) --no-print-directory install && $(PY) benchmarks/gpu_check.py --require-gpu $(GPU_CHECK_ARGS); fi
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) runs build site *.egg-info

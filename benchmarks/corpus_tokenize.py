@@ -78,15 +78,14 @@ class PeakRSS:
 def worker(args) -> None:
     import contextlib
 
-    from fastkd import corpus
-    from fastkd.corpus import load_corpus
+    from fastkd.corpus import build, load_corpus
     from fastkd.models import load_tokenizer
 
     if args.no_threads:  # as before --num-proc: one process, the tokenizer's threads off (the CLI's default)
         import os
 
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        corpus._tokenizer_threads = lambda enabled: contextlib.nullcontext()
+        build._tokenizer_threads = lambda enabled: contextlib.nullcontext()
 
     tokenizer = load_tokenizer("default")
     with PeakRSS() as rss:

@@ -3,7 +3,7 @@
 At the demo's GLUE budget (80 steps, 1920 training examples, max length 64, batch 32, bf16 where
 native) the default teacher (all-MiniLM-L6-v2) and two distilled 3-layer students (mapping 2,4,6,
 200 steps on WikiText-2 test: the tinybert objective and the sentence objective) are fine-tuned on
-STS-B, SST-2 and MRPC (official dev sets) with each head of fastkd.glue.finetune.HEADS:
+STS-B, SST-2 and MRPC (official dev sets) with each head of fastkd.glue.config.HEADS:
   - pooler          the copied CLS pooler (dense + tanh) and the family's classifier (before: the only one)
   - pooler-reinit   the same with a fresh pooler
   - mean            masked mean of the last hidden states -> dropout -> one linear layer
@@ -41,7 +41,8 @@ from _common import RESULTS, machine, quiet_logs, table, write_result  # noqa: E
 
 from fastkd.device import bf16_is_native, pick_device  # noqa: E402
 from fastkd.glue.config import HEADS, FinetuneConfig  # noqa: E402
-from fastkd.glue.finetune import TaskCache, finetune_task  # noqa: E402
+from fastkd.glue.data import TaskCache  # noqa: E402
+from fastkd.glue.finetune import finetune_task
 from fastkd.glue.probe import zero_shot_similarity  # noqa: E402
 from fastkd.glue.tasks import task_spec  # noqa: E402
 from fastkd.models import load_encoder, load_tokenizer  # noqa: E402

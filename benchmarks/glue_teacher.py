@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
-from fastkd.glue.finetune import FinetuneConfig  # noqa: E402
+from fastkd.glue.config import FinetuneConfig, GlueConfig  # noqa: E402
 from fastkd.glue.report import markdown  # noqa: E402
 from fastkd.glue.run import run_glue  # noqa: E402
 
@@ -47,7 +47,7 @@ def main() -> None:
                          lr=args.lr, max_seq_len=args.max_seq_len, seed=args.seed, progress=False)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        report = run_glue([args.model], args.tasks, args.data_dir, out, cfg)
+        report = run_glue(GlueConfig(model=[args.model], tasks=args.tasks, data_dir=args.data_dir, output=out, finetune=cfg))
     minutes = (time.perf_counter() - started) / 60
     print(markdown(report))
     tasks = report["models"][0]["tasks"]

@@ -43,7 +43,9 @@ from distill_step import DEFAULT_CORPUS  # noqa: E402
 from fastkd.config import DistillConfig  # noqa: E402
 from fastkd.corpus import default_cache_dir  # noqa: E402
 from fastkd.distill import run_distill  # noqa: E402
-from fastkd.glue.finetune import FinetuneConfig, TaskCache, evaluate  # noqa: E402
+from fastkd.glue.config import FinetuneConfig  # noqa: E402
+from fastkd.glue.data import TaskCache
+from fastkd.glue.finetune import evaluate
 from fastkd.glue.tasks import task_spec  # noqa: E402
 from fastkd.models import load_tokenizer, resolve_model_path  # noqa: E402
 from fastkd.sentence import zeroshot_stsb  # noqa: E402

@@ -63,7 +63,8 @@ from fastkd.corpus import default_cache_dir, load_corpus, sample_corpus  # noqa:
 from fastkd.demo import BUDGETS, for_this_machine  # noqa: E402
 from fastkd.distill import run_distill  # noqa: E402
 from fastkd.glue import TaskCache, parse_tasks  # noqa: E402
-from fastkd.glue.finetune import FinetuneConfig, evaluate  # noqa: E402
+from fastkd.glue.config import FinetuneConfig  # noqa: E402
+from fastkd.glue.finetune import evaluate
 from fastkd.glue.tasks import task_spec  # noqa: E402
 from fastkd.mapping import LayerMapping  # noqa: E402
 from fastkd.models import load_teacher, load_tokenizer, resolve_model_path, student_shape  # noqa: E402

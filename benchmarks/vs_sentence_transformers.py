@@ -50,7 +50,8 @@ from fastkd.config import DistillConfig  # noqa: E402
 from fastkd.corpus import corpus_files, read_paragraphs, text_units  # noqa: E402
 from fastkd.distill import run_distill  # noqa: E402
 from fastkd.glue import TaskCache, task_spec  # noqa: E402
-from fastkd.glue.finetune import FinetuneConfig, evaluate  # noqa: E402
+from fastkd.glue.config import FinetuneConfig  # noqa: E402
+from fastkd.glue.finetune import evaluate
 from fastkd.mapping import heuristic  # noqa: E402
 from fastkd.models import load_config, load_tokenizer, resolve_model_path  # noqa: E402
 from fastkd.search.verdict import paired_interval  # noqa: E402

@@ -7,6 +7,8 @@ import errno
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from . import options
 from .config_files import apply_config_file
@@ -77,25 +79,21 @@ def _quiet_libraries() -> None:
     hub_logging.set_verbosity_error()  # offline retries would otherwise print a dozen lines
 
 
-def _add_distill(sub) -> None:
-    from .config import DISTILL_GROUPS, DistillConfig
+@dataclass(frozen=True)
+class Command:
+    """One `fastkd` command: its parser's words, where its config dataclass lives (imported only when the
+    parser is built: a light module, no torch), and what runs it with that config, checked."""
 
-    p = sub.add_parser(
-        "distill", help="distill a teacher into a smaller student with a given layer mapping",
-        description="Task-agnostic distillation on a text corpus: the student learns the teacher's sentence "
-                    "embedding (a sentence-transformers teacher, by default on one sentence per sequence) or, "
-                    "layer by layer, its embedding output, hidden states and attention of the mapped layers. "
-                    "Writes OUTPUT/config.json (the resolved settings: --config OUTPUT/config.json reruns it), "
-                    "metrics.jsonl, checkpoints/ and the exported OUTPUT/student/.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_config_flag(p)
-    options.add_options(p, DistillConfig, DISTILL_GROUPS)
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.set_defaults(func=_cmd_distill)
+    name: str
+    help: str
+    description: str
+    config: Callable[[], tuple[type, dict | None]]  # -> (config dataclass, flag groups)
+    run: Callable[[Any, argparse.Namespace], int]  # (the command's config, the parsed flags) -> exit code
+    after_stop: str  # what a run stopped by a signal keeps, and how the user goes on
+    local_rank: str | None = None  # the help of --local_rank (None: not a flag of this command)
 
 
-def _cmd_distill(args) -> int:
-    cfg = _command_config(args)
+def _distill(cfg, args) -> int:
     from .distill import run_distill
 
     if cfg.deepspeed is not None and args.local_rank is not None:
@@ -126,61 +124,22 @@ def _distilled_summary(info: dict) -> str:
             + (f"; final losses (mean of {window}): {losses}" if losses else "; no finite loss to report"))
 
 
-def _add_glue(sub) -> None:
-    from .glue.config import GlueConfig
-
-    p = sub.add_parser(
-        "glue", help="fine-tune and evaluate models on GLUE tasks (official metrics, one table)",
-        description="Fine-tunes each --model on each task's train set (or a deterministic subsample) and scores it "
-                    "on dev with the official metrics. Writes OUTPUT/glue.json (every metric, task score, "
-                    "majority-class baseline, predicted-label distribution, examples, seconds), OUTPUT/glue.md and "
-                    "the resolved settings OUTPUT/glue-config.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_config_flag(p)
-    options.add_options(p, GlueConfig)
-    p.set_defaults(func=_cmd_glue)
-
-
-def _cmd_glue(args) -> int:
-    cfg = _command_config(args)
+def _glue(cfg, args) -> int:
     from .glue.report import markdown
     from .glue.run import run_glue
 
-    report = run_glue(cfg.model, cfg.tasks, cfg.data_dir, cfg.output, cfg.finetune, cfg.resume, cfg.skip_bad_rows,
-                      resolved=options.resolved_config("glue", cfg), zeroshot_stsb=cfg.zeroshot_stsb)
+    report = run_glue(cfg, resolved=options.resolved_config("glue", cfg))
     print(markdown(report))
     print(f"wrote {cfg.output}/glue.json and {cfg.output}/glue.md")
     return 0
 
 
-def _add_search(sub) -> None:
-    from .search.config import SEARCH_GROUPS, SearchConfig
-
-    p = sub.add_parser(
-        "search", help="search the best layer mapping with a genetic algorithm in a cheap proxy setting",
-        description="Each candidate mapping is distilled briefly on a sample of the corpus (a whole generation shares "
-                    "one teacher forward per batch) and scored on the cheapest rung of a fidelity ladder (zeroshot: "
-                    "STS-B similarity with no training; probe: frozen features; short and full: proxy GLUE "
-                    "fine-tuning). The best fraction of each rung climbs "
-                    "to the next; the best on the top rung is the winner. The winner, uniform and last are then "
-                    "evaluated on held-out verdict seeds, and the report gives the paired difference with a 95% "
-                    "interval and a plain verdict. Writes best_mapping.json, report.md, fitness.png, layers.png, "
-                    "ladder.png, verdict.png, the store search.sqlite and the resolved settings search-config.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_config_flag(p)
-    options.add_options(p, SearchConfig, SEARCH_GROUPS)
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                   help="set by the deepspeed launcher (torchrun sets LOCAL_RANK instead); ranks split each generation")
-    p.set_defaults(func=_cmd_search)
-
-
-def _cmd_search(args) -> int:
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    cfg = _command_config(args)
+def _search(cfg, args) -> int:
     from .search.report import verdict_lines
     from .search.run import Search
 
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     search = Search(cfg)
     result = search.run()
     if search.comm.is_main:
@@ -189,24 +148,7 @@ def _cmd_search(args) -> int:
     return 0
 
 
-def _add_demo(sub) -> None:
-    from .config import DemoConfig
-
-    p = sub.add_parser(
-        "demo", help="the whole pipeline: search, distill the winner and the heuristics, GLUE table",
-        description="Searches the layer mapping for a 3-layer student of the default teacher, distills with the "
-                    "winner and with uniform and last on the corpus, then fine-tunes the students and the teacher "
-                    "with several seeds and prints the search's paired verdict (95% interval) and one table "
-                    "(mean ± SD over seeds, official dev sets). "
-                    "Interrupted? Run it again: every stage resumes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_config_flag(p)
-    options.add_options(p, DemoConfig)
-    p.set_defaults(func=_cmd_demo)
-
-
-def _cmd_demo(args) -> int:
-    cfg = _command_config(args)
+def _demo(cfg, args) -> int:
     from .demo import run_demo
 
     if cfg.data_dir is None:
@@ -214,8 +156,7 @@ def _cmd_demo(args) -> int:
         if not os.path.isdir(shared):
             raise UserError("no data found at ../shared/data: pass --data-dir DIR with corpus/ and glue/ inside")
         cfg.data_dir = shared
-    summary = run_demo(cfg.data_dir, cfg.output, cfg.quick, cfg.teacher, cfg.student_layers, cfg.seed, cfg.progress,
-                       resolved=options.resolved_config("demo", cfg))
+    summary = run_demo(cfg, resolved=options.resolved_config("demo", cfg))
     print("\n".join(summary["verdict"]))
     print()
     print(summary["glue_table"])
@@ -224,25 +165,10 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _add_bench(sub) -> None:
-    from .config import BenchConfig
+def _bench(cfg, args) -> int:
+    from .io import atomic_write_json
+    from .rundir import check_writable_file
 
-    p = sub.add_parser(
-        "bench", help="distillation-step throughput and memory of each loss backend on this machine",
-        description="Times whole distillation steps (teacher forward, student forward, losses, backward, AdamW) "
-                    "after a warm-up, for each loss backend present (torch reference, cpp, triton, cuda), with fresh "
-                    "identical students, and prints sequences/s, tokens/s, peak extra memory and the ratios to the "
-                    "torch reference. Writes the table and the device, library versions and settings as JSON.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_config_flag(p)
-    options.add_options(p, BenchConfig)
-    p.set_defaults(func=_cmd_bench)
-
-
-def _cmd_bench(args) -> int:
-    from .io import atomic_write_json, check_writable_file
-
-    cfg = _command_config(args)
     check_writable_file(cfg.output)  # before the models are loaded and timed, not after
     from .bench import markdown, run_bench
 
@@ -259,7 +185,77 @@ def _cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = ("distill", "glue", "search", "demo", "bench")
+def _distill_config():
+    from .config import DISTILL_GROUPS, DistillConfig
+
+    return DistillConfig, DISTILL_GROUPS
+
+
+def _glue_config():
+    from .glue.config import GlueConfig
+
+    return GlueConfig, None
+
+
+def _search_config():
+    from .search.config import SEARCH_GROUPS, SearchConfig
+
+    return SearchConfig, SEARCH_GROUPS
+
+
+def _demo_config():
+    from .config import DemoConfig
+
+    return DemoConfig, None
+
+
+def _bench_config():
+    from .config import BenchConfig
+
+    return BenchConfig, None
+
+
+COMMANDS: dict[str, Command] = {c.name: c for c in (
+    Command("distill", "distill a teacher into a smaller student with a given layer mapping",
+            "Task-agnostic distillation on a text corpus: the student learns the teacher's sentence "
+            "embedding (a sentence-transformers teacher, by default on one sentence per sequence) or, "
+            "layer by layer, its embedding output, hidden states and attention of the mapped layers. "
+            "Writes OUTPUT/config.json (the resolved settings: --config OUTPUT/config.json reruns it), "
+            "metrics.jsonl, checkpoints/ and the exported OUTPUT/student/.",
+            _distill_config, _distill, "every finished checkpoint is kept; continue with --resume",
+            local_rank=argparse.SUPPRESS),
+    Command("glue", "fine-tune and evaluate models on GLUE tasks (official metrics, one table)",
+            "Fine-tunes each --model on each task's train set (or a deterministic subsample) and scores it "
+            "on dev with the official metrics. Writes OUTPUT/glue.json (every metric, task score, "
+            "majority-class baseline, predicted-label distribution, examples, seconds), OUTPUT/glue.md and "
+            "the resolved settings OUTPUT/glue-config.json.",
+            _glue_config, _glue, "every finished (model, task) result is kept; continue with --resume"),
+    Command("search", "search the best layer mapping with a genetic algorithm in a cheap proxy setting",
+            "Each candidate mapping is distilled briefly on a sample of the corpus (a whole generation shares "
+            "one teacher forward per batch) and scored on the cheapest rung of a fidelity ladder (zeroshot: "
+            "STS-B similarity with no training; probe: frozen features; short and full: proxy GLUE "
+            "fine-tuning). The best fraction of each rung climbs "
+            "to the next; the best on the top rung is the winner. The winner, uniform and last are then "
+            "evaluated on held-out verdict seeds, and the report gives the paired difference with a 95% "
+            "interval and a plain verdict. Writes best_mapping.json, report.md, fitness.png, layers.png, "
+            "ladder.png, verdict.png, the store search.sqlite and the resolved settings search-config.json.",
+            _search_config, _search, "every finished evaluation is kept; continue with --resume",
+            local_rank="set by the deepspeed launcher (torchrun sets LOCAL_RANK instead); ranks split each "
+                       "generation"),
+    Command("demo", "the whole pipeline: search, distill the winner and the heuristics, GLUE table",
+            "Searches the layer mapping for a 3-layer student of the default teacher, distills with the "
+            "winner and with uniform and last on the corpus, then fine-tunes the students and the teacher "
+            "with several seeds and prints the search's paired verdict (95% interval) and one table "
+            "(mean ± SD over seeds, official dev sets). "
+            "Interrupted? Run it again: every stage resumes.",
+            _demo_config, _demo, "every finished stage is kept; run the same fastkd demo command again"),
+    Command("bench", "distillation-step throughput and memory of each loss backend on this machine",
+            "Times whole distillation steps (teacher forward, student forward, losses, backward, AdamW) "
+            "after a warm-up, for each loss backend present (torch reference, cpp, triton, cuda), with fresh "
+            "identical students, and prints sequences/s, tokens/s, peak extra memory and the ratios to the "
+            "torch reference. Writes the table and the device, library versions and settings as JSON.",
+            _bench_config, _bench, "nothing was written; run it again"),
+)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,11 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int, default=None,
                         help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser, metavar="COMMAND")
-    _add_distill(sub)
-    _add_glue(sub)
-    _add_search(sub)
-    _add_demo(sub)
-    _add_bench(sub)
+    for command in COMMANDS.values():
+        p = sub.add_parser(command.name, help=command.help, description=command.description,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _add_config_flag(p)
+        cls, groups = command.config()
+        options.add_options(p, cls, groups)
+        if command.local_rank is not None:
+            p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=command.local_rank)
     return parser
 
 
@@ -320,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.launcher_local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.launcher_local_rank))
-    from .io import end_of_command
+    from .rundir import end_of_command
 
     children_die_with_this_process()  # no tokenizing worker outlives a killed fastkd
     code = 1
@@ -332,20 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-# What a command stopped by a signal outside its training loop keeps, and how the user goes on.
-_AFTER_STOP = {"distill": "every finished checkpoint is kept; continue with --resume",
-               "search": "every finished evaluation is kept; continue with --resume",
-               "glue": "every finished (model, task) result is kept; continue with --resume",
-               "demo": "every finished stage is kept; run the same fastkd demo command again",
-               "bench": "nothing was written; run it again"}
-
-
 def _say_stopped(command: str, stopped: Stopped) -> int:
-    from .io import made_nothing_yet
+    from .rundir import made_nothing_yet
 
     end_children()
     kept = "nothing was written yet; run the same command again" if made_nothing_yet() else \
-        _AFTER_STOP.get(command, "run it again")
+        COMMANDS[command].after_stop if command in COMMANDS else "run it again"
     print(f"fastkd {command}: stopped by {stopped.name}: {kept}", file=sys.stderr)
     return 128 + stopped.signum
 
@@ -354,7 +345,7 @@ def _run(args) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        return args.func(args)
+        return COMMANDS[args.command].run(_command_config(args), args)
     except UserError as exc:
         print(f"fastkd {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
-"""The settings of `fastkd distill` (written beside a run's outputs, checked on resume), `demo` and `bench`,
-and the option vocabulary they share with `glue` (glue/config.py) and `search` (search/config.py).
+"""The settings of `fastkd distill` (written beside a run's outputs, checked on resume), `demo` and `bench`
+(the vocabulary they share with `glue` and `search`, and with the modules below them, is options.py's).
 Light on purpose: the CLI builds its parser from these dataclasses without importing torch."""
 
 from __future__ import annotations
@@ -10,18 +10,13 @@ from pathlib import Path
 
 from .errors import UserError
 from .io import read_json
-from .options import PROGRESS_HELP, option, seed_problem, seed_value
-
-CORPUS_MODES = ("packed", "sentences", "lines")
-CORPUS_MODE_HELP = ("packed: running text packed into sequences of exactly --max-seq-len tokens; sentences: one "
-                    "sentence per sequence; lines: one line per sequence (both in length-bucketed batches; a "
-                    "sentence or line longer than --max-seq-len is left out)")
+from .options import (AUTO_OBJECTIVE_HELP, BACKENDS, CORPUS_MODE_HELP, CORPUS_MODES, LOSS_BACKEND_HELP, LOSS_BACKENDS,
+                      OBJECTIVE_HELP, OBJECTIVES, PROGRESS_HELP, RELATION_HEADS_HELP, REPORT_TO, option, seed_problem, seed_value)
 
 # Settings that do not change what is computed: they may differ between a run and its resume.
 NON_DETERMINING = frozenset({"output", "resume", "log_every", "keep_checkpoints", "cache_dir", "progress", "num_proc",
                              "stop_at_step", "checkpoint_every", "max_bad_steps", "device", "loss_backend",
                              "report_to"})
-REPORT_TO = ("none", "tensorboard")
 
 
 LOSS_WEIGHTS = ("w_embedding", "w_hidden", "w_attention", "w_attention_kl", "w_value_kl", "w_relation", "w_sentence")
@@ -38,20 +33,6 @@ def loss_weight_problem(cfg) -> str | None:
     return None
 
 
-BACKENDS = ("torch", "cpp", "triton", "cuda")  # the fused-loss backends (fastkd.ops), reference first
-LOSS_BACKENDS = ("auto",) + BACKENDS
-OBJECTIVES = ("tinybert", "minilm", "minilmv2", "sentence")
-OBJECTIVE_HELP = ("what the student learns: tinybert (embedding, hidden-state and attention-score MSE), minilm "
-                  "(attention-distribution and value-relation KL), minilmv2 (Q-Q, K-K and V-V relation KL), sentence "
-                  "(the teacher pipeline's sentence embedding alone: sentence-transformers' layer reduction); the "
-                  "--w-* weights override single terms (distill's --w-sentence adds the embedding to any objective)")
-AUTO_OBJECTIVE_HELP = ("sentence for a teacher with a sentence-transformers pipeline (modules.json) and a student as "
-                       "wide as it, tinybert otherwise")
-RELATION_HEADS_HELP = ("relation heads R of the minilm/minilmv2 relation terms: each model's concatenated heads split "
-                       "into R (default: the teacher's attention heads; MiniLMv2 uses more, e.g. 48 for base-size "
-                       "teachers); R must divide both hidden sizes")
-LOSS_BACKEND_HELP = ("loss kernels: torch (reference), cpp (CPU), triton or cuda (GPU); auto = the fastest present; a "
-                     "missing one falls back with one log line (default: $FASTKD_LOSS_BACKEND or auto)")
 DISTILL_GROUPS = {"models": "models", "data": "data", "training": "training",
                   "losses": "losses (each term is logged separately; total = sum of weight x term)",
                   "output": "output",
@@ -185,12 +166,6 @@ class DistillConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-
-
-def differing_settings(saved: dict, current: dict) -> list[str]:
-    """Settings that change the computation and differ between a saved run and this one."""
-    keys = sorted((set(saved) | set(current)) - NON_DETERMINING)
-    return [f"{k} (saved {saved.get(k)!r}, now {current.get(k)!r})" for k in keys if saved.get(k) != current.get(k)]
 
 
 def read_run_config(output: Path) -> dict | None:

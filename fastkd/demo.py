@@ -14,15 +14,17 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import DistillConfig
+from .config import DemoConfig, DistillConfig
 from .device import bf16_absence, bf16_is_native, pick_device
 from .distill import run_distill
 from .errors import UserError
-from .glue.finetune import FinetuneConfig, TaskCache
+from .glue.config import FinetuneConfig, GlueConfig
+from .glue.finetune import TaskCache
 from .glue.report import HEADERS, SHOWN, collapsed
 from .glue.run import run_glue
 from .glue.tasks import TASKS
-from .io import atomic_write_json, atomic_write_text, check_writable_dir
+from .io import atomic_write_json, atomic_write_text
+from .rundir import check_writable_dir
 from .mapping import LayerMapping, heuristic
 from .models import load_config
 from .options import MAX_SEED, seed_problem
@@ -107,10 +109,13 @@ def for_this_machine(b: Budget) -> Budget:
     return b
 
 
-def run_demo(data_dir: str, output: str, quick: bool = False, teacher: str = "default", student_layers: int = 3,
-             seed: int = 0, progress: bool = True, budget: Budget | None = None, resolved: dict | None = None) -> dict:
-    """`resolved`: the command's resolved config, written as demo-config.json in the budget's folder."""
-    data = Path(data_dir)
+def run_demo(demo: DemoConfig, budget: Budget | None = None, resolved: dict | None = None) -> dict:
+    """`fastkd demo`: search, distill the winner, uniform and last, GLUE table. `budget`: another than
+    --quick's or the full one (tests). `resolved`: the command's resolved config, written as
+    demo-config.json in the budget's folder."""
+    output, quick, teacher, student_layers = demo.output, demo.quick, demo.teacher, demo.student_layers
+    seed, progress = demo.seed, demo.progress
+    data = Path(demo.data_dir)
     corpus, glue = data / "corpus", data / "glue"
     if not corpus.is_dir() or not glue.is_dir():
         raise UserError(f"--data-dir {data} needs corpus/ and glue/ folders (as ../shared/data has): pass --data-dir")
@@ -172,9 +177,9 @@ def run_demo(data_dir: str, output: str, quick: bool = False, teacher: str = "de
         # and this one starts beside it instead of being refused as a different run.
         glue_dir = out / "glue" / f"{b.glue_head}-{b.glue_steps}steps" / f"seed-{seed + k}"
         # (no zero-shot STS-B per seed: it is deterministic, and zero_shot_column below scores it once)
-        reports.append(run_glue(list(dirs.values()) + [teacher], b.glue_tasks, str(glue), str(glue_dir),
-                                replace(glue_cfg, seed=seed + k), resume=(glue_dir / "glue.json").exists(),
-                                zeroshot_stsb=False))
+        reports.append(run_glue(GlueConfig(model=list(dirs.values()) + [teacher], tasks=b.glue_tasks, data_dir=str(glue),
+                                           output=str(glue_dir), finetune=replace(glue_cfg, seed=seed + k),
+                                           resume=(glue_dir / "glue.json").exists(), zeroshot_stsb=False)))
     zero_shot = zero_shot_column(list(dirs.values()) + [teacher], str(glue), out / "glue" / "zeroshot.json", b)
     table, apart = seeds_table(reports, list(dirs.values()), teacher, zero_shot)
     atomic_write_text(out / "glue" / "glue.md", table)

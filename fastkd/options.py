@@ -49,6 +49,33 @@ def seed_value(text: str) -> int:
     return value
 
 
+CORPUS_MODES = ("packed", "sentences", "lines")
+CORPUS_MODE_HELP = ("packed: running text packed into sequences of exactly --max-seq-len tokens; sentences: one "
+                    "sentence per sequence; lines: one line per sequence (both in length-bucketed batches; a "
+                    "sentence or line longer than --max-seq-len is left out)")
+
+REPORT_TO = ("none", "tensorboard")  # where training metrics go besides metrics.jsonl
+BACKENDS = ("torch", "cpp", "triton", "cuda")  # the fused-loss backends (fastkd.ops), reference first
+LOSS_BACKENDS = ("auto",) + BACKENDS
+OBJECTIVES = ("tinybert", "minilm", "minilmv2", "sentence")
+OBJECTIVE_HELP = ("what the student learns: tinybert (embedding, hidden-state and attention-score MSE), minilm "
+                  "(attention-distribution and value-relation KL), minilmv2 (Q-Q, K-K and V-V relation KL), sentence "
+                  "(the teacher pipeline's sentence embedding alone: sentence-transformers' layer reduction); the "
+                  "--w-* weights override single terms (distill's --w-sentence adds the embedding to any objective)")
+AUTO_OBJECTIVE_HELP = ("sentence for a teacher with a sentence-transformers pipeline (modules.json) and a student as "
+                       "wide as it, tinybert otherwise")
+RELATION_HEADS_HELP = ("relation heads R of the minilm/minilmv2 relation terms: each model's concatenated heads split "
+                       "into R (default: the teacher's attention heads; MiniLMv2 uses more, e.g. 48 for base-size "
+                       "teachers); R must divide both hidden sizes")
+LOSS_BACKEND_HELP = ("loss kernels: torch (reference), cpp (CPU), triton or cuda (GPU); auto = the fastest present; a "
+                     "missing one falls back with one log line (default: $FASTKD_LOSS_BACKEND or auto)")
+def differing_settings(saved: dict, current: dict, ignored: frozenset = frozenset()) -> list[str]:
+    """Settings that differ between a saved run and this one, but for the `ignored` ones (those that
+    do not change what is computed): what a --resume refuses, each as 'name (saved X, now Y)'."""
+    keys = sorted((set(saved) | set(current)) - ignored)
+    return [f"{k} (saved {saved.get(k)!r}, now {current.get(k)!r})" for k in keys if saved.get(k) != current.get(k)]
+
+
 def option(default=MISSING, help: str = "", *, factory=MISSING, group: str | None = None, choices=None,
            parse=None, metavar: str | None = None, flag: str | None = None, aliases: tuple[str, ...] = (),
            required: bool = False, cli: bool = True, action: str | None = None, prefix: str | None = None,

@@ -355,6 +355,7 @@ def test_bench_refuses_an_empty_backend_list_or_item(capfd, tmp_path, tiny_teach
 def test_a_dangling_or_unreadable_txt_file_in_a_corpus_directory_is_refused(capfd, tmp_path, tiny_teacher_dir,
                                                                            small_corpus, monkeypatch):
     from fastkd import corpus
+    from fastkd.errors import UserError
 
     folder = tmp_path / "corpus"
     folder.mkdir()
@@ -364,7 +365,7 @@ def test_a_dangling_or_unreadable_txt_file_in_a_corpus_directory_is_refused(capf
     assert code == 2 and len(err) == 1 and f"{folder / 'b.txt'} is a broken symlink" in err[0], err
     (folder / "b.txt").unlink()
     (folder / "b.txt").symlink_to("b.txt")  # a loop is as broken
-    with pytest.raises(corpus.UserError, match="b.txt is a broken symlink"):
+    with pytest.raises(UserError, match="b.txt is a broken symlink"):
         corpus.corpus_files(str(folder))
     (folder / "b.txt").unlink()
     (folder / "b.txt").write_text("locked\n")
@@ -375,6 +376,8 @@ def test_a_dangling_or_unreadable_txt_file_in_a_corpus_directory_is_refused(capf
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(corpus, "open", no_permission, raising=False)
-    with pytest.raises(corpus.UserError, match=r"b.txt cannot be read \(Permission denied\)"):
+    from fastkd.corpus import text
+
+    monkeypatch.setattr(text, "open", no_permission, raising=False)
+    with pytest.raises(UserError, match=r"b.txt cannot be read \(Permission denied\)"):
         corpus.corpus_files(str(folder))

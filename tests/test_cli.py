@@ -89,7 +89,7 @@ def test_output_holding_another_run(capfd, tmp_path, tiny_teacher_dir, corpus):
     assert _run(capfd, *args)[0] == 0
     line = _bad(capfd, tmp_path, "--corpus", corpus, "--student-layers", "2", "--lr", "1e-3", teacher=tiny_teacher_dir,
                 fresh=False)
-    assert "holds a different run" in line and "lr" in line and "--resume" in line
+    assert "holds a distill run with other settings" in line and "lr" in line and "--resume" in line
     # The same settings with --resume differing only in --lr are refused, naming the setting.
     code, err = _run(capfd, *args, "--resume", "--lr", "1e-3")
     assert code == 2 and len(err) == 1 and "settings differ" in err[0] and "lr" in err[0]

@@ -3,6 +3,8 @@ import pytest
 import torch
 
 from fastkd import corpus as corpus_mod
+from fastkd.corpus import build as corpus_build
+from fastkd.corpus import stream as corpus_stream
 from fastkd.corpus import BatchStream, clean_paragraph, load_corpus, parse_sample, read_paragraphs, sample_corpus
 from fastkd.errors import UserError
 
@@ -49,7 +51,7 @@ def test_second_load_uses_the_arrow_cache(small_corpus, default_tokenizer, monke
     def boom(*a, **k):
         raise AssertionError("re-tokenized although cached")
 
-    monkeypatch.setattr(corpus_mod, "_tokenize_batch", boom)
+    monkeypatch.setattr(corpus_build, "_tokenize_batch", boom)
     second = load_corpus(str(small_corpus), default_tokenizer, 48)
     assert second[:]["input_ids"] == first[:]["input_ids"]
     # A different length is a different cache entry, so it must pack (and here, fail loudly).
@@ -104,14 +106,14 @@ def test_batch_stream_epochs_ranks_and_resume(small_corpus, default_tokenizer):
 
 
 def _pack(rows, tokenizer, max_seq_len):
-    ids = corpus_mod._tokenize_batch(rows, tokenizer)
-    return corpus_mod._pack_batch(ids, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
+    ids = corpus_build._tokenize_batch(rows, tokenizer)
+    return corpus_build._pack_batch(ids, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
                                   max_seq_len)
 
 
 def test_hub_style_rows_are_cleaned_when_packed(default_tokenizer):
     rows = {"text": ["", " = Title = ", None, " 2 @,@ 000 people \n", "   "]}
-    tokenized = corpus_mod._tokenize_batch(rows, default_tokenizer)
+    tokenized = corpus_build._tokenize_batch(rows, default_tokenizer)
     assert [len(x) for x in tokenized["ids"]][:3] == [0, 0, 0] and len(tokenized["ids"]) == 5  # one row per row
     packed = _pack(rows, default_tokenizer, 16)
     ids = packed["input_ids"][0][: sum(packed["attention_mask"][0])]
@@ -140,7 +142,7 @@ def test_a_long_line_is_tokenized_in_pieces_cut_before_spaces(default_tokenizer)
     assert "".join(pieces) == words and max(map(len, pieces)) <= 1000 and all(p.startswith(" ") for p in pieces[1:])
     assert corpus_mod.split_long("x" * 2500, 1000) == ["x" * 1000, "x" * 1000, "x" * 500]  # no space: hard cuts
     whole = default_tokenizer(words, add_special_tokens=False)["input_ids"]
-    assert list(corpus_mod._tokenize_batch({"text": [words]}, default_tokenizer)["ids"][0]) == whole
+    assert list(corpus_build._tokenize_batch({"text": [words]}, default_tokenizer)["ids"][0]) == whole
 
 
 def test_the_cache_is_the_same_whatever_the_number_of_processes(tmp_path, wikitext, default_tokenizer):
@@ -225,7 +227,7 @@ def test_a_corpus_without_a_sentence_that_fits_is_one_line(tmp_path, default_tok
 
 def test_bucketed_stream_visits_each_sentence_once_per_epoch_in_batches_of_similar_length(
         small_corpus, default_tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus_mod, "BUCKET_BATCHES", 4)  # several chunks in this small corpus
+    monkeypatch.setattr(corpus_stream, "BUCKET_BATCHES", 4)  # several chunks in this small corpus
     ds = load_corpus(str(small_corpus), default_tokenizer, 64, tmp_path / "c", mode="sentences")
     n, lengths = len(ds), np.asarray(ds["length"])
     stream = BatchStream(ds, batch_size=4, seed=5, world_size=2)

@@ -3,6 +3,7 @@ import os
 
 import torch
 
+from fastkd.config import DemoConfig
 from fastkd.demo import Budget, run_demo
 from fastkd.search.config import ProxyConfig
 
@@ -17,8 +18,8 @@ TINY = Budget(ProxyConfig(sequences=32, steps=2, batch_size=4, max_seq_len=32, t
 
 def test_demo_pipeline_end_to_end_and_resumes(tmp_path, tiny_teacher_dir):
     out = tmp_path / "demo"
-    summary = run_demo(str(SHARED_DATA), str(out), teacher=str(tiny_teacher_dir), student_layers=2, progress=False,
-                       budget=TINY)
+    summary = run_demo(DemoConfig(data_dir=str(SHARED_DATA), output=str(out), teacher=str(tiny_teacher_dir),
+                                  student_layers=2, progress=False), budget=TINY)
     assert summary["students"]["uniform"] == "2,4" and summary["students"]["last"] == "3,4"
     for seed in (0, 1):  # the final table's fine-tuning seeds, each its own resumable GLUE run
         report = json.loads((out / "custom" / "glue" / "biencoder-2steps" / f"seed-{seed}" / "glue.json").read_text())
@@ -37,8 +38,8 @@ def test_demo_pipeline_end_to_end_and_resumes(tmp_path, tiny_teacher_dir):
     stamps = {zero_shot: zero_shot.stat().st_mtime_ns}
     assert (out / "custom" / "search" / "report.md").exists()
     # Run again: every stage resumes from what is on disk instead of failing or redoing it.
-    again = run_demo(str(SHARED_DATA), str(out), teacher=str(tiny_teacher_dir), student_layers=2, progress=False,
-                     budget=TINY)
+    again = run_demo(DemoConfig(data_dir=str(SHARED_DATA), output=str(out), teacher=str(tiny_teacher_dir),
+                                student_layers=2, progress=False), budget=TINY)
     assert again["glue_table"] == summary["glue_table"]
     # The zero-shot column is reused, not recomputed.
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

@@ -17,7 +17,9 @@ from fastkd.distill import run_distill
 from fastkd.errors import UserError
 from fastkd.export import export_student
 from fastkd.families import disable_capture, family_of, model_inputs
-from fastkd.glue.finetune import FinetuneConfig, TaskCache, finetune_task
+from fastkd.glue.config import FinetuneConfig
+from fastkd.glue.data import TaskCache
+from fastkd.glue.finetune import finetune_task
 from fastkd.glue.tasks import task_spec
 from fastkd.losses import DistillLoss, LossWeights
 from fastkd.mapping import LayerMapping

@@ -363,13 +363,15 @@ def test_a_backend_with_wrong_numbers_is_caught(monkeypatch, caplog, fresh_selec
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_a_triton_gradient_off_by_one_percent_is_caught_in_16_bit_too(monkeypatch, fresh_selection, dtype):
     # float16 runs the Triton kernels' tensor-core path under the interpreter (see test_kernels_triton).
-    real = am._triton_launch
+    from fastkd.kernels import attention_mse as triton_mse
+
+    real = triton_mse.launch
 
     def faulty(*args, **kwargs):
         loss, count, dqs, dks = real(*args, **kwargs)
         return loss, count, None if dqs is None else dqs * 1.01, dks
     assert select.check("attention_mse", "triton", torch.device("cpu"), dtype) is None
-    monkeypatch.setattr(am, "_triton_launch", faulty)
+    monkeypatch.setattr(triton_mse, "launch", faulty)
     why = select.check("attention_mse", "triton", torch.device("cpu"), dtype)
     assert why is not None and why.startswith("gradient 0 off by "), why
     assert 0.008 < float(why.split()[4]) < 0.015, why  # the 1% fault, give or take the dtype's rounding

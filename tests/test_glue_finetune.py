@@ -104,14 +104,14 @@ def test_resume_reuses_finished_tasks(tmp_path, tiny_teacher_dir, monkeypatch, c
     args = ["glue", "--model", str(tiny_teacher_dir), "--tasks", "wnli", "--data-dir", str(FIXTURES),
             "--output", str(tmp_path / "o"), *QUICK]
     assert main(args) == 0
-    assert "already holds GLUE results" in _one_line_error(capfd, args)
+    assert "holds GLUE results already: pass --resume" in _one_line_error(capfd, args)
 
     def no_training(*a, **k):
         raise AssertionError("a finished task was trained again")
 
     monkeypatch.setattr(glue_run, "finetune_task", no_training)
     assert main(args + ["--resume"]) == 0
-    assert "settings differ: lr (saved 5e-05, now 0.0001)" in _one_line_error(capfd, args + ["--resume", "--lr", "1e-4"])
+    assert "settings differ from the saved run: lr (saved 5e-05, now 0.0001)" in _one_line_error(capfd, args + ["--resume", "--lr", "1e-4"])
 
 
 def test_config_validation():
@@ -124,7 +124,7 @@ def test_config_validation():
 def test_half_precision_checkpoints_and_task_heads_train_in_fp32(tmp_path, tiny_teacher_dir, default_tokenizer):
     from transformers import AutoModel, AutoModelForSequenceClassification
 
-    from fastkd.glue.finetune import make_classifier
+    from fastkd.glue.heads import make_classifier
     from fastkd.glue.tasks import task_spec
 
     bf16 = tmp_path / "bf16"
@@ -188,7 +188,7 @@ def _tiny_batch(tokenizer):
 
 @pytest.mark.parametrize("head", ["pooler", "pooler-reinit", "mean", "pipeline"])
 def test_each_head_trains_and_predicts(head, tiny_teacher_dir, default_tokenizer, tmp_path):
-    from fastkd.glue.finetune import make_classifier
+    from fastkd.glue.heads import make_classifier
     from fastkd.glue.tasks import task_spec
 
     cache = TaskCache(str(FIXTURES))
@@ -213,7 +213,7 @@ def test_each_head_trains_and_predicts(head, tiny_teacher_dir, default_tokenizer
 
 
 def test_mean_head_is_a_masked_mean_and_one_linear_layer(tiny_teacher_dir, default_tokenizer):
-    from fastkd.glue.finetune import make_classifier
+    from fastkd.glue.heads import make_classifier
     from fastkd.glue.tasks import task_spec
     from fastkd.models import load_encoder
 
@@ -236,7 +236,8 @@ def test_mean_head_is_a_masked_mean_and_one_linear_layer(tiny_teacher_dir, defau
 
 def test_biencoder_head_encodes_each_sentence_alone_as_sentence_transformers_fine_tunes(tiny_teacher_dir,
                                                                                         default_tokenizer):
-    from fastkd.glue.finetune import BiEncoderClassifier, PooledClassifier, padded_batch, subset_rows, make_classifier
+    from fastkd.glue.data import padded_batch, subset_rows
+    from fastkd.glue.heads import BiEncoderClassifier, PooledClassifier, make_classifier
     from fastkd.glue.tasks import task_spec
     from fastkd.models import load_encoder
 
@@ -277,7 +278,7 @@ def test_biencoder_head_encodes_each_sentence_alone_as_sentence_transformers_fin
 
 
 def test_pooler_reinit_replaces_the_copied_pooler(tiny_teacher_dir):
-    from fastkd.glue.finetune import make_classifier
+    from fastkd.glue.heads import make_classifier
     from fastkd.glue.tasks import task_spec
     from fastkd.models import load_encoder
 
@@ -296,7 +297,7 @@ def test_pooler_reinit_replaces_the_copied_pooler(tiny_teacher_dir):
 def test_pipeline_head_pools_as_the_pipeline(tmp_path, tiny_teacher_dir, default_tokenizer, caplog):
     import logging
 
-    from fastkd.glue.finetune import make_classifier
+    from fastkd.glue.heads import make_classifier
     from fastkd.glue.tasks import task_spec
     from fastkd.models import load_encoder
 
@@ -308,10 +309,10 @@ def test_pipeline_head_pools_as_the_pipeline(tmp_path, tiny_teacher_dir, default
         hidden = load_encoder(str(model)).eval()(**batch).last_hidden_state
         torch.testing.assert_close(clf(**batch).logits, hidden[:, 0] @ clf.classifier.weight.T + clf.classifier.bias)
     # A model without a pipeline pools by mean, said in one line.
-    from fastkd.glue import finetune
+    from fastkd.glue import heads
 
-    finetune._HEAD_TOLD.discard((str(tiny_teacher_dir), "pipeline"))  # said once per process: an earlier test may have
-    with caplog.at_level(logging.INFO, logger="fastkd.glue.finetune"):
+    heads._HEAD_TOLD.discard((str(tiny_teacher_dir), "pipeline"))  # said once per process: an earlier test may have
+    with caplog.at_level(logging.INFO, logger="fastkd.glue.heads"):
         plain = make_classifier(str(tiny_teacher_dir), task_spec("stsb"), seed=0, head="pipeline")
     assert plain.pooling.mode == "mean"
     assert [r.message for r in caplog.records if "no sentence-transformers pipeline" in r.message]
@@ -373,6 +374,8 @@ def test_regression_bias_starts_at_the_mean_label(head, tiny_teacher_dir, defaul
                              head=head, regression_bias=bias)
         finetune.finetune_task(str(tiny_teacher_dir), default_tokenizer, task_spec("stsb"), cache, cfg)
     labels = cache.data(task_spec("stsb")).train.labels
-    rows = finetune.subsample(len(labels), 8, 0)
+    from fastkd.glue.data import subsample
+
+    rows = subsample(len(labels), 8, 0)
     assert seen[0][0] == pytest.approx(sum(labels[i] for i in rows) / 8) and seen[1][0] is None
     assert seen[0][1] == pytest.approx(max(abs(labels[i]) for i in rows))  # the biencoder's similarity scale

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastkd.glue import FinetuneConfig, TaskCache, task_spec
-from fastkd.glue.finetune import heldout_rows, scoring_rows
+from fastkd.glue.heldout import heldout_rows, scoring_rows
 from fastkd.glue.probe import probe_task
 
 from conftest import SHARED_DATA

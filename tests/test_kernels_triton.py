@@ -1,4 +1,4 @@
-"""The Triton kernels of fastkd.ops against each op's torch reference: values and gradients.
+"""The Triton kernels (kernels/, installed as fastkd.kernels) against each op's torch reference: values and gradients.
 
 Without a GPU the kernels run under the Triton interpreter (a numpy program per block: slow, so the
 shapes are small and the tests pass small blocks to exercise the tiling). On a GPU machine the real
@@ -21,11 +21,13 @@ import torch.nn.functional as F  # noqa: E402
 
 import triton  # noqa: E402,F401  (a dev dependency: a missing triton fails here, it is not skipped)
 
+from fastkd.kernels import attention_mse as triton_mse  # noqa: E402
+from fastkd.kernels import runtime  # noqa: E402
 from fastkd.ops import attention_mse as am  # noqa: E402
 from fastkd.ops import hidden_mse as hm  # noqa: E402
 
-_attention_mse_qk = am.triton_attention_mse
-_qk_mse_launch = am._triton_launch
+_attention_mse_qk = triton_mse.triton_attention_mse
+_qk_mse_launch = triton_mse.launch
 _hidden_mse = hm.triton_hidden_mse
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -267,16 +269,17 @@ def test_comparison_catches_small_errors():
 
 
 def test_import_without_triton():
-    """fastkd.ops imports without triton: the triton backend is missing with the reason in one line,
+    """fastkd.ops and fastkd.kernels import without triton: the triton backend is missing with the reason in one line,
     and a Triton op called anyway raises it; DistillLoss still works on the other backends."""
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
         "from fastkd import losses, ops\n"
-        "from fastkd.ops import _triton, attention_mse as am\n"
-        "assert _triton.AVAILABLE is False\n"
+        "from fastkd.kernels import runtime\n"
+        "from fastkd.ops import attention_mse as am\n"
+        "assert runtime.AVAILABLE is False\n"
         "why = ops.unavailable('triton', torch.device('cpu'))\n"
-        "assert why == _triton.UNAVAILABLE_REASON and 'triton' in why and '\\n' not in why, why\n"
+        "assert why == runtime.UNAVAILABLE_REASON and 'triton' in why and '\\n' not in why, why\n"
         "x = torch.zeros(1, 1, 3, 4)\n"
         "try:\n"
         "    am.triton_attention_mse(x, x, x, x, torch.ones(1, 3), 1.0, 1.0)\n"
@@ -294,10 +297,11 @@ def test_the_interpreter_runs_the_16_bit_tensor_core_path():
     """float16 operands go into tl.dot as they are under the interpreter (the F16 cases above run the
     16-bit path, gradients included); bfloat16 is upcast there only, because the interpreter
     multiplies bfloat16 dot operands as raw integers. On a GPU both are native."""
-    assert am._INTERPRETED == (DEV == "cpu")
-    assert am.native_dot(F16, F16, am._INTERPRETED)
-    assert am.native_dot(BF16, BF16, am._INTERPRETED) == (not am._INTERPRETED)
-    assert not am.native_dot(F32, F32, am._INTERPRETED) and not am.native_dot(F16, F32, am._INTERPRETED)
+    interpreted = triton_mse.INTERPRETED
+    assert interpreted == (DEV == "cpu")
+    assert runtime.native_dot(F16, F16, interpreted)
+    assert runtime.native_dot(BF16, BF16, interpreted) == (not interpreted)
+    assert not runtime.native_dot(F32, F32, interpreted) and not runtime.native_dot(F16, F32, interpreted)
     # The 16-bit path rounds D before the gradient dot, so its gradients are not those of the upcast
     # path. The upcast path is exactly the float32 kernel on the same (exactly representable) values,
     # rounded once into float16: a kernel that silently upcast would equal it bit for bit.

@@ -1,6 +1,6 @@
 """The package's shape, read from its own source: no import cycle between fastkd's modules (function-
-level imports count too: a cycle hidden in a function is still a cycle), and no private name taken
-from another module."""
+level imports count too: a cycle hidden in a function is still a cycle), no import against the flow
+of the design card, and no private name taken from another module."""
 
 import ast
 from pathlib import Path
@@ -15,6 +15,9 @@ def _modules() -> dict[str, Path]:
     for path in ROOT.rglob("*.py"):
         parts = path.relative_to(ROOT.parent).with_suffix("").parts
         out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    # kernels/ (fastkd.kernels) is reached through a link rglob does not follow; it has no __init__.py.
+    for path in (ROOT / "kernels").glob("*.py"):
+        out[f"fastkd.kernels.{path.stem}"] = path
     return out
 
 
@@ -93,6 +96,65 @@ def test_no_import_cycle_between_fastkd_modules():
             graph[importer].add(imported)
     assert "fastkd.distill.setup" in graph["fastkd.distill.zero"]  # the reader sees real edges
     assert _cycles(graph) == []
+
+
+# The design card's flow, corpus -> teacher -> losses -> students -> training -> distill/search/glue -> CLI,
+# as layers: a module imports from its own layer and the ones before it, never from one after it.
+FLOW = (
+    ("foundations", ("fastkd", "fastkd.errors", "fastkd.io", "fastkd.rundir", "fastkd.rng", "fastkd.machine", "fastkd.device",
+                     "fastkd.processes", "fastkd.padding", "fastkd.tokenizer_identity", "fastkd.optim", "fastkd.options",
+                     "fastkd.config_files", "fastkd.mapping")),
+    ("corpus", ("fastkd.corpus",)),
+    ("teacher and students", ("fastkd.zoo", "fastkd.capture", "fastkd.families", "fastkd.models", "fastkd.sentence",
+                              "fastkd.teacher", "fastkd.memory", "fastkd.export")),
+    ("losses", ("fastkd.kernels", "fastkd.ops", "fastkd.losses")),
+    ("training", ("fastkd.training",)),
+    ("commands", ("fastkd.config", "fastkd.distill", "fastkd.glue", "fastkd.search", "fastkd.bench", "fastkd.demo")),
+    ("cli", ("fastkd.cli", "fastkd.__main__")),
+)
+# Within the commands: the search scores mappings by GLUE fine-tuning, the demo runs them all, and
+# `fastkd.config` holds the settings of distill, demo and bench. glue depends on no other command.
+COMMAND_USES = {"search": {"glue"}, "demo": {"config", "distill", "glue", "search"}, "distill": {"config"},
+                "bench": {"config"}, "glue": set(), "config": set()}
+
+
+def _layer(module: str) -> int:
+    for rank, (_, names) in enumerate(FLOW):
+        if any(module == name or (name != "fastkd" and module.startswith(name + ".")) for name in names):
+            return rank
+    raise AssertionError(f"{module} has no place in FLOW: add it to its layer")
+
+
+def _flow_violations(modules: dict[str, Path]) -> list[str]:
+    found = []
+    for importer, imported, _ in _imports(modules):
+        a, b = _layer(importer), _layer(imported)
+        if b > a:
+            found.append(f"{importer} ({FLOW[a][0]}) imports {imported} ({FLOW[b][0]})")
+        elif a == b == 5:
+            mine, theirs = importer.split(".")[1], imported.split(".")[1]
+            if mine != theirs and theirs not in COMMAND_USES[mine]:
+                found.append(f"{importer} imports another command's {imported}")
+    return found
+
+
+def test_no_import_against_the_flow():
+    modules = _modules()
+    assert {"fastkd.kernels.tiles", "fastkd.ops.attention_mse", "fastkd.cli"} <= set(modules)
+    assert _flow_violations(modules) == []
+
+
+def test_the_flow_check_sees_an_import_against_the_flow(tmp_path):
+    corpus = tmp_path / "corpus.py"
+    corpus.write_text("from .config import DistillConfig\n")
+    glue = tmp_path / "run.py"
+    glue.write_text("from ..distill import run_distill\n")
+    modules = {"fastkd.corpus": corpus, "fastkd.config": tmp_path / "config.py", "fastkd.glue.run": glue,
+               "fastkd.distill": tmp_path / "distill.py"}
+    (tmp_path / "config.py").write_text("")
+    (tmp_path / "distill.py").write_text("")
+    assert _flow_violations(modules) == ["fastkd.corpus (corpus) imports fastkd.config (commands)",
+                                         "fastkd.glue.run imports another command's fastkd.distill"]
 
 
 def _private_attributes(modules: dict[str, Path]):

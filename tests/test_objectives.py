@@ -156,7 +156,7 @@ def test_the_search_takes_the_objective(tmp_path, family_teacher_dirs, small_cor
     with sqlite3.connect(out / "search.sqlite") as db:
         rows = dict(db.execute("SELECT mapping, fitness FROM evaluations WHERE mapping != 'teacher'"))
     assert result["winner"] in rows and all(-1.0 < f <= 1.0 for f in rows.values())
-    trained = list(search._ev._students.values())  # (student, final losses, seconds) of the proxy students
+    trained = list(search.evaluator.proxy._students.values())  # (student, final losses, seconds) of the proxy students
     assert trained and all(set(losses) == {"loss", "relation"} for _, losses, _ in trained), trained
 
 

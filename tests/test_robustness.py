@@ -166,15 +166,16 @@ def test_leftovers_of_a_killed_run_are_removed_and_files_follow_the_umask(tmp_pa
 
 
 def test_a_stale_tokenization_folder_is_removed(tmp_path, tiny_teacher_dir, small_corpus):
-    from fastkd.corpus import _host, load_corpus
+    from fastkd.corpus import load_corpus
+    from fastkd.corpus.cache import host_name
     from fastkd.models import load_tokenizer
 
     cache = tmp_path / "cache"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    stale = cache / "corpus" / f".build-{_host()}-{dead}-xyz"
+    stale = cache / "corpus" / f".build-{host_name()}-{dead}-xyz"
     stale.mkdir(parents=True)
-    alive = cache / "corpus" / f".build-{_host()}-{os.getpid()}-xyz"
+    alive = cache / "corpus" / f".build-{host_name()}-{os.getpid()}-xyz"
     alive.mkdir()
     load_corpus(str(small_corpus), load_tokenizer(str(tiny_teacher_dir)), 32, cache)
     assert not stale.exists() and alive.exists()  # a live process's build is left alone
@@ -203,10 +204,10 @@ def test_a_tiny_sample_warns(tmp_path, tiny_teacher_dir, small_corpus, caplog):
 
 
 def test_a_second_run_on_the_same_output_is_refused_naming_the_holder(tmp_path):
-    from fastkd.io import lock_output
+    from fastkd.rundir import lock_output
 
     out = tmp_path / "busy"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fastkd.io import lock_output; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fastkd.rundir import lock_output; "
                                f"lock_output({str(out)!r}, 'search'); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -111,8 +111,8 @@ def test_kill_9_then_resume_repeats_nothing(tmp_path, tiny_teacher_dropout_dir, 
         got = [(e.step, e.value) for e in events.Scalars(f"search/zeroshot/{key}")]
         assert got == [(g["generation"], pytest.approx(g[key])) for g in resumed.generations], key
     assert {"search/verdict_vs_uniform/mean_difference", "search/verdict_vs_last/seeds"} <= set(events.Tags()["scalars"])
-    assert resumed.reused == len(before)  # every finished one read back, none computed again
-    counters = resumed._ev.counters
+    assert resumed.evaluator.reused == len(before)  # every finished one read back, none computed again
+    counters = resumed.evaluator.counters
     assert counters.distilled + counters.reused_students == len(expected) - len(before)
     assert counters.student_steps == 3 * counters.distilled
     with sqlite3.connect(reference / "search.sqlite") as a, sqlite3.connect(db) as b:
@@ -150,9 +150,9 @@ def test_bad_inputs(tmp_path, tiny_teacher_dir, small_corpus, capfd, monkeypatch
 
     monkeypatch.setattr(search_run, "load_corpus", no_tokenizing)  # each refusal below comes before it
     line = _one_line(capfd, argv("d", "--generations", "1", "--verdict-seeds", "1", "--proxy-steps", "4", "--resume"))
-    assert "other settings" in line and "proxy" in line
+    assert "settings differ" in line and "proxy" in line
     line = _one_line(capfd, argv("d", "--generations", "1", "--verdict-seeds", "1", "--ladder", "full", "--resume"))
-    assert "other settings" in line and "ladder (store ['zeroshot', 'full'], now ['full'])" in line
+    assert "settings differ" in line and "ladder (saved ['zeroshot', 'full'], now ['full'])" in line
     assert "pass --resume" in _one_line(capfd, argv("d", "--generations", "1", "--verdict-seeds", "1"))
     (tmp_path / "e").mkdir()
     with sqlite3.connect(tmp_path / "e" / "search.sqlite") as db:
@@ -263,7 +263,7 @@ def test_sigterm_stops_after_the_evaluation_in_flight_and_resume_repeats_none(tm
         assert db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] == 2  # the teacher's and one mapping
     resumed = _search([*argv, "--resume"])
     resumed.run()
-    assert resumed.reused == 1 and (out / "best_mapping.json").is_file()  # the stored mapping is not evaluated again
+    assert resumed.evaluator.reused == 1 and (out / "best_mapping.json").is_file()  # the stored mapping is not evaluated again
 
 
 def test_sigterm_during_proxy_distillation_stops_at_once(tmp_path, tiny_teacher_dropout_dir, small_corpus):

@@ -31,9 +31,9 @@ def test_put_get_once_and_survive_reopen(tmp_path):
 def test_refuses_other_settings_foreign_and_corrupt_files(tmp_path):
     path = tmp_path / "search.sqlite"
     Store(path, SETTINGS, resume=False).close()
-    with pytest.raises(UserError, match="already holds this search: pass --resume"):
+    with pytest.raises(UserError, match="holds a search already: pass --resume"):
         Store(path, SETTINGS, resume=False)
-    with pytest.raises(UserError, match=r"other settings: proxy_steps \(store 100, now 200\)"):
+    with pytest.raises(UserError, match=r"settings differ from the saved run: proxy_steps \(saved 100, now 200\)"):
         Store(path, {**SETTINGS, "proxy_steps": 200}, resume=True)
     foreign = tmp_path / "foreign.sqlite"
     with sqlite3.connect(foreign) as db:
@@ -78,7 +78,7 @@ def test_empty_file_left_by_a_kill_is_new_and_refusal_names_the_nested_setting(t
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
     Store(path, {"proxy": {"steps": 3, "lr": 1e-3}}, resume=False).close()
-    with pytest.raises(UserError, match=r"proxy\.steps \(store 3, now 4\)"):
+    with pytest.raises(UserError, match=r"proxy\.steps \(saved 3, now 4\)"):
         Store(path, {"proxy": {"steps": 4, "lr": 1e-3}}, resume=True)
 
 

@@ -14,7 +14,8 @@ from transformers import AutoModel
 from fastkd.cli import main
 from fastkd.corpus import corpus_layout
 from fastkd.export import export_student
-from fastkd.glue.finetune import FinetuneConfig, TaskCache
+from fastkd.glue.config import FinetuneConfig
+from fastkd.glue.data import TaskCache
 from fastkd.glue.probe import zero_shot_similarity
 from fastkd.losses import objective_weights
 from fastkd.mapping import LayerMapping
@@ -211,7 +212,7 @@ def test_distill_and_search_take_the_sentence_objective(tmp_path, tiny_teacher_d
             "--output", str(tmp_path / "s")]
     search = Search(parse_config(argv)[1])
     search.run()
-    trained = list(search._ev._students.values())
+    trained = list(search.evaluator.proxy._students.values())
     assert trained and all(set(losses) == {"loss", "sentence"} for _, losses, _ in trained), trained
     assert corpus_layout(search.corpus)["mode"] == "sentences" and len(search.corpus) == 16
     assert "- proxy: 16 sentences of at most 32 tokens" in (tmp_path / "s" / "report.md").read_text()
@@ -251,7 +252,7 @@ def test_a_narrower_student_learns_a_projection_its_pipeline_carries_as_a_dense(
     assert got.shape == (2, 32)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     # GLUE's pipeline head reads the Pooling of that pipeline, whatever follows it
-    from fastkd.glue.finetune import make_classifier
+    from fastkd.glue.heads import make_classifier
     from fastkd.glue.tasks import task_spec
 
     assert make_classifier(str(out / "student"), task_spec("sst2"), seed=0, head="pipeline").pooling.mode == "mean"

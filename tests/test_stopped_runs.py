@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from conftest import run_cli
-from fastkd.io import end_of_command, in_use_by, lock_output
+from fastkd.rundir import end_of_command, in_use_by, lock_output
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_a_forked_child_does_not_hold_its_parents_run_lock(tmp_path):
     """The lock is a POSIX lock: a child forked while it is held (a datasets worker) does not inherit
     it, so a child outliving its parent (here: no at-fork hook kills it) blocks no resume."""
     out = tmp_path / "o"
-    script = ("import os, sys, time\nfrom fastkd.io import lock_output\n"
+    script = ("import os, sys, time\nfrom fastkd.rundir import lock_output\n"
               f"lock_output({str(out)!r}, 'distill')\n"
               "child = os.fork()\n"
               "if child == 0:\n    null = os.open(os.devnull, os.O_RDWR)\n    os.dup2(null, 1)\n    os.dup2(null, 2)\n    time.sleep(60)\n    os._exit(0)\n"
@@ -138,7 +138,7 @@ def test_an_output_a_live_run_holds_is_refused_naming_the_holder(capfd, tmp_path
     """Not "holds this run already: pass --resume" (--resume would be refused too): who holds it."""
     out = tmp_path / "busy"
     assert run_cli(capfd, *_distill(out, tiny_teacher_dir, small_corpus))[0] == 0
-    holder = subprocess.Popen([sys.executable, "-c", "import time; from fastkd.io import lock_output; "
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from fastkd.rundir import lock_output; "
                                f"lock_output({str(out)!r}, 'distill'); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:

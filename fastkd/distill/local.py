@@ -11,7 +11,7 @@ from torch import nn
 from ..config import DistillConfig
 from ..corpus import BatchStream, load_corpus, sample_corpus
 from ..device import pick_device
-from ..io import lock_output
+from ..rundir import lock_output
 from ..losses import DistillLoss
 from ..memory import StepMemory, available_memory
 from ..rng import seed_everything

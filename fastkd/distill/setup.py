@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import DistillConfig, differing_settings, read_run_config
+from ..config import NON_DETERMINING, DistillConfig, read_run_config
 from ..corpus import check_cache_dir, corpus_identity, parse_sample
 from ..errors import UserError
 from ..families import family_of, usable_positions
-from ..io import check_writable_dir, refuse_busy_output, refuse_foreign_output
+from ..rundir import RunDir, check_writable_dir, refuse_busy_output, refuse_foreign_output
 from ..losses import OBJECTIVES, DistillLoss, loss_weights, objective_weights, relation_heads, sentence_pooling
 from ..mapping import LayerMapping, parse_mapping
 from ..memory import StepMemory, check_step_fits, step_memory
@@ -64,13 +64,8 @@ def prepare_output(cfg: DistillConfig) -> tuple[Path, dict | None]:
     if saved is None:
         refuse_foreign_output(output, "distill")
         return output, None
-    if not cfg.resume:
-        diffs = differing_settings(comparable(saved.get("config", {})), comparable(cfg.to_dict()))
-        what = "a different run (" + "; ".join(diffs[:3]) + ")" if diffs else "this run already"
-        raise UserError(f"--output {output} holds {what}: pass --resume to continue it, or choose another --output")
-    diffs = differing_settings(comparable(saved.get("config", {})), comparable(cfg.to_dict()))
-    if diffs:
-        raise UserError(f"cannot --resume {output}: settings differ from the saved run: " + "; ".join(diffs))
+    RunDir(output, "distill").refuse_other_run(comparable(saved.get("config", {})), comparable(cfg.to_dict()),
+                                               cfg.resume, NON_DETERMINING, holds="a distill run")
     identity = saved.get("resolved", {}).get("corpus_identity")
     if identity is not None and identity != json.loads(json.dumps(corpus_identity(cfg.corpus))):  # as saved
         raise UserError(f"cannot --resume {output}: the corpus {cfg.corpus} changed since the run began (its files' "

@@ -30,7 +30,7 @@ from ..config import DistillConfig
 from ..corpus import BatchStream, load_corpus, sample_corpus
 from .setup import Run, build_models, check_memory, prepare_output, resolve
 from ..errors import UserError
-from ..io import lock_output
+from ..rundir import lock_output
 from ..rng import seed_everything
 from ..teacher import Teacher
 from ..training.zero import DistillModule, ZeroEngine, on_rank0, zero_stage

@@ -10,7 +10,7 @@ The names are resolved on first use (PEP 562), so importing `fastkd.glue.config`
 
 from importlib import import_module
 
-_WHERE = {"FinetuneConfig": "config", "TaskCache": "finetune", "TaskResult": "finetune", "evaluate": "finetune",
+_WHERE = {"FinetuneConfig": "config", "TaskCache": "data", "TaskResult": "data", "evaluate": "finetune",
           "finetune_task": "finetune", "TASKS": "tasks", "TaskSpec": "tasks", "load_task": "tasks",
           "parse_tasks": "tasks", "task_spec": "tasks"}
 

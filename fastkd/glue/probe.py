@@ -25,7 +25,9 @@ from sklearn.preprocessing import StandardScaler
 from ..device import pick_device
 from ..families import model_inputs
 from ..models import load_encoder
-from .finetune import Encoded, FinetuneConfig, TaskCache, TaskResult, padded_batch, score_splits, subset_rows, scoring_rows
+from .config import FinetuneConfig
+from .data import Encoded, TaskCache, TaskResult, padded_batch, subset_rows
+from .heldout import score_splits, scoring_rows
 from .metrics import task_score
 from .tasks import ZERO_SHOT_TASK, TaskSpec, task_spec
 

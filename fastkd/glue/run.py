@@ -7,15 +7,16 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from ..config import differing_settings
 from ..errors import UserError
-from ..io import atomic_write_json, check_writable_dir, lock_output, refuse_foreign_output
+from ..rundir import RunDir
 from ..device import pick_device
 from ..families import is_encoder, supported, usable_positions
 from ..sentence import describe_pipeline, has_pipeline, zeroshot_stsb
 from ..models import check_finite_weights, check_weight_files, load_config, load_tokenizer, resolve_model_path
-from .config import FinetuneConfig
-from .finetune import TaskCache, finetune_task, head_pooling
+from .config import FinetuneConfig, GlueConfig
+from .data import TaskCache
+from .finetune import finetune_task
+from .heads import head_pooling
 from .report import build_report, read_report, write_reports
 from .tasks import TASKS, parse_tasks, task_spec
 
@@ -64,15 +65,21 @@ def _say_once(message: str) -> None:
         log.info(message)
 
 
-def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg: FinetuneConfig,
-             resume: bool = False, skip_bad_rows: bool = False, resolved: dict | None = None,
-             zeroshot_stsb: bool = True) -> dict:
-    """`resolved`: the command's resolved config, written as OUTPUT/glue-config.json once the run may begin."""
-    cfg.validate()
-    tasks = parse_tasks(tasks_text)
-    refuse_foreign_output(output, "glue")  # never overwrite what is not ours
-    out = check_writable_dir(output)  # before any fine-tuning, not after all of it
-    lock_output(out, "glue")
+# Settings a --resume may change: they do not change what is computed (progress bars; the device, as
+# before this list was glue's own).
+GLUE_NON_DETERMINING = frozenset({"progress", "device", "output", "resume"})
+
+
+def run_glue(glue: GlueConfig, resolved: dict | None = None) -> dict:
+    """`fastkd glue`: every model fine-tuned and scored on every task. `resolved`: the command's resolved
+    config, written as OUTPUT/glue-config.json once the run may begin."""
+    glue.validate()
+    models, data_dir, output, cfg = glue.model, glue.data_dir, glue.output, glue.finetune
+    resume, skip_bad_rows, zeroshot_stsb = glue.resume, glue.skip_bad_rows, glue.zeroshot_stsb
+    tasks = parse_tasks(glue.tasks)
+    run_dir = RunDir(Path(output), "glue")
+    out = run_dir.refuse_unusable()  # never what is not ours; writable before any fine-tuning, not after all of it
+    run_dir.claim()
     # Everything that can fail is checked before the first hour of training, not after it.
     tokenizers = {}
     for model in models:
@@ -100,9 +107,6 @@ def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg
         settings.pop("heldout", None)
         settings.pop("heldout_part", None)
     previous = read_report(out)
-    if previous is not None and not resume:
-        raise UserError(f"--output {out} already holds GLUE results: pass --resume to reuse finished tasks, "
-                        "or choose another --output")
     done: dict[tuple[str, str], dict] = {}
     if previous is not None:
         # Results from before --head and --regression-bias existed: the copied pooler, a bias from 0.
@@ -113,13 +117,10 @@ def run_glue(models: list[str], tasks_text: str, data_dir: str, output: str, cfg
         if not regression:  # the bias is never used: it cannot make two runs differ
             before.pop("regression_bias", None)
             now.pop("regression_bias", None)
-        changed = differing_settings(before, now)
-        if changed:
-            raise UserError(f"cannot --resume {out}: fine-tuning settings differ: {'; '.join(changed)}; "
-                            "choose another --output")
+        run_dir.refuse_other_run(before, now, resume, GLUE_NON_DETERMINING, holds="GLUE results")
         done = {(m["path"], k): r for m in previous["models"] for k, r in m["tasks"].items()}
     if resolved is not None:
-        atomic_write_json(out / "glue-config.json", resolved)
+        run_dir.write_config(resolved)
 
     # Results of models or tasks this call does not run are kept, never dropped by a resume.
     entries = [{"model": display_name(m), "path": m, "tasks": {}} for m in models]

@@ -4,8 +4,9 @@
     hidden_mse      the hidden-state MSE through a width projection (never the whole projection)
     attention_kl    MiniLM's attention-distribution KL and MiniLMv2's relations (cpp, triton; never S x S)
 
-Each op module holds its torch reference, its Triton kernels and autograd Function, the binding of
-the compiled extension (csrc/), its dispatch over backends and its self-check cases. `backends`
+Each op module holds its torch reference, the binding of the compiled extension (csrc/), its
+dispatch over backends and its self-check cases; its Triton kernels and autograd Function are in
+kernels/ (fastkd.kernels), one module per op. `backends`
 says which backends are present on a device, `select` picks the one an op runs on after checking it
 against the reference. fastkd.losses (DistillLoss) imports these; nothing here imports it.
 """

@@ -19,11 +19,12 @@ import os
 import torch
 
 from ..errors import UserError
-from . import _triton, builder
+from ..kernels import runtime as triton_runtime
+from . import builder
 
 log = logging.getLogger(__name__)
 
-from ..config import BACKENDS, LOSS_BACKENDS as CHOICES  # noqa: E402,F401  (one list of names, for the CLI too)
+from ..options import BACKENDS, LOSS_BACKENDS as CHOICES  # noqa: E402,F401  (one list of names, for the CLI too)
 ENV = "FASTKD_LOSS_BACKEND"
 
 _chains: dict[tuple[str, str], list[str]] = {}
@@ -40,8 +41,8 @@ def unavailable(name: str, device: torch.device) -> str | None:
     if name == "torch":
         return None
     if name == "triton":
-        if not _triton.AVAILABLE:
-            return _triton.UNAVAILABLE_REASON
+        if not triton_runtime.AVAILABLE:
+            return triton_runtime.UNAVAILABLE_REASON
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             return "Triton kernels need a GPU (or TRITON_INTERPRET=1 on a CPU, slow, for tests)"
         return None

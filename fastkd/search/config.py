@@ -8,12 +8,11 @@ import argparse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..config import (CORPUS_MODE_HELP, CORPUS_MODES, LOSS_BACKEND_HELP, LOSS_BACKENDS, OBJECTIVE_HELP, OBJECTIVES,
-                      RELATION_HEADS_HELP, REPORT_TO)
 from ..errors import UserError
 from ..glue.config import FinetuneConfig
 from ..glue.tasks import ZERO_SHOT_TASK, parse_tasks, task_spec
-from ..options import MAX_SEED, PROGRESS_HELP, option, seed_problem, seed_value
+from ..options import (CORPUS_MODE_HELP, CORPUS_MODES, LOSS_BACKEND_HELP, LOSS_BACKENDS, MAX_SEED, OBJECTIVE_HELP,
+                       OBJECTIVES, PROGRESS_HELP, RELATION_HEADS_HELP, REPORT_TO, option, seed_problem, seed_value)
 from .ga import GAConfig
 from .rungs import Rung, parse_ladder
 

@@ -22,19 +22,20 @@ from pathlib import Path
 from ..corpus import check_cache_dir, load_corpus, sample_corpus
 from ..errors import UserError
 from ..glue import TaskCache, parse_tasks, task_spec
-from ..glue.finetune import heldout_rows
+from ..glue.heldout import heldout_rows
 from ..glue.tasks import ZERO_SHOT_TASK
-from ..io import atomic_write_json, check_writable_dir, lock_output, refuse_busy_output, refuse_foreign_output
+from ..rundir import RunDir, check_writable_dir, refuse_busy_output, refuse_foreign_output
 from ..mapping import LayerMapping, heuristic
 from ..options import resolved_config
 from ..families import usable_positions
 from ..losses import objective_weights, relation_heads, sentence_pooling
 from ..models import load_config, load_teacher, load_tokenizer, student_shape
-from ..training.loop import Preempted, add_scalars, stop_signals, tensorboard_writer
+from ..training.loop import add_scalars, stop_signals, tensorboard_writer
 from .dist import Comm
 from .ga import GeneticSearch, genome_key
 from .config import MEANINGFUL_HELDOUT, SearchConfig
-from .proxy import CandidateResult, ProxyEvaluator, task_collapsed
+from .evaluator import StoredEvaluator
+from .proxy import ProxyEvaluator, task_collapsed
 from .rungs import Rung, successive_halving
 from .store import Evaluation, Store
 from .summary import SearchSummary, fitness_of
@@ -45,11 +46,6 @@ log = logging.getLogger(__name__)
 WEAK_TASK_MARGIN = 0.05  # the teacher must beat the majority class by this much on a proxy task
 TEACHER_ROW = "teacher"  # the store row holding the teacher's proxy fine-tuning (signal check)
 SIGNAL_GENERATION, PROMOTION_GENERATION, VERDICT_GENERATION = -1, -3, -2  # the `generation` of non-GA rows
-
-
-def _evaluation(result: CandidateResult, generation: int) -> Evaluation:
-    return Evaluation(result.mapping.text, result.seed, generation, result.fitness, result.tasks, result.losses,
-                      result.seconds, result.rung)
 
 
 @dataclass
@@ -117,32 +113,28 @@ class Search:
         if self.comm.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             if self.comm.world == 1:  # (a refusal on one rank of many would leave the others waiting)
-                lock_output(self.output, "search")
+                RunDir(self.output, "search").claim()
             self.store = Store(self.output / "search.sqlite", cfg.fitness_settings(), cfg.resume)
             # The resolved settings, in the form --config reads (fastkd search --config it reruns this search).
-            atomic_write_json(self.output / "search-config.json", resolved_config("search", cfg))
+            RunDir(self.output, "search").write_config(resolved_config("search", cfg))
         self.teacher = load_teacher(cfg.teacher).to(self.comm.device())
         self.timings = {"load teacher and corpus (tokenization)": time.perf_counter() - t0}
         self.ga = GeneticSearch(self.shape.layers, self.N, cfg.ga_config())
-        # (genome, rung name) -> {seed: Evaluation}
-        self.results: dict[tuple, dict[int, Evaluation]] = {}
         self.generations: list[dict] = []
         self.promotions: list[dict] = []
-        self.reused = 0
-        self.stored = 0  # evaluations stored by this process (the stop line says how many)
-        self._caught = {"signum": None}  # a stop signal, while run() listens for one
+        self.evaluator = StoredEvaluator(
+            self.comm, self.store, self.N, self.output, cfg.chunk,
+            lambda task_specs: ProxyEvaluator(self.teacher, self.tokenizer, self.corpus, self.shape, cfg.proxy,
+                                              self.cache, task_specs, progress=cfg.progress,
+                                              loss_backend=cfg.loss_backend))
         self.board = None  # TensorBoard writer (--report-to tensorboard, main rank)
         self.signal: dict = {}
         self.heuristics = {name: heuristic(name, self.shape.layers, self.N).layers for name in ("uniform", "last", "first")}
 
     # --- evaluation through the store ------------------------------------------------------
-    def _evaluator(self, task_specs) -> ProxyEvaluator:
-        if not hasattr(self, "_ev") or self._ev.task_specs != task_specs:
-            self._ev = ProxyEvaluator(self.teacher, self.tokenizer, self.corpus, self.shape, self.cfg.proxy, self.cache,
-                                      task_specs, progress=self.cfg.progress, loss_backend=self.cfg.loss_backend)
-            if self.comm.world == 1:  # one process stops at once; ranks agree per stored result (keep)
-                self._ev.interrupt = self._stop_now
-        return self._ev
+    @property
+    def results(self) -> dict[tuple, dict[int, Evaluation]]:
+        return self.evaluator.results
 
     def fitness(self, genome: tuple, rung: Rung, seed: int) -> float | None:
         return fitness_of(self.results, genome, rung, seed)
@@ -151,81 +143,16 @@ class Search:
         """What the report reads, apart from the live search (its evaluator, store and ranks)."""
         return SearchSummary(self.cfg, self.output, self.shape, self.N, self.rungs, self.top, list(self.tasks),
                              list(self.verdict_seeds), dict(self.heuristics), self.results, list(self.generations),
-                             self.signal, dict(self.timings), self.reused,
-                             self._ev.counters if hasattr(self, "_ev") else None, time.perf_counter() - self.started)
+                             self.signal, dict(self.timings), self.evaluator.reused, self.evaluator.counters,
+                             time.perf_counter() - self.started)
 
     def evaluate(self, genomes: list[tuple], seed: int, generation: int, label: str,
                  rung: Rung, part: str = "selection") -> dict[tuple, Evaluation]:
-        """Stored results where present; the rest evaluated (spread over ranks) and stored one by one.
+        return self.evaluator.evaluate(genomes, seed, generation, label, rung, self.tasks, part)
 
-        The store's row is the truth: when another process stored the same (mapping, seed, rung)
-        first, its value is used, so every process and every resume sees the same fitness.
-        """
-        found, missing = {}, []
-        for g in genomes:
-            known = self.results.get((g, rung.name), {}).get(seed)
-            if known is not None:  # evaluated earlier in this search (an elite carried over)
-                found[g] = known
-        if self.comm.is_main:
-            for g in genomes:
-                if g in found:
-                    continue
-                row = self.store.get(LayerMapping(g, self.N).text, seed, rung.name)
-                if row is not None:  # finished before an interruption, or by a concurrent search
-                    found[g] = row
-                    self.reused += 1
-                else:
-                    missing.append(g)
-        found, missing, self.reused = self.comm.broadcast((found, missing, self.reused))
-        if missing:
-            if self.comm.is_main:
-                log.info("%s: evaluating %d mappings on rung %s (%d known)%s", label, len(missing), rung.name,
-                         len(found), f" on {self.comm.world} ranks" if self.comm.world > 1 else "")
-            by_text = {LayerMapping(g, self.N).text: g for g in missing}
-            mine = [LayerMapping(g, self.N) for g in missing[self.comm.rank::self.comm.world]]
-            rounds = -(-len(missing) // self.comm.world)
-
-            def keep(result: CandidateResult | None) -> None:
-                # One round per finished candidate on every rank (None pads the shorter slices), so
-                # rank 0 stores each result as it finishes: a kill loses only the work in flight. A
-                # stop signal on any rank travels with the round: every rank stops at the same one.
-                rounds_out = self.comm.all_gather((None if result is None else _evaluation(result, generation),
-                                                   self._caught["signum"]))
-                gathered = [e for e, _ in rounds_out if e is not None]
-                stored = []
-                if self.comm.is_main:
-                    for e in gathered:
-                        self.store.put(e)
-                        stored.append(self.store.get(e.mapping, e.seed, e.rung))
-                # Rank 0's signal is read again after storing (it may have come meanwhile): with the
-                # ranks' signals from the round, every rank gets the same answer.
-                stored, main_signum = self.comm.broadcast((stored, self._caught["signum"]))
-                for e in stored:
-                    found[by_text[e.mapping]] = e
-                self.stored += len(gathered)
-                signums = [s for _, s in rounds_out if s is not None] + ([main_signum] if main_signum is not None else [])
-                self._stop_if_signalled(signums)
-
-            if mine:
-                self._evaluator(self.tasks).evaluate(mine, seed, self.cfg.chunk, desc=label, on_result=keep, rung=rung,
-                                                     part=part)
-            for _ in range(rounds - len(mine)):
-                keep(None)
-        for g, row in found.items():
-            self.results.setdefault((g, rung.name), {})[row.seed] = row
-        return found
-
-    def _stop_now(self) -> None:
-        """One process, between proxy steps: a stop signal stops at once (what is lost was not stored)."""
-        if self._caught["signum"] is not None:
-            self._stop_if_signalled([self._caught["signum"]])
-
-    def _stop_if_signalled(self, signums: list[int]) -> None:
-        """After a stored evaluation: a SIGTERM/SIGUSR1 caught on any rank stops the search here; every
-        finished evaluation is in the store, so --resume repeats none of them."""
-        if signums:
-            raise Preempted(signums[0], where=f"after {self.stored} evaluations",
-                            what=f"each finished one is stored in {self.output / 'search.sqlite'}")
+    def teacher_forwards(self) -> int:
+        counters = self.evaluator.counters
+        return 0 if counters is None else counters.teacher_forwards
 
     # --- phases -----------------------------------------------------------------------------
     def check_signal(self) -> None:
@@ -245,9 +172,9 @@ class Search:
             self.store.put(Evaluation(TEACHER_ROW, self.cfg.seed, SIGNAL_GENERATION, fitness, tasks, {},
                                       time.perf_counter() - started, top.name))
             row = self.store.get(TEACHER_ROW, self.cfg.seed, top.name)
-            self.stored += 1
-        row, signum = self.comm.broadcast((row, self._caught["signum"]))
-        self._stop_if_signalled([signum] if signum is not None else [])
+            self.evaluator.stored += 1
+        row, signum = self.comm.broadcast((row, self.evaluator.caught["signum"]))
+        self.evaluator.stop_if_signalled([signum] if signum is not None else [])
         self.timings["signal check (teacher fine-tuned)"] = row.seconds
         weak = [k for k, t in row.tasks.items() if t["score"] - t["baseline_score"] < WEAK_TASK_MARGIN - 1e-9]
         self.signal = {"teacher": row.tasks, "teacher_fitness": row.fitness, "weak_tasks": weak}
@@ -274,7 +201,7 @@ class Search:
         population = self.ga.initial_population()
         main_fitness: dict[tuple, float] = {}
         for gen in range(cfg.generations):
-            before = self._ev.counters.teacher_forwards if hasattr(self, "_ev") else 0
+            before = self.teacher_forwards()
             results = self.evaluate(population, cfg.seed, gen, f"generation {gen + 1}/{cfg.generations}", rung)
             for g in population:
                 main_fitness[g] = results[g].fitness
@@ -282,7 +209,7 @@ class Search:
             self.generations.append({
                 "generation": gen + 1, "best": max(values), "mean": statistics.fmean(values),
                 "best_so_far": max(main_fitness.values()), "evaluated": len(population),
-                "teacher_forwards": (self._ev.counters.teacher_forwards if hasattr(self, "_ev") else 0) - before})
+                "teacher_forwards": self.teacher_forwards() - before})
             log.info("generation %d (rung %s): best %.4f, mean %.4f, best so far %.4f", gen + 1, rung.name, max(values),
                      statistics.fmean(values), max(main_fitness.values()))
             if self.board is not None:  # (teacher_forwards left out: on --resume it counts this process's work)
@@ -378,12 +305,12 @@ class Search:
             then = ("stopping now (during proxy distillation) or after the evaluation in flight" if self.comm.world == 1
                     else "stopping after the evaluation in flight")
             with stop_signals(then) as caught:
-                self._caught = caught
+                self.evaluator.caught = caught
                 result = self._run()
             ok = True
             return result
         finally:
-            self._caught = {"signum": None}
+            self.evaluator.caught = {"signum": None}
             if self.board is not None:
                 self.board.close()
             self.comm.close(ok)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..io import is_full_disk
+from ..rundir import other_run_refusal
 
 SCHEMA_VERSION = 2  # 2: the rung is part of a row's key
 MARKER = "fastkd-search-store"
@@ -96,14 +97,10 @@ class Store:
             raise UserError(f"{self.path} is an SQLite file but not a fastkd search store: remove it or choose another --output")
         if int(meta.get("schema", -1)) != SCHEMA_VERSION:
             raise UserError(f"{self.path} was written by another fastkd version (store schema {meta.get('schema')})")
-        saved, now = _flatten(json.loads(meta["settings"])), _flatten(self.settings)
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if changed:
-            detail = "; ".join(f"{k} (store {saved.get(k)!r}, now {now.get(k)!r})" for k in changed[:4])
-            raise UserError(f"{self.path} was made by a search with other settings: {detail}; "
-                            "use the same settings or another --output")
-        if not resume:
-            raise UserError(f"{self.path} already holds this search: pass --resume to continue it, or choose another --output")
+        why = other_run_refusal(self.path.parent, _flatten(json.loads(meta["settings"])), _flatten(self.settings), resume,
+                                holds="a search")
+        if why is not None:
+            raise UserError(why)
 
     class _Txn:
         def __init__(self, db):

@@ -1,9 +1,10 @@
-"""What the Triton halves of the op modules share: triton itself (or stand-ins), the device check.
+"""What every Triton kernel module shares on the host side: triton itself (or stand-ins), the device
+check, the dot-operand rules.
 
-Importing an op module never fails without triton: `triton.jit` is then a no-op decorator, AVAILABLE
-is False, UNAVAILABLE_REASON says why in one line, and `require()` raises it before any launch.
-Interpreter or compiler is decided by triton at decoration time, so TRITON_INTERPRET=1 must be set
-before the first import of fastkd.ops (tests/conftest.py does it on a CPU).
+Importing a kernel module never fails without triton: `triton.jit` is then a no-op decorator,
+AVAILABLE is False, UNAVAILABLE_REASON says why in one line, and `require()` raises it before any
+launch. Interpreter or compiler is decided by triton at decoration time, so TRITON_INTERPRET=1 must
+be set before the first import of fastkd.kernels (tests/conftest.py does it on a CPU).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ except Exception as exc:  # ImportError, or a broken install failing at import t
     UNAVAILABLE_REASON: str | None = " ".join(f"triton is not importable: {type(exc).__name__}: {exc}".split())
 
     class _Missing:
-        """Enough of `triton` / `triton.language` for the op modules to define their kernels."""
+        """Enough of `triton` / `triton.language` for the kernel modules to define their kernels."""
 
         constexpr = int  # only ever seen in (string) annotations
 
@@ -55,7 +56,7 @@ def check_device(is_interpreted: bool, *tensors: torch.Tensor) -> None:
     """All inputs on one device, and a GPU unless the kernels run under the interpreter."""
     dev = tensors[0].device
     if any(x.device != dev for x in tensors):
-        raise ValueError("fastkd.ops: all inputs of a Triton op must be on the same device")
+        raise ValueError("fastkd.kernels: all inputs of a Triton op must be on the same device")
     if dev.type != "cuda" and not is_interpreted:
         raise RuntimeError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before triton "
                            f"is imported, for the CPU interpreter); got {dev}")

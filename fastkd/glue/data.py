@@ -1,0 +1,105 @@
+"""A task's data as the fine-tuning loop takes it: tokenized splits (Encoded), cached per tokenizer
+and length in a TaskCache so a search tokenizes each task once for all its candidates; rows picked
+out of them and padded into batches."""
+
+from __future__ import annotations
+
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from ..tokenizer_identity import tokenizer_fingerprint
+from ..padding import pad_batch
+from .tasks import Split, TaskData, TaskSpec, load_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Encoded:
+    """A tokenized split: variable-length id lists (padded per batch) and labels."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]]
+    labels: torch.Tensor
+    # A pair task's two sentences tokenized apart ([CLS] a [SEP], [CLS] b [SEP]), for the biencoder head.
+    a_ids: list[list[int]] | None = None
+    b_ids: list[list[int]] | None = None
+
+
+@dataclass
+class TaskResult:
+    task: str
+    metrics: dict[str, float]
+    score: float
+    baseline_metrics: dict[str, float]
+    baseline_score: float
+    predictions: dict  # label distribution or variance, per dev split
+    train_examples: int
+    dev_examples: int  # rows scored (dev, or the held-out slice: see eval_split)
+    steps: int
+    seconds: float
+    skipped_rows: int = 0
+    eval_split: str = "dev"  # where the score comes from: "dev" or "train-heldout-<part>[N]"
+    method: str = "finetune"  # "finetune", or "probe" (frozen features, a linear model on top)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TaskCache:
+    """Loaded task data and tokenized splits, shared by every model evaluated in one process."""
+
+    data_dir: str
+    skip_bad_rows: bool = False
+    _data: dict = field(default_factory=dict)
+    _encoded: dict = field(default_factory=dict)
+    _fingerprints: dict = field(default_factory=dict)  # id -> (tokenizer, fingerprint): the reference pins the id
+
+    def data(self, spec: TaskSpec) -> TaskData:
+        if spec.key not in self._data:
+            self._data[spec.key] = load_task(self.data_dir, spec, self.skip_bad_rows)
+        return self._data[spec.key]
+
+    def fingerprint(self, tokenizer) -> str:
+        if id(tokenizer) not in self._fingerprints:
+            self._fingerprints[id(tokenizer)] = (tokenizer, tokenizer_fingerprint(tokenizer))
+        return self._fingerprints[id(tokenizer)][1]
+
+    def encoded(self, split: Split, tokenizer, max_seq_len: int, apart: bool = False) -> Encoded:
+        """`apart`: also each sentence of a pair on its own (the biencoder head), tokenized once when first asked."""
+        key = (split.task.key, split.name, split.source, self.fingerprint(tokenizer), max_seq_len)
+        if key not in self._encoded:
+            enc = tokenizer(split.text_a, split.text_b, truncation=True, max_length=max_seq_len,
+                            return_token_type_ids=True)
+            dtype = torch.float32 if split.task.is_regression else torch.long
+            self._encoded[key] = Encoded(enc["input_ids"], enc["token_type_ids"], torch.tensor(split.labels, dtype=dtype))
+        enc = self._encoded[key]
+        if apart and split.text_b is not None and enc.a_ids is None:
+            enc.a_ids, enc.b_ids = (tokenizer(texts, truncation=True, max_length=max_seq_len)["input_ids"]
+                                    for texts in (split.text_a, split.text_b))
+        return enc
+
+
+def subsample(n: int, k: int | None, seed: int) -> np.ndarray:
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:k])
+
+
+def subset_rows(enc: Encoded, rows) -> Encoded:
+    pick = (lambda ids: None if ids is None else [ids[i] for i in rows])  # noqa: E731
+    return Encoded(pick(enc.input_ids), pick(enc.token_type_ids), enc.labels[rows], pick(enc.a_ids), pick(enc.b_ids))
+
+
+def padded_batch(enc: Encoded, rows, pad_id: int, apart: bool = False) -> dict[str, torch.Tensor]:
+    """The rows as one padded batch; apart (the biencoder head on a pair task): each sentence its own
+    batch, the second one's keys ending in _b."""
+    if apart and enc.a_ids is not None:
+        first, second = (pad_batch([ids[i] for i in rows], pad_id) for ids in (enc.a_ids, enc.b_ids))
+        return {**first, **{f"{k}_b": v for k, v in second.items()}}
+    return pad_batch([enc.input_ids[i] for i in rows], pad_id, [enc.token_type_ids[i] for i in rows])
