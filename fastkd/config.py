@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .corpus.cache import check_corpus_source
 from .errors import UserError
 from .io import read_json
 from .options import (AUTO_OBJECTIVE_HELP, BACKENDS, CORPUS_MODE_HELP, CORPUS_MODES, LOSS_BACKEND_HELP, LOSS_BACKENDS,
@@ -166,6 +167,8 @@ class DistillConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        if self.corpus:
+            check_corpus_source(self.corpus)  # (light: no torch) a mistaken path is one line in well under a second
 
 
 def read_run_config(output: Path) -> dict | None:

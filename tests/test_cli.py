@@ -125,9 +125,11 @@ _HEAVY = ("torch", "transformers", "datasets", "deepspeed", "numpy")
     (["glue", "--model", "m", "--tasks", "sst2", "--data-dir", "d", "--output", "o", "--lr", "-1"], "--lr must be"),
     (["bench", "--steps", "0"], "--steps must be at least 1"),
     (["distill", "--corpus", "c", "--output", "o", "--no-such-flag"], "unrecognized arguments"),
+    (["distill", "--corpus", "/no/such/corpus", "--output", "o"], "corpus /no/such/corpus not found"),
+    (["search", "--corpus", "./missing.txt", "--data-dir", "d", "--output", "o"], "corpus ./missing.txt not found"),
 ])
 def test_help_and_mistaken_values_never_import_the_heavy_libraries(tmp_path, argv, expect):
-    """--help, and a flag or value mistake, answer before torch/transformers load (the parser is built from
+    """--help, and a flag, value or corpus path mistake, answer before torch/transformers load (the parser is built from
     light config modules; each command validates its config first): under a second, not eight."""
     probe = ("import sys\nfrom fastkd.cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n"
              "    code = e.code\nheavy = [m for m in %r if m in sys.modules]\nprint('HEAVY', heavy, 'CODE', code)\n" % (_HEAVY,))

@@ -7,14 +7,23 @@
             per sequence), save as Arrow: the same cache whatever `num_proc`
     stream  the sample a search distills on, and BatchStream: endless deterministic batches whose
             state is one integer, so a resume continues at the exact sequence
+
+The names are resolved on first use (PEP 562): the settings' checks read `text` and `cache`, which
+import no torch, so a mistaken --corpus path is one line before the heavy libraries load.
 """
 
-from .build import PACK_BATCH, corpus_layout, describe_corpus, load_corpus, unit_lengths
-from .cache import CACHE_FORMAT, check_cache_dir, corpus_identity, default_cache_dir
-from .stream import BatchStream, StreamState, parse_sample, sample_corpus, sample_indices
-from .text import clean_paragraph, corpus_files, read_paragraphs, split_long, split_sentences, text_units
+from importlib import import_module
 
-__all__ = ["CACHE_FORMAT", "PACK_BATCH", "BatchStream", "StreamState", "check_cache_dir", "clean_paragraph",
-           "corpus_files", "corpus_identity", "corpus_layout", "default_cache_dir", "describe_corpus", "load_corpus",
-           "parse_sample", "read_paragraphs", "sample_corpus", "sample_indices", "split_long", "split_sentences",
-           "text_units", "unit_lengths"]
+_WHERE = {"PACK_BATCH": "build", "corpus_layout": "build", "describe_corpus": "build", "load_corpus": "build",
+          "unit_lengths": "build", "CACHE_FORMAT": "cache", "check_cache_dir": "cache", "corpus_identity": "cache",
+          "default_cache_dir": "cache", "BatchStream": "stream", "StreamState": "stream", "parse_sample": "stream",
+          "sample_corpus": "stream", "sample_indices": "stream", "clean_paragraph": "text", "corpus_files": "text",
+          "read_paragraphs": "text", "split_long": "text", "split_sentences": "text", "text_units": "text"}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_WHERE[name]}", __name__), name)

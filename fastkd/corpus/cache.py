@@ -55,6 +55,13 @@ def source_fingerprint(source: str, hub_dataset=None) -> dict:
     return {"files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in corpus_files(source)]}
 
 
+def check_corpus_source(source: str) -> None:
+    """A corpus given as a path must be there and readable: one line from the settings' check, before
+    the teacher and the heavy libraries load. A hub name is checked when it is loaded."""
+    if is_local(source):
+        corpus_files(source)
+
+
 def corpus_identity(source: str) -> dict:
     """The corpus files' identity (resolved path, size, mtime), or the hub name."""
     return source_fingerprint(source) if is_local(source) else {"hub": source}

@@ -8,6 +8,7 @@ import argparse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..corpus.cache import check_corpus_source
 from ..errors import UserError
 from ..glue.config import FinetuneConfig
 from ..glue.tasks import ZERO_SHOT_TASK, parse_tasks, task_spec
@@ -253,6 +254,8 @@ class SearchConfig:
         if self.proxy.heldout == 0 and any(r.name == "zeroshot" for r in self.rungs()):
             raise UserError("--ladder zeroshot needs held-out STS-B training rows (--proxy-heldout > 0): with 0 it would "
                             "select on the STS-B dev set that final tables report")
+        if self.corpus:
+            check_corpus_source(self.corpus)  # (light: no torch) a mistaken path is one line before anything loads
         try:
             self.proxy.finetune_config(self.seed).validate()
         except UserError as exc:  # name the search's own flag, not the GLUE one
