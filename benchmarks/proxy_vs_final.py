@@ -22,6 +22,12 @@ proxy (what the search sees): the demo's proxy budget (fastkd.demo.BUDGETS["full
   student that diverges is ranked last by the rungs (as the search ranks it); it leaves the likeness
   and loss measures of its objective out of the table.
 
+Three more rows of the final stage decouple the two roles a mapping has (issue 24, item 4):
+SUPERVISION@INIT students (`fastkd distill --mapping SUPERVISION --init-layers INIT`) ask whether tying
+them, as the search does, loses anything. With the default `auto` objective (the sentence embedding
+alone) only the layers kept can matter; --final-objective tinybert (or minilmv2) measures supervision
+too. The search cannot propose decoupled rows, so they are in the final table, not the correlations.
+
 Reported: per proxy measure, Spearman and Kendall of its per-mapping means with the final means (both
 the fine-tuned score and zero-shot STS-B), 95% percentile bootstrap intervals (mappings, proxy seeds
 and final seeds resampled), and its seconds per evaluation beside the proxy distillation; and the
@@ -79,18 +85,23 @@ LIKENESS = ("embedding_cosine", "cka_embedding", "cka_mapped")
 BIENCODER_RUNGS = ("short", "full")  # also scored with the biencoder head (named short-biencoder, ...)
 # what a kept row must share with this run
 PROXY_DECISIVE = ("teacher", "corpus", "data_dir", "mappings", "likeness_sentences")
-FINAL_DECISIVE = ("teacher", "corpus", "data_dir", "final_steps", "final_batch", "final_lr", "final_warmup", "final_seq_len",
+# Supervision and initialisation apart (issue 24, item 4): does tying them, as the search does, lose anything?
+DECOUPLED = ("456@246", "246@456", "123@246")
+FINAL_DECISIVE = ("teacher", "corpus", "data_dir", "final_objective", "final_steps", "final_batch", "final_lr", "final_warmup", "final_seq_len",
                   "judge_tasks", "judge_steps", "judge_examples", "judge_lr", "judge_seq_len", "judge_head")
 BOOTSTRAP = 2000
 
 
 def final_row(args, mapping: str, seed: int, work: Path, cache: TaskCache, stsb_dev) -> dict:
-    """Distill one (mapping, seed) as a user would, judge it, and remove the student."""
-    output = work / f"{mapping.replace(',', '')}-seed{seed}"
+    """Distill one (mapping, seed) as a user would, judge it, and remove the student. A mapping
+    'SUPERVISION@INIT' supervises by the first and initialises the student from the second (--init-layers)."""
+    supervision, _, init = mapping.partition("@")
+    output = work / f"{mapping.replace(',', '').replace('@', '-init')}-seed{seed}"
     if output.exists():
         shutil.rmtree(output)  # an interrupted row starts over (it is not saved until judged)
     cfg = DistillConfig(output=str(output), corpus=args.corpus, teacher=args.teacher,
-                        student_layers=len(mapping.split(",")), mapping=mapping, max_seq_len=args.final_seq_len,
+                        student_layers=len(supervision.split(",")), mapping=supervision, init_layers=init or None,
+                        objective=args.final_objective, max_seq_len=args.final_seq_len,
                         max_steps=args.final_steps, batch_size=args.final_batch, lr=args.final_lr,
                         warmup=args.final_warmup, seed=seed, progress=False, checkpoint_every=10 ** 9,
                         log_every=max(1, args.final_steps // 20))
@@ -133,8 +144,9 @@ def proxy_stage(args, results: dict, save) -> None:
                            proxy.sequences, 0)
     cache = TaskCache(args.data_dir)
     tasks = parse_tasks(",".join(proxy.tasks))
+    # (the search ties initialisation to supervision: a decoupled SUPERVISION@INIT row has no proxy score)
     mappings = [LayerMapping(tuple(int(x) for x in m.split(",")), teacher.config.num_hidden_layers)
-                for m in args.mappings]
+                for m in args.mappings if "@" not in m]
     ev = ProxyEvaluator(teacher, tokenizer, corpus, student_shape(teacher.config, len(mappings[0].layers)), proxy,
                         cache, tasks, progress=False)
     held = cache.data(task_spec("cola")).train.text_a[:args.likeness_sentences]
@@ -251,14 +263,15 @@ def report(args, results: dict) -> list[dict]:
               f"{e['residual_sd']:.2f}; mapping effect F({e['df'][0]}, {e['df'][1]}) = {e['F']:.2f}, p = {e['p']:.3g}")
     rows = []
     rng = np.random.default_rng(0)
+    tied = [m for m in complete if "@" not in m]  # what the search can propose: the rank correlations use these
     distill_cost = statistics.fmean(s for st in results["proxy"].values() for s in st["distill_seconds"].values()) if any(
         st["distill_seconds"] for st in results["proxy"].values()) else float("nan")
     for objective, stage in results["proxy"].items():
         for name, by_mapping in stage["fitness"].items():
-            if not all(m in by_mapping and all(str(s) in by_mapping[m] for s in seeds) for m in complete):
+            if not all(m in by_mapping and all(str(s) in by_mapping[m] for s in seeds) for m in tied):
                 continue
             values = np.array([[np.nan if by_mapping[m][str(s)] is None else by_mapping[m][str(s)] for s in seeds]
-                               for m in complete], dtype=float)
+                               for m in tied], dtype=float)
             if np.isnan(values).any():
                 print(f"{objective} {name}: left out (a proxy student diverged, or the measure is undefined for a mapping)")
                 continue
@@ -266,14 +279,14 @@ def report(args, results: dict) -> list[dict]:
             row = {"proxy objective": objective, "measure": name,
                    "s/eval": f"{statistics.fmean(secs):.1f}" if secs else "-"}
             for target, scores in targets.items():
-                r = bootstrap_rank(values, scores, rng)
+                r = bootstrap_rank(values, scores[[complete.index(m) for m in tied]], rng)
                 row[f"Spearman vs {target}"] = (f"{r['spearman']['point']:+.2f} "
                                                 f"[{r['spearman']['low']:+.2f}, {r['spearman']['high']:+.2f}]")
                 row[f"Kendall vs {target}"] = f"{r['kendall']['point']:+.2f}"
                 results.setdefault("correlations", {}).setdefault(objective, {}).setdefault(name, {})[target] = r
             rows.append(row)
     if rows:
-        print(f"proxy measures against the final outcome ({len(complete)} mappings, seeds {seeds}; proxy "
+        print(f"proxy measures against the final outcome ({len(tied)} mappings, seeds {seeds}; proxy "
               f"distillation {distill_cost:.1f} s per mapping and seed, shared by every measure):")
         print(table(rows, list(rows[0])))
     results["effect"] = effect
@@ -286,8 +299,15 @@ def main() -> None:
     p.add_argument("--teacher", default="default")
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     p.add_argument("--data-dir", default=str(GLUE))
-    p.add_argument("--mappings", default=",".join(m.replace(",", "") for m in MAPPINGS),
-                   help="digit strings, uniform first, e.g. 246,456,123")
+    p.add_argument("--mappings", default=None,
+                   help="digit strings, uniform first, e.g. 246,456,123; SUPERVISION@INIT (456@246) supervises by "
+                        "one and initialises from the other (final stage only: the search ties them). Default: the "
+                        "ten of search_fidelity.py, and with a layer-wise --final-objective also " + ", ".join(DECOUPLED)
+                        + " (under the sentence objective a decoupled student is its INIT mapping's, bit for bit)")
+    p.add_argument("--final-objective", default="auto",
+                   help="what final students learn (fastkd distill --objective): auto (the sentence embedding for "
+                        "this teacher, so the mapping only chooses the layers kept) or a layer-wise one (tinybert, "
+                        "minilmv2), where it also chooses the supervision")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--final-steps", type=int, default=400)
     p.add_argument("--final-batch", type=int, default=64)
@@ -311,7 +331,10 @@ def main() -> None:
     p.add_argument("--resume", action="store_true", help="keep the rows of results/NAME.json with the same settings")
     p.add_argument("--name", default="proxy_vs_final", help="results/NAME.json")
     args = p.parse_args()
-    args.mappings = [",".join(m) for m in args.mappings.split(",")]
+    if args.mappings is None:
+        args.mappings = ",".join([m.replace(",", "") for m in MAPPINGS]
+                                 + (list(DECOUPLED) if args.final_objective not in ("auto", "sentence") else []))
+    args.mappings = ["@".join(",".join(part) for part in m.split("@")) for m in args.mappings.split(",")]
     args.seed_list = list(range(args.seeds))
     stages = {s.strip() for s in args.stages.split(",") if s.strip()}
     quiet_logs()

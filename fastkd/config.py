@@ -66,6 +66,11 @@ class DistillConfig:
     mapping: str = option("uniform", "teacher layer for each student layer: uniform, last, first, random:SEED, or "
                                      "explicit like '2,4,6' ('-' = no supervision for that student layer)",
                           group="models", dash_value=True)
+    init_layers: str | None = option(None, "the teacher layers that initialise the student's layers, when they should "
+                                           "differ from the ones that supervise them (--mapping): uniform, last, first "
+                                           "or explicit like '2,4,6' (sentence-transformers' layers_to_keep, counted "
+                                           "from 1); default: the --mapping's (uniform for unsupervised layers)",
+                                     group="models")
     corpus_sample: str | None = option(None, "use a deterministic sample: a fraction like 0.1 or a number of "
                                              "sequences like 5000", group="data")
     corpus_mode: str = option("auto", CORPUS_MODE_HELP + "; auto: sentences for the sentence objective, else packed",
@@ -167,6 +172,9 @@ class DistillConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        if self.init_layers is not None and (self.init != "teacher" or self.student is not None):
+            raise UserError("--init-layers chooses which teacher layers a new student copies: it needs --init teacher "
+                            "and no --student")
         if self.corpus:
             check_corpus_source(self.corpus)  # (light: no torch) a mistaken path is one line in well under a second
 

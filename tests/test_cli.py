@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastkd.cli import build_parser, main
 
@@ -200,3 +201,34 @@ def test_resume_into_a_foreign_directory(capfd, tmp_path, tiny_teacher_dir, corp
     (tmp_path / "out" / "notes.txt").write_text("mine")
     assert "holds files that are not a fastkd distill run" in _bad(capfd, tmp_path, "--corpus", corpus, "--resume",
                                                                   teacher=tiny_teacher_dir)
+
+
+def test_init_layers_choose_what_the_student_copies_apart_from_what_supervises_it(capfd, tmp_path, tiny_teacher_dir,
+                                                                                corpus):
+    """--init-layers (sentence-transformers' layers_to_keep) initialises the student from other teacher layers
+    than the --mapping that supervises them; fastkd.json says both. Mistakes are one line."""
+    import json
+
+    from fastkd.config import DistillConfig
+    from fastkd.distill.setup import build_models, resolve
+    from fastkd.models import load_teacher
+
+    cfg = DistillConfig(output=str(tmp_path / "o"), corpus=corpus, teacher=str(tiny_teacher_dir), student_layers=2,
+                        mapping="3,4", init_layers="1,3", max_seq_len=32, progress=False, objective="tinybert")
+    _, shape, mapping = resolve(cfg)
+    _, _, student, _ = build_models(cfg, shape, mapping)
+    teacher = load_teacher(str(tiny_teacher_dir))
+    for m, g in enumerate((1, 3)):  # student layer m is a copy of teacher layer g (counted from 1), not mapping's
+        got = student.encoder.layer[m].attention.self.query.weight
+        assert torch.equal(got, teacher.encoder.layer[g - 1].attention.self.query.weight)
+        assert not torch.equal(got, teacher.encoder.layer[mapping.layers[m] - 1].attention.self.query.weight)
+    args = ["distill", "--teacher", str(tiny_teacher_dir), "--corpus", corpus, "--output", str(tmp_path / "run"),
+            "--max-steps", "2", "--batch-size", "2", "--max-seq-len", "32", "--student-layers", "2", "--no-progress",
+            "--mapping", "last", "--init-layers", "uniform"]
+    assert _run(capfd, *args)[0] == 0
+    info = json.loads((tmp_path / "run" / "student" / "fastkd.json").read_text())
+    assert info["mapping"] == "3,4" and info["init_layers"] == "2,4"
+    for extra, message in ((["--init-layers", "1,2,3"], "--init-layers: "), (["--init-layers", "1,-"], "every student layer"),
+                           (["--init-layers", "1,2", "--init", "random"], "needs --init teacher")):
+        line = _bad(capfd, tmp_path, "--corpus", corpus, "--student-layers", "2", *extra, teacher=tiny_teacher_dir)
+        assert message in line, line
