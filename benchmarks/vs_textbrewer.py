@@ -1,0 +1,138 @@
+"""fastkd against TextBrewer, whole distillation steps side by side in one run (issue 26, item 5).
+
+    pip install --no-deps textbrewer==0.2.1     # (a dev-only peer; its own dependencies are fastkd's)
+    python benchmarks/vs_textbrewer.py [--steps 10] [--configs fp32-128,bf16-128,fp32-512,bf16-512]
+
+The job: the default teacher (all-MiniLM-L6-v2, 6 layers, 384 wide) distilled into a 3-layer student
+that copies teacher layers 2, 4, 6 (fastkd's uniform mapping), TinyBERT's terms with weight 1: the
+embedding output and each mapped layer's hidden state (MSE) and attention (MSE). One step = the
+teacher's forward, the student's forward, the losses, the backward and an AdamW step (lr 1e-4), on one
+batch of real-token-only sequences (the losses' worst case), the median of --steps after --warmup.
+
+  fastkd      `fastkd bench`'s step (fastkd.bench.measure_backend): each loss backend present (`torch`
+              the reference, `cpp` the fused CPU ops), pre-softmax attention scores from Q and K.
+  TextBrewer  0.2.1's GeneralDistiller with the same matches (`hidden_mse`, `attention_mse`) on stock
+              Hugging Face eager models returning every hidden state and attention map (B x H x S x S
+              tensors, as TextBrewer takes them); its step is its own train_on_batch, then backward and
+              AdamW. It has no bf16 path (apex fp16 only): its float32 step is the reference of every row.
+
+Every row names the CPU, its flags and the threads (the header of the output and the JSON). Timings
+are noisy on a shared machine: the rows of one configuration are measured back to back, each after
+its own warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, quiet_logs, table, write_result  # noqa: E402
+
+from fastkd.bench import measure_backend  # noqa: E402
+from fastkd.config import BenchConfig  # noqa: E402
+from fastkd.mapping import parse_mapping  # noqa: E402
+from fastkd.models import build_student, load_teacher, load_tokenizer, resolve_model_path, student_shape  # noqa: E402
+from fastkd import ops  # noqa: E402
+
+BATCH = {128: 32, 512: 8}
+
+
+def textbrewer_step_seconds(teacher_path: str, tokenizer, cfg: BenchConfig) -> float:
+    """Median seconds of TextBrewer's whole step on the same job (float32: TextBrewer has no bf16 path)."""
+    from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
+    from transformers import AutoModel
+
+    teacher_model = load_teacher(cfg.teacher)
+    shape = student_shape(teacher_model.config, cfg.student_layers)
+    mapping = parse_mapping(cfg.mapping, shape.layers, teacher_model.config.num_hidden_layers)
+    with tempfile.TemporaryDirectory() as folder:
+        # fastkd's teacher-initialised student, saved and reloaded as a stock model: the same weights.
+        build_student(teacher_model, shape, "teacher", mapping, seed=cfg.seed).save_pretrained(folder)
+        student = AutoModel.from_pretrained(folder, attn_implementation="eager", output_hidden_states=True,
+                                            output_attentions=True)
+    teacher = AutoModel.from_pretrained(teacher_path, attn_implementation="eager", output_hidden_states=True,
+                                        output_attentions=True).eval()
+    student.train()
+    matches = [{"layer_T": 0, "layer_S": 0, "feature": "hidden", "loss": "hidden_mse", "weight": 1}]
+    for m, g in enumerate(mapping.layers, start=1):
+        matches.append({"layer_T": g, "layer_S": m, "feature": "hidden", "loss": "hidden_mse", "weight": 1})
+        matches.append({"layer_T": g - 1, "layer_S": m - 1, "feature": "attention", "loss": "attention_mse",
+                        "weight": 1})
+
+    def adaptor(batch, outputs):
+        return {"hidden": outputs.hidden_states, "attention": outputs.attentions, "inputs_mask": batch["attention_mask"]}
+
+    distiller = GeneralDistiller(TrainingConfig(device="cpu", log_dir=tempfile.mkdtemp()),
+                                 DistillationConfig(intermediate_matches=matches, kd_loss_weight=0, hard_label_weight=0),
+                                 teacher, student, adaptor, adaptor)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(min(1000, tokenizer.vocab_size // 2), tokenizer.vocab_size, (cfg.batch_size, cfg.seq_len),
+                        generator=gen)
+    ids[:, 0], ids[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        total, _ = distiller.train_on_batch(batch, {})
+        total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    for _ in range(cfg.warmup):
+        step()
+    return statistics.median(step() for _ in range(cfg.steps))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="fp32-128,bf16-128,fp32-512,bf16-512", help="DTYPE-SEQLEN, comma-separated")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--name", default="vs_textbrewer", help="results/NAME.json")
+    args = p.parse_args()
+    quiet_logs()
+    try:
+        import textbrewer
+    except ImportError:
+        raise SystemExit("TextBrewer is not installed: pip install --no-deps textbrewer==0.2.1") from None
+    host = machine()
+    print(f"{host['cpu']}, {host['cores']} cores, {', '.join(host['isa'])}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; TextBrewer {textbrewer.__version__}", flush=True)
+    tokenizer = load_tokenizer("default")
+    teacher_path = str(resolve_model_path("default"))
+    device = torch.device("cpu")
+    rows, peer = [], {}
+    for spec in args.configs.split(","):
+        dtype, seq_len = spec.split("-")
+        seq_len = int(seq_len)
+        cfg = BenchConfig(batch_size=BATCH[seq_len], seq_len=seq_len, steps=args.steps, warmup=args.warmup,
+                          bf16=dtype == "bf16")
+        if seq_len not in peer:  # float32 only: measured once per length, with the float32 rows
+            peer[seq_len] = cfg.batch_size / textbrewer_step_seconds(teacher_path, tokenizer, cfg)
+            rows.append({"config": f"fp32 B{cfg.batch_size} x S{seq_len}", "system": "TextBrewer 0.2.1",
+                         "seq_per_s": round(peer[seq_len], 2), "vs TextBrewer fp32": "1.00x"})
+            print(rows[-1], flush=True)
+        teacher_model = load_teacher("default")
+        for backend in [b for b in ("torch", "cpp") if ops.unavailable(b, device) is None]:
+            r = measure_backend(backend, teacher_model, tokenizer, cfg, device)
+            rows.append({"config": f"{dtype} B{cfg.batch_size} x S{seq_len}", "system": f"fastkd {backend}",
+                         "seq_per_s": r["seq_per_s"], "vs TextBrewer fp32": f"{r['seq_per_s'] / peer[seq_len]:.2f}x",
+                         "ran_on": r["ran_on"]})
+            print(rows[-1], flush=True)
+    shown = [{k: v for k, v in r.items() if k != "ran_on"} for r in rows]
+    print(table(shown, list(shown[0])))
+    write_result(args.name, {"machine": host, "settings": vars(args), "textbrewer": textbrewer.__version__,
+                             "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
