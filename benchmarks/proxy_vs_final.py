@@ -84,7 +84,7 @@ GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 LIKENESS = ("embedding_cosine", "cka_embedding", "cka_mapped")
 BIENCODER_RUNGS = ("short", "full")  # also scored with the biencoder head (named short-biencoder, ...)
 # what a kept row must share with this run
-PROXY_DECISIVE = ("teacher", "corpus", "data_dir", "mappings", "likeness_sentences")
+PROXY_DECISIVE = ("teacher", "corpus", "data_dir", "tied_mappings", "likeness_sentences")
 # Supervision and initialisation apart (issue 24, item 4): does tying them, as the search does, lose anything?
 DECOUPLED = ("456@246", "246@456", "123@246")
 FINAL_DECISIVE = ("teacher", "corpus", "data_dir", "final_objective", "final_steps", "final_batch", "final_lr", "final_warmup", "final_seq_len",
@@ -264,6 +264,10 @@ def report(args, results: dict) -> list[dict]:
     rows = []
     rng = np.random.default_rng(0)
     tied = [m for m in complete if "@" not in m]  # what the search can propose: the rank correlations use these
+    if len(tied) < 3:
+        print(f"proxy measures: {len(tied)} tied mappings measured: too few to rank")
+        results["effect"] = effect
+        return rows
     distill_cost = statistics.fmean(s for st in results["proxy"].values() for s in st["distill_seconds"].values()) if any(
         st["distill_seconds"] for st in results["proxy"].values()) else float("nan")
     for objective, stage in results["proxy"].items():
@@ -341,9 +345,14 @@ def main() -> None:
     logging.getLogger("fastkd").setLevel(logging.WARNING)
     started = time.perf_counter()
     settings = {k: v for k, v in vars(args).items() if k not in ("stages", "resume", "work", "seed_list")}
+    settings["tied_mappings"] = [m for m in args.mappings if "@" not in m]  # (the proxy stage never sees @ rows)
+    if not settings["tied_mappings"] and "proxy" in stages:
+        raise SystemExit("--mappings: the proxy stage needs mappings the search can propose (no SUPERVISION@INIT)")
     results = {"final": {}, "proxy": {}}
     if args.resume and (RESULTS / f"{args.name}.json").is_file():
         earlier = json.loads((RESULTS / f"{args.name}.json").read_text())
+        earlier["settings"].setdefault("final_objective", "auto")  # (files from before the option: auto ran)
+        earlier["settings"].setdefault("tied_mappings", [m for m in earlier["settings"]["mappings"] if "@" not in m])
         differ = [k for k in FINAL_DECISIVE if earlier["settings"].get(k) != settings[k]] if earlier["final"] else []
         differ += [k for k in PROXY_DECISIVE if earlier["settings"].get(k) != settings[k] and earlier["proxy"]]
         if differ:

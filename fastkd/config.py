@@ -68,8 +68,9 @@ class DistillConfig:
                           group="models", dash_value=True)
     init_layers: str | None = option(None, "the teacher layers that initialise the student's layers, when they should "
                                            "differ from the ones that supervise them (--mapping): uniform, last, first "
-                                           "or explicit like '2,4,6' (sentence-transformers' layers_to_keep, counted "
-                                           "from 1); default: the --mapping's (uniform for unsupervised layers)",
+                                           "or explicit like '2,4,6', counted from 1 (sentence-transformers' "
+                                           "layers_to_keep counts from 0: its [1,3,5] is 2,4,6 here); default: the "
+                                           "--mapping's (uniform for unsupervised layers)",
                                      group="models")
     corpus_sample: str | None = option(None, "use a deterministic sample: a fraction like 0.1 or a number of "
                                              "sequences like 5000", group="data")

@@ -56,10 +56,11 @@ def source_fingerprint(source: str, hub_dataset=None) -> dict:
 
 
 def check_corpus_source(source: str) -> None:
-    """A corpus given as a path must be there and readable: one line from the settings' check, before
-    the teacher and the heavy libraries load. A hub name is checked when it is loaded."""
-    if is_local(source):
-        corpus_files(source)
+    """A corpus given as a path that is not there: one line from the settings' check, before the teacher
+    and the heavy libraries load. (What is there, files and their readability, is checked once, when
+    the corpus is loaded; a hub name too.)"""
+    if is_local(source) and not Path(source).expanduser().exists():
+        corpus_files(source)  # (raises its one line: not found)
 
 
 def corpus_identity(source: str) -> dict:

@@ -7,10 +7,12 @@ the losses respect both (the fused ops know padding only, so local layers run th
 Batches stay padded: fastkd's attention function replaces flash-attention's unpadded path while
 distilling (fastkd's corpus sequences are packed full, so little is padded anyway).
 
-Student layer m is of the kind of its teacher layer g[m] (global or local, with that kind's window
-and rotary base): a teacher-initialised layer keeps the attention its weights were trained with,
-and a student layer is supervised by a layer that attends the same way. So a ModernBERT student's
-architecture follows the mapping (unsupervised layers take the uniform mapping's layer). Two weights are
+Student layer m is of the kind of the teacher layer it copies (global or local, with that kind's
+window and rotary base): a teacher-initialised layer keeps the attention its weights were trained
+with. The layers it copies are the mapping's (unsupervised layers take the uniform mapping's layer),
+so a student layer is then supervised by a layer that attends the same way; with --init-layers they
+are those layers instead, and a local layer may be supervised by a global one (the losses count the
+narrower window's pairs). Two weights are
 stacks: attn.Wqkv holds Q, K and V, mlp.Wi the input and gate halves of the GLU; a narrower student
 takes the first rows of each part, never rows of Q as K."""
 
