@@ -6,15 +6,18 @@
 The job: the default teacher (all-MiniLM-L6-v2, 6 layers, 384 wide) distilled into a 3-layer student
 that copies teacher layers 2, 4, 6 (fastkd's uniform mapping), TinyBERT's terms with weight 1: the
 embedding output and each mapped layer's hidden state (MSE) and attention (MSE). One step = the
-teacher's forward, the student's forward, the losses, the backward and an AdamW step (lr 1e-4), on one
-batch of real-token-only sequences (the losses' worst case), the median of --steps after --warmup.
+teacher's forward, the student's forward, the losses, the backward, gradient clipping at norm 1 and
+fastkd's fused AdamW (the same optimizer on both sides), on one batch of real-token-only sequences (the
+losses' worst case), the median of --steps after --warmup.
 
   fastkd      `fastkd bench`'s step (fastkd.bench.measure_backend): each loss backend present (`torch`
               the reference, `cpp` the fused CPU ops), pre-softmax attention scores from Q and K.
-  TextBrewer  0.2.1's GeneralDistiller with the same matches (`hidden_mse`, `attention_mse`) on stock
-              Hugging Face eager models returning every hidden state and attention map (B x H x S x S
-              tensors, as TextBrewer takes them); its step is its own train_on_batch, then backward and
-              AdamW. It has no bf16 path (apex fp16 only): its float32 step is the reference of every row.
+  TextBrewer  0.2.1's GeneralDistiller with the same layer matches (`hidden_mse`, `attention_mse`) on
+              stock Hugging Face eager models returning every hidden state and attention map (B x H x S x S
+              tensors, as TextBrewer takes them: post-softmax probabilities, where fastkd compares
+              pre-softmax scores; the same cost); its step is its own train_on_batch, then the same
+              backward, clipping and AdamW. It has no bf16 path (apex fp16 only): its float32 step is
+              the reference of every row, the bf16 rows included.
 
 Every row names the CPU, its flags and the threads (the header of the output and the JSON). Timings
 are noisy on a shared machine: the rows of one configuration are measured back to back, each after
@@ -40,6 +43,8 @@ from fastkd.config import BenchConfig  # noqa: E402
 from fastkd.mapping import parse_mapping  # noqa: E402
 from fastkd.models import build_student, load_teacher, load_tokenizer, resolve_model_path, student_shape  # noqa: E402
 from fastkd import ops  # noqa: E402
+from fastkd.optim import adamw  # noqa: E402
+from fastkd.training import TrainConfig  # noqa: E402
 
 BATCH = {128: 32, 512: 8}
 
@@ -49,6 +54,7 @@ def textbrewer_step_seconds(teacher_path: str, tokenizer, cfg: BenchConfig) -> f
     from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
     from transformers import AutoModel
 
+    cfg_lr = TrainConfig(max_steps=1, batch_size=1).lr  # the lr fastkd's bench step runs with
     teacher_model = load_teacher(cfg.teacher)
     shape = student_shape(teacher_model.config, cfg.student_layers)
     mapping = parse_mapping(cfg.mapping, shape.layers, teacher_model.config.num_hidden_layers)
@@ -69,10 +75,12 @@ def textbrewer_step_seconds(teacher_path: str, tokenizer, cfg: BenchConfig) -> f
     def adaptor(batch, outputs):
         return {"hidden": outputs.hidden_states, "attention": outputs.attentions, "inputs_mask": batch["attention_mask"]}
 
-    distiller = GeneralDistiller(TrainingConfig(device="cpu", log_dir=tempfile.mkdtemp()),
+    logs = tempfile.TemporaryDirectory()
+    distiller = GeneralDistiller(TrainingConfig(device="cpu", log_dir=logs.name),
                                  DistillationConfig(intermediate_matches=matches, kd_loss_weight=0, hard_label_weight=0),
                                  teacher, student, adaptor, adaptor)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    # fastkd's own optimizer and clipping (fused AdamW, grad norm 1.0): only the distillation differs
+    optimizer = adamw([student], lr=cfg_lr, weight_decay=0.01, fused=True)
     gen = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(min(1000, tokenizer.vocab_size // 2), tokenizer.vocab_size, (cfg.batch_size, cfg.seq_len),
                         generator=gen)
@@ -83,13 +91,16 @@ def textbrewer_step_seconds(teacher_path: str, tokenizer, cfg: BenchConfig) -> f
         t0 = time.perf_counter()
         total, _ = distiller.train_on_batch(batch, {})
         total.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
     for _ in range(cfg.warmup):
         step()
-    return statistics.median(step() for _ in range(cfg.steps))
+    seconds = statistics.median(step() for _ in range(cfg.steps))
+    logs.cleanup()
+    return seconds
 
 
 def main() -> None:
@@ -99,6 +110,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--name", default="vs_textbrewer", help="results/NAME.json")
     args = p.parse_args()
+    for spec in args.configs.split(","):
+        dtype, _, length = spec.partition("-")
+        if dtype not in ("fp32", "bf16") or not length.isdigit() or int(length) not in BATCH:
+            raise SystemExit(f"--configs: {spec!r} is not fp32|bf16-{'|'.join(map(str, BATCH))}")
     quiet_logs()
     try:
         import textbrewer
