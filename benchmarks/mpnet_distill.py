@@ -3,9 +3,12 @@ compression table (issue 23, item 5; reported, not asserted).
 
     python benchmarks/mpnet_distill.py [--layers 6,4,3 --steps 1200 --glue-seeds 2]
     python benchmarks/mpnet_distill.py --layers 3 --steps 1200 --resume   # rows already measured are kept
+    python benchmarks/mpnet_distill.py --extra-text sst2,cola,mrpc,rte --steps 2000 --name mpnet_distill_v2
 
 Per student: `fastkd distill` with its defaults for this teacher (`auto`: the sentence objective on one
-sentence per sequence, the teacher labelling the corpus once) on WikiText-2 test, the uniform mapping
+sentence per sequence, the teacher labelling the corpus once, its labels kept in the fastkd cache for the
+next student) on WikiText-2 test (--extra-text: plus the train-split text of those GLUE tasks, no labels;
+STS-B's is left out by default, so the zero-shot judge reads sentences never trained on), the uniform mapping
 (teacher-initialised layers), batch 64, lr 1e-4, warmup 0.1 (sentence-transformers' recipe). The
 teacher's and each student's zero-shot score comes as soon as it exists (--zero-shot-only stops there);
 the GLUE fine-tunes of every model follow, then the speeds. For the teacher and every student:
@@ -51,7 +54,8 @@ from fastkd.models import load_tokenizer, resolve_model_path  # noqa: E402
 from fastkd.sentence import zeroshot_stsb  # noqa: E402
 
 GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
-DECISIVE = ("teacher", "steps", "batch_size", "lr", "warmup", "seq_len", "corpus", "glue_steps", "glue_examples",
+DECISIVE = ("teacher", "steps", "batch_size", "lr", "warmup", "seq_len", "corpus", "extra_text", "glue_steps",
+            "glue_examples",
             "glue_lr", "glue_seq_len", "glue_head")  # what a kept row must share with this run (more --glue-seeds add seeds)
 
 
@@ -73,6 +77,34 @@ def encoding_speeds(paths: dict[str, Path], sentences: list[str], repeats: int) 
     return {name: len(sentences) / statistics.median(t) for name, t in times.items()}
 
 
+EXTRA_MIN_WORDS = 5  # SST-2's train rows are treebank phrases down to one word: fragments, not sentences
+
+
+def corpus_with_extra_text(corpus: str, cache: TaskCache, tasks: list[str], folder: Path) -> str:
+    """A corpus folder: the `corpus` files (linked) and one file of the train-split text of the GLUE `tasks`
+    (every sentence of EXTRA_MIN_WORDS words or more, once, in file order; no labels, no dev or test text).
+    Unlabelled in-domain-ish text a user would have; the default leaves STS-B out, so its zero-shot score
+    judges text the student never saw. Written through a temporary file, so a killed run leaves none half."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for source in ([Path(corpus)] if Path(corpus).is_file() else sorted(Path(corpus).rglob("*.txt"))):
+        link = folder / source.name
+        if not link.exists():
+            link.symlink_to(source.resolve())
+    seen: dict[str, None] = {}
+    for task in tasks:
+        train = cache.data(task_spec(task)).train
+        for text in (*train.text_a, *(train.text_b or ())):
+            text = " ".join(text.split())
+            if len(text.split()) >= EXTRA_MIN_WORDS:
+                seen.setdefault(text, None)
+    target = folder / f"glue-train-{'-'.join(tasks)}.txt"
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text("".join(f"{t}\n" for t in seen), encoding="utf-8")
+    tmp.replace(target)
+    print(f"corpus {folder}: {corpus} + {len(seen)} train-split texts of {', '.join(tasks)}", flush=True)
+    return str(folder)
+
+
 def parameters(path) -> int:
     from transformers import AutoModel
 
@@ -89,6 +121,8 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=0.1)
     p.add_argument("--seq-len", type=int, default=128, help="the longest sentence kept, in tokens")
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS))
+    p.add_argument("--extra-text", default="", help="GLUE tasks whose train-split text (no labels) joins the "
+                                                    "corpus, e.g. sst2,cola,mrpc,rte (default: none)")
     p.add_argument("--data-dir", default=str(GLUE))
     p.add_argument("--glue-steps", type=int, default=72)
     p.add_argument("--glue-examples", type=int, default=1920)
@@ -123,6 +157,10 @@ def main() -> None:
     dev = cache.data(task_spec("stsb")).dev[0]
     sentences = list(dict.fromkeys(s for pair in zip(dev.text_a, dev.text_b) for s in pair))
     teacher = resolve_model_path(args.teacher)
+    work = Path(args.work) if args.work else default_cache_dir() / "bench" / args.name
+    corpus = args.corpus
+    if args.extra_text:
+        corpus = corpus_with_extra_text(args.corpus, cache, args.extra_text.split(","), work / "corpus")
 
     def zero_shot(name: str, path, extra: dict) -> None:
         if name in rows and rows[name].get("stsb_zeroshot") is not None and Path(rows[name]["path"]).exists():
@@ -159,7 +197,6 @@ def main() -> None:
     # alone) after: a table completed over several sessions has its headline numbers early.
     zero_shot("teacher", teacher, {"layers": None})
     rows["teacher"]["path"] = str(teacher)  # (a kept row may name another machine's cache)
-    work = Path(args.work) if args.work else default_cache_dir() / "bench" / args.name
     for layers in (int(x) for x in args.layers.split(",")):
         name = f"{layers} layers"
         if name in rows and Path(rows[name]["path"], "fastkd.json").is_file():
@@ -167,7 +204,7 @@ def main() -> None:
         output = work / f"{layers}-layers"
         student = output / "student"
         if not (student / "fastkd.json").is_file():  # an interrupted distillation resumes from its checkpoint
-            cfg = DistillConfig(output=str(output), corpus=args.corpus, teacher=args.teacher, student_layers=layers,
+            cfg = DistillConfig(output=str(output), corpus=corpus, teacher=args.teacher, student_layers=layers,
                                 max_seq_len=args.seq_len, max_steps=args.steps, batch_size=args.batch_size,
                                 lr=args.lr, warmup=args.warmup, seed=0, progress=False, resume=output.exists(),
                                 checkpoint_every=max(1, args.steps // 6), log_every=max(1, args.steps // 20))

@@ -11,7 +11,9 @@ fastkd's fused AdamW (the same optimizer on both sides), on one batch of real-to
 losses' worst case), the median of --steps after --warmup.
 
   fastkd      `fastkd bench`'s step (fastkd.bench.measure_backend): each loss backend present (`torch`
-              the reference, `cpp` the fused CPU ops), pre-softmax attention scores from Q and K.
+              the reference, `cpp` the fused CPU ops), then `auto` (what distill runs by default: per op the
+              backend that timed fastest on these shapes, named in its row), pre-softmax attention scores
+              from Q and K.
   TextBrewer  0.2.1's GeneralDistiller with the same layer matches (`hidden_mse`, `attention_mse`) on
               stock Hugging Face eager models returning every hidden state and attention map (B x H x S x S
               tensors, as TextBrewer takes them: post-softmax probabilities, where fastkd compares
@@ -137,9 +139,10 @@ def main() -> None:
                          "seq_per_s": round(peer[seq_len], 2), "vs TextBrewer fp32": "1.00x"})
             print(rows[-1], flush=True)
         teacher_model = load_teacher("default")
-        for backend in [b for b in ("torch", "cpp") if ops.unavailable(b, device) is None]:
+        for backend in [b for b in ("torch", "cpp") if ops.unavailable(b, device) is None] + ["auto"]:
             r = measure_backend(backend, teacher_model, tokenizer, cfg, device)
-            rows.append({"config": f"{dtype} B{cfg.batch_size} x S{seq_len}", "system": f"fastkd {backend}",
+            picked = "" if backend != "auto" else " (" + ", ".join(f"{op} {b}" for op, b in r["ran_on"].items()) + ")"
+            rows.append({"config": f"{dtype} B{cfg.batch_size} x S{seq_len}", "system": f"fastkd {backend}{picked}",
                          "seq_per_s": r["seq_per_s"], "vs TextBrewer fp32": f"{r['seq_per_s'] / peer[seq_len]:.2f}x",
                          "ran_on": r["ran_on"]})
             print(rows[-1], flush=True)

@@ -92,10 +92,15 @@ def _sync(device: torch.device) -> None:
 # --- the measurement ------------------------------------------------------------------------
 
 def present_backends(requested: list[str], device: torch.device) -> tuple[list[str], dict[str, str]]:
-    """The backends to measure (torch first: the reference) and why the others are missing."""
-    wanted = list(ops.BACKENDS) if "all" in requested else list(dict.fromkeys(["torch"] + requested))
+    """The backends to measure (torch first: the reference; auto last, a row of its own: what distill would
+    run) and why the others are missing."""
+    wanted = [*ops.BACKENDS, "auto"] if "all" in requested else list(dict.fromkeys(["torch"] + requested))
+    wanted = [b for b in wanted if b != "auto"] + (["auto"] if "auto" in wanted else [])
     present, missing = [], {}
     for name in wanted:
+        if name == "auto":
+            present.append(name)
+            continue
         if name == "triton" and device.type != "cuda":
             missing[name] = "Triton kernels need a GPU (TRITON_INTERPRET=1 runs them on a CPU, for tests only)"
             continue
@@ -129,6 +134,7 @@ def measure_backend(backend: str, teacher_model, tokenizer, cfg: BenchConfig, de
     student = build_student(teacher_model, shape, "teacher", mapping, seed=cfg.seed).to(device)
     teacher = Teacher.serving(teacher_model, [criterion], cfg.bf16)
     engine = LocalEngine(train, teacher, student, criterion, stream=None)
+    engine.prepare_losses()  # each op self-checked, and under auto timed on this batch's shapes, as distill does
     batch = _batch(tokenizer, cfg, device)
 
     def step() -> float:
@@ -153,7 +159,10 @@ def measure_backend(backend: str, teacher_model, tokenizer, cfg: BenchConfig, de
     return {"backend": backend, "seq_per_s": round(seqs / median, 2), "tokens_per_s": round(seqs * cfg.seq_len / median, 1),
             "step_s": round(median, 4), "step_s_stdev": round(statistics.pstdev(times), 4),
             "peak_extra_mib": round(memory.extra_mib, 1), "student": shape.describe(), "mapping": mapping.text,
-            "ran_on": ran_on, "fell_back": any(b != backend for b in ran_on.values())}
+            "ran_on": ran_on, "fell_back": backend != "auto" and any(b != backend for b in ran_on.values()),
+            **({"timings_ms": {f"{s['op']} {s['dtype']}": s["timings_ms"] for s in criterion.selections()
+                               if s["timings_ms"]}}
+               if backend == "auto" else {})}
 
 
 def environment(device: torch.device) -> dict:
@@ -215,7 +224,7 @@ def markdown(result: dict) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         cells = ["" if r.get(c) is None else str(r[c]) for c in COLUMNS]
-        if r.get("fell_back"):  # say what really ran
+        if r.get("fell_back") or r["backend"] == "auto":  # say what really ran (what auto picked)
             cells[0] += " (ran: " + ", ".join(f"{op} on {b}" for op, b in r["ran_on"].items()) + ")"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

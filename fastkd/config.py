@@ -223,8 +223,9 @@ class BenchConfig:
     steps: int = option(10, "timed steps (the median is reported)")
     warmup: int = option(2, "untimed steps first")
     bf16: bool = option(False, "bf16 autocast")
-    backends: list[str] = option(factory=lambda: ["all"], help="comma-separated: all, torch, cpp, triton, cuda",
-                                 parse=backend_list)
+    backends: list[str] = option(factory=lambda: ["all"], help="comma-separated: all, auto, torch, cpp, triton, "
+                                                               "cuda (auto: what distill runs, timed per op, its row "
+                                                               "naming what it picked)", parse=backend_list)
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     objective: str = option("tinybert", OBJECTIVE_HELP, choices=OBJECTIVES)
     relation_heads: int | None = option(None, RELATION_HEADS_HELP)
@@ -237,11 +238,11 @@ class BenchConfig:
                                  ("--steps", self.steps, 1), ("--warmup", self.warmup, 0)):
             if value < low:
                 raise UserError(f"{name} must be at least {low} (got {value})")
-        choices = ", ".join(("all",) + BACKENDS)
+        choices = ", ".join(("all", "auto") + BACKENDS)
         if not self.backends or "" in self.backends:
             raise UserError(f"--backends {','.join(self.backends)!r} names no backend or has an empty item: give a "
                             f"comma-separated list from {choices}")
-        unknown = [b for b in self.backends if b not in ("all",) + BACKENDS]
+        unknown = [b for b in self.backends if b not in ("all", "auto") + BACKENDS]
         if unknown:
             raise UserError(f"--backends: unknown {', '.join(unknown)}; choose from {choices}")
         problem = loss_weight_problem(self)  # distill's check, so both refuse the same weights

@@ -101,6 +101,37 @@ class HiddenProjection(nn.Linear):
         return ops.hidden_mse.hidden_mse(student_hidden, teacher_hidden, attention_mask, self, backend)
 
 
+@dataclass(frozen=True)
+class RunShapes:
+    """The sizes a run's loss ops see in one step (one micro-batch of `batch` x `seq` tokens), for `auto` to
+    time the backends on (DistillLoss.prepare)."""
+
+    batch: int
+    seq: int
+    student_hidden: int
+    student_heads: int
+    teacher_hidden: int
+    teacher_heads: int
+
+    @property
+    def student_head_dim(self) -> int:
+        return self.student_hidden // self.student_heads
+
+    @property
+    def teacher_head_dim(self) -> int:
+        return self.teacher_hidden // self.teacher_heads
+
+    @classmethod
+    def of(cls, student_config, teacher_config, batch: int, seq: int) -> "RunShapes":
+        (_, s_hidden, s_heads, _), (_, t_hidden, t_heads, _) = (family_of(c).sizes(c)
+                                                                for c in (student_config, teacher_config))
+        return cls(batch, seq, s_hidden, s_heads, t_hidden, t_heads)
+
+    def label(self) -> str:
+        return (f"B{self.batch} x S{self.seq}, student {self.student_heads}x{self.student_head_dim}, "
+                f"teacher {self.teacher_heads}x{self.teacher_head_dim}")
+
+
 class DistillLoss(nn.Module):
     """Holds the mapping, the term weights and the learned width projections (trained with the student)."""
 
@@ -122,6 +153,7 @@ class DistillLoss(nn.Module):
         self.backend_request = backend  # None: $FASTKD_LOSS_BACKEND or auto, resolved per op, device and dtype
         self._ran: dict[tuple, str] = {}  # (op, device, dtypes) -> backend, as this loss ran them
         self._reference: dict[tuple, str] = {}  # (op, device, dtypes) -> why some pairs ran the reference
+        self._shapes: RunShapes | None = None  # the run's, once prepare() has them: `auto` decides per shapes
         needs_projection = student_hidden != teacher_hidden
         projected = ([0] if weights.embedding else []) + ([m for m, _ in mapping.pairs()] if weights.hidden else [])
         self.projections = nn.ModuleDict(
@@ -178,18 +210,84 @@ class DistillLoss(nn.Module):
         """The backend requested and present on `device` (each op may still fall back after its self-check)."""
         return ops.resolve_backend(self.backend_request, device)
 
-    def prepare(self, device: torch.device, dtypes) -> dict[str, dict[str, str]]:
+    def prepare(self, device: torch.device, dtypes, shapes: "RunShapes | None" = None) -> dict[str, dict[str, str]]:
         """Self-check every active op now (not in the middle of the first step) for each dtype in
         `dtypes`: a dtype for both models, or a (student, teacher) pair; returns {op: {dtype: backend}}
-        for the run's config."""
+        for the run's config. With the run's `shapes`, `auto` times the passing backends on them and
+        keeps the fastest (fastkd.ops.select; the timings are in ops.selections())."""
         pairs = [d if isinstance(d, tuple) else (d, d) for d in dtypes]
-        return {op: {ops.select.dtype_label(s, t): ops.backend_for(op, self.backend_request, device, s, t)
+        self._shapes = shapes
+        return {op: {ops.select.dtype_label(s, t): ops.backend_for(op, self.backend_request, device, s, t,
+                                                                   self._timing(op, shapes))
                      for s, t in pairs} for op in self.active_ops()}
+
+    def selections(self) -> list[dict]:
+        """The process's decisions (fastkd.ops.select) for this loss's ops and request: its check, and under
+        auto the shapes and each passing backend's time."""
+        request = ops.backends.requested(self.backend_request)
+        return [s for s in ops.selections() if s["op"] in self.active_ops() and s["requested"] == request
+                and s["shape"] == self._shape_label(s["op"])]
+
+    def _shape_label(self, op: str) -> str | None:
+        """The shapes `op`'s decisions for this loss are kept under: its timing's label under a timed auto,
+        else None."""
+        timing = self._timing(op, self._shapes)
+        return timing.shape if timing is not None and ops.backends.requested(self.backend_request) == "auto" else None
+
+    def _timing(self, op: str, shapes: "RunShapes | None") -> "ops.select.Timing | None":
+        """What `op` computes in one step of this loss at `shapes`, for `auto` to time the backends on: one
+        case per kind of call (a hidden pair with or without the projection; attention scores; each
+        relation of Q, K or V), each as large as one layer pair's."""
+        if shapes is None:
+            return None
+        w, B, S = self.weights, shapes.batch, shapes.seq
+        wide = shapes.student_hidden != shapes.teacher_hidden
+        scores = op == ops.attention_mse.NAME or (op == ops.attention_kl.NAME and bool(w.attention_kl))
+        relations = (3 if w.relation else 0) + (1 if w.value_kl else 0) if op == ops.attention_kl.NAME else 0
+        # The label names what is timed, so no other loss at the same sizes reuses the choice.
+        label = shapes.label() + ("" if op != ops.hidden_mse.NAME else ", projected" if wide else ", same width")
+        if op == ops.attention_kl.NAME:
+            label += (", scores" if scores else "") + (f", {relations} relations of {self.relation_heads} heads"
+                                                       if relations else "")
+
+        def cases(device, dtype, teacher_dtype, gen):
+            def qk(heads_s, d_s, heads_t, d_t):
+                q_s, k_s = (torch.randn(B, heads_s, S, d_s, generator=gen).to(device, dtype) for _ in range(2))
+                q_t, k_t = (torch.randn(B, heads_t, S, d_t, generator=gen).to(device, teacher_dtype) for _ in range(2))
+                return q_s, k_s, q_t, k_t
+
+            mask = torch.ones(B, S, dtype=torch.long, device=device)  # every position real: the costliest batch
+            if op == ops.hidden_mse.NAME:
+                h_s = torch.randn(B, S, shapes.student_hidden, generator=gen).to(device, dtype)
+                h_t = torch.randn(B, S, shapes.teacher_hidden, generator=gen).to(device, teacher_dtype)
+                projection = None
+                if wide:
+                    projection = nn.utils.skip_init(nn.Linear, shapes.student_hidden, shapes.teacher_hidden,
+                                                    device=device)
+                    with torch.no_grad():
+                        projection.weight.copy_(torch.randn(projection.weight.shape, generator=gen) * 0.02)
+                        projection.bias.zero_()
+                return [((h_s, h_t, mask, projection), (0,))]
+            out = []
+            q_s, k_s, q_t, k_t = qk(shapes.student_heads, shapes.student_head_dim, shapes.teacher_heads,
+                                    shapes.teacher_head_dim)
+            if scores:
+                out.append(((q_s, k_s, q_t, k_t, mask, shapes.student_head_dim ** -0.5,
+                             shapes.teacher_head_dim ** -0.5), (0, 1)))
+            if relations:  # as relation_kl calls the op: each model's heads regrouped into R (strided views)
+                r_s = ops.attention_kl.relation_heads(q_s, self.relation_heads)
+                r_t = ops.attention_kl.relation_heads(q_t, self.relation_heads)
+                relation = ((r_s, r_s, r_t, r_t, mask, r_s.shape[-1] ** -0.5, r_t.shape[-1] ** -0.5), (0,))
+                out += [relation] * relations
+            return out
+
+        return ops.select.Timing(label, cases)
 
     def _op_backend(self, op: str, student: torch.Tensor, teacher: torch.Tensor, report: str | None = None) -> str:
         """The backend `op` runs on for these inputs, noted under `report` (default: the op's name) as
         what actually ran: a fused backend that hands these inputs to the reference says so."""
-        backend = ops.backend_for(op, self.backend_request, student.device, student.dtype, teacher.dtype)
+        backend = ops.backend_for(op, self.backend_request, student.device, student.dtype, teacher.dtype,
+                                  self._timing(op, self._shapes))
         effective = backend
         if op == ops.attention_mse.NAME and ops.attention_mse.merged_too_wide(student, teacher, backend):
             effective = "torch (heads too wide for the GPU tiles)"
@@ -222,8 +320,8 @@ class DistillLoss(nn.Module):
                 backend = reference if backend is None else f"{backend}; {reference} for the other layers"
             checked = ops.attention_kl.NAME if op == RELATION_OP else op  # relations run the attention KL op
             check = next((s["check"] for s in ops.selections() if s["op"] == checked and s["device"] == device
-                          and s["dtype"] == dtypes and s["requested"] == ops.backends.requested(self.backend_request)),
-                         None)
+                          and s["dtype"] == dtypes and s["requested"] == ops.backends.requested(self.backend_request)
+                          and s["shape"] == self._shape_label(checked)), None)
             out.append({"op": op, "device": device, "dtype": dtypes, "backend": backend, "check": check})
         return out
 

@@ -228,6 +228,7 @@ def fresh_selection(monkeypatch):
     """Backend decisions start from nothing and are forgotten afterwards (they are per process)."""
     monkeypatch.setattr(backends, "_chains", {})
     monkeypatch.setattr(select, "_selected", {})
+    monkeypatch.setattr(select, "_pinned", {})
 
 
 def test_backend_resolution(monkeypatch, caplog, fresh_selection):

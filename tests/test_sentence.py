@@ -3,6 +3,8 @@ the real sentence-transformers package; zero-shot STS-B in `fastkd glue`."""
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -415,3 +417,84 @@ def test_sentence_labels_computed_once_equal_the_teachers_per_batch_embeddings(t
     a, b = (load_file(tmp_path / name / "student" / "model.safetensors") for name in ("straight", "split"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "teacher_labels" in json.loads((tmp_path / "split" / "student" / "fastkd.json").read_text())
+
+
+def test_sentence_labels_are_stored_and_read_by_the_next_run_of_the_same_teacher_and_rows(
+        tmp_path, tiny_teacher_dir, small_corpus, monkeypatch, caplog):
+    from fastkd.corpus import load_corpus, sample_corpus
+    from fastkd.models import load_teacher, load_tokenizer
+    from fastkd.sentence import SentencePooling
+    from fastkd.teacher import SentenceLabels, Teacher, labels_key
+
+    def distill(name, *extra):
+        argv = ["distill", "--teacher", str(tiny_teacher_dir), "--corpus", str(small_corpus), "--objective", "sentence",
+                "--max-seq-len", "32", "--batch-size", "8", "--max-steps", "10", "--corpus-sample", "40",
+                "--cache-dir", str(tmp_path / "c"), "--output", str(tmp_path / name), "--no-progress", "--log-every", "1",
+                *extra]
+        assert main(argv) == 0
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return json.loads((tmp_path / name / "student" / "fastkd.json").read_text())["teacher_labels"], \
+            [r["sentence"] for r in rows]
+
+    first, computed = distill("first")
+    assert first.endswith("computed once")
+    stored = list((tmp_path / "c" / "labels").glob("*.safetensors"))
+    assert len(stored) == 1 and not list((tmp_path / "c" / "labels").glob("*.tmp"))
+
+    def never(*args, **kwargs):
+        raise AssertionError("the teacher labelled the corpus again")
+
+    with monkeypatch.context() as m:
+        m.setattr(SentenceLabels, "_compute", staticmethod(never))
+        second, read = distill("second")
+    assert second.endswith(f"read from the labels store ({stored[0].name})")
+    assert read == computed  # the same labels, so the same run to the last digit
+    # a damaged entry is computed again (a warning), and replaced by a whole one
+    stored[0].write_bytes(stored[0].read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="fastkd"):
+        third, again = distill("third")
+    assert third.endswith("computed once") and again == computed
+    assert "cannot be read" in caplog.text
+    assert stored[0].stat().st_size > 100
+    # the key names what the labels depend on: other rows, other weights, another layer or batch
+    tokenizer = load_tokenizer(str(tiny_teacher_dir))
+    corpus = load_corpus(str(small_corpus), tokenizer, 32, tmp_path / "c", mode="sentences")
+    teacher = Teacher(load_teacher(str(tiny_teacher_dir)), [4], [])
+    cpu, pooling = torch.device("cpu"), SentencePooling()
+    key = labels_key(teacher, sample_corpus(corpus, "40", 0), pooling, 4, 8, cpu)
+    assert key == labels_key(teacher, sample_corpus(corpus, "40", 0), pooling, 4, 8, cpu)
+    assert key == stored[0].stem
+    assert key != labels_key(teacher, sample_corpus(corpus, "30", 0), pooling, 4, 8, cpu)
+    assert key != labels_key(teacher, sample_corpus(corpus, "40", 1), pooling, 4, 8, cpu)
+    assert key != labels_key(teacher, sample_corpus(corpus, "40", 0), pooling, 3, 8, cpu)
+    assert key != labels_key(teacher, sample_corpus(corpus, "40", 0), pooling, 4, 4, cpu)
+    assert key != labels_key(teacher, sample_corpus(corpus, "40", 0), SentencePooling("cls"), 4, 8, cpu)
+    with torch.no_grad():
+        next(teacher.model.parameters())[0, 0] += 1e-3
+    assert key != labels_key(teacher, sample_corpus(corpus, "40", 0), pooling, 4, 8, cpu)
+    # the key is the same in a fresh process (the rows' fingerprint and the digest are not object ids)
+    probe = (f"import torch; from fastkd.corpus import load_corpus, sample_corpus; "
+             f"from fastkd.models import load_teacher, load_tokenizer; from fastkd.sentence import SentencePooling; "
+             f"from fastkd.teacher import Teacher, labels_key; d = {str(tiny_teacher_dir)!r}; "
+             f"c = load_corpus({str(small_corpus)!r}, load_tokenizer(d), 32, {str(tmp_path / 'c')!r}, mode='sentences'); "
+             f"print(labels_key(Teacher(load_teacher(d), [4], []), sample_corpus(c, '40', 0), SentencePooling(), 4, 8, "
+             f"torch.device('cpu')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == key
+
+
+def test_labels_that_cannot_be_stored_cost_the_next_run_a_labelling_not_this_run(tmp_path, monkeypatch, caplog):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from fastkd import teacher as teacher_mod
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"half")  # a partial file, as a full disk leaves one
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with caplog.at_level(logging.WARNING, logger="fastkd"):
+        teacher_mod._write_labels(tmp_path / "labels" / "key.safetensors", torch.zeros(3, 4))
+    assert "not stored" in caplog.text and list((tmp_path / "labels").iterdir()) == []

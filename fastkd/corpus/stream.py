@@ -154,6 +154,13 @@ class BatchStream:
     def next(self) -> dict[str, torch.Tensor]:
         return self.take()[1]
 
+    def typical_length(self) -> int:
+        """The sequence length of a typical batch: a packed row's, or the median unit's (a length-bucketed
+        batch pads to its own longest, which is close to its members')."""
+        if not self.bucketed:
+            return int(self.dataset[0]["input_ids"].shape[-1]) if self.n else 1
+        return max(1, int(np.ceil(np.median(self.lengths)))) if self.n else 1
+
     def real_tokens(self) -> int:
         """Real (unpadded) tokens this rank has served since the process started."""
         return self.state.tokens_served

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..config import DistillConfig
-from ..corpus import BatchStream, load_corpus, sample_corpus
+from ..corpus import BatchStream, check_cache_dir, load_corpus, sample_corpus
 from ..device import pick_device
 from ..rundir import lock_output
 from ..losses import DistillLoss
@@ -44,11 +44,12 @@ def build_local_run(cfg: DistillConfig) -> Run:
     if _label_once(cfg, saved, criterion, len(corpus), teacher_model.config.hidden_size,
                    _room_beside_step(memory, cfg.batch_size, device, teacher_model, student, criterion)):
         labels = SentenceLabels(teacher, stream, criterion.pooling, criterion.mapping.teacher_layers, device,
-                                cfg.progress, batch_size=cfg.batch_size)
+                                cfg.progress, batch_size=cfg.batch_size, store=check_cache_dir(cfg.cache_dir) / "labels")
         if device.type != "cpu":
             teacher_model.to("cpu")  # never runs again: its device memory goes to the student
-        log.info("teacher: the sentence embeddings of all %d corpus rows computed once in %.0f s, reused for the "
-                 "run's %.1f passes (no teacher forward per step)", len(corpus), labels.seconds,
+        log.info("teacher: the sentence embeddings of all %d corpus rows %s in %.0f s, reused for the "
+                 "run's %.1f passes (no teacher forward per step)", len(corpus),
+                 f"read from {labels.path}" if labels.stored else "computed once", labels.seconds,
                  cfg.max_steps * cfg.batch_size * cfg.grad_accum / len(corpus))
     engine = LocalEngine(cfg.train_config(), teacher, student, criterion, stream, labels)
     return Run(cfg, engine, tokenizer, mapping, shape, len(corpus), output,

@@ -7,6 +7,7 @@ fastkd.training's, shared with the search's proxy and bench.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -47,11 +48,28 @@ def start(run: Run) -> None:
     resolved config (main process)."""
     cfg, engine, output = run.cfg, run.engine, run.output
     resumed_from = engine.load_checkpoint(output) if cfg.resume else None
+    # Every op self-checked (and, under auto, timed on the run's shapes) before the first step, on every
+    # rank; a resumed run keeps the backends its start chose, so it continues on the same arithmetic.
+    loss_ops = engine.prepare_losses(_saved_selections(output, engine.device) if resumed_from is not None else [])
     # The main process's bookkeeping; a refusal there (a full disk) is said on every rank.
-    engine.on_main(lambda: _start_outputs(run, resumed_from))
+    engine.on_main(lambda: _start_outputs(run, resumed_from, loss_ops))
 
 
-def _start_outputs(run: Run, resumed_from: Path | None) -> None:
+def _saved_selections(output: Path, device) -> list[dict]:
+    """The loss-op choices the run's start recorded in its config.json; for a run started before they were
+    recorded, its loss_ops ({op: {dtypes: backend}}, what auto's fixed order gave it), pinned at any shapes."""
+    try:
+        resolved = json.loads((output / "config.json").read_text())["resolved"]
+        if "loss_selections" in resolved:
+            return list(resolved["loss_selections"])
+        return [{"op": op, "device": str(device), "dtype": dtypes, "backend": backend, "requested": "auto",
+                 "decided": "resumed", "shape": None}
+                for op, by_dtype in resolved.get("loss_ops", {}).items() for dtypes, backend in by_dtype.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def _start_outputs(run: Run, resumed_from: Path | None, loss_ops: dict) -> None:
     cfg, engine, output = run.cfg, run.engine, run.output
     metrics_path = output / "metrics.jsonl"
     if resumed_from is not None:
@@ -62,14 +80,14 @@ def _start_outputs(run: Run, resumed_from: Path | None) -> None:
             log.info("--resume: no complete checkpoint in %s yet, starting from step 0", output)
         metrics_path.unlink(missing_ok=True)
     with no_space_is_one_line(output / "config.json"):
-        _write_run_config(run)
+        _write_run_config(run, loss_ops)
     log.info("student: %s (%.1fM parameters), mapping %s, %s, global batch %d, %s loss "
              "backend%s", run.shape.describe(), run.parameters / 1e6, run.mapping.text,
              describe_corpus(engine.stream.dataset, cfg.max_seq_len), engine.seqs_per_step, engine.criterion.backend(engine.device),
              "".join(f"; {k}: {v}" for k, v in engine.describe().items()))
 
 
-def _write_run_config(run: Run) -> None:
+def _write_run_config(run: Run, loss_ops: dict) -> None:
     cfg, engine = run.cfg, run.engine
     atomic_write_json(run.output / "config.json", {
         "fastkd_version": __version__, "command": "distill", "config": cfg.to_dict(),  # the form --config reads
@@ -78,8 +96,10 @@ def _write_run_config(run: Run) -> None:
                      "corpus_sequences": run.corpus_sequences, "global_batch": engine.seqs_per_step,
                      "corpus_identity": corpus_identity(cfg.corpus),  # checked on --resume
                      "loss_backend": engine.criterion.backend(engine.device),
-                     # Each op self-checked now, for the dtypes this run feeds it.
-                     "loss_ops": engine.criterion.prepare(engine.device, engine.loss_input_dtypes()),
+                     # Each op self-checked, for the dtypes this run feeds it (engine.prepare_losses),
+                     "loss_ops": loss_ops,
+                     # and how each was chosen: under auto, every passing backend's time on the run's shapes.
+                     "loss_selections": engine.criterion.selections(),
                      **run.resolved},
     })
 

@@ -14,6 +14,16 @@ may be first reached under torch.no_grad). Its compute is a few milliseconds; a 
 the check's shapes the first time (seconds, cached on disk by triton afterwards).
 FASTKD_SELF_CHECK=0 skips it and trusts the first present backend.
 
+`auto` then picks by measurement, not by a fixed order: where the run says its shapes (DistillLoss.prepare,
+before the first step), every present backend that passes its check is timed on random inputs of the run's
+shapes (DistillLoss builds them: forward and backward through torch.autograd.grad, so nothing lands in a
+.grad; one warm-up, the median of TIMING_REPEATS), and the fastest runs. The timings and the shapes
+are kept in the Selection, and in this machine's store in the fastkd cache: the next run with the same shapes
+reads the choice instead of timing again, so two runs of one command on one machine compute alike (timing
+noise would otherwise flip near-equal backends between runs, and with them the last bits of the student).
+A resumed run pins the choice its start made (`pin`), even where the store is gone. Asked for by name, a
+backend is never second-guessed.
+
 Tolerances, relative to the largest reference entry: float32 1e-4 (TF32 allowed: 1e-2); 16-bit
 inputs: the loss 1e-3 (the products are exact in float32, only the summation order differs), the
 gradients one unit of the dtype's epsilon (0.78% for bf16): they are rounded once into the input
@@ -24,9 +34,15 @@ emulating that path on the check's cases gives at most 0.46 epsilon, so a 1% err
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -51,9 +67,28 @@ class Selection:
     requested: str
     backend: str
     check: str  # passed | skipped ($FASTKD_SELF_CHECK=0) | reference, then "after <backend>: <why>" for each failure
+    shape: str | None = None  # auto: the run's shapes it was decided for (timed where two or more passed)
+    timings_ms: dict[str, float] = field(default_factory=dict)  # auto, timed: each passing backend's fwd+bwd
+    # How auto chose: order (no shapes: the first that passes, as auto_order ranks them) | only (one passed) |
+    # timed | stored (this machine's earlier timing of the same shapes) | resumed (the resumed run's start's
+    # choice) | rank 0 (ZeRO: rank 0's choice, adopted)
+    decided: str = "order"
+    passed: dict[str, str] = field(default_factory=dict)  # backend -> its check's outcome (all checked, if timed)
 
 
-_selected: dict[tuple[str, str, str, str], Selection] = {}
+@dataclass
+class Timing:
+    """The run's shapes, for `auto` to time the backends on: `shape` labels them in the records, `cases(device,
+    dtype, teacher_dtype, gen)` builds the op's inputs at those shapes (as self_check_cases does)."""
+
+    shape: str
+    cases: Callable
+
+
+TIMING_REPEATS = 3
+_selected: dict[tuple[str, str, str, str, str | None], Selection] = {}  # (op, request, device, dtypes, shapes)
+_pinned: dict[tuple[str, str, str, str | None], str] = {}  # (op, device type, dtypes, shapes) -> backend: resumed run
+_store_writes = True  # False on ZeRO ranks other than 0: the store holds the choice every rank adopted
 
 
 def tolerances(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
@@ -127,42 +162,205 @@ def check(op: str, backend: str, device: torch.device, dtype: torch.dtype,
 
 
 def backend_for(op: str, request: str | None, device: torch.device | str, dtype: torch.dtype,
-                teacher_dtype: torch.dtype | None = None) -> str:
+                teacher_dtype: torch.dtype | None = None, timing: Timing | None = None) -> str:
     """The backend `op` runs on for student inputs of `dtype` and teacher inputs of `teacher_dtype`
-    (default the same) on `device`, decided once per process (what a loss ran: DistillLoss.ran_on)."""
+    (default the same) on `device`, decided once per process (what a loss ran: DistillLoss.ran_on).
+    Under `auto` with `timing`, the fastest of the backends that pass their check, timed on those shapes
+    (decided once per shapes: a run's loss passes the same `timing` at every step)."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     name = requested(request)
     teacher_dtype = teacher_dtype or dtype
-    key = (op, name, str(device), dtype_label(dtype, teacher_dtype))
-    if key in _selected:
-        return _selected[key].backend
+    label = dtype_label(dtype, teacher_dtype)
+    timed = timing is not None and name == "auto"
+    key = (op, name, str(device), label, timing.shape if timed else None)
+    known = _selected.get(key)
+    if known is not None:
+        return known.backend
     module, _ = OPS[op]
     chain = [b for b in present_chain(name, device) if b in module.FUSED or b == "torch"]
     if chain == ["torch"] and name not in ("torch", "auto"):
         log.info("loss op %s has no %s backend; the torch reference runs", op, name)
     skip = os.environ.get(ENV, "1").strip() == "0"
-    failures = []
+    failures, passing = [], []
     for backend in chain:
         if backend == "torch":
-            outcome = "reference"
+            passing.append((backend, "reference"))
         elif skip:
-            outcome = f"skipped (${ENV}=0)"
+            passing.append((backend, f"skipped (${ENV}=0)"))
         else:
             why = check(op, backend, device, dtype, teacher_dtype)
-            if why is not None:
+            if why is None:
+                passing.append((backend, "passed"))
+            else:
                 following = chain[chain.index(backend) + 1]
                 log.warning("loss op %s: the %s backend on %s (%s) failed its self-check: %s; using %s",
-                            op, backend, device, dtype_label(dtype, teacher_dtype), why, following)
+                            op, backend, device, label, why, following)
                 failures.append(f"{backend}: {why}")
+        if passing and not timed:
+            break  # untimed: the first that passes, as `auto_order` ranks them
+    passed = dict(passing)
+    selection = Selection(op, str(device), label, name, *passing[0], passed=dict(passed))
+    if timed:
+        selection.shape, selection.decided = timing.shape, "only"  # one passed: nothing to time
+        resumed = _pinned.get((op, device.type, label, timing.shape), _pinned.get((op, device.type, label, None)))
+        stored = _read_store(_store_key(op, device, label, timing.shape))
+        if len(passed) == 1:
+            pass
+        elif resumed in passed:
+            selection.backend, selection.check, selection.decided = resumed, passed[resumed], "resumed"
+        elif stored.get("backend") in passed and set(stored.get("timings_ms") or ()) == set(passed):
+            selection.backend, selection.check, selection.decided = stored["backend"], passed[stored["backend"]], "stored"
+            selection.timings_ms = stored["timings_ms"]
+        else:
+            timings = _timings(op, list(passed), timing, device, dtype, teacher_dtype)
+            if timings:
+                fastest = min(timings, key=timings.get)
+                selection.backend, selection.check, selection.decided = fastest, passed[fastest], "timed"
+                selection.timings_ms = timings
+                if _store_writes:
+                    _write_store(_store_key(op, device, label, timing.shape), {"backend": fastest, "timings_ms": timings})
+                log.info("loss op %s on %s (%s): %s timed fastest on %s (%s)", op, device, label, fastest,
+                         timing.shape, ", ".join(f"{b} {t:.2f} ms" for b, t in timings.items()))
+    if failures:
+        selection.check = f"{selection.check} after {'; '.join(failures)}"
+    _selected[key] = selection
+    return selection.backend
+
+
+def _timings(op: str, backends: list[str], timing: Timing, device: torch.device, dtype: torch.dtype,
+             teacher_dtype: torch.dtype) -> dict[str, float]:
+    """{backend: ms} on the run's shapes. A backend that raises there (out of memory at the run's size: the
+    reference holds B x H x S x S scores that a fused kernel never forms) is left out, with one line;
+    {} when fewer than two could be timed (the order's first then runs)."""
+    try:
+        cases = timing.cases(device, dtype, teacher_dtype, torch.Generator().manual_seed(SEED))
+    except (RuntimeError, MemoryError) as exc:
+        log.warning("loss op %s: its timing inputs at %s could not be built (%s); auto takes the first "
+                    "backend that passed its check", op, timing.shape, " ".join(str(exc).split())[:200])
+        return {}
+    timings = {}
+    for backend in backends:
+        try:
+            timings[backend] = round(time_backend(op, backend, cases, device), 3)
+        except (RuntimeError, MemoryError) as exc:
+            log.warning("loss op %s: the %s backend failed when timed at %s (%s); it is not chosen", op, backend,
+                        timing.shape, " ".join(str(exc).split())[:200])
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return timings if len(timings) > 1 else {}
+
+
+def time_backend(op: str, backend: str, cases, device: torch.device) -> float:
+    """Milliseconds of one forward and backward of `op` on `backend` over `cases` (each case's median of
+    TIMING_REPEATS, after a warm-up that also builds or compiles what the first call needs), summed.
+    Gradients come from torch.autograd.grad, so no parameter's .grad is touched."""
+    _, run = OPS[op]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    total = 0.0
+    with torch.inference_mode(False), torch.autocast(device.type, enabled=False), torch.enable_grad():
+        for args, grad_idx in cases:
+            once = lambda: _evaluate(lambda *a: run(*a, backend), args, grad_idx,  # noqa: E731
+                                     lambda x: x.detach().requires_grad_())
+            once()
+            samples = []
+            for _ in range(TIMING_REPEATS):
+                sync(device)
+                started = time.perf_counter()
+                once()
+                sync(device)
+                samples.append(time.perf_counter() - started)
+            total += statistics.median(samples)
+    return 1000 * total
+
+
+def _store_dir() -> Path:
+    """This machine's timed `auto` choices: a folder per CPU kind (model and flags), thread count, torch
+    and fastkd version, in the fastkd cache ($FASTKD_CACHE/auto-backends/; like the compiled extensions,
+    a cache shared by a cluster's machines must not mix kinds). Removing it makes the next runs time again."""
+    from .. import __version__
+    from ..machine import cpu_flags, cpu_name
+
+    ident = [cpu_name(), sorted(f for f, on in cpu_flags().items() if on), torch.get_num_threads(),
+             torch.__version__, __version__]
+    digest = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
+    return Path(os.environ.get("FASTKD_CACHE", Path.home() / ".cache" / "fastkd")) / "auto-backends" / digest
+
+
+def _store_key(op: str, device: torch.device, dtypes: str, shape: str) -> str:
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{op} | {where} | {dtypes} | {shape}"
+
+
+def _store_path(key: str) -> Path:
+    # One file per choice: concurrent runs each add their own, none rewrites another's.
+    return _store_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def _read_store(key: str) -> dict:
+    """The stored choice for `key` ({} where there is none, or it is unreadable or foreign: a cache)."""
+    try:
+        entry = json.loads(_store_path(key).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not (isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("timings_ms"), dict)):
+        return {}
+    return entry
+
+
+def _write_store(key: str, entry: dict) -> None:
+    """Store one choice (temporary file, then rename); a store that cannot be written costs the next run a
+    timing, never this run its result."""
+    path = _store_path(key)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"key": key, **entry}, indent=1))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.info("the timed loss-backend choice was not stored (%s): the next run times again", exc)
+
+
+@contextlib.contextmanager
+def store_writes(allowed: bool):
+    """Whether decisions made inside are written to the machine's store (ZeRO: rank 0's only, as every
+    rank runs rank 0's choice)."""
+    global _store_writes
+    old, _store_writes = _store_writes, allowed
+    try:
+        yield
+    finally:
+        _store_writes = old
+
+
+def pin(records: list[dict]) -> None:
+    """Keep the `auto` choices of a run's start (its config.json's loss_selections) for its resume, and only
+    those (earlier pins are dropped): the op then runs on the same backend, if it still passes its check,
+    without timing again. A record without shapes (a run started before auto was timed: its loss_ops)
+    pins the op at any shapes."""
+    _pinned.clear()
+    for r in records:
+        if r.get("requested", "auto") == "auto" and r.get("decided", "order") != "order":
+            _pinned[(r["op"], torch.device(r["device"]).type, r["dtype"], r.get("shape"))] = r["backend"]
+
+
+def adopt(records: list[dict]) -> None:
+    """Take another process's `auto` choices (ZeRO: rank 0's, so every rank runs the same arithmetic) for
+    the decisions this process made on the same op, request, device type, dtypes and shapes, where that
+    backend passed its check here too (otherwise this process keeps its own, and says so)."""
+    for r in records:
+        for s in _selected.values():
+            if (s.op, s.requested, s.dtype, s.shape) != (r["op"], r["requested"], r["dtype"], r["shape"]) \
+                    or s.requested != "auto" or s.shape is None \
+                    or torch.device(s.device).type != torch.device(r["device"]).type or s.backend == r["backend"]:
                 continue
-            outcome = "passed"
-        if failures:
-            outcome = f"{outcome} after {'; '.join(failures)}"
-        _selected[key] = Selection(op, str(device), dtype_label(dtype, teacher_dtype), name, backend, outcome)
-        return backend
-    raise AssertionError("unreachable: the chain always ends in torch")
+            if r["backend"] in s.passed:
+                s.backend, s.check, s.decided = r["backend"], s.passed[r["backend"]], "rank 0"
+            else:
+                log.warning("loss op %s (%s): rank 0 runs %s, which did not pass its check here; this process "
+                            "runs %s", s.op, s.dtype, r["backend"], s.backend)
 
 
 def selections() -> list[dict]:
@@ -171,5 +369,6 @@ def selections() -> list[dict]:
 
 
 def reset() -> None:
-    """Forget every decision (tests)."""
+    """Forget every decision and pin (tests)."""
     _selected.clear()
+    _pinned.clear()

@@ -21,7 +21,8 @@ import torch
 
 from ..capture import check_recorded, recording
 from ..errors import UserError
-from ..losses import DistillLoss, LossOutput
+from .. import ops
+from ..losses import DistillLoss, LossOutput, RunShapes
 from ..teacher import TeacherOutputs
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,19 @@ class StepEngine(abc.ABC):
     def describe(self) -> dict:
         """Engine-specific facts for the run's config and the model card (empty for one process)."""
         return {}
+
+    def run_shapes(self) -> RunShapes:
+        """The sizes of one micro-batch for the loss ops: the run's batch, and its corpus's typical length
+        (packed rows are all --max-seq-len long; a batch of sentences pads to its own longest)."""
+        seq = self.cfg.max_seq_len if self.stream is None else self.stream.typical_length()
+        return RunShapes.of(self.student.config, self.teacher.model.config, self.cfg.batch_size, seq)
+
+    def prepare_losses(self, pinned: list[dict] = ()) -> dict:
+        """Self-check every loss op before the first step and, under `auto`, time the passing backends on
+        the run's shapes (fastkd.ops.select); `pinned`: the choices a resumed run's start made
+        (its config.json's loss_selections), kept. Returns {op: {dtypes: backend}}."""
+        ops.select.pin(list(pinned))
+        return self.criterion.prepare(self.device, self.loss_input_dtypes(), self.run_shapes())
 
     def loss_input_dtypes(self) -> list:
         """The dtypes the loss ops will see (a dtype for both models, or (student, teacher) pairs),

@@ -49,7 +49,8 @@ class LocalEngine(StepEngine):
     def describe(self) -> dict:
         if self.labels is None:
             return {}
-        return {"teacher_labels": f"sentence embeddings of all {len(self.labels.labels)} corpus rows, computed once",
+        how = f"read from the labels store ({self.labels.path.name})" if self.labels.stored else "computed once"
+        return {"teacher_labels": f"sentence embeddings of all {len(self.labels.labels)} corpus rows, {how}",
                 "teacher_labels_s": round(self.labels.seconds, 1)}
 
     def next_inputs(self) -> tuple[dict, TeacherOutputs]:
