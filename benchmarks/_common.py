@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -71,3 +72,20 @@ def table(rows: list[dict], columns: list[str]) -> str:
     line = lambda values: "| " + " | ".join(str(v).ljust(w) for v, w in zip(values, widths)) + " |"  # noqa: E731
     return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
                       *(line([r.get(c, "") for c in columns]) for r in rows)])
+
+
+@contextlib.contextmanager
+def fresh_label_store():
+    """A --cache-dir whose corpus entries are the fastkd cache's (linked: nothing is tokenized again) but
+    whose teacher-labels store starts empty, so a run timed against a peer that labels its sentences every
+    run pays for its own labelling too (fastkd keeps labels for the next student of the same teacher and
+    corpus; a benchmark that compares whole runs must not let one run's labels speed another's)."""
+    import tempfile
+
+    from fastkd.corpus import default_cache_dir
+
+    shared = default_cache_dir() / "corpus"
+    shared.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fastkd-fresh-labels-") as root:
+        (Path(root) / "corpus").symlink_to(shared, target_is_directory=True)
+        yield root

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, quiet_logs, table, write_result  # noqa: E402
+from _common import fresh_label_store, machine, quiet_logs, table, write_result  # noqa: E402
 
 from fastkd.config import DistillConfig  # noqa: E402
 from fastkd.corpus import corpus_files, read_paragraphs, text_units  # noqa: E402
@@ -136,11 +136,13 @@ def fastkd_train(args, teacher: str, mapping: str, variant: str, steps: int, see
 
 
 def _fastkd_train(args, teacher, mapping, variant, steps, seed, out, log_every):
-    cfg = DistillConfig(output=out, corpus=args.corpus, teacher=teacher, mapping=mapping, student_layers=args.layers,
-                        corpus_mode="sentences", max_seq_len=args.max_seq_len, max_steps=steps, batch_size=BATCH,
-                        lr=LR, warmup=WARMUP, seed=seed, progress=False, checkpoint_every=10 ** 9,
-                        log_every=log_every or max(1, steps // 10), **VARIANTS[variant])
-    student = run_distill(cfg)
+    with fresh_label_store() as cache_dir:  # each run labels its corpus itself, as each peer run does
+        cfg = DistillConfig(output=out, corpus=args.corpus, teacher=teacher, mapping=mapping,
+                            student_layers=args.layers, corpus_mode="sentences", max_seq_len=args.max_seq_len,
+                            max_steps=steps, batch_size=BATCH, lr=LR, warmup=WARMUP, seed=seed, progress=False,
+                            checkpoint_every=10 ** 9, log_every=log_every or max(1, steps // 10), cache_dir=cache_dir,
+                            **VARIANTS[variant])
+        student = run_distill(cfg)
     rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return student, json.loads((student / "fastkd.json").read_text()), rows
 

@@ -204,3 +204,16 @@ def test_the_machine_store_makes_a_second_run_compute_like_the_first(monkeypatch
         "hidden_mse": {"float32": "torch"}, "attention_mse": {"float32": "torch"}}
     assert len(calls) == 4 and {r["decided"] for r in select.selections()} == {"timed"}
     assert sum(1 for e in select._store_dir().glob("*.json") if e.read_text().startswith("{\n")) == 2
+
+
+def test_a_backend_that_raises_when_timed_at_the_run_size_is_not_chosen(monkeypatch, fresh_selection, caplog):
+    def timed(op, backend, cases, device):
+        if backend == "cpp":
+            raise RuntimeError("DefaultCPUAllocator: not enough memory")
+        return 5.0
+    monkeypatch.setattr(select, "time_backend", timed)
+    with caplog.at_level(logging.WARNING):
+        chosen = tinybert_loss().prepare(torch.device("cpu"), [torch.float32], SHAPES)
+    assert chosen == {"hidden_mse": {"float32": "torch"}, "attention_mse": {"float32": "torch"}}
+    assert "the cpp backend failed when timed" in caplog.text
+    assert {(r["decided"], tuple(r["timings_ms"])) for r in select.selections()} == {("timed", ("torch",))}

@@ -203,7 +203,7 @@ def backend_for(op: str, request: str | None, device: torch.device | str, dtype:
     passed = dict(passing)
     selection = Selection(op, str(device), label, name, *passing[0], passed=dict(passed))
     if timed:
-        selection.shape, selection.decided = timing.shape, "only"  # one passed: nothing to time
+        selection.shape, selection.decided = timing.shape, "only" if len(passed) == 1 else "order"
         resumed = _pinned.get((op, device.type, label, timing.shape), _pinned.get((op, device.type, label, None)))
         stored = _read_store(_store_key(op, device, label, timing.shape))
         if len(passed) == 1:
@@ -233,7 +233,7 @@ def _timings(op: str, backends: list[str], timing: Timing, device: torch.device,
              teacher_dtype: torch.dtype) -> dict[str, float]:
     """{backend: ms} on the run's shapes. A backend that raises there (out of memory at the run's size: the
     reference holds B x H x S x S scores that a fused kernel never forms) is left out, with one line;
-    {} when fewer than two could be timed (the order's first then runs)."""
+    {} when none could be (the order's first then runs)."""
     try:
         cases = timing.cases(device, dtype, teacher_dtype, torch.Generator().manual_seed(SEED))
     except (RuntimeError, MemoryError) as exc:
@@ -249,7 +249,7 @@ def _timings(op: str, backends: list[str], timing: Timing, device: torch.device,
                         timing.shape, " ".join(str(exc).split())[:200])
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return timings if len(timings) > 1 else {}
+    return timings
 
 
 def time_backend(op: str, backend: str, cases, device: torch.device) -> float:
