@@ -98,9 +98,13 @@ def corpus_with_extra_text(corpus: str, cache: TaskCache, tasks: list[str], fold
             if len(text.split()) >= EXTRA_MIN_WORDS:
                 seen.setdefault(text, None)
     target = folder / f"glue-train-{'-'.join(tasks)}.txt"
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text("".join(f"{t}\n" for t in seen), encoding="utf-8")
-    tmp.replace(target)
+    text = "".join(f"{t}\n" for t in seen)
+    # Rewritten only when it differs: its mtime is part of the corpus's identity, so a rewrite would make
+    # a resumed student refuse the corpus and every cache keyed on it (tokens, teacher labels) start over.
+    if not target.is_file() or target.read_text(encoding="utf-8") != text:
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(target)
     print(f"corpus {folder}: {corpus} + {len(seen)} train-split texts of {', '.join(tasks)}", flush=True)
     return str(folder)
 
@@ -156,7 +160,8 @@ def main() -> None:
     machines = [machine()]
     if args.resume and (RESULTS / f"{args.name}.json").is_file():
         earlier = json.loads((RESULTS / f"{args.name}.json").read_text())
-        differ = [k for k in DECISIVE if earlier.get("settings", {}).get(k) != settings[k]]
+        # (a setting added after the earlier run has its default there)
+        differ = [k for k in DECISIVE if earlier.get("settings", {}).get(k, p.get_default(k)) != settings[k]]
         if differ:
             raise SystemExit(f"--resume: results/{args.name}.json differs in {', '.join(differ)}; choose another --name")
         rows = {r["model"]: r for r in earlier.get("rows", [])}

@@ -182,6 +182,14 @@ def _read_labels(path: Path, rows: int, device: torch.device) -> torch.Tensor | 
     return labels.to(device)
 
 
+def _remove_dead_temporaries(folder: Path) -> None:
+    """Half-written labels of processes that are gone (killed while writing: up to LABELS_MAX_BYTES each)."""
+    for tmp in folder.glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            tmp.unlink(missing_ok=True)
+
+
 def _write_labels(path: Path, labels: torch.Tensor) -> None:
     """Through a temporary file and a rename, so a killed run never leaves labels half written; a store
     that cannot be written costs the next run the labelling, not this one its result."""
@@ -191,6 +199,7 @@ def _write_labels(path: Path, labels: torch.Tensor) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_temporaries(path.parent)
         save_file({"labels": labels.detach().cpu().contiguous()}, str(tmp))
         os.replace(tmp, path)
     except (OSError, SafetensorError) as exc:  # (safetensors reports a full disk as its own error)

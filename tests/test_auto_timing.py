@@ -105,7 +105,7 @@ def test_timing_reads_real_backends_on_the_run_shapes_without_touching_any_grad(
     assert len(labels) == 4
 
 
-def test_a_pinned_choice_is_kept_without_timing_and_rank_zeros_choice_is_adopted(monkeypatch, fresh_selection):
+def test_a_pinned_choice_is_kept_without_timing(monkeypatch, fresh_selection):
     calls = []
     fake_times(monkeypatch, {"cpp": 1.0, "torch": 2.0}, calls)
     select.pin([{"op": "attention_mse", "requested": "auto", "device": "cpu", "dtype": "float32", "backend": "torch",
@@ -116,22 +116,9 @@ def test_a_pinned_choice_is_kept_without_timing_and_rank_zeros_choice_is_adopted
     assert [r["decided"] for r in select.selections()] == ["timed", "resumed"]
     # a later pin replaces the earlier ones (one process, several runs: no run inherits another's pins)
     select.pin([])
-    monkeypatch.setattr(select, "_selected", {})
     assert tinybert_loss().prepare(torch.device("cpu"), [torch.float32], SHAPES)["attention_mse"] == {
         "float32": "cpp"}
     assert [r["decided"] for r in select.selections()] == ["stored", "timed"]  # hidden_mse timed above
-    # ZeRO: every rank takes rank 0's timed choice where that backend passed its check here too
-    rank0 = [{**r, "backend": "torch"} for r in select.selections()]
-    select.adopt(rank0)
-    assert tinybert_loss().prepare(torch.device("cpu"), [torch.float32], SHAPES) == {
-        "hidden_mse": {"float32": "torch"}, "attention_mse": {"float32": "torch"}}
-    assert {r["decided"] for r in select.selections()} == {"rank 0"}
-    assert {r["check"] for r in select.selections()} == {"reference"}
-    # rank 0's pick failed its check here: this rank keeps its own, with one line
-    for s in select._selected.values():
-        s.passed.pop("cpp")
-    select.adopt([{**r, "backend": "cpp"} for r in select.selections()])
-    assert {r["backend"] for r in select.selections()} == {"torch"}
 
 
 def test_a_distillation_times_its_ops_records_them_and_its_resume_keeps_the_choice(
@@ -217,3 +204,36 @@ def test_a_backend_that_raises_when_timed_at_the_run_size_is_not_chosen(monkeypa
     assert chosen == {"hidden_mse": {"float32": "torch"}, "attention_mse": {"float32": "torch"}}
     assert "the cpp backend failed when timed" in caplog.text
     assert {(r["decided"], tuple(r["timings_ms"])) for r in select.selections()} == {("timed", ("torch",))}
+
+
+def test_runs_in_one_process_each_decide_for_themselves(monkeypatch, fresh_selection):
+    # As `fastkd demo` or a benchmark does: several runs of the same shapes in one process, one resumed.
+    def start(pins):  # what StepEngine.prepare_losses does at a run's start
+        select.pin(pins)
+        return tinybert_loss().prepare(torch.device("cpu"), [torch.float32], SHAPES)
+
+    calls = []
+    fake_times(monkeypatch, {"cpp": 1.0, "torch": 2.0}, calls)
+    checks = []
+    real_check = select.check
+    monkeypatch.setattr(select, "check", lambda *a: checks.append(a[:2]) or real_check(*a))
+    assert start([])["attention_mse"] == {"float32": "cpp"}
+    pins = [{**r, "backend": "torch"} for r in select.selections()]  # a run that started on torch, resumed
+    assert start(pins) == {"hidden_mse": {"float32": "torch"}, "attention_mse": {"float32": "torch"}}
+    assert {r["decided"] for r in select.selections()} == {"resumed"}
+    assert start([]) == {"hidden_mse": {"float32": "cpp"}, "attention_mse": {"float32": "cpp"}}
+    assert {r["decided"] for r in select.selections()} == {"stored"}  # the first run's timing, not the pin
+    assert len(calls) == 4 and sorted(checks) == [("attention_mse", "cpp"), ("hidden_mse", "cpp")]  # checked once
+
+
+def test_a_pinned_backend_that_no_longer_passes_is_said(monkeypatch, fresh_selection, caplog):
+    fake_times(monkeypatch, {"cpp": 1.0, "torch": 2.0})
+    with caplog.at_level(logging.WARNING):
+        select.pin([{"op": "attention_mse", "requested": "auto", "device": "cpu", "dtype": "float32",
+                     "backend": "cuda", "decided": "timed",
+                     "shape": tinybert_loss()._timing("attention_mse", SHAPES).shape},
+                    {"op": "hidden_mse", "device": "cpu", "decided": "timed"}])  # (malformed: no dtype, backend)
+        chosen = tinybert_loss().prepare(torch.device("cpu"), [torch.float32], SHAPES)
+    assert chosen == {"hidden_mse": {"float32": "cpp"}, "attention_mse": {"float32": "cpp"}}
+    assert "started on cuda, which does not pass its check now" in caplog.text
+    assert "malformed" in caplog.text

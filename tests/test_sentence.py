@@ -494,6 +494,9 @@ def test_labels_that_cannot_be_stored_cost_the_next_run_a_labelling_not_this_run
         Path(filename).write_bytes(b"half")  # a partial file, as a full disk leaves one
         raise SafetensorError("Error while serializing: IoError(No space left on device)")
 
+    (tmp_path / "labels").mkdir()
+    dead = tmp_path / "labels" / ".other.safetensors.999999999.tmp"  # a killed writer's leftover (no such pid)
+    dead.write_bytes(b"half")
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     with caplog.at_level(logging.WARNING, logger="fastkd"):
         teacher_mod._write_labels(tmp_path / "labels" / "key.safetensors", torch.zeros(3, 4))

@@ -71,9 +71,10 @@ class Selection:
     timings_ms: dict[str, float] = field(default_factory=dict)  # auto, timed: each passing backend's fwd+bwd
     # How auto chose: order (no shapes: the first that passes, as auto_order ranks them) | only (one passed) |
     # timed | stored (this machine's earlier timing of the same shapes) | resumed (the resumed run's start's
-    # choice) | rank 0 (ZeRO: rank 0's choice, adopted)
+    # choice)
     decided: str = "order"
     passed: dict[str, str] = field(default_factory=dict)  # backend -> its check's outcome (all checked, if timed)
+    failed: list[str] = field(default_factory=list)  # "<backend>: <why>" of each that failed its check
 
 
 @dataclass
@@ -88,7 +89,7 @@ class Timing:
 TIMING_REPEATS = 3
 _selected: dict[tuple[str, str, str, str, str | None], Selection] = {}  # (op, request, device, dtypes, shapes)
 _pinned: dict[tuple[str, str, str, str | None], str] = {}  # (op, device type, dtypes, shapes) -> backend: resumed run
-_store_writes = True  # False on ZeRO ranks other than 0: the store holds the choice every rank adopted
+_stale: set = set()  # keys of _selected an earlier run decided: decided again (their checks reused) by this one
 
 
 def tolerances(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
@@ -176,14 +177,17 @@ def backend_for(op: str, request: str | None, device: torch.device | str, dtype:
     timed = timing is not None and name == "auto"
     key = (op, name, str(device), label, timing.shape if timed else None)
     known = _selected.get(key)
-    if known is not None:
+    if known is not None and key not in _stale:
         return known.backend
+    _stale.discard(key)
     module, _ = OPS[op]
     chain = [b for b in present_chain(name, device) if b in module.FUSED or b == "torch"]
     if chain == ["torch"] and name not in ("torch", "auto"):
         log.info("loss op %s has no %s backend; the torch reference runs", op, name)
     skip = os.environ.get(ENV, "1").strip() == "0"
     failures, passing = [], []
+    if known is not None:  # an earlier run's decision: its checks stand, the choice is made again
+        chain, passing, failures = [], list(known.passed.items()), list(known.failed)
     for backend in chain:
         if backend == "torch":
             passing.append((backend, "reference"))
@@ -201,11 +205,14 @@ def backend_for(op: str, request: str | None, device: torch.device | str, dtype:
         if passing and not timed:
             break  # untimed: the first that passes, as `auto_order` ranks them
     passed = dict(passing)
-    selection = Selection(op, str(device), label, name, *passing[0], passed=dict(passed))
+    selection = Selection(op, str(device), label, name, *passing[0], passed=dict(passed), failed=list(failures))
     if timed:
         selection.shape, selection.decided = timing.shape, "only" if len(passed) == 1 else "order"
         resumed = _pinned.get((op, device.type, label, timing.shape), _pinned.get((op, device.type, label, None)))
         stored = _read_store(_store_key(op, device, label, timing.shape))
+        if resumed is not None and resumed not in passed:
+            log.warning("loss op %s (%s): the resumed run started on %s, which does not pass its check now; "
+                        "it continues on another backend, so not on the same arithmetic", op, label, resumed)
         if len(passed) == 1:
             pass
         elif resumed in passed:
@@ -219,8 +226,7 @@ def backend_for(op: str, request: str | None, device: torch.device | str, dtype:
                 fastest = min(timings, key=timings.get)
                 selection.backend, selection.check, selection.decided = fastest, passed[fastest], "timed"
                 selection.timings_ms = timings
-                if _store_writes:
-                    _write_store(_store_key(op, device, label, timing.shape), {"backend": fastest, "timings_ms": timings})
+                _write_store(_store_key(op, device, label, timing.shape), {"backend": fastest, "timings_ms": timings})
                 log.info("loss op %s on %s (%s): %s timed fastest on %s (%s)", op, device, label, fastest,
                          timing.shape, ", ".join(f"{b} {t:.2f} ms" for b, t in timings.items()))
     if failures:
@@ -236,7 +242,7 @@ def _timings(op: str, backends: list[str], timing: Timing, device: torch.device,
     {} when none could be (the order's first then runs)."""
     try:
         cases = timing.cases(device, dtype, teacher_dtype, torch.Generator().manual_seed(SEED))
-    except (RuntimeError, MemoryError) as exc:
+    except Exception as exc:
         log.warning("loss op %s: its timing inputs at %s could not be built (%s); auto takes the first "
                     "backend that passed its check", op, timing.shape, " ".join(str(exc).split())[:200])
         return {}
@@ -244,7 +250,7 @@ def _timings(op: str, backends: list[str], timing: Timing, device: torch.device,
     for backend in backends:
         try:
             timings[backend] = round(time_backend(op, backend, cases, device), 3)
-        except (RuntimeError, MemoryError) as exc:
+        except Exception as exc:  # out of memory, a Triton compile error at shapes the check never tried
             log.warning("loss op %s: the %s backend failed when timed at %s (%s); it is not chosen", op, backend,
                         timing.shape, " ".join(str(exc).split())[:200])
     if device.type == "cuda":
@@ -304,7 +310,8 @@ def _read_store(key: str) -> dict:
         entry = json.loads(_store_path(key).read_text())
     except (OSError, ValueError):
         return {}
-    if not (isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("timings_ms"), dict)):
+    if not (isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("backend"), str)
+            and isinstance(entry.get("timings_ms"), dict)):
         return {}
     return entry
 
@@ -323,44 +330,22 @@ def _write_store(key: str, entry: dict) -> None:
         log.info("the timed loss-backend choice was not stored (%s): the next run times again", exc)
 
 
-@contextlib.contextmanager
-def store_writes(allowed: bool):
-    """Whether decisions made inside are written to the machine's store (ZeRO: rank 0's only, as every
-    rank runs rank 0's choice)."""
-    global _store_writes
-    old, _store_writes = _store_writes, allowed
-    try:
-        yield
-    finally:
-        _store_writes = old
-
-
 def pin(records: list[dict]) -> None:
     """Keep the `auto` choices of a run's start (its config.json's loss_selections) for its resume, and only
     those (earlier pins are dropped): the op then runs on the same backend, if it still passes its check,
     without timing again. A record without shapes (a run started before auto was timed: its loss_ops)
     pins the op at any shapes."""
     _pinned.clear()
+    # The process's earlier `auto` decisions for run shapes are made again for this run (its pins first),
+    # on the checks they ran: nothing of another run's choice carries over, and nothing is checked twice.
+    _stale.update(k for k, s in _selected.items() if s.requested == "auto" and s.shape is not None)
     for r in records:
-        if r.get("requested", "auto") == "auto" and r.get("decided", "order") != "order":
-            _pinned[(r["op"], torch.device(r["device"]).type, r["dtype"], r.get("shape"))] = r["backend"]
-
-
-def adopt(records: list[dict]) -> None:
-    """Take another process's `auto` choices (ZeRO: rank 0's, so every rank runs the same arithmetic) for
-    the decisions this process made on the same op, request, device type, dtypes and shapes, where that
-    backend passed its check here too (otherwise this process keeps its own, and says so)."""
-    for r in records:
-        for s in _selected.values():
-            if (s.op, s.requested, s.dtype, s.shape) != (r["op"], r["requested"], r["dtype"], r["shape"]) \
-                    or s.requested != "auto" or s.shape is None \
-                    or torch.device(s.device).type != torch.device(r["device"]).type or s.backend == r["backend"]:
-                continue
-            if r["backend"] in s.passed:
-                s.backend, s.check, s.decided = r["backend"], s.passed[r["backend"]], "rank 0"
-            else:
-                log.warning("loss op %s (%s): rank 0 runs %s, which did not pass its check here; this process "
-                            "runs %s", s.op, s.dtype, r["backend"], s.backend)
+        try:
+            if r.get("requested", "auto") == "auto" and (r.get("decided", "order") != "order" or r.get("shape")):
+                _pinned[(str(r["op"]), torch.device(r["device"]).type, str(r["dtype"]), r.get("shape"))] = str(r["backend"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError):
+            log.warning("a loss-op choice in the resumed run's config.json is malformed (%r): that op decides "
+                        "afresh", r)
 
 
 def selections() -> list[dict]:
@@ -369,6 +354,7 @@ def selections() -> list[dict]:
 
 
 def reset() -> None:
-    """Forget every decision and pin (tests)."""
+    """Forget every decision, check and pin (tests)."""
     _selected.clear()
     _pinned.clear()
+    _stale.clear()

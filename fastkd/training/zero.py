@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import ops, rng
+from .. import rng
 from ..errors import UserError
 from ..io import no_space_is_one_line
 from ..losses import DistillLoss
@@ -117,16 +117,10 @@ class ZeroEngine(StepEngine):
         return on_rank0(self.rank, work)
 
     def prepare_losses(self, pinned: list[dict] = ()) -> dict:
-        """As one process's, then every rank takes rank 0's timed choices: ranks timing alike on alike
-        hardware may still disagree by noise, and they must run the same arithmetic. (A collective: every
-        rank calls it, at the same point of the run's start.)"""
-        with ops.select.store_writes(self.rank == 0):
-            super().prepare_losses(pinned)
-        box = [ops.select.selections() if self.rank == 0 else None]
-        if self.world > 1:
-            torch.distributed.broadcast_object_list(box, src=0)
-        ops.select.adopt(box[0])
-        return self.criterion.prepare(self.device, self.loss_input_dtypes(), self.run_shapes())  # (all decided)
+        """Every op self-checked before the first step; `auto` keeps its fixed order here (untimed): a ZeRO
+        run on the torch reference was seen not to resume bit-identically, and a timed choice may land
+        there (docs/kernels.md, known gap)."""
+        return self.criterion.prepare(self.device, self.loss_input_dtypes())
 
     def reduce_over_ranks(self, table: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
