@@ -5,7 +5,8 @@
    S in {17, 128, 511, 1024}, head dims 32/64/128, equal and different head counts, padding with an
    all-padded batch row; the attention KL and MiniLMv2's relation KL (384 vs 768 wide, R = 12, 24);
    then the self-check every run does before first use (fastkd.ops.select).
-2. `fastkd bench` (default teacher -> 3 layers) at S=128 and S=512, float32 and bf16, every backend.
+2. `fastkd bench` (default teacher -> 3 layers) at S=128 and S=512, float32 and bf16, every backend, and
+   `auto` (each op timed on the run's shapes, the fastest kept) as a row of its own naming its picks.
 3. benchmarks/loss_kernels.py on the GPU: each op, eager vs fused, time and extra memory.
 
 Everything lands in benchmarks/results/gpu_check_<gpu>.json (and loss_kernels_<gpu>.json), with the
@@ -204,7 +205,7 @@ def self_checks(device, backends, dtypes) -> list[dict]:
 # --- 2. and 3. speed -------------------------------------------------------------------------------
 
 def bench(seq_lens=(128, 512), quick: bool = False) -> list[dict]:
-    """`fastkd bench` at each S, float32 and bf16, every backend present (torch is the reference)."""
+    """`fastkd bench` at each S, float32 and bf16, every backend present (torch is the reference) and auto."""
     import torch
 
     from fastkd.bench import run_bench
@@ -313,7 +314,8 @@ def main() -> int:
         payload["loss_kernels"] = str(loss_kernels(f"loss_kernels_{slug}", args.quick).relative_to(REPO))
         path = write_result(f"gpu_check_{slug}", payload)
         for r in payload["bench"]:
-            print(f"  bench S={r['seq_len']} {r['mode']} {r['backend']}: {r['seq_per_s']} seq/s, "
+            picked = f" (picked {r['ran_on']})" if r["backend"] == "auto" else ""
+            print(f"  bench S={r['seq_len']} {r['mode']} {r['backend']}{picked}: {r['seq_per_s']} seq/s, "
                   f"x{r.get('speedup_vs_torch')} vs torch, peak +{r['peak_extra_mib']} MiB", flush=True)
     payload["machine"] = machine()
     payload["seconds"] = round(time.perf_counter() - started, 1)
