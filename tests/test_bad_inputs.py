@@ -344,7 +344,7 @@ def test_bench_refuses_an_empty_backend_list_or_item(capfd, tmp_path, tiny_teach
                   ["--config", str(empty_list)]):
         code, err = run_cli(capfd, *bench, *extra)
         assert code == 2 and len(err) == 1 and "--backends" in err[0], (extra, err)
-        assert "all, torch, cpp, triton, cuda" in err[0], (extra, err)
+        assert "all, auto, torch, cpp, triton, cuda" in err[0], (extra, err)
     # a one-item list read from a file (written "cpp,") and a trailing comma stay one backend
     one = tmp_path / "one.yaml"
     one.write_text("backends: [cpp]\n")

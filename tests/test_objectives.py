@@ -101,7 +101,7 @@ def _cfg(tmp_path, name, **kw):
 @pytest.mark.parametrize("objective,terms", [("minilm", {"attention_kl", "value_kl"}), ("minilmv2", {"relation"})])
 def test_a_real_distillation_with_each_minilm_objective_falls(tmp_path, objective, terms):
     """all-MiniLM-L6-v2 -> a 3-layer, 192-wide student (6 heads against 12: R = 12 relation heads of 16 and 32)."""
-    student = run_distill(_cfg(tmp_path, objective, objective=objective))
+    student = run_distill(_cfg(tmp_path, objective, objective=objective, loss_backend="cpp"))  # the fused path
     rows = [json.loads(line) for line in (tmp_path / objective / "metrics.jsonl").read_text().splitlines()]
     assert terms <= set(rows[0]) and "attention" not in rows[0] and "hidden" not in rows[0]
     first, last = sum(r["loss"] for r in rows[:4]) / 4, sum(r["loss"] for r in rows[-4:]) / 4
