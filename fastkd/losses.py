@@ -153,7 +153,9 @@ class DistillLoss(nn.Module):
         self.backend_request = backend  # None: $FASTKD_LOSS_BACKEND or auto, resolved per op, device and dtype
         self._ran: dict[tuple, str] = {}  # (op, device, dtypes) -> backend, as this loss ran them
         self._reference: dict[tuple, str] = {}  # (op, device, dtypes) -> why some pairs ran the reference
-        self._shapes: RunShapes | None = None  # the run's, once prepare() has them: `auto` decides per shapes
+        # Each op's timing at the run's shapes, once prepare() has them (`auto` decides per shapes); built
+        # once, not at every call of the step.
+        self._timings: dict[str, ops.select.Timing] = {}
         needs_projection = student_hidden != teacher_hidden
         projected = ([0] if weights.embedding else []) + ([m for m, _ in mapping.pairs()] if weights.hidden else [])
         self.projections = nn.ModuleDict(
@@ -216,9 +218,9 @@ class DistillLoss(nn.Module):
         for the run's config. With the run's `shapes`, `auto` times the passing backends on them and
         keeps the fastest (fastkd.ops.select; the timings are in ops.selections())."""
         pairs = [d if isinstance(d, tuple) else (d, d) for d in dtypes]
-        self._shapes = shapes
+        self._timings = {} if shapes is None else {op: self._timing(op, shapes) for op in self.active_ops()}
         return {op: {ops.select.dtype_label(s, t): ops.backend_for(op, self.backend_request, device, s, t,
-                                                                   self._timing(op, shapes))
+                                                                   self._timings.get(op))
                      for s, t in pairs} for op in self.active_ops()}
 
     def selections(self) -> list[dict]:
@@ -231,7 +233,7 @@ class DistillLoss(nn.Module):
     def _shape_label(self, op: str) -> str | None:
         """The shapes `op`'s decisions for this loss are kept under: its timing's label under a timed auto,
         else None."""
-        timing = self._timing(op, self._shapes)
+        timing = self._timings.get(op)
         return timing.shape if timing is not None and ops.backends.requested(self.backend_request) == "auto" else None
 
     def _timing(self, op: str, shapes: "RunShapes | None") -> "ops.select.Timing | None":
@@ -287,7 +289,7 @@ class DistillLoss(nn.Module):
         """The backend `op` runs on for these inputs, noted under `report` (default: the op's name) as
         what actually ran: a fused backend that hands these inputs to the reference says so."""
         backend = ops.backend_for(op, self.backend_request, student.device, student.dtype, teacher.dtype,
-                                  self._timing(op, self._shapes))
+                                  self._timings.get(op))
         effective = backend
         if op == ops.attention_mse.NAME and ops.attention_mse.merged_too_wide(student, teacher, backend):
             effective = "torch (heads too wide for the GPU tiles)"

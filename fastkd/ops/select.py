@@ -47,6 +47,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..corpus.cache import default_cache_dir
+from ..io import atomic_write_json
 from . import attention_kl, attention_mse, hidden_mse
 from .backends import present_chain, requested
 
@@ -291,7 +293,7 @@ def _store_dir() -> Path:
     ident = [cpu_name(), sorted(f for f, on in cpu_flags().items() if on), torch.get_num_threads(),
              torch.__version__, __version__]
     digest = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
-    return Path(os.environ.get("FASTKD_CACHE", Path.home() / ".cache" / "fastkd")) / "auto-backends" / digest
+    return default_cache_dir() / "auto-backends" / digest
 
 
 def _store_key(op: str, device: torch.device, dtypes: str, shape: str) -> str:
@@ -317,16 +319,11 @@ def _read_store(key: str) -> dict:
 
 
 def _write_store(key: str, entry: dict) -> None:
-    """Store one choice (temporary file, then rename); a store that cannot be written costs the next run a
+    """Store one choice (written whole or not at all); a store that cannot be written costs the next run a
     timing, never this run its result."""
-    path = _store_path(key)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"key": key, **entry}, indent=1))
-        os.replace(tmp, path)
+        atomic_write_json(_store_path(key), {"key": key, **entry})
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         log.info("the timed loss-backend choice was not stored (%s): the next run times again", exc)
 
 
