@@ -4,6 +4,7 @@ compression table (issue 23, item 5; reported, not asserted).
     python benchmarks/mpnet_distill.py [--layers 6,4,3 --steps 1200 --glue-seeds 2]
     python benchmarks/mpnet_distill.py --layers 3 --steps 1200 --resume   # rows already measured are kept
     python benchmarks/mpnet_distill.py --extra-text sst2,cola,mrpc,rte --steps 2000 --name mpnet_distill_v2
+    python benchmarks/mpnet_distill.py --layers 3 --mapping 3=10,11,12 ...   # one more row: other teacher layers
 
 Per student: `fastkd distill` with its defaults for this teacher (`auto`: the sentence objective on one
 sentence per sequence, the teacher labelling the corpus once, its labels kept in the fastkd cache for the
@@ -99,8 +100,8 @@ def corpus_with_extra_text(corpus: str, cache: TaskCache, tasks: list[str], fold
                 seen.setdefault(text, None)
     target = folder / f"glue-train-{'-'.join(tasks)}.txt"
     text = "".join(f"{t}\n" for t in seen)
-    # Rewritten only when it differs: its mtime is part of the corpus's identity, so a rewrite would make
-    # a resumed student refuse the corpus and every cache keyed on it (tokens, teacher labels) start over.
+    # Rewritten only when it differs: a rewrite with other text would make a resumed student refuse the
+    # corpus and every cache keyed on it (tokens, teacher labels) start over.
     if not target.is_file() or target.read_text(encoding="utf-8") != text:
         tmp = target.with_suffix(".tmp")
         tmp.write_text(text, encoding="utf-8")
@@ -126,7 +127,10 @@ def parameters(path) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="mpnet-base", help="mpnet-base (all-mpnet-base-v2); default for a smoke run")
-    p.add_argument("--layers", default="6,4,3", help="student depths, comma-separated")
+    p.add_argument("--layers", default="6,4,3", help="student depths, comma-separated (uniform mapping)")
+    p.add_argument("--mapping", action="append", default=[], metavar="LAYERS=MAPPING",
+                   help="one more student, as fastkd distill --mapping (the teacher layers its layers start from), "
+                        "e.g. 3=10,11,12; repeatable")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -152,6 +156,10 @@ def main() -> None:
     p.add_argument("--work", default=None, help="where the students are kept (default: the fastkd cache's "
                                                 "bench/NAME); the speed pass and --resume read them there")
     args = p.parse_args()
+    for extra in args.mapping:  # checked now, not after the teacher's zero-shot
+        layers, sep, mapping = extra.partition("=")
+        if not (sep and layers.isdigit() and mapping):
+            p.error(f"--mapping {extra}: give LAYERS=MAPPING, e.g. 3=10,11,12")
     quiet_logs()
     logging.getLogger("fastkd").setLevel(logging.WARNING)
     started = time.perf_counter()
@@ -210,14 +218,17 @@ def main() -> None:
     # alone) after: a table completed over several sessions has its headline numbers early.
     zero_shot("teacher", teacher, {"layers": None})
     rows["teacher"]["path"] = str(teacher)  # (a kept row may name another machine's cache)
-    for layers in (int(x) for x in args.layers.split(",")):
-        name = f"{layers} layers"
+    students = [(int(x), "uniform") for x in args.layers.split(",")]
+    students += [(int(layers), mapping) for layers, _, mapping in (m.partition("=") for m in args.mapping)]
+    for layers, mapping in students:
+        name = f"{layers} layers" + ("" if mapping == "uniform" else f" ({mapping})")
         if name in rows and Path(rows[name]["path"], "fastkd.json").is_file():
             continue
-        output = work / f"{layers}-layers"
+        output = work / (f"{layers}-layers" + ("" if mapping == "uniform" else "-" + mapping.replace(",", "-")))
         student = output / "student"
         if not (student / "fastkd.json").is_file():  # an interrupted distillation resumes from its checkpoint
             cfg = DistillConfig(output=str(output), corpus=corpus, teacher=args.teacher, student_layers=layers,
+                                mapping=mapping,
                                 max_seq_len=args.seq_len, max_steps=args.steps, batch_size=args.batch_size,
                                 lr=args.lr, warmup=args.warmup, seed=0, progress=False, resume=output.exists(),
                                 checkpoint_every=max(1, args.steps // 6), log_every=max(1, args.steps // 20))

@@ -155,6 +155,11 @@ def staging_dir(target: Path) -> Path:
     return staged
 
 
+def file_follows_umask(path: str | os.PathLike) -> None:
+    """Give a file the mode a plain open() would have (safetensors writes 0600)."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def follow_umask(folder: Path) -> None:
     """Give `folder` and everything in it the modes a plain open()/mkdir() would (some writers, the
     safetensors one among them, make their files 0600)."""

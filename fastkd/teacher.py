@@ -7,6 +7,7 @@ ordinary tensors; everything else is freed with the inference context.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from .capture import AttentionRecord, check_recorded, recording
+from .io import file_follows_umask
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,9 @@ class SentenceLabels:
             self.path = store / f"{key}.safetensors"
             self.labels = _read_labels(self.path, stream.n, device)
         self.stored = self.labels is not None  # read from the store, not computed by this run
-        if self.labels is None:
+        if not self.stored:  # (an hour for a large teacher on CPUs: say where it will be kept before it starts)
+            log.info("teacher labels: labelling %d rows once%s", stream.n,
+                     f" (kept in {self.path} for the next run)" if self.path is not None else "")
             self.labels = self._compute(teacher, stream, pooling, layer, device, progress, size)
             if self.path is not None:
                 _write_labels(self.path, self.labels)
@@ -201,6 +205,8 @@ def _write_labels(path: Path, labels: torch.Tensor) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_temporaries(path.parent)
         save_file({"labels": labels.detach().cpu().contiguous()}, str(tmp))
+        with contextlib.suppress(OSError):  # (a mount that refuses chmod still keeps the labels)
+            file_follows_umask(tmp)  # a cache shared by a cluster's users: readable as any file they make
         os.replace(tmp, path)
     except (OSError, SafetensorError) as exc:  # (safetensors reports a full disk as its own error)
         tmp.unlink(missing_ok=True)

@@ -59,6 +59,35 @@ def test_second_load_uses_the_arrow_cache(small_corpus, default_tokenizer, monke
         load_corpus(str(small_corpus), default_tokenizer, 40)
 
 
+def test_a_copied_corpus_uses_the_cache_and_an_edited_one_does_not(tmp_path, small_corpus, default_tokenizer,
+                                                                  monkeypatch):
+    """The cache is keyed by the files' bytes: a copy (new modification time, new folder) is the same
+    corpus; the same size with one word changed is not."""
+    import os
+    import shutil
+
+    first = load_corpus(str(small_corpus), default_tokenizer, 48)
+    copy = tmp_path / "elsewhere" / small_corpus.name
+    copy.parent.mkdir()
+    shutil.copy(small_corpus, copy)  # (no -p: a new modification time)
+    os.utime(copy, ns=(1, 1))
+    real = corpus_build._tokenize_batch
+
+    def boom(*a, **k):
+        raise AssertionError("re-tokenized although cached")
+
+    monkeypatch.setattr(corpus_build, "_tokenize_batch", boom)
+    assert load_corpus(str(copy), default_tokenizer, 48)[:]["input_ids"] == first[:]["input_ids"]
+    text = copy.read_text(encoding="utf-8")
+    i = text.index(" the ")
+    copy.write_text(text[:i] + " zzz " + text[i + 5:], encoding="utf-8")  # same size, other bytes
+    assert copy.stat().st_size == small_corpus.stat().st_size
+    with pytest.raises(AssertionError, match="re-tokenized"):
+        load_corpus(str(copy), default_tokenizer, 48)
+    monkeypatch.setattr(corpus_build, "_tokenize_batch", real)
+    assert load_corpus(str(copy), default_tokenizer, 48)[:]["input_ids"] != first[:]["input_ids"]
+
+
 def test_empty_and_missing_corpus(tmp_path, default_tokenizer):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n = Title = \n\n")

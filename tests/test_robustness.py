@@ -269,6 +269,39 @@ def test_resume_checks_the_corpus_files_not_only_their_path(capfd, tmp_path, tin
         run_distill(_cfg(tmp_path, "ident", tiny_teacher_dir, small_corpus, stop_at_step=8, resume=True))
 
 
+def test_resume_after_the_corpus_was_restored_from_a_copy(tmp_path, tiny_teacher_dir, small_corpus):
+    """A copy keeps the bytes and changes the modification time (a data volume mounted afresh, rsync
+    without -t): the run resumes and ends as an uninterrupted one."""
+    straight = run_distill(_cfg(tmp_path, "straight", tiny_teacher_dir, small_corpus))
+    run_distill(_cfg(tmp_path, "copied", tiny_teacher_dir, small_corpus, stop_at_step=4))
+    data = small_corpus.read_bytes()
+    small_corpus.unlink()
+    small_corpus.write_bytes(data)  # a new file (inode), the same bytes
+    os.utime(small_corpus, ns=(10**9, 10**9))
+    resumed = run_distill(_cfg(tmp_path, "copied", tiny_teacher_dir, small_corpus, resume=True))
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_recorded_with_modification_times_resumes_while_its_corpus_is_unchanged(tmp_path, tiny_teacher_dir,
+                                                                                      small_corpus):
+    run_distill(_cfg(tmp_path, "old", tiny_teacher_dir, small_corpus, stop_at_step=2))
+    record = tmp_path / "old" / "config.json"
+
+    def record_the_old_way():  # as runs made before identities were digests recorded their corpus
+        saved = json.loads(record.read_text())
+        st = small_corpus.stat()
+        saved["resolved"]["corpus_identity"] = {"files": [[str(small_corpus.resolve()), st.st_size, st.st_mtime_ns]]}
+        record.write_text(json.dumps(saved))
+
+    record_the_old_way()
+    run_distill(_cfg(tmp_path, "old", tiny_teacher_dir, small_corpus, stop_at_step=4, resume=True))
+    record_the_old_way()
+    os.utime(small_corpus, ns=(10**9, 10**9))  # the old record cannot tell a copy: it refuses, as it always did
+    with pytest.raises(UserError, match="the corpus .* changed since the run began"):
+        run_distill(_cfg(tmp_path, "old", tiny_teacher_dir, small_corpus, resume=True))
+
+
 def test_the_launcher_may_put_local_rank_before_the_command(capfd, monkeypatch, tmp_path):
     """`deepspeed $(which fastkd) distill ...` runs `fastkd --local_rank=N distill ...`."""
     monkeypatch.delenv("LOCAL_RANK", raising=False)

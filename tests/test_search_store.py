@@ -90,3 +90,47 @@ def test_rungs_are_keyed_apart(tmp_path):
     assert store.get("2,4,6", 0, "probe").fitness == 0.61 and store.get("2,4,6", 0, "full").fitness == 0.78
     assert store.get("2,4,6", 0, "short") is None
     assert {(e.rung, e.fitness) for e in store.all()} == {("probe", 0.61), ("full", 0.78)}
+
+
+def test_a_store_from_before_digest_identities_resumes_while_its_files_are_unchanged(tmp_path, tiny_teacher_dir,
+                                                                                    small_corpus):
+    """Stores written before file identities were digests hold [path, size, mtime]: they keep their
+    evaluations while those files are unchanged, and are refused, as before, once a file's time moves."""
+    import os
+
+    from fastkd.search.config import SearchConfig
+
+    data = tmp_path / "glue"
+    (data / "SST-2").mkdir(parents=True)
+    (data / "SST-2" / "train.tsv").write_text("sentence\tlabel\ngood film\t1\n")
+    cfg = SearchConfig(output=str(tmp_path / "o"), corpus=str(small_corpus), data_dir=str(data),
+                       teacher=str(tiny_teacher_dir))
+    old = cfg.fitness_settings(legacy=True)
+    assert isinstance(old["corpus"]["files"][0][2], int) and isinstance(old["task_files"][0][2], int)
+    path = tmp_path / "search.sqlite"
+    with_old_key = Store(path, old, resume=False)
+    with_old_key.put(_eval("2,4,6", fitness=0.7))
+    with_old_key.close()
+    now = cfg.fitness_settings()
+    store = Store(path, now, resume=True, legacy_settings=lambda: cfg.fitness_settings(legacy=True))
+    assert store.get("2,4,6", 0).fitness == 0.7
+    store.close()
+    os.utime(small_corpus, ns=(10**9, 10**9))
+    assert cfg.fitness_settings() == now  # by digest, the same files
+    with pytest.raises(UserError, match="settings differ from the saved run: corpus"):
+        Store(path, cfg.fitness_settings(), resume=True, legacy_settings=lambda: cfg.fitness_settings(legacy=True))
+
+
+def test_a_digest_keyed_store_takes_a_copy_of_its_files_for_the_same(tmp_path, tiny_teacher_dir, small_corpus):
+    import os
+    import shutil
+
+    from fastkd.search.config import SearchConfig
+
+    copy = tmp_path / "copy" / small_corpus.name
+    copy.parent.mkdir()
+    shutil.copy(small_corpus, copy)
+    os.utime(copy, ns=(10**9, 10**9))
+    settings = [SearchConfig(output="o", corpus=str(c), data_dir=str(tmp_path), teacher=str(tiny_teacher_dir))
+                .fitness_settings() for c in (small_corpus, copy)]
+    assert settings[0]["corpus"] == settings[1]["corpus"] and settings[0]["teacher_files"]

@@ -3,6 +3,8 @@ the real sentence-transformers package; zero-shot STS-B in `fastkd glue`."""
 
 import json
 import logging
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -436,10 +438,15 @@ def test_sentence_labels_are_stored_and_read_by_the_next_run_of_the_same_teacher
         return json.loads((tmp_path / name / "student" / "fastkd.json").read_text())["teacher_labels"], \
             [r["sentence"] for r in rows]
 
-    first, computed = distill("first")
+    umask = os.umask(0o002)  # (safetensors writes 0600, which 0o077 would not tell apart)
+    try:
+        first, computed = distill("first")
+    finally:
+        os.umask(umask)
     assert first.endswith("computed once")
     stored = list((tmp_path / "c" / "labels").glob("*.safetensors"))
     assert len(stored) == 1 and not list((tmp_path / "c" / "labels").glob("*.tmp"))
+    assert stat.S_IMODE(stored[0].stat().st_mode) == 0o664  # readable by a shared cache's other users
 
     def never(*args, **kwargs):
         raise AssertionError("the teacher labelled the corpus again")

@@ -16,7 +16,7 @@ from importlib import import_module
 
 _WHERE = {"PACK_BATCH": "build", "corpus_layout": "build", "describe_corpus": "build", "load_corpus": "build",
           "unit_lengths": "build", "CACHE_FORMAT": "cache", "check_cache_dir": "cache", "corpus_identity": "cache",
-          "default_cache_dir": "cache", "BatchStream": "stream", "StreamState": "stream", "parse_sample": "stream",
+          "same_corpus": "cache", "legacy_corpus_identity": "cache", "default_cache_dir": "cache", "BatchStream": "stream", "StreamState": "stream", "parse_sample": "stream",
           "sample_corpus": "stream", "sample_indices": "stream", "clean_paragraph": "text", "corpus_files": "text",
           "read_paragraphs": "text", "split_long": "text", "split_sentences": "text", "text_units": "text"}
 

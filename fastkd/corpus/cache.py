@@ -14,6 +14,7 @@ import socket
 import time
 from pathlib import Path
 
+from ..file_identity import default_cache_dir, file_identity
 from ..io import verify_checksums
 
 from ..rundir import check_writable_dir
@@ -24,10 +25,6 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 4  # bump when the packing changes (3: long paragraphs tokenized in pieces; 4: checksums)
 UNITS_FORMAT = 2  # bump when the sentence split or the unit rows change (their cache entries are then rebuilt)
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("FASTKD_CACHE", Path.home() / ".cache" / "fastkd"))
-
 
 def cache_flag(cache_dir) -> str:
     if cache_dir:
@@ -52,7 +49,9 @@ def is_local(source: str) -> bool:
 def source_fingerprint(source: str, hub_dataset=None) -> dict:
     if hub_dataset is not None:  # the dataset's own fingerprint changes with its revision
         return {"hub": source, "fingerprint": hub_dataset._fingerprint}
-    return {"files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in corpus_files(source)]}
+    root = Path(source).expanduser()
+    return {"files": [file_identity(p, p.relative_to(root).as_posix() if root.is_dir() else p.name)
+                      for p in corpus_files(source)]}
 
 
 def check_corpus_source(source: str) -> None:
@@ -64,8 +63,26 @@ def check_corpus_source(source: str) -> None:
 
 
 def corpus_identity(source: str) -> dict:
-    """The corpus files' identity (resolved path, size, mtime), or the hub name."""
+    """The corpus files' identity (each file's name within the corpus, size and SHA-256: see
+    file_identity), or the hub name."""
     return source_fingerprint(source) if is_local(source) else {"hub": source}
+
+
+def legacy_corpus_identity(source: str) -> dict:
+    """The identity runs recorded before it was a digest: [resolved path, size, mtime] per file."""
+    if not is_local(source):
+        return {"hub": source}
+    return {"files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in corpus_files(source)]}
+
+
+def same_corpus(saved: dict, source: str) -> bool:
+    """Whether `source` is the corpus a run recorded as `saved` (corpus_identity, as stored in JSON).
+    Runs recorded before identities were digests are compared the old way, so an unchanged corpus still
+    resumes them."""
+    files = saved.get("files")
+    if files and isinstance(files[0][2], int):  # the old record: a modification time, not a digest
+        return saved == legacy_corpus_identity(source)
+    return saved == json.loads(json.dumps(corpus_identity(source)))  # (tuples stored as lists)
 
 
 def cache_key(source: str, tokenizer, max_seq_len: int, hub_dataset=None, mode: str = "packed") -> str:

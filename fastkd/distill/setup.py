@@ -4,7 +4,6 @@ one-process run (local.py) and the ZeRO run (zero.py)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..config import NON_DETERMINING, DistillConfig, read_run_config
-from ..corpus import check_cache_dir, corpus_identity, parse_sample
+from ..corpus import check_cache_dir, parse_sample, same_corpus
 from ..errors import UserError
 from ..families import family_of, usable_positions
 from ..rundir import RunDir, check_writable_dir, refuse_busy_output, refuse_foreign_output
@@ -67,9 +66,9 @@ def prepare_output(cfg: DistillConfig) -> tuple[Path, dict | None]:
     RunDir(output, "distill").refuse_other_run(comparable(saved.get("config", {})), comparable(cfg.to_dict()),
                                                cfg.resume, NON_DETERMINING, holds="a distill run")
     identity = saved.get("resolved", {}).get("corpus_identity")
-    if identity is not None and identity != json.loads(json.dumps(corpus_identity(cfg.corpus))):  # as saved
+    if identity is not None and not same_corpus(identity, cfg.corpus):
         raise UserError(f"cannot --resume {output}: the corpus {cfg.corpus} changed since the run began (its files' "
-                        "size or modification time): restore it, or start a new run in another --output")
+                        "names, sizes or contents): restore it, or start a new run in another --output")
     return output, saved
 
 

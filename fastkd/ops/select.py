@@ -47,7 +47,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..corpus.cache import default_cache_dir
+from ..file_identity import default_cache_dir
 from ..io import atomic_write_json
 from . import attention_kl, attention_mse, hidden_mse
 from .backends import present_chain, requested

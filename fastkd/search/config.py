@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..corpus.cache import check_corpus_source
 from ..errors import UserError
+from ..file_identity import file_identity
 from ..glue.config import FinetuneConfig
 from ..glue.tasks import ZERO_SHOT_TASK, parse_tasks, task_spec
 from ..options import (CORPUS_MODE_HELP, CORPUS_MODES, LOSS_BACKEND_HELP, LOSS_BACKENDS, MAX_SEED, OBJECTIVE_HELP,
@@ -88,9 +89,19 @@ def _resolved(path: str) -> str:
     return path if path == "hub" or not Path(path).exists() else str(Path(path).resolve())
 
 
-def _identity(path: Path) -> list:
-    st = path.stat()
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+def _identity(path: Path, name: str, legacy: bool = False) -> list:
+    """A file's identity (see fastkd.file_identity); legacy: the [resolved path, size, mtime] that stores
+    written before it was a digest hold. A file that cannot be read is one line, not a traceback."""
+    if not path.is_file():
+        raise UserError(f"{path} is not a regular file: a search reads it (move it out of {path.parent})")
+    try:
+        if legacy:
+            st = path.stat()
+            return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+        return file_identity(path, name)
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror or exc}): make it readable, or move it out of "
+                        f"{path.parent}") from None
 
 
 def _model_path(name: str):
@@ -99,11 +110,12 @@ def _model_path(name: str):
     return resolve_model_path(name)
 
 
-def _model_identity(name: str) -> list:
+def _model_identity(name: str, legacy: bool = False) -> list:
     path = Path(_model_path(name))
     if not path.is_dir():
         return [name]  # a hub name: its revision is the hub's business
-    return [_identity(p) for p in sorted(path.iterdir()) if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".txt")]
+    return [_identity(p, p.name, legacy) for p in sorted(path.iterdir())
+            if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".txt")]
 
 
 def verdict_seeds_value(text: str):
@@ -186,11 +198,13 @@ class SearchConfig:
             return [self.seed + k * SEED_STRIDE for k in range(1, self.verdict_seeds + 1)]
         return list(dict.fromkeys(int(s) for s in self.verdict_seeds))
 
-    def fitness_settings(self) -> dict:
+    def fitness_settings(self, legacy: bool = False) -> dict:
         """What determines a fitness value (the store key), apart from the mapping and the seed:
-        the settings, and the identity (path, size, mtime) of the teacher, corpus and task files,
-        so a re-exported teacher or edited data is not mistaken for the old one."""
-        from ..corpus import corpus_identity  # (heavy: imported when a search runs, not for --help)
+        the settings, and the identity (name, size, SHA-256) of the teacher, corpus and task files,
+        so a re-exported teacher or edited data is not mistaken for the old one, and a copied one is.
+        legacy: the files' identities as stores written before they were digests hold them (path, size,
+        mtime), so such a store still resumes while its files are unchanged."""
+        from ..corpus import corpus_identity, legacy_corpus_identity  # (heavy: imported when a search runs)
         from ..losses import objective_weights
         from ..sentence import read_pooling
 
@@ -199,12 +213,13 @@ class SearchConfig:
             tasks = list(dict.fromkeys(tasks + [task_spec(ZERO_SHOT_TASK)]))  # its files matter too
         data = Path(self.data_dir)
         task_files = [] if str(self.data_dir) == "hub" else [
-            _identity(p) for t in tasks for p in sorted((data / t.name).glob("*.tsv"))]
+            _identity(p, f"{t.name}/{p.name}", legacy) for t in tasks for p in sorted((data / t.name).glob("*.tsv"))]
         # (recipe 3 changed only how a regression task is fine-tuned: other stores keep their key, and resume)
         recipe = RECIPE_VERSION if any(t.is_regression for t in parse_tasks(",".join(self.proxy.tasks))) else 2
-        return {"recipe": recipe, "teacher": self.teacher, "teacher_files": _model_identity(self.teacher),
+        corpus = legacy_corpus_identity(self.corpus) if legacy else corpus_identity(self.corpus)
+        return {"recipe": recipe, "teacher": self.teacher, "teacher_files": _model_identity(self.teacher, legacy),
                 "student": [self.student_layers, self.student_hidden, self.student_heads, self.student_ffn],
-                "corpus": corpus_identity(self.corpus), "data_dir": _resolved(self.data_dir), "task_files": task_files,
+                "corpus": corpus, "data_dir": _resolved(self.data_dir), "task_files": task_files,
                 "proxy": self.proxy.as_dict(), "drop_weak_tasks": self.drop_weak_tasks, "sample_seed": self.seed,
                 "ladder": [r.name for r in self.rungs()],
                 **({"corpus_mode": self.corpus_mode_used()} if self.corpus_mode_used() != "packed" else {}),  # (older keys stay)

@@ -100,7 +100,8 @@ class Search:
         store_path = Path(cfg.output) / "search.sqlite"
         if int(os.environ.get("WORLD_SIZE", "1")) == 1 and store_path.exists():
             # a store of other settings (or one --resume should continue) is refused now, not after the tokenizing
-            Store(store_path, cfg.fitness_settings(), cfg.resume, create=False).close()
+            Store(store_path, cfg.fitness_settings(), cfg.resume, create=False,
+                  legacy_settings=lambda: cfg.fitness_settings(legacy=True)).close()
         t0 = time.perf_counter()
         # The corpus before the output folder: a corpus it cannot use leaves nothing behind.
         self.tokenizer = load_tokenizer(cfg.teacher)
@@ -114,7 +115,8 @@ class Search:
             self.output.mkdir(parents=True, exist_ok=True)
             if self.comm.world == 1:  # (a refusal on one rank of many would leave the others waiting)
                 RunDir(self.output, "search").claim()
-            self.store = Store(self.output / "search.sqlite", cfg.fitness_settings(), cfg.resume)
+            self.store = Store(self.output / "search.sqlite", cfg.fitness_settings(), cfg.resume,
+                               legacy_settings=lambda: cfg.fitness_settings(legacy=True))
             # The resolved settings, in the form --config reads (fastkd search --config it reruns this search).
             RunDir(self.output, "search").write_config(resolved_config("search", cfg))
         self.teacher = load_teacher(cfg.teacher).to(self.comm.device())

@@ -56,13 +56,23 @@ class Evaluation:
                 json.dumps(self.losses), self.seconds, time.time())
 
 
+def _has_legacy_identity(settings: dict) -> bool:
+    """Whether a store's settings name files by [path, size, mtime] (before identities were digests)."""
+    files = [*(settings.get("teacher_files") or []), *(settings.get("task_files") or []),
+             *((settings.get("corpus") or {}).get("files") or [])]
+    return any(isinstance(f, list) and len(f) == 3 and isinstance(f[2], int) for f in files)
+
+
 class Store:
-    def __init__(self, path: str | Path, settings: dict, resume: bool, create: bool = True):
+    def __init__(self, path: str | Path, settings: dict, resume: bool, create: bool = True, legacy_settings=None):
         """create=False: only check an existing store (its refusals), writing nothing: an empty file, left
-        by a kill during creation, is left for the search that creates it."""
+        by a kill during creation, is left for the search that creates it. legacy_settings: a function giving
+        the settings as a store written before file identities were digests holds them; such a store whose
+        settings equal them is continued under its own key."""
         self.path = Path(path)
         self.settings = json.loads(json.dumps(settings, sort_keys=True))  # as stored: tuples become lists
         self.key = settings_hash(self.settings)
+        self.legacy_settings = legacy_settings
         try:
             self.db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)  # autocommit; explicit txns
             self.db.execute("PRAGMA busy_timeout=60000")
@@ -97,8 +107,11 @@ class Store:
             raise UserError(f"{self.path} is an SQLite file but not a fastkd search store: remove it or choose another --output")
         if int(meta.get("schema", -1)) != SCHEMA_VERSION:
             raise UserError(f"{self.path} was written by another fastkd version (store schema {meta.get('schema')})")
-        why = other_run_refusal(self.path.parent, _flatten(json.loads(meta["settings"])), _flatten(self.settings), resume,
-                                holds="a search")
+        stored = json.loads(meta["settings"])
+        if stored != self.settings and self.legacy_settings is not None and _has_legacy_identity(stored) \
+                and stored == json.loads(json.dumps(self.legacy_settings(), sort_keys=True)):
+            self.settings, self.key = stored, settings_hash(stored)  # its evaluations keep their key
+        why = other_run_refusal(self.path.parent, _flatten(stored), _flatten(self.settings), resume, holds="a search")
         if why is not None:
             raise UserError(why)
 

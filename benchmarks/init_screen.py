@@ -1,0 +1,91 @@
+"""Which teacher layers a sentence-embedding student should start from, scored before any training:
+the teacher's pipeline with only those layers kept (sentence-transformers' layer-drop), STS-B dev
+zero-shot Spearman x 100 (reported, not asserted; issue 23 and issue 24, item 4).
+
+    python benchmarks/init_screen.py --layers 3 [--inits 4,8,12 10,11,12 ...] [--teacher mpnet-base]
+
+Under `--objective sentence` the mapping decides only which teacher layers initialise the student (no
+layer is supervised), so a score of the untrained student costs one encode of STS-B dev (about a
+minute for three mpnet layers on 2 CPU cores) where a distillation costs an hour. Whether the
+untrained order survives training is what the trained rows of benchmarks/mpnet_distill.py measure
+(the note of issue 23 compares them). Default inits: uniform, last, first, and every evenly spaced
+choice ending at the last layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, quiet_logs, table, write_result  # noqa: E402
+from mpnet_distill import GLUE  # noqa: E402
+
+from fastkd.glue.data import TaskCache  # noqa: E402
+from fastkd.glue.tasks import task_spec  # noqa: E402
+from fastkd.mapping import heuristic, parse_mapping  # noqa: E402
+from fastkd.models import resolve_model_path  # noqa: E402
+
+
+def default_inits(n_teacher: int, layers: int) -> list[str]:
+    named = [heuristic(m, layers, n_teacher).text for m in ("uniform", "last", "first")]
+    spaced = [",".join(str(n_teacher - step * (layers - 1 - i)) for i in range(layers))
+              for step in range(1, (n_teacher - 1) // max(1, layers - 1) + 1)]
+    return list(dict.fromkeys(named + spaced))
+
+
+def score(model, dev) -> float:
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    a = model.encode(dev.text_a, batch_size=64, convert_to_numpy=True, show_progress_bar=False)
+    b = model.encode(dev.text_b, batch_size=64, convert_to_numpy=True, show_progress_bar=False)
+    cosine = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return 100 * float(spearmanr(cosine, np.asarray(dev.labels, dtype=np.float64)).statistic)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="mpnet-base")
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--inits", nargs="*", default=None,
+                   help="teacher layers to keep, as fastkd distill --mapping: 10,11,12 or uniform, last, first")
+    p.add_argument("--data-dir", default=str(GLUE))
+    p.add_argument("--name", default=None, help="results/NAME.json (default: init_screen_<teacher>_<layers>)")
+    args = p.parse_args()
+    quiet_logs()
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    dev = TaskCache(args.data_dir).data(task_spec("stsb")).dev[0]
+    teacher = SentenceTransformer(str(resolve_model_path(args.teacher)), device="cpu")
+    teacher.max_seq_length = 128
+    encoder = teacher[0].auto_model.encoder
+    n_teacher = len(encoder.layer)
+    inits = args.inits or default_inits(n_teacher, args.layers)
+    rows = [{"kept": "all", "stsb_zeroshot": round(score(teacher, dev), 2)}]
+    print(rows[-1], flush=True)
+    for init in inits:
+        kept = parse_mapping(init, args.layers, n_teacher).layers
+        if None in kept:
+            raise SystemExit(f"--inits {init}: every student layer starts from a teacher layer here ('-' is not one)")
+        init = ",".join(map(str, kept))
+        student = copy.deepcopy(teacher)
+        inner = student[0].auto_model
+        inner.encoder.layer = torch.nn.ModuleList([inner.encoder.layer[k - 1] for k in kept])
+        inner.config.num_hidden_layers = len(kept)
+        started = time.perf_counter()
+        rows.append({"kept": init, "stsb_zeroshot": round(score(student, dev), 2),
+                     "seconds": round(time.perf_counter() - started, 1)})
+        print(rows[-1], flush=True)
+    name = args.name or f"init_screen_{Path(str(args.teacher)).name}_{args.layers}"
+    write_result(name, {"machine": machine(), "settings": vars(args), "rows": rows,
+                        "judge": "STS-B dev zero-shot Spearman x100 of the untrained layer-drop pipeline"})
+    print(table(rows, ["kept", "stsb_zeroshot"]))
+
+
+if __name__ == "__main__":
+    main()
