@@ -23,7 +23,7 @@ import os
 import re
 from pathlib import Path
 
-from .io import file_sha256
+from .io import atomic_write_text, file_sha256
 
 DIGESTS = "file-digests"  # the memo's folder in the fastkd cache
 MEMO_MIN_BYTES = 4 << 20  # smaller files are read again rather than memoised on disk (a few ms at most)
@@ -38,18 +38,6 @@ def default_cache_dir() -> Path:
 
 def _version(path: Path, st: os.stat_result) -> tuple:
     return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _write_memo(memo: Path, digest: str) -> None:
-    """Temporary file and rename, no fsync: a memo lost or torn by a crash fails the digest pattern and is
-    computed again. Several processes (a launcher's ranks) may write the same memo: each renames whole."""
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(digest + "\n")
-        os.replace(tmp, memo)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def content_digest(path: str | os.PathLike) -> str:
@@ -75,10 +63,18 @@ def content_digest(path: str | os.PathLike) -> str:
     _in_process[version] = digest
     if memo is not None:
         try:
-            _write_memo(memo, digest)
+            # no fsync: a memo lost or torn by a crash fails the digest pattern and is computed again
+            atomic_write_text(memo, digest + "\n", durable=False)
         except OSError:
             pass  # a read-only cache: the digest is computed again by the next process, nothing else changes
     return digest
+
+
+def legacy_file_identity(path: str | os.PathLike) -> list:
+    """[resolved path, size, mtime]: how files were known before (run records and search stores of that time)."""
+    path = Path(path)
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
 def file_identity(path: str | os.PathLike, name: str | None = None) -> list:

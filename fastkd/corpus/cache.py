@@ -14,7 +14,7 @@ import socket
 import time
 from pathlib import Path
 
-from ..file_identity import default_cache_dir, file_identity
+from ..file_identity import default_cache_dir, file_identity, legacy_file_identity
 from ..io import verify_checksums
 
 from ..rundir import check_writable_dir
@@ -72,7 +72,7 @@ def legacy_corpus_identity(source: str) -> dict:
     """The identity runs recorded before it was a digest: [resolved path, size, mtime] per file."""
     if not is_local(source):
         return {"hub": source}
-    return {"files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in corpus_files(source)]}
+    return {"files": [legacy_file_identity(p) for p in corpus_files(source)]}
 
 
 def same_corpus(saved: dict, source: str) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..corpus.cache import check_corpus_source
 from ..errors import UserError
-from ..file_identity import file_identity
+from ..file_identity import file_identity, legacy_file_identity
 from ..glue.config import FinetuneConfig
 from ..glue.tasks import ZERO_SHOT_TASK, parse_tasks, task_spec
 from ..options import (CORPUS_MODE_HELP, CORPUS_MODES, LOSS_BACKEND_HELP, LOSS_BACKENDS, MAX_SEED, OBJECTIVE_HELP,
@@ -95,10 +95,7 @@ def _identity(path: Path, name: str, legacy: bool = False) -> list:
     if not path.is_file():
         raise UserError(f"{path} is not a regular file: a search reads it (move it out of {path.parent})")
     try:
-        if legacy:
-            st = path.stat()
-            return [str(path.resolve()), st.st_size, st.st_mtime_ns]
-        return file_identity(path, name)
+        return legacy_file_identity(path) if legacy else file_identity(path, name)
     except OSError as exc:
         raise UserError(f"cannot read {path} ({exc.strerror or exc}): make it readable, or move it out of "
                         f"{path.parent}") from None
