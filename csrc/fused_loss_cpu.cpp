@@ -3,8 +3,10 @@
 // The same functions, with the same arguments, are exported by the CUDA module (fused_loss_cuda.cpp),
 // so one autograd Function per op (fastkd/ops/<op>.py) drives both.
 // Inputs arrive contiguous float32 (the wrapper casts; float64 is kept, for gradcheck); masks arrive
-// as torch.bool. Every gradient
-// returned is of the *unnormalised* loss_sum; Python divides by the count of valid elements.
+// as torch.bool. attention_mse_qk also takes bfloat16, on CPUs that multiply it natively (the wrapper
+// decides): its GEMMs then run in bf16 with float32 accumulation, and its gradients come back float32.
+// Every gradient returned is of the *unnormalised* loss_sum; Python divides by the count of valid
+// elements.
 //
 //   attention_mse_qk      sum over valid (b,h,i,j) of (ss*qs_i.ks_j - st*qt_i.kt_j)^2, no S x S tensor
 //   attention_kl_qk       sum over real (b,h,i) of KL(softmax_j(st*qt_i.kt_j) || softmax_j(ss*qs_i.ks_j)), real j
@@ -27,11 +29,14 @@ using at::Tensor;
 
 namespace {
 
-// float32 in normal use; float64 too, so torch.autograd.gradcheck can check the gradients exactly.
-void check_input(const Tensor& x, const char* name, int64_t dims, const Tensor& like) {
+// float32 in normal use; float64 too, so torch.autograd.gradcheck can check the gradients exactly;
+// bfloat16 where the op says so (allow_bf16).
+void check_input(const Tensor& x, const char* name, int64_t dims, const Tensor& like, bool allow_bf16 = false) {
   TORCH_CHECK(x.device().is_cpu(), "fastkd cpp loss: ", name, " must be a CPU tensor");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "fastkd cpp loss: ", name, " must be float32 or float64 (got ", x.scalar_type(), ")");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                  (allow_bf16 && x.scalar_type() == at::kBFloat16),
+              "fastkd cpp loss: ", name, " must be float32 or float64", allow_bf16 ? " or bfloat16" : "",
+              " (got ", x.scalar_type(), ")");
   TORCH_CHECK(x.scalar_type() == like.scalar_type(), "fastkd cpp loss: ", name, " must have the dtype of the others");
   TORCH_CHECK(x.is_contiguous(), "fastkd cpp loss: ", name, " must be contiguous");
   TORCH_CHECK(x.dim() == dims, "fastkd cpp loss: ", name, " must have ", dims, " dims (got ", x.dim(), ")");
@@ -92,13 +97,15 @@ struct QKTaskResult {
 // the real rows only and the masking is exact with no test in any loop; an all-padded row has no task.
 // Each task writes its own (b, h) slices of the gradients (no two threads write the same memory) and
 // its own loss partial (summed in float64, in a fixed order: deterministic).
+// bfloat16 inputs (allow_bf16) get float32 gradients: they are accumulated over tiles, and the caller
+// rounds them once into the parameters' dtype.
 template <typename TaskFn>
 std::vector<Tensor> qk_tasks(const Tensor& qs, const Tensor& ks, const Tensor& qt, const Tensor& kt,
-                             const Tensor& mask, bool need_grad, TaskFn&& run_task) {
-  check_input(qs, "qs", 4, qs);
-  check_input(ks, "ks", 4, qs);
-  check_input(qt, "qt", 4, qs);
-  check_input(kt, "kt", 4, qs);
+                             const Tensor& mask, bool need_grad, bool allow_bf16, TaskFn&& run_task) {
+  check_input(qs, "qs", 4, qs, allow_bf16);
+  check_input(ks, "ks", 4, qs, allow_bf16);
+  check_input(qt, "qt", 4, qs, allow_bf16);
+  check_input(kt, "kt", 4, qs, allow_bf16);
   const int64_t B = qs.size(0), H = qs.size(1), S = qs.size(2), ds = qs.size(3), dt = qt.size(3);
   TORCH_CHECK(ks.sizes() == qs.sizes(), "fastkd cpp loss: ks must have the shape of qs");
   TORCH_CHECK(qt.size(0) == B && qt.size(1) == H && qt.size(2) == S && kt.sizes() == qt.sizes(),
@@ -112,8 +119,9 @@ std::vector<Tensor> qk_tasks(const Tensor& qs, const Tensor& ks, const Tensor& q
   const int64_t hc = heads_per_task(B, H, S, ds + dt);
   const int64_t chunks = (H + hc - 1) / hc;
   Tensor partial = at::zeros({B * chunks}, qs.options().dtype(at::kDouble));
-  Tensor dqs = need_grad ? at::zeros_like(qs) : Tensor();
-  Tensor dks = need_grad ? at::zeros_like(ks) : Tensor();
+  const auto grad_type = qs.scalar_type() == at::kBFloat16 ? at::kFloat : qs.scalar_type();
+  Tensor dqs = need_grad ? at::zeros(qs.sizes(), qs.options().dtype(grad_type)) : Tensor();
+  Tensor dks = need_grad ? at::zeros(ks.sizes(), ks.options().dtype(grad_type)) : Tensor();
   double* partial_ptr = partial.data_ptr<double>();
 
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
@@ -133,15 +141,62 @@ std::vector<Tensor> qk_tasks(const Tensor& qs, const Tensor& ks, const Tensor& q
       }
     }
   });
-  return {partial.sum().to(qs.scalar_type()), dqs, dks};
+  return {partial.sum().to(grad_type), dqs, dks};
+}
+
+// attention_mse_qk's tiled form on bfloat16 inputs: the GEMMs in bf16 with float32 accumulation (oneDNN's
+// AVX512-BF16 / AMX kernels), the sums and the gradients' accumulation over tiles in float32 or wider.
+// ATen's CPU GEMMs return bf16, so each product is rounded once, and what is rounded matters:
+//   - the scores' difference, not each model's scores: D' = [qs | -r qt] [ks | kt]^T in one GEMM, with
+//     r = scale_t / scale_s and D = scale_s D', so D' is rounded relative to |D'|, however close the
+//     student's scores are to the teacher's (two bf16 score tensors subtracted would lose that);
+//   - no scale enters an operand when the two scales are equal (r = 1) or r is a power of two: the
+//     operands are then the inputs' own bf16 values; otherwise the teacher's operand is rounded once.
+// loss_sum = scale_s^2 sum D'^2, dqs = 2 scale_s^2 D' ks, dks = 2 scale_s^2 D'^T qs.
+QKTaskResult mse_tiles_bf16(const QKTask& take, const Tensor& qs, const Tensor& ks, const Tensor& qt,
+                            const Tensor& kt, double scale_s, double scale_t, bool need_grad) {
+  const int64_t nh = take.nh, n = take.n, ds = qs.size(3);
+  const Tensor q_s = take(qs), k_s = take(ks);  // (nh, n, ds) bf16
+  const Tensor q_t = take(qt);
+  const Tensor A = at::cat({q_s, scale_t == scale_s ? q_t.neg() : q_t.mul(-scale_t / scale_s)}, 2);
+  const Tensor Bt = at::cat({k_s, take(kt)}, 2).transpose(1, 2);  // (nh, d, n)
+  const double s2 = scale_s * scale_s;
+  QKTaskResult r{0.0, Tensor(), Tensor()};
+  if (need_grad) {
+    r.gq = at::empty({nh, n, ds}, qs.options().dtype(at::kFloat));
+    r.gk = at::zeros({nh, n, ds}, qs.options().dtype(at::kFloat));
+  }
+  for (int64_t i0 = 0; i0 < n; i0 += kTileRows) {
+    const int64_t m = std::min(kTileRows, n - i0);
+    const Tensor D = at::bmm(A.narrow(1, i0, m), Bt);  // (nh, m, n) bf16
+    r.loss += s2 * D.to(at::kFloat).square_().sum(at::kDouble).item<double>();
+    if (need_grad) {
+      r.gq.narrow(1, i0, m).copy_(at::bmm(D, k_s)).mul_(2.0 * s2);
+      r.gk.add_(at::bmm(D.transpose(1, 2), q_s.narrow(1, i0, m)), 2.0 * s2);
+    }
+  }
+  return r;
 }
 
 }  // namespace
 
 std::vector<Tensor> attention_mse_qk(const Tensor& qs, const Tensor& ks, const Tensor& qt, const Tensor& kt,
                                      const Tensor& mask, double scale_s, double scale_t, bool need_grad) {
-  return qk_tasks(qs, ks, qt, kt, mask, need_grad, [&](const QKTask& take) {
+  const bool bf16 = qs.scalar_type() == at::kBFloat16;
+  return qk_tasks(qs, ks, qt, kt, mask, need_grad, /*allow_bf16=*/true, [&](const QKTask& take) {
     const int64_t nh = take.nh, n = take.n, ds = qs.size(3), d = ds + qt.size(3);
+    if (bf16 && !prefer_gram(n, d, ds, need_grad)) return mse_tiles_bf16(take, qs, ks, qt, kt, scale_s, scale_t, need_grad);
+    if (bf16) {  // the Gram form in float64 from the exact bf16 values (the scales applied in float64)
+      const Tensor Ad = at::cat({take(qs).to(at::kDouble) * scale_s, take(qt).to(at::kDouble) * (-scale_t)}, 2);
+      const Tensor Bd = at::cat({take(ks), take(kt)}, 2).to(at::kDouble);
+      const Tensor GA = at::bmm(Ad.transpose(1, 2), Ad), GB = at::bmm(Bd.transpose(1, 2), Bd);
+      QKTaskResult r{(GA * GB).sum().item<double>(), Tensor(), Tensor()};
+      if (need_grad) {
+        r.gq = at::bmm(Ad, GB.narrow(2, 0, ds)).mul_(2.0 * scale_s).to(at::kFloat);
+        r.gk = at::bmm(Bd, GA.narrow(2, 0, ds)).mul_(2.0).to(at::kFloat);
+      }
+      return r;
+    }
     const Tensor q_s = take(qs), k_s = take(ks);  // (nh, n, ds)
     // D = A B^T with A = [ss qs | -st qt], B = [ks | kt]: one product over ds + dt per pair.
     const Tensor A = at::cat({q_s * scale_s, take(qt) * (-scale_t)}, 2);  // (nh, n, d)
@@ -184,7 +239,7 @@ std::vector<Tensor> attention_mse_qk(const Tensor& qs, const Tensor& ks, const T
 // G = p_s - p_t (d kl / d A_s), dqs = scale_s G ks, dks += scale_s G^T qs.
 std::vector<Tensor> attention_kl_qk(const Tensor& qs, const Tensor& ks, const Tensor& qt, const Tensor& kt,
                                     const Tensor& mask, double scale_s, double scale_t, bool need_grad) {
-  return qk_tasks(qs, ks, qt, kt, mask, need_grad, [&](const QKTask& take) {
+  return qk_tasks(qs, ks, qt, kt, mask, need_grad, /*allow_bf16=*/false, [&](const QKTask& take) {
     const int64_t nh = take.nh, n = take.n, ds = qs.size(3);
     const Tensor q_s = take(qs), k_s = take(ks), q_t = take(qt), k_t = take(kt);
     const Tensor ks_T = k_s.transpose(1, 2), kt_T = k_t.transpose(1, 2);

@@ -111,7 +111,8 @@ def test_attention_qk_teacher_gets_no_gradient_and_student_dtype_is_kept():
     assert qt.grad is None and kt.grad is None
 
 
-def test_attention_qk_bf16_inputs_match_reference_on_the_same_values():
+def test_attention_qk_bf16_inputs_match_reference_on_the_same_values(monkeypatch):
+    monkeypatch.setattr(am, "native_bf16", False)  # the upcast path (CPUs without bf16 GEMMs): float32 exact
     gen = torch.Generator().manual_seed(5)
     qs, ks = _qk(2, 4, 29, 16, gen, dtype=torch.bfloat16)
     qt, kt = _qk(2, 4, 29, 16, gen, dtype=torch.bfloat16, grad=False)
@@ -123,6 +124,92 @@ def test_attention_qk_bf16_inputs_match_reference_on_the_same_values():
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
     for g, r in zip(_grads(got, [qs, ks]), _grads(ref, [q32, k32])):
         torch.testing.assert_close(g.float(), r, rtol=1e-2, atol=1e-3)  # bf16 gradient storage
+
+
+def _bf16_case(B, H, S, ds, dt, seed, padding=True):
+    gen = torch.Generator().manual_seed(seed)
+    qs, ks = _qk(B, H, S, ds, gen, dtype=torch.bfloat16)
+    qt, kt = _qk(B, H, S, dt, gen, dtype=torch.bfloat16, grad=False)
+    mask = _mask(B, S, gen, padded_rows=(B - 1,)) if padding else torch.ones(B, S, dtype=torch.long)
+    return qs, ks, qt, kt, mask
+
+
+def _against_float32_reference(qs, ks, qt, kt, mask, ss, st):
+    """(loss error, [gradient errors]) of the cpp backend, relative to the largest reference entry, against
+    the float32 reference on the same bf16 values: the self-check's measure (fastkd.ops.select)."""
+    got = am.attention_mse_qk(qs, ks, qt, kt, mask, ss, st, "cpp")
+    q32, k32 = qs.detach().float().requires_grad_(), ks.detach().float().requires_grad_()
+    ref = _reference_qk(q32, k32, qt.float(), kt.float(), mask, ss, st)
+    rel = lambda a, b: ((a.float() - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    return rel(got, ref), [rel(g, r) for g, r in zip(_grads(got, [qs, ks]), _grads(ref, [q32, k32]))]
+
+
+# Tiled with equal scales (r = 1), tiled with unequal ones (the teacher operand scaled once), a length
+# past one 64-row tile, and the Gram form (narrow heads, long sequence).
+@pytest.mark.parametrize("B,H,S,ds,dt", [(2, 4, 29, 16, 16), (2, 3, 83, 32, 24), (3, 12, 70, 32, 32), (2, 2, 130, 4, 4)])
+def test_attention_qk_native_bf16_gemms_match_the_reference(monkeypatch, B, H, S, ds, dt):
+    monkeypatch.setattr(am, "native_bf16", True)  # forced: bf16 GEMMs run (emulated) on any CPU
+    seen = []
+    module = builder.load("cpu")
+
+    class Spy:  # which dtype reaches the C++ op
+        def attention_mse_qk(self, *args):
+            seen.append(args[0].dtype)
+            return module.attention_mse_qk(*args)
+
+    monkeypatch.setattr(am.ext, "module_for", lambda device: Spy())
+    loss_err, grad_errs = _against_float32_reference(*_bf16_case(B, H, S, ds, dt, seed=S + ds), ds ** -0.5, dt ** -0.5)
+    assert set(seen) == {torch.bfloat16}
+    # The self-check's 16-bit tolerances (select.tolerances): loss 1e-3, gradients one bf16 epsilon.
+    assert loss_err < 1e-3
+    assert max(grad_errs) < torch.finfo(torch.bfloat16).eps
+
+
+def test_attention_qk_native_bf16_rounds_the_difference_not_the_scores(monkeypatch):
+    # A student close to its teacher (late in a distillation): its Q and K are the teacher's plus 0.3%
+    # noise. Rounding each model's scores to bf16 before subtracting them puts this loss about 20% off;
+    # the kernel's single GEMM over [qs | -qt] [ks | kt] rounds the difference, relative to itself.
+    monkeypatch.setattr(am, "native_bf16", True)
+    gen = torch.Generator().manual_seed(8)
+    qt, kt = _qk(2, 4, 96, 32, gen, grad=False)
+    qs = (qt + 3e-3 * torch.randn(qt.shape, generator=gen)).to(torch.bfloat16).requires_grad_()
+    ks = (kt + 3e-3 * torch.randn(kt.shape, generator=gen)).to(torch.bfloat16).requires_grad_()
+    qt, kt = qt.to(torch.bfloat16), kt.to(torch.bfloat16)
+    mask = torch.ones(2, 96)
+    d = lambda x: x.detach().double()  # noqa: E731
+    exact = (32 ** -0.5 * (d(qs) @ d(ks).transpose(-1, -2) - d(qt) @ d(kt).transpose(-1, -2))).pow(2).mean()
+    got = am.attention_mse_qk(qs, ks, qt, kt, mask, 32 ** -0.5, 32 ** -0.5, "cpp")
+    rounded = lambda q, k: (q @ k.transpose(-1, -2)).double()  # noqa: E731  (bf16 scores, then subtracted)
+    naive = (32 ** -0.5 * (rounded(qs.detach(), ks.detach()) - rounded(qt, kt))).pow(2).mean()
+    assert abs(naive.item() / exact.item() - 1) > 0.1  # the failure this guards against is real here
+    assert got.item() == pytest.approx(exact.item(), rel=1e-3)
+
+
+def test_the_native_bf16_path_passes_the_self_check(monkeypatch, fresh_selection):
+    monkeypatch.setattr(am, "native_bf16", True)
+    assert select.check("attention_mse", "cpp", torch.device("cpu"), torch.bfloat16) is None
+
+
+@pytest.mark.parametrize("flags,caps,native", [
+    ({"avx512_bf16": True}, {}, True), ({"amx_bf16": True}, {}, True), ({}, {}, False),
+    ({"avx512_bf16": True}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),
+    ({"avx512_bf16": True}, {"DNNL_MAX_CPU_ISA": "avx512_core_vnni"}, False),
+    ({"amx_bf16": True}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, True),
+    ({"avx512_bf16": True}, {"ONEDNN_MAX_CPU_ISA": "ALL"}, True)])
+def test_bf16_gemms_count_as_native_only_where_the_cpu_has_them_and_no_cap_hides_them(monkeypatch, flags, caps,
+                                                                                      native):
+    from fastkd import machine
+
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {f: flags.get(f, False) for f in machine.ISA_FLAGS})
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in caps.items():
+        monkeypatch.setenv(name, value)
+    assert machine.native_bf16_matmul() is native
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 4, 8, generator=gen).to(torch.bfloat16)
+    assert am.cpu_bf16(q, q) is native
+    assert am.cpu_bf16(q, q.float()) is False  # a float32 teacher: upcast, whatever the CPU
 
 
 def test_attention_qk_different_head_counts_compare_head_averaged_scores():

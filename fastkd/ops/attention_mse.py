@@ -17,7 +17,12 @@ merged score tensor, H times smaller than per-head scores.
 
 Precision. The reference computes each model's scores in float32 from the inputs as given (16-bit
 inputs are exact in float32). The fused backends:
-  cpp     float32 (float64 for gradcheck), OpenMP;
+  cpp     float32 (float64 for gradcheck), OpenMP; bf16 inputs of both models stay bf16 on a CPU that
+          multiplies bf16 natively (AVX512-BF16, AMX: machine.native_bf16_matmul), into bf16 GEMMs with
+          float32 accumulation. ATen's CPU GEMMs return bf16, so the kernel rounds the scores'
+          *difference* once (one GEMM over the concatenated operands), never each model's scores, and
+          its gradients once more (tolerance as the GPU 16-bit paths). Elsewhere bf16 is upcast: an
+          emulated bf16 GEMM is slower than float32;
   triton  16-bit inputs go into tl.dot as they are (tensor cores, float32 accumulation: the scores
           are the same products as the reference's); for the gradient the difference D is rounded to
           the inputs' dtype to meet the 16-bit operand in a tensor-core dot, so gradients carry one
@@ -37,6 +42,7 @@ import logging
 import torch
 
 from ..kernels.attention_mse import triton_attention_mse
+from ..machine import native_bf16_matmul
 from . import _extension as ext
 
 log = logging.getLogger(__name__)
@@ -45,6 +51,7 @@ NAME = "attention_mse"
 FUSED = ("cpp", "triton", "cuda")
 GPU_MAX_HEAD_DIM = 128  # widest head the Triton/CUDA kernels tile (registers / shared memory)
 GEMM_CHUNK_BYTES = 64 << 20  # per-chunk working set of the cuda backend's cuBLAS formulation
+native_bf16: bool | None = None  # the cpp backend's bf16 GEMMs: None = where the CPU has them; tests force it
 _chunk_rows_override: int | None = None  # the self-check forces several chunks (see self_check_settings)
 _said_wide = False
 
@@ -111,6 +118,13 @@ def uses_gemm(qs, qt) -> bool:
     return qs.dtype == torch.float32 and qt.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
 
 
+def cpu_bf16(qs, qt) -> bool:
+    """Whether the cpp backend keeps these inputs bf16 (see Precision above)."""
+    if not (qs.device.type == "cpu" and qs.dtype == qt.dtype == torch.bfloat16):
+        return False
+    return native_bf16_matmul() if native_bf16 is None else native_bf16
+
+
 def gemm_chunk_rows(B: int, H: int, S: int, operand_bytes: int) -> int:
     """Query rows per chunk of the cuBLAS formulation: two float32 score chunks and one copy of their
     difference in the operands' dtype, (B*H, rows, S) each, within GEMM_CHUNK_BYTES (16 rows at least)."""
@@ -131,6 +145,10 @@ class ExtensionAttentionMse(torch.autograd.Function):
                     qs.detach().contiguous(), ks.detach().to(qs.dtype).contiguous(), qt.detach().contiguous(),
                     kt.detach().to(qt.dtype).contiguous(), mask.bool().contiguous(), float(scale_s),
                     float(scale_t), need_grad, gemm_chunk_rows(B, H, S, qs.element_size()))
+            if cpu_bf16(qs, qt):
+                same = lambda x: x.detach().to(torch.bfloat16).contiguous()  # noqa: E731
+                return module.attention_mse_qk(same(qs), same(ks), same(qt), same(kt), mask.bool().contiguous(),
+                                               float(scale_s), float(scale_t), need_grad)
             return module.attention_mse_qk(
                 ext.f32(qs), ext.f32(ks), ext.f32(qt), ext.f32(kt), mask.bool().contiguous(), float(scale_s),
                 float(scale_t), need_grad)
