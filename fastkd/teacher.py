@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .capture import AttentionRecord, check_recorded, recording
+from .families import family_of
 from .io import file_follows_umask
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,10 @@ class TeacherOutputs:
 
 
 class Teacher:
-    """Wraps a loaded teacher; counts forwards so callers can prove the teacher ran once per batch."""
+    """Wraps a loaded teacher; counts forwards so callers can prove the teacher ran once per batch.
+
+    A forward runs the teacher's layers up to the deepest one read (its family says how many that takes)
+    and not its pooler: the outputs read are bit for bit the full forward's (tests/test_families.py)."""
 
     def __init__(self, model, hidden_layers, attention_layers,
                  autocast_dtype: torch.dtype | None = None, values: bool = False):
@@ -46,6 +50,9 @@ class Teacher:
         self.attention_layers = sorted(set(attention_layers))
         self.autocast_dtype = autocast_dtype
         self.forwards = 0
+        self.family = family_of(model, "the teacher")
+        deepest = max(self.hidden_layers + self.attention_layers, default=self.num_layers)
+        self.layers_run = self.family.layers_to_run(model.config, deepest)
 
     @classmethod
     def serving(cls, model, criteria, bf16: bool = False) -> "Teacher":
@@ -63,7 +70,8 @@ class Teacher:
                  token_type_ids: torch.Tensor | None = None) -> TeacherOutputs:
         device = input_ids.device
         autocast = torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
-        with torch.inference_mode(), autocast, recording(self.attention_layers, self.values) as rec:
+        with (torch.inference_mode(), autocast, self.family.first_layers(self.model, self.layers_run),
+              recording(self.attention_layers, self.values) as rec):
             # token_type_ids only when given: DistilBERT, ModernBERT and MPNet take none.
             types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, **types,

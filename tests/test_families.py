@@ -77,6 +77,43 @@ def test_captured_scores_are_the_familys_own_attention(model_type, family_teache
 
 
 @pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_a_teacher_runs_only_the_layers_its_losses_read_and_reads_the_full_forwards_values(
+        model_type, family_teacher_dirs, default_tokenizer):
+    path = family_teacher_dirs[model_type]
+    model = load_teacher(str(path))
+    family = family_of(model)
+    batch = _batch(default_tokenizer)
+    with torch.inference_mode(), recording([2], values=True) as rec:
+        full = model(**model_inputs(model, batch), output_hidden_states=True)
+    full_records = dict(rec.records)
+    calls = []
+    hooks = [layer.register_forward_pre_hook(lambda module, args: calls.append(1)) for layer in family.layers(model)]
+    try:
+        teacher = Teacher(model, [0, 1, 2], [2], values=True)
+        types = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in model_inputs(model, batch) else {}
+        out = teacher(batch["input_ids"], batch["attention_mask"], **types)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # 2 of the 4 layers (ModernBERT 3: its last hidden state is its final norm's output, so one layer more)
+    assert teacher.layers_run == (3 if model_type == "modernbert" else 2) and len(calls) == teacher.layers_run
+    for layer in (0, 1, 2):
+        assert torch.equal(out.hidden[layer], full.hidden_states[layer]), layer
+    got, want = out.attention[2], full_records[2]
+    for field in ("query", "key", "value", "scores"):
+        a, b = getattr(got, field, None), getattr(want, field, None)
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), field
+    # and the model is whole again: every layer, its count and its pooler
+    assert model.config.num_hidden_layers == 4 and len(family.layers(model)) == (1 if model_type == "albert" else 4)
+    assert (getattr(model.base_model, "pooler", None) is not None) == (getattr(full, "pooler_output", None) is not None)
+    with torch.inference_mode():
+        again = model(**model_inputs(model, batch), output_hidden_states=True)
+    assert len(again.hidden_states) == 5 and torch.equal(again.last_hidden_state, full.last_hidden_state)
+    if getattr(full, "pooler_output", None) is not None:
+        assert torch.equal(again.pooler_output, full.pooler_output)
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
 def test_a_full_teacher_initialised_student_is_the_teacher(model_type, family_teacher_dirs, default_tokenizer):
     """Every layer mapped to itself at the teacher's widths: the copied student computes exactly
     the teacher's hidden states (every weight reached its place)."""

@@ -7,6 +7,7 @@ teacher weights go into a student, and which inputs its forward takes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 
@@ -48,6 +49,42 @@ class Family:
         layers = self.layers(model)
         name = next(n for n, m in model.named_modules() if m is layers)
         return name + "." if name else ""
+
+    # --- a teacher's forward ------------------------------------------------------------------------
+    def layers_to_run(self, config, depth: int) -> int:
+        """How many layers a forward must run for its hidden states and attention up to layer `depth` to be
+        the full model's."""
+        return min(max(depth, 1), config.num_hidden_layers)
+
+    @contextlib.contextmanager
+    def first_layers(self, model, count: int):
+        """Inside the block `model` runs its first `count` layers and no pooler (what the losses never read:
+        the layers past the deepest one a mapping uses cost a teacher forward up to half its time).
+        hidden_states then holds count + 1 entries. Restored on leaving, whatever happens inside."""
+        base = model.base_model
+        total = model.config.num_hidden_layers
+        pooler = getattr(base, "pooler", None)
+        layers = self.layers(model) if count < total else None
+        owner, name = None, None
+        if layers is not None:
+            owner = base
+            for part in self.layers_path.split(".")[:-1]:
+                owner = getattr(owner, part)
+            name = self.layers_path.split(".")[-1]
+        try:
+            if pooler is not None:
+                base.pooler = None
+            if layers is not None:
+                # Both the list and the count: some forwards loop over the list, some over the config.
+                setattr(owner, name, nn.ModuleList(list(layers)[:count]))
+                model.config.num_hidden_layers = count
+            yield
+        finally:
+            if layers is not None:
+                setattr(owner, name, layers)
+                model.config.num_hidden_layers = total
+            if pooler is not None:
+                base.pooler = pooler
 
     # --- students --------------------------------------------------------------------------------
     # Widths a config may tie to the hidden size (ELECTRA's embeddings, DeBERTa's classification

@@ -24,6 +24,11 @@ class ModernBert(Family):
     model_types = ("modernbert",)
     layers_path = "layers"
 
+    def layers_to_run(self, config, depth: int) -> int:
+        # The last entry of hidden_states is the output of the final norm, not of the last layer run: one
+        # layer past `depth` keeps layer `depth`'s entry the full model's.
+        return min(max(depth, 1) + 1, config.num_hidden_layers)
+
     def student_config(self, teacher_config, layers, hidden, heads, ffn, teacher_layers):
         config = super().student_config(teacher_config, layers, hidden, heads, ffn, teacher_layers)
         config.layer_types = [teacher_config.layer_types[g - 1] for g in teacher_layers]
