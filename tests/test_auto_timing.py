@@ -237,3 +237,20 @@ def test_a_pinned_backend_that_no_longer_passes_is_said(monkeypatch, fresh_selec
     assert chosen == {"hidden_mse": {"float32": "cpp"}, "attention_mse": {"float32": "cpp"}}
     assert "started on cuda, which does not pass its check now" in caplog.text
     assert "malformed" in caplog.text
+
+
+def test_a_changed_kernel_is_timed_again_not_judged_by_its_predecessors_timings(monkeypatch, tmp_path):
+    # The store's folder names the backends' code: an edited csrc/ (a new fastkd commit, a local patch)
+    # starts from an empty store.
+    import shutil
+
+    from fastkd.ops import builder
+
+    source = tmp_path / "csrc"
+    shutil.copytree(builder.source_dir(), source)
+    monkeypatch.setattr(builder, "source_dir", lambda: source)
+    before = select._store_dir()
+    assert select._store_dir() == before  # the same code, the same store
+    cpp = source / "fused_loss_cpu.cpp"
+    cpp.write_text(cpp.read_text() + "\n// a changed kernel\n")
+    assert select._store_dir() != before

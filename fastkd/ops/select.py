@@ -283,6 +283,21 @@ def time_backend(op: str, backend: str, cases, device: torch.device) -> float:
     return 1000 * total
 
 
+def _backends_code_digest() -> str:
+    """The code the backends run (csrc/, fastkd/ops/, the Triton kernels): a changed kernel is timed again,
+    not judged by what its predecessor measured."""
+    from importlib import resources
+
+    from . import builder
+
+    digest = hashlib.sha256()
+    for folder in (builder.source_dir(), Path(__file__).parent, Path(str(resources.files("fastkd.kernels")))):
+        for path in sorted(folder.glob("*.*")):
+            if path.suffix in (".py", ".cpp", ".cu", ".h"):
+                digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _store_dir() -> Path:
     """This machine's timed `auto` choices: a folder per CPU kind (model and flags), thread count, torch
     and fastkd version, in the fastkd cache ($FASTKD_CACHE/auto-backends/; like the compiled extensions,
@@ -291,7 +306,7 @@ def _store_dir() -> Path:
     from ..machine import cpu_flags, cpu_name
 
     ident = [cpu_name(), sorted(f for f, on in cpu_flags().items() if on), torch.get_num_threads(),
-             torch.__version__, __version__]
+             torch.__version__, __version__, _backends_code_digest()]
     digest = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
     return default_cache_dir() / "auto-backends" / digest
 
