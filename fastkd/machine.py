@@ -42,21 +42,6 @@ def cpu_flags() -> dict[str, bool]:
     return {flag: flag in present for flag in ISA_FLAGS}
 
 
-# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that still admit its bf16 instructions; AVX2, AVX512_CORE(_VNNI)
-# and the like do not.
-_BF16_CAPS = ("BF16", "AMX", "AVX10", "ALL", "DEFAULT")
-
-
-def native_bf16_matmul() -> bool:
-    """Whether bf16 GEMMs run on bf16 instructions here (AVX512-BF16 or AMX, not capped away by
-    ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA): only then is a bf16 GEMM faster than float32 on this CPU."""
-    flags = cpu_flags()
-    if not (flags["avx512_bf16"] or flags["amx_bf16"]):
-        return False
-    caps = [os.environ[k].upper() for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA") if os.environ.get(k)]
-    return all(any(word in cap for word in _BF16_CAPS) for cap in caps)
-
-
 def cores() -> int:
     """The cores this process may use (a container or a job's affinity may give fewer than the host has)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -190,22 +190,19 @@ def test_the_native_bf16_path_passes_the_self_check(monkeypatch, fresh_selection
     assert select.check("attention_mse", "cpp", torch.device("cpu"), torch.bfloat16) is None
 
 
-@pytest.mark.parametrize("flags,caps,native", [
-    ({"avx512_bf16": True}, {}, True), ({"amx_bf16": True}, {}, True), ({}, {}, False),
-    ({"avx512_bf16": True}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),
-    ({"avx512_bf16": True}, {"DNNL_MAX_CPU_ISA": "avx512_core_vnni"}, False),
-    ({"amx_bf16": True}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, True),
-    ({"avx512_bf16": True}, {"ONEDNN_MAX_CPU_ISA": "ALL"}, True)])
-def test_bf16_gemms_count_as_native_only_where_the_cpu_has_them_and_no_cap_hides_them(monkeypatch, flags, caps,
-                                                                                      native):
-    from fastkd import machine
+@pytest.mark.parametrize("onednn,caps,native", [
+    (True, {}, True), (False, {}, False), (True, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),
+    (True, {"DNNL_MAX_CPU_ISA": "avx2_vnni"}, False), (True, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, True),
+    (True, {"ONEDNN_MAX_CPU_ISA": "ALL"}, True), (False, {"ONEDNN_MAX_CPU_ISA": "ALL"}, False)])
+def test_bf16_stays_bf16_only_where_onednn_has_bf16_gemms_and_no_cap_hides_them(monkeypatch, onednn, caps, native):
+    from fastkd import device
 
-    monkeypatch.setattr(machine, "cpu_flags", lambda: {f: flags.get(f, False) for f in machine.ISA_FLAGS})
+    monkeypatch.setattr(device, "_onednn_bf16", lambda: onednn)
     for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
         monkeypatch.delenv(name, raising=False)
     for name, value in caps.items():
         monkeypatch.setenv(name, value)
-    assert machine.native_bf16_matmul() is native
+    assert device.bf16_is_native(torch.device("cpu")) is native
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 1, 4, 8, generator=gen).to(torch.bfloat16)
     assert am.cpu_bf16(q, q) is native

@@ -17,8 +17,8 @@ merged score tensor, H times smaller than per-head scores.
 
 Precision. The reference computes each model's scores in float32 from the inputs as given (16-bit
 inputs are exact in float32). The fused backends:
-  cpp     float32 (float64 for gradcheck), OpenMP; bf16 inputs of both models stay bf16 on a CPU that
-          multiplies bf16 natively (AVX512-BF16, AMX: machine.native_bf16_matmul), into bf16 GEMMs with
+  cpp     float32 (float64 for gradcheck), OpenMP; bf16 inputs of both models stay bf16 on a CPU whose
+          oneDNN has bf16 GEMMs (AVX512, AMX: device.bf16_is_native), into bf16 GEMMs with
           float32 accumulation. ATen's CPU GEMMs return bf16, so the kernel rounds the scores'
           *difference* once (one GEMM over the concatenated operands), never each model's scores, and
           its gradients once more (tolerance as the GPU 16-bit paths). Elsewhere bf16 is upcast: an
@@ -42,7 +42,7 @@ import logging
 import torch
 
 from ..kernels.attention_mse import triton_attention_mse
-from ..machine import native_bf16_matmul
+from ..device import bf16_is_native
 from . import _extension as ext
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def cpu_bf16(qs, qt) -> bool:
     """Whether the cpp backend keeps these inputs bf16 (see Precision above)."""
     if not (qs.device.type == "cpu" and qs.dtype == qt.dtype == torch.bfloat16):
         return False
-    return native_bf16_matmul() if native_bf16 is None else native_bf16
+    return bf16_is_native(qs.device) if native_bf16 is None else native_bf16
 
 
 def gemm_chunk_rows(B: int, H: int, S: int, operand_bytes: int) -> int:
