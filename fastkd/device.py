@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .errors import UserError
@@ -27,29 +25,13 @@ _said_bf16 = False
 def bf16_is_native(device: torch.device) -> bool:
     """Whether bf16 autocast has native kernels on `device`, so that it pays: a GPU of compute
     capability 8.0 or newer (Ampere on; older ones emulate it), or a CPU whose oneDNN takes bf16 GEMMs
-    (AVX512 / AMX) and is not capped below them. On an AVX2-only CPU bf16 GEMMs fall back to ATen's
-    reference loops: a distillation step measured about 16x slower than float32 (README, The whole
-    pipeline)."""
+    (AVX512 / AMX). On an AVX2-only CPU bf16 GEMMs fall back to ATen's reference loops: a distillation
+    step measured about 16x slower than float32 (README, The whole pipeline)."""
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
-        return _onednn_bf16() and not _onednn_capped_below_avx512()
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return True  # other accelerators: trust the user's flag
-
-
-def _onednn_bf16() -> bool:
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # (what the CPU has, whatever a cap says)
-
-
-# oneDNN ISA caps that still admit its bf16 kernels (AVX512 and later); AVX2, AVX and SSE41 do not.
-_CAPS_WITH_BF16 = ("AVX512", "AMX", "AVX10", "ALL", "DEFAULT")
-
-
-def _onednn_capped_below_avx512() -> bool:
-    """ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA (as the AVX2 test runs on a newer CPU set) holding oneDNN to an
-    ISA without bf16 kernels: bf16 GEMMs then take ATen's reference loops."""
-    caps = [os.environ[k].upper() for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA") if os.environ.get(k)]
-    return any(not any(word in cap for word in _CAPS_WITH_BF16) for cap in caps)
 
 
 def bf16_absence(device: torch.device) -> str:
