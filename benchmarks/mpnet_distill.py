@@ -20,14 +20,17 @@ the GLUE fine-tunes of every model follow, then the speeds. For the teacher and 
     seed; --glue-steps x 32 on --glue-examples rows), mean over --glue-seeds seeds;
   - parameters, and encoding speed: sentences/s of `SentenceTransformer.encode` over the STS-B
     dev sentences, each once (batch 64, float32, this CPU's threads), after a warm-up, median of
-    --speed-repeats; measured at the end for every model side by side, in interleaved rounds, so the
-    speeds compare within one quiet stretch of the machine rather than hours apart.
+    --speed-repeats; each student is timed beside the teacher in interleaved rounds, so its ratio to
+    the teacher compares within one stretch of the machine, whatever machine a row was measured on.
+Each student is fine-tuned and timed as soon as it is distilled (unless --zero-shot-only): a student
+lives in the fastkd cache, which a new machine does not have, so what is not measured while it exists
+costs another distillation. The teacher's fine-tunes come last (the teacher can always be rebuilt).
 One distillation seed per student (an hour each on 2 cores): differences between students within
-about a point are not resolved by this table. Each zero-shot score and each fine-tune is saved at once; --resume keeps the
-rows of an earlier run with the same settings (the students stay in --work; an interrupted
-distillation resumes from its last checkpoint), so the table can be completed over several sessions,
-on other machines too: the scores are float32 and the speeds are all timed by the run that completes
-the table. The distillation minutes of rows from other machines are each row's own (see machines).
+about a point are not resolved by this table. Each zero-shot score, fine-tune and timing is saved at
+once; --resume keeps the rows of an earlier run with the same settings (an interrupted distillation
+resumes from its last checkpoint while its folder exists; a row measured in full is kept without its
+student), so the table can be completed over several sessions, on other machines too. The
+distillation minutes of rows from other machines are each row's own (see machines).
 """
 
 from __future__ import annotations
@@ -127,7 +130,7 @@ def parameters(path) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="mpnet-base", help="mpnet-base (all-mpnet-base-v2); default for a smoke run")
-    p.add_argument("--layers", default="6,4,3", help="student depths, comma-separated (uniform mapping)")
+    p.add_argument("--layers", default="6,4,3", help="student depths, comma-separated (uniform mapping; \"\" for none)")
     p.add_argument("--mapping", action="append", default=[], metavar="LAYERS=MAPPING",
                    help="one more student, as fastkd distill --mapping (the teacher layers its layers start from), "
                         "e.g. 3=10,11,12; repeatable")
@@ -184,12 +187,32 @@ def main() -> None:
         corpus = corpus_with_extra_text(args.corpus, cache, args.extra_text.split(","), work / "corpus")
 
     def zero_shot(name: str, path, extra: dict) -> None:
-        if name in rows and rows[name].get("stsb_zeroshot") is not None and Path(rows[name]["path"]).exists():
+        # (the teacher is rebuilt the same on any machine: its row, fine-tunes included, is always kept)
+        if (name in rows and rows[name].get("stsb_zeroshot") is not None
+                and (name == "teacher" or Path(rows[name]["path"]).exists())):
             return
         zero = 100 * zeroshot_stsb(path, dev, max_seq_len=args.seq_len)["spearman"]
         rows[name] = {"model": name, **extra, "path": str(path), "measured_on": {k: machine()[k] for k in ("cpu", "cores", "isa")},
                       "parameters": parameters(path), "stsb_zeroshot": zero, "glue": {}}
         print(json.dumps(rows[name]), flush=True)
+        save()
+
+    def measured(name: str) -> bool:
+        """Whether a row holds everything this run asks of it (its student may be gone since)."""
+        row = rows.get(name)
+        if row is None or row.get("stsb_zeroshot") is None:
+            return False
+        if args.zero_shot_only:
+            return True
+        return (all(len(row["glue"].get(task, [])) >= args.glue_seeds for task in ("sst2", "stsb"))
+                and (name == "teacher" or row.get("teacher_sentences_per_s") is not None))
+
+    def timed_beside_teacher(name: str) -> None:
+        """The student's encoding speed and the teacher's, timed in the same interleaved rounds."""
+        speeds = encoding_speeds({"teacher": teacher, name: Path(rows[name]["path"])}, sentences, args.speed_repeats)
+        rows[name]["sentences_per_s"] = speeds[name]
+        rows[name]["teacher_sentences_per_s"] = speeds["teacher"]
+        print(f"{name}: {speeds[name]:.0f} sentences/s, teacher {speeds['teacher']:.0f} in the same rounds", flush=True)
         save()
 
     def fine_tuned(name: str) -> None:
@@ -218,15 +241,17 @@ def main() -> None:
     # alone) after: a table completed over several sessions has its headline numbers early.
     zero_shot("teacher", teacher, {"layers": None})
     rows["teacher"]["path"] = str(teacher)  # (a kept row may name another machine's cache)
-    students = [(int(x), "uniform") for x in args.layers.split(",")]
+    students = [(int(x), "uniform") for x in args.layers.split(",") if x]  # --layers "": only --mapping rows
     students += [(int(layers), mapping) for layers, _, mapping in (m.partition("=") for m in args.mapping)]
     for layers, mapping in students:
         name = f"{layers} layers" + ("" if mapping == "uniform" else f" ({mapping})")
-        if name in rows and Path(rows[name]["path"], "fastkd.json").is_file():
+        if measured(name):
             continue
         output = work / (f"{layers}-layers" + ("" if mapping == "uniform" else "-" + mapping.replace(",", "-")))
         student = output / "student"
         if not (student / "fastkd.json").is_file():  # an interrupted distillation resumes from its checkpoint
+            if rows.pop(name, None) is not None:  # what an earlier row holds was measured on an earlier student
+                print(f"{name}: its earlier student is gone; this row is measured again on a new one", flush=True)
             cfg = DistillConfig(output=str(output), corpus=corpus, teacher=args.teacher, student_layers=layers,
                                 mapping=mapping,
                                 max_seq_len=args.seq_len, max_steps=args.steps, batch_size=args.batch_size,
@@ -238,21 +263,27 @@ def main() -> None:
                                   "corpus_mode": info["corpus"]["mode"], "steps": info["steps"],
                                   "distill_s": info["seconds"], "teacher_labels_s": info.get("teacher_labels_s"),
                                   "teacher_labels": info.get("teacher_labels")})
+        if not args.zero_shot_only:
+            fine_tuned(name)
+            if rows[name].get("teacher_sentences_per_s") is None:
+                timed_beside_teacher(name)
     if args.zero_shot_only:
         print(f"zero-shot rows saved in results/{args.name}.json; rerun with --resume for the fine-tunes")
         return
-    for name in rows:
-        fine_tuned(name)
-    speeds = encoding_speeds({name: Path(r["path"]) for name, r in rows.items()}, sentences, args.speed_repeats)
-    for name, speed in speeds.items():
-        rows[name]["sentences_per_s"] = speed
-    save(final=True)
+    fine_tuned("teacher")
     ref = rows["teacher"]
+    paired = [r["teacher_sentences_per_s"] for n, r in rows.items() if n != "teacher"]
+    # the teacher's own row: the median of its timings beside the students (from every machine the table
+    # was completed on; each student's ratio is to the teacher in its own rounds, so on its own machine)
+    ref["sentences_per_s"] = ref["teacher_sentences_per_s"] = statistics.median(paired) if paired else None
+    save(final=True)
     shown = [{"model": r["model"], "mapping": r.get("mapping") or "-", "parameters": f"{r['parameters'] / 1e6:.1f}M",
               "STS-B zero-shot": f"{r['stsb_zeroshot']:.2f} ({100 * r['stsb_zeroshot'] / ref['stsb_zeroshot']:.1f}%)",
               "SST-2 fine-tuned": f"{statistics.fmean(r['glue']['sst2']):.1f}",
               "STS-B fine-tuned": f"{statistics.fmean(r['glue']['stsb']):.1f}",
-              "sentences/s": f"{r['sentences_per_s']:.0f} ({r['sentences_per_s'] / ref['sentences_per_s']:.1f}x)",
+              # each student's ratio is to the teacher timed in the same rounds
+              "sentences/s": "-" if r.get("sentences_per_s") is None else
+              f"{r['sentences_per_s']:.0f} ({r['sentences_per_s'] / r['teacher_sentences_per_s']:.1f}x)",
               "distill min": "-" if r.get("distill_s") is None else f"{r['distill_s'] / 60:.0f}",
               # the teacher labels the corpus once for every student (fastkd's label store): its minutes
               # are the first student's, the others read them

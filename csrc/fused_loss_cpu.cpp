@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 using at::Tensor;
@@ -150,16 +151,29 @@ std::vector<Tensor> qk_tasks(const Tensor& qs, const Tensor& ks, const Tensor& q
 //   - the scores' difference, not each model's scores: D' = [qs | -r qt] [ks | kt]^T in one GEMM, with
 //     r = scale_t / scale_s and D = scale_s D', so D' is rounded relative to |D'|, however close the
 //     student's scores are to the teacher's (two bf16 score tensors subtracted would lose that);
-//   - no scale enters an operand when the two scales are equal (r = 1) or r is a power of two: the
-//     operands are then the inputs' own bf16 values; otherwise the teacher's operand is rounded once.
+//   - the operands are exact: where r is a power of two (1 for equal head widths) r qt is exact in bf16;
+//     otherwise r qt is split into bf16 hi + lo (B repeats kt for lo), which carries it to about 2^-16
+//     of itself, where one bf16 rounding of r qt would err by 2^-9 of the teacher's scores: as much as
+//     rounding each model's scores, for a student close to its teacher.
 // loss_sum = scale_s^2 sum D'^2, dqs = 2 scale_s^2 D' ks, dks = 2 scale_s^2 D'^T qs.
 QKTaskResult mse_tiles_bf16(const QKTask& take, const Tensor& qs, const Tensor& ks, const Tensor& qt,
                             const Tensor& kt, double scale_s, double scale_t, bool need_grad) {
   const int64_t nh = take.nh, n = take.n, ds = qs.size(3);
   const Tensor q_s = take(qs), k_s = take(ks);  // (nh, n, ds) bf16
-  const Tensor q_t = take(qt);
-  const Tensor A = at::cat({q_s, scale_t == scale_s ? q_t.neg() : q_t.mul(-scale_t / scale_s)}, 2);
-  const Tensor Bt = at::cat({k_s, take(kt)}, 2).transpose(1, 2);  // (nh, d, n)
+  const Tensor q_t = take(qt), k_t = take(kt);
+  const double ratio = scale_t / scale_s;
+  int exponent = 0;
+  Tensor A, Bt;
+  if (std::frexp(ratio, &exponent) == 0.5) {  // a power of two: -r qt is exact in bf16
+    A = at::cat({q_s, q_t.mul(-ratio)}, 2);
+    Bt = at::cat({k_s, k_t}, 2).transpose(1, 2);  // (nh, d, n)
+  } else {
+    const Tensor scaled = q_t.to(at::kFloat).mul_(-ratio);
+    const Tensor hi = scaled.to(at::kBFloat16);
+    const Tensor lo = scaled.sub_(hi.to(at::kFloat)).to(at::kBFloat16);
+    A = at::cat({q_s, hi, lo}, 2);
+    Bt = at::cat({k_s, k_t, k_t}, 2).transpose(1, 2);
+  }
   const double s2 = scale_s * scale_s;
   QKTaskResult r{0.0, Tensor(), Tensor()};
   if (need_grad) {

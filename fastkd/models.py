@@ -180,7 +180,7 @@ def load_teacher(name: str | None = DEFAULT_TEACHER, dtype: torch.dtype = torch.
     config = load_config(name, "teacher")
     path = resolve_model_path(name)
     # Loaded with its pooler (when it has one) so a teacher-initialised student inherits it for
-    # classification fine-tuning; the pooler costs one small matmul per forward.
+    # classification fine-tuning; a distillation's teacher forwards skip it (families.Family.first_layers).
     model = _from_pretrained(path, "teacher", config=config, dtype=dtype)
     model.eval()
     for key, p in model.named_parameters():

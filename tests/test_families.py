@@ -80,21 +80,26 @@ def test_captured_scores_are_the_familys_own_attention(model_type, family_teache
 def test_a_teacher_runs_only_the_layers_its_losses_read_and_reads_the_full_forwards_values(
         model_type, family_teacher_dirs, default_tokenizer):
     path = family_teacher_dirs[model_type]
-    model = load_teacher(str(path))
-    family = family_of(model)
     batch = _batch(default_tokenizer)
+    reference = load_teacher(str(path))  # another copy, never truncated
     with torch.inference_mode(), recording([2], values=True) as rec:
-        full = model(**model_inputs(model, batch), output_hidden_states=True)
+        full = reference(**model_inputs(reference, batch), output_hidden_states=True)
     full_records = dict(rec.records)
+
+    model = load_teacher(str(path))  # fresh: its first forward ever is the truncated one
+    family = family_of(model)
     calls = []
     hooks = [layer.register_forward_pre_hook(lambda module, args: calls.append(1)) for layer in family.layers(model)]
-    try:
-        teacher = Teacher(model, [0, 1, 2], [2], values=True)
-        types = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in model_inputs(model, batch) else {}
-        out = teacher(batch["input_ids"], batch["attention_mask"], **types)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    teacher = Teacher(model, [0, 1, 2], [2], values=True)
+    types = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in model_inputs(model, batch) else {}
+    first = teacher(batch["input_ids"], batch["attention_mask"], **types)
+    # (the first call adds one whole forward of two tokens: 4 layers, once per model, for the library's hooks)
+    assert len(calls) == 4 + teacher.layers_run
+    calls.clear()
+    out = teacher(batch["input_ids"], batch["attention_mask"], **types)
+    assert all(torch.equal(first.hidden[layer], out.hidden[layer]) for layer in (0, 1, 2))
+    for hook in hooks:
+        hook.remove()
     # 2 of the 4 layers (ModernBERT 3: its last hidden state is its final norm's output, so one layer more)
     assert teacher.layers_run == (3 if model_type == "modernbert" else 2) and len(calls) == teacher.layers_run
     for layer in (0, 1, 2):
@@ -103,14 +108,41 @@ def test_a_teacher_runs_only_the_layers_its_losses_read_and_reads_the_full_forwa
     for field in ("query", "key", "value", "scores"):
         a, b = getattr(got, field, None), getattr(want, field, None)
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), field
-    # and the model is whole again: every layer, its count and its pooler
+    # and the model is whole again: every layer, its count, its pooler, and every hidden state of a later
+    # full forward (transformers collects them through hooks installed once, on a model's first forward)
     assert model.config.num_hidden_layers == 4 and len(family.layers(model)) == (1 if model_type == "albert" else 4)
     assert (getattr(model.base_model, "pooler", None) is not None) == (getattr(full, "pooler_output", None) is not None)
     with torch.inference_mode():
         again = model(**model_inputs(model, batch), output_hidden_states=True)
-    assert len(again.hidden_states) == 5 and torch.equal(again.last_hidden_state, full.last_hidden_state)
+    assert len(again.hidden_states) == 5
+    assert all(torch.equal(a, b) for a, b in zip(again.hidden_states, full.hidden_states))
     if getattr(full, "pooler_output", None) is not None:
         assert torch.equal(again.pooler_output, full.pooler_output)
+    # a deeper teacher of the same model after the shallow one (the search's next chunk) reads layer 4 right
+    deep = Teacher(model, [4], [])(batch["input_ids"], batch["attention_mask"], **types)
+    assert torch.equal(deep.hidden[4], full.hidden_states[4])
+
+
+def test_a_truncated_teacher_is_whole_again_after_a_failed_forward_and_never_truncated_twice(
+        family_teacher_dirs, default_tokenizer):
+    model = load_teacher(str(family_teacher_dirs["bert"]))
+    family = family_of(model)
+    layers, pooler = family.layers(model), model.base_model.pooler
+
+    def fail(module, args):
+        raise KeyboardInterrupt
+
+    hook = layers[0].register_forward_pre_hook(fail)
+    batch = _batch(default_tokenizer)
+    with pytest.raises(KeyboardInterrupt):
+        Teacher(model, [2], [])(batch["input_ids"], batch["attention_mask"])
+    hook.remove()
+    assert family.layers(model) is layers and model.config.num_hidden_layers == 4
+    assert model.base_model.pooler is pooler
+    with family.first_layers(model, 2), pytest.raises(RuntimeError, match="already truncated"):
+        with family.first_layers(model, 1):
+            pass
+    assert family.layers(model) is layers and model.config.num_hidden_layers == 4
 
 
 @pytest.mark.parametrize("model_type", FAMILY_TYPES)

@@ -165,24 +165,35 @@ def test_attention_qk_native_bf16_gemms_match_the_reference(monkeypatch, B, H, S
     assert max(grad_errs) < torch.finfo(torch.bfloat16).eps
 
 
-def test_attention_qk_native_bf16_rounds_the_difference_not_the_scores(monkeypatch):
-    # A student close to its teacher (late in a distillation): its Q and K are the teacher's plus 0.3%
-    # noise. Rounding each model's scores to bf16 before subtracting them puts this loss about 20% off;
-    # the kernel's single GEMM over [qs | -qt] [ks | kt] rounds the difference, relative to itself.
+# Equal scales (r = 1), a power-of-two ratio, and a ratio that is not one (a 32-wide student head against a
+# 64-wide teacher head: r = 1/sqrt(2), the teacher's operand split into two bf16 parts).
+@pytest.mark.parametrize("scale_t", [32 ** -0.5, 2 * 32 ** -0.5, 64 ** -0.5])
+def test_attention_qk_native_bf16_rounds_the_difference_not_the_scores(monkeypatch, scale_t):
+    # A student close to its teacher (late in a distillation): its scores are the teacher's within 0.3%
+    # noise on Q and K. Rounding each model's scores to bf16 before subtracting them puts this loss about
+    # 20% off; the kernel's single GEMM over [qs | -r qt] [ks | kt] rounds the difference, relative to itself.
     monkeypatch.setattr(am, "native_bf16", True)
+    scale_s = 32 ** -0.5
     gen = torch.Generator().manual_seed(8)
     qt, kt = _qk(2, 4, 96, 32, gen, grad=False)
-    qs = (qt + 3e-3 * torch.randn(qt.shape, generator=gen)).to(torch.bfloat16).requires_grad_()
-    ks = (kt + 3e-3 * torch.randn(kt.shape, generator=gen)).to(torch.bfloat16).requires_grad_()
     qt, kt = qt.to(torch.bfloat16), kt.to(torch.bfloat16)
+    # student scores scale_s qs ks^T close to the teacher's scale_t qt kt^T
+    qs = (qt.float() * (scale_t / scale_s) + 3e-3 * torch.randn(qt.shape, generator=gen)).to(torch.bfloat16)
+    ks = (kt.float() + 3e-3 * torch.randn(kt.shape, generator=gen)).to(torch.bfloat16)
+    qs, ks = qs.requires_grad_(), ks.requires_grad_()
     mask = torch.ones(2, 96)
     d = lambda x: x.detach().double()  # noqa: E731
-    exact = (32 ** -0.5 * (d(qs) @ d(ks).transpose(-1, -2) - d(qt) @ d(kt).transpose(-1, -2))).pow(2).mean()
-    got = am.attention_mse_qk(qs, ks, qt, kt, mask, 32 ** -0.5, 32 ** -0.5, "cpp")
+    exact = (scale_s * d(qs) @ d(ks).transpose(-1, -2) - scale_t * d(qt) @ d(kt).transpose(-1, -2)).pow(2).mean()
+    got = am.attention_mse_qk(qs, ks, qt, kt, mask, scale_s, scale_t, "cpp")
     rounded = lambda q, k: (q @ k.transpose(-1, -2)).double()  # noqa: E731  (bf16 scores, then subtracted)
-    naive = (32 ** -0.5 * (rounded(qs.detach(), ks.detach()) - rounded(qt, kt))).pow(2).mean()
+    naive = (scale_s * rounded(qs.detach(), ks.detach()) - scale_t * rounded(qt, kt)).pow(2).mean()
     assert abs(naive.item() / exact.item() - 1) > 0.1  # the failure this guards against is real here
     assert got.item() == pytest.approx(exact.item(), rel=1e-3)
+    # and the gradients, against float64 on the same bf16 values
+    q64, k64 = d(qs).requires_grad_(), d(ks).requires_grad_()
+    ref = (scale_s * q64 @ k64.transpose(-1, -2) - scale_t * d(qt) @ d(kt).transpose(-1, -2)).pow(2).mean()
+    for g, r in zip(_grads(got, [qs, ks]), _grads(ref, [q64, k64])):
+        assert ((g.double() - r).abs().max() / r.abs().max()).item() < torch.finfo(torch.bfloat16).eps
 
 
 def test_the_native_bf16_path_passes_the_self_check(monkeypatch, fresh_selection):
@@ -196,9 +207,9 @@ def test_bf16_stays_bf16_only_where_onednn_has_bf16_gemms(monkeypatch, native):
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 1, 4, 8, generator=gen).to(torch.bfloat16)
-    assert am.cpu_bf16(q, q) is native
-    assert am.cpu_bf16(q, q.float()) is False  # a float32 teacher: upcast, whatever the CPU
-    assert am.cpu_bf16(q.float(), q.float()) is False
+    assert am.cpu_bf16(q, q, q, q) is native
+    assert am.cpu_bf16(q, q, q.float(), q.float()) is False  # a float32 teacher: upcast, whatever the CPU
+    assert am.cpu_bf16(q, q.float(), q, q) is False  # any float32 input: upcast (never rounded to bf16)
 
 
 def test_attention_qk_different_head_counts_compare_head_averaged_scores():

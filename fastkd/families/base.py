@@ -58,19 +58,24 @@ class Family:
 
     @contextlib.contextmanager
     def first_layers(self, model, count: int):
-        """Inside the block `model` runs its first `count` layers and no pooler (what the losses never read:
-        the layers past the deepest one a mapping uses cost a teacher forward up to half its time).
-        hidden_states then holds count + 1 entries. Restored on leaving, whatever happens inside."""
+        """Inside the block `model` runs its first `count` layers and, a bare encoder, no pooler (what the
+        losses never read: the layers past the deepest one a mapping uses cost a teacher forward up to half
+        its time). hidden_states then holds count + 1 entries. Restored on leaving, whatever happens inside;
+        a block inside another on the same model is refused (it would take the truncated model for whole)."""
         base = model.base_model
         total = model.config.num_hidden_layers
-        pooler = getattr(base, "pooler", None)
+        if getattr(model, "_fastkd_truncated", False):
+            raise RuntimeError("first_layers: the model is already truncated by an enclosing first_layers block")
+        pooler = getattr(base, "pooler", None) if model is base else None  # (a task model's head reads it)
         layers = self.layers(model) if count < total else None
         owner, name = None, None
         if layers is not None:
+            _hook_every_layer(model)
             owner = base
             for part in self.layers_path.split(".")[:-1]:
                 owner = getattr(owner, part)
             name = self.layers_path.split(".")[-1]
+        model._fastkd_truncated = True
         try:
             if pooler is not None:
                 base.pooler = None
@@ -85,6 +90,7 @@ class Family:
                 model.config.num_hidden_layers = total
             if pooler is not None:
                 base.pooler = pooler
+            model._fastkd_truncated = False
 
     # --- students --------------------------------------------------------------------------------
     # Widths a config may tie to the hidden size (ELECTRA's embeddings, DeBERTa's classification
@@ -147,6 +153,23 @@ class Family:
             model.set_attn_implementation(stock_attention(type(model)))
         else:
             unhook_scores(self.attention_modules(model))
+
+
+def _hook_every_layer(model) -> None:
+    """One full forward of two tokens, once per model, before it first runs truncated: transformers 5 installs
+    the hooks that collect hidden_states on the first forward asking for them, on the modules present then,
+    and never again. Installed on a truncated model, they would leave a later, deeper forward of the same
+    model (the next search chunk's teacher) short of the layers past the first cut."""
+    if getattr(model, "_fastkd_hooked_whole", False):
+        return
+    device = next(model.parameters()).device
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if takes_token_types(model):
+        inputs["token_type_ids"] = torch.zeros_like(ids)
+    with torch.inference_mode():
+        model(**inputs, output_hidden_states=True, return_dict=True)
+    model._fastkd_hooked_whole = True
 
 
 def stock_attention(model_class) -> str:

@@ -20,9 +20,10 @@ inputs are exact in float32). The fused backends:
   cpp     float32 (float64 for gradcheck), OpenMP; bf16 inputs of both models stay bf16 on a CPU whose
           oneDNN has bf16 GEMMs (AVX512, AMX: device.bf16_is_native), into bf16 GEMMs with
           float32 accumulation. ATen's CPU GEMMs return bf16, so the kernel rounds the scores'
-          *difference* once (one GEMM over the concatenated operands), never each model's scores, and
-          its gradients once more (tolerance as the GPU 16-bit paths). Elsewhere bf16 is upcast: an
-          emulated bf16 GEMM is slower than float32;
+          *difference* once (one GEMM over the concatenated operands, the teacher's scaled by
+          scale_t / scale_s exactly: split in two bf16 parts where that ratio is not a power of two),
+          never each model's scores, and its gradients once more (tolerance as the GPU 16-bit paths).
+          Elsewhere, or when any of the four inputs is not bf16, they are upcast;
   triton  16-bit inputs go into tl.dot as they are (tensor cores, float32 accumulation: the scores
           are the same products as the reference's); for the gradient the difference D is rounded to
           the inputs' dtype to meet the 16-bit operand in a tensor-core dot, so gradients carry one
@@ -118,11 +119,12 @@ def uses_gemm(qs, qt) -> bool:
     return qs.dtype == torch.float32 and qt.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
 
 
-def cpu_bf16(qs, qt) -> bool:
-    """Whether the cpp backend keeps these inputs bf16 (see Precision above)."""
-    if not (qs.device.type == "cpu" and qs.dtype == qt.dtype == torch.bfloat16):
+def cpu_bf16(*inputs) -> bool:
+    """Whether the cpp backend keeps these inputs (Q and K of both models) bf16: all of them are, on a CPU
+    with bf16 GEMMs (see Precision above)."""
+    if not all(x.device.type == "cpu" and x.dtype == torch.bfloat16 for x in inputs):
         return False
-    return bf16_is_native(qs.device) if native_bf16 is None else native_bf16
+    return bf16_is_native(inputs[0].device) if native_bf16 is None else native_bf16
 
 
 def gemm_chunk_rows(B: int, H: int, S: int, operand_bytes: int) -> int:
@@ -145,8 +147,8 @@ class ExtensionAttentionMse(torch.autograd.Function):
                     qs.detach().contiguous(), ks.detach().to(qs.dtype).contiguous(), qt.detach().contiguous(),
                     kt.detach().to(qt.dtype).contiguous(), mask.bool().contiguous(), float(scale_s),
                     float(scale_t), need_grad, gemm_chunk_rows(B, H, S, qs.element_size()))
-            if cpu_bf16(qs, qt):
-                same = lambda x: x.detach().to(torch.bfloat16).contiguous()  # noqa: E731
+            if cpu_bf16(qs, ks, qt, kt):
+                same = lambda x: x.detach().contiguous()  # noqa: E731
                 return module.attention_mse_qk(same(qs), same(ks), same(qt), same(kt), mask.bool().contiguous(),
                                                float(scale_s), float(scale_t), need_grad)
             return module.attention_mse_qk(

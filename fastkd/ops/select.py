@@ -303,10 +303,12 @@ def _store_dir() -> Path:
     and fastkd version, in the fastkd cache ($FASTKD_CACHE/auto-backends/; like the compiled extensions,
     a cache shared by a cluster's machines must not mix kinds). Removing it makes the next runs time again."""
     from .. import __version__
+    from ..device import bf16_is_native
     from ..machine import cpu_flags, cpu_name
 
+    # (bf16_is_native: an ISA cap changes which path the cpp op takes under bf16, and its speed)
     ident = [cpu_name(), sorted(f for f, on in cpu_flags().items() if on), torch.get_num_threads(),
-             torch.__version__, __version__, _backends_code_digest()]
+             torch.__version__, __version__, _backends_code_digest(), bf16_is_native(torch.device("cpu"))]
     digest = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
     return default_cache_dir() / "auto-backends" / digest
 
