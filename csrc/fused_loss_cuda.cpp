@@ -1,14 +1,15 @@
 // CUDA backend of the fused distillation losses: input checks, the row-chunk loop of the projected
-// hidden MSE (its GEMMs go to cuBLAS through ATen) and the Python bindings. The kernels are in
+// hidden MSE (its GEMMs go to cuBLAS through ATen) and the operator registration (torch.ops.<module name>). The kernels are in
 // fused_loss_cuda_kernels.cu. The module exports the functions of the CPU backend (fused_loss_cpu.cpp),
 // with the same argument names (attention_kl_qk adds an optional chunk_rows), so one autograd Function per op
 // (fastkd/ops/<op>.py) drives both, and attention_mse_qk_gemm, the tensor-core formulation of the attention
 // op for 16-bit inputs. Every function returns the *unnormalised* loss sum (a 0-dim float32 tensor) and its
 // gradients, or undefined tensors (None in Python) in place of the gradients when need_grad is false.
 
-#include <torch/extension.h>
-
+// ATen and torch/library.h, not torch/extension.h (the C++ frontend and pybind11: a longer build for nothing).
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
@@ -268,21 +269,21 @@ std::vector<at::Tensor> projected_mse(const at::Tensor& hs, const at::Tensor& ht
   return {loss_sum, dhs, dweight, dbias};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastkd fused distillation losses, CUDA backend (unnormalised loss sums and their gradients)";
-  m.def("attention_mse_qk", &attention_mse_qk,
-        "Attention-score MSE from Q/K without an S x S tensor: {loss_sum, dqs, dks}", py::arg("qs"), py::arg("ks"),
-        py::arg("qt"), py::arg("kt"), py::arg("mask"), py::arg("scale_s"), py::arg("scale_t"), py::arg("need_grad"));
-  m.def("attention_mse_qk_gemm", &attention_mse_qk_gemm,
-        "Attention-score MSE from 16-bit Q/K on tensor cores, by query-row chunks: {loss_sum, dqs, dks}",
-        py::arg("qs"), py::arg("ks"), py::arg("qt"), py::arg("kt"), py::arg("mask"), py::arg("scale_s"),
-        py::arg("scale_t"), py::arg("need_grad"), py::arg("chunk_rows"));
-  m.def("attention_kl_qk", &attention_kl_qk,
-        "Attention-distribution KL from Q/K by query-row chunks, no S x S tensor per head: {loss_sum, dqs, dks}",
-        py::arg("qs"), py::arg("ks"), py::arg("qt"), py::arg("kt"), py::arg("mask"), py::arg("scale_s"),
-        py::arg("scale_t"), py::arg("need_grad"), py::arg("chunk_rows") = 0);
-  m.def("projected_mse", &projected_mse,
-        "Hidden-state MSE through a projection, by row chunks: {loss_sum, dhs, dweight, dbias}", py::arg("hs"),
-        py::arg("ht"), py::arg("row_mask"), py::arg("weight"), py::arg("bias"), py::arg("need_grad"),
-        py::arg("chunk_rows"));
+// TORCH_LIBRARY pastes its namespace argument unexpanded: one more macro level expands TORCH_EXTENSION_NAME
+// (the build's module name, so two builds never share a namespace in one process).
+#define FASTKD_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+
+FASTKD_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  // attention-score MSE from Q/K without an S x S tensor: [loss_sum, dqs, dks]
+  m.def("attention_mse_qk(Tensor qs, Tensor ks, Tensor qt, Tensor kt, Tensor mask, float scale_s, float scale_t, "
+        "bool need_grad) -> Tensor[]", &attention_mse_qk);
+  // attention-score MSE from 16-bit Q/K on tensor cores, by query-row chunks: [loss_sum, dqs, dks]
+  m.def("attention_mse_qk_gemm(Tensor qs, Tensor ks, Tensor qt, Tensor kt, Tensor mask, float scale_s, "
+        "float scale_t, bool need_grad, int chunk_rows) -> Tensor[]", &attention_mse_qk_gemm);
+  // attention-distribution KL from Q/K by query-row chunks, no S x S tensor per head: [loss_sum, dqs, dks]
+  m.def("attention_kl_qk(Tensor qs, Tensor ks, Tensor qt, Tensor kt, Tensor mask, float scale_s, float scale_t, "
+        "bool need_grad, int chunk_rows=0) -> Tensor[]", &attention_kl_qk);
+  // hidden-state MSE through a projection, by row chunks: [loss_sum, dhs, dweight, dbias]
+  m.def("projected_mse(Tensor hs, Tensor ht, Tensor row_mask, Tensor weight, Tensor bias, bool need_grad, "
+        "int chunk_rows) -> Tensor[]", &projected_mse);
 }

@@ -3,9 +3,9 @@
 Nothing here runs on a GPU: the CPU torch wheel ships the c10/ATen CUDA headers, so the .cu is
 compiled by nvcc and the binding .cpp by the host compiler, each to an object file in a temporary
 folder, with the flags torch.utils.cpp_extension would use (plus fastkd.ops.builder's own). The
-checks: both objects exist, the .cu defines the four host launchers, the .cpp defines the module's
-PyInit and needs exactly launchers the .cu defines (same mangled names, so the header is consistent),
-and ptxas built every kernel for both architectures.
+checks: both objects exist, the .cu defines the four host launchers, the .cpp registers the module's
+operators (TORCH_LIBRARY, in the module name's namespace) and needs exactly launchers the .cu defines
+(same mangled names, so the header is consistent), and ptxas built every kernel for both architectures.
 """
 
 from __future__ import annotations
@@ -104,8 +104,9 @@ def test_cuda_extension_compiles(tmp_path):
     cu_obj, cpp_obj = tmp_path / "fused_loss_cuda_kernels.o", tmp_path / "fused_loss_cuda.o"
 
     gencode = [f for a in ARCHS for f in ("-gencode", f"arch=compute_{a},code=sm_{a}")]
+    # --threads 2: the two architectures' device passes side by side once the host compiler is done
     nvcc_cmd = ([nvcc, "-c", str(KERNELS), "-o", str(cu_obj), "-std=c++17", "-O3", "--use_fast_math",
-                 "--resource-usage", "--compiler-options", "-fPIC"]
+                 "--resource-usage", "--threads", "2", "--compiler-options", "-fPIC"]
                 + gencode + cpp_extension.COMMON_NVCC_FLAGS + common)
     cxx_cmd = ([cxx, "-c", str(BINDINGS), "-o", str(cpp_obj), "-std=c++17", "-fPIC", "-O3",
                 "-isystem", _cuda_include(nvcc)] + common)
@@ -138,7 +139,9 @@ def test_cuda_extension_compiles(tmp_path):
         assert any(name.startswith(launcher + "(") for name in cu_defined), f"{launcher} not defined by the .cu"
 
     cpp_syms = _symbols(cpp_obj, demangle=True)
-    assert ("T", f"PyInit_{MODULE}") in cpp_syms, "the .cpp does not define the Python module init"
+    # the operators' registration, in the namespace of the module name (TORCH_EXTENSION_NAME expanded)
+    assert ("t", f"TORCH_LIBRARY_init_{MODULE}(torch::Library&)") in cpp_syms, \
+        "the .cpp does not register its operators under the module's name"
     cpp_needs = {name for kind, name in cpp_syms if kind == "U" and name.startswith("fastkd::cuda::")}
     assert {n.split("(")[0] for n in cpp_needs} == set(LAUNCHERS), cpp_needs
 
