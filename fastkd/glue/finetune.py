@@ -54,9 +54,9 @@ def finetune_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: Finet
     started = time.perf_counter()
     data = cache.data(spec)
     pad_id = tokenizer.pad_token_id or 0
-    train_enc = cache.encoded(data.train, tokenizer, cfg.max_seq_len, cfg.head == "biencoder")
     scoring = scoring_rows(data, tokenizer, cache, cfg)
     rows = scoring.train_rows
+    train_enc = cache.encoded(data.train, tokenizer, cfg.max_seq_len, cfg.head == "biencoder", rows)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(rows) / cfg.batch_size))
 
     device = pick_device(cfg.device)

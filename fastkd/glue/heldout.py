@@ -62,7 +62,6 @@ def scoring_rows(data: TaskData, tokenizer, cache: "TaskCache", cfg: FinetuneCon
                  min_left: int = MIN_TRAIN_LEFT) -> Scoring:
     """min_left: training rows that must remain beside the slices (0 where nothing is trained)."""
     apart = cfg.head == "biencoder"
-    train_enc = cache.encoded(data.train, tokenizer, cfg.max_seq_len, apart)
     held = heldout_rows(len(data.train), cfg.heldout, cfg.max_train_examples, cfg.heldout_part, min_left)
     if held is None:
         if cfg.heldout > 0 and (data.task.key, len(data.train), cfg.heldout) not in _TOLD:
@@ -85,6 +84,7 @@ def scoring_rows(data: TaskData, tokenizer, cache: "TaskCache", cfg: FinetuneCon
                                                  min_left))
         held = np.array([i for i in held if _text(data.train, i) not in chosen], dtype=np.int64)
     labels = [data.train.labels[i] for i in held]
+    train_enc = cache.encoded(data.train, tokenizer, cfg.max_seq_len, apart, held)
     return Scoring(rows, [("heldout", subset_rows(train_enc, held), labels)],
                    f"train-heldout-{cfg.heldout_part}[{len(held)}]", held, rest)
 
