@@ -5,11 +5,13 @@ on fastkd.memory's estimate of a step from the shapes, checked here against meas
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,21 +88,23 @@ def test_the_fitting_batch_and_the_refusal_agree(monkeypatch):
 
 # --- the commands refuse before allocating ----------------------------------------------------------
 
-# The command in a child process that says how far its resident set grew: a command that allocates
+# The commands in one child process (an interpreter's start-up, torch and transformers included, is
+# most of what a refusal costs), which says how far its resident set grew: a command that allocates
 # for such a batch is stopped by the address-space limit (or the timeout) instead of filling the machine.
+# Growth is measured from before the first command, so each command's is at most the number reported.
 CHILD = """
-import resource, sys, time
-import torch, transformers  # the interpreter's own size, before the command
+import json, resource, sys, time
+import torch, transformers  # the interpreter's own size, before the commands
 from fastkd.cli import main
 start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t0 = time.monotonic()
-try:
-    code = main(sys.argv[1:])
-finally:
+for argv in json.loads(sys.argv[1]):
+    print(MARK, file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    code = main(argv)
     grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start
-    print(f"grew_kib={grew} seconds={time.monotonic() - t0:.1f}")
-sys.exit(code)
+    print(f"code={code} grew_kib={grew} seconds={time.monotonic() - t0:.1f}", flush=True)
 """
+MARK = "--- fastkd test: next command ---"
 
 
 def _limit_address_space():
@@ -108,18 +112,48 @@ def _limit_address_space():
     resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
 
 
-def _run_refused(*argv) -> tuple[list[str], float, float]:
-    """`fastkd ARGV` in a child: asserts exit 2 and one line; returns that line, the seconds the
-    command took and how far the child's resident set grew (MiB)."""
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory, tiny_teacher_dir, wikitext) -> dict:
+    """Each refused command's (stderr lines, seconds, resident-set growth in MiB), by name."""
+    root = tmp_path_factory.mktemp("refusals")
+    corpus = root / "wiki-small.txt"
+    corpus.write_text("\n".join(wikitext.read_text(encoding="utf-8").splitlines()[:150]) + "\n", encoding="utf-8")
+    (root / "huge.yaml").write_text(f"batch_size: {UNREPRESENTABLE}\n")
+    # A literal integer: both parsers take it as an int (1e30 would be a float or a string, refused as such).
+    (root / "huge.json").write_text(f'{{"batch_size": {UNREPRESENTABLE}}}')
+    commands = {
+        "distill": ["distill", "--output", str(root / "distill"), "--teacher", str(tiny_teacher_dir), "--corpus",
+                    str(corpus), "--max-steps", "1", "--max-seq-len", "64", "--no-progress", "--batch-size",
+                    str(ABSURD)],
+        **{f"config{suffix}": ["distill", "--config", str(root / f"huge{suffix}"), "--output",
+                               str(root / f"config{suffix}"), "--teacher", str(tiny_teacher_dir), "--corpus",
+                               str(corpus), "--no-progress"] for suffix in (".yaml", ".json")},
+        "bench": ["bench", "--teacher", str(tiny_teacher_dir), "--batch-size", str(ABSURD), "--seq-len", "64",
+                  "--output", str(root / "bench.json")],
+    }
     limit = None if torch.cuda.is_available() else _limit_address_space  # CUDA reserves address space
     env = {**os.environ, "FASTKD_MEMORY_CHECK": "1"}  # a user's own switch never reaches the test
-    proc = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True, timeout=180,
-                          preexec_fn=limit, env=env)
-    said = [line for line in proc.stderr.splitlines() if line.strip() and " INFO " not in line
-            and " WARNING " not in line and "it/s]" not in line]
-    assert proc.returncode == 2 and len(said) == 1, (proc.returncode, proc.stderr[-3000:])
-    numbers = dict(re.findall(r"(grew_kib|seconds)=([\d.]+)", proc.stdout))
-    return said[0], float(numbers["seconds"]), float(numbers["grew_kib"]) / 1024
+    proc = subprocess.run([sys.executable, "-c", f"MARK = {MARK!r}\n" + CHILD, json.dumps(list(commands.values()))],
+                          capture_output=True, text=True, timeout=300, preexec_fn=limit, env=env)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    said = proc.stderr.split(MARK + "\n")[1:]
+    numbers = re.findall(r"code=(\S+) grew_kib=(\d+) seconds=([\d.]+)", proc.stdout)
+    assert len(said) == len(numbers) == len(commands), proc.stdout + proc.stderr[-3000:]
+    out = {}
+    for (name, argv), text, (code, grew_kib, seconds) in zip(commands.items(), said, numbers):
+        lines = [line for line in text.splitlines() if line.strip() and " INFO " not in line
+                 and " WARNING " not in line and "it/s]" not in line]
+        out[name] = {"code": code, "lines": lines, "seconds": float(seconds), "grew_mib": int(grew_kib) / 1024,
+                     "output": Path(argv[argv.index("--output") + 1])}
+    return out
+
+
+def _refused(refusals: dict, name: str) -> tuple[str, float, float]:
+    """The one line a refused command said (exit 2 asserted), its seconds and the growth (MiB)."""
+    run = refusals[name]
+    assert run["code"] == "2" and len(run["lines"]) == 1, (name, run)
+    assert not run["output"].exists()  # refused before the output is made or locked
+    return run["lines"][0], run["seconds"], run["grew_mib"]
 
 
 def _assert_refused_without_allocating(line: str, seconds: float, grew_mib: float, batch: int, flag: str) -> None:
@@ -130,33 +164,19 @@ def _assert_refused_without_allocating(line: str, seconds: float, grew_mib: floa
     assert grew_mib < 256, (grew_mib, line)  # a tokenizer and a config, never a batch
 
 
-def test_distill_refuses_a_batch_that_cannot_fit_in_one_line(tmp_path, tiny_teacher_dir, small_corpus):
-    out = tmp_path / "out"
-    common = ["distill", "--output", str(out), "--teacher", str(tiny_teacher_dir), "--corpus", str(small_corpus),
-              "--max-steps", "1", "--max-seq-len", "64", "--no-progress"]
-    line, seconds, grew = _run_refused(*common, "--batch-size", str(ABSURD))
+def test_distill_refuses_a_batch_that_cannot_fit_in_one_line(refusals):
+    line, seconds, grew = _refused(refusals, "distill")
     _assert_refused_without_allocating(line, seconds, grew, ABSURD, "--max-seq-len 64")
     assert line.startswith("fastkd distill: error: a distillation step"), line
-    assert not out.exists()  # refused before the output is made or locked
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
-def test_distill_refuses_an_unrepresentable_batch_from_a_config_file(tmp_path, tiny_teacher_dir, small_corpus, suffix):
-    # A literal integer: both parsers take it as an int (1e30 would be a float or a string, refused as such).
-    config = tmp_path / f"huge{suffix}"
-    config.write_text(f"batch_size: {UNREPRESENTABLE}\n" if suffix == ".yaml" else
-                      f'{{"batch_size": {UNREPRESENTABLE}}}')
-    out = tmp_path / "out"
-    line, seconds, grew = _run_refused("distill", "--config", str(config), "--output", str(out), "--teacher",
-                                       str(tiny_teacher_dir), "--corpus", str(small_corpus), "--no-progress")
+def test_distill_refuses_an_unrepresentable_batch_from_a_config_file(refusals, suffix):
+    line, seconds, grew = _refused(refusals, f"config{suffix}")
     _assert_refused_without_allocating(line, seconds, grew, UNREPRESENTABLE, "--max-seq-len 128")
-    assert not out.exists()
 
 
-def test_bench_refuses_a_batch_that_cannot_fit_in_one_line(tmp_path, tiny_teacher_dir):
-    output = tmp_path / "bench.json"
-    line, seconds, grew = _run_refused("bench", "--teacher", str(tiny_teacher_dir), "--batch-size", str(ABSURD),
-                                       "--seq-len", "64", "--output", str(output))
+def test_bench_refuses_a_batch_that_cannot_fit_in_one_line(refusals):
+    line, seconds, grew = _refused(refusals, "bench")
     _assert_refused_without_allocating(line, seconds, grew, ABSURD, "--seq-len 64")
     assert line.startswith("fastkd bench: error: a bench step"), line
-    assert not output.exists()

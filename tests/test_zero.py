@@ -139,6 +139,7 @@ def zero_batch(tmp_path_factory, tiny_teacher_dir, default_tokenizer, wikitext) 
     except subprocess.TimeoutExpired:
         os.killpg(launch.pid, signal.SIGKILL)  # the launcher and both ranks
         log, returncode = "the launch hung and was killed after 480 s\n" + launch.communicate()[0], None
+    (root / "launch.log").write_text(log)  # each run's seconds per rank, for a look at where the time goes
     codes = [json.loads(p.read_text()) for p in sorted(root.glob("runs.json.rank*.json"))]
     return Batch(root, runs, log, codes, returncode, env["MASTER_PORT"])
 

@@ -12,6 +12,7 @@ tiny ZeRO run costs.
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -30,6 +31,7 @@ def run_all(spec: Path) -> int:
     out = spec.with_name(f"{spec.name}.rank{rank}.json")
     results = {}
     for run in json.loads(spec.read_text()):
+        start = time.monotonic()
         try:
             rc = main(run["argv"])
         except SystemExit as exc:  # refused by the parser
@@ -37,7 +39,7 @@ def run_all(spec: Path) -> int:
         except Exception:  # noqa: BLE001 (a traceback is this run's failure, reported below)
             traceback.print_exc()
             rc = 1
-        print(f"zero-batch: {run['name']} exited {rc} on rank {rank}", flush=True)
+        print(f"zero-batch: {run['name']} exited {rc} on rank {rank} after {time.monotonic() - start:.1f} s", flush=True)
         results[run["name"]] = rc
         out.write_text(json.dumps(results))
         if rc != 0:
