@@ -17,6 +17,7 @@ ranks' gradients, and the logged terms are averaged over ranks.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -136,6 +137,8 @@ def init_distributed() -> tuple[int, int, int]:
         # The cores this process may use (a cgroup/affinity-limited job sees fewer than os.cpu_count()).
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // max(local_world, 1)))
+    if not torch.cuda.is_available():
+        _skip_inference_shm_op()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if not torch.cuda.is_available():
         _unlink_shm_buffers(rank)
@@ -152,6 +155,19 @@ def ranks_sharing_memory(world: int) -> int:
     GPUs each rank is taken to have its own (a launcher that shows each rank one GPU, as Slurm's
     --gpus-per-task does, would make a count by device_count() wrong by the number of ranks)."""
     return 1 if torch.cuda.is_available() else local_ranks(world)
+
+
+def _skip_inference_shm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce when its process group starts
+    (30-45 s on 2 cores, once per machine) and maps a 66 MiB /dev/shm buffer per rank for it. Only its
+    inference all-reduce (tensor-parallel inference) calls that op; a ZeRO training step's collectives
+    go through torch.distributed (gloo). Not built, that all-reduce falls back to torch's. A DeepSpeed
+    without this hook builds the op as before, and its buffers are still unlinked below."""
+    # (by its full name: `from deepspeed.comm import torch` would give the torch package that
+    # deepspeed.comm imports under that name)
+    ds_comm = importlib.import_module("deepspeed.comm.torch")
+    if callable(getattr(ds_comm, "build_shm_op", None)):
+        ds_comm.build_shm_op = lambda: None
 
 
 def _unlink_shm_buffers(rank: int) -> None:
