@@ -20,7 +20,7 @@
 // loop.
 
 // ATen and torch/library.h, not torch/extension.h: the latter adds the C++ frontend and pybind11, which
-// made the first-use build three times as long (44 s against 15 s on a 2-core EPYC).
+// made the first-use build more than twice as long (44 s against 18 s on a 2-core AVX2 EPYC).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -150,3 +150,43 @@ def test_cuda_extension_compiles(tmp_path):
     raw_needed = {name for kind, name in _symbols(cpp_obj, demangle=False)
                   if kind == "U" and name.startswith("_ZN6fastkd4cuda")}
     assert raw_needed and raw_needed <= raw_defined, raw_needed - raw_defined
+
+
+# --- the operator schemas against the C++ functions they register ----------------------------------
+# A schema that disagrees with its function is found by torch only when the library is loaded, which
+# for the CUDA one needs a GPU: checked here from the sources, for both libraries.
+
+SCHEMA_TO_CPP = {"Tensor": "Tensor", "float": "double", "int": "int64_t", "bool": "bool",
+                 "Tensor[]": "std::vector<Tensor>"}
+
+
+def _registrations(text: str) -> list[tuple[str, str]]:
+    """(schema, registered C++ function) of each m.def in a TORCH_LIBRARY block (adjacent literals joined)."""
+    return [("".join(re.findall(r'"([^"]*)"', literals)), function)
+            for literals, function in re.findall(r'm\.def\(((?:\s*"[^"]*")+),\s*&(\w+)\)', text)]
+
+
+def _cpp_types(declaration: str) -> str:
+    return re.sub(r"\bconst\b|at::|&|\s", "", declaration)
+
+
+def _cpp_signature(text: str, function: str) -> tuple[str, list[str]]:
+    """Return type and parameter types of the function's definition, spelled without const, at:: and &."""
+    found = re.search(rf"^(std::vector<(?:at::)?Tensor>)\s+{function}\(([^)]*)\)\s*\{{", text, re.M)
+    assert found, f"no definition of {function}"
+    params = [" ".join(p.split()[:-1]) for p in found.group(2).split(",")]  # each without its name
+    return _cpp_types(found.group(1)), [_cpp_types(p) for p in params]
+
+
+@pytest.mark.parametrize("kind,source", [("cpu", "fused_loss_cpu.cpp"), ("cuda", "fused_loss_cuda.cpp")])
+def test_every_operator_schema_matches_the_function_it_registers(kind, source):
+    from fastkd.ops import builder
+
+    text = (CSRC / source).read_text()
+    registered = _registrations(text)
+    assert sorted(function for _, function in registered) == sorted(builder.OPS[kind])
+    for schema, function in registered:
+        name, args, returns = re.fullmatch(r"(\w+)\((.*)\) -> (\S+)", schema).groups()
+        assert name == function, schema
+        schema_types = [SCHEMA_TO_CPP[arg.split()[0]] for arg in args.split(",")]
+        assert _cpp_signature(text, function) == (SCHEMA_TO_CPP[returns], schema_types), schema

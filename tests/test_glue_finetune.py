@@ -167,6 +167,46 @@ def test_more_bad_inputs(tmp_path, tiny_teacher_dir, capfd):
     assert "train.tsv:2: row score 'nan' is not a finite number" in line
 
 
+def test_only_the_rows_a_fine_tune_reads_are_tokenized_and_as_a_whole_split_would_be(tiny_teacher_dir,
+                                                                                     default_tokenizer):
+    """Real SST-2 (67,349 training rows): a 64-row fine-tune scored on a 100-row held-out slice tokenizes
+    those 164 training rows, nothing else (not dev, which it does not score); each row's ids are what
+    tokenizing the whole split gives. The biencoder head's sentences apart: the same rows only (MRPC)."""
+    from fastkd.glue.finetune import finetune_task
+    from fastkd.glue.heldout import scoring_rows
+    from fastkd.glue.tasks import task_spec
+
+    teacher = load_teacher(str(tiny_teacher_dir))
+    for task, head in (("sst2", "pooler"), ("mrpc", "biencoder")):
+        cache = TaskCache(str(GLUE))
+        spec = task_spec(task)
+        cfg = FinetuneConfig(max_steps=1, batch_size=8, max_train_examples=64, heldout=100, max_seq_len=48,
+                             progress=False, head=head)
+        finetune_task(teacher, default_tokenizer, spec, cache, cfg)
+        data = cache.data(spec)
+        scoring = scoring_rows(data, default_tokenizer, cache, cfg)
+        lazy = cache.encoded(data.train, default_tokenizer, 48, rows=[])  # what is there, nothing added
+        done = {i for i, ids in enumerate(lazy.input_ids) if ids is not None}
+        assert done == set(scoring.train_rows.tolist()) | set(scoring.held.tolist()), (task, len(done))
+        assert len(done) == 164 < len(data.train)
+        if head == "biencoder":
+            assert {i for i, ids in enumerate(lazy.a_ids) if ids is not None} == done
+        assert scoring.eval_split.startswith("train-heldout-selection")  # so dev is never read, nor tokenized
+        for dev in data.dev:
+            assert all(ids is None for ids in cache.encoded(dev, default_tokenizer, 48, rows=[]).input_ids)
+        # The same ids as before rows were tokenized on demand: the whole split at once (MRPC, 3,668 rows),
+        # or (SST-2) each row alone, a call unlike the one batch that filled them.
+        b = data.train.text_b
+        if task == "mrpc":
+            full = TaskCache(str(GLUE)).encoded(data.train, default_tokenizer, 48)
+            want = [(full.input_ids[i], full.token_type_ids[i]) for i in sorted(done)]
+        else:
+            want = [tuple(default_tokenizer(data.train.text_a[i], None if b is None else b[i], truncation=True,
+                                            max_length=48, return_token_type_ids=True)[k]
+                          for k in ("input_ids", "token_type_ids")) for i in sorted(done)]
+        assert [(lazy.input_ids[i], lazy.token_type_ids[i]) for i in sorted(done)] == want
+
+
 def test_token_cache_is_shared_by_equal_tokenizers(tiny_teacher_dir):
     from fastkd.models import load_tokenizer
 

@@ -42,7 +42,8 @@ def test_without_a_gpu_it_says_so_in_one_line_and_succeeds():
 def test_the_correctness_sweep_passes_sound_kernels_and_reports_a_faulty_one(monkeypatch):
     cpu = torch.device("cpu")
     # One length past the 16-row tile: the Triton interpreter is what this test pays for (about 10 s per
-    # dtype and length); shorter and odd lengths are the kernels' own tests (test_kernels_triton.py).
+    # dtype and length); shorter and odd lengths are the kernels' own tests (test_kernels_triton.py,
+    # test_attention_kl.py).
     kwargs = dict(seq_lens=(17,), head_dims=(16,), tf32=False)
     rows = gpu_check.correctness(cpu, ("cpp", "triton"), (torch.float32, torch.float16), **kwargs)
     # every op, case, dtype and backend, all within tolerance
