@@ -1,6 +1,6 @@
 // CUDA backend of the fused distillation losses: input checks, the row-chunk loop of the projected
-// hidden MSE (its GEMMs go to cuBLAS through ATen) and the operator registration (torch.ops.<module name>). The kernels are in
-// fused_loss_cuda_kernels.cu. The module exports the functions of the CPU backend (fused_loss_cpu.cpp),
+// hidden MSE (its GEMMs go to cuBLAS through ATen) and the operator registration (torch.ops.<module
+// name>). The kernels are in fused_loss_cuda_kernels.cu. The module exports the functions of the CPU backend (fused_loss_cpu.cpp),
 // with the same argument names (attention_kl_qk adds an optional chunk_rows), so one autograd Function per op
 // (fastkd/ops/<op>.py) drives both, and attention_mse_qk_gemm, the tensor-core formulation of the attention
 // op for 16-bit inputs. Every function returns the *unnormalised* loss sum (a 0-dim float32 tensor) and its

@@ -147,13 +147,19 @@ def tiny_teacher_dropout_dir(tmp_path_factory, default_tokenizer) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-teacher-dropout"), default_tokenizer, dropout=0.1)
 
 
+def write_small_corpus(folder: Path) -> Path:
+    """The first 150 lines of real WikiText-2 in folder/wiki-small.txt: enough sequences for short runs,
+    fast to pack (for fixtures wider than one test, which cannot take small_corpus)."""
+    lines = WIKITEXT.read_text(encoding="utf-8").splitlines()[:150]
+    path = folder / "wiki-small.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def small_corpus(tmp_path, wikitext) -> Path:
     """The first 150 lines of real WikiText-2: enough sequences for short runs, fast to pack."""
-    lines = wikitext.read_text(encoding="utf-8").splitlines()[:150]
-    path = tmp_path / "wiki-small.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_small_corpus(tmp_path)
 
 
 def run_cli(capfd, *argv) -> tuple[int, list[str]]:

@@ -23,6 +23,8 @@ from fastkd.losses import objective_weights
 from fastkd.memory import StepMemory, check_step_fits, size_text, step_memory, teacher_shape
 from fastkd.models import load_teacher, load_tokenizer, student_shape
 
+from conftest import write_small_corpus
+
 MIB = 2 ** 20
 ABSURD = 100_000_000  # sequences per batch: petabytes
 UNREPRESENTABLE = 10 ** 30  # a literal integer in a config file: no float, no tensor dimension holds it
@@ -116,8 +118,7 @@ def _limit_address_space():
 def refusals(tmp_path_factory, tiny_teacher_dir, wikitext) -> dict:
     """Each refused command's (stderr lines, seconds, resident-set growth in MiB), by name."""
     root = tmp_path_factory.mktemp("refusals")
-    corpus = root / "wiki-small.txt"
-    corpus.write_text("\n".join(wikitext.read_text(encoding="utf-8").splitlines()[:150]) + "\n", encoding="utf-8")
+    corpus = write_small_corpus(root)
     (root / "huge.yaml").write_text(f"batch_size: {UNREPRESENTABLE}\n")
     # A literal integer: both parsers take it as an int (1e30 would be a float or a string, refused as such).
     (root / "huge.json").write_text(f'{{"batch_size": {UNREPRESENTABLE}}}')

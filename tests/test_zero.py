@@ -105,11 +105,10 @@ class Batch:
 
 @pytest.fixture(scope="module")
 def zero_batch(tmp_path_factory, tiny_teacher_dir, default_tokenizer, wikitext) -> Batch:
-    from conftest import make_pipeline_teacher, make_tiny_encoder
+    from conftest import make_pipeline_teacher, make_tiny_encoder, write_small_corpus
 
     root = tmp_path_factory.mktemp("zero-batch")
-    corpus = root / "wiki-small.txt"  # the small_corpus fixture's text
-    corpus.write_text("\n".join(wikitext.read_text(encoding="utf-8").splitlines()[:150]) + "\n", encoding="utf-8")
+    corpus = write_small_corpus(root)  # the small_corpus fixture's text
     runs: dict[str, tuple[Path, list[str]]] = {}
 
     def add(name, ds, teacher=tiny_teacher_dir, **kw):

@@ -90,6 +90,16 @@ class TaskCache:
             tokenize_rows(enc.b_ids, None, tokenizer, split.text_b, None, wanted, max_seq_len)
         return enc
 
+    def sentences(self, split: Split, side: str, tokenizer, max_seq_len: int, rows) -> Encoded:
+        """Rows `rows` of one side of a split (text_a or text_b), each sentence tokenized alone with its
+        token type ids (the frozen-feature probe and zero-shot similarity encode pairs this way)."""
+        key = ("sentences", split.task.key, split.name, split.source, side, self.fingerprint(tokenizer), max_seq_len)
+        if key not in self._encoded:
+            self._encoded[key] = Encoded([None] * len(split), [None] * len(split), torch.zeros(len(split)))
+        enc = self._encoded[key]
+        tokenize_rows(enc.input_ids, enc.token_type_ids, tokenizer, getattr(split, side), None, rows, max_seq_len)
+        return subset_rows(enc, rows)
+
 
 def tokenize_rows(ids: list, types: list | None, tokenizer, a: list[str], b: list[str] | None, rows,
                   max_seq_len: int) -> None:

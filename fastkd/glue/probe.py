@@ -26,7 +26,7 @@ from ..device import pick_device
 from ..families import model_inputs
 from ..models import load_encoder
 from .config import FinetuneConfig
-from .data import Encoded, TaskCache, TaskResult, padded_batch, subset_rows, tokenize_rows
+from .data import Encoded, TaskCache, TaskResult, padded_batch, subset_rows
 from .heldout import score_splits, scoring_rows
 from .metrics import task_score
 from .tasks import ZERO_SHOT_TASK, TaskSpec, task_spec
@@ -54,17 +54,6 @@ def mean_pooled(encoder, enc: Encoded, pad_id: int, batch_size: int, bf16: bool 
     return out
 
 
-def _sentences(cache: TaskCache, split, side: str, tokenizer, max_seq_len: int, rows) -> Encoded:
-    """Rows `rows` of one side of a split (text_a or text_b), each sentence tokenized alone (once, cached
-    beside the pair encodings)."""
-    key = ("sentences", split.task.key, split.name, split.source, side, cache.fingerprint(tokenizer), max_seq_len)
-    if key not in cache._encoded:
-        cache._encoded[key] = Encoded([None] * len(split), [None] * len(split), torch.zeros(len(split)))
-    enc = cache._encoded[key]
-    tokenize_rows(enc.input_ids, enc.token_type_ids, tokenizer, getattr(split, side), None, rows, max_seq_len)
-    return subset_rows(enc, rows)
-
-
 def probe_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: FinetuneConfig) -> TaskResult:
     """Score frozen features of `model` (a path or an in-memory encoder) on one task."""
     started = time.perf_counter()
@@ -83,8 +72,8 @@ def probe_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: Finetune
         """Features of rows `which` of `split` (a Split of the task)."""
         if not pair:
             return pool(subset_rows(cache.encoded(split, tokenizer, cfg.max_seq_len, rows=which), which))
-        u = pool(_sentences(cache, split, "text_a", tokenizer, cfg.max_seq_len, which))
-        v = pool(_sentences(cache, split, "text_b", tokenizer, cfg.max_seq_len, which))
+        u = pool(cache.sentences(split, "text_a", tokenizer, cfg.max_seq_len, which))
+        v = pool(cache.sentences(split, "text_b", tokenizer, cfg.max_seq_len, which))
         return np.concatenate([np.abs(u - v), u * v], axis=1)
 
     x = features(data.train, rows)
@@ -133,7 +122,7 @@ def zero_shot_similarity(model, tokenizer, cache: TaskCache, cfg: FinetuneConfig
     def cosine(name: str) -> np.ndarray:
         split, which = ((data.train, scoring.held) if name == "heldout"
                         else (dev_by_name[name], np.arange(len(dev_by_name[name]))))
-        u, v = (mean_pooled(encoder, _sentences(cache, split, side, tokenizer, cfg.max_seq_len, which), pad_id,
+        u, v = (mean_pooled(encoder, cache.sentences(split, side, tokenizer, cfg.max_seq_len, which), pad_id,
                             cfg.eval_batch_size, cfg.bf16) for side in ("text_a", "text_b"))
         return (u * v).sum(1) / np.maximum(np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1), 1e-12)
 
