@@ -22,11 +22,11 @@ proxy (what the search sees): the demo's proxy budget (fastkd.demo.BUDGETS["full
   student that diverges is ranked last by the rungs (as the search ranks it); it leaves the likeness
   and loss measures of its objective out of the table.
 
-Three more rows of the final stage decouple the two roles a mapping has (issue 24, item 4):
-SUPERVISION@INIT students (`fastkd distill --mapping SUPERVISION --init-layers INIT`) ask whether tying
-them, as the search does, loses anything. With the default `auto` objective (the sentence embedding
-alone) only the layers kept can matter; --final-objective tinybert (or minilmv2) measures supervision
-too. The search cannot propose decoupled rows, so they are in the final table, not the correlations.
+Three more rows decouple the two roles a mapping has (issue 24, item 4): SUPERVISION@INIT students
+(`fastkd distill --mapping 4,5,6@2,4,6`) ask whether tying them, as the search does by default, loses
+anything. With the default `auto` objective (the sentence embedding alone) only the layers kept can
+matter; --final-objective tinybert (or minilmv2) measures supervision too. `fastkd search --search-init`
+proposes such mappings, so they are scored by the proxy and ranked with the others.
 
 Reported: per proxy measure, Spearman and Kendall of its per-mapping means with the final means (both
 the fine-tuned score and zero-shot STS-B), 95% percentile bootstrap intervals (mappings, proxy seeds
@@ -72,7 +72,7 @@ from fastkd.glue import TaskCache, parse_tasks  # noqa: E402
 from fastkd.glue.config import FinetuneConfig  # noqa: E402
 from fastkd.glue.finetune import evaluate
 from fastkd.glue.tasks import task_spec  # noqa: E402
-from fastkd.mapping import LayerMapping  # noqa: E402
+from fastkd.mapping import parse_mapping  # noqa: E402
 from fastkd.models import load_teacher, load_tokenizer, resolve_model_path, student_shape  # noqa: E402
 from fastkd.search.likeness import TeacherReference  # noqa: E402
 from fastkd.search.proxy import FAILED_FITNESS, ProxyEvaluator, task_collapsed  # noqa: E402
@@ -84,8 +84,8 @@ GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 LIKENESS = ("embedding_cosine", "cka_embedding", "cka_mapped")
 BIENCODER_RUNGS = ("short", "full")  # also scored with the biencoder head (named short-biencoder, ...)
 # what a kept row must share with this run
-PROXY_DECISIVE = ("teacher", "corpus", "data_dir", "tied_mappings", "likeness_sentences")
-# Supervision and initialisation apart (issue 24, item 4): does tying them, as the search does, lose anything?
+PROXY_DECISIVE = ("teacher", "corpus", "data_dir", "mappings", "likeness_sentences")
+# Supervision and initialisation apart (issue 24, item 4): does tying them, as the search does by default, lose anything?
 DECOUPLED = ("456@246", "246@456", "123@246")
 FINAL_DECISIVE = ("teacher", "corpus", "data_dir", "final_objective", "final_steps", "final_batch", "final_lr", "final_warmup", "final_seq_len",
                   "judge_tasks", "judge_steps", "judge_examples", "judge_lr", "judge_seq_len", "judge_head")
@@ -94,13 +94,12 @@ BOOTSTRAP = 2000
 
 def final_row(args, mapping: str, seed: int, work: Path, cache: TaskCache, stsb_dev) -> dict:
     """Distill one (mapping, seed) as a user would, judge it, and remove the student. A mapping
-    'SUPERVISION@INIT' supervises by the first and initialises the student from the second (--init-layers)."""
-    supervision, _, init = mapping.partition("@")
+    'SUPERVISION@INIT' supervises by the first and initialises the student from the second."""
     output = work / f"{mapping.replace(',', '').replace('@', '-init')}-seed{seed}"
     if output.exists():
         shutil.rmtree(output)  # an interrupted row starts over (it is not saved until judged)
     cfg = DistillConfig(output=str(output), corpus=args.corpus, teacher=args.teacher,
-                        student_layers=len(supervision.split(",")), mapping=supervision, init_layers=init or None,
+                        student_layers=len(mapping.partition("@")[0].split(",")), mapping=mapping,
                         objective=args.final_objective, max_seq_len=args.final_seq_len,
                         max_steps=args.final_steps, batch_size=args.final_batch, lr=args.final_lr,
                         warmup=args.final_warmup, seed=seed, progress=False, checkpoint_every=10 ** 9,
@@ -144,9 +143,8 @@ def proxy_stage(args, results: dict, save) -> None:
                            proxy.sequences, 0)
     cache = TaskCache(args.data_dir)
     tasks = parse_tasks(",".join(proxy.tasks))
-    # (the search ties initialisation to supervision: a decoupled SUPERVISION@INIT row has no proxy score)
-    mappings = [LayerMapping(tuple(int(x) for x in m.split(",")), teacher.config.num_hidden_layers)
-                for m in args.mappings if "@" not in m]
+    student_layers = len(args.mappings[0].partition("@")[0].split(","))
+    mappings = [parse_mapping(m, student_layers, teacher.config.num_hidden_layers) for m in args.mappings]
     ev = ProxyEvaluator(teacher, tokenizer, corpus, student_shape(teacher.config, len(mappings[0].layers)), proxy,
                         cache, tasks, progress=False)
     held = cache.data(task_spec("cola")).train.text_a[:args.likeness_sentences]
@@ -263,19 +261,19 @@ def report(args, results: dict) -> list[dict]:
               f"{e['residual_sd']:.2f}; mapping effect F({e['df'][0]}, {e['df'][1]}) = {e['F']:.2f}, p = {e['p']:.3g}")
     rows = []
     rng = np.random.default_rng(0)
-    tied = [m for m in complete if "@" not in m]  # what the search can propose: the rank correlations use these
-    if len(tied) < 3:
-        print(f"proxy measures: {len(tied)} tied mappings measured: too few to rank")
+    ranked = complete  # (every mapping measured: the search proposes SUPERVISION@INIT ones too, with --search-init)
+    if len(ranked) < 3:
+        print(f"proxy measures: {len(ranked)} mappings measured: too few to rank")
         results["effect"] = effect
         return rows
     distill_cost = statistics.fmean(s for st in results["proxy"].values() for s in st["distill_seconds"].values()) if any(
         st["distill_seconds"] for st in results["proxy"].values()) else float("nan")
     for objective, stage in results["proxy"].items():
         for name, by_mapping in stage["fitness"].items():
-            if not all(m in by_mapping and all(str(s) in by_mapping[m] for s in seeds) for m in tied):
+            if not all(m in by_mapping and all(str(s) in by_mapping[m] for s in seeds) for m in ranked):
                 continue
             values = np.array([[np.nan if by_mapping[m][str(s)] is None else by_mapping[m][str(s)] for s in seeds]
-                               for m in tied], dtype=float)
+                               for m in ranked], dtype=float)
             if np.isnan(values).any():
                 print(f"{objective} {name}: left out (a proxy student diverged, or the measure is undefined for a mapping)")
                 continue
@@ -283,14 +281,14 @@ def report(args, results: dict) -> list[dict]:
             row = {"proxy objective": objective, "measure": name,
                    "s/eval": f"{statistics.fmean(secs):.1f}" if secs else "-"}
             for target, scores in targets.items():
-                r = bootstrap_rank(values, scores[[complete.index(m) for m in tied]], rng)
+                r = bootstrap_rank(values, scores[[complete.index(m) for m in ranked]], rng)
                 row[f"Spearman vs {target}"] = (f"{r['spearman']['point']:+.2f} "
                                                 f"[{r['spearman']['low']:+.2f}, {r['spearman']['high']:+.2f}]")
                 row[f"Kendall vs {target}"] = f"{r['kendall']['point']:+.2f}"
                 results.setdefault("correlations", {}).setdefault(objective, {}).setdefault(name, {})[target] = r
             rows.append(row)
     if rows:
-        print(f"proxy measures against the final outcome ({len(tied)} mappings, seeds {seeds}; proxy "
+        print(f"proxy measures against the final outcome ({len(ranked)} mappings, seeds {seeds}; proxy "
               f"distillation {distill_cost:.1f} s per mapping and seed, shared by every measure):")
         print(table(rows, list(rows[0])))
     results["effect"] = effect
@@ -305,7 +303,7 @@ def main() -> None:
     p.add_argument("--data-dir", default=str(GLUE))
     p.add_argument("--mappings", default=None,
                    help="digit strings, uniform first, e.g. 246,456,123; SUPERVISION@INIT (456@246) supervises by "
-                        "one and initialises from the other (final stage only: the search ties them). Default: the "
+                        "one and initialises from the other (fastkd search --search-init proposes these). Default: the "
                         "ten of search_fidelity.py, and with a layer-wise --final-objective also " + ", ".join(DECOUPLED)
                         + " (under the sentence objective a decoupled student is its INIT mapping's, bit for bit)")
     p.add_argument("--final-objective", default="auto",
@@ -345,14 +343,10 @@ def main() -> None:
     logging.getLogger("fastkd").setLevel(logging.WARNING)
     started = time.perf_counter()
     settings = {k: v for k, v in vars(args).items() if k not in ("stages", "resume", "work", "seed_list")}
-    settings["tied_mappings"] = [m for m in args.mappings if "@" not in m]  # (the proxy stage never sees @ rows)
-    if not settings["tied_mappings"] and "proxy" in stages:
-        raise SystemExit("--mappings: the proxy stage needs mappings the search can propose (no SUPERVISION@INIT)")
     results = {"final": {}, "proxy": {}}
     if args.resume and (RESULTS / f"{args.name}.json").is_file():
         earlier = json.loads((RESULTS / f"{args.name}.json").read_text())
         earlier["settings"].setdefault("final_objective", "auto")  # (files from before the option: auto ran)
-        earlier["settings"].setdefault("tied_mappings", [m for m in earlier["settings"]["mappings"] if "@" not in m])
         differ = [k for k in FINAL_DECISIVE if earlier["settings"].get(k) != settings[k]] if earlier["final"] else []
         differ += [k for k in PROXY_DECISIVE if earlier["settings"].get(k) != settings[k] and earlier["proxy"]]
         if differ:

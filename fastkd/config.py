@@ -64,7 +64,9 @@ class DistillConfig:
     init: str = option("teacher", "student initialisation: copy the mapped teacher layers and embeddings (widths "
                                   "truncated), or random", group="models", choices=("teacher", "random"))
     mapping: str = option("uniform", "teacher layer for each student layer: uniform, last, first, random:SEED, or "
-                                     "explicit like '2,4,6' ('-' = no supervision for that student layer)",
+                                     "explicit like '2,4,6' ('-' = no supervision for that student layer); "
+                                     "SUPERVISION@INIT, like '4,5,6@2,4,6', also names the teacher layers the student "
+                                     "starts from (as --init-layers)",
                           group="models", dash_value=True)
     init_layers: str | None = option(None, "the teacher layers that initialise the student's layers, when they should "
                                            "differ from the ones that supervise them (--mapping): uniform, last, first "
@@ -176,6 +178,12 @@ class DistillConfig:
         if self.init_layers is not None and (self.init != "teacher" or self.student is not None):
             raise UserError("--init-layers chooses which teacher layers a new student copies: it needs --init teacher "
                             "and no --student")
+        if "@" in self.mapping and (self.init != "teacher" or self.student is not None):
+            raise UserError(f"--mapping {self.mapping}: what follows '@' chooses which teacher layers a new student "
+                            "copies: it needs --init teacher and no --student")
+        if "@" in self.mapping and self.init_layers is not None:
+            raise UserError(f"--mapping {self.mapping} already names the initial layers after '@': drop --init-layers "
+                            f"{self.init_layers} (or the '@' part)")
         if self.corpus:
             check_corpus_source(self.corpus)  # (light: no torch) a mistaken path is one line in well under a second
 

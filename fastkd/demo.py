@@ -145,7 +145,7 @@ def run_demo(demo: DemoConfig, budget: Budget | None = None, resolved: dict | No
                                  drop_weak_tasks=b.drop_weak_tasks, seed=seed,
                                  resume=(out / "search" / "search.sqlite").exists(), progress=progress))
     result = search.run()
-    best = LayerMapping(result["winner_genome"], n_teacher)
+    best = LayerMapping.from_genome(result["winner_genome"], student_layers, n_teacher)
     del search  # frees the teacher copy, evaluator and task cache before the next stages
 
     minutes["search"] = round((time.perf_counter() - started) / 60, 2)

@@ -226,8 +226,9 @@ def build_student(teacher: PreTrainedModel, shape: StudentShape, init: str = "te
                   mapping: LayerMapping | None = None, seed: int = 0) -> PreTrainedModel:
     """A student of the teacher's family and vocabulary, with fastkd's capture enabled.
 
-    init="teacher" copies the embeddings and, for student layer m, teacher layer g[m] (the uniform
-    choice where g[m] is None; a ModernBERT student layer also takes that layer's kind), truncating every weight to the student's widths: the first
+    init="teacher" copies the embeddings and, for student layer m, the mapping's initial layer (teacher
+    layer g[m] unless the mapping sets others apart, the uniform choice where g[m] is None; a ModernBERT
+    student layer also takes that layer's kind), truncating every weight to the student's widths: the first
     `hidden` embedding dims, the first rows/columns of each projection. When the student keeps the
     teacher's head width this keeps whole heads; otherwise heads are cut across (documented
     approximation).
@@ -235,9 +236,7 @@ def build_student(teacher: PreTrainedModel, shape: StudentShape, init: str = "te
     if init not in ("teacher", "random"):
         raise UserError(f"unknown --init {init!r}: use teacher or random")
     family = family_of(teacher)
-    fallback = heuristic("uniform", shape.layers, teacher.config.num_hidden_layers)
-    layers = list(mapping.layers) if mapping is not None else list(fallback.layers)
-    chosen = [g if g is not None else u for g, u in zip(layers, fallback.layers)]
+    chosen = list((mapping or heuristic("uniform", shape.layers, teacher.config.num_hidden_layers)).initial_layers)
     config = family.student_config(teacher.config, shape.layers, shape.hidden, shape.heads, shape.ffn, chosen)
     config.architectures = [type(teacher).__name__]
     torch.manual_seed(seed)

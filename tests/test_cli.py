@@ -205,8 +205,8 @@ def test_resume_into_a_foreign_directory(capfd, tmp_path, tiny_teacher_dir, corp
 
 def test_init_layers_choose_what_the_student_copies_apart_from_what_supervises_it(capfd, tmp_path, tiny_teacher_dir,
                                                                                 corpus):
-    """--init-layers (sentence-transformers' layers_to_keep) initialises the student from other teacher layers
-    than the --mapping that supervises them; fastkd.json says both. Mistakes are one line."""
+    """--init-layers (sentence-transformers' layers_to_keep), or --mapping SUPERVISION@INIT, initialises the
+    student from other teacher layers than the ones that supervise it; fastkd.json says both. Mistakes are one line."""
     import json
 
     from fastkd.config import DistillConfig
@@ -222,13 +222,23 @@ def test_init_layers_choose_what_the_student_copies_apart_from_what_supervises_i
         got = student.encoder.layer[m].attention.self.query.weight
         assert torch.equal(got, teacher.encoder.layer[g - 1].attention.self.query.weight)
         assert not torch.equal(got, teacher.encoder.layer[mapping.layers[m] - 1].attention.self.query.weight)
+    # the same run written as one mapping: the same mapping, the same student
+    from dataclasses import replace
+
+    one = replace(cfg, mapping="3,4@1,3", init_layers=None)
+    assert resolve(one)[2] == mapping and mapping.text == "3,4@1,3" and mapping.pairs() == [(1, 3), (2, 4)]
+    _, _, same, _ = build_models(one, shape, resolve(one)[2])
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), student.state_dict().values()))
     args = ["distill", "--teacher", str(tiny_teacher_dir), "--corpus", corpus, "--output", str(tmp_path / "run"),
             "--max-steps", "2", "--batch-size", "2", "--max-seq-len", "32", "--student-layers", "2", "--no-progress",
             "--mapping", "last", "--init-layers", "uniform"]
     assert _run(capfd, *args)[0] == 0
     info = json.loads((tmp_path / "run" / "student" / "fastkd.json").read_text())
-    assert info["mapping"] == "3,4" and info["init_layers"] == "2,4"
-    for extra, message in ((["--init-layers", "1,2,3"], "--init-layers: "), (["--init-layers", "1,-"], "every student layer"),
-                           (["--init-layers", "1,2", "--init", "random"], "needs --init teacher")):
+    assert info["mapping"] == "3,4@2,4" and info["supervision"] == "3,4" and info["init_layers"] == "2,4"
+    for extra, message in ((["--init-layers", "1,2,3"], "--init-layers: "), (["--init-layers", "1,-"], "one teacher layer to copy"),
+                           (["--init-layers", "1,2", "--init", "random"], "needs --init teacher"),
+                           (["--mapping", "3,4@1,2", "--init-layers", "1,2"], "already names the initial layers"),
+                           (["--mapping", "3,4@1,2", "--init", "random"], "needs --init teacher"),
+                           (["--mapping", "3,4@1,-"], "every student layer needs a teacher layer to copy")):
         line = _bad(capfd, tmp_path, "--corpus", corpus, "--student-layers", "2", *extra, teacher=tiny_teacher_dir)
         assert message in line, line

@@ -1,4 +1,5 @@
 import itertools
+import re
 
 import pytest
 
@@ -45,6 +46,36 @@ def test_parse_text_and_round_trip():
     assert parse_mapping("uniform", 4, 12).text == "3,6,9,12"
 
 
+def test_initial_layers_apart_from_the_supervising_ones():
+    """SUPERVISION@INIT: the student starts from other teacher layers than those supervising it; the default init
+    is not written, so each mapping has one text (the search's store key) and one genome."""
+    apart = parse_mapping("4,5,6@2,4,6", 3, 6)
+    assert apart.layers == (4, 5, 6) and apart.initial_layers == (2, 4, 6) and apart.text == "4,5,6@2,4,6"
+    assert apart.supervision_text == "4,5,6" and apart.pairs() == [(1, 4), (2, 5), (3, 6)]
+    assert parse_mapping("last@uniform", 3, 6) == apart and parse_mapping(apart.text, 3, 6) == apart
+    tied = parse_mapping("2,4,6@2,4,6", 3, 6)
+    assert tied == parse_mapping("2,4,6", 3, 6) and tied.text == "2,4,6" and tied.init is None
+    # an unsupervised layer starts from the uniform mapping's layer unless '@' says otherwise
+    assert parse_mapping("-,-,6", 3, 6).initial_layers == (2, 4, 6)
+    assert parse_mapping("-,-,6@2,4,6", 3, 6).text == "-,-,6"
+    assert parse_mapping("-,-,6@1,1,6", 3, 6).text == "-,-,6@1,1,6"
+    for mapping in (apart, tied, parse_mapping("-,3,6@1,1,6", 3, 6)):
+        assert LayerMapping.from_genome(mapping.genome(True), 3, 6) == mapping
+        assert len(mapping.genome(True)) == 6 and mapping.genome(False) == mapping.layers
+    assert LayerMapping.from_genome(apart.genome(False), 3, 6).text == "4,5,6"  # M genes: tied
+
+
+@pytest.mark.parametrize("text, message", [
+    ("2,4,6@1,-,3", "every student layer needs a teacher layer to copy after '@'"),
+    ("2,4,6@1,3", "after '@' (the initial layers): mapping '1,3' has 2 entries"),
+    ("2,4,6@1,3,7", "after '@' (the initial layers): layer mapping '1,3,7'"),
+    ("2,4,6@", "after '@'"),
+])
+def test_initial_layer_errors(text, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_mapping(text, 3, 6)
+
+
 @pytest.mark.parametrize("text, message", [
     ("3,6,9", "has 3 entries but the student has 4"),
     ("3,6,9,13", "maps to teacher layer 13"),
@@ -75,3 +106,9 @@ def test_search_space_size_matches_enumeration(n, m):
     assert search_space_size(m, n, allow_none=True) == len(every_none)
     assert search_space_size(m, n, monotone=True) == sum(map(mono, every))
     assert search_space_size(m, n, allow_none=True, monotone=True) == sum(map(mono, every_none))
+    # with the initial layers apart: every (supervision, init) pair is one distinct mapping (its text)
+    for allow_none, monotone in ((False, False), (True, True)):
+        supervision = [g for g in (every_none if allow_none else every) if not monotone or mono(g)]
+        inits = [g for g in every if not monotone or mono(g)]
+        texts = {LayerMapping(tuple(s), n, tuple(i)).text for s in supervision for i in inits}
+        assert search_space_size(m, n, allow_none, monotone, with_init=True) == len(texts)

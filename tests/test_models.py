@@ -36,6 +36,11 @@ def test_teacher_init_copies_mapped_layers(tiny_teacher_dir):
     torch.testing.assert_close(s_layers[1].attention.self.query.weight, t_layers[3].attention.self.query.weight)  # None -> uniform (2,4)
     torch.testing.assert_close(student.embeddings.word_embeddings.weight, teacher.embeddings.word_embeddings.weight)
     assert student.training and student.config._attn_implementation == "fastkd_capture"
+    # SUPERVISION@INIT: the student starts from the layers after '@', whatever supervises it (distill and search alike)
+    apart = build_student(teacher, shape, "teacher", LayerMapping((3, None), 4, init=(1, 2)))
+    for m, g in enumerate((1, 2)):
+        torch.testing.assert_close(apart.encoder.layer[m].output.dense.weight, t_layers[g - 1].output.dense.weight)
+    assert not torch.equal(apart.encoder.layer[0].output.dense.weight, s_layers[0].output.dense.weight)
 
 
 def test_teacher_init_truncates_to_a_narrower_student(tiny_teacher_dir):

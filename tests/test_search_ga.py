@@ -11,17 +11,49 @@ def _fitness(g):
     return -sum(abs((x or 0) - 2 * (i + 1)) for i, x in enumerate(g))
 
 
-@pytest.mark.parametrize("monotone, allow_none", [(False, False), (True, False), (False, True), (True, True)])
-def test_operators_always_give_valid_genomes(monotone, allow_none):
-    ga = GeneticSearch(4, 12, GAConfig(population=6, monotone=monotone, allow_none=allow_none, seed=1,
-                                       mutation_rate=0.6))
+@pytest.mark.parametrize("monotone, allow_none, search_init", [
+    (False, False, False), (True, False, False), (False, True, False), (True, True, False),
+    (False, False, True), (True, True, True)])
+def test_operators_always_give_valid_genomes(monotone, allow_none, search_init):
+    ga = GeneticSearch(4, 12, GAConfig(population=6, monotone=monotone, allow_none=allow_none, search_init=search_init,
+                                       seed=1, mutation_rate=0.6))
     pool = [(g, _fitness(g)) for g in ga.initial_population()]
     for _ in range(500):
         a, b = ga.tournament_select(pool), ga.tournament_select(pool)
         child = ga.repair(ga.mutate(ga.crossover(a, b)))
         assert ga.is_valid(child), child
-    for g in itertools.islice(itertools.product([None, 0, 1, 7, 12, 13], repeat=4), 0, None, 7):
+        ga.mapping(child)  # a valid genome is a valid mapping (LayerMapping checks it again)
+    genes = 8 if search_init else 4
+    for g in itertools.islice(itertools.product([None, 0, 1, 7, 12, 13], repeat=genes), 0, None, 7 ** (genes // 4)):
         assert ga.is_valid(ga.repair(g)), g
+    if search_init:  # an initial layer is never None, whatever the supervision allows
+        assert not ga.is_valid((2, 4, 6, 8, 2, None, 6, 8)) and ga.is_valid((2, None, 6, 8, 2, 4, 6, 8)) == allow_none
+
+
+def test_search_init_proposes_initial_layers_apart_and_seeds_the_tied_heuristics():
+    """--search-init: M more genes, the layers the student starts from; the heuristics start tied, the random
+    genomes mostly not, and no mapping (text) is proposed twice."""
+    ga = GeneticSearch(3, 6, GAConfig(population=8, seed=0, search_init=True))
+    assert ga.space == 6 ** 3 * 6 ** 3  # supervision x initial layers
+    population = ga.initial_population()
+    assert [ga.mapping(g).text for g in population[:3]] == ["2,4,6", "4,5,6", "1,2,3"]
+    assert population[0] == (2, 4, 6, 2, 4, 6)
+    assert sum("@" in ga.mapping(g).text for g in population[3:]) >= 3
+    scored, texts = {}, []
+    for _ in range(4):
+        for g in population:
+            if g not in scored:
+                scored[g] = _fitness(g)
+                texts.append(ga.mapping(g).text)
+        population = ga.next_generation({g: scored[g] for g in population}, set(scored))
+    assert len(texts) == len(set(texts)) == len(scored) > 8
+
+
+def test_unsupervised_search_starts_from_minilm_too():
+    """With unsupervised layers allowed, MiniLM's choice (only the last student layer, by the last teacher layer)
+    is in the first generation beside the heuristics."""
+    population = GeneticSearch(3, 6, GAConfig(population=6, seed=0, allow_none=True)).initial_population()
+    assert population[:4] == [(2, 4, 6), (4, 5, 6), (1, 2, 3), (None, None, 6)]
 
 
 def test_first_generation_holds_the_heuristics_then_random_unique():

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fastkd.cli import main, parse_config
+from fastkd.mapping import LayerMapping, parse_mapping
 from fastkd.search import run as search_run
 from fastkd.search.run import Search
 
@@ -222,9 +223,10 @@ def test_diverging_candidate_is_scored_not_fatal_and_unmeasured_noise_claims_not
 
 
 def test_top_rung_only_and_no_verdict_seeds_report_without_claims(tmp_path, tiny_teacher_dir, small_corpus):
+    """(With --search-init: the initial layers are searched apart from the supervising ones.)"""
     out = tmp_path / "s"
     result = _search(_argv(tiny_teacher_dir, small_corpus, out, "--generations", "1", "--ladder", "full",
-                           "--verdict-seeds", "0")).run()
+                           "--verdict-seeds", "0", "--search-init")).run()
     rows = _rows(out / "search.sqlite")
     assert {r for _, _, r in rows} == {"full"} and {s for _, s, _ in rows} == {0}  # the GA ran on the top rung
     best = json.loads((out / "best_mapping.json").read_text(), parse_constant=lambda c: pytest.fail(c))
@@ -232,6 +234,12 @@ def test_top_rung_only_and_no_verdict_seeds_report_without_claims(tmp_path, tiny
     assert all(v["n"] == 0 for v in best["verdicts"].values())
     report = (out / "report.md").read_text()
     assert "no claim" in report or "itself" in report
+    # the population: uniform, last and first tied, and a random genome starting from other layers (SUPERVISION@INIT)
+    mappings = {m for m, _, _ in rows}
+    assert {"2,4", "3,4", "1,2"} < mappings and any("@" in m for m in mappings), mappings
+    assert "search space: 256 mappings" in report and "initial layers searched" in report
+    assert len(best["mapping"]) == len(best["init_layers"]) == 2
+    assert parse_mapping(best["text"], 2, 4) == LayerMapping(tuple(best["mapping"]), 4, tuple(best["init_layers"]))
     for png in ("ladder.png", "verdict.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with sqlite3.connect(out / "search.sqlite") as db:

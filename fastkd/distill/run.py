@@ -20,7 +20,7 @@ from ..losses import loss_weights
 from ..models import resolve_model_path
 from ..training import train
 from ..training.loop import truncate_metrics
-from .setup import initial_layers, Run, resolve_auto
+from .setup import Run, resolve_auto
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,8 @@ def export_run(run: Run, student, sentence_dense: dict | None = None) -> Path:
     info = {
         "teacher": cfg.teacher, "teacher_layers": mapping.teacher_layers, "mapping": mapping.text,
         "mapping_spec": cfg.mapping, "init": cfg.init if cfg.student is None else f"from {cfg.student}",
-        **({"init_layers": initial_layers(cfg, run.shape, mapping.teacher_layers, mapping).text}
-           if cfg.init_layers else {}),
+        **({"supervision": mapping.supervision_text, "init_layers": ",".join(map(str, mapping.initial_layers))}
+           if cfg.student is None and cfg.init == "teacher" else {}),
         "student": {**run.shape.__dict__, "parameters": run.parameters},
         "objective": cfg.objective, "relation_heads": engine.criterion.relation_heads,
         "loss_weights": loss_weights(cfg).as_dict(),

@@ -97,7 +97,7 @@ def resolve(cfg: DistillConfig):
         mapping = parse_mapping(cfg.mapping, shape.layers, n_teacher)
     except UserError as exc:
         raise UserError(f"{exc}{family_of(teacher_config).layers_note}") from None
-    initial_layers(cfg, shape, n_teacher, mapping)  # a mistaken --init-layers: one line now
+    mapping = with_init_layers(cfg, shape, n_teacher, mapping)  # a mistaken --init-layers: one line now
     parse_sample(cfg.corpus_sample)
     weights = loss_weights(cfg)
     relation_heads(weights, cfg.relation_heads, teacher_config, shape.hidden)
@@ -189,18 +189,18 @@ class Run:
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.student.parameters())
 
 
-def initial_layers(cfg: DistillConfig, shape, n_teacher: int, mapping: LayerMapping) -> LayerMapping:
-    """The teacher layers a new student copies: --init-layers where given, else the supervising mapping."""
+def with_init_layers(cfg: DistillConfig, shape, n_teacher: int, mapping: LayerMapping) -> LayerMapping:
+    """The mapping with --init-layers as its initial layers (the teacher layers a new student copies)."""
     if cfg.init_layers is None:
         return mapping
     try:
         init = parse_mapping(cfg.init_layers, shape.layers, n_teacher)
     except UserError as exc:
         raise UserError(f"--init-layers: {exc}") from None
-    if None in init.layers:
-        raise UserError(f"--init-layers {cfg.init_layers}: every student layer needs a teacher layer to copy ('-' is "
-                        "for --mapping only)")
-    return init
+    if None in init.layers or init.init is not None:
+        raise UserError(f"--init-layers {cfg.init_layers}: give one teacher layer to copy per student layer ('-' and "
+                        "'@' are for --mapping only)")
+    return LayerMapping(mapping.layers, n_teacher, init.layers)
 
 
 def build_models(cfg: DistillConfig, shape, mapping):
@@ -211,8 +211,7 @@ def build_models(cfg: DistillConfig, shape, mapping):
     if cfg.student is not None:
         student = load_student_dir(cfg.student, teacher_model, tokenizer)
     else:
-        student = build_student(teacher_model, shape, cfg.init,
-                                initial_layers(cfg, shape, teacher_model.config.num_hidden_layers, mapping), seed=cfg.seed)
+        student = build_student(teacher_model, shape, cfg.init, mapping, seed=cfg.seed)
     weights = loss_weights(cfg)
     criterion = DistillLoss.for_teacher(mapping, student.config.hidden_size, teacher_model, weights,
                                         cfg.loss_backend, cfg.relation_heads)

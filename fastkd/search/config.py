@@ -158,6 +158,11 @@ class SearchConfig:
     unsupervised: bool = option(False, "also propose mappings that leave some student layers without a teacher layer "
                                        "(MiniLM-style, '-' in the mapping: such a layer is not supervised and starts "
                                        "from the uniform mapping's teacher layer)", group="ga")
+    search_init: bool = option(False, "also search which teacher layers the student starts from, apart from the ones "
+                                      "that supervise it (sentence-transformers' layers_to_keep; written "
+                                      "SUPERVISION@INIT, e.g. 4,5,6@2,4,6, which fastkd distill --mapping takes): the "
+                                      "space grows N^M times; without it each student layer starts from the layer "
+                                      "supervising it", group="ga")
     ladder: str = option("zeroshot,full", "rungs from cheap to faithful, ending in full: zeroshot (STS-B similarity "
                                           "of mean-pooled embeddings, no training), probe (frozen features + a linear "
                                           "model per proxy task), short (a quarter of the fine-tuning steps), full "
@@ -184,7 +189,7 @@ class SearchConfig:
 
     def ga_config(self) -> GAConfig:
         return GAConfig(population=self.population, generations=self.generations, monotone=self.monotone,
-                        allow_none=self.unsupervised, seed=self.seed)
+                        allow_none=self.unsupervised, search_init=self.search_init, seed=self.seed)
 
     def rungs(self) -> tuple[Rung, ...]:
         return parse_ladder(self.ladder)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..mapping import LayerMapping
 from ..training.loop import Preempted
 from .dist import Comm
 from .proxy import CandidateResult, ProxyEvaluator
@@ -26,12 +25,12 @@ def as_evaluation(result: CandidateResult, generation: int) -> Evaluation:
 class StoredEvaluator:
     """Evaluations of one search: its store (rank 0 only, None elsewhere), its ranks, the results it has
     seen (`results`: (genome, rung name) -> {seed: Evaluation}), and the proxy that computes the rest,
-    built on first use by `make_proxy(task_specs)`."""
+    built on first use by `make_proxy(task_specs)`. `mapping_of` reads a genome (GeneticSearch.mapping)."""
 
-    def __init__(self, comm: Comm, store: Store | None, teacher_layers: int, output: Path, chunk: int, make_proxy):
+    def __init__(self, comm: Comm, store: Store | None, mapping_of, output: Path, chunk: int, make_proxy):
         self.comm = comm
         self.store = store
-        self.N = teacher_layers
+        self.mapping_of = mapping_of
         self.output = output
         self.chunk = chunk
         self.make_proxy = make_proxy
@@ -69,7 +68,7 @@ class StoredEvaluator:
             for g in genomes:
                 if g in found:
                     continue
-                row = self.store.get(LayerMapping(g, self.N).text, seed, rung.name)
+                row = self.store.get(self.mapping_of(g).text, seed, rung.name)
                 if row is not None:
                     found[g] = row
                     self.reused += 1
@@ -80,8 +79,8 @@ class StoredEvaluator:
             if self.comm.is_main:
                 log.info("%s: evaluating %d mappings on rung %s (%d known)%s", label, len(missing), rung.name,
                          len(found), f" on {self.comm.world} ranks" if self.comm.world > 1 else "")
-            by_text = {LayerMapping(g, self.N).text: g for g in missing}
-            mine = [LayerMapping(g, self.N) for g in missing[self.comm.rank::self.comm.world]]
+            by_text = {self.mapping_of(g).text: g for g in missing}
+            mine = [self.mapping_of(g) for g in missing[self.comm.rank::self.comm.world]]
             rounds = -(-len(missing) // self.comm.world)
 
             def keep(result: CandidateResult | None) -> None:

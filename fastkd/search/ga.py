@@ -1,7 +1,10 @@
 """The genetic algorithm over layer mappings. Pure Python (no torch), seeded, deterministic.
 
 A genome is a mapping: a tuple of M teacher layers (1..N), or None where allowed, optionally
-non-decreasing. The first generation holds the heuristics uniform, last and first, the rest random;
+non-decreasing; with `search_init`, M more genes follow: the teacher layers the student starts from
+(never None, non-decreasing too when monotone; LayerMapping.genome/from_genome). The first generation
+holds the heuristics uniform, last and first (and, with None allowed, MiniLM's choice: only the last
+student layer supervised, by the teacher's last), the rest random;
 later generations keep the elite and fill up with children made by tournament selection, crossover
 (uniform or one-point) and per-gene mutation (a random layer or a +-1 step), then repaired to
 validity. A genome already evaluated is never proposed again: the caller passes what it has scored.
@@ -13,7 +16,7 @@ import random
 from dataclasses import dataclass
 
 from ..errors import UserError
-from ..mapping import heuristic, search_space_size
+from ..mapping import LayerMapping, heuristic, search_space_size
 
 Genome = tuple  # of int | None
 
@@ -29,6 +32,7 @@ class GAConfig:
     elitism: int = 1
     monotone: bool = False
     allow_none: bool = False
+    search_init: bool = False  # the initial layers are genes too (else tied to the supervising ones)
     seed: int = 0
 
     def validate(self) -> None:
@@ -51,41 +55,55 @@ class GeneticSearch:
     def __init__(self, student_layers: int, teacher_layers: int, cfg: GAConfig):
         cfg.validate()
         self.M, self.N, self.cfg = student_layers, teacher_layers, cfg
+        self.genes = 2 * student_layers if cfg.search_init else student_layers
         self.rng = random.Random(cfg.seed)
-        self.mutation_rate = cfg.mutation_rate if cfg.mutation_rate is not None else 1.0 / student_layers
-        self.space = search_space_size(student_layers, teacher_layers, cfg.allow_none, cfg.monotone)
+        self.mutation_rate = cfg.mutation_rate if cfg.mutation_rate is not None else 1.0 / self.genes
+        self.space = search_space_size(student_layers, teacher_layers, cfg.allow_none, cfg.monotone, cfg.search_init)
+
+    # --- genomes and mappings -------------------------------------------------------------
+    def genome(self, mapping: LayerMapping) -> Genome:
+        return mapping.genome(self.cfg.search_init)
+
+    def mapping(self, genome: Genome) -> LayerMapping:
+        return LayerMapping.from_genome(genome, self.M, self.N)
 
     # --- validity -------------------------------------------------------------------------
     def is_valid(self, g: Genome) -> bool:
-        if len(g) != self.M:
+        if len(g) != self.genes:
             return False
-        if any(x is None for x in g) and not self.cfg.allow_none:
+        supervision, init = g[:self.M], g[self.M:]
+        if any(x is None for x in supervision) and not self.cfg.allow_none:
             return False
-        if any(x is not None and not 1 <= x <= self.N for x in g):
+        if any(x is None for x in init) or any(x is not None and not 1 <= x <= self.N for x in g):
             return False
-        if all(x is None for x in g):
+        if all(x is None for x in supervision):
             return False  # supervises nothing
-        chosen = [x for x in g if x is not None]
-        return not self.cfg.monotone or all(a <= b for a, b in zip(chosen, chosen[1:]))
+        for part in (supervision, init):
+            chosen = [x for x in part if x is not None]
+            if self.cfg.monotone and any(a > b for a, b in zip(chosen, chosen[1:])):
+                return False
+        return True
 
     def repair(self, g: Genome) -> Genome:
-        """Clamp out-of-range layers, drop forbidden Nones, sort the supervised layers if monotone."""
-        fixed = [None if x is None and self.cfg.allow_none else min(max(x if x is not None else 1, 1), self.N) for x in g]
-        if all(x is None for x in fixed):
+        """Clamp out-of-range layers, drop forbidden Nones, sort the supervised (and initial) layers if monotone."""
+        fixed = [None if x is None and self.cfg.allow_none and i < self.M else min(max(x if x is not None else 1, 1), self.N)
+                 for i, x in enumerate(g)]
+        if all(x is None for x in fixed[:self.M]):
             fixed[self.rng.randrange(self.M)] = self.rng.randint(1, self.N)
         if self.cfg.monotone:
-            values = iter(sorted(x for x in fixed if x is not None))
-            fixed = [None if x is None else next(values) for x in fixed]
+            for lo, hi in ((0, self.M), (self.M, len(fixed))):
+                values = iter(sorted(x for x in fixed[lo:hi] if x is not None))
+                fixed[lo:hi] = [None if x is None else next(values) for x in fixed[lo:hi]]
         return tuple(fixed)
 
     # --- operators ------------------------------------------------------------------------
     def random_genome(self) -> Genome:
-        genes = [self._random_gene() for _ in range(self.M)]
+        genes = [self._random_gene(i) for i in range(self.genes)]
         return self.repair(tuple(genes))
 
-    def _random_gene(self):
-        if self.cfg.allow_none and self.rng.random() < 1.0 / (self.N + 1):
-            return None
+    def _random_gene(self, index: int):
+        if index < self.M and self.cfg.allow_none and self.rng.random() < 1.0 / (self.N + 1):
+            return None  # (an initial layer is never None)
         return self.rng.randint(1, self.N)
 
     def tournament_select(self, scored: list[tuple[Genome, float]]) -> Genome:
@@ -93,11 +111,11 @@ class GeneticSearch:
         return max(contenders, key=lambda item: item[1])[0]
 
     def crossover(self, a: Genome, b: Genome) -> Genome:
-        if self.rng.random() >= self.cfg.crossover_rate or self.M == 1:
+        if self.rng.random() >= self.cfg.crossover_rate or self.genes == 1:
             return a
         if self.rng.random() < 0.5:  # uniform
             return tuple(x if self.rng.random() < 0.5 else y for x, y in zip(a, b))
-        cut = self.rng.randrange(1, self.M)  # one-point
+        cut = self.rng.randrange(1, self.genes)  # one-point
         return a[:cut] + b[cut:]
 
     def mutate(self, g: Genome) -> Genome:
@@ -108,12 +126,14 @@ class GeneticSearch:
             if x is not None and self.rng.random() < self.cfg.step_mutation:
                 genes[i] = x + self.rng.choice((-1, 1))
             else:
-                genes[i] = self._random_gene()
+                genes[i] = self._random_gene(i)
         return tuple(genes)
 
     # --- generations ----------------------------------------------------------------------
     def initial_population(self, evaluated: set[Genome] = frozenset()) -> list[Genome]:
-        seeds = [heuristic(name, self.M, self.N).layers for name in ("uniform", "last", "first")]
+        seeds = [self.genome(heuristic(name, self.M, self.N)) for name in ("uniform", "last", "first")]
+        if self.cfg.allow_none:  # MiniLM's choice (arXiv 2002.10957): the last student layer only, by the last teacher layer
+            seeds.append(self.genome(LayerMapping((None,) * (self.M - 1) + (self.N,), self.N)))
         population: list[Genome] = []
         for g in seeds:
             g = self.repair(g)

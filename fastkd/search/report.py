@@ -129,12 +129,13 @@ def markdown(summary, result: dict, seconds: float) -> str:
         lines.append(f"| {k} | {v:.0f} |")
     lines += [f"| wall time, this invocation | {seconds:.0f} |", ""]
 
-    space = search_space_size(M, N, allow_none=cfg.unsupervised, monotone=cfg.monotone)
+    space = search_space_size(M, N, allow_none=cfg.unsupervised, monotone=cfg.monotone, with_init=cfg.search_init)
     evaluations = len(runs)
     packed = cfg.corpus_mode_used() == "packed"
     lines += ["## Search", "",
               f"- search space: {space:,} mappings ({'non-decreasing' if cfg.monotone else 'any order'}"
-              f"{', unsupervised layers (-) allowed' if cfg.unsupervised else ''}); "
+              f"{', unsupervised layers (-) allowed' if cfg.unsupervised else ''}"
+              f"{', initial layers searched apart from the supervising ones (@)' if cfg.search_init else ''}); "
               f"{len({g for g, _ in summary.results})} distinct mappings evaluated ({evaluations} evaluations, "
               f"{summary.reused} read back from the store)",
               f"- GA: population {cfg.population}, generations {len(summary.generations)}/{cfg.generations}, selection "
@@ -289,23 +290,28 @@ def plot_layers(summary, result: dict, path) -> None:
     ranking = sorted(genomes, key=lambda g: (-summary.fitness(g, rung0, seed), genome_key(g)))
     top = ranking[: max(3, math.ceil(TOP_FRACTION * len(ranking)))]
     M, N = summary.shape.layers, summary.N
-    counts = np.zeros((M, N))
-    for g in top:
-        for m, layer in enumerate(g):
-            if layer is not None:
-                counts[m, layer - 1] += 1
-    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * N, 1.2 + 0.5 * M), dpi=120)
-    im = ax.imshow(counts, cmap="Blues", aspect="auto")
-    for m in range(M):
-        for g in range(N):
-            if counts[m, g]:
-                ax.text(g, m, int(counts[m, g]), ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(N), [str(g + 1) for g in range(N)])
-    ax.set_yticks(range(M), [str(m + 1) for m in range(M)])
-    ax.set_xlabel("teacher layer")
-    ax.set_ylabel("student layer")
-    ax.set_title(f"teacher layer chosen, top {len(top)} on rung {rung0.name}", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.05)
+    # the supervising layers; with --search-init also the layers the students start from
+    panels = [("supervising", lambda mp: mp.layers)] + (
+        [("copied at the start", lambda mp: mp.initial_layers)] if summary.cfg.search_init else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=((1.0 + 0.5 * N) * len(panels), 1.2 + 0.5 * M), dpi=120,
+                             squeeze=False)
+    for ax, (what, layers_of) in zip(axes[0], panels):
+        counts = np.zeros((M, N))
+        for g in top:
+            for m, layer in enumerate(layers_of(summary.mapping(g))):
+                if layer is not None:
+                    counts[m, layer - 1] += 1
+        im = ax.imshow(counts, cmap="Blues", aspect="auto")
+        for m in range(M):
+            for t in range(N):
+                if counts[m, t]:
+                    ax.text(t, m, int(counts[m, t]), ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(N), [str(t + 1) for t in range(N)])
+        ax.set_yticks(range(M), [str(m + 1) for m in range(M)])
+        ax.set_xlabel("teacher layer")
+        ax.set_ylabel("student layer")
+        ax.set_title(f"teacher layer {what}, top {len(top)} on rung {rung0.name}", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -325,7 +331,9 @@ def write_outputs(summary, result: dict) -> None:
     if not top_runs:
         top_runs = _runs(summary, w, summary.top, [summary.cfg.seed])
     atomic_write_json(out / "best_mapping.json", {
-        "mapping": list(w), "text": result["winner"], "teacher_layers": summary.N,
+        # (the supervising layers, null where unsupervised, and the ones the student starts from)
+        "mapping": list(summary.mapping(w).layers), "init_layers": list(summary.mapping(w).initial_layers),
+        "text": result["winner"], "teacher_layers": summary.N,
         "selection_seed": summary.cfg.seed, "selection_fitness": summary.fitness(w, summary.top, summary.cfg.seed),
         "ladder": [r.name for r in summary.rungs], "verdict_seeds": summary.verdict_seeds,
         "verdict_fitness": statistics.fmean(fits) if fits else None,

@@ -25,7 +25,7 @@ from ..glue import TaskCache, parse_tasks, task_spec
 from ..glue.heldout import heldout_rows
 from ..glue.tasks import ZERO_SHOT_TASK
 from ..rundir import RunDir, check_writable_dir, refuse_busy_output, refuse_foreign_output
-from ..mapping import LayerMapping, heuristic
+from ..mapping import heuristic
 from ..options import resolved_config
 from ..families import usable_positions
 from ..losses import objective_weights, relation_heads, sentence_pooling
@@ -125,13 +125,14 @@ class Search:
         self.generations: list[dict] = []
         self.promotions: list[dict] = []
         self.evaluator = StoredEvaluator(
-            self.comm, self.store, self.N, self.output, cfg.chunk,
+            self.comm, self.store, self.ga.mapping, self.output, cfg.chunk,
             lambda task_specs: ProxyEvaluator(self.teacher, self.tokenizer, self.corpus, self.shape, cfg.proxy,
                                               self.cache, task_specs, progress=cfg.progress,
                                               loss_backend=cfg.loss_backend))
         self.board = None  # TensorBoard writer (--report-to tensorboard, main rank)
         self.signal: dict = {}
-        self.heuristics = {name: heuristic(name, self.shape.layers, self.N).layers for name in ("uniform", "last", "first")}
+        self.heuristics = {name: self.ga.genome(heuristic(name, self.shape.layers, self.N))
+                           for name in ("uniform", "last", "first")}
 
     # --- evaluation through the store ------------------------------------------------------
     @property
@@ -258,12 +259,12 @@ class Search:
                      if self.fitness(winner, self.top, s) is not None and self.fitness(ref, self.top, s) is not None]
             a = [self.fitness(winner, self.top, s) for s in seeds]
             b = [self.fitness(ref, self.top, s) for s in seeds]
-            verdicts[name] = Verdict(name, LayerMapping(ref, self.N).text, paired_interval(a, b), a, b)
+            verdicts[name] = Verdict(name, self.mapping_text(ref), paired_interval(a, b), a, b)
         return verdicts
 
     # --- summary --------------------------------------------------------------------------------
     def mapping_text(self, genome: tuple) -> str:
-        return LayerMapping(genome, self.N).text
+        return self.ga.mapping(genome).text
 
     def rank_correlations(self) -> dict[str, dict]:
         """Each lower rung against the top rung, over the mappings scored on both (selection seed).

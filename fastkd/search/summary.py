@@ -40,5 +40,8 @@ class SearchSummary:
     def fitness(self, genome: tuple, rung: Rung, seed: int) -> float | None:
         return fitness_of(self.results, genome, rung, seed)
 
+    def mapping(self, genome: tuple) -> LayerMapping:
+        return LayerMapping.from_genome(genome, self.shape.layers, self.N)
+
     def mapping_text(self, genome: tuple) -> str:
-        return LayerMapping(genome, self.N).text
+        return self.mapping(genome).text
