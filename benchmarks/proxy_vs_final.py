@@ -39,6 +39,15 @@ scale, and how much.
     python benchmarks/proxy_vs_final.py --stages proxy --proxy-objective tinybert --resume
     python benchmarks/proxy_vs_final.py --stages proxy --proxy-objective sentence --resume
     python benchmarks/proxy_vs_final.py --stages report --resume  # the tables from what is measured
+    python benchmarks/proxy_vs_final.py --stages verdicts --resume --searches runs/demo/search,runs/s1
+
+verdicts (issue 24, item 3): each search folder's claims (best_mapping.json: its winner beats / loses
+to / is within ±x of `uniform` and `last`) checked against the final table: the paired difference of
+the same two mappings over the final seeds. A claim whose interval excludes zero agrees when the final
+difference has its sign (confirmed when the final interval excludes zero too, contradicted when it
+excludes zero the other way); "keep the heuristic" (within ±x) agrees when the final difference between
+the heuristic and the best final mapping is within ±x (x100: the proxy's fitness is in [0, 1]). A
+winner the final table does not hold is named, to be added with --mappings.
 
 Each measured row is saved at once; --resume keeps the rows of an earlier run with the same settings
 (the table can be completed over several sessions; the cost columns then mix machines, and say so).
@@ -295,9 +304,73 @@ def report(args, results: dict) -> list[dict]:
     return rows
 
 
+def claim_of(v: dict) -> str:
+    """What a stored verdict (best_mapping.json) says, as fastkd.search.verdict.sentence decides it."""
+    if v.get("n", 0) < 2 or not v.get("sd"):
+        return "no claim"
+    return "beats" if v["low"] > 0 else "loses to" if v["high"] < 0 else "within"
+
+
+def check_verdicts(args, results: dict) -> list[dict]:
+    """Each search's claims against the final outcome (see the module's doc)."""
+    final = results["final"]
+    seeds = sorted({int(s) for rows in final.values() for s in rows})
+    complete = [m for m in final if all(str(s) in final[m] for s in seeds)]
+    if len(complete) < 2 or len(seeds) < 2:
+        print("verdicts: the final table is too small to check a claim (2 mappings on 2 seeds at least)")
+        return []
+    means = {m: statistics.fmean(final[m][str(s)]["finetuned"] for s in seeds) for m in complete}
+    best = max(means, key=means.get)
+    rows = []
+    for folder in [f for f in (args.searches or "").split(",") if f]:
+        path = Path(folder) / "best_mapping.json"
+        if not path.is_file():
+            raise SystemExit(f"--searches: {path} does not exist (a finished fastkd search writes it)")
+        found = json.loads(path.read_text())
+        winner = found["text"]
+        for name, v in found["verdicts"].items():
+            claim, reference = claim_of(v), v["mapping"]
+            row = {"search": folder, "winner": winner, "reference": f"{name} ({reference})", "claim": claim,
+                   "proxy (95% t)": "-" if claim == "no claim" else f"{v['mean']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}]"}
+            if winner not in complete or reference not in complete:
+                missing = [m for m in (winner, reference) if m not in complete]
+                row.update({"final (95% t)": f"not in the final table: add {', '.join(missing)} to --mappings",
+                            "agrees": "-"})
+                rows.append(row)
+                continue
+            a = [final[winner][str(s)]["finetuned"] for s in seeds]
+            b = [final[reference][str(s)]["finetuned"] for s in seeds]
+            iv = paired_interval(a, b)
+            row["final (95% t)"] = f"{iv.mean:+.2f} [{iv.low:+.2f}, {iv.high:+.2f}]" if iv.measured else f"{iv.mean:+.2f}"
+            if claim == "no claim":
+                agrees = "-"
+            elif claim == "within":
+                bound = 100 * max(abs(v["low"]), abs(v["high"]))
+                gap = means[best] - means[reference]
+                agrees = (f"{'yes' if gap <= bound else 'no'}: the best final mapping ({best}) is {gap:.2f} above "
+                          f"{name}, the claim allows {bound:.2f}")
+            else:
+                sign = 1 if claim == "beats" else -1
+                low, high = sorted((sign * iv.low, sign * iv.high))  # the final interval in the claim's direction
+                if iv.measured and low > 0:
+                    agrees = "yes, confirmed"
+                elif iv.measured and high < 0:
+                    agrees = "no, contradicted"
+                else:
+                    agrees = f"{'yes' if sign * iv.mean > 0 else 'no'} in sign, the final interval covers 0"
+            row["agrees"] = agrees
+            rows.append(row)
+    results["verdict_checks"] = rows
+    if rows:
+        print(f"the searches' claims against the final outcome (fine-tuned mean x100, {len(seeds)} final seeds, paired):")
+        print(table(rows, list(rows[0])))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stages", default="final,proxy,report", help="final, proxy and/or report, comma-separated")
+    p.add_argument("--stages", default="final,proxy,report", help="final, proxy, report and/or verdicts, comma-separated")
+    p.add_argument("--searches", default=None, help="search folders whose claims the verdicts stage checks, comma-separated")
     p.add_argument("--teacher", default="default")
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     p.add_argument("--data-dir", default=str(GLUE))
@@ -381,6 +454,8 @@ def main() -> None:
         proxy_stage(args, results, save)
     if "report" in stages:
         report(args, results)
+    if "verdicts" in stages:
+        check_verdicts(args, results)
     save()
 
 
