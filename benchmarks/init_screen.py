@@ -69,8 +69,8 @@ def main() -> None:
     rows = [{"kept": "all", "stsb_zeroshot": round(score(teacher, dev), 2)}]
     print(rows[-1], flush=True)
     for init in inits:
-        kept = parse_mapping(init, args.layers, n_teacher).layers
-        if None in kept:
+        kept = parse_mapping(init, args.layers, n_teacher).initial_layers  # (SUPERVISION@INIT: the layers after @)
+        if "-" in init.rpartition("@")[2].split(","):
             raise SystemExit(f"--inits {init}: every student layer starts from a teacher layer here ('-' is not one)")
         init = ",".join(map(str, kept))
         student = copy.deepcopy(teacher)

@@ -82,11 +82,11 @@ from fastkd.glue.config import FinetuneConfig  # noqa: E402
 from fastkd.glue.finetune import evaluate
 from fastkd.glue.tasks import task_spec  # noqa: E402
 from fastkd.mapping import parse_mapping  # noqa: E402
-from fastkd.models import load_teacher, load_tokenizer, resolve_model_path, student_shape  # noqa: E402
+from fastkd.models import load_config, load_teacher, load_tokenizer, resolve_model_path, student_shape  # noqa: E402
 from fastkd.search.likeness import TeacherReference  # noqa: E402
 from fastkd.search.proxy import FAILED_FITNESS, ProxyEvaluator, task_collapsed  # noqa: E402
 from fastkd.search.rungs import RUNG_ORDER, Rung  # noqa: E402
-from fastkd.search.verdict import paired_interval  # noqa: E402
+from fastkd.search.verdict import MIN_SD, paired_interval  # noqa: E402
 from fastkd.sentence import read_pooling, zeroshot_stsb  # noqa: E402
 
 GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
@@ -163,12 +163,15 @@ def proxy_stage(args, results: dict, save) -> None:
     measures = ([*RUNG_ORDER, *(f"{r}-biencoder" for r in BIENCODER_RUNGS), *LIKENESS, "neg_final_loss"])
     fitness = stage["fitness"]
     for seed in args.seed_list:
-        if all(str(seed) in fitness.get(m, {}).get(mp.text, {}) for m in measures for mp in mappings):
+        # (a proxy student depends only on its mapping and seed, not on what shares its lockstep: the missing
+        # ones alone are distilled, and the kept rows stay)
+        missing = [mp for mp in mappings if not all(str(seed) in fitness.get(m, {}).get(mp.text, {}) for m in measures)]
+        if not missing:
             continue
         started = time.perf_counter()
-        distilled = ev.distill(mappings, seed, desc=f"seed {seed}")
-        stage["distill_seconds"][str(seed)] = (time.perf_counter() - started) / len(mappings)
-        for mapping, (student, losses, _) in zip(mappings, distilled):
+        distilled = ev.distill(missing, seed, desc=f"seed {seed}")
+        stage["distill_seconds"][str(seed)] = (time.perf_counter() - started) / len(missing)
+        for mapping, (student, losses, _) in zip(missing, distilled):
             student.eval()
             scores, seconds = {}, {}
             if "failed" in losses:  # a diverged proxy student: ranked last by the rungs, as the search ranks it;
@@ -304,14 +307,22 @@ def report(args, results: dict) -> list[dict]:
     return rows
 
 
+def stored_interval(v: dict) -> tuple[float, float, float] | None:
+    """(mean, low, high) of a stored verdict (best_mapping.json: mean and half_width), None where it makes no
+    claim (fewer than 2 seeds, or no spread), as fastkd.search.verdict decides it."""
+    if v.get("n", 0) < 2 or not v.get("sd") or v["sd"] <= MIN_SD or v.get("half_width") is None:
+        return None
+    return v["mean"], v["mean"] - v["half_width"], v["mean"] + v["half_width"]
+
+
 def claim_of(v: dict) -> str:
-    """What a stored verdict (best_mapping.json) says, as fastkd.search.verdict.sentence decides it."""
-    if v.get("n", 0) < 2 or not v.get("sd"):
+    iv = stored_interval(v)
+    if iv is None:
         return "no claim"
-    return "beats" if v["low"] > 0 else "loses to" if v["high"] < 0 else "within"
+    return "beats" if iv[1] > 0 else "loses to" if iv[2] < 0 else "within"
 
 
-def check_verdicts(args, results: dict) -> list[dict]:
+def check_verdicts(args, results: dict, n_teacher: int) -> list[dict]:
     """Each search's claims against the final outcome (see the module's doc)."""
     final = results["final"]
     seeds = sorted({int(s) for rows in final.values() for s in rows})
@@ -327,11 +338,14 @@ def check_verdicts(args, results: dict) -> list[dict]:
         if not path.is_file():
             raise SystemExit(f"--searches: {path} does not exist (a finished fastkd search writes it)")
         found = json.loads(path.read_text())
+        if found.get("teacher_layers") != n_teacher:
+            raise SystemExit(f"--searches: {folder} searched a {found.get('teacher_layers')}-layer teacher; this table's "
+                             f"teacher {args.teacher} has {n_teacher} layers")
         winner = found["text"]
         for name, v in found["verdicts"].items():
-            claim, reference = claim_of(v), v["mapping"]
+            claim, reference, proxy = claim_of(v), v["mapping"], stored_interval(v)
             row = {"search": folder, "winner": winner, "reference": f"{name} ({reference})", "claim": claim,
-                   "proxy (95% t)": "-" if claim == "no claim" else f"{v['mean']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}]"}
+                   "proxy (95% t)": "-" if proxy is None else f"{proxy[0]:+.4f} [{proxy[1]:+.4f}, {proxy[2]:+.4f}]"}
             if winner not in complete or reference not in complete:
                 missing = [m for m in (winner, reference) if m not in complete]
                 row.update({"final (95% t)": f"not in the final table: add {', '.join(missing)} to --mappings",
@@ -345,10 +359,12 @@ def check_verdicts(args, results: dict) -> list[dict]:
             if claim == "no claim":
                 agrees = "-"
             elif claim == "within":
-                bound = 100 * max(abs(v["low"]), abs(v["high"]))
+                bound = 100 * max(abs(proxy[1]), abs(proxy[2]))
                 gap = means[best] - means[reference]
                 agrees = (f"{'yes' if gap <= bound else 'no'}: the best final mapping ({best}) is {gap:.2f} above "
                           f"{name}, the claim allows {bound:.2f}")
+                if iv.measured and (iv.low > bound or iv.high < -bound):  # the keep is right, the ±x is not
+                    agrees += f"; the winner's own final difference ({iv.mean:+.2f}) lies outside ±{bound:.2f}"
             else:
                 sign = 1 if claim == "beats" else -1
                 low, high = sorted((sign * iv.low, sign * iv.high))  # the final interval in the claim's direction
@@ -410,8 +426,15 @@ def main() -> None:
         args.mappings = ",".join([m.replace(",", "") for m in MAPPINGS]
                                  + (list(DECOUPLED) if args.final_objective not in ("auto", "sentence") else []))
     args.mappings = ["@".join(",".join(part) for part in m.split("@")) for m in args.mappings.split(",")]
+    # each in its one text (a default init is not written): the final and proxy tables key by it
+    n_teacher = load_config(args.teacher, "teacher").num_hidden_layers
+    args.mappings = list(dict.fromkeys(parse_mapping(m, len(m.partition("@")[0].split(",")), n_teacher).text
+                                       for m in args.mappings))
     args.seed_list = list(range(args.seeds))
     stages = {s.strip() for s in args.stages.split(",") if s.strip()}
+    if stages <= {"report", "verdicts"} and not args.resume:
+        raise SystemExit(f"--stages {args.stages} reads results/{args.name}.json: add --resume (without it the file "
+                         "would be written again empty)")
     quiet_logs()
     logging.getLogger("fastkd").setLevel(logging.WARNING)
     started = time.perf_counter()
@@ -455,7 +478,7 @@ def main() -> None:
     if "report" in stages:
         report(args, results)
     if "verdicts" in stages:
-        check_verdicts(args, results)
+        check_verdicts(args, results, n_teacher)
     save()
 
 

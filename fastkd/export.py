@@ -150,8 +150,10 @@ def model_card(info: dict) -> str:
         "",
         "## Layer mapping",
         "",
-        f"Student layer m learns teacher layer g[m]: `{info.get('mapping')}` (requested as `{info.get('mapping_spec')}`; "
-        f"teacher has {info.get('teacher_layers')} layers; `-` means unsupervised)."
+        f"Student layer m learns teacher layer g[m]: `{info.get('supervision', info.get('mapping'))}` (requested as "
+        f"`{info.get('mapping_spec')}`; teacher has {info.get('teacher_layers')} layers; `-` means unsupervised)."
+        + (f" Student layer m started as a copy of teacher layer `{info['init_layers']}`[m]." if info.get("init_layers")
+           else "")
         + (" The embedding output learns the teacher's." if (info.get("loss_weights") or {}).get("embedding", 1.0) else "")
         + (f" The last layer's sentence embedding learns the teacher's ({info['sentence_pooling']})."
            if info.get("sentence_pooling") else ""),

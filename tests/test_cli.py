@@ -235,10 +235,13 @@ def test_init_layers_choose_what_the_student_copies_apart_from_what_supervises_i
     assert _run(capfd, *args)[0] == 0
     info = json.loads((tmp_path / "run" / "student" / "fastkd.json").read_text())
     assert info["mapping"] == "3,4@2,4" and info["supervision"] == "3,4" and info["init_layers"] == "2,4"
+    card = (tmp_path / "run" / "student" / "README.md").read_text()  # the model card says both roles apart
+    assert "learns teacher layer g[m]: `3,4`" in card and "copy of teacher layer `2,4`[m]" in card
     for extra, message in ((["--init-layers", "1,2,3"], "--init-layers: "), (["--init-layers", "1,-"], "one teacher layer to copy"),
                            (["--init-layers", "1,2", "--init", "random"], "needs --init teacher"),
                            (["--mapping", "3,4@1,2", "--init-layers", "1,2"], "already names the initial layers"),
                            (["--mapping", "3,4@1,2", "--init", "random"], "needs --init teacher"),
-                           (["--mapping", "3,4@1,-"], "every student layer needs a teacher layer to copy")):
+                           (["--mapping", "3,4@1,-"], "every student layer needs a teacher layer to copy"),
+                           (["--init-layers", "uniform@last"], "'@' is for --mapping")):
         line = _bad(capfd, tmp_path, "--corpus", corpus, "--student-layers", "2", *extra, teacher=tiny_teacher_dir)
         assert message in line, line

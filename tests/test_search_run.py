@@ -140,6 +140,7 @@ def test_bad_inputs(tmp_path, tiny_teacher_dir, small_corpus, capfd, monkeypatch
     assert "must end with the top rung" in _one_line(capfd, argv("c", "--ladder", "probe,short"))
     assert "in (0, 1]" in _one_line(capfd, argv("c", "--promote", "0"))
     assert "in (0, 1]" in _one_line(capfd, argv("c", "--promote", "1.5"))
+    assert "--proxy-init random copies none" in _one_line(capfd, argv("c", "--search-init", "--proxy-init", "random"))
     assert "include the selection seed 0" in _one_line(capfd, argv("c", "--verdict-seeds", "0,1000"))
     with pytest.raises(SystemExit) as exit_info:  # refused by the parser itself, before any work
         main(argv("c", "--verdict-seeds", "two"))
@@ -240,7 +241,7 @@ def test_top_rung_only_and_no_verdict_seeds_report_without_claims(tmp_path, tiny
     assert "search space: 256 mappings" in report and "initial layers searched" in report
     assert len(best["mapping"]) == len(best["init_layers"]) == 2
     assert parse_mapping(best["text"], 2, 4) == LayerMapping(tuple(best["mapping"]), 4, tuple(best["init_layers"]))
-    for png in ("ladder.png", "verdict.png"):
+    for png in ("ladder.png", "verdict.png", "layers.png"):  # (layers.png: the supervising and the initial layers)
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with sqlite3.connect(out / "search.sqlite") as db:
         top = dict(db.execute("SELECT mapping, fitness FROM evaluations WHERE mapping != 'teacher' AND seed = 0"))

@@ -193,6 +193,9 @@ def with_init_layers(cfg: DistillConfig, shape, n_teacher: int, mapping: LayerMa
     """The mapping with --init-layers as its initial layers (the teacher layers a new student copies)."""
     if cfg.init_layers is None:
         return mapping
+    if "@" in cfg.init_layers:
+        raise UserError(f"--init-layers {cfg.init_layers}: give the layers to copy alone ('@' is for --mapping "
+                        "SUPERVISION@INIT)")
     try:
         init = parse_mapping(cfg.init_layers, shape.layers, n_teacher)
     except UserError as exc:

@@ -161,7 +161,8 @@ class SearchConfig:
     search_init: bool = option(False, "also search which teacher layers the student starts from, apart from the ones "
                                       "that supervise it (sentence-transformers' layers_to_keep; written "
                                       "SUPERVISION@INIT, e.g. 4,5,6@2,4,6, which fastkd distill --mapping takes): the "
-                                      "space grows N^M times; without it each student layer starts from the layer "
+                                      "space grows N^M times (C(N+M-1, M) with --monotone, whose initial layers are "
+                                      "non-decreasing too); without it each student layer starts from the layer "
                                       "supervising it", group="ga")
     ladder: str = option("zeroshot,full", "rungs from cheap to faithful, ending in full: zeroshot (STS-B similarity "
                                           "of mean-pooled embeddings, no training), probe (frozen features + a linear "
@@ -238,6 +239,9 @@ class SearchConfig:
     def validate(self) -> None:
         self.ga_config().validate()
         self.rungs()
+        if self.search_init and self.proxy.init != "teacher":
+            raise UserError(f"--search-init searches which teacher layers a student copies, but --proxy-init "
+                            f"{self.proxy.init} copies none: use --proxy-init teacher or drop --search-init")
         if not (isinstance(self.promote, (int, float)) and 0 < self.promote <= 1):
             raise UserError(f"--promote is the fraction of a rung's mappings promoted to the next rung: give a "
                             f"number in (0, 1] (got {self.promote})")
