@@ -141,6 +141,7 @@ def test_bad_inputs(tmp_path, tiny_teacher_dir, small_corpus, capfd, monkeypatch
     assert "in (0, 1]" in _one_line(capfd, argv("c", "--promote", "0"))
     assert "in (0, 1]" in _one_line(capfd, argv("c", "--promote", "1.5"))
     assert "--proxy-init random copies none" in _one_line(capfd, argv("c", "--search-init", "--proxy-init", "random"))
+    assert "no layer is supervised" in _one_line(capfd, argv("c", "--search-init", "--objective", "sentence"))
     assert "include the selection seed 0" in _one_line(capfd, argv("c", "--verdict-seeds", "0,1000"))
     with pytest.raises(SystemExit) as exit_info:  # refused by the parser itself, before any work
         main(argv("c", "--verdict-seeds", "two"))

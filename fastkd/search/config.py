@@ -242,6 +242,10 @@ class SearchConfig:
         if self.search_init and self.proxy.init != "teacher":
             raise UserError(f"--search-init searches which teacher layers a student copies, but --proxy-init "
                             f"{self.proxy.init} copies none: use --proxy-init teacher or drop --search-init")
+        if self.search_init and not _supervises_layers(self.proxy.objective):
+            raise UserError(f"--search-init with --objective {self.proxy.objective}: no layer is supervised, so the "
+                            "mapping only chooses the layers a student starts from, which the search already "
+                            "ranges over without --search-init: drop it, or choose a layer-wise objective")
         if not (isinstance(self.promote, (int, float)) and 0 < self.promote <= 1):
             raise UserError(f"--promote is the fraction of a rung's mappings promoted to the next rung: give a "
                             f"number in (0, 1] (got {self.promote})")
@@ -289,3 +293,11 @@ class SearchConfig:
                                  ("--proxy-finetune-steps", self.proxy.finetune_steps, 1)):
             if value < low:
                 raise UserError(f"{name} must be at least {low} (got {value})")
+
+
+def _supervises_layers(objective: str) -> bool:
+    """Whether the objective has a layer-wise term (else a mapping only chooses the layers kept)."""
+    from ..losses import objective_weights  # (heavy: torch; the CLI's parser validates without it otherwise)
+
+    w = objective_weights(objective)
+    return any((w.hidden, w.attention, w.attention_kl, w.value_kl, w.relation))
