@@ -91,6 +91,9 @@ LABEL_BATCH = 64  # rows per teacher forward while labelling (length-sorted, so 
 LABELS_MAX_BYTES = 2 * 2 ** 30  # above this, the labels would crowd out the run: the teacher runs per batch
 LABELS_MIN_EPOCHS = 1.5  # labelling costs one pass over the corpus: worth it where a run reads it more often
 LABELS_FORMAT = 1  # bump when what a stored label means changes: older files are then never read
+# An interrupted labelling keeps what it has done at this interval (an hour's work for mpnet-base on 2 cores):
+# the next run of the same key goes on from there, with the same labels, since every batch is fixed.
+LABELS_SAVE_SECONDS = 300.0
 
 
 class SentenceLabels:
@@ -105,7 +108,9 @@ class SentenceLabels:
     With `store` (a folder of the fastkd cache), the labels are kept on disk under a key of everything they
     depend on (the corpus rows, the teacher's weights, the pooling and layer, the labelling batch, the device
     type and autocast), so the next student of the same teacher and corpus, and a resumed run, read them
-    instead of running the teacher over the corpus again (mpnet-base: about 25 rows/s on 2 CPU cores).
+    instead of running the teacher over the corpus again (mpnet-base: about 25 rows/s on 2 CPU cores). A
+    labelling stopped half-way keeps its finished batches there too (KEY.partial.safetensors, every
+    LABELS_SAVE_SECONDS), and the next run of the same key labels only the rest.
     """
 
     def __init__(self, teacher: Teacher, stream, pooling, layer: int, device: torch.device, progress: bool = False,
@@ -122,28 +127,38 @@ class SentenceLabels:
         if not self.stored:  # (an hour for a large teacher on CPUs: say where it will be kept before it starts)
             log.info("teacher labels: labelling %d rows once%s", stream.n,
                      f" (kept in {self.path} for the next run)" if self.path is not None else "")
-            self.labels = self._compute(teacher, stream, pooling, layer, device, progress, size)
+            partial = None if self.path is None else self.path.with_name(f"{self.path.stem}.partial.safetensors")
+            self.labels = self._compute(teacher, stream, pooling, layer, device, progress, size, partial)
             if self.path is not None:
                 _write_labels(self.path, self.labels)
+                partial.unlink(missing_ok=True)
         self.seconds = time.perf_counter() - started
 
     @staticmethod
-    def _compute(teacher, stream, pooling, layer, device, progress, size) -> torch.Tensor:
+    def _compute(teacher, stream, pooling, layer, device, progress, size, partial: Path | None = None) -> torch.Tensor:
         from tqdm.auto import tqdm
 
         from .sentence import sentence_embedding
 
         order = np.argsort(stream.lengths, kind="stable") if stream.lengths is not None else np.arange(stream.n)
-        labels = None
-        for start in tqdm(range(0, stream.n, size), desc="teacher labels", unit="batch", leave=False,
-                          disable=not progress):
-            rows = order[start:start + size].tolist()
+        labels, done = _read_partial(partial, stream.n, device) if partial is not None else (None, 0)
+        if done:
+            log.info("teacher labels: going on after the %d rows an interrupted run labelled (%s)", min(done * size, stream.n),
+                     partial)
+        saved = time.perf_counter()
+        batches = range(0, stream.n, size)
+        for b in tqdm(range(done, len(batches)), desc="teacher labels", unit="batch", leave=False, initial=done,
+                      total=len(batches), disable=not progress):
+            rows = order[batches[b]:batches[b] + size].tolist()
             batch = {k: v.to(device) for k, v in stream.rows(rows).items()}
             out = teacher(batch["input_ids"], batch["attention_mask"])
             embedding = sentence_embedding(out.hidden[layer], batch["attention_mask"], pooling)
             if labels is None:
                 labels = torch.empty((stream.n, embedding.shape[-1]), dtype=torch.float32, device=device)
             labels[torch.as_tensor(rows, device=device)] = embedding.float()
+            if partial is not None and b + 1 < len(batches) and time.perf_counter() - saved >= LABELS_SAVE_SECONDS:
+                _write_labels(partial, labels, {"batches": str(b + 1)})
+                saved = time.perf_counter()
         return labels
 
     def outputs(self, rows: list[int], attention_mask: torch.Tensor) -> TeacherOutputs:
@@ -194,6 +209,26 @@ def _read_labels(path: Path, rows: int, device: torch.device) -> torch.Tensor | 
     return labels.to(device)
 
 
+def _read_partial(path: Path, rows: int, device: torch.device) -> tuple[torch.Tensor | None, int]:
+    """(labels, batches done) an interrupted labelling kept, or (None, 0): an unusable file is ignored (a warning)."""
+    if not path.is_file():
+        return None, 0
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            done = int((f.metadata() or {}).get("batches", "x"))
+            labels = f.get_tensor("labels")
+    except (SafetensorError, KeyError, OSError, ValueError, RuntimeError) as exc:
+        log.warning("the labels an interrupted run kept in %s cannot be read (%s): labelling from the start", path, exc)
+        return None, 0
+    if labels.dim() != 2 or labels.shape[0] != rows or labels.dtype != torch.float32 or done < 0:
+        log.warning("the labels an interrupted run kept in %s do not fit these %d rows: labelling from the start",
+                    path, rows)
+        return None, 0
+    return labels.to(device), done
+
+
 def _remove_dead_temporaries(folder: Path) -> None:
     """Half-written labels of processes that are gone (killed while writing: up to LABELS_MAX_BYTES each)."""
     for tmp in folder.glob(".*.tmp"):
@@ -202,7 +237,7 @@ def _remove_dead_temporaries(folder: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _write_labels(path: Path, labels: torch.Tensor) -> None:
+def _write_labels(path: Path, labels: torch.Tensor, metadata: dict[str, str] | None = None) -> None:
     """Through a temporary file and a rename, so a killed run never leaves labels half written; a store
     that cannot be written costs the next run the labelling, not this one its result."""
     from safetensors import SafetensorError
@@ -212,7 +247,7 @@ def _write_labels(path: Path, labels: torch.Tensor) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_temporaries(path.parent)
-        save_file({"labels": labels.detach().cpu().contiguous()}, str(tmp))
+        save_file({"labels": labels.detach().cpu().contiguous()}, str(tmp), metadata=metadata)
         with contextlib.suppress(OSError):  # (a mount that refuses chmod still keeps the labels)
             file_follows_umask(tmp)  # a cache shared by a cluster's users: readable as any file they make
         os.replace(tmp, path)

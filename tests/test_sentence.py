@@ -508,3 +508,54 @@ def test_labels_that_cannot_be_stored_cost_the_next_run_a_labelling_not_this_run
     with caplog.at_level(logging.WARNING, logger="fastkd"):
         teacher_mod._write_labels(tmp_path / "labels" / "key.safetensors", torch.zeros(3, 4))
     assert "not stored" in caplog.text and list((tmp_path / "labels").iterdir()) == []
+
+
+def test_an_interrupted_labelling_goes_on_where_it_stopped_with_the_same_labels(tmp_path, tiny_teacher_dir, small_corpus,
+                                                                               monkeypatch, caplog):
+    """A labelling killed half-way (an hour of a large teacher on CPUs) keeps its finished batches; the next run of
+    the same key labels only the rest, and ends with the labels an uninterrupted one computes, bit for bit."""
+    from fastkd import teacher as teacher_mod
+    from fastkd.corpus import BatchStream, load_corpus
+    from fastkd.models import load_teacher, load_tokenizer
+    from fastkd.sentence import SentencePooling
+    from fastkd.teacher import SentenceLabels, Teacher
+
+    corpus = load_corpus(str(small_corpus), load_tokenizer(str(tiny_teacher_dir)), 32, tmp_path / "c", mode="sentences")
+    stream = BatchStream(corpus, 8, seed=1)
+    cpu, pooling, store = torch.device("cpu"), SentencePooling(), tmp_path / "labels"
+    fresh = lambda: Teacher(load_teacher(str(tiny_teacher_dir)), [4], [])  # noqa: E731
+    straight = SentenceLabels(fresh(), stream, pooling, 4, cpu, batch_size=8).labels  # (no store)
+    batches = -(-len(corpus) // 8)
+    assert batches >= 4
+    monkeypatch.setattr(teacher_mod, "LABELS_SAVE_SECONDS", 0.0)  # every finished batch is kept
+
+    class Killed(Exception):
+        pass
+
+    call = Teacher.__call__
+
+    def killed_at_the_fourth_batch(self, *args, **kwargs):
+        if self.forwards == 3:
+            raise Killed
+        return call(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Teacher, "__call__", killed_at_the_fourth_batch)
+        with pytest.raises(Killed):
+            SentenceLabels(fresh(), stream, pooling, 4, cpu, batch_size=8, store=store)
+    [partial] = store.glob("*.partial.safetensors")
+    assert [p.name for p in store.iterdir()] == [partial.name]  # nothing else, no temporary
+    teacher = fresh()
+    with caplog.at_level(logging.INFO, logger="fastkd"):
+        resumed = SentenceLabels(teacher, stream, pooling, 4, cpu, batch_size=8, store=store)
+    assert teacher.forwards == batches - 3 and "going on after the 24 rows" in caplog.text
+    assert torch.equal(resumed.labels, straight)
+    assert [p.name for p in store.iterdir()] == [partial.name.replace(".partial", "")]  # whole, the partial gone
+    # kept batches that cannot be read are labelled again, with a warning
+    store_b = tmp_path / "labels-b"
+    store_b.mkdir()
+    (store_b / partial.name).write_bytes(b"half" * 10)
+    teacher = fresh()
+    with caplog.at_level(logging.WARNING, logger="fastkd"):
+        again = SentenceLabels(teacher, stream, pooling, 4, cpu, batch_size=8, store=store_b)
+    assert teacher.forwards == batches and torch.equal(again.labels, straight) and "cannot be read" in caplog.text
