@@ -118,7 +118,8 @@ def labelling(row: dict) -> str:
         return "-"
     if "read from the labels store" in (row.get("teacher_labels") or ""):
         return "read"
-    return f"{row['teacher_labels_s'] / 60:.0f}"
+    # (a labelling an interrupted run began counts only its own part: marked, not a whole labelling's minutes)
+    return f"{row['teacher_labels_s'] / 60:.0f}" + ("+" if "interrupted run" in (row.get("teacher_labels") or "") else "")
 
 
 def parameters(path) -> int:

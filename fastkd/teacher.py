@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,29 +125,31 @@ class SentenceLabels:
             self.path = store / f"{key}.safetensors"
             self.labels = _read_labels(self.path, stream.n, device)
         self.stored = self.labels is not None  # read from the store, not computed by this run
+        self.resumed_rows = 0  # rows an interrupted run labelled, read back: its seconds are not in self.seconds
+        partial = None if self.path is None else self.path.with_name(f"{self.path.stem}.partial.safetensors")
         if not self.stored:  # (an hour for a large teacher on CPUs: say where it will be kept before it starts)
             log.info("teacher labels: labelling %d rows once%s", stream.n,
                      f" (kept in {self.path} for the next run)" if self.path is not None else "")
-            partial = None if self.path is None else self.path.with_name(f"{self.path.stem}.partial.safetensors")
-            self.labels = self._compute(teacher, stream, pooling, layer, device, progress, size, partial)
-            if self.path is not None:
-                _write_labels(self.path, self.labels)
-                partial.unlink(missing_ok=True)
+            self.labels, self.resumed_rows = self._compute(teacher, stream, pooling, layer, device, progress, size,
+                                                           partial)
+        if partial is not None and (self.stored or _write_labels(self.path, self.labels)):
+            partial.unlink(missing_ok=True)  # (kept while the whole labels are not: a full disk loses no progress)
         self.seconds = time.perf_counter() - started
 
     @staticmethod
-    def _compute(teacher, stream, pooling, layer, device, progress, size, partial: Path | None = None) -> torch.Tensor:
+    def _compute(teacher, stream, pooling, layer, device, progress, size,
+                 partial: Path | None = None) -> tuple[torch.Tensor, int]:
+        """(labels, rows read back from an interrupted run's partial file)."""
         from tqdm.auto import tqdm
 
         from .sentence import sentence_embedding
 
         order = np.argsort(stream.lengths, kind="stable") if stream.lengths is not None else np.arange(stream.n)
-        labels, done = _read_partial(partial, stream.n, device) if partial is not None else (None, 0)
-        if done:
-            log.info("teacher labels: going on after the %d rows an interrupted run labelled (%s)", min(done * size, stream.n),
-                     partial)
-        saved = time.perf_counter()
         batches = range(0, stream.n, size)
+        labels, done = _read_partial(partial, stream.n, len(batches), device) if partial is not None else (None, 0)
+        if done:
+            log.info("teacher labels: going on after the %d rows an interrupted run labelled (%s)", done * size, partial)
+        saved = time.perf_counter()
         for b in tqdm(range(done, len(batches)), desc="teacher labels", unit="batch", leave=False, initial=done,
                       total=len(batches), disable=not progress):
             rows = order[batches[b]:batches[b] + size].tolist()
@@ -157,9 +160,10 @@ class SentenceLabels:
                 labels = torch.empty((stream.n, embedding.shape[-1]), dtype=torch.float32, device=device)
             labels[torch.as_tensor(rows, device=device)] = embedding.float()
             if partial is not None and b + 1 < len(batches) and time.perf_counter() - saved >= LABELS_SAVE_SECONDS:
-                _write_labels(partial, labels, {"batches": str(b + 1)})
+                _write_labels(partial, labels, {"batches": str(b + 1)},
+                              lost="labelling goes on; an interruption would go back to the last batches kept")
                 saved = time.perf_counter()
-        return labels
+        return labels, done * size
 
     def outputs(self, rows: list[int], attention_mask: torch.Tensor) -> TeacherOutputs:
         return TeacherOutputs({}, {}, attention_mask, self.labels[torch.as_tensor(rows, device=self.labels.device)])
@@ -209,7 +213,7 @@ def _read_labels(path: Path, rows: int, device: torch.device) -> torch.Tensor | 
     return labels.to(device)
 
 
-def _read_partial(path: Path, rows: int, device: torch.device) -> tuple[torch.Tensor | None, int]:
+def _read_partial(path: Path, rows: int, batches: int, device: torch.device) -> tuple[torch.Tensor | None, int]:
     """(labels, batches done) an interrupted labelling kept, or (None, 0): an unusable file is ignored (a warning)."""
     if not path.is_file():
         return None, 0
@@ -222,28 +226,39 @@ def _read_partial(path: Path, rows: int, device: torch.device) -> tuple[torch.Te
     except (SafetensorError, KeyError, OSError, ValueError, RuntimeError) as exc:
         log.warning("the labels an interrupted run kept in %s cannot be read (%s): labelling from the start", path, exc)
         return None, 0
-    if labels.dim() != 2 or labels.shape[0] != rows or labels.dtype != torch.float32 or done < 0:
+    if labels.dim() != 2 or labels.shape[0] != rows or labels.dtype != torch.float32 or not 0 <= done < batches:
         log.warning("the labels an interrupted run kept in %s do not fit these %d rows: labelling from the start",
                     path, rows)
         return None, 0
     return labels.to(device), done
 
 
+def _writer() -> str:
+    """This process, as a temporary's name carries it: a short digest of the host (a cache shared by a
+    cluster's machines) and the pid."""
+    return f"{hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]}-{os.getpid()}"
+
+
 def _remove_dead_temporaries(folder: Path) -> None:
-    """Half-written labels of processes that are gone (killed while writing: up to LABELS_MAX_BYTES each)."""
+    """Half-written labels of processes of this machine that are gone (killed while writing: up to
+    LABELS_MAX_BYTES each); another machine's process is never judged by this machine's pids."""
+    host = _writer().partition("-")[0]
     for tmp in folder.glob(".*.tmp"):
-        pid = tmp.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+        writer = tmp.name[:-len(".tmp")].rsplit(".", 1)[-1]  # HOST-PID (or a bare PID, written before hosts)
+        tmp_host, _, pid = writer.rpartition("-")
+        if (tmp_host in ("", host) and pid.isdigit() and int(pid) != os.getpid()
+                and not Path(f"/proc/{pid}").exists()):
             tmp.unlink(missing_ok=True)
 
 
-def _write_labels(path: Path, labels: torch.Tensor, metadata: dict[str, str] | None = None) -> None:
+def _write_labels(path: Path, labels: torch.Tensor, metadata: dict[str, str] | None = None,
+                  lost: str = "the next run computes them again") -> bool:
     """Through a temporary file and a rename, so a killed run never leaves labels half written; a store
-    that cannot be written costs the next run the labelling, not this one its result."""
+    that cannot be written costs the next run the labelling, not this one its result. Whether it was written."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{_writer()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_temporaries(path.parent)
@@ -251,9 +266,11 @@ def _write_labels(path: Path, labels: torch.Tensor, metadata: dict[str, str] | N
         with contextlib.suppress(OSError):  # (a mount that refuses chmod still keeps the labels)
             file_follows_umask(tmp)  # a cache shared by a cluster's users: readable as any file they make
         os.replace(tmp, path)
+        return True
     except (OSError, SafetensorError) as exc:  # (safetensors reports a full disk as its own error)
         tmp.unlink(missing_ok=True)
-        log.warning("teacher labels not stored in %s (%s): the next run computes them again", path.parent, exc)
+        log.warning("teacher labels not stored in %s (%s): %s", path.parent, exc, lost)
+        return False
 
 
 def labels_pay_off(weights, rows_read: int, corpus_rows: int, width: int, room: int | None = None) -> bool:

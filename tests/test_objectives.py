@@ -84,6 +84,11 @@ def test_objectives_are_presets_the_weights_override():
     assert objective_weights("tinybert") == OBJECTIVES["tinybert"]
     w = objective_weights("minilmv2", hidden=0.5, relation=None)
     assert (w.relation, w.hidden, w.attention, w.embedding) == (1.0, 0.5, 0.0, 0.0)
+    # the search's torch-free list of objectives without a layer-wise term (its --search-init refusal) agrees
+    from fastkd.search.config import NO_LAYER_TERMS
+
+    layer_wise = lambda w: any((w.hidden, w.attention, w.attention_kl, w.value_kl, w.relation))  # noqa: E731
+    assert set(NO_LAYER_TERMS) == {name for name, w in OBJECTIVES.items() if not layer_wise(w)}
 
 
 def _cfg(tmp_path, name, **kw):

@@ -549,8 +549,12 @@ def test_an_interrupted_labelling_goes_on_where_it_stopped_with_the_same_labels(
     with caplog.at_level(logging.INFO, logger="fastkd"):
         resumed = SentenceLabels(teacher, stream, pooling, 4, cpu, batch_size=8, store=store)
     assert teacher.forwards == batches - 3 and "going on after the 24 rows" in caplog.text
-    assert torch.equal(resumed.labels, straight)
+    assert torch.equal(resumed.labels, straight) and resumed.resumed_rows == 24
     assert [p.name for p in store.iterdir()] == [partial.name.replace(".partial", "")]  # whole, the partial gone
+    # a partial left by a run that lost a race to the whole labels goes once they are read
+    (store / partial.name).write_bytes(b"left over")
+    assert SentenceLabels(fresh(), stream, pooling, 4, cpu, batch_size=8, store=store).stored
+    assert not (store / partial.name).exists()
     # kept batches that cannot be read are labelled again, with a warning
     store_b = tmp_path / "labels-b"
     store_b.mkdir()

@@ -39,6 +39,12 @@ def proxy_tasks(text: str) -> tuple[str, ...]:
 MIN_HELDOUT = 4
 MEANINGFUL_HELDOUT = 100
 
+# The objectives without a layer-wise term (fastkd.losses.OBJECTIVES, kept here without importing torch, which
+# one-line refusals must not wait for; a test checks the two agree): under them a mapping only chooses the
+# layers a student starts from.
+NO_LAYER_TERMS = ("sentence",)
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     """Everything that determines a candidate's fitness besides its mapping and seed (the search's
@@ -242,7 +248,7 @@ class SearchConfig:
         if self.search_init and self.proxy.init != "teacher":
             raise UserError(f"--search-init searches which teacher layers a student copies, but --proxy-init "
                             f"{self.proxy.init} copies none: use --proxy-init teacher or drop --search-init")
-        if self.search_init and not _supervises_layers(self.proxy.objective):
+        if self.search_init and self.proxy.objective in NO_LAYER_TERMS:
             raise UserError(f"--search-init with --objective {self.proxy.objective}: no layer is supervised, so the "
                             "mapping only chooses the layers a student starts from, which the search already "
                             "ranges over without --search-init: drop it, or choose a layer-wise objective")
@@ -293,11 +299,3 @@ class SearchConfig:
                                  ("--proxy-finetune-steps", self.proxy.finetune_steps, 1)):
             if value < low:
                 raise UserError(f"{name} must be at least {low} (got {value})")
-
-
-def _supervises_layers(objective: str) -> bool:
-    """Whether the objective has a layer-wise term (else a mapping only chooses the layers kept)."""
-    from ..losses import objective_weights  # (heavy: torch; the CLI's parser validates without it otherwise)
-
-    w = objective_weights(objective)
-    return any((w.hidden, w.attention, w.attention_kl, w.value_kl, w.relation))

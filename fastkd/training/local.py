@@ -49,7 +49,9 @@ class LocalEngine(StepEngine):
     def describe(self) -> dict:
         if self.labels is None:
             return {}
-        how = f"read from the labels store ({self.labels.path.name})" if self.labels.stored else "computed once"
+        how = (f"read from the labels store ({self.labels.path.name})" if self.labels.stored else "computed once"
+               + (f" (the first {self.labels.resumed_rows} by an interrupted run, their seconds not counted)"
+                  if self.labels.resumed_rows else ""))
         return {"teacher_labels": f"sentence embeddings of all {len(self.labels.labels)} corpus rows, {how}",
                 "teacher_labels_s": round(self.labels.seconds, 1)}
 
