@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, quiet_logs, table, write_result  # noqa: E402
 
-from fastkd.bench import measure_backend  # noqa: E402
+from fastkd.bench import measure_backend, profile_table  # noqa: E402
 from fastkd.config import BenchConfig  # noqa: E402
 from fastkd.mapping import parse_mapping  # noqa: E402
 from fastkd.models import build_student, load_teacher, load_tokenizer, resolve_model_path, student_shape  # noqa: E402
@@ -110,6 +110,8 @@ def main() -> None:
     p.add_argument("--configs", default="fp32-128,bf16-128,fp32-512,bf16-512", help="DTYPE-SEQLEN, comma-separated")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--profile", type=int, default=0,
+                   help="profile this many more steps of each fastkd row (torch.profiler): its top ops in the output")
     p.add_argument("--name", default="vs_textbrewer", help="results/NAME.json")
     args = p.parse_args()
     for spec in args.configs.split(","):
@@ -132,7 +134,7 @@ def main() -> None:
         dtype, seq_len = spec.split("-")
         seq_len = int(seq_len)
         cfg = BenchConfig(batch_size=BATCH[seq_len], seq_len=seq_len, steps=args.steps, warmup=args.warmup,
-                          bf16=dtype == "bf16")
+                          bf16=dtype == "bf16", profile=args.profile)
         if seq_len not in peer:  # float32 only: measured once per length, with the float32 rows
             peer[seq_len] = cfg.batch_size / textbrewer_step_seconds(teacher_path, tokenizer, cfg)
             rows.append({"config": f"fp32 B{cfg.batch_size} x S{seq_len}", "system": "TextBrewer 0.2.1",
@@ -144,9 +146,11 @@ def main() -> None:
             picked = "" if backend != "auto" else " (" + ", ".join(f"{op} {b}" for op, b in r["ran_on"].items()) + ")"
             rows.append({"config": f"{dtype} B{cfg.batch_size} x S{seq_len}", "system": f"fastkd {backend}{picked}",
                          "seq_per_s": r["seq_per_s"], "vs TextBrewer fp32": f"{r['seq_per_s'] / peer[seq_len]:.2f}x",
-                         "ran_on": r["ran_on"]})
-            print(rows[-1], flush=True)
-    shown = [{k: v for k, v in r.items() if k != "ran_on"} for r in rows]
+                         "ran_on": r["ran_on"], **({"profile": r["profile"]} if "profile" in r else {})})
+            print({k: v for k, v in rows[-1].items() if k != "profile"}, flush=True)
+            if "profile" in r:
+                print(profile_table(r["profile"]), flush=True)
+    shown = [{k: v for k, v in r.items() if k not in ("ran_on", "profile")} for r in rows]
     print(table(shown, list(shown[0])))
     write_result(args.name, {"machine": host, "settings": vars(args), "textbrewer": textbrewer.__version__,
                              "rows": rows})

@@ -148,6 +148,7 @@ def measure_backend(backend: str, teacher_model, tokenizer, cfg: BenchConfig, de
         step()
     with PeakMemory(device) as memory:
         times = [step() for _ in range(cfg.steps)]
+    profile = profile_steps(step, cfg.profile, device) if cfg.profile else None
     engine.read()  # the steps' numbers, read once (a run reads them at logging steps)
     # What each op really ran on (after its self-check): a row is labelled with it, not only with the
     # backend asked for, so a fallback never passes for a measurement of that backend.
@@ -160,9 +161,31 @@ def measure_backend(backend: str, teacher_model, tokenizer, cfg: BenchConfig, de
             "step_s": round(median, 4), "step_s_stdev": round(statistics.pstdev(times), 4),
             "peak_extra_mib": round(memory.extra_mib, 1), "student": shape.describe(), "mapping": mapping.text,
             "ran_on": ran_on, "fell_back": backend != "auto" and any(b != backend for b in ran_on.values()),
+            **({"profile": profile} if profile is not None else {}),
             **({"timings_ms": {f"{s['op']} {s['dtype']}": s["timings_ms"] for s in criterion.selections()
                                if s["timings_ms"]}}
                if backend == "auto" else {})}
+
+
+PROFILE_TOP = 15  # ops listed per profiled row
+
+
+def profile_steps(step, steps: int, device: torch.device) -> list[dict]:
+    """`steps` more calls of `step` under torch.profiler: the ops with the most self time (CPU, or the GPU's
+    where there is one), each with its milliseconds per step and share of the profiled time, the most first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr) > 0]
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [{"op": e.key, "ms_per_step": round(getattr(e, attr) / 1000 / steps, 2),
+             "share": round(getattr(e, attr) / total, 4), "calls_per_step": round(e.count / steps, 1)}
+            for e in events[:PROFILE_TOP]]
 
 
 def environment(device: torch.device) -> dict:
@@ -227,4 +250,13 @@ def markdown(result: dict) -> str:
         if r.get("fell_back") or r["backend"] == "auto":  # say what really ran (what auto picked)
             cells[0] += " (ran: " + ", ".join(f"{op} on {b}" for op, b in r["ran_on"].items()) + ")"
         lines.append("| " + " | ".join(cells) + " |")
+    for r in rows:
+        if r.get("profile"):
+            lines += ["", f"profile of {r['backend']} (self time per step):", profile_table(r["profile"])]
+    return "\n".join(lines)
+
+
+def profile_table(profile: list[dict]) -> str:
+    lines = ["| op | ms/step | share | calls/step |", "|---|---|---|---|"]
+    lines += [f"| {p['op']} | {p['ms_per_step']} | {100 * p['share']:.1f}% | {p['calls_per_step']} |" for p in profile]
     return "\n".join(lines)

@@ -29,6 +29,11 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from .errors import UserError
 
 ATTN_NAME = "fastkd_capture"
+# A callable (probabilities, p) -> dropped probabilities, set on a model's attention modules by whoever
+# trains it on a CPU (fastkd.ops.dropout.use_fast_dropout, a layer above this one): with dropout in training,
+# SDPA on a CPU leaves its fused kernel for one that materialises the probabilities anyway and drops them with
+# ATen's slow per-element draw; the capture function then forms them itself and drops them with this.
+PROBABILITY_DROPOUT = "fastkd_probability_dropout"
 
 
 @dataclass
@@ -105,8 +110,17 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
         recorder.records[layer] = AttentionRecord(query, key, scaling,
                                                   window=None if window is None else int(window) - 1,
                                                   value=value if recorder.values else None)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout if module.training else 0.0, scale=scaling)
+    p = dropout if module.training else 0.0
+    drop = getattr(module, PROBABILITY_DROPOUT, None) if p > 0.0 else None
+    if drop is not None:
+        # the scale on Q, not on the S x S scores; the probabilities dropped in V's dtype (half the bytes under bf16)
+        scores = torch.matmul(query * scaling, key.transpose(-1, -2))
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        out = torch.matmul(drop(torch.softmax(scores, dim=-1).to(value.dtype), p), value)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=p, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

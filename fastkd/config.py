@@ -231,6 +231,8 @@ class BenchConfig:
     steps: int = option(10, "timed steps (the median is reported)")
     warmup: int = option(2, "untimed steps first")
     bf16: bool = option(False, "bf16 autocast")
+    profile: int = option(0, "after the timed steps, this many more under torch.profiler: each row then lists "
+                             "the ops taking the most CPU time (0: none)")
     backends: list[str] = option(factory=lambda: ["all"], help="comma-separated: all, auto, torch, cpp, triton, "
                                                                "cuda (auto: what distill runs, timed per op, its row "
                                                                "naming what it picked)", parse=backend_list)
@@ -243,7 +245,8 @@ class BenchConfig:
 
     def validate(self) -> None:
         for name, value, low in (("--batch-size", self.batch_size, 1), ("--seq-len", self.seq_len, 8),
-                                 ("--steps", self.steps, 1), ("--warmup", self.warmup, 0)):
+                                 ("--steps", self.steps, 1), ("--warmup", self.warmup, 0),
+                                 ("--profile", self.profile, 0)):
             if value < low:
                 raise UserError(f"{name} must be at least {low} (got {value})")
         choices = ", ".join(("all", "auto") + BACKENDS)

@@ -41,7 +41,12 @@ class Teacher:
     """Wraps a loaded teacher; counts forwards so callers can prove the teacher ran once per batch.
 
     A forward runs the teacher's layers up to the deepest one read (its family says how many that takes)
-    and not its pooler: the outputs read are bit for bit the full forward's (tests/test_families.py)."""
+    and not its pooler: the outputs read are bit for bit the full forward's (tests/test_families.py).
+
+    Under bf16 autocast the teacher's Linear weights and biases run from a bf16 copy made once per device
+    (`half_linears`): autocast would cast every one of them again at every forward, since it caches casts
+    only of weights that need gradients. The copy rounds as autocast does, so the outputs are bit for bit
+    autocast's over the float32 weights; those stay as they were, for the students built from them."""
 
     def __init__(self, model, hidden_layers, attention_layers,
                  autocast_dtype: torch.dtype | None = None, values: bool = False):
@@ -54,6 +59,8 @@ class Teacher:
         self.family = family_of(model, "the teacher")
         deepest = max(self.hidden_layers + self.attention_layers, default=self.num_layers)
         self.layers_run = self.family.layers_to_run(model.config, deepest)
+        self._half: dict[str, torch.Tensor] = {}  # name -> the bf16 copy (autocast only), on _half_device
+        self._half_device: torch.device | None = None
 
     @classmethod
     def serving(cls, model, criteria, bf16: bool = False) -> "Teacher":
@@ -74,9 +81,14 @@ class Teacher:
         with (torch.inference_mode(), autocast, self.family.first_layers(self.model, self.layers_run),
               recording(self.attention_layers, self.values) as rec):
             # token_type_ids only when given: DistilBERT, ModernBERT and MPNet take none.
-            types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **types,
-                             output_hidden_states=True, return_dict=True)
+            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "output_hidden_states": True,
+                      "return_dict": True, **({} if token_type_ids is None else {"token_type_ids": token_type_ids})}
+            if self.autocast_dtype is None:
+                out = self.model(**kwargs)
+            else:  # only the layers run (first_layers): names of the others are not the model's now
+                half = self.half_linears(device)
+                out = torch.func.functional_call(
+                    self.model, {n: half[n] for n, _ in self.model.named_parameters() if n in half}, (), kwargs)
             hidden = {l: out.hidden_states[l] for l in self.hidden_layers}
             records = dict(rec.records)
             del out
@@ -86,6 +98,22 @@ class Teacher:
         hidden = {l: h.clone() for l, h in hidden.items()}
         attention = {l: r.clone() for l, r in records.items()}
         return TeacherOutputs(hidden, attention, attention_mask)
+
+    def half_linears(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The autocast dtype's copy of every Linear weight and bias of the teacher, made on first use on
+        `device` (again if the teacher has moved)."""
+        if self._half_device != device:
+            self._half = {f"{name}.{p_name}" if name else p_name: p.detach().to(device, self.autocast_dtype)
+                          for name, module in self.model.named_modules() if isinstance(module, torch.nn.Linear)
+                          for p_name, p in module.named_parameters(recurse=False)}
+            self._half_device = device
+        return self._half
+
+    def release(self) -> None:
+        """The teacher runs no more (its labels are made): its weights leave the accelerator for the
+        students' memory, and the 16-bit copy goes."""
+        self.model.to("cpu")
+        self._half, self._half_device = {}, None
 
 
 LABEL_BATCH = 64  # rows per teacher forward while labelling (length-sorted, so little padding)

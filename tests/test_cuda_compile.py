@@ -161,9 +161,16 @@ SCHEMA_TO_CPP = {"Tensor": "Tensor", "float": "double", "int": "int64_t", "bool"
 
 
 def _registrations(text: str) -> list[tuple[str, str]]:
-    """(schema, registered C++ function) of each m.def in a TORCH_LIBRARY block (adjacent literals joined)."""
-    return [("".join(re.findall(r'"([^"]*)"', literals)), function)
-            for literals, function in re.findall(r'm\.def\(((?:\s*"[^"]*")+),\s*&(\w+)\)', text)]
+    """(schema, registered C++ function) of each m.def in a TORCH_LIBRARY block (adjacent literals joined):
+    the function given to m.def, or for a schema defined alone, the one m.impl registers under its name
+    (a kernel for one dispatch key, in a TORCH_LIBRARY_IMPL block)."""
+    found = [("".join(re.findall(r'"([^"]*)"', literals)), function)
+             for literals, function in re.findall(r'm\.def\(((?:\s*"[^"]*")+),\s*&(\w+)\)', text)]
+    impls = dict(re.findall(r'm\.impl\("(\w+)",\s*&(\w+)\)', text))
+    for literals in re.findall(r'm\.def\(((?:\s*"[^"]*")+)\)', text):
+        schema = "".join(re.findall(r'"([^"]*)"', literals))
+        found.append((schema, impls.get(schema.split("(")[0], "<no m.impl>")))
+    return found
 
 
 def _cpp_types(declaration: str) -> str:
@@ -172,7 +179,7 @@ def _cpp_types(declaration: str) -> str:
 
 def _cpp_signature(text: str, function: str) -> tuple[str, list[str]]:
     """Return type and parameter types of the function's definition, spelled without const, at:: and &."""
-    found = re.search(rf"^(std::vector<(?:at::)?Tensor>)\s+{function}\(([^)]*)\)\s*\{{", text, re.M)
+    found = re.search(rf"^(std::vector<(?:at::)?Tensor>|(?:at::)?Tensor)\s+{function}\(([^)]*)\)\s*\{{", text, re.M)
     assert found, f"no definition of {function}"
     params = [" ".join(p.split()[:-1]) for p in found.group(2).split(",")]  # each without its name
     return _cpp_types(found.group(1)), [_cpp_types(p) for p in params]

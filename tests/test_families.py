@@ -123,6 +123,40 @@ def test_a_teacher_runs_only_the_layers_its_losses_read_and_reads_the_full_forwa
     assert torch.equal(deep.hidden[4], full.hidden_states[4])
 
 
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_a_bf16_teacher_runs_its_linears_from_one_bf16_copy_and_matches_autocast_bit_for_bit(
+        model_type, family_teacher_dirs, default_tokenizer):
+    """Under bf16 the teacher reads its Linear weights from a copy cast once (autocast casts them again at
+    every forward): the same hidden states and attention records as plain autocast over the float32
+    weights, which stay float32 and unchanged for the students built from them."""
+    path = family_teacher_dirs[model_type]
+    batch = _batch(default_tokenizer)
+    model = load_teacher(str(path))
+    types = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in model_inputs(model, batch) else {}
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    plain = Teacher(model, [1, 2], [2], values=True)
+    plain.autocast_dtype = torch.bfloat16  # autocast alone: a teacher that never built its copy
+    plain.half_linears = lambda device: {}
+    want = plain(batch["input_ids"], batch["attention_mask"], **types)
+    teacher = Teacher(model, [1, 2], [2], autocast_dtype=torch.bfloat16, values=True)
+    got = teacher(batch["input_ids"], batch["attention_mask"], **types)
+    half = teacher.half_linears(torch.device("cpu"))
+    assert half and all(t.dtype == torch.bfloat16 for t in half.values())
+    for layer in (1, 2):
+        assert got.hidden[layer].dtype == want.hidden[layer].dtype
+        assert torch.equal(got.hidden[layer], want.hidden[layer]), layer
+    for field in ("query", "key", "value", "scores"):
+        a, b = getattr(got.attention[2], field), getattr(want.attention[2], field)
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), field
+    assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # the forward reads the copy: a change to it changes the outputs
+    first_layer_weight = next(n for n in half if n.endswith("weight") and ".0." in n)
+    with torch.inference_mode():  # (the copy is made inside the teacher's inference mode)
+        half[first_layer_weight].add_(1)
+    changed = teacher(batch["input_ids"], batch["attention_mask"], **types)
+    assert not torch.equal(changed.hidden[2], want.hidden[2])
+
+
 def test_a_truncated_teacher_is_whole_again_after_a_failed_forward_and_never_truncated_twice(
         family_teacher_dirs, default_tokenizer):
     model = load_teacher(str(family_teacher_dirs["bert"]))

@@ -32,7 +32,7 @@ SOURCES = {
 }
 # The operators each library registers (TORCH_LIBRARY, in the namespace of its module name).
 OPS = {
-    "cpu": ("attention_mse_qk", "attention_kl_qk", "projected_mse"),
+    "cpu": ("attention_mse_qk", "attention_kl_qk", "projected_mse", "dropout_mask_scale"),
     "cuda": ("attention_mse_qk", "attention_mse_qk_gemm", "attention_kl_qk", "projected_mse"),
 }
 STALE_LOCK_SECONDS = 15 * 60  # a build takes well under a minute; a lock this old belongs to a dead one
