@@ -365,10 +365,10 @@ _Pragma("omp simd reduction(+ : acc)")
 // number per element (bernoulli_) and multiplies in two more passes: a fifth of a bf16 distillation step on
 // a 2-core Xeon. Here each 32-bit draw of a keyed counter hash (murmur3's finaliser twice, the seed's two
 // halves as keys) gives two 16-bit uniforms, two elements' keep-or-drop (little-endian order: element
-// 2c + k takes bits 16k.. of draw c); the drop probability is p rounded to 1/65536. 32-bit multiplies, so
-// the hashing vectorises on AVX2 as on AVX-512 and the pass runs at memory speed. The mask is a pure
-// function of (seed, element index): backward recomputes it from the seed, and the result does not depend
-// on the thread count or how the work is split.
+// 2c + k takes bits 16k.. of draw c). The drop probability is p rounded to t/65536, a kept element scaled
+// by 65536/(65536 - t). 32-bit multiplies, so the hashing vectorises on AVX2 as on AVX-512 and the pass runs
+// at memory speed. The mask is a pure function of (seed, element index): backward recomputes it from the
+// seed, and the result does not depend on the thread count or how the work is split.
 static inline uint32_t fmix32(uint32_t h) {
   h ^= h >> 16;
   h *= 0x85EBCA6Bu;
@@ -414,6 +414,7 @@ Tensor dropout_mask_scale(const Tensor& x, double p, const Tensor& seed_tensor) 
   const int64_t seed = seed_tensor.item<int64_t>();
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "dropout_mask_scale: a contiguous CPU tensor");
   TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout_mask_scale: p must be in [0, 1)");
+  TORCH_CHECK(std::llround(p * 65536.0) < 65536, "dropout_mask_scale: p rounds to 1 in 1/65536 steps");
   const int64_t n = x.numel();
   TORCH_CHECK(n <= (int64_t(1) << 33), "dropout_mask_scale: at most 2^33 elements (the 32-bit draw counter)");
   Tensor out = at::empty_like(x);
@@ -423,7 +424,8 @@ Tensor dropout_mask_scale(const Tensor& x, double p, const Tensor& seed_tensor) 
   const int64_t blocks = (n + kDropBlock - 1) / kDropBlock;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dropout_mask_scale", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t keep_scale = static_cast<acc_t>(1.0 / (1.0 - p));
+    // 1 / the keep rate of the rounded threshold: the output's expectation is the input's
+    const acc_t keep_scale = static_cast<acc_t>(65536.0 / (65536.0 - threshold));
     const scalar_t* src = x.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     at::parallel_for(0, blocks, 256, [&](int64_t begin, int64_t end) {

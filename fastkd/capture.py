@@ -29,10 +29,12 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from .errors import UserError
 
 ATTN_NAME = "fastkd_capture"
-# A callable (probabilities, p) -> dropped probabilities, set on a model's attention modules by whoever
-# trains it on a CPU (fastkd.ops.dropout.use_fast_dropout, a layer above this one): with dropout in training,
-# SDPA on a CPU leaves its fused kernel for one that materialises the probabilities anyway and drops them with
-# ATen's slow per-element draw; the capture function then forms them itself and drops them with this.
+# Set on a model's attention modules by whoever trains it (fastkd.ops.dropout.use_fast_dropout, a layer above
+# this one): a callable taking the layer's query and returning the dropout to apply to its probabilities,
+# (probabilities, p) -> dropped, or None where it does not pay (a GPU, no extension). With dropout in training,
+# SDPA on a CPU leaves its fused kernel for its math path, which forms the probabilities anyway and drops them
+# with ATen's slow per-element draw; the capture function then forms them itself, as that path does (in
+# float32), and drops them with the fused op.
 PROBABILITY_DROPOUT = "fastkd_probability_dropout"
 
 
@@ -99,6 +101,7 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
     # query/key/value: (B, H, S, d); attention_mask: (B, 1, S, S) additive, or None without padding.
     if scaling is None:
         scaling = query.size(-1) ** -0.5
+    mask = attention_mask  # as built: float32, additive (the own path below adds it in float32)
     if attention_mask is not None and attention_mask.dtype != query.dtype:
         attention_mask = attention_mask.to(query.dtype)  # bf16 autocast: SDPA wants matching dtypes
     recorder, layer = _next_layer()
@@ -111,13 +114,16 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
                                                   window=None if window is None else int(window) - 1,
                                                   value=value if recorder.values else None)
     p = dropout if module.training else 0.0
-    drop = getattr(module, PROBABILITY_DROPOUT, None) if p > 0.0 else None
+    choose = getattr(module, PROBABILITY_DROPOUT, None) if p > 0.0 else None
+    drop = choose(query) if choose is not None else None
     if drop is not None:
-        # the scale on Q, not on the S x S scores; the probabilities dropped in V's dtype (half the bytes under bf16)
-        scores = torch.matmul(query * scaling, key.transpose(-1, -2))
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        out = torch.matmul(drop(torch.softmax(scores, dim=-1).to(value.dtype), p), value)
+        # SDPA's math path in float32, as it computes 16-bit inputs; the scale on Q (not on S x S scores); the
+        # dropped probabilities multiply V in its dtype (bf16 under autocast, as a fused kernel's P V would).
+        with torch.autocast(query.device.type, enabled=False):
+            scores = torch.matmul(query.float() * scaling, key.float().transpose(-1, -2))
+            if mask is not None:
+                scores = scores + mask.float()
+            out = torch.matmul(drop(torch.softmax(scores, dim=-1), p).to(value.dtype), value)
     else:
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=p, scale=scaling)

@@ -232,7 +232,7 @@ class BenchConfig:
     warmup: int = option(2, "untimed steps first")
     bf16: bool = option(False, "bf16 autocast")
     profile: int = option(0, "after the timed steps, this many more under torch.profiler: each row then lists "
-                             "the ops taking the most CPU time (0: none)")
+                             "the ops taking the most time, the CPU's (the GPU's on a GPU) (0: none)")
     backends: list[str] = option(factory=lambda: ["all"], help="comma-separated: all, auto, torch, cpp, triton, "
                                                                "cuda (auto: what distill runs, timed per op, its row "
                                                                "naming what it picked)", parse=backend_list)

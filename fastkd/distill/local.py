@@ -45,8 +45,7 @@ def build_local_run(cfg: DistillConfig) -> Run:
                    _room_beside_step(memory, cfg.batch_size, device, teacher_model, student, criterion)):
         labels = SentenceLabels(teacher, stream, criterion.pooling, criterion.mapping.teacher_layers, device,
                                 cfg.progress, batch_size=cfg.batch_size, store=check_cache_dir(cfg.cache_dir) / "labels")
-        if device.type != "cpu":
-            teacher.release()  # never runs again: its device memory goes to the student
+        teacher.release()  # never runs again: its accelerator memory and its bf16 copy go to the student
         log.info("teacher: the sentence embeddings of all %d corpus rows %s in %.0f s, reused for the "
                  "run's %.1f passes (no teacher forward per step)", len(corpus),
                  f"read from {labels.path}" if labels.stored else "computed once", labels.seconds,

@@ -31,6 +31,7 @@ from ..config import DistillConfig
 from ..corpus import BatchStream, load_corpus, sample_corpus
 from .setup import Run, build_models, check_memory, prepare_output, resolve
 from ..errors import UserError
+from ..ops.dropout import use_fast_dropout
 from ..rundir import lock_output
 from ..rng import seed_everything
 from ..teacher import Teacher
@@ -218,6 +219,7 @@ def build_zero_run(cfg: DistillConfig) -> Run:
     teacher_model = teacher_model.to(device=device, dtype=half) if half is not None else teacher_model.to(device)
     teacher = Teacher.serving(teacher_model, [criterion], cfg.bf16 and half is None)
 
+    use_fast_dropout(student)  # before DeepSpeed hooks the modules (ZeroEngine's own call then changes nothing)
     module = DistillModule(student, criterion)
     client_optimizer, client_scheduler = None, None
     if "optimizer" not in ds_config:  # the same AdamW as single-process distillation (DeepSpeed steps it)

@@ -22,7 +22,7 @@ from ..device import pick_device, warn_if_bf16_emulated
 from ..errors import UserError
 from ..capture import use_registry
 from ..families import family_of, model_inputs, usable_positions
-from ..ops.dropout import use_fast_dropout
+from ..ops.dropout import available as fast_dropout_available, use_fast_dropout
 from .data import Encoded, TaskCache, TaskResult, padded_batch
 from .heads import BiEncoderClassifier, make_classifier
 from .heldout import score_splits, scoring_rows
@@ -53,13 +53,25 @@ def predict(classifier, enc: Encoded, pad_id: int, batch_size: int, bf16: bool =
 
 def train_with_fast_dropout(classifier) -> None:
     """fastkd's CPU dropout in the classifier (fastkd.ops.dropout: ATen's draws a Mersenne-Twister number per
-    element, a fifth of a bf16 step): every nn.Dropout, and the attention probabilities of the families whose
-    attention fastkd's function can run (SDPA with dropout on a CPU materialises them and drops them with
-    ATen's)."""
+    element, a fifth of a bf16 step): every nn.Dropout, and, on a CPU where the fused op runs, the attention
+    probabilities of the families whose attention fastkd's function can run (SDPA with dropout on a CPU forms
+    them in its math path and drops them with ATen's). On a GPU the classifier keeps SDPA's fused kernel."""
     use_fast_dropout(classifier)
+    if not fast_dropout_available(next(classifier.parameters())):
+        return
     for module in classifier.modules():
-        if isinstance(module, PreTrainedModel) and family_of(module).capture == "registry":
+        if (isinstance(module, PreTrainedModel) and family_of(module).capture == "registry"
+                and attention_dropout(module.config) > 0):
             use_registry(module)
+
+
+def attention_dropout(config) -> float:
+    """The attention probabilities' dropout rate, under the name the family's config gives it."""
+    for name in ("attention_probs_dropout_prob", "attention_dropout"):
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return 0.0
 
 
 def finetune_task(model, tokenizer, spec: TaskSpec, cache: TaskCache, cfg: FinetuneConfig,

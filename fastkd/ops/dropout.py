@@ -4,8 +4,9 @@ ATen's CPU dropout draws a Mersenne-Twister number per element (bernoulli_), the
 passes; with BERT's default probabilities (0.1 on hidden states and attention probabilities) that was
 22% of a bf16 distillation step of a 3-layer student on a 2-core Xeon (torch.profiler,
 benchmarks/vs_textbrewer.py --profile). `dropout_mask_scale` (csrc/fused_loss_cpu.cpp) keeps an element
-when a 16-bit draw of a counter-based hash of (seed, index) is at least p * 65536: the same Bernoulli
-dropout with p rounded to 1/65536, scaled by 1 / (1 - p), from a different random stream. The seed of each
+when a 16-bit draw of a counter-based hash of (seed, index) is at least t = round(p * 65536): the same
+Bernoulli dropout with p rounded to t / 65536, a kept element scaled by 65536 / (65536 - t) (unbiased for the
+rounded rate; a p that rounds to 0 or 1 takes torch's dropout), from a different random stream. The seed of each
 call is drawn from torch's default generator, so a seeded run is reproducible and a resumed one (whose
 generator state is restored) continues exactly; backward rebuilds the mask from the seed.
 
@@ -16,6 +17,8 @@ attention function, fastkd.capture) calls `dropout` directly.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -23,11 +26,19 @@ from ..capture import PROBABILITY_DROPOUT
 from . import builder
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+MAX_ELEMENTS = 2 ** 33  # the kernel's 32-bit draw counter, two elements per draw
+LEVELS = 65536  # a draw's 16 bits: the drop probability is rounded to a multiple of 1 / LEVELS
 
 
 def available(x: torch.Tensor) -> bool:
     """Whether `x` takes the fused path (the CPU extension builds once per machine; None: it could not)."""
-    return x.device.type == "cpu" and x.dtype in DTYPES and builder.load("cpu") is not None
+    return (x.device.type == "cpu" and x.dtype in DTYPES and x.numel() <= MAX_ELEMENTS
+            and builder.load("cpu") is not None)
+
+
+def representable(p: float) -> bool:
+    """Whether p rounds to a drop rate strictly between 0 and 1 in LEVELS steps (elsewhere: torch's dropout)."""
+    return 0 < math.floor(p * LEVELS + 0.5) < LEVELS  # the kernel's llround
 
 
 _faked: set[str] = set()
@@ -51,8 +62,9 @@ class _MaskScale(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        # the same mask (the same seed and indices) and scale: d(x * m / (1 - p)) = grad * m / (1 - p)
-        return _mask_scale(grad, ctx.p, ctx.saved_tensors[0]), None, None
+        # the same mask (the same seed and indices) and scale: the map is linear, its backward is itself
+        # (through the Function again, so a double backward stays connected)
+        return _MaskScale.apply(grad, ctx.p, ctx.saved_tensors[0]), None, None
 
 
 def draw_seed() -> torch.Tensor:
@@ -65,7 +77,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """torch.nn.functional.dropout(x, p, training), fused on a CPU (see the module's docstring)."""
     if not training or p == 0.0:
         return x
-    if not 0.0 < p < 1.0 or not available(x):
+    if not 0.0 < p < 1.0 or not representable(p) or not available(x):
         return torch.nn.functional.dropout(x, p, training)
     return _MaskScale.apply(x, p, draw_seed())
 
@@ -83,15 +95,21 @@ def _probabilities_dropout(probs: torch.Tensor, p: float) -> torch.Tensor:
     return dropout(probs, p, True)
 
 
+def _probabilities_dropout_for(query: torch.Tensor):
+    """What fastkd.capture asks of an attention module in training: the fused dropout where it applies (a CPU
+    with the extension), else None (SDPA's own, fused on a GPU)."""
+    return _probabilities_dropout if available(query) else None
+
+
 def use_fast_dropout(*models: nn.Module) -> None:
     """In place: every plain nn.Dropout of each model becomes a FastDropout of the same probability, and its
     attention modules (transformers' mark them with `is_causal`) drop their probabilities with `dropout`
-    when they run fastkd's attention function (fastkd.capture). No parameter or buffer changes, so weights
-    save and load as before; on a GPU both stay torch's own."""
+    when they run fastkd's attention function on a CPU (fastkd.capture). No parameter or buffer changes, so
+    weights save and load as before; on a GPU both stay torch's own (SDPA keeps its fused kernel)."""
     for model in models:
         for parent in model.modules():
             if hasattr(parent, "is_causal"):
-                setattr(parent, PROBABILITY_DROPOUT, _probabilities_dropout)
+                setattr(parent, PROBABILITY_DROPOUT, _probabilities_dropout_for)
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Dropout:
-                    setattr(parent, name, FastDropout(child.p, child.inplace))
+                    setattr(parent, name, FastDropout(child.p, child.inplace).train(child.training))
