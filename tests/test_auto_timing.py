@@ -167,6 +167,27 @@ def test_bench_times_auto_as_a_row_of_its_own_naming_what_it_picked(fresh_select
     assert "| auto (ran: hidden_mse on" in markdown(result)
 
 
+def test_bench_profile_lists_each_rows_costliest_ops(tmp_path, tiny_teacher_dir):
+    from fastkd.bench import markdown
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--teacher", str(tiny_teacher_dir), "--student-layers", "2", "--batch-size", "2",
+                 "--seq-len", "16", "--steps", "1", "--warmup", "0", "--backends", "cpp", "--profile", "2",
+                 "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]  # (the torch reference always runs too)
+    assert all("profile" in r for r in rows)
+    row = next(r for r in rows if r["backend"] == "cpp")
+    ops = row["profile"]
+    assert 0 < len(ops) <= 15 and all(p["ms_per_step"] > 0 and 0 < p["share"] <= 1 for p in ops)
+    assert [p["ms_per_step"] for p in ops] == sorted((p["ms_per_step"] for p in ops), reverse=True)
+    assert any("mm" in p["op"] for p in ops)  # the models' GEMMs are among a step's costliest ops
+    assert "profile of cpp (self time per step):" in markdown({"rows": [row]})
+    # no --profile: no profile
+    assert main(["bench", "--teacher", str(tiny_teacher_dir), "--student-layers", "2", "--batch-size", "2",
+                 "--seq-len", "16", "--steps", "1", "--warmup", "0", "--backends", "cpp", "--output", str(out)]) == 0
+    assert not [r for r in json.loads(out.read_text())["rows"] if "profile" in r]
+
+
 def test_the_machine_store_makes_a_second_run_compute_like_the_first(monkeypatch, fresh_selection):
     calls = []
     fake_times(monkeypatch, {"cpp": 1.0, "torch": 1.01}, calls)
