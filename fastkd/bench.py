@@ -125,7 +125,8 @@ def measure_backend(backend: str, teacher_model, tokenizer, cfg: BenchConfig, de
     shape = student_shape(teacher_model.config, cfg.student_layers, cfg.student_hidden, cfg.student_heads,
                           cfg.student_ffn)
     mapping = parse_mapping(cfg.mapping, shape.layers, teacher_model.config.num_hidden_layers)
-    train = TrainConfig(max_steps=cfg.steps + cfg.warmup, batch_size=cfg.batch_size, bf16=cfg.bf16, progress=False,
+    train = TrainConfig(max_steps=cfg.steps + cfg.warmup, batch_size=cfg.batch_size, bf16=cfg.bf16,
+                        compile=cfg.compile, progress=False,
                         max_seq_len=cfg.seq_len)
     torch.manual_seed(cfg.seed)
     weights = objective_weights(cfg.objective, attention_kl=cfg.w_attention_kl)

@@ -17,7 +17,9 @@ from .options import (AUTO_OBJECTIVE_HELP, BACKENDS, CORPUS_MODE_HELP, CORPUS_MO
 # Settings that do not change what is computed: they may differ between a run and its resume.
 NON_DETERMINING = frozenset({"output", "resume", "log_every", "keep_checkpoints", "cache_dir", "progress", "num_proc",
                              "stop_at_step", "checkpoint_every", "max_bad_steps", "device", "loss_backend",
-                             "report_to"})
+                             "report_to", "compile"})
+COMPILE_HELP = ("torch.compile each layer of the student and the teacher, in place (weights, checkpoints and the "
+                "export unchanged); on a 2-core CPU it gained nothing (the GEMMs dominate): meant for GPUs")
 
 
 LOSS_WEIGHTS = ("w_embedding", "w_hidden", "w_attention", "w_attention_kl", "w_value_kl", "w_relation", "w_sentence")
@@ -94,6 +96,7 @@ class DistillConfig:
     seed: int = option(0, "seeds initialisation, data order and sampling", group="training", parse=seed_value)
     device: str = option("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N", group="training")
     bf16: bool = option(False, "bf16 autocast for teacher and student forward", group="training")
+    compile: bool = option(False, COMPILE_HELP, group="training")
     max_bad_steps: int = option(20, "abort after this many steps with a non-finite loss or gradient (each is "
                                     "skipped)", group="training")
     objective: str = option("auto", OBJECTIVE_HELP + "; auto: " + AUTO_OBJECTIVE_HELP, group="losses",
@@ -156,6 +159,8 @@ class DistillConfig:
             (self.report_to in REPORT_TO, f"--report-to must be one of {', '.join(REPORT_TO)} (got {self.report_to!r})"),
             (0 <= self.warmup < 1, f"--warmup is a fraction of the steps in [0, 1) (got {self.warmup})"),
             (self.checkpoint_every >= 1, f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})"),
+            (not (self.compile and self.deepspeed), "--compile with --deepspeed: not supported (DeepSpeed wraps "
+                                                    "the student after fastkd builds it); drop --compile"),
             (self.max_bad_steps >= 1, f"--max-bad-steps must be at least 1 (got {self.max_bad_steps})"),
             (self.log_every >= 1, f"--log-every must be at least 1 (got {self.log_every})"),
             (self.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1 (got {self.keep_checkpoints})"),
@@ -231,6 +236,7 @@ class BenchConfig:
     steps: int = option(10, "timed steps (the median is reported)")
     warmup: int = option(2, "untimed steps first")
     bf16: bool = option(False, "bf16 autocast")
+    compile: bool = option(False, COMPILE_HELP)
     profile: int = option(0, "after the timed steps, this many more under torch.profiler: each row then lists "
                              "the ops taking the most time, the CPU's (the GPU's on a GPU) (0: none)")
     backends: list[str] = option(factory=lambda: ["all"], help="comma-separated: all, auto, torch, cpp, triton, "

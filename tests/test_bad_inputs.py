@@ -381,3 +381,12 @@ def test_a_dangling_or_unreadable_txt_file_in_a_corpus_directory_is_refused(capf
     monkeypatch.setattr(text, "open", no_permission, raising=False)
     with pytest.raises(UserError, match=r"b.txt cannot be read \(Permission denied\)"):
         corpus.corpus_files(str(folder))
+
+
+def test_compile_under_deepspeed_is_one_line(capfd, tmp_path, tiny_teacher_dir, small_corpus):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}')
+    code, err = run_cli(capfd, *_distill(tmp_path / "d", tiny_teacher_dir, small_corpus, "--compile",
+                                         "--deepspeed", str(ds)))
+    assert code == 2 and len(err) == 1 and "--compile with --deepspeed" in err[0], err
+    assert not (tmp_path / "d").exists()

@@ -78,5 +78,14 @@ def model_inputs(model, batch: dict) -> dict:
     return batch
 
 
-__all__ = ["FAMILIES", "Family", "disable_capture", "enable_capture", "family_of", "is_encoder", "model_inputs",
-           "stock_attention", "supported", "usable_positions"]
+def compile_layers(model) -> None:
+    """torch.compile each of the model's layers in place (nn.Module.compile: the module tree, its state_dict
+    and what save_pretrained writes stay as they are). Per layer, not the whole model: fastkd's attention
+    capture and the teacher's first_layers truncation stay outside the compiled code."""
+    for layer in family_of(model, "the model").layers(model):
+        if getattr(layer, "_compiled_call_impl", None) is None:  # (a teacher serving several students: once)
+            layer.compile()
+
+
+__all__ = ["FAMILIES", "Family", "compile_layers", "disable_capture", "enable_capture", "family_of", "is_encoder",
+           "model_inputs", "stock_attention", "supported", "usable_positions"]

@@ -44,13 +44,25 @@ def representable(p: float) -> bool:
 _faked: set[str] = set()
 
 
-def _mask_scale(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+def _op():
+    """The loaded op, its shape function registered once (so torch.compile traces through it)."""
     op = builder.load("cpu").dropout_mask_scale
     name = op._qualified_op_name
-    if name not in _faked:  # its shape function, so torch.compile traces through it
+    if name not in _faked:
         torch.library.register_fake(name)(lambda t, p, seed: torch.empty_like(t))
         _faked.add(name)
-    return op(x.contiguous(), p, seed)
+    return op
+
+
+def prepare_compile() -> None:
+    """Before compiled code first runs: the op's shape function registered outside any trace (where the
+    extension builds; a CPU run builds it here, once per machine)."""
+    if builder.load("cpu") is not None:
+        _op()
+
+
+def _mask_scale(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    return _op()(x.contiguous(), p, seed)
 
 
 class _MaskScale(torch.autograd.Function):

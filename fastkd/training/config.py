@@ -20,6 +20,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     clip_grad: float = 1.0  # gradient-norm clipping (0 = off)
     bf16: bool = False  # autocast
+    compile: bool = False  # torch.compile each layer of the student and the teacher (fastkd.families.compile_layers)
     max_bad_steps: int = 20  # non-finite steps before the run stops
     log_every: int = 10
     checkpoint_every: int = 200

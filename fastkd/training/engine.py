@@ -22,7 +22,8 @@ import torch
 from ..capture import check_recorded, recording
 from ..errors import UserError
 from .. import ops
-from ..ops.dropout import use_fast_dropout
+from ..families import compile_layers
+from ..ops.dropout import prepare_compile, use_fast_dropout
 from ..losses import DistillLoss, LossOutput, RunShapes
 from ..teacher import TeacherOutputs
 
@@ -104,6 +105,11 @@ class StepEngine(abc.ABC):
         self.teacher = teacher
         self.student = student
         use_fast_dropout(student)  # ATen's CPU dropout was a fifth of a bf16 step (fastkd.ops.dropout)
+        if cfg.compile:
+            prepare_compile()
+            compile_layers(student)
+            if teacher is not None:
+                compile_layers(teacher.model)
         self.criterion = criterion
         self.stream = stream
         self.device = device
