@@ -28,7 +28,7 @@ from .losses import DistillLoss, objective_weights, sentence_pooling
 from .mapping import parse_mapping
 from .memory import check_step_fits, step_memory
 from .options import resolved_config
-from .families import usable_positions
+from .families import compile_refusal, usable_positions
 from .models import build_student, load_config, load_teacher, load_tokenizer, student_shape
 from .teacher import Teacher
 
@@ -223,6 +223,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     if cfg.seq_len > limit:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds the {limit} tokens the teacher's position embeddings take")
     check_before_loading(cfg, teacher_config, device)
+    if cfg.compile and (refusal := compile_refusal(device, teacher_config)) is not None:
+        raise UserError(refusal)
     present, missing = present_backends(cfg.backends, device)
     for name, why in missing.items():
         log.info("backend %s not measured: %s", name, why)

@@ -85,6 +85,7 @@ class Recorder:
 _active: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar("fastkd_recorder", default=None)
 
 
+@torch.compiler.disable  # (--compile: a ContextVar and the recorder's counters stay Python, never traced)
 def _next_layer() -> tuple[Recorder | None, int | None]:
     """Count one attention call of the active forward; the layer number when it is to be kept."""
     recorder = _active.get()

@@ -255,6 +255,9 @@ class BenchConfig:
                                  ("--profile", self.profile, 0)):
             if value < low:
                 raise UserError(f"{name} must be at least {low} (got {value})")
+        if self.compile and self.warmup < 1:
+            raise UserError(f"--compile needs --warmup of at least 1 (got {self.warmup}): the first steps compile, "
+                            "and a timed step must not")
         choices = ", ".join(("all", "auto") + BACKENDS)
         if not self.backends or "" in self.backends:
             raise UserError(f"--backends {','.join(self.backends)!r} names no backend or has an empty item: give a "

@@ -52,3 +52,21 @@ def warn_if_bf16_emulated(device: torch.device) -> None:
 
     logging.getLogger(__name__).warning("--bf16: %s, so bf16 runs far slower than float32 here (about 16x measured on an "
                                         "AVX2 CPU); drop --bf16 on this machine", bf16_absence(device))
+
+
+def compile_problem(device: torch.device) -> str | None:
+    """Why torch.compile cannot build kernels for `device` here (one line), or None: inductor writes C++ for a
+    CPU (a compiler, $CXX or c++) and Triton for a GPU."""
+    import os
+    import shutil
+
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "--compile on a GPU needs Triton (pip install triton, or a torch build that brings it); drop --compile"
+        return None
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"--compile on a CPU needs a C++ compiler ({compiler!r} not found; set $CXX); drop --compile"
+    return None

@@ -383,10 +383,16 @@ def test_a_dangling_or_unreadable_txt_file_in_a_corpus_directory_is_refused(capf
         corpus.corpus_files(str(folder))
 
 
-def test_compile_under_deepspeed_is_one_line(capfd, tmp_path, tiny_teacher_dir, small_corpus):
+def test_compile_under_deepspeed_or_for_a_hooked_family_is_one_line(capfd, tmp_path, tiny_teacher_dir, small_corpus,
+                                                                     family_teacher_dirs):
     ds = tmp_path / "ds.json"
     ds.write_text('{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}')
     code, err = run_cli(capfd, *_distill(tmp_path / "d", tiny_teacher_dir, small_corpus, "--compile",
                                          "--deepspeed", str(ds)))
     assert code == 2 and len(err) == 1 and "--compile with --deepspeed" in err[0], err
-    assert not (tmp_path / "d").exists()
+    code, err = run_cli(capfd, *_distill(tmp_path / "d", family_teacher_dirs["mpnet"], small_corpus, "--compile"))
+    assert code == 2 and len(err) == 1 and "--compile does not support the mpnet family" in err[0], err
+    code, err = run_cli(capfd, "bench", "--teacher", str(tiny_teacher_dir), "--compile", "--warmup", "0",
+                        "--output", str(tmp_path / "b.json"))
+    assert code == 2 and len(err) == 1 and "--compile needs --warmup of at least 1" in err[0], err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "b.json").exists()

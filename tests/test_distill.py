@@ -262,15 +262,16 @@ def test_fused_loss_run_reproduces_the_reference_run(tmp_path, tiny_teacher_dir,
 
 def test_a_compiled_run_follows_the_eager_one_and_exports_the_same_model(tmp_path, tiny_teacher_dropout_dir,
                                                                          small_corpus, monkeypatch):
-    """--compile: each layer of both models through torch.compile (in place); the losses step for step as the
-    eager run's within the compiler's rounding, dropout included, and a student whose files name nothing of
-    the compiler."""
+    """--compile: each layer of both models through torch.compile (in place); the losses and gradient norms step
+    for step as the eager run's within the compiler's rounding (the dropout seeds drawn from the run's generator,
+    not inductor's), and a student whose files name nothing of the compiler."""
     from fastkd import families
 
     compiled = []
     real = families.compile_layers
     monkeypatch.setattr("fastkd.training.engine.compile_layers", lambda m: compiled.append(m) or real(m))
-    common = dict(teacher=tiny_teacher_dropout_dir, corpus=small_corpus, max_steps=4, checkpoint_every=100)
+    common = dict(teacher=tiny_teacher_dropout_dir, corpus=small_corpus, max_steps=3, student_layers=1,
+                  checkpoint_every=100)
     rows = {}
     for name, flag in (("eager", False), ("compiled", True)):
         student = run_distill(_cfg(tmp_path, name, compile=flag, **common))
@@ -279,10 +280,11 @@ def test_a_compiled_run_follows_the_eager_one_and_exports_the_same_model(tmp_pat
     assert len(compiled) == 2  # the student and the teacher, in the compiled run only
     assert all(getattr(layer, "_compiled_call_impl", None) is not None for m in compiled
                for layer in families.family_of(m).layers(m))
-    for a, b in zip(rows["compiled"], rows["eager"]):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3), a["step"]
+    for a, b in zip(rows["compiled"], rows["eager"]):  # the same dropout masks: only the compiler's rounding
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), a["step"]
     weights = [load_file(str(tmp_path / n / "student" / "model.safetensors")) for n in ("eager", "compiled")]
     assert weights[0].keys() == weights[1].keys()
     # AdamW's first steps move each weight by about +-lr whatever the gradient's size: a rounding difference in a
     # near-zero gradient may flip one, so the weights agree to 2 x lr x steps
-    assert all(torch.allclose(weights[0][k], weights[1][k], atol=2 * 1e-3 * 4) for k in weights[0])
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=2 * 1e-3 * 3) for k in weights[0])

@@ -13,7 +13,8 @@ import torch
 from ..config import NON_DETERMINING, DistillConfig, read_run_config
 from ..corpus import check_cache_dir, parse_sample, same_corpus
 from ..errors import UserError
-from ..families import family_of, usable_positions
+from ..device import pick_device
+from ..families import compile_refusal, family_of, usable_positions
 from ..rundir import RunDir, check_writable_dir, refuse_busy_output, refuse_foreign_output
 from ..losses import OBJECTIVES, DistillLoss, loss_weights, objective_weights, relation_heads, sentence_pooling
 from ..mapping import LayerMapping, parse_mapping
@@ -80,6 +81,11 @@ def resolve(cfg: DistillConfig):
     if cfg.student is not None:
         check_weight_files(cfg.student, "student")
     n_teacher = teacher_config.num_hidden_layers
+    if cfg.compile:
+        refusal = compile_refusal(pick_device(cfg.device), teacher_config,
+                                  *([load_config(cfg.student, "student")] if cfg.student is not None else []))
+        if refusal is not None:
+            raise UserError(refusal)
     if cfg.max_seq_len > usable_positions(teacher_config):
         raise UserError(f"--max-seq-len {cfg.max_seq_len} exceeds the {usable_positions(teacher_config)} tokens the "
                         "teacher's position embeddings take: use a smaller --max-seq-len")

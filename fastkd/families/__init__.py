@@ -78,14 +78,30 @@ def model_inputs(model, batch: dict) -> dict:
     return batch
 
 
+def compile_refusal(device, *configs) -> str | None:
+    """Why --compile cannot run here (one line), or None: the toolchain for `device`, and families whose
+    attention fastkd captures through transformers' registry (DeBERTa's and MPNet's score hooks enter a
+    TorchFunctionMode inside the layer, which is not compiled)."""
+    from ..device import compile_problem
+
+    for config in configs:
+        family = family_of(config)
+        if family.capture != "registry":
+            return (f"--compile does not support the {config.model_type} family (fastkd reads its attention "
+                    "scores through hooks inside each layer); drop --compile")
+    return compile_problem(device)
+
+
 def compile_layers(model) -> None:
     """torch.compile each of the model's layers in place (nn.Module.compile: the module tree, its state_dict
-    and what save_pretrained writes stay as they are). Per layer, not the whole model: fastkd's attention
-    capture and the teacher's first_layers truncation stay outside the compiled code."""
+    and what save_pretrained writes stay as they are). Per layer, not the whole model: the teacher's
+    first_layers truncation swaps the list that holds them; inside a layer the graph breaks where fastkd's
+    attention function keeps its record (fastkd.capture._next_layer, never traced), and where the dropout
+    draws its seed from the run's generator (fastkd.ops.dropout.draw_seed)."""
     for layer in family_of(model, "the model").layers(model):
         if getattr(layer, "_compiled_call_impl", None) is None:  # (a teacher serving several students: once)
             layer.compile()
 
 
-__all__ = ["FAMILIES", "Family", "compile_layers", "disable_capture", "enable_capture", "family_of", "is_encoder",
+__all__ = ["FAMILIES", "Family", "compile_layers", "compile_refusal", "disable_capture", "enable_capture", "family_of", "is_encoder",
            "model_inputs", "stock_attention", "supported", "usable_positions"]

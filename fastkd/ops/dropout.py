@@ -79,6 +79,7 @@ class _MaskScale(torch.autograd.Function):
         return _MaskScale.apply(grad, ctx.p, ctx.saved_tensors[0]), None, None
 
 
+@torch.compiler.disable  # traced, inductor would draw it from its own generator: not the run's stream
 def draw_seed() -> torch.Tensor:
     """One 63-bit seed from torch's default generator (the run's RNG policy: seeded, saved, restored), as a
     0-dim CPU tensor (never a Python int: a compiled graph would recompile for every new value)."""

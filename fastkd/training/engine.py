@@ -106,7 +106,8 @@ class StepEngine(abc.ABC):
         self.student = student
         use_fast_dropout(student)  # ATen's CPU dropout was a fifth of a bf16 step (fastkd.ops.dropout)
         if cfg.compile:
-            prepare_compile()
+            if device.type == "cpu":
+                prepare_compile()
             compile_layers(student)
             if teacher is not None:
                 compile_layers(teacher.model)
