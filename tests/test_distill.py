@@ -1,6 +1,7 @@
 import copy
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -288,3 +289,23 @@ def test_a_compiled_run_follows_the_eager_one_and_exports_the_same_model(tmp_pat
     # AdamW's first steps move each weight by about +-lr whatever the gradient's size: a rounding difference in a
     # near-zero gradient may flip one, so the weights agree to 2 x lr x steps
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=2 * 1e-3 * 3) for k in weights[0])
+
+
+def test_compiled_kernels_are_kept_apart_per_cpu_kind_and_isa_cap(tmp_path, monkeypatch):
+    """torch 2.13's inductor reused kernels compiled without ATEN_CPU_CAPABILITY in a run capped to avx2 (its
+    loss came out 1e26): fastkd gives each CPU kind and cap its own cache folder, unless the user chose one."""
+    from fastkd.device import isolate_compile_cache
+
+    monkeypatch.setenv("FASTKD_CACHE", str(tmp_path))
+    folders = []
+    for cap in (None, "avx2"):
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        if cap is None:
+            monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+        else:
+            monkeypatch.setenv("ATEN_CPU_CAPABILITY", cap)
+        folders.append(isolate_compile_cache())
+        assert folders[-1].startswith(str(tmp_path / "inductor")) and folders[-1] == os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert folders[0] != folders[1]
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert isolate_compile_cache() is None and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

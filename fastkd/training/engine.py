@@ -22,6 +22,7 @@ import torch
 from ..capture import check_recorded, recording
 from ..errors import UserError
 from .. import ops
+from ..device import isolate_compile_cache
 from ..families import compile_layers
 from ..ops.dropout import prepare_compile, use_fast_dropout
 from ..losses import DistillLoss, LossOutput, RunShapes
@@ -106,6 +107,7 @@ class StepEngine(abc.ABC):
         self.student = student
         use_fast_dropout(student)  # ATen's CPU dropout was a fifth of a bf16 step (fastkd.ops.dropout)
         if cfg.compile:
+            isolate_compile_cache()
             if device.type == "cpu":
                 prepare_compile()
             compile_layers(student)
