@@ -7,6 +7,7 @@ mapping of a seed sees the same batches: the pairing the search's verdict relies
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import tempfile
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from scipy import stats
 
 from fastkd.corpus import load_corpus, sample_corpus
+from fastkd.demo import BUDGETS
 from fastkd.glue import TaskCache, parse_tasks
 from fastkd.mapping import LayerMapping
 from fastkd.models import load_teacher, load_tokenizer, student_shape
@@ -26,6 +28,17 @@ from fastkd.search.verdict import paired_interval
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # uniform, last, first and seven others spread over the space of 3-of-6 mappings.
 MAPPINGS = ["2,4,6", "4,5,6", "1,2,3", "1,3,5", "3,4,6", "2,2,6", "1,4,6", "2,3,5", "3,5,6", "2,5,6"]
+
+
+def budget_parser(doc: str) -> tuple[argparse.ArgumentParser, str]:
+    """A benchmark's parser with --budget (demo: the demo's proxy; default: fastkd search's) read first, so the
+    proxy flags take that budget's values as their defaults; returns the parser and the budget."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--budget", choices=["demo", "default"], default="demo")
+    budget = pre.parse_known_args()[0].budget
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[pre])
+    proxy_args(p, BUDGETS["full"].proxy if budget == "demo" else ProxyConfig())
+    return p, budget
 
 
 def proxy_args(p, d: ProxyConfig) -> None:

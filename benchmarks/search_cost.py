@@ -10,7 +10,6 @@ compare the cost and say whether the results moved.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
@@ -18,21 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, quiet_logs, write_result  # noqa: E402
-from _search_measure import measure, proxy_args, proxy_from  # noqa: E402
+from _search_measure import budget_parser, measure, proxy_from  # noqa: E402
 
-from fastkd.demo import BUDGETS  # noqa: E402
-from fastkd.search.config import ProxyConfig  # noqa: E402
 from fastkd.search.rungs import Rung  # noqa: E402
 
 
 def main() -> None:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--budget", choices=["demo", "default"], default="demo")
-    budget = pre.parse_known_args()[0].budget
-    base = BUDGETS["full"].proxy if budget == "demo" else ProxyConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=[pre])
-    proxy_args(p, base)
+    p, budget = budget_parser(__doc__)
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--name", default="search_cost", help="results/NAME.json")
     p.set_defaults(mappings="246,456")

@@ -13,31 +13,21 @@ Targets: half-width <= 0.02 at the demo budget, <= 0.01 at the default budget.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import quiet_logs, table, write_result  # noqa: E402
-from _search_measure import measure, paired_noise, proxy_from  # noqa: E402
+from _search_measure import budget_parser, measure, paired_noise, proxy_from  # noqa: E402
 
-from fastkd.demo import BUDGETS  # noqa: E402
-from fastkd.search.config import ProxyConfig  # noqa: E402
 from fastkd.search.rungs import Rung  # noqa: E402
-from _search_measure import proxy_args  # noqa: E402
 
 TARGET = {"demo": 0.02, "default": 0.01}
 
 
 def main() -> None:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--budget", choices=["demo", "default"], default="demo")
-    budget = pre.parse_known_args()[0].budget
-    base = BUDGETS["full"].proxy if budget == "demo" else ProxyConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=[pre])
-    proxy_args(p, base)
+    p, budget = budget_parser(__doc__)
     p.add_argument("--seeds", type=int, default=4, help="paired seeds (at least 2: an interval needs them)")
     p.set_defaults(mappings="246,456,226,346,146,135")
     args = p.parse_args()

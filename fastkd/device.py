@@ -72,35 +72,26 @@ def compile_problem(device: torch.device) -> str | None:
     return None
 
 
-ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")  # environment variables that change which kernels run
-
-
 def isolate_compile_cache() -> str | None:
-    """Point torch.compile's kernel cache at a folder of the fastkd cache for this CPU kind, its ISA caps and
-    torch version ($TORCHINDUCTOR_CACHE_DIR; left alone where the user set it to another folder than torch's
-    default). Inductor's own cache keys missed
-    ATEN_CPU_CAPABILITY: a run capped to AVX2 after an uncapped one reused its kernels and computed a loss of
-    1e26 (torch 2.13, measured; tests/test_distill.py). Returns the folder chosen, or None."""
+    """Point torch.compile's kernel cache ($TORCHINDUCTOR_CACHE_DIR) at a folder of the fastkd cache for this
+    CPU (model and kernel-deciding flags), its ISA caps and torch version; a folder the user chose, other than
+    torch's default, is left alone. Inductor's own cache keys missed ATEN_CPU_CAPABILITY: a run capped to AVX2
+    after an uncapped one reused its kernels and its first loss came out as 2e26 (torch 2.13, measured).
+    Returns the folder chosen, or None."""
     import hashlib
     import os
-    import platform
-    from pathlib import Path
-
-    from .file_identity import default_cache_dir
 
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
+
+    from .file_identity import default_cache_dir
+    from .machine import ISA_CAPS, cpu_flags, cpu_name
 
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     # (torch writes its default into the variable when it first asks: that one is not the user's choice)
     if chosen and os.path.abspath(chosen) != os.path.abspath(torch_default()):
         return None
-    flags = ""
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        pass
-    caps = ",".join(f"{name}={os.environ.get(name, '')}" for name in ISA_CAPS)
-    key = hashlib.sha256(f"{platform.machine()}|{flags}|{caps}|{torch.__version__}".encode()).hexdigest()[:16]
+    caps = {name: os.environ.get(name, "") for name in ISA_CAPS}
+    key = hashlib.sha256(repr((cpu_name(), cpu_flags(), caps, torch.__version__)).encode()).hexdigest()[:16]
     folder = str(default_cache_dir() / "inductor" / key)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
     return folder

@@ -85,10 +85,8 @@ class Teacher:
                       "return_dict": True, **({} if token_type_ids is None else {"token_type_ids": token_type_ids})}
             if self.autocast_dtype is None:
                 out = self.model(**kwargs)
-            else:  # only the layers run (first_layers): names of the others are not the model's now
-                half = self.half_linears(device)
-                out = torch.func.functional_call(
-                    self.model, {n: half[n] for n, _ in self.model.named_parameters() if n in half}, (), kwargs)
+            else:
+                out = torch.func.functional_call(self.model, self.half_linears(device), (), kwargs)
             hidden = {l: out.hidden_states[l] for l in self.hidden_layers}
             records = dict(rec.records)
             del out
@@ -100,8 +98,9 @@ class Teacher:
         return TeacherOutputs(hidden, attention, attention_mask)
 
     def half_linears(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """The autocast dtype's copy of every Linear weight and bias of the teacher, made on first use on
-        `device` (again if the teacher has moved)."""
+        """The autocast dtype's copy of every Linear weight and bias of the layers this teacher runs, made on
+        first use on `device` (again if the teacher has moved). Made inside the forward's first_layers block,
+        so it names only the layers present there, the ones every forward of this teacher runs."""
         if self._half_device != device:
             self._half = {f"{name}.{p_name}" if name else p_name: p.detach().to(device, self.autocast_dtype)
                           for name, module in self.model.named_modules() if isinstance(module, torch.nn.Linear)
