@@ -8,15 +8,18 @@ mapping of a seed sees the same batches: the pairing the search's verdict relies
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import torch
 from scipy import stats
 
 from fastkd.corpus import load_corpus, sample_corpus
-from fastkd.demo import BUDGETS, for_this_machine
+from fastkd.demo import BUDGETS
+from fastkd.device import bf16_is_native
 from fastkd.glue import TaskCache, parse_tasks
 from fastkd.mapping import LayerMapping
 from fastkd.models import load_teacher, load_tokenizer, student_shape
@@ -37,8 +40,10 @@ def budget_parser(doc: str) -> tuple[argparse.ArgumentParser, str]:
     pre.add_argument("--budget", choices=["demo", "default"], default="demo")
     budget = pre.parse_known_args()[0].budget
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[pre])
-    # the demo budget as the demo runs it here: float32 where bf16 is emulated (16x slower than float32)
-    proxy_args(p, for_this_machine(BUDGETS["full"]).proxy if budget == "demo" else ProxyConfig())
+    proxy = BUDGETS["full"].proxy if budget == "demo" else ProxyConfig()
+    if proxy.bf16 and not bf16_is_native(torch.device("cpu")):  # measure() runs on the CPU
+        proxy = replace(proxy, bf16=False)  # as the demo runs it here: emulated bf16 is 16x slower than float32
+    proxy_args(p, proxy)
     return p, budget
 
 
