@@ -122,6 +122,10 @@ def labelling(row: dict) -> str:
     return f"{row['teacher_labels_s'] / 60:.0f}" + ("+" if "interrupted run" in (row.get("teacher_labels") or "") else "")
 
 
+def mean_or_dash(scores: list[float] | None) -> str:
+    return f"{statistics.fmean(scores):.1f}" if scores else "-"
+
+
 def parameters(path) -> int:
     from transformers import AutoModel
 
@@ -273,15 +277,17 @@ def main() -> None:
         return
     fine_tuned("teacher")
     ref = rows["teacher"]
-    paired = [r["teacher_sentences_per_s"] for n, r in rows.items() if n != "teacher"]
+    # (rows kept from an earlier run whose student is gone may lack their fine-tunes and timings: shown as "-")
+    paired = [r["teacher_sentences_per_s"] for n, r in rows.items()
+              if n != "teacher" and r.get("teacher_sentences_per_s") is not None]
     # the teacher's own row: the median of its timings beside the students (from every machine the table
     # was completed on; each student's ratio is to the teacher in its own rounds, so on its own machine)
     ref["sentences_per_s"] = ref["teacher_sentences_per_s"] = statistics.median(paired) if paired else None
-    save(final=True)
+    save(final=all(measured(n) for n in rows))  # rows kept without their students may still lack columns
     shown = [{"model": r["model"], "mapping": r.get("mapping") or "-", "parameters": f"{r['parameters'] / 1e6:.1f}M",
               "STS-B zero-shot": f"{r['stsb_zeroshot']:.2f} ({100 * r['stsb_zeroshot'] / ref['stsb_zeroshot']:.1f}%)",
-              "SST-2 fine-tuned": f"{statistics.fmean(r['glue']['sst2']):.1f}",
-              "STS-B fine-tuned": f"{statistics.fmean(r['glue']['stsb']):.1f}",
+              "SST-2 fine-tuned": mean_or_dash(r["glue"].get("sst2")),
+              "STS-B fine-tuned": mean_or_dash(r["glue"].get("stsb")),
               # each student's ratio is to the teacher timed in the same rounds
               "sentences/s": "-" if r.get("sentences_per_s") is None else
               f"{r['sentences_per_s']:.0f} ({r['sentences_per_s'] / r['teacher_sentences_per_s']:.1f}x)",

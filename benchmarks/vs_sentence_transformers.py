@@ -24,7 +24,9 @@ the cached corpus, exporting) is left out of both and reported apart as wall_s.
 Judges, identical for both: STS-B dev zero-shot (Spearman x 100 of the cosine, sentence-transformers' own
 encode: fastkd.sentence.zeroshot_stsb) and SST-2 dev accuracy x 100 after fastkd glue's short fine-tune.
 Seeds are paired (seed s on both sides); fastkd - sentence-transformers gets a 95% paired t interval with >= 2
-seeds. The teacher and the untrained kept layers are scored too. Needs sentence-transformers and accelerate
+seeds. The teacher and the untrained kept layers are scored too (the teacher's SST-2 scores are taken from an
+earlier result of this benchmark with the same teacher, fine-tune settings and at least as many seeds, named in
+references.teacher.sst2_from: the kept layers do not change the teacher). Needs sentence-transformers and accelerate
 (SentenceTransformerTrainer's requirement), both in the dev extra make install installs.
 
     python benchmarks/vs_sentence_transformers.py [--teacher default --layers 3 --budgets 150,300,600 --seeds 2]
@@ -44,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fresh_label_store, machine, quiet_logs, table, write_result  # noqa: E402
+from _common import RESULTS, fresh_label_store, machine, quiet_logs, table, write_result  # noqa: E402
 
 from fastkd.config import DistillConfig  # noqa: E402
 from fastkd.corpus import corpus_files, read_paragraphs, text_units  # noqa: E402
@@ -61,6 +63,21 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 BATCH, LR, WARMUP = 64, 1e-4, 0.1  # the sentence-transformers example's, used by both sides
 ST = "sentence-transformers"
 VARIANTS = {"sentence": {"objective": "sentence"}, "tinybert+sentence": {"objective": "tinybert", "w_sentence": 1.0}}
+
+
+SST2_SETTINGS = ("teacher", "max_seq_len", "data_dir", "sst2_steps", "sst2_examples", "sst2_lr", "sst2_seq_len")
+
+
+def earlier_teacher_sst2(args) -> tuple[list[float], str] | None:
+    """The teacher's SST-2 scores from an earlier result of this benchmark with the same teacher and fine-tune
+    settings (20 minutes for the 12-layer teacher here; the kept layers do not change the teacher), and its file."""
+    for path in sorted(RESULTS.glob("vs_sentence_transformers*.json")):
+        earlier = json.loads(path.read_text())
+        same = all(earlier.get("settings", {}).get(k) == getattr(args, k) for k in SST2_SETTINGS)
+        scores = (earlier.get("references") or {}).get("teacher", {}).get("sst2") or []
+        if same and len(scores) >= args.seeds and None not in scores:
+            return scores[:args.seeds], path.name
+    return None
 
 
 def corpus_sentences(corpus: str, tokenizer, max_seq_len: int) -> list[str]:
@@ -236,7 +253,11 @@ def main() -> None:
         print("calibration: " + ", ".join(f"{n} {c['step_s']:.3f} s/step (+{c['first_s']:.1f} s once)"
                                           for n, c in calibration.items()), flush=True)
         if not args.no_sst2:
-            refs["teacher"]["sst2"] = [sst2(teacher, s) for s in range(args.seeds)]
+            kept = earlier_teacher_sst2(args)
+            if kept:  # (the same fine-tune seeds on the same teacher: measured once)
+                refs["teacher"]["sst2"], refs["teacher"]["sst2_from"] = kept
+            else:
+                refs["teacher"]["sst2"] = [sst2(teacher, s) for s in range(args.seeds)]
             refs["untrained"]["sst2"] = [sst2(f"{tmp}/untrained", s) for s in range(args.seeds)]
         print(f"teacher {refs['teacher']}; untrained kept layers {refs['untrained']}", flush=True)
         for budget in budgets:
