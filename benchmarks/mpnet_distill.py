@@ -122,8 +122,11 @@ def labelling(row: dict) -> str:
     return f"{row['teacher_labels_s'] / 60:.0f}" + ("+" if "interrupted run" in (row.get("teacher_labels") or "") else "")
 
 
-def mean_or_dash(scores: list[float] | None) -> str:
-    return f"{statistics.fmean(scores):.1f}" if scores else "-"
+def mean_or_dash(scores: list[float] | None, seeds: int) -> str:
+    """A fine-tuned column: the mean of its seeds, saying so where fewer were measured than asked."""
+    if not scores:
+        return "-"
+    return f"{statistics.fmean(scores):.1f}" + ("" if len(scores) >= seeds else f" ({len(scores)} of {seeds} seeds)")
 
 
 def parameters(path) -> int:
@@ -283,11 +286,12 @@ def main() -> None:
     # the teacher's own row: the median of its timings beside the students (from every machine the table
     # was completed on; each student's ratio is to the teacher in its own rounds, so on its own machine)
     ref["sentences_per_s"] = ref["teacher_sentences_per_s"] = statistics.median(paired) if paired else None
-    save(final=all(measured(n) for n in rows))  # rows kept without their students may still lack columns
+    unmeasured = [n for n in rows if not measured(n)]  # rows kept without their students may still lack columns
+    save(final=not unmeasured)
     shown = [{"model": r["model"], "mapping": r.get("mapping") or "-", "parameters": f"{r['parameters'] / 1e6:.1f}M",
               "STS-B zero-shot": f"{r['stsb_zeroshot']:.2f} ({100 * r['stsb_zeroshot'] / ref['stsb_zeroshot']:.1f}%)",
-              "SST-2 fine-tuned": mean_or_dash(r["glue"].get("sst2")),
-              "STS-B fine-tuned": mean_or_dash(r["glue"].get("stsb")),
+              "SST-2 fine-tuned": mean_or_dash(r["glue"].get("sst2"), args.glue_seeds),
+              "STS-B fine-tuned": mean_or_dash(r["glue"].get("stsb"), args.glue_seeds),
               # each student's ratio is to the teacher timed in the same rounds
               "sentences/s": "-" if r.get("sentences_per_s") is None else
               f"{r['sentences_per_s']:.0f} ({r['sentences_per_s'] / r['teacher_sentences_per_s']:.1f}x)",
@@ -297,6 +301,9 @@ def main() -> None:
               "labelling min": labelling(r)}
              for r in rows.values()]
     print(table(shown, list(shown[0])))
+    if unmeasured:
+        print(f"not complete: {', '.join(unmeasured)} lack fine-tunes or timings (their students are gone: "
+              "--mapping LAYERS=MAPPING with --resume distils them again)")
 
 
 if __name__ == "__main__":

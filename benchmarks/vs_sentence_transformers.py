@@ -24,10 +24,11 @@ the cached corpus, exporting) is left out of both and reported apart as wall_s.
 Judges, identical for both: STS-B dev zero-shot (Spearman x 100 of the cosine, sentence-transformers' own
 encode: fastkd.sentence.zeroshot_stsb) and SST-2 dev accuracy x 100 after fastkd glue's short fine-tune.
 Seeds are paired (seed s on both sides); fastkd - sentence-transformers gets a 95% paired t interval with >= 2
-seeds. The teacher and the untrained kept layers are scored too (the teacher's SST-2 scores are taken from an
-earlier result of this benchmark with the same teacher, fine-tune settings and at least as many seeds, named in
-references.teacher.sst2_from: the kept layers do not change the teacher). Needs sentence-transformers and accelerate
-(SentenceTransformerTrainer's requirement), both in the dev extra make install installs.
+seeds. The teacher and the untrained kept layers are scored too. Where an earlier result of this benchmark
+holds the teacher's SST-2 scores for as many seeds under the same recipe (settings.sst2_recipe: teacher, data,
+the whole fine-tune config, device), they are taken from it and named in references.teacher.sst2_from (the
+kept layers do not change the teacher; --measure-teacher-sst2 measures them anyway). Needs sentence-transformers
+and accelerate (SentenceTransformerTrainer's requirement), both in the dev extra make install installs.
 
     python benchmarks/vs_sentence_transformers.py [--teacher default --layers 3 --budgets 150,300,600 --seeds 2]
     python benchmarks/vs_sentence_transformers.py --teacher mpnet-base --layers 4 --no-sst2 --name vs_st_mpnet
@@ -41,6 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -48,14 +50,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, fresh_label_store, machine, quiet_logs, table, write_result  # noqa: E402
 
+from fastkd import zoo  # noqa: E402
 from fastkd.config import DistillConfig  # noqa: E402
 from fastkd.corpus import corpus_files, read_paragraphs, text_units  # noqa: E402
+from fastkd.device import pick_device  # noqa: E402
 from fastkd.distill import run_distill  # noqa: E402
 from fastkd.glue import TaskCache, task_spec  # noqa: E402
 from fastkd.glue.config import FinetuneConfig  # noqa: E402
 from fastkd.glue.finetune import evaluate
 from fastkd.mapping import heuristic  # noqa: E402
-from fastkd.models import load_config, load_tokenizer, resolve_model_path  # noqa: E402
+from fastkd.models import DEFAULT_TEACHER, load_config, load_tokenizer, resolve_model_path  # noqa: E402
 from fastkd.search.verdict import paired_interval  # noqa: E402
 from fastkd.sentence import zeroshot_stsb  # noqa: E402
 
@@ -65,18 +69,43 @@ ST = "sentence-transformers"
 VARIANTS = {"sentence": {"objective": "sentence"}, "tinybert+sentence": {"objective": "tinybert", "w_sentence": 1.0}}
 
 
-SST2_SETTINGS = ("teacher", "max_seq_len", "data_dir", "sst2_steps", "sst2_examples", "sst2_lr", "sst2_seq_len")
+def sst2_config(args, seed: int) -> FinetuneConfig:
+    """The short SST-2 fine-tune that judges every model of this benchmark."""
+    return FinetuneConfig(max_steps=args.sst2_steps, max_train_examples=args.sst2_examples, lr=args.sst2_lr,
+                          max_seq_len=args.sst2_seq_len, seed=seed, progress=False)
 
 
-def earlier_teacher_sst2(args) -> tuple[list[float], str] | None:
-    """The teacher's SST-2 scores from an earlier result of this benchmark with the same teacher and fine-tune
-    settings (20 minutes for the 12-layer teacher here; the kept layers do not change the teacher), and its file."""
-    for path in sorted(RESULTS.glob("vs_sentence_transformers*.json")):
-        earlier = json.loads(path.read_text())
-        same = all(earlier.get("settings", {}).get(k) == getattr(args, k) for k in SST2_SETTINGS)
-        scores = (earlier.get("references") or {}).get("teacher", {}).get("sst2") or []
-        if same and len(scores) >= args.seeds and None not in scores:
-            return scores[:args.seeds], path.name
+def sst2_recipe(args) -> dict:
+    """Everything the teacher's SST-2 scores depend on besides the seed: the teacher, the data, the whole
+    fine-tune config (its defaults included) and the device it runs on. (Not the kept layers.)"""
+    cfg = {k: v for k, v in asdict(sst2_config(args, 0)).items() if k not in ("seed", "progress")}
+    return {"teacher": args.teacher, "data_dir": args.data_dir, "finetune": cfg,
+            "device": pick_device(cfg["device"]).type}
+
+
+def earlier_teacher_sst2(args, recipe: dict) -> tuple[list[float], str] | None:
+    """The teacher's SST-2 scores (seeds 0..--seeds-1) from an earlier result of this benchmark with the same
+    recipe (two fine-tunes of the 12-layer teacher take 20 minutes here), and where they were measured. Only
+    for a teacher fastkd builds itself: a local folder may hold other weights by the next run."""
+    if args.teacher not in (DEFAULT_TEACHER, zoo.MPNET_BASE) or Path(args.teacher).exists():
+        return None
+    for path in sorted(RESULTS.glob("*.json")):
+        if path.stem == args.name:  # this run's own file, about to be rewritten
+            continue
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if not (isinstance(earlier, dict) and {"calibration", "references", "settings"} <= earlier.keys()):
+            continue  # another benchmark's result
+        teacher = (earlier["references"] or {}).get("teacher") or {}
+        scores = teacher.get("sst2") or []
+        if (earlier["settings"].get("sst2_recipe") == recipe and len(scores) >= args.seeds
+                and None not in scores):
+            cpu = (earlier.get("machine") or {}).get("cpu", "an unnamed machine")
+            # (scores reused in turn keep the name of the run that measured them)
+            measured_in = f"results/{path.name} ({earlier.get('date')}, {cpu})"
+            return scores[:args.seeds], teacher.get("sst2_from") or measured_in
     return None
 
 
@@ -185,6 +214,9 @@ def main() -> None:
     p.add_argument("--sst2-examples", type=int, default=3000)
     p.add_argument("--sst2-lr", type=float, default=1e-4)
     p.add_argument("--sst2-seq-len", type=int, default=64)
+    p.add_argument("--measure-teacher-sst2", action="store_true",
+                   help="fine-tune the teacher on SST-2 even where an earlier result with the same recipe holds "
+                        "its scores")
     p.add_argument("--name", default="vs_sentence_transformers", help="results/NAME.json (an absolute NAME: NAME.json)")
     args = p.parse_args()
     quiet_logs()
@@ -208,9 +240,8 @@ def main() -> None:
     def sst2(path, seed: int) -> float | None:
         if args.no_sst2:
             return None
-        cfg = FinetuneConfig(max_steps=args.sst2_steps, max_train_examples=args.sst2_examples, lr=args.sst2_lr,
-                             max_seq_len=args.sst2_seq_len, seed=seed, progress=False)
-        result = evaluate(str(path), load_tokenizer(str(path), "model"), [task_spec("sst2")], cache, cfg)
+        result = evaluate(str(path), load_tokenizer(str(path), "model"), [task_spec("sst2")], cache,
+                          sst2_config(args, seed))
         return 100 * next(iter(result.values())).score
 
     sentences = corpus_sentences(args.corpus, load_tokenizer(teacher), args.max_seq_len)
@@ -220,7 +251,7 @@ def main() -> None:
     print(f"{len(sentences)} sentences, kept layers {mapping}", flush=True)
     refs, runs, calibration = {"teacher": {"stsb": stsb(teacher)}, "untrained": {}}, [], {}
     settings = {**vars(args), "teacher_path": teacher, "mapping": mapping, "sentences": len(sentences),
-                "batch_size": BATCH, "lr": LR, "warmup": WARMUP}
+                "batch_size": BATCH, "lr": LR, "warmup": WARMUP, "sst2_recipe": sst2_recipe(args)}
 
     def save(final: bool = False) -> Path:
         return write_result(args.name, {
@@ -253,8 +284,8 @@ def main() -> None:
         print("calibration: " + ", ".join(f"{n} {c['step_s']:.3f} s/step (+{c['first_s']:.1f} s once)"
                                           for n, c in calibration.items()), flush=True)
         if not args.no_sst2:
-            kept = earlier_teacher_sst2(args)
-            if kept:  # (the same fine-tune seeds on the same teacher: measured once)
+            kept = None if args.measure_teacher_sst2 else earlier_teacher_sst2(args, settings["sst2_recipe"])
+            if kept:
                 refs["teacher"]["sst2"], refs["teacher"]["sst2_from"] = kept
             else:
                 refs["teacher"]["sst2"] = [sst2(teacher, s) for s in range(args.seeds)]

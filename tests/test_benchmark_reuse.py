@@ -1,5 +1,5 @@
 """What a benchmark takes from an earlier result instead of measuring it again: only numbers measured
-under the same settings (benchmarks/vs_sentence_transformers.py's teacher SST-2 references)."""
+under the same recipe (benchmarks/vs_sentence_transformers.py's teacher SST-2 references)."""
 
 from __future__ import annotations
 
@@ -8,32 +8,70 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import vs_sentence_transformers as vs  # noqa: E402
 
-SETTINGS = {"teacher": "mpnet-base", "max_seq_len": 128, "data_dir": "/data/glue", "sst2_steps": 150,
-            "sst2_examples": 3000, "sst2_lr": 1e-4, "sst2_seq_len": 64}
+ARGS = {"teacher": "mpnet-base", "data_dir": "/data/glue", "sst2_steps": 150, "sst2_examples": 3000, "sst2_lr": 1e-4,
+        "sst2_seq_len": 64, "seeds": 2, "name": "vs_sentence_transformers_mpnet_6", "layers": 6}
 
 
-def _result(folder: Path, name: str, settings: dict, sst2: list) -> None:
+def _args(**changed) -> argparse.Namespace:
+    return argparse.Namespace(**{**ARGS, **changed})
+
+
+def _result(folder: Path, name: str, recipe: dict, sst2: list, **extra) -> None:
     (folder / f"{name}.json").write_text(json.dumps(
-        {"settings": {**settings, "layers": 3}, "references": {"teacher": {"stsb": 88.1, "sst2": sst2}}}))
+        {"date": "2026-12-07 16:00:00", "machine": {"cpu": "AMD EPYC"}, "calibration": {},
+         "settings": {"layers": 3, "sst2_recipe": recipe}, "references": {"teacher": {"stsb": 88.1, "sst2": sst2,
+                                                                                      **extra}}}))
 
 
-def test_teacher_sst2_is_reused_only_from_a_result_with_the_same_fine_tune(tmp_path, monkeypatch):
+def test_the_recipe_holds_the_whole_fine_tune_config():
+    recipe = vs.sst2_recipe(_args())
+    assert recipe["finetune"]["lr"] == 1e-4 and recipe["finetune"]["max_steps"] == 150
+    assert {"head", "batch_size", "bf16", "weight_decay"} <= recipe["finetune"].keys()  # defaults count too
+    assert "seed" not in recipe["finetune"] and recipe["device"] in ("cpu", "cuda")
+    assert vs.sst2_recipe(_args(layers=3)) == recipe  # the kept layers do not change the teacher
+
+
+def test_teacher_sst2_is_reused_from_a_result_with_the_same_recipe(tmp_path, monkeypatch):
     monkeypatch.setattr(vs, "RESULTS", tmp_path)
-    args = argparse.Namespace(**SETTINGS, seeds=2)
-    assert vs.earlier_teacher_sst2(args) is None  # nothing measured yet
+    recipe = vs.sst2_recipe(_args())
+    assert vs.earlier_teacher_sst2(_args(), recipe) is None  # nothing measured yet
+    _result(tmp_path, "vs_sentence_transformers_mpnet_3", recipe, [90.9, 90.6, 90.1])
+    scores, source = vs.earlier_teacher_sst2(_args(), recipe)
+    assert scores == [90.9, 90.6]
+    assert source == "results/vs_sentence_transformers_mpnet_3.json (2026-12-07 16:00:00, AMD EPYC)"
+    # a result that reused them names the run that measured them
+    _result(tmp_path, "a_reuse", recipe, [90.9, 90.6], sst2_from="results/first.json (2026-12-01, Xeon)")
+    (tmp_path / "vs_sentence_transformers_mpnet_3.json").unlink()
+    assert vs.earlier_teacher_sst2(_args(), recipe)[1] == "results/first.json (2026-12-01, Xeon)"
 
-    _result(tmp_path, "vs_sentence_transformers_a", {**SETTINGS, "sst2_lr": 5e-4}, [90.0, 91.0])  # another lr
-    _result(tmp_path, "vs_sentence_transformers_b", SETTINGS, [89.0])  # too few seeds
-    _result(tmp_path, "vs_sentence_transformers_c", {**SETTINGS, "teacher": "default"}, [82.0, 83.0])
-    _result(tmp_path, "other_benchmark", SETTINGS, [70.0, 71.0])  # not this benchmark's result
-    assert vs.earlier_teacher_sst2(args) is None
 
-    _result(tmp_path, "vs_sentence_transformers_d", SETTINGS, [90.9, 90.6, 90.1])
-    assert vs.earlier_teacher_sst2(args) == ([90.9, 90.6], "vs_sentence_transformers_d.json")
-    # the kept layers are not a fine-tune setting of the teacher: another student size reuses it too
-    assert vs.earlier_teacher_sst2(argparse.Namespace(**SETTINGS, seeds=3, layers=6))[0] == [90.9, 90.6, 90.1]
+@pytest.mark.parametrize("changed", [{"teacher": "default"}, {"data_dir": "/other/glue"}, {"sst2_steps": 72},
+                                     {"sst2_examples": 1920}, {"sst2_lr": 5e-4}, {"sst2_seq_len": 128}])
+def test_teacher_sst2_is_not_reused_under_another_recipe(tmp_path, monkeypatch, changed):
+    monkeypatch.setattr(vs, "RESULTS", tmp_path)
+    _result(tmp_path, "earlier", vs.sst2_recipe(_args(**changed)), [90.0, 91.0])
+    assert vs.earlier_teacher_sst2(_args(), vs.sst2_recipe(_args())) is None
+
+
+def test_teacher_sst2_is_not_reused_from_what_cannot_vouch_for_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(vs, "RESULTS", tmp_path)
+    recipe = vs.sst2_recipe(_args())
+    _result(tmp_path, "fewer_seeds", recipe, [89.0])
+    _result(tmp_path, "half_measured", recipe, [89.0, None])
+    _result(tmp_path, ARGS["name"], recipe, [90.0, 91.0])  # this run's own file, about to be rewritten
+    (tmp_path / "truncated.json").write_text('{"settings": {"sst2_rec')
+    (tmp_path / "other_benchmark.json").write_text(json.dumps({"settings": {"sst2_recipe": recipe},
+                                                               "references": {"teacher": {"sst2": [1.0, 2.0]}}}))
+    assert vs.earlier_teacher_sst2(_args(), recipe) is None
+    # a teacher in a local folder may hold other weights by now
+    folder = tmp_path / "my-teacher"
+    folder.mkdir()
+    _result(tmp_path, "by_path", vs.sst2_recipe(_args(teacher=str(folder))), [90.0, 91.0])
+    assert vs.earlier_teacher_sst2(_args(teacher=str(folder)), vs.sst2_recipe(_args(teacher=str(folder)))) is None
