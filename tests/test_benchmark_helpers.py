@@ -1,5 +1,7 @@
-"""What a benchmark takes from an earlier result instead of measuring it again: only numbers measured
-under the same recipe (benchmarks/vs_sentence_transformers.py's teacher SST-2 references)."""
+"""Benchmark helpers whose mistakes would change a published number: what a benchmark takes from an
+earlier result instead of measuring it again (only numbers measured under the same recipe:
+vs_sentence_transformers.py's teacher SST-2 references), and which STS-B pairs init_screen.py chooses
+starts on (not the dev split the students are judged on)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import init_screen  # noqa: E402
 import vs_sentence_transformers as vs  # noqa: E402
+from conftest import SHARED_DATA  # noqa: E402
+
+from fastkd.glue.data import TaskCache  # noqa: E402
+from fastkd.glue.tasks import task_spec  # noqa: E402
 
 ARGS = {"teacher": "mpnet-base", "data_dir": "/data/glue", "sst2_steps": 150, "sst2_examples": 3000, "sst2_lr": 1e-4,
         "sst2_seq_len": 64, "seeds": 2, "name": "vs_sentence_transformers_mpnet_6", "layers": 6}
@@ -75,3 +82,18 @@ def test_teacher_sst2_is_not_reused_from_what_cannot_vouch_for_it(tmp_path, monk
     folder.mkdir()
     _result(tmp_path, "by_path", vs.sst2_recipe(_args(teacher=str(folder))), [90.0, 91.0])
     assert vs.earlier_teacher_sst2(_args(teacher=str(folder)), vs.sst2_recipe(_args(teacher=str(folder)))) is None
+
+
+def test_init_screen_draws_labelled_train_pairs_not_dev():
+    glue = str(SHARED_DATA / "glue")
+    data = TaskCache(glue).data(task_spec("stsb"))
+    drawn = init_screen.pairs(glue, "train", 1500)
+    assert len(drawn.labels) == len(drawn.text_a) == len(drawn.text_b) == 1500
+    assert drawn.labels == init_screen.pairs(glue, "train", 1500).labels  # the same draw every run
+    # each pair keeps its own label, as in the train split
+    train = set(zip(data.train.text_a, data.train.text_b, data.train.labels))
+    assert set(zip(drawn.text_a, drawn.text_b, drawn.labels)) <= train
+    dev = set(zip(data.dev[0].text_a, data.dev[0].text_b))
+    assert len(dev & set(zip(drawn.text_a, drawn.text_b))) < 15  # (STS-B repeats a few pairs across splits)
+    assert len(init_screen.pairs(glue, "train", 0).labels) == len(data.train.labels)
+    assert init_screen.pairs(glue, "dev", 10).labels == data.dev[0].labels  # dev is used whole
