@@ -9,8 +9,8 @@ chosen here is not chosen on STS-B dev, the split the students are judged on; --
 the first screens (init_screen_<teacher>_<layers>.json), which were scored on dev.
 
 Under `--objective sentence` the mapping decides only which teacher layers initialise the student (no
-layer is supervised), so a score of the untrained student costs one encode of 1,500 pairs (about a
-minute for three mpnet layers on 2 CPU cores) where a distillation costs an hour. Whether the
+layer is supervised), so a score of the untrained student costs one encode of 1,500 pairs (20 to 45
+seconds for three to six mpnet layers on 2 CPU cores) where a distillation costs an hour. Whether the
 untrained order survives training is what the trained rows of benchmarks/mpnet_distill.py measure
 (the note of issue 23 compares them). Default inits: uniform, last, first, and every evenly spaced
 choice ending at the last layer.
@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, quiet_logs, table, write_result  # noqa: E402
+from _common import RESULTS, machine, quiet_logs, table, write_result  # noqa: E402
 from mpnet_distill import GLUE  # noqa: E402
 
 from fastkd.glue.data import TaskCache, subsample  # noqa: E402
@@ -47,6 +48,8 @@ def pairs(data_dir: str, split: str, rows: int):
     data = TaskCache(data_dir).data(task_spec("stsb"))
     if split == "dev":
         return data.dev[0]
+    if rows < 0:
+        raise SystemExit(f"--rows {rows}: give a number of train pairs, or 0 for all of them")
     train = data.train
     keep = subsample(len(train.labels), rows or None, 0)  # (sorted)
     return SimpleNamespace(text_a=[train.text_a[i] for i in keep], text_b=[train.text_b[i] for i in keep],
@@ -74,14 +77,21 @@ def main() -> None:
                    help="STS-B split that scores the starts (dev is the split the students are judged on)")
     p.add_argument("--rows", type=int, default=1500, help="train pairs drawn (0: all 5,749); dev is used whole")
     p.add_argument("--name", default=None,
-                   help="results/NAME.json (default: init_screen_<teacher>_<layers>, + _train for --split train)")
+                   help="results/NAME.json (default: init_screen_<teacher>_<layers>, + _train for --split train, "
+                        "_trainROWS for other --rows; a default name holding other starts is not written over)")
     args = p.parse_args()
     quiet_logs()
     import torch
     from sentence_transformers import SentenceTransformer
 
-    if args.rows < 0:
-        raise SystemExit(f"--rows {args.rows}: give a number of train pairs, or 0 for all of them")
+    if args.split == "dev":
+        args.rows = None  # (dev is scored whole)
+    name = args.name or (f"init_screen_{Path(str(args.teacher)).name}_{args.layers}"
+                         + ("" if args.split == "dev" else "_train" if args.rows == 1500 else f"_train{args.rows}"))
+    earlier = RESULTS / f"{name}.json"
+    held = json.loads(earlier.read_text()).get("settings", {}).get("inits") if earlier.is_file() else args.inits
+    if not args.name and held != args.inits:
+        raise SystemExit(f"results/{name}.json holds a screen of other starts: give --name for this one")
     dev = pairs(args.data_dir, args.split, args.rows)
     teacher = SentenceTransformer(str(resolve_model_path(args.teacher)), device="cpu")
     teacher.max_seq_length = 128
@@ -103,9 +113,8 @@ def main() -> None:
         rows.append({"kept": init, "stsb_zeroshot": round(score(student, dev), 2),
                      "seconds": round(time.perf_counter() - started, 1)})
         print(rows[-1], flush=True)
-    name = args.name or (f"init_screen_{Path(str(args.teacher)).name}_{args.layers}"
-                         + ("_train" if args.split == "train" else ""))
-    judged_on = "dev" if args.split == "dev" else f"train ({len(dev.labels)} pairs drawn with seed 0)"
+    judged_on = ("dev" if args.split == "dev" else "train (all pairs)" if not args.rows
+                 else f"train ({len(dev.labels)} pairs drawn with seed 0)")
     write_result(name, {"machine": machine(), "settings": vars(args), "rows": rows,
                         "judge": f"STS-B {judged_on} zero-shot Spearman x100 of the untrained layer-drop pipeline"})
     print(table(rows, ["kept", "stsb_zeroshot"]))

@@ -90,6 +90,11 @@ def test_init_screen_draws_labelled_train_pairs_not_dev():
     drawn = init_screen.pairs(glue, "train", 1500)
     assert len(drawn.labels) == len(drawn.text_a) == len(drawn.text_b) == 1500
     assert drawn.labels == init_screen.pairs(glue, "train", 1500).labels  # the same draw every run
+    # the draw the published screens (results/init_screen_*_train.json) were scored on: train rows 4, 14, 19, ...
+    first = (4, 14, 19, 26, 28, 30, 38, 42)
+    assert drawn.text_a[:8] == [data.train.text_a[i] for i in first]
+    with pytest.raises(SystemExit, match="--rows -5"):
+        init_screen.pairs(glue, "train", -5)
     # each pair keeps its own label, as in the train split
     train = set(zip(data.train.text_a, data.train.text_b, data.train.labels))
     assert set(zip(drawn.text_a, drawn.text_b, drawn.labels)) <= train
