@@ -35,7 +35,7 @@ final spread between mappings against its noise (a two-way mapping x seed ANOVA 
 mapping effect; paired t intervals of each mapping against uniform): does the mapping matter at this
 scale, and how much.
 
-    python benchmarks/proxy_vs_final.py --stages final            # about 5 min per mapping and seed
+    python benchmarks/proxy_vs_final.py --stages final            # 7-9 min per mapping and seed (AVX2 EPYC)
     python benchmarks/proxy_vs_final.py --stages proxy --proxy-objective tinybert --resume
     python benchmarks/proxy_vs_final.py --stages proxy --proxy-objective sentence --resume
     python benchmarks/proxy_vs_final.py --stages report --resume  # the tables from what is measured
