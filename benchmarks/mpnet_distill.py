@@ -63,6 +63,32 @@ DECISIVE = ("teacher", "steps", "batch_size", "lr", "warmup", "seq_len", "corpus
             "glue_lr", "glue_seq_len", "glue_head")  # what a kept row must share with this run (more --glue-seeds add seeds)
 
 
+def machine_label(measured_on: dict) -> str:
+    """A CPU as the tables name it: its model and widest vector ISA (two AMD EPYC kinds share one name)."""
+    isa = measured_on.get("isa", [])
+    width = "AMX" if "amx_bf16" in isa else "AVX-512" if "avx512f" in isa else "AVX2" if "avx2" in isa else "no AVX2"
+    return f"{measured_on.get('cpu', 'unknown CPU')} ({width})"
+
+
+def teacher_speeds(rows: dict[str, dict]) -> dict[str, float]:
+    """Per machine, the median of the teacher's sentences/s timed beside the students measured on it."""
+    by_machine: dict[str, list[float]] = {}
+    for name, row in rows.items():
+        if name != "teacher" and row.get("teacher_sentences_per_s") is not None:
+            by_machine.setdefault(machine_label(row.get("measured_on", {})), []).append(row["teacher_sentences_per_s"])
+    return {label: statistics.median(speeds) for label, speeds in by_machine.items()}
+
+
+def speed_cell(row: dict) -> str:
+    """A student's sentences/s and its ratio to the teacher in the same rounds; the teacher's per machine."""
+    if row["model"] == "teacher":
+        speeds = row.get("sentences_per_s_by_machine") or {}
+        return "; ".join(f"{speed:.0f} on {label}" for label, speed in speeds.items()) or "-"
+    if row.get("sentences_per_s") is None:
+        return "-"
+    return f"{row['sentences_per_s']:.0f} ({row['sentences_per_s'] / row['teacher_sentences_per_s']:.1f}x)"
+
+
 def encoding_speeds(paths: dict[str, Path], sentences: list[str], repeats: int) -> dict[str, float]:
     """Sentences per second of each pipeline's encode over `sentences`: every model warmed up, then
     `repeats` interleaved rounds (one encode of each model per round), the median per model. Interleaving
@@ -281,11 +307,11 @@ def main() -> None:
     fine_tuned("teacher")
     ref = rows["teacher"]
     # (rows kept from an earlier run whose student is gone may lack their fine-tunes and timings: shown as "-")
-    paired = [r["teacher_sentences_per_s"] for n, r in rows.items()
-              if n != "teacher" and r.get("teacher_sentences_per_s") is not None]
-    # the teacher's own row: the median of its timings beside the students (from every machine the table
-    # was completed on; each student's ratio is to the teacher in its own rounds, so on its own machine)
-    ref["sentences_per_s"] = ref["teacher_sentences_per_s"] = statistics.median(paired) if paired else None
+    # the teacher's own row: per machine, the median of its timings beside the students measured there (a table
+    # completed on several machines has no one teacher speed; each student's ratio is to the teacher in its
+    # own rounds, so on its own machine)
+    ref["sentences_per_s_by_machine"] = teacher_speeds(rows)
+    ref.pop("sentences_per_s", None), ref.pop("teacher_sentences_per_s", None)
     unmeasured = [n for n in rows if not measured(n)]  # rows kept without their students may still lack columns
     save(final=not unmeasured)
     shown = [{"model": r["model"], "mapping": r.get("mapping") or "-", "parameters": f"{r['parameters'] / 1e6:.1f}M",
@@ -293,8 +319,7 @@ def main() -> None:
               "SST-2 fine-tuned": mean_or_dash(r["glue"].get("sst2"), args.glue_seeds),
               "STS-B fine-tuned": mean_or_dash(r["glue"].get("stsb"), args.glue_seeds),
               # each student's ratio is to the teacher timed in the same rounds
-              "sentences/s": "-" if r.get("sentences_per_s") is None else
-              f"{r['sentences_per_s']:.0f} ({r['sentences_per_s'] / r['teacher_sentences_per_s']:.1f}x)",
+              "sentences/s": speed_cell(r),
               "distill min": "-" if r.get("distill_s") is None else f"{r['distill_s'] / 60:.0f}",
               # the teacher labels the corpus once for every student (fastkd's label store): its minutes
               # are the first student's, the others read them

@@ -1,7 +1,8 @@
 """Benchmark helpers whose mistakes would change a published number: what a benchmark takes from an
 earlier result instead of measuring it again (only numbers measured under the same recipe:
-vs_sentence_transformers.py's teacher SST-2 references), and which STS-B pairs init_screen.py chooses
-starts on (not the dev split the students are judged on)."""
+vs_sentence_transformers.py's teacher SST-2 references), which STS-B pairs init_screen.py chooses
+starts on (not the dev split the students are judged on), and the teacher speed mpnet_distill.py's table
+shows when its rows come from several machines."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import init_screen  # noqa: E402
+import mpnet_distill  # noqa: E402
 import vs_sentence_transformers as vs  # noqa: E402
 from conftest import SHARED_DATA  # noqa: E402
 
@@ -102,3 +104,24 @@ def test_init_screen_draws_labelled_train_pairs_not_dev():
     assert len(dev & set(zip(drawn.text_a, drawn.text_b))) < 15  # (STS-B repeats a few pairs across splits)
     assert len(init_screen.pairs(glue, "train", 0).labels) == len(data.train.labels)
     assert init_screen.pairs(glue, "dev", 10).labels == data.dev[0].labels  # dev is used whole
+
+
+def test_the_teacher_speed_is_kept_apart_per_machine():
+    """Rows timed on two CPU kinds (the teacher 34 and 76 sentences/s beside them): one median over both
+    would name a speed the teacher has on neither machine."""
+    epyc = {"cpu": "AMD EPYC", "isa": ["avx2", "fma"]}
+    zen4 = {"cpu": "AMD EPYC", "isa": ["avx2", "avx512f", "avx512_bf16"]}
+    xeon = {"cpu": "Intel Xeon", "isa": ["avx2", "avx512f", "amx_tile", "amx_bf16"]}
+    rows = {"teacher": {"model": "teacher"},
+            "a": {"model": "a", "measured_on": epyc, "sentences_per_s": 130.0, "teacher_sentences_per_s": 34.0},
+            "b": {"model": "b", "measured_on": xeon, "sentences_per_s": 221.0, "teacher_sentences_per_s": 76.0},
+            "c": {"model": "c", "measured_on": xeon, "sentences_per_s": 150.0, "teacher_sentences_per_s": 80.0},
+            "d": {"model": "d", "measured_on": zen4, "sentences_per_s": 75.0, "teacher_sentences_per_s": 37.0},
+            "gone": {"model": "gone", "measured_on": epyc}}
+    speeds = mpnet_distill.teacher_speeds(rows)
+    assert speeds == {"AMD EPYC (AVX2)": 34.0, "Intel Xeon (AMX)": 78.0, "AMD EPYC (AVX-512)": 37.0}
+    rows["teacher"]["sentences_per_s_by_machine"] = speeds
+    assert mpnet_distill.speed_cell(rows["teacher"]) == (
+        "34 on AMD EPYC (AVX2); 78 on Intel Xeon (AMX); 37 on AMD EPYC (AVX-512)")
+    assert mpnet_distill.speed_cell(rows["b"]) == "221 (2.9x)"  # the ratio to the teacher in its own rounds
+    assert mpnet_distill.speed_cell(rows["gone"]) == "-"
