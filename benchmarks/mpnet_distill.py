@@ -64,18 +64,21 @@ DECISIVE = ("teacher", "steps", "batch_size", "lr", "warmup", "seq_len", "corpus
 
 
 def machine_label(measured_on: dict) -> str:
-    """A CPU as the tables name it: its model and widest vector ISA (two AMD EPYC kinds share one name)."""
+    """A CPU as the tables name it: its model and widest vector ISA (two AMD EPYC kinds share one name; two
+    CPUs alike in both are taken for one machine)."""
     isa = measured_on.get("isa", [])
     width = "AMX" if "amx_bf16" in isa else "AVX-512" if "avx512f" in isa else "AVX2" if "avx2" in isa else "no AVX2"
     return f"{measured_on.get('cpu', 'unknown CPU')} ({width})"
 
 
 def teacher_speeds(rows: dict[str, dict]) -> dict[str, float]:
-    """Per machine, the median of the teacher's sentences/s timed beside the students measured on it."""
+    """Per machine, the median of the teacher's sentences/s timed beside the students timed on it (a kept
+    student may be timed on a later machine than the one that distilled it: `timed_on`)."""
     by_machine: dict[str, list[float]] = {}
     for name, row in rows.items():
         if name != "teacher" and row.get("teacher_sentences_per_s") is not None:
-            by_machine.setdefault(machine_label(row.get("measured_on", {})), []).append(row["teacher_sentences_per_s"])
+            where = row.get("timed_on") or row.get("measured_on", {})
+            by_machine.setdefault(machine_label(where), []).append(row["teacher_sentences_per_s"])
     return {label: statistics.median(speeds) for label, speeds in by_machine.items()}
 
 
@@ -246,6 +249,7 @@ def main() -> None:
         speeds = encoding_speeds({"teacher": teacher, name: Path(rows[name]["path"])}, sentences, args.speed_repeats)
         rows[name]["sentences_per_s"] = speeds[name]
         rows[name]["teacher_sentences_per_s"] = speeds["teacher"]
+        rows[name]["timed_on"] = {k: machine()[k] for k in ("cpu", "cores", "isa")}
         print(f"{name}: {speeds[name]:.0f} sentences/s, teacher {speeds['teacher']:.0f} in the same rounds", flush=True)
         save()
 
@@ -264,6 +268,13 @@ def main() -> None:
                 save()
 
     def save(final: bool = False) -> Path:
+        if "teacher" in rows:
+            # the teacher's own row: per machine, the median of its timings beside the students timed there (a
+            # table completed on several machines has no one teacher speed; each student's ratio is to the
+            # teacher in its own rounds, so on its own machine)
+            rows["teacher"]["sentences_per_s_by_machine"] = teacher_speeds(rows)
+            for stale in ("sentences_per_s", "teacher_sentences_per_s"):  # (one median over machines, before)
+                rows["teacher"].pop(stale, None)
         return write_result(args.name, {
             "machine": machine(), "machines": machines, "settings": settings, "complete": final,
             "judges": "STS-B dev zero-shot Spearman x100 (pipeline encode); SST-2 accuracy and STS-B Spearman x100 "
@@ -307,11 +318,6 @@ def main() -> None:
     fine_tuned("teacher")
     ref = rows["teacher"]
     # (rows kept from an earlier run whose student is gone may lack their fine-tunes and timings: shown as "-")
-    # the teacher's own row: per machine, the median of its timings beside the students measured there (a table
-    # completed on several machines has no one teacher speed; each student's ratio is to the teacher in its
-    # own rounds, so on its own machine)
-    ref["sentences_per_s_by_machine"] = teacher_speeds(rows)
-    ref.pop("sentences_per_s", None), ref.pop("teacher_sentences_per_s", None)
     unmeasured = [n for n in rows if not measured(n)]  # rows kept without their students may still lack columns
     save(final=not unmeasured)
     shown = [{"model": r["model"], "mapping": r.get("mapping") or "-", "parameters": f"{r['parameters'] / 1e6:.1f}M",

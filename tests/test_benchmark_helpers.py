@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import init_screen  # noqa: E402
-import mpnet_distill  # noqa: E402
+import mpnet_distill  # noqa: E402  (init_screen imports it too; named here for its helpers)
 import vs_sentence_transformers as vs  # noqa: E402
 from conftest import SHARED_DATA  # noqa: E402
 
@@ -125,3 +125,6 @@ def test_the_teacher_speed_is_kept_apart_per_machine():
         "34 on AMD EPYC (AVX2); 78 on Intel Xeon (AMX); 37 on AMD EPYC (AVX-512)")
     assert mpnet_distill.speed_cell(rows["b"]) == "221 (2.9x)"  # the ratio to the teacher in its own rounds
     assert mpnet_distill.speed_cell(rows["gone"]) == "-"
+    # a student distilled on the EPYC but timed (with --resume) on the Xeon counts for the Xeon
+    rows["a"]["timed_on"] = xeon
+    assert mpnet_distill.teacher_speeds(rows) == {"Intel Xeon (AMX)": 76.0, "AMD EPYC (AVX-512)": 37.0}
