@@ -5,6 +5,7 @@ compression table (issue 23, item 5; reported, not asserted).
     python benchmarks/mpnet_distill.py --layers 3 --steps 1200 --resume   # rows already measured are kept
     python benchmarks/mpnet_distill.py --extra-text sst2,cola,mrpc,rte --steps 2000 --name mpnet_distill_v2
     python benchmarks/mpnet_distill.py --layers 3 --mapping 3=10,11,12 ...   # one more row: other teacher layers
+    python benchmarks/mpnet_distill.py --layers "" --mapping 3=1,10,12 --distill-seed 1 ...   # a row's second seed
 
 Per student: `fastkd distill` with its defaults for this teacher (`auto`: the sentence objective on one
 sentence per sequence, the teacher labelling the corpus once, its labels kept in the fastkd cache for the
@@ -25,12 +26,13 @@ the GLUE fine-tunes of every model follow, then the speeds. For the teacher and 
 Each student is fine-tuned and timed as soon as it is distilled (unless --zero-shot-only): a student
 lives in the fastkd cache, which a new machine does not have, so what is not measured while it exists
 costs another distillation. The teacher's fine-tunes come last (the teacher can always be rebuilt).
-One distillation seed per student (an hour each on 2 cores): differences between students within
-about a point are not resolved by this table. Each zero-shot score, fine-tune and timing is saved at
-once; --resume keeps the rows of an earlier run with the same settings (an interrupted distillation
-resumes from its last checkpoint while its folder exists; a row measured in full is kept without its
-student), so the table can be completed over several sessions, on other machines too. The
-distillation minutes of rows from other machines are each row's own (see machines).
+One distillation seed per student (an hour each on 2 cores) unless --distill-seed adds rows of another
+seed ("3 layers (1,10,12) seed 1"): differences between students within about a point are not resolved
+by one seed. Each zero-shot score, fine-tune and timing is saved at once; --resume keeps the rows of an
+earlier run with the same settings (an interrupted distillation resumes from its last checkpoint while
+its folder exists; a row measured in full is kept without its student), so the table can be completed
+over several sessions, on other machines too. The distillation minutes of rows from other machines are
+each row's own (see machines).
 """
 
 from __future__ import annotations
@@ -158,6 +160,16 @@ def mean_or_dash(scores: list[float] | None, seeds: int) -> str:
     return f"{statistics.fmean(scores):.1f}" + ("" if len(scores) >= seeds else f" ({len(scores)} of {seeds} seeds)")
 
 
+def student_name(layers: int, mapping: str, seed: int) -> tuple[str, str]:
+    """A student's row name and its folder under --work: seed 0 keeps the names of the rows published before
+    --distill-seed existed, so --resume finds them; another seed is a row (and a student) of its own."""
+    name = f"{layers} layers" + ("" if mapping == "uniform" else f" ({mapping})")
+    folder = f"{layers}-layers" + ("" if mapping == "uniform" else "-" + mapping.replace(",", "-"))
+    if seed:
+        name, folder = f"{name} seed {seed}", f"{folder}-seed{seed}"
+    return name, folder
+
+
 def parameters(path) -> int:
     from transformers import AutoModel
 
@@ -173,6 +185,9 @@ def main() -> None:
                         "e.g. 3=10,11,12; repeatable")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--distill-seed", type=int, default=0,
+                   help="the distillation's seed (its order of batches, dropout); a seed other than 0 adds rows of "
+                        "their own, so a row's seeds sit side by side")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=float, default=0.1)
     p.add_argument("--seq-len", type=int, default=128, help="the longest sentence kept, in tokens")
@@ -289,10 +304,10 @@ def main() -> None:
     students = [(int(x), "uniform") for x in args.layers.split(",") if x]  # --layers "": only --mapping rows
     students += [(int(layers), mapping) for layers, _, mapping in (m.partition("=") for m in args.mapping)]
     for layers, mapping in students:
-        name = f"{layers} layers" + ("" if mapping == "uniform" else f" ({mapping})")
+        name, folder = student_name(layers, mapping, args.distill_seed)
         if measured(name):
             continue
-        output = work / (f"{layers}-layers" + ("" if mapping == "uniform" else "-" + mapping.replace(",", "-")))
+        output = work / folder
         student = output / "student"
         if not (student / "fastkd.json").is_file():  # an interrupted distillation resumes from its checkpoint
             if rows.pop(name, None) is not None:  # what an earlier row holds was measured on an earlier student
@@ -300,11 +315,13 @@ def main() -> None:
             cfg = DistillConfig(output=str(output), corpus=corpus, teacher=args.teacher, student_layers=layers,
                                 mapping=mapping,
                                 max_seq_len=args.seq_len, max_steps=args.steps, batch_size=args.batch_size,
-                                lr=args.lr, warmup=args.warmup, seed=0, progress=False, resume=output.exists(),
+                                lr=args.lr, warmup=args.warmup, seed=args.distill_seed, progress=False,
+                                resume=output.exists(),
                                 checkpoint_every=max(1, args.steps // 6), log_every=max(1, args.steps // 20))
             student = run_distill(cfg)
         info = json.loads((student / "fastkd.json").read_text())
-        zero_shot(name, student, {"layers": layers, "mapping": info["mapping"], "objective": info["objective"],
+        zero_shot(name, student, {"layers": layers, "mapping": info["mapping"], "distill_seed": args.distill_seed,
+                                  "objective": info["objective"],
                                   "corpus_mode": info["corpus"]["mode"], "steps": info["steps"],
                                   "distill_s": info["seconds"], "teacher_labels_s": info.get("teacher_labels_s"),
                                   "teacher_labels": info.get("teacher_labels")})

@@ -128,3 +128,17 @@ def test_the_teacher_speed_is_kept_apart_per_machine():
     # a student distilled on the EPYC but timed (with --resume) on the Xeon counts for the Xeon
     rows["a"]["timed_on"] = xeon
     assert mpnet_distill.teacher_speeds(rows) == {"Intel Xeon (AMX)": 76.0, "AMD EPYC (AVX-512)": 37.0}
+
+
+def test_a_second_distillation_seed_is_a_row_and_a_student_of_its_own():
+    published = json.loads((REPO / "benchmarks" / "results" / "mpnet_distill_v2.json").read_text())
+    names = {row["model"] for row in published["rows"]}
+    # seed 0 keeps the names the published rows carry, so --resume finds them and does not distil again
+    assert mpnet_distill.student_name(3, "1,10,12", 0) == ("3 layers (1,10,12)", "3-layers-1-10-12")
+    assert mpnet_distill.student_name(3, "uniform", 0)[0] in names
+    assert mpnet_distill.student_name(3, "1,10,12", 0)[0] in names
+    # another seed neither reuses seed 0's student folder nor overwrites its row
+    second = mpnet_distill.student_name(3, "1,10,12", 1)
+    assert second == ("3 layers (1,10,12) seed 1", "3-layers-1-10-12-seed1")
+    assert second[0] not in names
+    assert mpnet_distill.student_name(4, "uniform", 2) == ("4 layers seed 2", "4-layers-seed2")
