@@ -186,8 +186,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--distill-seed", type=int, default=0,
-                   help="the distillation's seed (its order of batches, dropout); a seed other than 0 adds rows of "
-                        "their own, so a row's seeds sit side by side")
+                   help="the distillation's seed (initialisation, data order, sampling); a seed other than 0 adds "
+                        "rows of their own, so a row's seeds sit side by side (a row without distill_seed is seed 0)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=float, default=0.1)
     p.add_argument("--seq-len", type=int, default=128, help="the longest sentence kept, in tokens")
