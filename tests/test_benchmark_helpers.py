@@ -140,5 +140,9 @@ def test_a_second_distillation_seed_is_a_row_and_a_student_of_its_own():
     # another seed neither reuses seed 0's student folder nor overwrites its row
     second = mpnet_distill.student_name(3, "1,10,12", 1)
     assert second == ("3 layers (1,10,12) seed 1", "3-layers-1-10-12-seed1")
-    assert second[0] not in names
+    first = mpnet_distill.student_name(3, "1,10,12", 0)
+    assert second[0] != first[0] and second[1] != first[1]
+    # the published second seed carries the seed it was distilled with; a row without the key is seed 0
+    seeds = {row["model"]: row.get("distill_seed", 0) for row in published["rows"]}
+    assert seeds[second[0]] == 1 and seeds[first[0]] == 0
     assert mpnet_distill.student_name(4, "uniform", 2) == ("4 layers seed 2", "4-layers-seed2")
