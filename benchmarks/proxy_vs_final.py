@@ -35,10 +35,11 @@ final spread between mappings against its noise (a two-way mapping x seed ANOVA 
 mapping effect; paired t intervals of each mapping against uniform): does the mapping matter at this
 scale, and how much.
 
-    python benchmarks/proxy_vs_final.py --stages final            # 7-9 min per mapping and seed (AVX2 EPYC)
+    python benchmarks/proxy_vs_final.py --stages final            # 4-9 min per mapping and seed (2-core CPUs)
     python benchmarks/proxy_vs_final.py --stages proxy --proxy-objective tinybert --resume
     python benchmarks/proxy_vs_final.py --stages proxy --proxy-objective sentence --resume
     python benchmarks/proxy_vs_final.py --stages report --resume  # the tables from what is measured
+    python benchmarks/proxy_vs_final.py --stages report --resume --publish  # ... and what search reports cite
     python benchmarks/proxy_vs_final.py --stages verdicts --resume --searches runs/demo/search,runs/s1
 
 verdicts (issue 24, item 3): each search folder's claims (best_mapping.json: its winner beats / loses
@@ -82,7 +83,14 @@ from fastkd.glue.config import FinetuneConfig  # noqa: E402
 from fastkd.glue.finetune import evaluate
 from fastkd.glue.tasks import task_spec  # noqa: E402
 from fastkd.mapping import parse_mapping  # noqa: E402
-from fastkd.models import load_config, load_teacher, load_tokenizer, resolve_model_path, student_shape  # noqa: E402
+from fastkd.models import (  # noqa: E402
+    load_config,
+    load_teacher,
+    load_tokenizer,
+    resolve_model_path,
+    student_shape,
+)
+from fastkd.search import measured  # noqa: E402
 from fastkd.search.likeness import TeacherReference  # noqa: E402
 from fastkd.search.proxy import FAILED_FITNESS, ProxyEvaluator, task_collapsed  # noqa: E402
 from fastkd.search.rungs import RUNG_ORDER, Rung  # noqa: E402
@@ -207,21 +215,31 @@ def proxy_stage(args, results: dict, save) -> None:
 
 def bootstrap_rank(proxy: np.ndarray, final: np.ndarray, rng: np.random.Generator) -> dict:
     """Spearman and Kendall of per-mapping means (rows: mappings, columns: seeds), with 95% percentile
-    intervals from resampling mappings, proxy seeds and final seeds (each with replacement)."""
-    point = {"spearman": float(stats.spearmanr(proxy.mean(1), final.mean(1)).statistic),
-             "kendall": float(stats.kendalltau(proxy.mean(1), final.mean(1)).statistic)}
-    draws = {"spearman": [], "kendall": []}
+    intervals from resampling mappings, proxy seeds and final seeds (each with replacement); and
+    spearman_one_seed: the mean over proxy seeds of one seed's Spearman with the final means, the fidelity
+    of a search, which scores every rung with its one selection seed."""
+
+    def measures(p: np.ndarray, f: np.ndarray) -> dict:
+        means = f.mean(1)
+        one = [stats.spearmanr(p[:, j], means).statistic for j in range(p.shape[1]) if np.ptp(p[:, j]) > 0]
+        return {"spearman": stats.spearmanr(p.mean(1), means).statistic,
+                "kendall": stats.kendalltau(p.mean(1), means).statistic,
+                "spearman_one_seed": float(np.mean(one)) if one else float("nan")}
+
+    point = {k: float(v) for k, v in measures(proxy, final).items()}
+    draws = {k: [] for k in point}
     m = proxy.shape[0]
     for _ in range(BOOTSTRAP):
         rows = rng.integers(0, m, m)
         if len(set(rows.tolist())) < 3:
             continue
-        p = proxy[rows][:, rng.integers(0, proxy.shape[1], proxy.shape[1])].mean(1)
-        f = final[rows][:, rng.integers(0, final.shape[1], final.shape[1])].mean(1)
-        if np.ptp(p) == 0 or np.ptp(f) == 0:
+        p = proxy[rows][:, rng.integers(0, proxy.shape[1], proxy.shape[1])]
+        f = final[rows][:, rng.integers(0, final.shape[1], final.shape[1])]
+        if np.ptp(p.mean(1)) == 0 or np.ptp(f.mean(1)) == 0:
             continue
-        draws["spearman"].append(stats.spearmanr(p, f).statistic)
-        draws["kendall"].append(stats.kendalltau(p, f).statistic)
+        for k, v in measures(p, f).items():
+            if np.isfinite(v):
+                draws[k].append(v)
     return {k: {"point": v, "low": float(np.percentile(draws[k], 2.5)) if draws[k] else float("nan"),
                 "high": float(np.percentile(draws[k], 97.5)) if draws[k] else float("nan")} for k, v in point.items()}
 
@@ -245,8 +263,11 @@ def report(args, results: dict) -> list[dict]:
     seeds = sorted({int(s) for rows in final.values() for s in rows})
     complete = [m for m in args.mappings if all(str(s) in final.get(m, {}) for s in seeds)]
     if len(complete) < 3 or len(seeds) < 2:
-        print(f"final: {len(complete)} mappings on {len(seeds)} seeds measured: too few to rank (3 mappings, "
-              "2 seeds at least)")
+        too_few = (f"final: {len(complete)} mappings on {len(seeds)} seeds measured: too few to rank (3 mappings, "
+                   "2 seeds at least)")
+        if args.publish:
+            raise SystemExit(f"--publish: nothing published: {too_few}")
+        print(too_few)
         return []
     targets = {"finetuned": np.array([[final[m][str(s)]["finetuned"] for s in seeds] for m in complete]),
                "zeroshot": np.array([[final[m][str(s)]["zeroshot"] for s in seeds] for m in complete])}
@@ -274,10 +295,6 @@ def report(args, results: dict) -> list[dict]:
     rows = []
     rng = np.random.default_rng(0)
     ranked = complete  # (every mapping measured: the search proposes SUPERVISION@INIT ones too, with --search-init)
-    if len(ranked) < 3:
-        print(f"proxy measures: {len(ranked)} mappings measured: too few to rank")
-        results["effect"] = effect
-        return rows
     distill_cost = statistics.fmean(s for st in results["proxy"].values() for s in st["distill_seconds"].values()) if any(
         st["distill_seconds"] for st in results["proxy"].values()) else float("nan")
     for objective, stage in results["proxy"].items():
@@ -297,14 +314,42 @@ def report(args, results: dict) -> list[dict]:
                 row[f"Spearman vs {target}"] = (f"{r['spearman']['point']:+.2f} "
                                                 f"[{r['spearman']['low']:+.2f}, {r['spearman']['high']:+.2f}]")
                 row[f"Kendall vs {target}"] = f"{r['kendall']['point']:+.2f}"
+                row[f"one seed vs {target}"] = f"{r['spearman_one_seed']['point']:+.2f}"
                 results.setdefault("correlations", {}).setdefault(objective, {}).setdefault(name, {})[target] = r
+            results["correlations"][objective][name]["seconds"] = statistics.fmean(secs) if secs else None
             rows.append(row)
     if rows:
         print(f"proxy measures against the final outcome ({len(ranked)} mappings, seeds {seeds}; proxy "
               f"distillation {distill_cost:.1f} s per mapping and seed, shared by every measure):")
         print(table(rows, list(rows[0])))
     results["effect"] = effect
+    if args.publish:
+        publish(args, results, seeds, complete)
     return rows
+
+
+def publish(args, results: dict, seeds: list[int], complete: list[str]) -> None:
+    """What a search's report cites (fastkd.search.measured): the correlations of every proxy measure with
+    the final outcome, the setting they were measured in, and the size of the mapping effect."""
+    if not results.get("correlations"):
+        raise SystemExit("--publish: no proxy measure is ranked yet (run --stages proxy first)")
+    proxies = {}
+    for objective, by_measure in results["correlations"].items():
+        stage = results["proxy"][objective]
+        proxies[objective] = {"config": stage["config"], "seeds": seeds,  # (the proxy seeds ranked: the final ones)
+                              "corpus_mode": "sentences" if objective == "sentence" else "packed",  # (as proxy_stage)
+                              "distill_seconds": statistics.fmean(stage["distill_seconds"].values()),
+                              "measures": by_measure}
+    path = measured.write({
+        "schema": measured.SCHEMA, "benchmark": "benchmarks/proxy_vs_final.py", "published": time.strftime("%Y-%m-%d"),
+        "machines": [f"{m['cpu']} ({m['cores']} cores; {', '.join(m['isa'])})" for m in results["machines"]], "teacher": args.teacher,
+        "student": student_shape(load_config(args.teacher, "teacher"), len(complete[0].partition("@")[0].split(",")))
+        .describe(), "corpus": Path(args.corpus).name, "mappings": complete,
+        "final": {"objective": args.final_objective, "steps": args.final_steps, "batch": args.final_batch,
+                  "judge_tasks": args.judge_tasks, "judge_steps": args.judge_steps, "seeds": seeds},
+        "mapping_effect": {k: {f: v for f, v in e.items() if f != "vs_uniform"} for k, e in results["effect"].items()},
+        "proxies": proxies})
+    print(f"published: {path} (fastkd search reports cite it)")
 
 
 def stored_interval(v: dict) -> tuple[float, float, float] | None:
@@ -421,6 +466,9 @@ def main() -> None:
     p.add_argument("--work", default=None, help="where final students are distilled (default: the fastkd cache)")
     p.add_argument("--resume", action="store_true", help="keep the rows of results/NAME.json with the same settings")
     p.add_argument("--name", default="proxy_vs_final", help="results/NAME.json")
+    p.add_argument("--publish", action="store_true",
+                   help="with the report stage: write the correlations to fastkd/search/measured_fidelity.json, "
+                        "which every fastkd search report cites")
     args = p.parse_args()
     if args.mappings is None:
         args.mappings = ",".join([m.replace(",", "") for m in MAPPINGS]
@@ -432,6 +480,8 @@ def main() -> None:
                                        for m in args.mappings))
     args.seed_list = list(range(args.seeds))
     stages = {s.strip() for s in args.stages.split(",") if s.strip()}
+    if args.publish and "report" not in stages:
+        raise SystemExit("--publish writes what the report stage ranks: add report to --stages")
     if stages <= {"report", "verdicts"} and not args.resume:
         raise SystemExit(f"--stages {args.stages} reads results/{args.name}.json: add --resume (without it the file "
                          "would be written again empty)")
@@ -449,8 +499,8 @@ def main() -> None:
             raise SystemExit(f"--resume: results/{args.name}.json differs in {', '.join(dict.fromkeys(differ))}; "
                              "choose another --name")
         results = {k: earlier[k] for k in ("final", "proxy", "machines") if k in earlier}
-    machines = results.setdefault("machines", [])
-    if machine() not in machines:
+    machines = results.setdefault("machines", [])  # the machines that measured (not those that only reported)
+    if machine() not in machines and stages & {"final", "proxy"}:
         machines.append(machine())
 
     def save() -> Path:

@@ -44,6 +44,7 @@ def test_search_writes_every_output(tmp_path, tiny_teacher_dropout_dir, small_co
     assert set(best["verdicts"]) == {"uniform", "last"} and best["ladder"] == ["zeroshot", "full"]
     report = (out / "report.md").read_text()
     for part in ("search space: 16 mappings", "| uniform |", "Signal check", "Fidelity ladder", "paired differences",
+                 "Fidelity against final students",
                  "Where the time went"):
         assert part in report, part
     # The fixtures' tasks are scored on a handful of dev rows: the report says the ranking means little.

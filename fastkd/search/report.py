@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
 
 from ..io import atomic_write_json, atomic_write_text
 from ..mapping import search_space_size
-from .ga import genome_key
+from . import measured
 from .config import MEANINGFUL_HELDOUT
+from .ga import genome_key
 from .verdict import CONFIDENCE, overall, sentence
 
 TOP_FRACTION = 0.25  # layers.png: the top quarter of evaluated mappings (at least 3)
@@ -115,6 +117,9 @@ def markdown(summary, result: dict, seconds: float) -> str:
         n = "-" if rung is summary.top or c is None else str(c["n"])
         lines.append(f"| {rung.name} | {rung.describe(cfg.proxy)} | {count} | {secs:.0f} | {sp} | {kd} | {n} |")
     lines.append("")
+    lines += measured.cite({"teacher": cfg.teacher, "student": summary.shape.describe(), "corpus": Path(cfg.corpus).name,
+                            "corpus_mode": cfg.corpus_mode_used(), "tasks": [t.key for t in summary.tasks]},
+                           cfg.proxy, [r.name for r in summary.rungs])
 
     lines += ["## Where the time went", "", "Phases, then what they spent it on (this invocation; a resumed "
               "search reads finished evaluations back and spends nothing on them).", "",
