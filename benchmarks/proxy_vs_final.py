@@ -344,7 +344,7 @@ def publish(args, results: dict, seeds: list[int], complete: list[str]) -> None:
         "schema": measured.SCHEMA, "benchmark": "benchmarks/proxy_vs_final.py", "published": time.strftime("%Y-%m-%d"),
         "machines": [f"{m['cpu']} ({m['cores']} cores; {', '.join(m['isa'])})" for m in results["machines"]], "teacher": args.teacher,
         "student": student_shape(load_config(args.teacher, "teacher"), len(complete[0].partition("@")[0].split(",")))
-        .describe(), "corpus": Path(args.corpus).name, "mappings": complete,
+        .describe(), "corpus": measured.corpus_name(args.corpus), "mappings": complete,
         "final": {"objective": args.final_objective, "steps": args.final_steps, "batch": args.final_batch,
                   "judge_tasks": args.judge_tasks, "judge_steps": args.judge_steps, "seeds": seeds},
         "mapping_effect": {k: {f: v for f, v in e.items() if f != "vs_uniform"} for k, e in results["effect"].items()},

@@ -187,7 +187,7 @@ def test_publish_writes_what_a_report_then_cites(tmp_path, monkeypatch):
                           "fitness": {"zeroshot": {m: {str(s): 50 + i + 0.1 * s for s in range(3)}
                                                    for i, m in enumerate(MAPPINGS)}}}}
     results = {"final": final, "proxy": proxy, "machines": [{"cpu": "AMD EPYC", "cores": 2, "isa": ["avx2"]}]}
-    args = argparse.Namespace(mappings=MAPPINGS, teacher="default", corpus="/data/wiki.train.raw", final_objective="auto",
+    args = argparse.Namespace(mappings=MAPPINGS, teacher="default", corpus="wiki.train.raw", final_objective="auto",
                               final_steps=400, final_batch=64, judge_tasks="sst2,stsb,mrpc", judge_steps=72, publish=True)
     pvf.report(args, results)
     shipped = measured.load()
@@ -209,3 +209,12 @@ def test_publish_refuses_a_table_too_small_to_rank():
     args = argparse.Namespace(mappings=MAPPINGS, publish=True)
     with pytest.raises(SystemExit, match="nothing published"):
         pvf.report(args, {"final": final, "proxy": {}, "machines": []})
+
+
+def test_a_corpus_is_named_alike_by_the_benchmark_and_a_search(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "b.txt").write_text("x")
+    (tmp_path / "corpus" / "a.txt").write_text("x")
+    assert measured.corpus_name(str(tmp_path / "corpus")) == "corpus/ (a.txt, b.txt)"
+    assert measured.corpus_name(str(tmp_path / "corpus" / "a.txt")) == "a.txt"
+    assert measured.corpus_name("wikitext") == "wikitext"  # a hub dataset

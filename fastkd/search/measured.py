@@ -26,6 +26,15 @@ TARGETS = {"finetuned": "fine-tuned", "zeroshot": "zero-shot STS-B"}
 BUDGET_KEYS = ("sequences", "steps", "batch_size", "tasks", "finetune_steps", "finetune_examples", "bf16")
 
 
+def corpus_name(corpus: str) -> str:
+    """How a corpus is named here (a search and the benchmark name theirs alike): a file by its name, a
+    directory by its name and its files', a hub dataset as given."""
+    path = Path(corpus)
+    if path.is_dir():
+        return f"{path.name}/ ({', '.join(sorted(p.name for p in path.iterdir() if p.is_file()))})"
+    return path.name if path.exists() else corpus
+
+
 def load(path: Path | None = None) -> dict | None:
     """The measured summary (default: the one shipped), or None where there is none or it cannot be read
     (said in one line: a report without the citation is still a report)."""

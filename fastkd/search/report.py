@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import statistics
-from pathlib import Path
 
 from ..io import atomic_write_json, atomic_write_text
 from ..mapping import search_space_size
@@ -117,7 +116,7 @@ def markdown(summary, result: dict, seconds: float) -> str:
         n = "-" if rung is summary.top or c is None else str(c["n"])
         lines.append(f"| {rung.name} | {rung.describe(cfg.proxy)} | {count} | {secs:.0f} | {sp} | {kd} | {n} |")
     lines.append("")
-    lines += measured.cite({"teacher": cfg.teacher, "student": summary.shape.describe(), "corpus": Path(cfg.corpus).name,
+    lines += measured.cite({"teacher": cfg.teacher, "student": summary.shape.describe(), "corpus": measured.corpus_name(cfg.corpus),
                             "corpus_mode": cfg.corpus_mode_used(), "tasks": [t.key for t in summary.tasks]},
                            cfg.proxy, [r.name for r in summary.rungs])
 
