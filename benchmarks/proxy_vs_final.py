@@ -219,12 +219,13 @@ def bootstrap_rank(proxy: np.ndarray, final: np.ndarray, rng: np.random.Generato
     spearman_one_seed: the mean over proxy seeds of one seed's Spearman with the final means, the fidelity
     of a search, which scores every rung with its one selection seed."""
 
+    def rank(fn, a: np.ndarray, b: np.ndarray) -> float:
+        return 0.0 if np.ptp(a) == 0 else fn(a, b).statistic  # a proxy that ties every mapping ranks nothing
+
     def measures(p: np.ndarray, f: np.ndarray) -> dict:
         means = f.mean(1)
-        one = [stats.spearmanr(p[:, j], means).statistic for j in range(p.shape[1]) if np.ptp(p[:, j]) > 0]
-        return {"spearman": stats.spearmanr(p.mean(1), means).statistic,
-                "kendall": stats.kendalltau(p.mean(1), means).statistic,
-                "spearman_one_seed": float(np.mean(one)) if one else float("nan")}
+        return {"spearman": rank(stats.spearmanr, p.mean(1), means), "kendall": rank(stats.kendalltau, p.mean(1), means),
+                "spearman_one_seed": float(np.mean([rank(stats.spearmanr, p[:, j], means) for j in range(p.shape[1])]))}
 
     point = {k: float(v) for k, v in measures(proxy, final).items()}
     draws = {k: [] for k in point}
@@ -235,7 +236,7 @@ def bootstrap_rank(proxy: np.ndarray, final: np.ndarray, rng: np.random.Generato
             continue
         p = proxy[rows][:, rng.integers(0, proxy.shape[1], proxy.shape[1])]
         f = final[rows][:, rng.integers(0, final.shape[1], final.shape[1])]
-        if np.ptp(p.mean(1)) == 0 or np.ptp(f.mean(1)) == 0:
+        if np.ptp(f.mean(1)) == 0:  # (the final outcome ties every drawn mapping: no ranking to match)
             continue
         for k, v in measures(p, f).items():
             if np.isfinite(v):
@@ -295,8 +296,7 @@ def report(args, results: dict) -> list[dict]:
     rows = []
     rng = np.random.default_rng(0)
     ranked = complete  # (every mapping measured: the search proposes SUPERVISION@INIT ones too, with --search-init)
-    distill_cost = statistics.fmean(s for st in results["proxy"].values() for s in st["distill_seconds"].values()) if any(
-        st["distill_seconds"] for st in results["proxy"].values()) else float("nan")
+    results["correlations"] = {}  # (rebuilt from what is measured now, never kept from an earlier report)
     for objective, stage in results["proxy"].items():
         for name, by_mapping in stage["fitness"].items():
             if not all(m in by_mapping and all(str(s) in by_mapping[m] for s in seeds) for m in ranked):
@@ -307,6 +307,13 @@ def report(args, results: dict) -> list[dict]:
                 print(f"{objective} {name}: left out (a proxy student diverged, or the measure is undefined for a mapping)")
                 continue
             secs = [s for by_seed in stage["seconds"].get(name, {}).values() for s in by_seed.values()]
+            distinct = len(np.unique(np.round(values.mean(1), 6)))
+            if distinct <= len(ranked) // 2:  # e.g. a fine-tune that collapses every student to the majority class
+                print(f"{objective} {name}: {distinct} distinct scores over {len(ranked)} mappings: ties, ranks nothing")
+                results["correlations"].setdefault(objective, {})[name] = {
+                    "tied": {"distinct": distinct, "mappings": len(ranked)},
+                    "seconds": statistics.fmean(secs) if secs else None}
+                continue
             row = {"proxy objective": objective, "measure": name,
                    "s/eval": f"{statistics.fmean(secs):.1f}" if secs else "-"}
             for target, scores in targets.items():
@@ -319,8 +326,10 @@ def report(args, results: dict) -> list[dict]:
             results["correlations"][objective][name]["seconds"] = statistics.fmean(secs) if secs else None
             rows.append(row)
     if rows:
+        cost = ", ".join(f"{o} {statistics.fmean(st['distill_seconds'][str(s)] for s in seeds):.1f} s"
+                         for o, st in results["proxy"].items() if all(str(s) in st["distill_seconds"] for s in seeds))
         print(f"proxy measures against the final outcome ({len(ranked)} mappings, seeds {seeds}; proxy "
-              f"distillation {distill_cost:.1f} s per mapping and seed, shared by every measure):")
+              f"distillation per mapping and seed, shared by every measure: {cost}):")
         print(table(rows, list(rows[0])))
     results["effect"] = effect
     if args.publish:
@@ -338,14 +347,16 @@ def publish(args, results: dict, seeds: list[int], complete: list[str]) -> None:
         stage = results["proxy"][objective]
         proxies[objective] = {"config": stage["config"], "seeds": seeds,  # (the proxy seeds ranked: the final ones)
                               "corpus_mode": "sentences" if objective == "sentence" else "packed",  # (as proxy_stage)
-                              "distill_seconds": statistics.fmean(stage["distill_seconds"].values()),
+                              "machine": f"{stage['machine']['cpu']} ({', '.join(stage['machine']['isa'])})",
+                              "distill_seconds": statistics.fmean(stage["distill_seconds"][str(s)] for s in seeds),
                               "measures": by_measure}
     path = measured.write({
         "schema": measured.SCHEMA, "benchmark": "benchmarks/proxy_vs_final.py", "published": time.strftime("%Y-%m-%d"),
         "machines": [f"{m['cpu']} ({m['cores']} cores; {', '.join(m['isa'])})" for m in results["machines"]], "teacher": args.teacher,
         "student": student_shape(load_config(args.teacher, "teacher"), len(complete[0].partition("@")[0].split(",")))
         .describe(), "corpus": measured.corpus_name(args.corpus), "mappings": complete,
-        "final": {"objective": args.final_objective, "steps": args.final_steps, "batch": args.final_batch,
+        "final": {"objective": results["final"][complete[0]][str(seeds[0])]["objective"],  # (auto resolved)
+                  "steps": args.final_steps, "batch": args.final_batch, "lr": args.final_lr, "warmup": args.final_warmup,
                   "judge_tasks": args.judge_tasks, "judge_steps": args.judge_steps, "seeds": seeds},
         "mapping_effect": {k: {f: v for f, v in e.items() if f != "vs_uniform"} for k, e in results["effect"].items()},
         "proxies": proxies})

@@ -56,6 +56,8 @@ def test_rank_correlation_is_of_the_mapping_means_with_an_interval_around_it():
     assert r["spearman"]["point"] > 0.9 and 0.5 < r["spearman"]["low"] <= r["spearman"]["high"] <= 1
     unrelated = pvf.bootstrap_rank(rng.normal(0, 1, (10, 2)), final, np.random.default_rng(1))
     assert unrelated["spearman"]["low"] < 0 < unrelated["spearman"]["high"]
+    tied = pvf.bootstrap_rank(np.full((10, 2), 54.55), final, np.random.default_rng(1))  # ranks nothing, every draw
+    assert tied["spearman"] == {"point": 0.0, "low": 0.0, "high": 0.0} and tied["spearman_one_seed"]["point"] == 0.0
 
 
 def _final_table(means: dict[str, list[float]]) -> dict:
@@ -106,11 +108,12 @@ def _measured(config: dict | None = None) -> dict:
     return {"schema": measured.SCHEMA, "benchmark": "benchmarks/proxy_vs_final.py", "published": "2026-12-08",
             "machines": ["AMD EPYC (2 cores; avx2)"], "teacher": "default", "student": SEARCH["student"],
             "corpus": "wiki.train.raw", "mappings": MAPPINGS,
-            "final": {"objective": "auto", "steps": 400, "batch": 64, "judge_tasks": "sst2,stsb,mrpc", "judge_steps": 72,
-                      "seeds": [0, 1, 2]},
+            "final": {"objective": "sentence", "steps": 400, "batch": 64, "lr": 1e-4, "warmup": 0.1,
+                      "judge_tasks": "sst2,stsb,mrpc", "judge_steps": 72, "seeds": [0, 1, 2]},
             "mapping_effect": {"finetuned": {"F": 3.1, "df": [3, 6], "p": 0.11, "residual_sd": 0.4, "spread": 1.2}},
             "proxies": {"tinybert": {
                 "config": config or ProxyConfig().as_dict(), "seeds": [0, 1, 2], "corpus_mode": "packed",
+                "machine": "AMD EPYC (avx2, fma, avx512f)",
                 "distill_seconds": 30.0,
                 "measures": {"zeroshot": {"finetuned": {"spearman": interval, "kendall": interval,
                                                         "spearman_one_seed": {**interval, "point": 0.4}},
@@ -119,7 +122,8 @@ def _measured(config: dict | None = None) -> dict:
                              "full": {"finetuned": {"spearman": {**interval, "point": -0.2}, "kendall": interval,
                                                     "spearman_one_seed": {"point": float("nan"), "low": float("nan"),
                                                                           "high": float("nan")}},
-                                      "seconds": 40.0}}}}}
+                                      "seconds": 40.0},
+                             "short": {"tied": {"distinct": 1, "mappings": 4}, "seconds": 3.4}}}}}
 
 
 def test_a_report_cites_the_measured_fidelity_of_the_rungs_it_ran():
@@ -128,6 +132,8 @@ def test_a_report_cites_the_measured_fidelity_of_the_rungs_it_ran():
     assert "| zeroshot | yes | +0.40 [+0.10, +0.90] | +0.62 [+0.10, +0.90] | +0.62 [+0.10, +0.90] | +0.62 | 2.5 |" in lines
     assert "| full | yes | - | -0.20 [+0.10, +0.90] | - | +0.62 | 40.0 |" in lines
     assert "| probe | yes | not measured | - | - | - | - |" in lines  # a rung it ran that was not measured
+    assert "| short |  | ties: 1 distinct scores over 4 mappings, ranks nothing | - | - | - | 3.4 |" in lines
+    assert "proxy students on AMD EPYC (avx2, fma, avx512f)" in text and "lr 0.0001, warmup 0.1" in text
     assert "published 2026-12-08" in text and "AMD EPYC" in text and "4 fixed mappings" in text
     assert "30.0 s per mapping and seed" in text
     assert "spread over 1.20 points; one run's noise is 0.40, a 3-seed mean's 0.23" in text
@@ -180,15 +186,20 @@ def test_publish_writes_what_a_report_then_cites(tmp_path, monkeypatch):
     monkeypatch.setattr(measured, "MEASURED", tmp_path / "measured_fidelity.json")
     rng = np.random.default_rng(0)
     final = {m: {str(s): {"finetuned": 80 + i + rng.normal(0, 0.3), "zeroshot": 84 - i + rng.normal(0, 0.3),
-                          "tasks": {"sst2": 81.0}} for s in range(2)} for i, m in enumerate(MAPPINGS)}
+                          "tasks": {"sst2": 81.0}, "objective": "sentence"} for s in range(2)} for i, m in enumerate(MAPPINGS)}
+    probe = {"0": [1.0, 2.0, 3.0, 4.0], "1": [4.0, 1.0, 3.0, 2.0]}  # one seed ranks as the final does, one does not
     config = ProxyConfig().as_dict()
-    proxy = {"tinybert": {"config": config, "distill_seconds": {"0": 30.0, "1": 32.0, "2": 31.0},
+    proxy = {"tinybert": {"config": config, "distill_seconds": {"0": 30.0, "1": 32.0, "2": 37.0},
+                          "machine": {"cpu": "AMD EPYC", "isa": ["avx2"]},
                           "seconds": {"zeroshot": {m: {"0": 2.0, "1": 3.0} for m in MAPPINGS}},
                           "fitness": {"zeroshot": {m: {str(s): 50 + i + 0.1 * s for s in range(3)}
-                                                   for i, m in enumerate(MAPPINGS)}}}}
+                                                   for i, m in enumerate(MAPPINGS)},
+                                      "short": {m: {"0": 54.55, "1": 54.55} for m in MAPPINGS},
+                                      "probe": {m: {s: v[i] for s, v in probe.items()} for i, m in enumerate(MAPPINGS)}}}}
     results = {"final": final, "proxy": proxy, "machines": [{"cpu": "AMD EPYC", "cores": 2, "isa": ["avx2"]}]}
     args = argparse.Namespace(mappings=MAPPINGS, teacher="default", corpus="wiki.train.raw", final_objective="auto",
-                              final_steps=400, final_batch=64, judge_tasks="sst2,stsb,mrpc", judge_steps=72, publish=True)
+                              final_steps=400, final_batch=64, final_lr=1e-4, final_warmup=0.1, judge_tasks="sst2,stsb,mrpc",
+                              judge_steps=72, publish=True)
     pvf.report(args, results)
     shipped = measured.load()
     zs = shipped["proxies"]["tinybert"]["measures"]["zeroshot"]
@@ -198,6 +209,12 @@ def test_publish_writes_what_a_report_then_cites(tmp_path, monkeypatch):
     assert zs["seconds"] == pytest.approx(2.5)
     # the proxy ran 3 seeds, the final table has 2: the 2 ranked are the ones named
     assert shipped["final"]["seeds"] == [0, 1] and shipped["proxies"]["tinybert"]["seeds"] == [0, 1]
+    assert shipped["proxies"]["tinybert"]["distill_seconds"] == pytest.approx(31.0)  # (seed 2 is not ranked)
+    assert shipped["proxies"]["tinybert"]["measures"]["short"]["tied"] == {"distinct": 1, "mappings": 4}
+    means = np.array([np.mean([final[m][s]["finetuned"] for s in ("0", "1")]) for m in MAPPINGS])
+    one = np.mean([stats.spearmanr(v, means).statistic for v in probe.values()])
+    got = shipped["proxies"]["tinybert"]["measures"]["probe"]["finetuned"]
+    assert got["spearman_one_seed"]["point"] == pytest.approx(one) and one != pytest.approx(got["spearman"]["point"])
     search = {**SEARCH, "student": shipped["student"]}
     text = "\n".join(measured.cite(search, ProxyConfig(), ["zeroshot", "full"]))
     assert "| zeroshot | yes | +1.00 [" in text and "AMD EPYC (2 cores; avx2)" in text

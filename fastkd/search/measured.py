@@ -30,9 +30,12 @@ def corpus_name(corpus: str) -> str:
     """How a corpus is named here (a search and the benchmark name theirs alike): a file by its name, a
     directory by its name and its files', a hub dataset as given."""
     path = Path(corpus)
-    if path.is_dir():
-        return f"{path.name}/ ({', '.join(sorted(p.name for p in path.iterdir() if p.is_file()))})"
-    return path.name if path.exists() else corpus
+    try:
+        if path.is_dir():
+            return f"{path.name}/ ({', '.join(sorted(p.name for p in path.iterdir() if p.is_file()))})"
+        return path.name if path.exists() else corpus
+    except OSError:  # (an unreadable folder: the search read it before, so this is rare; name it as given)
+        return corpus
 
 
 def load(path: Path | None = None) -> dict | None:
@@ -80,7 +83,7 @@ def differences(measured: dict, stage: dict, search: dict, proxy: dict) -> list[
         if proxy.get(key) != config.get(key):
             theirs = config[key] if key in config else "not recorded"
             out.append(f"proxy {key} {proxy.get(key, 'not set')} (measured: {theirs})")
-    if list(search["tasks"]) != list(proxy.get("tasks", search["tasks"])):  # --drop-weak-tasks dropped some
+    if list(search["tasks"]) != list(config.get("tasks", search["tasks"])):  # (also where --drop-weak-tasks dropped some)
         out.append(f"tasks scored {', '.join(search['tasks'])} (measured: {', '.join(config.get('tasks', []))})")
     return out
 
@@ -112,10 +115,12 @@ def _cited(measured: dict, search: dict, proxy, rungs: list[str]) -> list[str]:
     n_seeds = len(final["seeds"])
     budget = ", ".join(f"{k} {','.join(config[k]) if k == 'tasks' else config[k]}" for k in BUDGET_KEYS if k in config)
     lines = [
-        f"{measured['benchmark']} (published {measured['published']}; measured on {'; '.join(measured['machines'])}): "
+        f"{measured['benchmark']} (published {measured['published']}; final students measured on "
+        f"{'; '.join(measured['machines'])}, proxy students on {stage['machine']}): "
         f"{len(measured['mappings'])} fixed mappings ({', '.join(measured['mappings'])}) of the {measured['teacher']} "
         f"teacher into {measured['student']}, each distilled as a user would on {measured['corpus']} "
-        f"({final['steps']} steps x {final['batch']} sentences, objective {final['objective']}) on {n_seeds} seeds, "
+        f"({final['steps']} steps x {final['batch']} sentences, lr {final['lr']:g}, warmup {final['warmup']:g}, objective "
+        f"{final['objective']}) on {n_seeds} seeds, "
         f"then judged by fine-tuning ({final['judge_tasks']}, mean of dev scores) and by zero-shot STS-B (dev). "
         f"Proxy students of objective {objective} ({budget}) on the same {n_seeds} seeds. Spearman of per-mapping "
         "means with 95% bootstrap intervals (mappings and seeds resampled); 'one seed': the mean Spearman of a "
@@ -126,6 +131,11 @@ def _cited(measured: dict, search: dict, proxy, rungs: list[str]) -> list[str]:
         "| --- | --- | --- | " + "--- | " * len(TARGETS) + "--- | --- |"]
     measures = stage["measures"]
     for name, m in measures.items():
+        if "tied" in m:  # (e.g. a fine-tune that collapses every student to the majority class)
+            lines.append(f"| {name} | {'yes' if name in rungs else ''} | ties: {m['tied']['distinct']} distinct scores "
+                         f"over {m['tied']['mappings']} mappings, ranks nothing | " + " | ".join("-" for _ in TARGETS)
+                         + f" | - | {'-' if m.get('seconds') is None else format(m['seconds'], '.1f')} |")
+            continue
         one = _interval(m["finetuned"]["spearman_one_seed"]) if "finetuned" in m else "-"
         cells = [_interval(m[t]["spearman"]) if t in m else "-" for t in TARGETS]
         kendall = "-" if "finetuned" not in m else _interval({**m["finetuned"]["kendall"], "low": math.nan,
