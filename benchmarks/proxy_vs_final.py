@@ -140,6 +140,11 @@ def final_row(args, mapping: str, seed: int, work: Path, cache: TaskCache, stsb_
     return row
 
 
+def proxy_corpus_mode(objective: str) -> str:
+    """The corpus mode a proxy objective reads, as the search's --corpus-mode auto chooses it."""
+    return "sentences" if objective == "sentence" else "packed"
+
+
 def proxy_stage(args, results: dict, save) -> None:
     proxy = replace(for_this_machine(BUDGETS["full"]).proxy, objective=args.proxy_objective,
                     **{k: v for k, v in (("steps", args.proxy_steps), ("finetune_steps", args.proxy_finetune_steps))
@@ -155,7 +160,7 @@ def proxy_stage(args, results: dict, save) -> None:
     stage = results["proxy"].setdefault(key, {"config": proxy.as_dict(), "fitness": {}, "seconds": {},
                                               "distill_seconds": {}, "machine": machine()})
     tokenizer, teacher = load_tokenizer(args.teacher), load_teacher(args.teacher)
-    mode = "sentences" if proxy.objective == "sentence" else "packed"  # as the search's corpus_mode auto
+    mode = proxy_corpus_mode(proxy.objective)
     corpus = sample_corpus(load_corpus(args.corpus, tokenizer, proxy.max_seq_len, progress=False, mode=mode),
                            proxy.sequences, 0)
     cache = TaskCache(args.data_dir)
@@ -346,7 +351,7 @@ def publish(args, results: dict, seeds: list[int], complete: list[str]) -> None:
     for objective, by_measure in results["correlations"].items():
         stage = results["proxy"][objective]
         proxies[objective] = {"config": stage["config"], "seeds": seeds,  # (the proxy seeds ranked: the final ones)
-                              "corpus_mode": "sentences" if objective == "sentence" else "packed",  # (as proxy_stage)
+                              "corpus_mode": proxy_corpus_mode(objective),
                               "machine": f"{stage['machine']['cpu']} ({', '.join(stage['machine']['isa'])})",
                               "distill_seconds": statistics.fmean(stage["distill_seconds"][str(s)] for s in seeds),
                               "measures": by_measure}
